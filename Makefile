@@ -1,0 +1,27 @@
+# evio: the README's two commands are `make demo` and `make test`.
+SHELL := /bin/bash
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+.PHONY: deps build release demo test lint unit
+
+deps:
+	./scripts/deps.sh
+
+build: deps
+	cargo build --workspace --all-targets
+
+release: deps
+	cargo build --release --workspace --bins
+
+# The main job: builds and runs the demo.
+demo: release
+	./scripts/demo.sh
+
+lint: deps
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+# All tests: unit, simulation and integration (root, network namespaces, real etcd/OVS/coturn/containerd/podman).
+test: deps lint
+	cargo build --workspace --bins
+	cargo test --workspace -- --test-threads=4

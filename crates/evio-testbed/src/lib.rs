@@ -1,0 +1,308 @@
+//! Test fixtures shared by the workspace's integration tests.
+//!
+//! Everything here creates real things (network namespaces, an etcd server) with unique names and removes
+//! them on `Drop`, so a failing test still cleans up. Tests must run as root; [`require_root`] fails loudly
+//! instead of silently skipping.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// Panics with a clear message unless the test runs as root (the suite needs namespaces).
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "these tests create network namespaces and must run as root");
+}
+
+/// A name unique to this process and call, at most 15 characters (the kernel's interface name limit)
+/// when `prefix` has at most 4.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let pid = std::process::id();
+    let name = format!("{prefix}{:x}{:x}", pid & 0xfffff, n & 0xfff);
+    assert!(name.len() <= 15, "name {name} too long for an interface");
+    name
+}
+
+/// Runs a command, returning its output; panics with stderr if it cannot be started.
+pub fn run(cmd: &[&str]) -> Output {
+    Command::new(cmd[0])
+        .args(&cmd[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// Runs a command and panics unless it succeeds; returns stdout.
+pub fn run_ok(cmd: &[&str]) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A throw-away network namespace (`/run/netns/<name>`), deleted with every process in it on drop.
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates a namespace named `prefix` + a unique suffix, with `lo` up.
+    pub fn new(prefix: &str) -> Netns {
+        require_root();
+        let name = unique(prefix);
+        run_ok(&["ip", "netns", "add", &name]);
+        let ns = Netns { name };
+        ns.exec_ok(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `/run/netns/<name>`, usable as `CNI_NETNS`.
+    pub fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    /// Runs `cmd` inside the namespace.
+    pub fn exec(&self, cmd: &[&str]) -> Output {
+        let mut full = vec!["ip", "netns", "exec", &self.name];
+        full.extend_from_slice(cmd);
+        run(&full)
+    }
+
+    /// Runs `cmd` inside the namespace and panics unless it succeeds; returns stdout.
+    pub fn exec_ok(&self, cmd: &[&str]) -> String {
+        let mut full = vec!["ip", "netns", "exec", &self.name];
+        full.extend_from_slice(cmd);
+        run_ok(&full)
+    }
+
+    /// A `Command` that runs `program` inside the namespace (for long-running daemons).
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    /// Links in the namespace, by name (without the `@peer` suffix).
+    pub fn links(&self) -> Vec<String> {
+        self.exec_ok(&["ip", "-o", "link", "show"])
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .collect()
+    }
+
+    /// Connects this namespace to `other` with a veth pair named `a` (here) and `b` (there).
+    pub fn veth_to(&self, a: &str, other: &Netns, b: &str) {
+        self.exec_ok(&["ip", "link", "add", a, "type", "veth", "peer", "name", b, "netns", other.name()]);
+        self.exec_ok(&["ip", "link", "set", a, "up"]);
+        other.exec_ok(&["ip", "link", "set", b, "up"]);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.name]).output() {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    // SAFETY: kill with a pid read from the kernel; at worst the process is already gone.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bind to port 0, read it back, release it).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// A real etcd server on loopback with its own data directory, killed and removed on drop.
+pub struct Etcd {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    client_port: u16,
+    peer_port: u16,
+    netns: Option<String>,
+    listen_ip: String,
+}
+
+impl Etcd {
+    /// Starts etcd on 127.0.0.1 and waits until `/health` says true.
+    pub fn start() -> Etcd {
+        Self::start_in(None, "127.0.0.1")
+    }
+
+    /// Starts etcd inside network namespace `netns` (if given), listening on `ip`.
+    pub fn start_in(netns: Option<&Netns>, ip: &str) -> Etcd {
+        let dir = tempfile::Builder::new().prefix("evio-etcd").tempdir().expect("tempdir");
+        let mut e = Etcd {
+            child: None,
+            dir,
+            client_port: free_port(),
+            peer_port: free_port(),
+            netns: netns.map(|n| n.name().to_string()),
+            listen_ip: ip.to_string(),
+        };
+        std::fs::create_dir(e.dir.path().join("data")).expect("data dir");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(e.dir.path().join("data"), std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        e.spawn();
+        e
+    }
+
+    fn spawn(&mut self) {
+        let c = format!("http://{}:{}", self.listen_ip, self.client_port);
+        let p = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("etcd.log"))
+            .expect("etcd log");
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "etcd"]);
+                c
+            }
+            None => Command::new("etcd"),
+        };
+        cmd.args(["--name", "t", "--data-dir"])
+            .arg(self.dir.path().join("data"))
+            .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
+            .args(["--listen-peer-urls", &p, "--initial-advertise-peer-urls", &p])
+            .args(["--initial-cluster", &format!("t={p}")])
+            .args(["--heartbeat-interval", "10", "--election-timeout", "100", "--log-level", "warn"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        self.child = Some(cmd.spawn().expect("start etcd (is etcd-server installed?)"));
+        self.wait_healthy(Duration::from_secs(20));
+    }
+
+    fn wait_healthy(&self, limit: Duration) {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if self.healthy() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let log = std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default();
+        panic!("etcd did not become healthy: {log}");
+    }
+
+    /// True when etcd answers its `/health` endpoint with `"health":"true"`.
+    pub fn healthy(&self) -> bool {
+        if self.netns.is_some() {
+            let out = Command::new("ip")
+                .args(["netns", "exec", self.netns.as_deref().unwrap_or_default(), "curl", "-sf"])
+                .arg(format!("{}/health", self.endpoint()))
+                .output();
+            return out.map(|o| String::from_utf8_lossy(&o.stdout).contains("true")).unwrap_or(false);
+        }
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.client_port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+        if s.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n").is_err() {
+            return false;
+        }
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body);
+        body.contains("\"health\":\"true\"")
+    }
+
+    /// The client URL, e.g. `http://127.0.0.1:23790`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}:{}", self.listen_ip, self.client_port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Freezes the server (SIGSTOP): connections hang, as with a partitioned etcd.
+    pub fn freeze(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Resumes a frozen server (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, sig: i32) {
+        for pid in self.pids() {
+            // SAFETY: kill with the pid of our own child (or its exec'd etcd); no memory is touched.
+            unsafe { libc::kill(pid, sig) };
+        }
+    }
+
+    /// The etcd pid (the child itself; `ip netns exec` execs etcd, so it is the same process).
+    fn pids(&self) -> Vec<i32> {
+        self.child.as_ref().map(|c| vec![c.id() as i32]).unwrap_or_default()
+    }
+
+    /// Stops the server (kill -9) and starts it again on the same ports and data.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Kills the server (kill -9) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// etcd's log so far (for assertion messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.thaw();
+        self.kill();
+    }
+}
+
+/// Polls `f` every 20 ms until it returns true or `limit` passes; returns whether it did.
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return true;
+        }
+        if start.elapsed() >= limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The directory holding the workspace's built binaries (`target/debug` or `target/release`), found from the
+/// test executable's own path (`target/<profile>/deps/test-xxxx`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let deps = exe.parent().expect("deps dir");
+    deps.parent().expect("profile dir").to_path_buf()
+}
