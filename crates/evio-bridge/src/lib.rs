@@ -1,0 +1,60 @@
+//! The node's pod bridge, behind one trait with two backends: a Linux bridge (netlink) and an Open vSwitch
+//! bridge (OVSDB JSON-RPC, RFC 7047). All calls run in the node (host) network namespace of the caller.
+
+pub mod linux;
+pub mod ovs;
+
+use std::path::PathBuf;
+
+/// Which kind of bridge holds the pods' veths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BridgeType {
+    Linux,
+    Ovs,
+}
+
+/// What the plugin's configuration says about the bridge.
+#[derive(Debug, Clone)]
+pub struct BridgeSpec {
+    /// Interface name of the bridge (at most 15 bytes).
+    pub name: String,
+    /// MTU to set on the bridge, if configured.
+    pub mtu: Option<u32>,
+    /// OVS only: `system` or `netdev` (the userspace datapath).
+    pub ovs_datapath_type: String,
+    /// OVS only: the ovsdb-server unix socket.
+    pub ovsdb_socket: PathBuf,
+}
+
+/// Identifies the attachment a port belongs to (the CNI attachment key).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PortOwner {
+    pub container_id: String,
+    pub ifname: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    #[error("bridge {bridge}: {msg}")]
+    Bridge { bridge: String, msg: String },
+    #[error("port {port} on bridge {bridge}: {msg}")]
+    Port { bridge: String, port: String, msg: String },
+    #[error("OVSDB at {socket}: {msg}")]
+    Ovsdb { socket: String, msg: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A pod bridge backend.
+pub trait Bridge {
+    /// Makes sure the bridge exists and is up (creating it if missing); idempotent and safe under
+    /// concurrent calls from parallel plugin invocations.
+    fn ensure(&self) -> Result<(), BridgeError>;
+    /// Attaches the host-side veth `port` to the bridge, recording `owner`. Fails, leaving nothing behind,
+    /// when the port cannot be attached.
+    fn attach(&self, port: &str, owner: &PortOwner) -> Result<(), BridgeError>;
+    /// Detaches whatever port `owner` holds. Succeeds when there is nothing to detach.
+    fn detach(&self, owner: &PortOwner) -> Result<(), BridgeError>;
+    /// Removes the ports this plugin created whose owner is not in `valid` (CNI GC).
+    fn gc(&self, valid: &[PortOwner]) -> Result<(), BridgeError>;
+}

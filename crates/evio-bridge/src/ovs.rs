@@ -1,0 +1,1 @@
+//! Open vSwitch backend (OVSDB JSON-RPC, RFC 7047; `ovs-vsctl` only as a fallback). Placeholder.

@@ -1,0 +1,45 @@
+//! `evioctl`: the operator CLI. One module per subcommand.
+
+mod cni_config;
+mod demo;
+mod nodes;
+mod release;
+mod status;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "evioctl", version, about = "evio operator CLI")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Claim this node's pod subnet in etcd and install the CNI configuration and plugin.
+    CniConfig(cni_config::Args),
+    /// List the nodes' subnet claims.
+    Nodes(nodes::Args),
+    /// Free a node's subnet claim.
+    Release(release::Args),
+    /// Show the local agent's overlay state and peers.
+    Status(status::Args),
+    /// Build a whole edge cluster on this machine in network namespaces.
+    Demo(demo::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::CniConfig(a) => cni_config::run(a),
+        Cmd::Nodes(a) => nodes::run(a),
+        Cmd::Release(a) => release::run(a),
+        Cmd::Status(a) => status::run(a),
+        Cmd::Demo(a) => demo::run(a),
+    };
+    if let Err(e) = res {
+        eprintln!("evioctl: {e:#}");
+        std::process::exit(1);
+    }
+}
