@@ -5,6 +5,7 @@
 //! instead of silently skipping.
 
 pub mod ovs;
+pub mod runtimes;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
