@@ -38,7 +38,11 @@ pub enum BridgeError {
     #[error("bridge {bridge}: {msg}")]
     Bridge { bridge: String, msg: String },
     #[error("port {port} on bridge {bridge}: {msg}")]
-    Port { bridge: String, port: String, msg: String },
+    Port {
+        bridge: String,
+        port: String,
+        msg: String,
+    },
     #[error("OVSDB at {socket}: {msg}")]
     Ovsdb { socket: String, msg: String },
     #[error("{0}")]
