@@ -230,3 +230,139 @@ fn watch_sees_changes_after_its_snapshot() {
         );
     });
 }
+
+#[test]
+fn watch_and_registration_survive_an_etcd_restart() {
+    let mut etcd = Etcd::start();
+    let r = rt();
+    let plan = SubnetPlan::parse("10.244.0.0/16", 8).unwrap();
+    let (store, mut w, reg) = r.block_on(async {
+        let store = connect(&etcd).await;
+        let (_, w) = store.watch().await.unwrap();
+        let reg = store
+            .register(NodeRecord::new("keeper"), Duration::from_secs(3))
+            .await
+            .unwrap();
+        (store, w, reg)
+    });
+    etcd.restart();
+    r.block_on(async {
+        // A claim made after the restart reaches the old watch.
+        let mut claimed = None;
+        let t = Instant::now();
+        while claimed.is_none() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "store unusable after restart"
+            );
+            match store.claim_subnet(&plan, "late").await {
+                Ok(c) => claimed = Some(c),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        let c = claimed.unwrap();
+        loop {
+            let e = tokio::time::timeout(Duration::from_secs(10), w.next())
+                .await
+                .expect("event in time")
+                .unwrap();
+            if e == StoreEvent::SubnetClaimed(c.clone()) {
+                break;
+            }
+        }
+        // The registration is still alive past its TTL after the restart.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert!(store.is_alive("keeper").await.unwrap());
+
+        // The lease is lost (revoked behind the holder's back): the keeper registers again.
+        let old = reg.lease_id();
+        store.client().lease_revoke(old).await.unwrap();
+        let t = Instant::now();
+        while !(reg.reregistered() && store.is_alive("keeper").await.unwrap()) {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "did not register again"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_ne!(reg.lease_id(), old);
+        drop(reg);
+        let t = Instant::now();
+        while store.is_alive("keeper").await.unwrap() {
+            assert!(t.elapsed() < Duration::from_secs(2), "drop did not revoke");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+}
+
+#[test]
+fn address_claims() {
+    let etcd = Etcd::start();
+    rt().block_on(async {
+        let store = connect(&etcd).await;
+        let pool = "10.10.0.0/29".parse().unwrap();
+        let a = store.claim_address(&pool, "a", None).await.unwrap();
+        assert_eq!(a.address.to_string(), "10.10.0.1");
+        assert_eq!(store.claim_address(&pool, "a", None).await.unwrap(), a);
+        let b = store
+            .claim_address(&pool, "b", Some("10.10.0.5".parse().unwrap()))
+            .await
+            .unwrap();
+        assert_eq!(b.address.to_string(), "10.10.0.5");
+        let e = store
+            .claim_address(&pool, "c", Some("10.10.0.5".parse().unwrap()))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, StoreError::Conflict { holder, .. } if holder == "b"),
+            "{e}"
+        );
+        for bad in ["10.10.0.0", "10.10.0.7", "10.10.1.1"] {
+            let e = store
+                .claim_address(&pool, "c", Some(bad.parse().unwrap()))
+                .await
+                .unwrap_err();
+            assert!(matches!(e, StoreError::BadAddress { .. }), "{bad}: {e}");
+        }
+        // Moving a's claim to a requested address frees the old one in the same transaction.
+        let moved = store
+            .claim_address(&pool, "a", Some("10.10.0.6".parse().unwrap()))
+            .await
+            .unwrap();
+        assert_eq!(moved.address.to_string(), "10.10.0.6");
+        let c = store.claim_address(&pool, "c", None).await.unwrap();
+        assert_eq!(c.address.to_string(), "10.10.0.1");
+        // Fill the rest: .2 .3 .4, then exhausted (network .0 and broadcast .7 never handed out).
+        for n in ["d", "e", "f"] {
+            store.claim_address(&pool, n, None).await.unwrap();
+        }
+        let e = store.claim_address(&pool, "g", None).await.unwrap_err();
+        assert!(
+            matches!(e, StoreError::AddressesExhausted { held: 6, .. }),
+            "{e}"
+        );
+        assert_eq!(
+            store
+                .release_address("c")
+                .await
+                .unwrap()
+                .unwrap()
+                .address
+                .to_string(),
+            "10.10.0.1"
+        );
+        assert_eq!(
+            store
+                .claim_address(&pool, "g", None)
+                .await
+                .unwrap()
+                .address
+                .to_string(),
+            "10.10.0.1"
+        );
+        let all = store.address_claims().await.unwrap();
+        assert_eq!(all.len(), 6);
+        let set: HashSet<_> = all.iter().map(|c| c.address).collect();
+        assert_eq!(set.len(), 6);
+    });
+}
