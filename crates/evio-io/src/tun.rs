@@ -264,7 +264,7 @@ impl Tun {
         if !self.vnet {
             for p in pkts.iter() {
                 self.stats.writes += 1;
-                match self.file.write(p) {
+                match write_all_vectored(&self.file, &[IoSlice::new(p)]) {
                     Ok(_) => written += 1,
                     Err(e) => note_err(&mut self.stats, &mut first_err, e),
                 }
@@ -338,9 +338,15 @@ fn note_err(stats: &mut TunStats, first: &mut Option<io::Error>, e: io::Error) {
 
 /// One `writev`; a TUN takes a packet whole or not at all.
 fn write_all_vectored(mut f: &File, iov: &[IoSlice<'_>]) -> io::Result<()> {
+    let total: usize = iov.iter().map(|s| s.len()).sum();
     loop {
         match f.write_vectored(iov) {
-            Ok(_) => return Ok(()),
+            Ok(n) if n == total => return Ok(()),
+            Ok(n) => {
+                return Err(io::Error::other(format!(
+                    "short tun write: {n} of {total} bytes"
+                )));
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         }

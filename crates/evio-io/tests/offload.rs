@@ -123,7 +123,7 @@ fn tcp_packet(t: &Tcp, data: &[u8]) -> Vec<u8> {
     p.push(((thlen / 4) as u8) << 4);
     p.push(t.flags);
     p.extend_from_slice(&[0xfa, 0xf0, 0, 0, 0, 0]);
-    p.extend_from_slice(&t.opts);
+    p.extend_from_slice(t.opts);
     p.extend_from_slice(data);
     let l4len = p.len() - iphlen;
     let c = !naive_sum(&[&pseudo(&p, 6, l4len), &p[iphlen..]]);
