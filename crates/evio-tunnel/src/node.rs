@@ -561,20 +561,17 @@ impl Node {
                     data: b.to_vec(),
                 });
                 // Flush packets queued while the handshake was in flight.
-                loop {
-                    match p.tunn.decapsulate(None, &[], &mut self.scratch) {
-                        TunnResult::WriteToNetwork(b) => {
-                            if !is_handshake(b) {
-                                p.tx_packets += 1;
-                                p.tx_bytes += (b.len().saturating_sub(32)) as u64;
-                            }
-                            self.transmits.push_back(Transmit {
-                                to: from,
-                                data: b.to_vec(),
-                            })
-                        }
-                        _ => break,
+                while let TunnResult::WriteToNetwork(b) =
+                    p.tunn.decapsulate(None, &[], &mut self.scratch)
+                {
+                    if !is_handshake(b) {
+                        p.tx_packets += 1;
+                        p.tx_bytes += (b.len().saturating_sub(32)) as u64;
                     }
+                    self.transmits.push_back(Transmit {
+                        to: from,
+                        data: b.to_vec(),
+                    })
                 }
                 if handshake {
                     p.handshakes += 1;
@@ -689,11 +686,11 @@ impl Node {
                         });
                     }
                 }
-                TunnResult::Err(WireGuardError::ConnectionExpired) => {
-                    if p.path != PathKind::Connecting {
-                        p.path = PathKind::Connecting;
-                        self.events.push_back(Event::SessionExpired { peer: p.id });
-                    }
+                TunnResult::Err(WireGuardError::ConnectionExpired)
+                    if p.path != PathKind::Connecting =>
+                {
+                    p.path = PathKind::Connecting;
+                    self.events.push_back(Event::SessionExpired { peer: p.id });
                 }
                 _ => {}
             }

@@ -48,7 +48,7 @@ impl RouteTable {
                     Some(p) => p,
                     None => {
                         self.v4.push((len, HashMap::new()));
-                        self.v4.sort_by(|a, b| b.0.cmp(&a.0));
+                        self.v4.sort_by_key(|e| std::cmp::Reverse(e.0));
                         self.v4
                             .iter()
                             .position(|(l, _)| *l == len)
@@ -64,7 +64,7 @@ impl RouteTable {
                     Some(p) => p,
                     None => {
                         self.v6.push((len, HashMap::new()));
-                        self.v6.sort_by(|a, b| b.0.cmp(&a.0));
+                        self.v6.sort_by_key(|e| std::cmp::Reverse(e.0));
                         self.v6
                             .iter()
                             .position(|(l, _)| *l == len)
