@@ -396,7 +396,11 @@ impl Node {
             },
         );
         self.rebuild_routes();
-        self.initiate(now, id);
+        // One side starts at once (the larger key), so that both do not race with crossing initiations
+        // (an initiation received drops the one in flight); the other starts on its first packet.
+        if self.public_key.as_bytes() > &self.peers[&id].cfg.public_key {
+            self.initiate(now, id);
+        }
         id
     }
 

@@ -16,13 +16,16 @@ pub struct SimNode {
     pub name: String,
 }
 
+/// Decides whether a datagram (from, to, bytes) is lost.
+pub type LossFn = Box<dyn FnMut(&SocketAddr, &SocketAddr, &[u8]) -> bool>;
+
 pub struct Sim {
     pub nodes: Vec<SimNode>,
     pub wire: VecDeque<(SocketAddr, SocketAddr, Vec<u8>)>,
     /// Every datagram that crossed the wire, for replay attacks and captures.
     pub captured: Vec<(SocketAddr, SocketAddr, Vec<u8>)>,
     /// Drop every datagram for which this returns true.
-    pub loss: Box<dyn FnMut(&SocketAddr, &SocketAddr, &[u8]) -> bool>,
+    pub loss: LossFn,
     pub base: Instant,
     pub offset: Duration,
     buf: Vec<u8>,
