@@ -1,0 +1,90 @@
+//! The etcd key layout, shared with eviod (documented in docs/store.md). Everything lives under
+//! [`PREFIX`]; values are JSON.
+//!
+//! | key | value |
+//! |---|---|
+//! | `/evio/v1/subnets/by-subnet/<a.b.c.d-len>` | [`SubnetClaim`](crate::SubnetClaim) |
+//! | `/evio/v1/subnets/by-node/<node>` | the same [`SubnetClaim`](crate::SubnetClaim) |
+//! | `/evio/v1/addresses/by-address/<a.b.c.d>` | [`AddressClaim`](crate::AddressClaim) |
+//! | `/evio/v1/addresses/by-node/<node>` | the same [`AddressClaim`](crate::AddressClaim) |
+//! | `/evio/v1/nodes/<node>` | [`NodeRecord`](crate::NodeRecord), attached to the node's lease |
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+
+/// Root of every evio key.
+pub const PREFIX: &str = "/evio/v1/";
+/// Prefix of the subnet claims indexed by subnet.
+pub const SUBNETS_BY_SUBNET: &str = "/evio/v1/subnets/by-subnet/";
+/// Prefix of the subnet claims indexed by node.
+pub const SUBNETS_BY_NODE: &str = "/evio/v1/subnets/by-node/";
+/// Prefix of the host overlay address claims indexed by address.
+pub const ADDRESSES_BY_ADDRESS: &str = "/evio/v1/addresses/by-address/";
+/// Prefix of the host overlay address claims indexed by node.
+pub const ADDRESSES_BY_NODE: &str = "/evio/v1/addresses/by-node/";
+/// Prefix of the live node registrations.
+pub const NODES: &str = "/evio/v1/nodes/";
+
+/// `a.b.c.d-len`: a CIDR as one key segment (no `/`).
+pub fn subnet_segment(net: &Ipv4Net) -> String {
+    format!("{}-{}", net.network(), net.prefix_len())
+}
+
+/// Parses a segment made by [`subnet_segment`].
+pub fn parse_subnet_segment(seg: &str) -> Option<Ipv4Net> {
+    let (a, l) = seg.rsplit_once('-')?;
+    Ipv4Net::new(a.parse().ok()?, l.parse().ok()?).ok()
+}
+
+pub fn subnet_by_subnet(net: &Ipv4Net) -> String {
+    format!("{SUBNETS_BY_SUBNET}{}", subnet_segment(net))
+}
+
+pub fn subnet_by_node(node: &str) -> String {
+    format!("{SUBNETS_BY_NODE}{node}")
+}
+
+pub fn address_by_address(ip: Ipv4Addr) -> String {
+    format!("{ADDRESSES_BY_ADDRESS}{ip}")
+}
+
+pub fn address_by_node(node: &str) -> String {
+    format!("{ADDRESSES_BY_NODE}{node}")
+}
+
+pub fn node(node: &str) -> String {
+    format!("{NODES}{node}")
+}
+
+/// Node names become key segments: 1-253 characters of `[A-Za-z0-9._-]` (Kubernetes node names are DNS
+/// subdomains, a subset), not `.` or `..`.
+pub fn valid_node_name(node: &str) -> bool {
+    !node.is_empty()
+        && node.len() <= 253
+        && node != "."
+        && node != ".."
+        && node
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_round_trip() {
+        let n: Ipv4Net = "10.244.3.0/24".parse().unwrap();
+        assert_eq!(
+            subnet_by_subnet(&n),
+            "/evio/v1/subnets/by-subnet/10.244.3.0-24"
+        );
+        assert_eq!(parse_subnet_segment("10.244.3.0-24"), Some(n));
+        assert_eq!(parse_subnet_segment("10.244.3.0"), None);
+        assert!(valid_node_name("node-1.example"));
+        assert!(!valid_node_name("a/b"));
+        assert!(!valid_node_name(""));
+        assert!(!valid_node_name(".."));
+    }
+}

@@ -1,0 +1,25 @@
+//! evio's etcd store: per-node pod subnet claims, host overlay address (VIP) claims, node registrations
+//! kept alive by leases, and a watch over all of it. The key layout is in [`keys`] and docs/store.md.
+//!
+//! Correctness rests on etcd transactions, never on etcd locks: a claim is one compare-and-swap
+//! transaction that creates both index keys (`by-subnet` and `by-node`) only if neither exists, so two
+//! nodes never hold one subnet and a node never holds two, whatever runs concurrently or dies half way.
+//!
+//! Dependencies: `etcd-client` (the maintained async etcd v3 client on tonic; TLS through rustls/ring, no
+//! OpenSSL needed in the image), `ipnet` (CIDR types used across the workspace), `tokio`, `serde_json`
+//! (values are JSON so operators can read them with `etcdctl get`), `thiserror`, `tracing`.
+
+pub mod error;
+pub mod keys;
+pub mod plan;
+pub mod records;
+mod register;
+mod store;
+mod watch;
+
+pub use error::StoreError;
+pub use plan::{NodeSubnet, PlanError, SubnetPlan, host_range, node_bits_from_json, parse_cidr};
+pub use records::{AddressClaim, Candidate, CandidateKind, NodeRecord, SubnetClaim, unix_now};
+pub use register::Registration;
+pub use store::{EtcdOptions, Snapshot, Store, subnets_by_node};
+pub use watch::{StoreEvent, Watch};

@@ -1,0 +1,368 @@
+//! Integration tests against a real etcd (started per test by evio_testbed::Etcd, removed on drop).
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use evio_store::{EtcdOptions, NodeRecord, Store, StoreError, StoreEvent, SubnetPlan};
+use evio_testbed::Etcd;
+
+fn opts(etcd: &Etcd) -> EtcdOptions {
+    EtcdOptions::new([etcd.endpoint()])
+}
+
+async fn connect(etcd: &Etcd) -> Store {
+    Store::connect(&opts(etcd)).await.expect("connect")
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn claims_are_unique_stable_and_exhaust_cleanly() {
+    let etcd = Etcd::start();
+    rt().block_on(async {
+        let store = connect(&etcd).await;
+        let plan = SubnetPlan::parse("10.244.0.0/16", 8).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..256 {
+            let s = store.clone();
+            tasks.push(tokio::spawn(async move {
+                s.claim_subnet(&plan, &format!("node-{i}")).await
+            }));
+        }
+        let mut subnets = HashSet::new();
+        for t in tasks {
+            let c = t.await.unwrap().expect("claim");
+            assert!(plan.index_of(&c.subnet).is_some());
+            assert!(subnets.insert(c.subnet), "{} handed out twice", c.subnet);
+        }
+        assert_eq!(subnets.len(), 256);
+
+        // The 257th node is refused with a message that says why.
+        let e = store.claim_subnet(&plan, "node-256").await.unwrap_err();
+        assert!(matches!(e, StoreError::Exhausted { held: 256, .. }), "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains("exhausted") && msg.contains("256"), "{msg}");
+
+        // Re-running a node returns its own subnet.
+        let before = store.subnet_of("node-17").await.unwrap().unwrap();
+        let again = store.claim_subnet(&plan, "node-17").await.unwrap();
+        assert_eq!(before, again);
+
+        // Release, then a new node gets the freed subnet.
+        let freed = store.release_subnet("node-17").await.unwrap().unwrap();
+        assert_eq!(freed.subnet, before.subnet);
+        assert_eq!(store.subnet_of("node-17").await.unwrap(), None);
+        let newer = store.claim_subnet(&plan, "node-new").await.unwrap();
+        assert_eq!(newer.subnet, freed.subnet);
+        assert_eq!(store.release_subnet("node-17").await.unwrap(), None);
+
+        let claims = store.subnet_claims().await.unwrap();
+        assert_eq!(claims.len(), 256);
+        assert!(claims.iter().any(|c| c.node == "node-new"));
+    });
+}
+
+#[test]
+fn lowest_free_first_and_claims_survive_an_etcd_restart() {
+    let mut etcd = Etcd::start();
+    let r = rt();
+    let plan = SubnetPlan::parse("10.96.0.0/22", 2).unwrap();
+    let (a, b) = r.block_on(async {
+        let store = connect(&etcd).await;
+        let a = store.claim_subnet(&plan, "a").await.unwrap();
+        let b = store.claim_subnet(&plan, "b").await.unwrap();
+        assert_eq!(a.subnet.to_string(), "10.96.0.0/24");
+        assert_eq!(b.subnet.to_string(), "10.96.1.0/24");
+        (a, b)
+    });
+    etcd.restart();
+    r.block_on(async {
+        let store = connect(&etcd).await;
+        assert_eq!(store.claim_subnet(&plan, "a").await.unwrap(), a);
+        assert_eq!(store.subnet_of("b").await.unwrap(), Some(b));
+        assert_eq!(
+            store
+                .claim_subnet(&plan, "c")
+                .await
+                .unwrap()
+                .subnet
+                .to_string(),
+            "10.96.2.0/24"
+        );
+    });
+}
+
+#[test]
+fn unreachable_etcd_fails_within_the_bound() {
+    let port = evio_testbed::free_port();
+    rt().block_on(async {
+        let mut o = EtcdOptions::new([format!("http://127.0.0.1:{port}")]);
+        o.timeout = Duration::from_secs(2);
+        let t = Instant::now();
+        let e = Store::connect(&o).await.err().expect("must fail");
+        assert!(
+            t.elapsed() < Duration::from_secs(4),
+            "took {:?}",
+            t.elapsed()
+        );
+        assert!(e.is_unreachable(), "{e}");
+        assert!(e.to_string().contains("unreachable"), "{e}");
+    });
+    // A frozen (partitioned) etcd: requests hang, the bound still holds.
+    let etcd = Etcd::start();
+    rt().block_on(async {
+        let mut o = opts(&etcd);
+        o.timeout = Duration::from_secs(1);
+        let store = Store::connect(&o).await.unwrap();
+        etcd.freeze();
+        let t = Instant::now();
+        let e = store
+            .claim_subnet(&SubnetPlan::parse("10.1.0.0/16", 8).unwrap(), "x")
+            .await
+            .unwrap_err();
+        etcd.thaw();
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "took {:?}",
+            t.elapsed()
+        );
+        assert!(e.is_unreachable(), "{e}");
+    });
+}
+
+#[test]
+fn registration_lives_with_its_lease() {
+    let etcd = Etcd::start();
+    rt().block_on(async {
+        let store = connect(&etcd).await;
+        let mut rec = NodeRecord::new("n1");
+        rec.address = "10.10.0.1".parse().unwrap();
+        let reg = store
+            .register(rec.clone(), Duration::from_secs(2))
+            .await
+            .unwrap();
+        assert!(store.is_alive("n1").await.unwrap());
+        // Kept alive past several TTLs.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(store.is_alive("n1").await.unwrap());
+        rec.listen_port = 51820;
+        reg.update(rec.clone()).await.unwrap();
+        assert_eq!(store.node("n1").await.unwrap().unwrap().listen_port, 51820);
+        // The holder stops renewing (as if it crashed): gone after the TTL.
+        reg.abandon();
+        assert!(store.is_alive("n1").await.unwrap());
+        let t = Instant::now();
+        while store.is_alive("n1").await.unwrap() {
+            assert!(
+                t.elapsed() < Duration::from_secs(6),
+                "registration outlived its TTL"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Revoke removes it at once.
+        let reg = store
+            .register(NodeRecord::new("n2"), Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(store.nodes().await.unwrap().len(), 1);
+        reg.revoke().await.unwrap();
+        assert!(!store.is_alive("n2").await.unwrap());
+    });
+}
+
+#[test]
+fn watch_sees_changes_after_its_snapshot() {
+    let etcd = Etcd::start();
+    rt().block_on(async {
+        let store = connect(&etcd).await;
+        let plan = SubnetPlan::parse("10.244.0.0/16", 8).unwrap();
+        store.claim_subnet(&plan, "before").await.unwrap();
+        let (snap, mut w) = store.watch().await.unwrap();
+        assert_eq!(snap.subnets.len(), 1);
+        assert_eq!(snap.subnets[0].node, "before");
+        let c = store.claim_subnet(&plan, "after").await.unwrap();
+        let reg = store
+            .register(NodeRecord::new("after"), Duration::from_secs(10))
+            .await
+            .unwrap();
+        let mut rec = reg.record();
+        rec.listen_port = 7;
+        reg.update(rec).await.unwrap();
+        reg.revoke().await.unwrap();
+        store.release_subnet("after").await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < 5 {
+            let e = tokio::time::timeout(Duration::from_secs(5), w.next())
+                .await
+                .expect("event in time")
+                .unwrap();
+            got.push(e);
+        }
+        assert_eq!(got[0], StoreEvent::SubnetClaimed(c.clone()));
+        assert!(
+            matches!(&got[1], StoreEvent::NodeUp(r) if r.node == "after"),
+            "{:?}",
+            got[1]
+        );
+        assert!(
+            matches!(&got[2], StoreEvent::NodeUpdated(r) if r.listen_port == 7),
+            "{:?}",
+            got[2]
+        );
+        assert_eq!(
+            got[3],
+            StoreEvent::NodeDown {
+                node: "after".into()
+            }
+        );
+        assert_eq!(
+            got[4],
+            StoreEvent::SubnetReleased {
+                node: "after".into(),
+                subnet: Some(c.subnet)
+            }
+        );
+    });
+}
+
+#[test]
+fn watch_and_registration_survive_an_etcd_restart() {
+    let mut etcd = Etcd::start();
+    let r = rt();
+    let plan = SubnetPlan::parse("10.244.0.0/16", 8).unwrap();
+    let (store, mut w, reg) = r.block_on(async {
+        let store = connect(&etcd).await;
+        let (_, w) = store.watch().await.unwrap();
+        let reg = store
+            .register(NodeRecord::new("keeper"), Duration::from_secs(3))
+            .await
+            .unwrap();
+        (store, w, reg)
+    });
+    etcd.restart();
+    r.block_on(async {
+        // A claim made after the restart reaches the old watch.
+        let mut claimed = None;
+        let t = Instant::now();
+        while claimed.is_none() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "store unusable after restart"
+            );
+            match store.claim_subnet(&plan, "late").await {
+                Ok(c) => claimed = Some(c),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        let c = claimed.unwrap();
+        loop {
+            let e = tokio::time::timeout(Duration::from_secs(10), w.next())
+                .await
+                .expect("event in time")
+                .unwrap();
+            if e == StoreEvent::SubnetClaimed(c.clone()) {
+                break;
+            }
+        }
+        // The registration is still alive past its TTL after the restart.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert!(store.is_alive("keeper").await.unwrap());
+
+        // The lease is lost (revoked behind the holder's back): the keeper registers again.
+        let old = reg.lease_id();
+        store.client().lease_revoke(old).await.unwrap();
+        let t = Instant::now();
+        while !(reg.reregistered() && store.is_alive("keeper").await.unwrap()) {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "did not register again"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_ne!(reg.lease_id(), old);
+        drop(reg);
+        let t = Instant::now();
+        while store.is_alive("keeper").await.unwrap() {
+            assert!(t.elapsed() < Duration::from_secs(2), "drop did not revoke");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+}
+
+#[test]
+fn address_claims() {
+    let etcd = Etcd::start();
+    rt().block_on(async {
+        let store = connect(&etcd).await;
+        let pool = "10.10.0.0/29".parse().unwrap();
+        let a = store.claim_address(&pool, "a", None).await.unwrap();
+        assert_eq!(a.address.to_string(), "10.10.0.1");
+        assert_eq!(store.claim_address(&pool, "a", None).await.unwrap(), a);
+        let b = store
+            .claim_address(&pool, "b", Some("10.10.0.5".parse().unwrap()))
+            .await
+            .unwrap();
+        assert_eq!(b.address.to_string(), "10.10.0.5");
+        let e = store
+            .claim_address(&pool, "c", Some("10.10.0.5".parse().unwrap()))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, StoreError::Conflict { holder, .. } if holder == "b"),
+            "{e}"
+        );
+        for bad in ["10.10.0.0", "10.10.0.7", "10.10.1.1"] {
+            let e = store
+                .claim_address(&pool, "c", Some(bad.parse().unwrap()))
+                .await
+                .unwrap_err();
+            assert!(matches!(e, StoreError::BadAddress { .. }), "{bad}: {e}");
+        }
+        // Moving a's claim to a requested address frees the old one in the same transaction.
+        let moved = store
+            .claim_address(&pool, "a", Some("10.10.0.6".parse().unwrap()))
+            .await
+            .unwrap();
+        assert_eq!(moved.address.to_string(), "10.10.0.6");
+        let c = store.claim_address(&pool, "c", None).await.unwrap();
+        assert_eq!(c.address.to_string(), "10.10.0.1");
+        // Fill the rest: .2 .3 .4, then exhausted (network .0 and broadcast .7 never handed out).
+        for n in ["d", "e", "f"] {
+            store.claim_address(&pool, n, None).await.unwrap();
+        }
+        let e = store.claim_address(&pool, "g", None).await.unwrap_err();
+        assert!(
+            matches!(e, StoreError::AddressesExhausted { held: 6, .. }),
+            "{e}"
+        );
+        assert_eq!(
+            store
+                .release_address("c")
+                .await
+                .unwrap()
+                .unwrap()
+                .address
+                .to_string(),
+            "10.10.0.1"
+        );
+        assert_eq!(
+            store
+                .claim_address(&pool, "g", None)
+                .await
+                .unwrap()
+                .address
+                .to_string(),
+            "10.10.0.1"
+        );
+        let all = store.address_claims().await.unwrap();
+        assert_eq!(all.len(), 6);
+        let set: HashSet<_> = all.iter().map(|c| c.address).collect();
+        assert_eq!(set.len(), 6);
+    });
+}
