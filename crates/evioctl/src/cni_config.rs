@@ -1,8 +1,528 @@
-//! `evioctl cni-config` (not implemented yet).
+//! `evioctl cni-config`: claim this node's pod subnet in etcd, write the node's conflist atomically and
+//! install the evio-cni plugin. Runs as the init container of the evio DaemonSet (see docs/deploy.md).
+//!
+//! Order matters for "nothing written on failure": the net-conf, node name, directories and plugin binary
+//! are checked first, then the subnet is claimed (one etcd transaction), and only then are files written.
+//! A claimer killed at any moment leaves either no claim or a whole one, and a re-run gets the same claim.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use evio_store::{EtcdOptions, NodeSubnet, Store, SubnetPlan, node_bits_from_json, parse_cidr};
+use serde_json::{Map, Value, json};
+
+/// The conflist file this command owns.
+pub const CONFLIST: &str = "10-evio.conflist";
+/// The plugin's binary name (DESIGN.md contract: `"type": "evio-cni"`).
+pub const PLUGIN: &str = "evio-cni";
+/// Overlay MTU: the tunnel's inner MTU (1500 minus WireGuard-over-UDP/IPv4 overhead, rounded as wg does).
+pub const DEFAULT_MTU: u64 = 1420;
+
+/// etcd connection flags shared by `cni-config`, `nodes` and `release`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct EtcdArgs {
+    /// etcd client URLs, comma-separated (default: `dataStore` from the net-conf, if given).
+    #[arg(long, env = "EVIO_ETCD_ENDPOINTS")]
+    pub etcd_endpoints: Option<String>,
+    /// etcd user (etcd auth enabled).
+    #[arg(long)]
+    pub etcd_user: Option<String>,
+    /// File holding the etcd user's password.
+    #[arg(long)]
+    pub etcd_password_file: Option<PathBuf>,
+    /// CA bundle (PEM) to verify etcd's certificate (enables TLS).
+    #[arg(long)]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd mutual TLS.
+    #[arg(long)]
+    pub etcd_cert: Option<PathBuf>,
+    /// Client key (PEM) for etcd mutual TLS.
+    #[arg(long)]
+    pub etcd_key: Option<PathBuf>,
+    /// Seconds to wait for etcd (connecting and each request) before giving up.
+    #[arg(long, default_value_t = 5.0)]
+    pub etcd_timeout: f64,
+}
+
+impl EtcdArgs {
+    /// The store options; `fallback` is the net-conf's `dataStore` (flags win).
+    pub fn options(&self, fallback: Option<Vec<String>>) -> Result<EtcdOptions> {
+        let endpoints = match &self.etcd_endpoints {
+            Some(list) => EtcdOptions::split_endpoints(list),
+            None => fallback.unwrap_or_default(),
+        };
+        if endpoints.is_empty() {
+            bail!("no etcd endpoints: give --etcd-endpoints (or dataStore in the net-conf)");
+        }
+        if !(self.etcd_timeout.is_finite()
+            && self.etcd_timeout > 0.0
+            && self.etcd_timeout <= 3600.0)
+        {
+            bail!("--etcd-timeout must be a number of seconds between 0 and 3600");
+        }
+        let mut o = EtcdOptions::new(endpoints);
+        o.user = self.etcd_user.clone();
+        o.password_file = self.etcd_password_file.clone();
+        o.ca = self.etcd_ca.clone();
+        o.cert = self.etcd_cert.clone();
+        o.key = self.etcd_key.clone();
+        o.timeout = Duration::from_secs_f64(self.etcd_timeout);
+        Ok(o)
+    }
+}
+
+/// A single-threaded runtime for the CLI's few requests.
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// The network configuration (JSON): podCIDR, nodeBits, dataStore, plugin keys.
+    #[arg(long)]
+    pub net_conf: PathBuf,
+    /// This node's name (as Kubernetes knows it).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// Where the conflist goes.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+    /// Where CNI plugin binaries live (evio-cni is installed here).
+    #[arg(long, default_value = "/opt/cni/bin")]
+    pub cni_bin_dir: PathBuf,
+    /// The evio-cni binary to install (default: `evio-cni` next to this executable).
+    #[arg(long)]
+    pub plugin_binary: Option<PathBuf>,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("cni-config is not implemented yet")
+/// The parsed and checked net-conf.
+#[derive(Debug)]
+pub struct NetConf {
+    pub name: String,
+    pub plan: SubnetPlan,
+    pub data_store: Option<Vec<String>>,
+    /// The evio-cni plugin keys copied into the conflist (already checked).
+    pub plugin: Map<String, Value>,
+    /// Extra host-local keys (e.g. `dataDir`), from the net-conf's optional `ipam` object.
+    pub ipam_extra: Map<String, Value>,
+}
+
+const COPIED_KEYS: &[&str] = &[
+    "bridge",
+    "bridgeType",
+    "ovsDatapathType",
+    "ovsdbSocket",
+    "isGateway",
+    "isDefaultGateway",
+    "ipMasq",
+    "mtu",
+    "hairpinMode",
+    "logFile",
+    "logLevel",
+];
+
+impl NetConf {
+    /// Parses and checks a net-conf document; every error names the key and what is wrong.
+    pub fn parse(text: &str) -> Result<NetConf> {
+        let v: Value = serde_json::from_str(text).context("the net-conf is not valid JSON")?;
+        let Value::Object(o) = v else {
+            bail!("the net-conf must be a JSON object")
+        };
+        let cidr = match o.get("podCIDR") {
+            Some(Value::String(s)) => s.clone(),
+            Some(other) => bail!("podCIDR must be a string like \"10.244.0.0/16\", not {other}"),
+            None => bail!("the net-conf has no podCIDR (e.g. \"podCIDR\": \"10.244.0.0/16\")"),
+        };
+        let pool = parse_cidr(&cidr).map_err(|e| anyhow!("podCIDR: {e}"))?;
+        let bits = match o.get("nodeBits") {
+            Some(v) => node_bits_from_json(v).map_err(|e| anyhow!("{e}"))?,
+            None => 8,
+        };
+        let plan = SubnetPlan::new(pool, bits).map_err(|e| anyhow!("{e}"))?;
+        let name = match o.get("name") {
+            None => "evio".to_string(),
+            Some(Value::String(s)) if valid_net_name(s) => s.clone(),
+            Some(other) => bail!(
+                "name {other} is not a valid CNI network name (letters, digits, '.', '-', '_')"
+            ),
+        };
+        let data_store = match o.get("dataStore") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(EtcdOptions::split_endpoints(s)),
+            Some(Value::Array(a)) => Some(
+                a.iter()
+                    .map(|x| {
+                        x.as_str()
+                            .map(str::to_string)
+                            .ok_or_else(|| anyhow!("dataStore entries must be strings"))
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            ),
+            Some(other) => {
+                bail!("dataStore must be a comma-separated string or a list of URLs, not {other}")
+            }
+        };
+        let mut plugin = Map::new();
+        for k in COPIED_KEYS {
+            if let Some(v) = o.get(*k) {
+                plugin.insert(k.to_string(), v.clone());
+            }
+        }
+        if let Some(v) = o.get("isIPMasq")
+            && !plugin.contains_key("ipMasq")
+        {
+            plugin.insert("ipMasq".into(), v.clone()); // the original Evio key
+        }
+        check_plugin_keys(&mut plugin)?;
+        let mut ipam_extra = Map::new();
+        match o.get("ipam") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(m)) => {
+                for (k, v) in m {
+                    match k.as_str() {
+                        "type" if v != "host-local" => {
+                            bail!("ipam.type: only host-local is supported, not {v}")
+                        }
+                        "type" | "ranges" | "subnet" | "rangeStart" | "rangeEnd" | "gateway" => {}
+                        _ => {
+                            ipam_extra.insert(k.clone(), v.clone());
+                        }
+                    }
+                }
+            }
+            Some(other) => bail!("ipam must be an object, not {other}"),
+        }
+        Ok(NetConf {
+            name,
+            plan,
+            data_store,
+            plugin,
+            ipam_extra,
+        })
+    }
+
+    /// The node's conflist for `subnet`.
+    pub fn conflist(&self, subnet: &NodeSubnet) -> Value {
+        let mut plugin = Map::new();
+        plugin.insert("type".into(), json!(PLUGIN));
+        plugin.extend(self.plugin.clone());
+        plugin.entry("mtu").or_insert(json!(DEFAULT_MTU));
+        let mut ipam = Map::new();
+        ipam.insert("type".into(), json!("host-local"));
+        ipam.insert(
+            "ranges".into(),
+            json!([[{
+                "subnet": subnet.subnet.to_string(),
+                "rangeStart": subnet.range_start.to_string(),
+                "rangeEnd": subnet.range_end.to_string(),
+                "gateway": subnet.gateway.to_string(),
+            }]]),
+        );
+        // Without a default route through the bridge, pods still need the pod CIDR through it.
+        if self.plugin.get("isDefaultGateway") == Some(&Value::Bool(false))
+            && !self.ipam_extra.contains_key("routes")
+        {
+            ipam.insert(
+                "routes".into(),
+                json!([{ "dst": self.plan.pool().to_string() }]),
+            );
+        }
+        ipam.extend(self.ipam_extra.clone());
+        plugin.insert("ipam".into(), Value::Object(ipam));
+        json!({
+            "cniVersion": "1.1.0",
+            "name": self.name,
+            "plugins": [
+                Value::Object(plugin),
+                { "type": "portmap", "capabilities": { "portMappings": true } },
+            ],
+        })
+    }
+}
+
+fn valid_net_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+fn check_plugin_keys(p: &mut Map<String, Value>) -> Result<()> {
+    for (k, v) in p.iter_mut() {
+        match k.as_str() {
+            "bridge" => {
+                let s = v
+                    .as_str()
+                    .ok_or_else(|| anyhow!("bridge must be a string"))?;
+                if s.is_empty() || s.len() > 15 || s.contains(['/', ' ', ':']) {
+                    bail!(
+                        "bridge {s:?} is not a valid interface name (1-15 characters, no '/', ':' or spaces)"
+                    );
+                }
+            }
+            "bridgeType" => {
+                let s = v
+                    .as_str()
+                    .ok_or_else(|| anyhow!("bridgeType must be a string"))?;
+                if !["linux", "ovs", "LXBR", "OVS"].contains(&s) {
+                    bail!("bridgeType {s:?} is not one of linux, ovs (or the legacy LXBR, OVS)");
+                }
+            }
+            "ovsDatapathType" => {
+                let s = v
+                    .as_str()
+                    .ok_or_else(|| anyhow!("ovsDatapathType must be a string"))?;
+                if !["system", "netdev"].contains(&s) {
+                    bail!("ovsDatapathType {s:?} is not one of system, netdev");
+                }
+            }
+            "ovsdbSocket" | "logFile" | "logLevel" if !v.is_string() => {
+                bail!("{k} must be a string")
+            }
+            "isGateway" | "isDefaultGateway" | "ipMasq" | "hairpinMode" => {
+                // The original ConfigMap wrote booleans as strings.
+                *v = match &*v {
+                    Value::Bool(b) => Value::Bool(*b),
+                    Value::String(s) if s.eq_ignore_ascii_case("true") => Value::Bool(true),
+                    Value::String(s) if s.eq_ignore_ascii_case("false") => Value::Bool(false),
+                    other => bail!("{k} must be true or false, not {other}"),
+                };
+            }
+            "mtu" => {
+                let n = match &*v {
+                    Value::Number(n) => n.as_u64(),
+                    Value::String(s) => s.trim().parse().ok(),
+                    _ => None,
+                };
+                match n {
+                    Some(n) if (576..=65535).contains(&n) => *v = json!(n),
+                    _ => bail!("mtu must be a whole number between 576 and 65535, not {v}"),
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+pub fn run(args: Args) -> Result<()> {
+    // 1. Everything that can be checked without etcd.
+    let text = fs::read_to_string(&args.net_conf)
+        .with_context(|| format!("cannot read the net-conf {}", args.net_conf.display()))?;
+    let conf = NetConf::parse(&text)
+        .with_context(|| format!("bad net-conf {}", args.net_conf.display()))?;
+    if !evio_store::keys::valid_node_name(&args.node_name) {
+        bail!("invalid node name {:?}", args.node_name);
+    }
+    let opts = args.etcd.options(conf.data_store.clone())?;
+    let plugin = match &args.plugin_binary {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .context("cannot find this executable")?
+            .parent()
+            .map(|d| d.join(PLUGIN))
+            .ok_or_else(|| anyhow!("cannot find this executable's directory"))?,
+    };
+    let meta = fs::metadata(&plugin).with_context(|| {
+        format!(
+            "the {PLUGIN} binary {} is missing (use --plugin-binary)",
+            plugin.display()
+        )
+    })?;
+    if !meta.is_file() {
+        bail!("the {PLUGIN} binary {} is not a file", plugin.display());
+    }
+    for d in [&args.cni_conf_dir, &args.cni_bin_dir] {
+        fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+    }
+
+    // 2. The claim (one etcd transaction).
+    let claim = runtime()?.block_on(async {
+        let store = Store::connect(&opts).await?;
+        store.claim_subnet(&conf.plan, &args.node_name).await
+    })?;
+    let subnet = NodeSubnet::of(claim.subnet)?;
+
+    // 3. Files: conflist, stale configs, plugin.
+    let conflist = serde_json::to_vec_pretty(&conf.conflist(&subnet))?;
+    write_atomic(&args.cni_conf_dir, CONFLIST, &conflist, 0o644)?;
+    remove_stale(&args.cni_conf_dir)?;
+    install_plugin(&plugin, &args.cni_bin_dir)?;
+    for needed in ["host-local", "portmap"] {
+        if !args.cni_bin_dir.join(needed).exists() {
+            eprintln!(
+                "evioctl: warning: the {needed} CNI plugin is not in {}; pods on this node will fail to start \
+                 until it is installed there (containernetworking-plugins)",
+                args.cni_bin_dir.display()
+            );
+        }
+    }
+    println!(
+        "{}",
+        json!({
+            "node": args.node_name,
+            "subnet": subnet.subnet.to_string(),
+            "gateway": subnet.gateway.to_string(),
+            "rangeStart": subnet.range_start.to_string(),
+            "rangeEnd": subnet.range_end.to_string(),
+        })
+    );
+    Ok(())
+}
+
+/// Prefix of our temporary files (hidden, and not ending in .conf/.conflist/.json, so runtimes skip them).
+const TMP_PREFIX: &str = ".evio-tmp-";
+
+/// Writes `dir/name` atomically: a temp file in the same directory, fsync, rename over, fsync the directory.
+pub fn write_atomic(dir: &Path, name: &str, data: &[u8], mode: u32) -> Result<()> {
+    let tmp = dir.join(format!("{TMP_PREFIX}{}-{name}", std::process::id()));
+    let res = (|| -> Result<()> {
+        let mut f =
+            File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, dir.join(name))
+            .with_context(|| format!("cannot rename into {}", dir.join(name).display()))?;
+        File::open(dir)?.sync_all()?;
+        Ok(())
+    })();
+    if res.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    res
+}
+
+/// Installs the plugin binary as `bin_dir/evio-cni`: copied to a temp name and renamed over, so a running
+/// plugin is never overwritten in place. Skipped when the installed file is already identical.
+fn install_plugin(src: &Path, bin_dir: &Path) -> Result<()> {
+    let data = fs::read(src).with_context(|| format!("cannot read {}", src.display()))?;
+    let dst = bin_dir.join(PLUGIN);
+    if fs::read(&dst).map(|old| old == data).unwrap_or(false) {
+        return Ok(());
+    }
+    write_atomic(bin_dir, PLUGIN, &data, 0o755)
+        .with_context(|| format!("cannot install {}", dst.display()))
+}
+
+/// Removes evio configs under other names (from older versions or another `name`) and temp files left by
+/// killed runs. A file is ours when it is a CNI config whose plugin list holds an `evio-cni` plugin.
+fn remove_stale(dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == CONFLIST || !entry.file_type()?.is_file() {
+            continue;
+        }
+        if let Some(rest) = name.strip_prefix(TMP_PREFIX) {
+            let pid: Option<i32> = rest.split('-').next().and_then(|p| p.parse().ok());
+            let alive = pid.is_some_and(|p| {
+                p as u32 == std::process::id() || Path::new(&format!("/proc/{p}")).exists()
+            });
+            if !alive {
+                let _ = fs::remove_file(entry.path());
+            }
+            continue;
+        }
+        if !(name.ends_with(".conflist") || name.ends_with(".conf") || name.ends_with(".json")) {
+            continue;
+        }
+        let Ok(v) = fs::read(entry.path())
+            .map_err(|_| ())
+            .and_then(|b| serde_json::from_slice::<Value>(&b).map_err(|_| ()))
+        else {
+            continue;
+        };
+        let is_evio = |p: &Value| p.get("type").and_then(Value::as_str) == Some(PLUGIN);
+        let ours = is_evio(&v)
+            || v.get("plugins")
+                .and_then(Value::as_array)
+                .is_some_and(|ps| ps.iter().any(is_evio));
+        if ours {
+            eprintln!(
+                "evioctl: removing stale evio CNI config {}",
+                entry.path().display()
+            );
+            fs::remove_file(entry.path())
+                .with_context(|| format!("cannot remove {}", entry.path().display()))?;
+        }
+    }
+    File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn net_conf_parsing() {
+        let c = NetConf::parse(
+            r#"{"podCIDR":"10.244.0.0/16","nodeBits":"8","dataStore":"http://a:2379, http://b:2379",
+                "bridgeType":"OVS","isIPMasq":"true","mtu":"1400","unknownKey":1}"#,
+        )
+        .unwrap();
+        assert_eq!(c.plan.len(), 256);
+        assert_eq!(
+            c.data_store.as_deref(),
+            Some(&["http://a:2379".to_string(), "http://b:2379".to_string()][..])
+        );
+        assert_eq!(c.plugin["ipMasq"], json!(true));
+        assert_eq!(c.plugin["mtu"], json!(1400));
+        assert!(!c.plugin.contains_key("unknownKey"));
+        let s = c.plan.subnet(3).unwrap();
+        let l = c.conflist(&s);
+        assert_eq!(l["cniVersion"], "1.1.0");
+        assert_eq!(l["plugins"][0]["type"], "evio-cni");
+        assert_eq!(l["plugins"][0]["bridgeType"], "OVS");
+        assert_eq!(
+            l["plugins"][0]["ipam"]["ranges"][0][0]["gateway"],
+            "10.244.3.1"
+        );
+        assert_eq!(
+            l["plugins"][0]["ipam"]["ranges"][0][0]["rangeEnd"],
+            "10.244.3.254"
+        );
+        assert_eq!(l["plugins"][1]["type"], "portmap");
+        let d = NetConf::parse(r#"{"podCIDR":"10.244.0.0/16"}"#).unwrap();
+        assert_eq!(d.conflist(&s)["plugins"][0]["mtu"], 1420);
+    }
+
+    #[test]
+    fn net_conf_errors_name_the_problem() {
+        for (text, want) in [
+            ("{", "not valid JSON"),
+            ("[]", "JSON object"),
+            (r#"{"nodeBits":8}"#, "no podCIDR"),
+            (r#"{"podCIDR":"10.244.1.0/16"}"#, "host bits"),
+            (r#"{"podCIDR":"10.244.0.0/16","nodeBits":"x"}"#, "nodeBits"),
+            (
+                r#"{"podCIDR":"10.244.0.0/24","nodeBits":8}"#,
+                "fewer than 2 host bits",
+            ),
+            (
+                r#"{"podCIDR":"10.244.0.0/16","bridgeType":"vxlan"}"#,
+                "bridgeType",
+            ),
+            (r#"{"podCIDR":"10.244.0.0/16","mtu":10}"#, "mtu"),
+            (r#"{"podCIDR":"10.244.0.0/16","bridge":"a/b"}"#, "bridge"),
+            (
+                r#"{"podCIDR":"10.244.0.0/16","ipam":{"type":"dhcp"}}"#,
+                "host-local",
+            ),
+        ] {
+            let e = format!("{:#}", NetConf::parse(text).unwrap_err());
+            assert!(e.contains(want), "{text}: {e}");
+        }
+    }
 }
