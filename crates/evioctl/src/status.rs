@@ -1,8 +1,152 @@
-//! `evioctl status` (not implemented yet).
+//! `evioctl status --state-dir DIR [--json]`: asks the local agent over `<state-dir>/eviod.sock` and prints
+//! its overlay state: the JSON of DESIGN.md with `--json`, a table otherwise.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// The agent's state directory (holds eviod.sock).
+    #[arg(long)]
+    state_dir: PathBuf,
+    /// Print the agent's status as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("status is not implemented yet")
+/// The status document (names are a contract: scripts and tests depend on them).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub node: String,
+    pub address: Option<String>,
+    pub pod_subnet: Option<String>,
+    pub public_key: String,
+    pub peers: Vec<Peer>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Peer {
+    pub node: String,
+    pub address: String,
+    pub pod_subnet: Option<String>,
+    /// `direct`, `relay` or `connecting`.
+    pub path: String,
+    pub endpoint: Option<String>,
+    /// Unix seconds, or null before the first handshake.
+    pub last_handshake: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+fn query(args: &Args) -> Result<Status> {
+    let path = args.state_dir.join("eviod.sock");
+    let mut s = UnixStream::connect(&path)
+        .with_context(|| format!("cannot reach the agent at {} (is eviod running with this --state-dir?)", path.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"status\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    serde_json::from_str(&body).with_context(|| format!("unexpected answer from the agent: {body}"))
+}
+
+fn ago(now: u64, t: Option<u64>) -> String {
+    match t {
+        None => "never".into(),
+        Some(t) => format!("{}s ago", now.saturating_sub(t)),
+    }
+}
+
+fn bytes(n: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 { format!("{n} B") } else { format!("{v:.1} {}", U[i]) }
+}
+
+pub fn render(st: &Status, now: u64) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let _ = writeln!(o, "node:       {}", st.node);
+    let _ = writeln!(o, "address:    {}", st.address.as_deref().unwrap_or("-"));
+    let _ = writeln!(o, "pod subnet: {}", st.pod_subnet.as_deref().unwrap_or("-"));
+    let _ = writeln!(o, "public key: {}", st.public_key);
+    let _ = writeln!(o);
+    let rows: Vec<[String; 8]> = st
+        .peers
+        .iter()
+        .map(|p| {
+            [
+                p.node.clone(),
+                p.address.clone(),
+                p.pod_subnet.clone().unwrap_or_else(|| "-".into()),
+                p.path.clone(),
+                p.endpoint.clone().unwrap_or_else(|| "-".into()),
+                ago(now, p.last_handshake),
+                bytes(p.rx_bytes),
+                bytes(p.tx_bytes),
+            ]
+        })
+        .collect();
+    let head = ["PEER", "ADDRESS", "POD SUBNET", "PATH", "ENDPOINT", "HANDSHAKE", "RX", "TX"];
+    let mut w: Vec<usize> = head.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let line = |cells: &[String]| {
+        let mut l = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            let _ = write!(l, "{:<width$}  ", c, width = w[i]);
+        }
+        l.trim_end().to_string()
+    };
+    let _ = writeln!(o, "{}", line(&head.map(String::from)));
+    for r in &rows {
+        let _ = writeln!(o, "{}", line(r));
+    }
+    if rows.is_empty() {
+        let _ = writeln!(o, "(no peers)");
+    }
+    o
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let st = query(&args)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&st)?);
+    } else {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        print!("{}", render(&st, now));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_round_trips_with_the_contract_names() {
+        let text = r#"{"node":"a","address":"10.10.0.1","podSubnet":"10.244.1.0/24","publicKey":"k","peers":[{"node":"b","address":"10.10.0.2","podSubnet":null,"path":"direct","endpoint":"192.0.2.2:51820","lastHandshake":100,"rxBytes":5,"txBytes":2048}]}"#;
+        let st: Status = serde_json::from_str(text).unwrap();
+        let back: serde_json::Value = serde_json::to_value(&st).unwrap();
+        assert_eq!(back, serde_json::from_str::<serde_json::Value>(text).unwrap());
+        let table = render(&st, 130);
+        assert!(table.contains("PEER"), "{table}");
+        assert!(table.contains("b  "), "{table}");
+        assert!(table.contains("30s ago"), "{table}");
+        assert!(table.contains("2.0 KiB"), "{table}");
+    }
 }

@@ -1,0 +1,267 @@
+//! Protocol core tests on a simulated network in real time (no timers needed; with `mock-time` the
+//! frozen clock would make every handshake timestamp equal, so they run without it).
+#![cfg(not(feature = "mock-time"))]
+
+mod common;
+
+use common::{Sim, ipv4};
+use evio_tunnel::{DropReason, Event, Inbound, Outbound, PathKind};
+
+#[test]
+fn handshake_then_data_both_ways() {
+    let mut sim = Sim::mesh(2, None);
+    sim.run();
+    // Both sides initiated on peer add; both ended with a session.
+    for i in 0..2 {
+        let st = sim.nodes[i].node.peers();
+        assert_eq!(st.len(), 1);
+        assert_eq!(st[0].path, PathKind::Direct, "node {i}: {st:?}");
+        assert!(st[0].last_handshake.is_some());
+    }
+    let p = ipv4([10, 10, 0, 1], [10, 10, 0, 2], b"hello from 1");
+    assert!(matches!(sim.send(0, &p), Outbound::Send { .. }));
+    sim.run();
+    assert_eq!(sim.nodes[1].inbox, vec![p.clone()]);
+    let q = ipv4([10, 244, 2, 5], [10, 244, 1, 7], b"pod reply");
+    assert!(matches!(sim.send(1, &q), Outbound::Send { .. }));
+    sim.run();
+    assert_eq!(sim.nodes[0].inbox, vec![q.clone()]);
+    let st = sim.nodes[0].node.peers();
+    assert_eq!(st[0].tx_bytes, p.len() as u64);
+    assert_eq!(st[0].rx_bytes, q.len() as u64);
+    // Nothing on the wire carries the payload in clear.
+    for (_, _, d) in &sim.captured {
+        assert!(!d.windows(5).any(|w| w == b"hello" || w == b"reply"));
+    }
+}
+
+#[test]
+fn packets_sent_before_the_handshake_are_queued_and_delivered() {
+    let mut sim = Sim::mesh(2, None);
+    // The handshake messages are still on the wire: the packet waits in the session queue.
+    let p = ipv4([10, 10, 0, 1], [10, 10, 0, 2], b"early");
+    let r = sim.send(0, &p);
+    assert!(
+        matches!(r, Outbound::Queued | Outbound::Send { .. }),
+        "{r:?}"
+    );
+    sim.run();
+    assert_eq!(sim.nodes[1].inbox, vec![p]);
+}
+
+#[test]
+fn three_nodes_route_by_longest_prefix() {
+    let mut sim = Sim::mesh(3, Some([7u8; 32]));
+    sim.run();
+    for (src, dst) in [(0usize, 1usize), (0, 2), (1, 2), (2, 0), (1, 0), (2, 1)] {
+        let s = [10, 244, src as u8 + 1, 9];
+        let d = [10, 244, dst as u8 + 1, 9];
+        let p = ipv4(s, d, format!("{src}->{dst}").as_bytes());
+        assert!(matches!(sim.send(src, &p), Outbound::Send { .. }));
+        sim.run();
+        assert_eq!(sim.nodes[dst].inbox.pop(), Some(p));
+    }
+    assert!(sim.nodes.iter().all(|n| n.inbox.is_empty()));
+}
+
+#[test]
+fn unknown_destination_is_dropped() {
+    let mut sim = Sim::mesh(2, None);
+    sim.run();
+    let p = ipv4([10, 10, 0, 1], [10, 10, 0, 99], b"x");
+    assert_eq!(sim.send(0, &p), Outbound::Dropped(DropReason::NoRoute));
+    assert_eq!(
+        sim.send(0, b"not ip"),
+        Outbound::Dropped(DropReason::Malformed)
+    );
+    assert_eq!(sim.nodes[0].node.drops().get(DropReason::NoRoute), 1);
+}
+
+#[test]
+fn spoofed_inner_source_is_rejected() {
+    let mut sim = Sim::mesh(3, None);
+    sim.run();
+    // Node 1 sends to node 0 a packet claiming node 2's pod address as source.
+    let p = ipv4([10, 244, 3, 9], [10, 244, 1, 9], b"spoof");
+    assert!(matches!(sim.send(1, &p), Outbound::Send { .. }));
+    sim.run();
+    assert!(sim.nodes[0].inbox.is_empty());
+    assert_eq!(sim.nodes[0].node.drops().get(DropReason::SpoofedSource), 1);
+    // Outside every peer's prefixes too.
+    let p = ipv4([192, 168, 1, 1], [10, 244, 1, 9], b"spoof");
+    sim.send(1, &p);
+    sim.run();
+    assert!(sim.nodes[0].inbox.is_empty());
+    assert_eq!(sim.nodes[0].node.drops().get(DropReason::SpoofedSource), 2);
+    // The genuine source still passes.
+    let p = ipv4([10, 244, 2, 9], [10, 244, 1, 9], b"genuine");
+    sim.send(1, &p);
+    sim.run();
+    assert_eq!(sim.nodes[0].inbox, vec![p]);
+}
+
+#[test]
+fn replayed_and_garbage_datagrams_are_rejected() {
+    let mut sim = Sim::mesh(2, None);
+    sim.run();
+    let p = ipv4([10, 10, 0, 1], [10, 10, 0, 2], b"once");
+    sim.send(0, &p);
+    sim.run();
+    assert_eq!(sim.nodes[1].inbox.len(), 1);
+    let (from, _, data) = sim.captured.last().cloned().unwrap();
+    assert_eq!(
+        sim.inject(1, from, &data),
+        Inbound::Dropped(DropReason::Replay)
+    );
+    // Replayed handshake initiation: rejected (old timestamp), no new session.
+    let (hfrom, _, hs) = sim
+        .captured
+        .iter()
+        .find(|(_, _, d)| d.len() == 148 && d[0] == 1)
+        .cloned()
+        .unwrap();
+    let before = sim.nodes[1].node.peers()[0].handshakes + sim.nodes[0].node.peers()[0].handshakes;
+    let r0 = sim.inject(0, hfrom, &hs);
+    let r1 = sim.inject(1, hfrom, &hs);
+    assert!(
+        matches!(r0, Inbound::Dropped(_)) || matches!(r1, Inbound::Dropped(_)),
+        "{r0:?} {r1:?}"
+    );
+    let after = sim.nodes[1].node.peers()[0].handshakes + sim.nodes[0].node.peers()[0].handshakes;
+    assert_eq!(before, after);
+    // Garbage of every shape.
+    let mut tampered = data.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 1;
+    tampered[8] = tampered[8].wrapping_add(1); // new counter, bad tag
+    assert_eq!(
+        sim.inject(1, from, &tampered),
+        Inbound::Dropped(DropReason::DecryptFailed)
+    );
+    assert_eq!(
+        sim.inject(1, from, b""),
+        Inbound::Dropped(DropReason::Malformed)
+    );
+    assert_eq!(
+        sim.inject(1, from, &[0xffu8; 200]),
+        Inbound::Dropped(DropReason::Malformed)
+    );
+    let mut fake_hs = vec![0u8; 148];
+    fake_hs[0] = 1;
+    assert_eq!(
+        sim.inject(1, from, &fake_hs),
+        Inbound::Dropped(DropReason::HandshakeRejected)
+    );
+    let mut fake_data = vec![0u8; 64];
+    fake_data[0] = 4;
+    assert_eq!(
+        sim.inject(1, from, &fake_data),
+        Inbound::Dropped(DropReason::UnknownPeer)
+    );
+    // And the tunnel still works.
+    let q = ipv4([10, 10, 0, 1], [10, 10, 0, 2], b"still fine");
+    sim.send(0, &q);
+    sim.run();
+    assert_eq!(sim.nodes[1].inbox.last(), Some(&q));
+    assert!(sim.nodes[1].node.drops().get(DropReason::Replay) >= 1);
+}
+
+#[test]
+fn a_stranger_cannot_handshake() {
+    let mut sim = Sim::mesh(2, None);
+    // A third node that knows node 0 but node 0 does not know it.
+    let mut stranger = evio_tunnel::Node::new(evio_tunnel::NodeConfig {
+        private_key: common::key(99),
+        preshared_key: None,
+        persistent_keepalive: None,
+    });
+    let cfg = sim.peer_cfg(0);
+    stranger.upsert_peer(sim.now(), cfg);
+    let mut buf = vec![0u8; 2000];
+    let p = ipv4([10, 10, 0, 99], [10, 10, 0, 1], b"let me in");
+    let len = match stranger.poll_transmit() {
+        Some(t) => {
+            buf[..t.data.len()].copy_from_slice(&t.data);
+            t.data.len()
+        }
+        None => match stranger.encapsulate(sim.now(), &p, &mut buf) {
+            Outbound::Send { len, .. } => len,
+            r => panic!("{r:?}"),
+        },
+    };
+    assert_eq!(len, 148);
+    let r = sim.inject(0, "192.0.2.99:1".parse().unwrap(), &buf[..len]);
+    assert_eq!(r, Inbound::Dropped(DropReason::UnknownPeer));
+}
+
+#[test]
+fn psk_mismatch_prevents_a_session() {
+    let mut sim = Sim::mesh(2, Some([1u8; 32]));
+    // Replace node 1 with one that has another PSK but the same key.
+    let cfg0 = sim.peer_cfg(0);
+    sim.nodes[1].node = evio_tunnel::Node::new(evio_tunnel::NodeConfig {
+        private_key: common::key(2),
+        preshared_key: Some([2u8; 32]),
+        persistent_keepalive: None,
+    });
+    let now = sim.now();
+    sim.nodes[1].node.upsert_peer(now, cfg0);
+    sim.wire.clear();
+    sim.flush_transmits();
+    sim.run();
+    assert_eq!(sim.nodes[1].node.peers()[0].path, PathKind::Connecting);
+    assert!(sim.nodes[1].node.peers()[0].last_handshake.is_none());
+}
+
+#[test]
+fn roaming_updates_the_endpoint_and_events_report_it() {
+    let mut sim = Sim::mesh(2, None);
+    sim.run();
+    while sim.nodes[1].node.poll_event().is_some() {}
+    // Node 0 moves to a new address (NAT rebinding): node 1 learns it from authenticated data.
+    sim.nodes[0].addr = "192.0.2.77:40000".parse().unwrap();
+    let p = ipv4([10, 10, 0, 1], [10, 10, 0, 2], b"moved");
+    sim.send(0, &p);
+    sim.run();
+    assert_eq!(sim.nodes[1].inbox, vec![p]);
+    let st = sim.nodes[1].node.peers();
+    assert_eq!(st[0].endpoint, Some(sim.nodes[0].addr));
+    let id = sim.id_of(1, 0);
+    assert_eq!(
+        sim.nodes[1].node.poll_event(),
+        Some(Event::EndpointChanged {
+            peer: id,
+            endpoint: sim.nodes[0].addr
+        })
+    );
+}
+
+#[test]
+fn peer_update_and_removal() {
+    let mut sim = Sim::mesh(2, None);
+    sim.run();
+    // New pod subnet for node 1: routes follow, the session stays.
+    let mut cfg = sim.peer_cfg(1);
+    cfg.allowed[1] = "10.244.9.0/24".parse().unwrap();
+    let hs_before = sim.nodes[0].node.peers()[0].handshakes;
+    let now = sim.now();
+    sim.nodes[0].node.upsert_peer(now, cfg);
+    assert_eq!(
+        sim.nodes[0].node.route("10.244.9.3".parse().unwrap()),
+        Some(sim.id_of(0, 1))
+    );
+    assert_eq!(sim.nodes[0].node.route("10.244.2.3".parse().unwrap()), None);
+    assert_eq!(sim.nodes[0].node.peers()[0].handshakes, hs_before);
+    let pk = sim.nodes[1].node.public_key();
+    assert!(sim.nodes[0].node.remove_peer(&pk));
+    assert!(!sim.nodes[0].node.remove_peer(&pk));
+    assert_eq!(sim.nodes[0].node.peer_count(), 0);
+    let p = ipv4([10, 10, 0, 1], [10, 10, 0, 2], b"gone");
+    assert_eq!(sim.send(0, &p), Outbound::Dropped(DropReason::NoRoute));
+    // Data from the removed peer is no longer accepted.
+    let q = ipv4([10, 10, 0, 2], [10, 10, 0, 1], b"zombie");
+    sim.send(1, &q);
+    sim.run();
+    assert!(sim.nodes[0].inbox.is_empty());
+    assert!(sim.nodes[0].node.drops().get(DropReason::UnknownPeer) >= 1);
+}

@@ -1,0 +1,205 @@
+//! Command line and `--config FILE` (a JSON object whose keys are the long flag names, e.g.
+//! `{"node-name":"edge-1","etcd-endpoints":"http://10.0.0.1:2379","stun":["203.0.113.1:3478"]}`; flags
+//! given on the command line win).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use ipnet::Ipv4Net;
+use serde::Deserialize;
+
+#[derive(Parser, Debug, Default, Deserialize, Clone)]
+#[command(name = "eviod", version, about = "evio node agent: host and pod overlay over encrypted tunnels")]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Args {
+    /// This node's name (unique in the cluster; the Kubernetes node name).
+    #[arg(long, env = "EVIO_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// etcd client URLs, comma separated.
+    #[arg(long, env = "EVIO_ETCD_ENDPOINTS")]
+    pub etcd_endpoints: Option<String>,
+    /// etcd user (with --etcd-password-file).
+    #[arg(long)]
+    pub etcd_user: Option<String>,
+    #[arg(long)]
+    pub etcd_password_file: Option<PathBuf>,
+    /// CA bundle (PEM) to verify etcd's certificate; enables TLS.
+    #[arg(long)]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate and key (PEM) for etcd mutual TLS.
+    #[arg(long)]
+    pub etcd_cert: Option<PathBuf>,
+    #[arg(long)]
+    pub etcd_key: Option<PathBuf>,
+    /// Directory for the key, the control socket and cached state (one per agent).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// The host overlay network; the VIP is claimed in it.
+    #[arg(long)]
+    pub overlay_cidr: Option<Ipv4Net>,
+    /// Ask for this VIP instead of any free one (refused if another node holds it).
+    #[arg(long)]
+    pub address: Option<Ipv4Addr>,
+    /// TUN device name.
+    #[arg(long)]
+    pub interface: Option<String>,
+    /// UDP port of the tunnels.
+    #[arg(long)]
+    pub listen_port: Option<u16>,
+    /// TUN MTU (default: underlay MTU minus 80).
+    #[arg(long)]
+    pub mtu: Option<u32>,
+    /// STUN servers (HOST:PORT), for NAT traversal.
+    #[arg(long)]
+    #[serde(default)]
+    pub stun: Vec<String>,
+    /// TURN server (HOST:PORT), for relayed paths.
+    #[arg(long)]
+    pub turn: Option<String>,
+    #[arg(long)]
+    pub turn_user: Option<String>,
+    #[arg(long)]
+    pub turn_password_file: Option<PathBuf>,
+    /// Cluster pre-shared key file (base64 of 32 bytes, mode 0600).
+    #[arg(long)]
+    pub psk_file: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9101).
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Lease TTL of the node registration in seconds.
+    #[arg(long)]
+    pub lease_ttl: Option<u64>,
+    /// Read these settings from a JSON file (flags win).
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+}
+
+/// NAT traversal settings, accepted and kept for the NAT traversal module.
+#[derive(Debug, Clone, Default)]
+pub struct NatConfig {
+    pub stun: Vec<String>,
+    pub turn: Option<String>,
+    pub turn_user: Option<String>,
+    pub turn_password_file: Option<PathBuf>,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node_name: String,
+    pub etcd: evio_store::EtcdOptions,
+    pub state_dir: PathBuf,
+    pub overlay_cidr: Ipv4Net,
+    pub address: Option<Ipv4Addr>,
+    pub interface: String,
+    pub listen_port: u16,
+    pub mtu: Option<u32>,
+    pub nat: NatConfig,
+    pub psk_file: Option<PathBuf>,
+    pub metrics_addr: Option<SocketAddr>,
+    pub lease_ttl: u64,
+}
+
+pub const DEFAULT_PORT: u16 = 51820;
+/// Lease TTL: a stopped node disappears from its peers within this many seconds.
+pub const DEFAULT_LEASE_TTL: u64 = 10;
+
+macro_rules! merge {
+    ($a:ident, $f:ident, $($field:ident),*) => { $( if $a.$field.is_none() { $a.$field = $f.$field.clone(); } )* };
+}
+
+impl Args {
+    pub fn resolve(mut self) -> Result<Config> {
+        if let Some(path) = &self.config {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let f: Args = serde_json::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?;
+            merge!(self, f, node_name, etcd_endpoints, etcd_user, etcd_password_file, etcd_ca, etcd_cert, etcd_key,
+                state_dir, overlay_cidr, address, interface, listen_port, mtu, turn, turn_user, turn_password_file,
+                psk_file, metrics_addr, lease_ttl);
+            if self.stun.is_empty() {
+                self.stun = f.stun.clone();
+            }
+        }
+        let Some(node_name) = self.node_name else { bail!("--node-name is required") };
+        let Some(endpoints) = self.etcd_endpoints else { bail!("--etcd-endpoints is required") };
+        let Some(state_dir) = self.state_dir else { bail!("--state-dir is required") };
+        let overlay_cidr = self.overlay_cidr.unwrap_or_else(|| "10.10.0.0/16".parse().expect("valid")).trunc();
+        if overlay_cidr.prefix_len() > 30 {
+            bail!("--overlay-cidr {overlay_cidr} is too small");
+        }
+        if let Some(a) = self.address {
+            if !overlay_cidr.contains(&a) {
+                bail!("--address {a} is not inside --overlay-cidr {overlay_cidr}");
+            }
+        }
+        if self.turn.is_some() != self.turn_user.is_some() || self.turn_user.is_some() != self.turn_password_file.is_some() {
+            bail!("--turn needs --turn-user and --turn-password-file");
+        }
+        let mut etcd = evio_store::EtcdOptions::new(evio_store::EtcdOptions::split_endpoints(&endpoints));
+        etcd.user = self.etcd_user;
+        etcd.password_file = self.etcd_password_file;
+        etcd.ca = self.etcd_ca;
+        etcd.cert = self.etcd_cert;
+        etcd.key = self.etcd_key;
+        etcd.timeout = std::time::Duration::from_secs(3);
+        let interface = self.interface.unwrap_or_else(|| "evio0".into());
+        if interface.is_empty() || interface.len() > 15 || interface.contains('/') {
+            bail!("--interface {interface:?} is not a valid interface name");
+        }
+        Ok(Config {
+            node_name,
+            etcd,
+            state_dir,
+            overlay_cidr,
+            address: self.address,
+            interface,
+            listen_port: self.listen_port.unwrap_or(DEFAULT_PORT),
+            mtu: self.mtu,
+            nat: NatConfig {
+                stun: self.stun,
+                turn: self.turn,
+                turn_user: self.turn_user,
+                turn_password_file: self.turn_password_file,
+            },
+            psk_file: self.psk_file,
+            metrics_addr: self.metrics_addr,
+            lease_ttl: self.lease_ttl.unwrap_or(DEFAULT_LEASE_TTL).max(2),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_file_fills_what_flags_leave_out() {
+        let d = std::env::temp_dir().join(format!("eviod-cfg-{}", std::process::id()));
+        std::fs::write(
+            &d,
+            r#"{"node-name":"file","etcd-endpoints":"http://127.0.0.1:1","state-dir":"/tmp/x","listen-port":4000,"stun":["192.0.2.1:3478"]}"#,
+        )
+        .unwrap();
+        let a = Args::parse_from(["eviod", "--config", d.to_str().unwrap(), "--node-name", "flag"]);
+        let c = a.resolve().unwrap();
+        assert_eq!(c.node_name, "flag");
+        assert_eq!(c.listen_port, 4000);
+        assert_eq!(c.nat.stun, vec!["192.0.2.1:3478".to_string()]);
+        assert_eq!(c.overlay_cidr.to_string(), "10.10.0.0/16");
+        assert_eq!(c.lease_ttl, DEFAULT_LEASE_TTL);
+        std::fs::write(&d, r#"{"node-nme":"typo"}"#).unwrap();
+        assert!(Args::parse_from(["eviod", "--config", d.to_str().unwrap()]).resolve().is_err());
+        std::fs::remove_file(&d).unwrap();
+    }
+
+    #[test]
+    fn address_must_be_in_the_overlay() {
+        let a = Args::parse_from([
+            "eviod", "--node-name", "n", "--etcd-endpoints", "x", "--state-dir", "/tmp", "--address", "10.11.0.1",
+        ]);
+        assert!(a.resolve().unwrap_err().to_string().contains("not inside"));
+    }
+}

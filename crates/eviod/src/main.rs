@@ -1,0 +1,147 @@
+//! `eviod`: the evio node agent. Gives this host a VIP on the host overlay and carries host-to-host and
+//! pod-to-pod traffic to the other nodes through WireGuard-protocol tunnels, with etcd as control plane.
+//!
+//! Threads: three data plane threads (TUN->UDP, UDP->TUN, timers; see `dataplane`), the control socket and
+//! metrics servers, and a single-threaded tokio runtime for the control plane (etcd), so control-plane work
+//! never blocks the hot path. Docs: docs/overlay.md.
+//!
+//! Dependencies: `evio-tunnel` (the sans-IO protocol core over boringtun), `evio-store` (etcd), `clap`,
+//! `tokio` (only for the etcd client), `tracing`, `serde_json`, `base64` (key files in `wg` format),
+//! `nix` (getifaddrs), `libc` (TUN ioctl, recvmmsg/sendmmsg).
+
+mod config;
+mod control;
+mod ctl;
+mod dataplane;
+mod io;
+mod keys;
+mod metrics;
+mod netcfg;
+mod state;
+
+use std::net::Ipv4Addr;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use evio_store::{Store, StoreError};
+use evio_tunnel::{Node, NodeConfig};
+
+use crate::config::{Args, Config};
+use crate::control::{Cache, Control};
+use crate::state::{SelfInfo, Shared};
+
+fn main() {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EVIO_LOG").unwrap_or_else(|_| "info,boringtun=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let res = args.resolve().and_then(run);
+    if let Err(e) = res {
+        tracing::error!("{e:#}");
+        eprintln!("eviod: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Claims the VIP, with retries while etcd is unreachable; falls back to the cached VIP after a while.
+async fn claim_address(cfg: &Config, cache: Option<&Cache>) -> Result<(Option<Store>, Ipv4Addr)> {
+    let mut waited = Duration::ZERO;
+    loop {
+        let r = async {
+            let s = Store::connect(&cfg.etcd).await?;
+            let c = s.claim_address(&cfg.overlay_cidr, &cfg.node_name, cfg.address).await?;
+            Ok::<_, StoreError>((s, c))
+        }
+        .await;
+        match r {
+            Ok((s, c)) => return Ok((Some(s), c.address)),
+            Err(e @ (StoreError::Conflict { .. } | StoreError::BadAddress { .. } | StoreError::AddressesExhausted { .. })) => {
+                bail!("cannot claim the overlay address: {e}")
+            }
+            Err(e) if e.is_unreachable() => {
+                if let Some(a) = cache.and_then(|c| c.address).filter(|a| cfg.address.is_none_or(|r| r == *a)) {
+                    if waited >= Duration::from_secs(3) {
+                        tracing::warn!("etcd unreachable ({e}); starting with the cached address {a} and peers");
+                        return Ok((None, a));
+                    }
+                }
+                tracing::warn!("etcd unreachable, retrying: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                waited += Duration::from_secs(1);
+            }
+            Err(e) => bail!("cannot claim the overlay address: {e}"),
+        }
+    }
+}
+
+fn run(cfg: Config) -> Result<()> {
+    std::fs::create_dir_all(&cfg.state_dir).with_context(|| format!("cannot create {}", cfg.state_dir.display()))?;
+    std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))?;
+    let secret = keys::load_or_create(&cfg.state_dir)?;
+    let public_key = keys::public_of(&secret);
+    let psk = cfg.psk_file.as_deref().map(keys::read_psk).transpose()?;
+    if !cfg.nat.stun.is_empty() || cfg.nat.turn.is_some() {
+        tracing::warn!(stun = ?cfg.nat.stun, turn = ?cfg.nat.turn, "NAT traversal settings accepted; STUN/TURN are not used by this build yet");
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let cache = Cache::load(&cfg.state_dir);
+    let (store, address) = rt.block_on(claim_address(&cfg, cache.as_ref()))?;
+    tracing::info!(node = %cfg.node_name, %address, public_key = %keys::encode(&public_key), "overlay address");
+
+    // The data plane.
+    let tun = io::Tun::create(&cfg.interface).with_context(|| format!("cannot create TUN device {}", cfg.interface))?;
+    let host = netcfg::host_addresses(&cfg.interface, &[ipnet::IpNet::V4(cfg.overlay_cidr)]);
+    let mtu = cfg.mtu.unwrap_or_else(|| netcfg::underlay_mtu(&host).saturating_sub(evio_tunnel::OVERHEAD as u32).max(1280));
+    netcfg::configure_tun(&cfg.interface, address, cfg.overlay_cidr, mtu)?;
+    let sock = io::bind_udp(cfg.listen_port).with_context(|| format!("cannot bind UDP port {}", cfg.listen_port))?;
+    let node = Node::new(NodeConfig { private_key: secret, preshared_key: psk, persistent_keepalive: Some(25) });
+    let shared = Arc::new(Shared::new(
+        node,
+        SelfInfo {
+            node: cfg.node_name.clone(),
+            address: Some(address),
+            pod_subnet: cache.as_ref().and_then(|c| c.pod_subnet),
+            public_key: keys::encode(&public_key),
+        },
+    ));
+    let threads = dataplane::start(shared.clone(), Arc::new(tun), Arc::new(sock))?;
+    ctl::serve(shared.clone(), &cfg.state_dir)?;
+    if let Some(addr) = cfg.metrics_addr {
+        let local = metrics::serve(shared.clone(), addr).with_context(|| format!("cannot serve metrics on {addr}"))?;
+        tracing::info!(%local, "metrics");
+    }
+    tracing::info!(interface = %cfg.interface, mtu, port = cfg.listen_port, "data plane up");
+
+    let mut control = Control::new(cfg.clone(), shared.clone(), public_key, address, cache.as_ref().and_then(|c| c.pod_subnet));
+    if store.is_none() {
+        if let Some(c) = &cache {
+            control.load_cache(c);
+            control.reconcile();
+        }
+    }
+    rt.block_on(async {
+        let task = tokio::spawn(control.run(store));
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("stopping");
+        shared.stop.store(true, Ordering::Relaxed);
+        // Let the control plane revoke the registration (peers drop us at once instead of after the TTL).
+        let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    for t in threads {
+        let _ = t.join();
+    }
+    let _ = std::fs::remove_file(cfg.state_dir.join(ctl::SOCKET));
+    Ok(())
+}

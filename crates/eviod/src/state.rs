@@ -1,0 +1,183 @@
+//! State shared by the data plane threads, the control plane, the control socket and metrics.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use evio_tunnel::{Node, PeerStatus};
+use ipnet::Ipv4Net;
+use serde::Serialize;
+
+/// What the control plane knows about a peer besides its tunnel state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerMeta {
+    pub node: String,
+    pub address: Ipv4Addr,
+    pub pod_subnet: Option<Ipv4Net>,
+}
+
+/// This node's identity as published.
+#[derive(Debug, Clone, Default)]
+pub struct SelfInfo {
+    pub node: String,
+    pub address: Option<Ipv4Addr>,
+    pub pod_subnet: Option<Ipv4Net>,
+    pub public_key: String,
+}
+
+/// Counters of the data plane and control plane (Prometheus metrics).
+#[derive(Default)]
+pub struct Counters {
+    pub handshakes: AtomicU64,
+    pub tun_rx_packets: AtomicU64,
+    pub tun_tx_packets: AtomicU64,
+    pub udp_rx_datagrams: AtomicU64,
+    pub udp_tx_datagrams: AtomicU64,
+    pub etcd_errors: AtomicU64,
+    pub etcd_connected: AtomicBool,
+    pub peer_updates: AtomicU64,
+}
+
+pub struct Shared {
+    pub node: Mutex<Node>,
+    pub me: Mutex<SelfInfo>,
+    pub meta: Mutex<HashMap<[u8; 32], PeerMeta>>,
+    pub counters: Counters,
+    pub stop: AtomicBool,
+    /// A monotonic instant and the wall clock at the same moment, to turn instants into Unix time.
+    epoch: (Instant, SystemTime),
+}
+
+/// `evioctl status --json` as defined in DESIGN.md.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusJson {
+    pub node: String,
+    pub address: Option<String>,
+    pub pod_subnet: Option<String>,
+    pub public_key: String,
+    pub peers: Vec<PeerJson>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerJson {
+    pub node: String,
+    pub address: String,
+    pub pod_subnet: Option<String>,
+    pub path: &'static str,
+    pub endpoint: Option<String>,
+    pub last_handshake: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+impl Shared {
+    pub fn new(node: Node, me: SelfInfo) -> Shared {
+        Shared {
+            node: Mutex::new(node),
+            me: Mutex::new(me),
+            meta: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+            stop: AtomicBool::new(false),
+            epoch: (Instant::now(), SystemTime::now()),
+        }
+    }
+
+    /// Locks the tunnel core (a panicked holder does not stop the others: the state stays usable).
+    #[inline]
+    pub fn node(&self) -> MutexGuard<'_, Node> {
+        self.node.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    pub fn unix_secs(&self, t: Instant) -> u64 {
+        let wall = if t >= self.epoch.0 { self.epoch.1 + (t - self.epoch.0) } else { self.epoch.1 - (self.epoch.0 - t) };
+        wall.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    }
+
+    pub fn status(&self) -> StatusJson {
+        let me = self.me.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let peers: Vec<PeerStatus> = self.node().peers();
+        let meta = self.meta.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut out: Vec<PeerJson> = peers
+            .iter()
+            .map(|p| {
+                let m = meta.get(&p.public_key);
+                PeerJson {
+                    node: m.map(|m| m.node.clone()).unwrap_or_else(|| p.name.clone()),
+                    address: m.map(|m| m.address.to_string()).unwrap_or_default(),
+                    pod_subnet: m.and_then(|m| m.pod_subnet).map(|s| s.to_string()),
+                    path: p.path.as_str(),
+                    endpoint: p.endpoint.map(|e| e.to_string()),
+                    last_handshake: p.last_handshake.map(|t| self.unix_secs(t)),
+                    rx_bytes: p.rx_bytes,
+                    tx_bytes: p.tx_bytes,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.node.cmp(&b.node));
+        StatusJson {
+            node: me.node,
+            address: me.address.map(|a| a.to_string()),
+            pod_subnet: me.pod_subnet.map(|s| s.to_string()),
+            public_key: me.public_key,
+            peers: out,
+        }
+    }
+
+    /// Prometheus text exposition of the agent's metrics.
+    pub fn metrics(&self) -> String {
+        use std::fmt::Write;
+        let c = &self.counters;
+        let (peers, drops) = {
+            let n = self.node();
+            (n.peers(), n.drops().clone())
+        };
+        let meta = self.meta.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut s = String::new();
+        let up = peers.iter().filter(|p| p.path != evio_tunnel::PathKind::Connecting).count();
+        let _ = writeln!(s, "# HELP evio_peers Peers known from the control plane.\n# TYPE evio_peers gauge\nevio_peers {}", peers.len());
+        let _ = writeln!(s, "# HELP evio_peers_connected Peers with a session.\n# TYPE evio_peers_connected gauge\nevio_peers_connected {up}");
+        let _ = writeln!(s, "# HELP evio_handshakes_total Completed handshakes.\n# TYPE evio_handshakes_total counter\nevio_handshakes_total {}", c.handshakes.load(Ordering::Relaxed));
+        let _ = writeln!(s, "# HELP evio_drops_total Dropped packets and datagrams by reason.\n# TYPE evio_drops_total counter");
+        for (r, n) in drops.iter() {
+            let _ = writeln!(s, "evio_drops_total{{reason=\"{}\"}} {n}", r.as_str());
+        }
+        let _ = writeln!(s, "# HELP evio_peer_rx_bytes_total Inner bytes received from a peer.\n# TYPE evio_peer_rx_bytes_total counter");
+        for p in &peers {
+            let name = meta.get(&p.public_key).map(|m| m.node.as_str()).unwrap_or(&p.name);
+            let _ = writeln!(s, "evio_peer_rx_bytes_total{{peer=\"{name}\"}} {}", p.rx_bytes);
+        }
+        let _ = writeln!(s, "# HELP evio_peer_tx_bytes_total Inner bytes sent to a peer.\n# TYPE evio_peer_tx_bytes_total counter");
+        for p in &peers {
+            let name = meta.get(&p.public_key).map(|m| m.node.as_str()).unwrap_or(&p.name);
+            let _ = writeln!(s, "evio_peer_tx_bytes_total{{peer=\"{name}\"}} {}", p.tx_bytes);
+        }
+        let _ = writeln!(s, "# HELP evio_peer_handshakes_total Completed handshakes with a peer.\n# TYPE evio_peer_handshakes_total counter");
+        for p in &peers {
+            let name = meta.get(&p.public_key).map(|m| m.node.as_str()).unwrap_or(&p.name);
+            let _ = writeln!(s, "evio_peer_handshakes_total{{peer=\"{name}\"}} {}", p.handshakes);
+        }
+        for (name, help, v) in [
+            ("evio_tun_rx_packets_total", "Packets read from the TUN device.", &c.tun_rx_packets),
+            ("evio_tun_tx_packets_total", "Packets written to the TUN device.", &c.tun_tx_packets),
+            ("evio_udp_rx_datagrams_total", "Datagrams received.", &c.udp_rx_datagrams),
+            ("evio_udp_tx_datagrams_total", "Datagrams sent.", &c.udp_tx_datagrams),
+            ("evio_etcd_errors_total", "Failed etcd operations.", &c.etcd_errors),
+        ] {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
+        }
+        let _ = writeln!(
+            s,
+            "# HELP evio_etcd_connected Whether the control plane reaches etcd.\n# TYPE evio_etcd_connected gauge\nevio_etcd_connected {}",
+            c.etcd_connected.load(Ordering::Relaxed) as u8
+        );
+        s
+    }
+}

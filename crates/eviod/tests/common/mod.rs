@@ -1,0 +1,195 @@
+//! A cluster of hosts for eviod tests: an "underlay" network namespace with a Linux bridge and etcd, and one
+//! network namespace per host joined to the bridge by a veth. Everything is removed on drop.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use evio_testbed::{Etcd, Netns, run_ok, unique, wait_until};
+
+pub const ETCD_IP: &str = "10.99.0.254";
+
+pub struct Host {
+    pub name: String,
+    pub ns: Netns,
+    pub ip: String,
+    pub state_dir: PathBuf,
+    pub log: PathBuf,
+    pub agent: Option<Child>,
+    pub extra: Vec<String>,
+}
+
+pub struct Cluster {
+    pub hosts: Vec<Host>,
+    pub etcd: Etcd,
+    pub underlay: Netns,
+    pub dir: tempfile::TempDir,
+}
+
+pub fn eviod() -> &'static str {
+    env!("CARGO_BIN_EXE_eviod")
+}
+
+pub fn evioctl() -> PathBuf {
+    let p = evio_testbed::bin_dir().join("evioctl");
+    assert!(p.exists(), "{} missing: build the workspace binaries first (cargo build --bins)", p.display());
+    p
+}
+
+impl Cluster {
+    /// `n` hosts (10.99.0.1..n on the underlay), etcd on 10.99.0.254, no agents started yet.
+    pub fn new(n: usize) -> Cluster {
+        let underlay = Netns::new("eu");
+        underlay.exec_ok(&["ip", "link", "add", "br0", "type", "bridge"]);
+        underlay.exec_ok(&["ip", "link", "set", "br0", "up"]);
+        underlay.exec_ok(&["ip", "addr", "add", &format!("{ETCD_IP}/24"), "dev", "br0"]);
+        let etcd = Etcd::start_in(Some(&underlay), ETCD_IP);
+        let dir = tempfile::Builder::new().prefix("eviod-test").tempdir().expect("tempdir");
+        let mut hosts = Vec::new();
+        for i in 0..n {
+            let ns = Netns::new("eh");
+            let port = format!("v{i}");
+            ns.veth_to("eth0", &underlay, &port);
+            underlay.exec_ok(&["ip", "link", "set", &port, "master", "br0"]);
+            let ip = format!("10.99.0.{}", i + 1);
+            ns.exec_ok(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+            let name = format!("host-{}", i + 1);
+            let state_dir = dir.path().join(&name);
+            hosts.push(Host { log: dir.path().join(format!("{name}.log")), name, ns, ip, state_dir, agent: None, extra: vec![] });
+        }
+        Cluster { hosts, etcd, underlay, dir }
+    }
+
+    pub fn etcd_url(&self) -> String {
+        self.etcd.endpoint()
+    }
+
+    pub fn start(&mut self, i: usize) {
+        let url = self.etcd_url();
+        self.hosts[i].start(&url);
+    }
+
+    pub fn start_all(&mut self) {
+        for i in 0..self.hosts.len() {
+            self.start(i);
+        }
+    }
+
+    /// Waits until every agent has every other as a peer with a session.
+    pub fn wait_mesh(&self, limit: Duration) -> bool {
+        let n = self.hosts.len();
+        wait_until(limit, || self.hosts.iter().all(|h| h.agent.is_none() || h.peers_with_path("direct") >= n - 1))
+    }
+
+    /// Runs `etcdctl` against the test's etcd (from the underlay namespace).
+    pub fn etcdctl(&self, args: &[&str]) -> String {
+        let url = self.etcd.endpoint();
+        let mut full = vec!["etcdctl", "--endpoints", &url];
+        full.extend_from_slice(args);
+        let out = self.underlay.exec(&full);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn logs(&self) -> String {
+        self.hosts.iter().map(|h| format!("=== {} ===\n{}\n", h.name, h.log_text())).collect()
+    }
+}
+
+impl Host {
+    pub fn start(&mut self, etcd: &str) {
+        assert!(self.agent.is_none(), "agent already running");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
+        let mut c = self.ns.command(eviod());
+        c.args(["--node-name", &self.name, "--etcd-endpoints", etcd, "--state-dir"])
+            .arg(&self.state_dir)
+            .args(["--listen-port", "51820"])
+            .args(&self.extra)
+            .env("EVIO_LOG", "info,eviod=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        self.agent = Some(c.spawn().expect("start eviod"));
+        let sock = self.state_dir.join("eviod.sock");
+        assert!(
+            wait_until(Duration::from_secs(20), || sock.exists() || self.exited()),
+            "eviod on {} did not start: {}",
+            self.name,
+            self.log_text()
+        );
+        assert!(!self.exited(), "eviod on {} exited: {}", self.name, self.log_text());
+    }
+
+    fn exited(&self) -> bool {
+        // ip netns exec execs eviod, so the child is the agent itself.
+        let Some(c) = &self.agent else { return true };
+        let pid = c.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        stat.is_empty() || stat.split_whitespace().nth(2) == Some("Z")
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.agent.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait (the agent revokes its registration).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.agent.take() {
+            // SAFETY: signal to our own child process.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let ok = wait_until(Duration::from_secs(10), || matches!(c.try_wait(), Ok(Some(_))));
+            if !ok {
+                let _ = c.kill();
+            }
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The agent's status document, read from its control socket.
+    pub fn status(&self) -> Option<serde_json::Value> {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(self.state_dir.join("eviod.sock")).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+        s.write_all(b"status\n").ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).ok()?;
+        serde_json::from_str(&body).ok()
+    }
+
+    pub fn peers_with_path(&self, path: &str) -> usize {
+        self.status()
+            .and_then(|s| s["peers"].as_array().map(|p| p.iter().filter(|p| p["path"] == path).count()))
+            .unwrap_or(0)
+    }
+
+    pub fn vip(&self) -> String {
+        self.status().and_then(|s| s["address"].as_str().map(String::from)).unwrap_or_default()
+    }
+
+    /// One ping from this host to `ip`; true if answered.
+    pub fn ping(&self, ip: &str) -> bool {
+        self.ns.exec(&["ping", "-c", "1", "-W", "1", ip]).status.success()
+    }
+
+    pub fn ping_until(&self, ip: &str, limit: Duration) -> bool {
+        wait_until(limit, || self.ping(ip))
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Silences an unused import warning in test crates that do not use every helper.
+pub fn _unused() {
+    let _ = (run_ok as fn(&[&str]) -> String, unique as fn(&str) -> String, Command::new("true"));
+}
