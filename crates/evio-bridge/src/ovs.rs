@@ -190,7 +190,11 @@ impl OvsBridge {
                 vec![
                     select("Open_vSwitch", json!([]), &["_uuid"]),
                     select("Bridge", eq("name", br), &["_uuid", "datapath_type"]),
-                    select("Interface", eq("name", br), &["mtu_request"]),
+                    select(
+                        "Interface",
+                        eq("name", br),
+                        &["mtu_request", "ofport", "error"],
+                    ),
                 ],
                 self.timeout,
             )
@@ -216,19 +220,32 @@ impl OvsBridge {
                     "exists with datapath_type {have:?} but the configuration asks for {dp:?}"
                 ))));
             }
-            if let Some(mtu) = self.spec.mtu {
-                let cur = rows(&state[2])
-                    .first()
-                    .and_then(|r| opt_int(&r["mtu_request"]));
-                if cur != Some(i64::from(mtu)) {
-                    let mut ops = vec![
-                        json!({"op": "update", "table": "Interface", "where": eq("name", br),
+            let iface = rows(&state[2])
+                .first()
+                .map(|r| (*r).clone())
+                .unwrap_or(Value::Null);
+            let mtu_ok = self
+                .spec
+                .mtu
+                .is_none_or(|m| opt_int(&iface["mtu_request"]) == Some(i64::from(m)));
+            let healthy = matches!(opt_int(&iface["ofport"]), Some(p) if p >= 0)
+                && opt_str(&iface["error"]).is_none();
+            if mtu_ok && healthy && netdev::index(br).is_some() {
+                // Applied by ovs-vswitchd earlier and present here: no need to wait for a new round.
+                return netdev::set_up(br).map_err(|e| {
+                    Fail::Final(self.bridge_err(format!("cannot set the device up: {e}")))
+                });
+            }
+            if let Some(mtu) = self.spec.mtu
+                && !mtu_ok
+            {
+                let mut ops = vec![
+                    json!({"op": "update", "table": "Interface", "where": eq("name", br),
                                               "row": {"mtu_request": mtu}}),
-                    ];
-                    ops.extend(bump_cfg());
-                    let r = db.transact(ops, self.timeout).map_err(|e| self.fail(e))?;
-                    cfg = next_cfg(&r[2]);
-                }
+                ];
+                ops.extend(bump_cfg());
+                let r = db.transact(ops, self.timeout).map_err(|e| self.fail(e))?;
+                cfg = next_cfg(&r[2]);
             }
         } else {
             let mut iface = json!({"name": br, "type": "internal"});
@@ -328,7 +345,7 @@ impl OvsBridge {
                 ))));
             }
         }
-        crate::ovs::netdev::wait_and_up(br, deadline).map_err(|m| Fail::Final(self.bridge_err(m)))
+        netdev::wait_and_up(br, deadline).map_err(|m| Fail::Final(self.bridge_err(m)))
     }
 
     /// Waits (server side, bounded by `deadline`) until `cur_cfg >= cfg`, then returns the Interface

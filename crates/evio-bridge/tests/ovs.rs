@@ -410,3 +410,44 @@ fn without_vswitchd_calls_fail_in_bounded_time_and_roll_back() {
     assert!(matches!(e, BridgeError::Ovsdb { .. }), "{e:?}");
     assert!(e.to_string().contains("/nonexistent/db.sock"), "{e}");
 }
+
+#[test]
+fn concurrent_attaches_and_detaches_of_different_owners() {
+    let (node, ovs) = setup();
+    let br = unique("ob");
+    let s = spec(&ovs.socket(), &br, "netdev", None);
+    with(&node, &s, OvsClient::JsonRpc, |b| b.ensure()).expect("ensure");
+    let n = 16;
+    for i in 0..n {
+        veth(&node, &format!("cc{i}"), &format!("cc{i}p"), None);
+    }
+    let run = |detach: bool| {
+        let hs: Vec<_> = (0..n)
+            .map(|i| {
+                let s = s.clone();
+                let ns = node.name().to_string();
+                std::thread::spawn(move || {
+                    in_netns(&ns, move || {
+                        let b = OvsBridge::new(s).with_client(OvsClient::JsonRpc);
+                        let o = owner(&format!("c{i}"), "eth0");
+                        if detach {
+                            b.detach(&o)
+                        } else {
+                            b.attach(&format!("cc{i}"), &o)
+                        }
+                    })
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().unwrap().expect("concurrent call");
+        }
+    };
+    run(false);
+    assert_eq!(ovs.ports(&br).len(), n);
+    let ofports = ovs.vsctl_ok(&["--bare", "--columns=ofport", "list", "Interface"]);
+    assert!(!ofports.contains("-1"), "{ofports}");
+    run(true);
+    assert!(ovs.ports(&br).is_empty());
+    assert_eq!(ovs.names("Interface"), vec![br.clone()]);
+}
