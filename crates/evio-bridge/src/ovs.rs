@@ -14,6 +14,11 @@
 //!   deletes what it inserted and fails.
 //! * `detach` removes the ports tagged with that owner; `gc` removes our tagged ports on this bridge whose
 //!   owner is not valid. Untagged ports are never touched.
+//!
+//! Dependencies: no maintained synchronous OVSDB client crate exists for Rust, and the plugin needs only
+//! `transact` with `wait`, so `ovsdb` here is a ~200-line client on `serde_json` (the de-facto JSON crate,
+//! whose `StreamDeserializer` parses the unframed message stream) over std's `UnixStream`/`TcpStream`.
+//! `libc` gives `if_nametoindex`, `getrandom` and the SIOCSIFFLAGS ioctl to set the device up.
 
 mod ovsdb;
 mod vsctl;
