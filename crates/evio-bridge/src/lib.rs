@@ -64,6 +64,8 @@ pub trait Bridge {
     fn detach(&self, owner: &PortOwner) -> Result<(), BridgeError>;
     /// Removes the ports this plugin created whose owner is not in `valid` (CNI GC).
     fn gc(&self, valid: &[PortOwner]) -> Result<(), BridgeError>;
+    /// Verifies (CNI CHECK) that `port` is still a working port of this bridge held by `owner`.
+    fn check_port(&self, port: &str, owner: &PortOwner) -> Result<(), BridgeError>;
 }
 
 impl PortOwner {

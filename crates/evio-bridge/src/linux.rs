@@ -143,6 +143,30 @@ impl Bridge for LinuxBridge {
         self.delete_tagged(false, |a| a == tag).map(|_| ())
     }
 
+    fn check_port(&self, port: &str, owner: &PortOwner) -> Result<(), BridgeError> {
+        let perr = |m: String| BridgeError::Port {
+            bridge: self.spec.name.clone(),
+            port: port.to_string(),
+            msg: m,
+        };
+        let mut nl = self.nl()?;
+        let br = nl
+            .link_by_name(&self.spec.name)
+            .map_err(|e| self.err(e))?
+            .ok_or_else(|| self.err("missing"))?;
+        let p = nl
+            .link_by_name(port)
+            .map_err(|e| perr(e.to_string()))?
+            .ok_or_else(|| perr("no such link".into()))?;
+        if p.master != Some(br.index) {
+            return Err(perr("not a port of the bridge".into()));
+        }
+        if p.alias.as_deref() != Some(owner.tag().as_str()) {
+            return Err(perr(format!("owner tag is {:?}", p.alias)));
+        }
+        Ok(())
+    }
+
     fn gc(&self, valid: &[PortOwner]) -> Result<(), BridgeError> {
         let keep: std::collections::HashSet<String> = valid.iter().map(PortOwner::tag).collect();
         self.delete_tagged(true, |a| !keep.contains(a)).map(|_| ())

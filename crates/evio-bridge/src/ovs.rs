@@ -562,6 +562,54 @@ impl OvsBridge {
     }
 }
 
+impl OvsBridge {
+    fn check_json(&self, db: &mut Ovsdb, port: &str, owner: &PortOwner) -> Result<(), Fail> {
+        let r = db
+            .transact(
+                vec![
+                    select("Bridge", eq("name", &self.spec.name), &["ports"]),
+                    select("Port", eq("name", port), &["_uuid", "external_ids"]),
+                    select("Interface", eq("name", port), &["ofport", "error"]),
+                ],
+                self.timeout,
+            )
+            .map_err(|e| self.fail(e))?;
+        let bad = |m: &str| Err(Fail::Final(self.port_err(port, m)));
+        let Some(b) = rows(&r[0]).first().map(|b| (*b).clone()) else {
+            return bad("the bridge does not exist");
+        };
+        let Some(p) = rows(&r[1]).first().map(|p| (*p).clone()) else {
+            return bad("not in OVSDB");
+        };
+        let on_bridge = uuid_str(&p["_uuid"]).is_some_and(|u| {
+            set_members(&b["ports"])
+                .into_iter()
+                .any(|m| uuid_str(m) == Some(u))
+        });
+        if !on_bridge {
+            return bad("not a port of this bridge");
+        }
+        if !is_valid(&map_pairs(&p["external_ids"]), std::slice::from_ref(owner)) {
+            return bad("tagged for another owner");
+        }
+        let iface = rows(&r[2])
+            .first()
+            .map(|i| (*i).clone())
+            .unwrap_or(Value::Null);
+        if let Some(e) = opt_str(&iface["error"]) {
+            return Err(Fail::Final(
+                self.port_err(port, format!("ovs-vswitchd: {e}")),
+            ));
+        }
+        match opt_int(&iface["ofport"]) {
+            Some(n) if n >= 1 => Ok(()),
+            n => Err(Fail::Final(
+                self.port_err(port, format!("no OpenFlow port (ofport {n:?})")),
+            )),
+        }
+    }
+}
+
 impl Bridge for OvsBridge {
     fn ensure(&self) -> Result<(), BridgeError> {
         self.dispatch(
@@ -591,6 +639,17 @@ impl Bridge for OvsBridge {
         )?;
         let tag = owner.tag();
         netdev::delete_tagged_veths(|a| a == tag).map_err(|e| self.bridge_err(e))
+    }
+
+    /// The port must be on this bridge, tagged for `owner`, with an OpenFlow port and no error, and its
+    /// device must carry the owner tag.
+    fn check_port(&self, port: &str, owner: &PortOwner) -> Result<(), BridgeError> {
+        netdev::check_tag(port, &owner.tag()).map_err(|e| self.port_err(port, e))?;
+        self.dispatch(
+            "check",
+            |s, db| s.check_json(db, port, owner),
+            || self.vsctl().check(port, owner),
+        )
     }
 
     /// Removes our stale ports on this bridge, and their host veths when they still carry a stale tag.
@@ -762,6 +821,21 @@ mod netdev {
             ..Default::default()
         };
         nl.set_link(l.index, &change).map_err(|e| e.to_string())
+    }
+
+    /// Checks that device `name` exists here and carries owner tag `tag`.
+    pub fn check_tag(name: &str, tag: &str) -> Result<(), String> {
+        let l = nl()?
+            .link_by_name(name)
+            .map_err(|e| e.to_string())?
+            .ok_or("no such device")?;
+        if l.alias.as_deref() != Some(tag) {
+            return Err(format!("owner tag is {:?}, not {tag:?}", l.alias));
+        }
+        if !l.up {
+            return Err("device is down".into());
+        }
+        Ok(())
     }
 
     /// Deletes every veth whose `ifalias` is an evio owner tag accepted by `ours`.

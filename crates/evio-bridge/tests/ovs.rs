@@ -188,6 +188,29 @@ fn attach_tags_the_port_and_detach_removes_it() {
         .parse()
         .unwrap();
     assert!(ofport >= 1);
+    let o5 = o.clone();
+    with(&node, &s, OvsClient::JsonRpc, move |b| {
+        b.check_port("ovh1", &o5)
+    })
+    .expect("check");
+    let e = with(&node, &s, OvsClient::JsonRpc, |b| {
+        b.check_port("ovh1", &owner("cid-2", "eth0"))
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("owner"), "{e}");
+    // A port that left the bridge fails CHECK.
+    ovs.vsctl_ok(&["del-port", &br, "ovh1"]);
+    let o6 = o.clone();
+    let e = with(&node, &s, OvsClient::JsonRpc, move |b| {
+        b.check_port("ovh1", &o6)
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("not in OVSDB"), "{e}");
+    let o7 = o.clone();
+    with(&node, &s, OvsClient::JsonRpc, move |b| {
+        b.attach("ovh1", &o7)
+    })
+    .expect("re-attach");
     let link = node.exec_ok(&["ip", "-d", "link", "show", "ovh1"]);
     assert!(
         link.contains("alias evio cid-1 eth0") && link.contains(",UP"),
@@ -372,6 +395,15 @@ fn vsctl_fallback_client_does_the_same() {
     veth(&node, "vsb", "vsbp", None);
     with(&node, &s, c, |b| b.attach("vsa", &owner("keep", "eth0"))).expect("attach a");
     with(&node, &s, c, |b| b.attach("vsb", &owner("drop", "eth0"))).expect("attach b");
+    with(&node, &s, c, |b| {
+        b.check_port("vsa", &owner("keep", "eth0"))
+    })
+    .expect("check");
+    let e = with(&node, &s, c, |b| {
+        b.check_port("vsa", &owner("drop", "eth0"))
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("owner"), "{e}");
     let ids = ovs.vsctl_ok(&["get", "Port", "vsa", "external_ids"]);
     assert!(ids.contains("evio-container-id=keep"), "{ids}");
     let e = with(&node, &s, c, |b| {

@@ -685,21 +685,19 @@ fn check(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
             }
         }
     }
+    let bridge = bridge_backend(conf)?;
+    let owner = PortOwner {
+        container_id: env.container_id.clone(),
+        ifname: env.ifname.clone(),
+    };
     for i in prev
         .interfaces
         .iter()
         .filter(|i| i.sandbox.is_none() && i.name != conf.bridge)
     {
-        let l = nl
-            .link_by_name(&i.name)
-            .map_err(|e| io_err("look up the host veth", e))?
-            .ok_or_else(|| check_failed(format!("host veth {} is missing", i.name)))?;
-        if conf.bridge_kind == BridgeKind::Linux && l.master != Some(br.index) {
-            return Err(check_failed(format!(
-                "host veth {} is not a port of {}",
-                i.name, conf.bridge
-            )));
-        }
+        bridge
+            .check_port(&i.name, &owner)
+            .map_err(|e| check_failed(format!("host veth {}: {e}", i.name)))?;
     }
     if conf.ip_masq {
         let key = evio_firewall::attachment_key(&conf.name, &env.container_id, &env.ifname);

@@ -143,6 +143,22 @@ fn ovs_add_check_del_and_tcp_between_pods() {
         "CHECK: {out:?}\n{}",
         sb.log()
     );
+    // CHECK notices a port that left the bridge, and passes again once it is back.
+    ovs.vsctl_ok(&["del-port", BR, &veth_a]);
+    let out = sb.run("CHECK", &ca, &netns_a, "eth0", &cconf, &[]);
+    assert_eq!(out.code(), 102, "{out:?}");
+    let tags = format!(
+        "external_ids:evio-owner=evio-cni external_ids:evio-container-id={ca} external_ids:evio-ifname=eth0"
+    );
+    let mut args = vec!["add-port", BR, &veth_a, "--", "set", "Port", &veth_a];
+    args.extend(tags.split(' '));
+    ovs.vsctl_ok(&args);
+    let out = sb.run("CHECK", &ca, &netns_a, "eth0", &cconf, &[]);
+    assert!(
+        out.ok,
+        "CHECK after re-adding the port: {out:?}\n{}",
+        sb.log()
+    );
 
     // STATUS sees OVS.
     let out = sb.run("STATUS", "", "", "", &sb.conf(v), &[]);
@@ -324,6 +340,7 @@ fn ovs_gc_keeps_only_valid_attachments() {
 fn ovs_concurrent_adds_and_dels() {
     const N: usize = 24;
     let (sb, ovs) = sandbox(json!({"ipMasq": true}));
+    let _ = sb.cni_path(); // create the CNI_PATH dir once, before the threads race for it
     let pods: Vec<Netns> = (0..N).map(|_| sb.pod()).collect();
     let cids: Vec<String> = (0..N).map(|_| sb.cid()).collect();
     let results: Vec<Value> = thread::scope(|s| {

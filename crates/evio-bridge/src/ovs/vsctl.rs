@@ -209,6 +209,31 @@ impl<'a> Vsctl<'a> {
         })
     }
 
+    pub fn check(&self, port: &str, owner: &PortOwner) -> Result<(), BridgeError> {
+        let bad = |m: String| self.b.port_err(port, m);
+        match self.run(&Self::s(&["port-to-br", port]))? {
+            Ok(br) if br.trim() == self.b.spec.name => {}
+            Ok(br) => return Err(bad(format!("a port of {} instead", br.trim()))),
+            Err((_, e)) => return Err(bad(e)),
+        }
+        let ours = self.find_ports(tag_args(owner))?;
+        if !ours.iter().any(|(n, _)| n == port) {
+            return Err(bad("tagged for another owner".into()));
+        }
+        let row = self.run_ok(&Self::s(&[
+            "--format=json",
+            "--columns=ofport,error",
+            "find",
+            "Interface",
+            &format!("name={}", quote(port)),
+        ]))?;
+        match ofport_error(&row) {
+            (_, Some(e)) => Err(bad(format!("ovs-vswitchd: {e}"))),
+            (Some(n), None) if n >= 1 => Ok(()),
+            (n, None) => Err(bad(format!("no OpenFlow port (ofport {n:?})"))),
+        }
+    }
+
     fn find_ports(&self, conditions: Vec<String>) -> Result<Vec<NamedIds>, BridgeError> {
         let mut args = vec![
             s("--format=json"),
