@@ -6,6 +6,9 @@ pub mod ovs;
 
 use std::path::PathBuf;
 
+pub use linux::LinuxBridge;
+pub use ovs::OvsBridge;
+
 /// Which kind of bridge holds the pods' veths.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BridgeType {
@@ -61,4 +64,21 @@ pub trait Bridge {
     fn detach(&self, owner: &PortOwner) -> Result<(), BridgeError>;
     /// Removes the ports this plugin created whose owner is not in `valid` (CNI GC).
     fn gc(&self, valid: &[PortOwner]) -> Result<(), BridgeError>;
+    /// Verifies (CNI CHECK) that `port` is still a working port of this bridge held by `owner`.
+    fn check_port(&self, port: &str, owner: &PortOwner) -> Result<(), BridgeError>;
+}
+
+impl PortOwner {
+    /// The tag stored on the port (Linux: the host veth's `ifalias`; OVS: an `external_ids` value).
+    pub fn tag(&self) -> String {
+        format!("evio {} {}", self.container_id, self.ifname)
+    }
+}
+
+/// The backend for `kind`. Each backend connects lazily, so building one is cheap.
+pub fn backend(kind: BridgeType, spec: BridgeSpec) -> Result<Box<dyn Bridge>, BridgeError> {
+    match kind {
+        BridgeType::Linux => Ok(Box::new(LinuxBridge::new(spec))),
+        BridgeType::Ovs => Ok(Box::new(OvsBridge::new(spec))),
+    }
 }

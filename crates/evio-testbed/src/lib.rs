@@ -4,6 +4,7 @@
 //! them on `Drop`, so a failing test still cleans up. Tests must run as root; [`require_root`] fails loudly
 //! instead of silently skipping.
 
+pub mod cni;
 pub mod ovs;
 pub mod runtimes;
 

@@ -198,6 +198,23 @@ impl Ovs {
         self.vswitchd_stopped = true;
     }
 
+    /// Freezes ovs-vswitchd (SIGSTOP): ovsdb-server answers, but nothing is applied, as with a hung
+    /// switch. [`Ovs::thaw_vswitchd`] (or drop) resumes it.
+    pub fn freeze_vswitchd(&self) {
+        self.signal("ovs-vswitchd", libc::SIGSTOP);
+    }
+
+    pub fn thaw_vswitchd(&self) {
+        self.signal("ovs-vswitchd", libc::SIGCONT);
+    }
+
+    fn signal(&self, daemon: &str, sig: i32) {
+        if let Some(pid) = self.pid(daemon).filter(|p| running(*p)) {
+            // SAFETY: signalling the daemon this fixture started (pid from its own pidfile).
+            unsafe { libc::kill(pid, sig) };
+        }
+    }
+
     fn stop(&self, daemon: &str) {
         let Some(pid) = self.pid(daemon) else { return };
         let ctl = self
@@ -241,6 +258,7 @@ fn running(pid: i32) -> bool {
 
 impl Drop for Ovs {
     fn drop(&mut self) {
+        self.thaw_vswitchd();
         let bridges = self.names("Bridge");
         if !self.vswitchd_stopped {
             for b in &bridges {

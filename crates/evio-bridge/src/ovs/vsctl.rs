@@ -209,6 +209,31 @@ impl<'a> Vsctl<'a> {
         })
     }
 
+    pub fn check(&self, port: &str, owner: &PortOwner) -> Result<(), BridgeError> {
+        let bad = |m: String| self.b.port_err(port, m);
+        match self.run(&Self::s(&["port-to-br", port]))? {
+            Ok(br) if br.trim() == self.b.spec.name => {}
+            Ok(br) => return Err(bad(format!("a port of {} instead", br.trim()))),
+            Err((_, e)) => return Err(bad(e)),
+        }
+        let ours = self.find_ports(tag_args(owner))?;
+        if !ours.iter().any(|(n, _)| n == port) {
+            return Err(bad("tagged for another owner".into()));
+        }
+        let row = self.run_ok(&Self::s(&[
+            "--format=json",
+            "--columns=ofport,error",
+            "find",
+            "Interface",
+            &format!("name={}", quote(port)),
+        ]))?;
+        match ofport_error(&row) {
+            (_, Some(e)) => Err(bad(format!("ovs-vswitchd: {e}"))),
+            (Some(n), None) if n >= 1 => Ok(()),
+            (n, None) => Err(bad(format!("no OpenFlow port (ofport {n:?})"))),
+        }
+    }
+
     fn find_ports(&self, conditions: Vec<String>) -> Result<Vec<NamedIds>, BridgeError> {
         let mut args = vec![
             s("--format=json"),
@@ -243,15 +268,20 @@ impl<'a> Vsctl<'a> {
         self.run_ok(&args).map(|_| ())
     }
 
-    pub fn detach(&self, owner: &PortOwner) -> Result<(), BridgeError> {
-        let ports = self.find_ports(tag_args(owner))?;
-        self.del_ports(&ports.into_iter().map(|(n, _)| n).collect::<Vec<_>>())
+    pub fn detach(&self, owner: &PortOwner) -> Result<Vec<String>, BridgeError> {
+        let ports: Vec<String> = self
+            .find_ports(tag_args(owner))?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        self.del_ports(&ports)?;
+        Ok(ports)
     }
 
-    pub fn gc(&self, valid: &[PortOwner]) -> Result<(), BridgeError> {
+    pub fn gc(&self, valid: &[PortOwner]) -> Result<Vec<String>, BridgeError> {
         let br = self.b.spec.name.as_str();
         if let Err((2, _)) = self.run(&Self::s(&["br-exists", br]))? {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let on_bridge: Vec<String> = self
             .run_ok(&Self::s(&["list-ports", br]))?
@@ -267,7 +297,8 @@ impl<'a> Vsctl<'a> {
             .filter(|(n, ids)| on_bridge.contains(n) && !is_valid(ids, valid))
             .map(|(n, _)| n)
             .collect();
-        self.del_ports(&stale)
+        self.del_ports(&stale)?;
+        Ok(stale)
     }
 }
 
