@@ -190,13 +190,15 @@ struct Rollback<'a> {
     ipam: Option<(&'a Delegate, Vec<u8>)>,
     child: Option<Child>,
     host_veth: Option<String>,
+    /// Set once the veth is a bridge port (OVS keeps a database row for it that must go too).
+    port_owner: Option<PortOwner>,
     masq_ips: Vec<IpAddr>,
     state: bool,
     env: &'a Env,
 }
 
 impl Rollback<'_> {
-    fn run(&mut self) {
+    fn run(&mut self, bridge: &dyn Bridge) {
         if let Some(c) = self.child.take() {
             let _ = c.wait_with_output();
         }
@@ -204,6 +206,11 @@ impl Rollback<'_> {
             && let Err(e) = evio_firewall::remove(&self.masq_ips)
         {
             warn!("rollback: masquerade entries: {e}");
+        }
+        if let Some(o) = self.port_owner.take()
+            && let Err(e) = bridge.detach(&o)
+        {
+            warn!("rollback: detach from the bridge: {e}");
         }
         if let Some(v) = self.host_veth.take() {
             match Netlink::new().and_then(|mut nl| nl.delete_link_by_name(&v)) {
@@ -257,6 +264,7 @@ fn add(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
         ipam: None,
         child: None,
         host_veth: None,
+        port_owner: None,
         masq_ips: Vec::new(),
         state: false,
         env,
@@ -266,7 +274,7 @@ fn add(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
     );
     if let Err(e) = &r {
         info!("ADD failed, rolling back: {e}");
-        rb.run();
+        rb.run(&*bridge);
     }
     r
 }
@@ -338,6 +346,7 @@ fn add_steps<'a>(
     bridge
         .attach(&host, &owner)
         .map_err(|e| io_err("attach the veth to the bridge", e))?;
+    rb.port_owner = Some(owner.clone());
     let host_link = nl
         .link_by_name(&host)
         .map_err(|e| io_err("look up the host veth", e))?

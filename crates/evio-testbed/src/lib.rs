@@ -4,6 +4,10 @@
 //! them on `Drop`, so a failing test still cleans up. Tests must run as root; [`require_root`] fails loudly
 //! instead of silently skipping.
 
+pub mod cni;
+pub mod ovs;
+pub mod runtimes;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -15,7 +19,10 @@ use std::time::{Duration, Instant};
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "these tests create network namespaces and must run as root");
+    assert_eq!(
+        euid, 0,
+        "these tests create network namespaces and must run as root"
+    );
 }
 
 /// A name unique to this process and call, at most 15 characters (the kernel's interface name limit)
@@ -106,7 +113,19 @@ impl Netns {
 
     /// Connects this namespace to `other` with a veth pair named `a` (here) and `b` (there).
     pub fn veth_to(&self, a: &str, other: &Netns, b: &str) {
-        self.exec_ok(&["ip", "link", "add", a, "type", "veth", "peer", "name", b, "netns", other.name()]);
+        self.exec_ok(&[
+            "ip",
+            "link",
+            "add",
+            a,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            b,
+            "netns",
+            other.name(),
+        ]);
         self.exec_ok(&["ip", "link", "set", a, "up"]);
         other.exec_ok(&["ip", "link", "set", b, "up"]);
     }
@@ -114,7 +133,10 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.name]).output() {
+        if let Ok(out) = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+        {
             for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
                 if let Ok(pid) = pid.parse::<i32>() {
                     // SAFETY: kill with a pid read from the kernel; at worst the process is already gone.
@@ -122,13 +144,18 @@ impl Drop for Netns {
                 }
             }
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
 /// A free TCP port on 127.0.0.1 (bind to port 0, read it back, release it).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 /// A real etcd server on loopback with its own data directory, killed and removed on drop.
@@ -149,7 +176,10 @@ impl Etcd {
 
     /// Starts etcd inside network namespace `netns` (if given), listening on `ip`.
     pub fn start_in(netns: Option<&Netns>, ip: &str) -> Etcd {
-        let dir = tempfile::Builder::new().prefix("evio-etcd").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("evio-etcd")
+            .tempdir()
+            .expect("tempdir");
         let mut e = Etcd {
             child: None,
             dir,
@@ -160,7 +190,11 @@ impl Etcd {
         };
         std::fs::create_dir(e.dir.path().join("data")).expect("data dir");
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(e.dir.path().join("data"), std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        std::fs::set_permissions(
+            e.dir.path().join("data"),
+            std::fs::Permissions::from_mode(0o700),
+        )
+        .expect("chmod");
         e.spawn();
         e
     }
@@ -184,9 +218,21 @@ impl Etcd {
         cmd.args(["--name", "t", "--data-dir"])
             .arg(self.dir.path().join("data"))
             .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
-            .args(["--listen-peer-urls", &p, "--initial-advertise-peer-urls", &p])
+            .args([
+                "--listen-peer-urls",
+                &p,
+                "--initial-advertise-peer-urls",
+                &p,
+            ])
             .args(["--initial-cluster", &format!("t={p}")])
-            .args(["--heartbeat-interval", "10", "--election-timeout", "100", "--log-level", "warn"])
+            .args([
+                "--heartbeat-interval",
+                "10",
+                "--election-timeout",
+                "100",
+                "--log-level",
+                "warn",
+            ])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
@@ -210,16 +256,26 @@ impl Etcd {
     pub fn healthy(&self) -> bool {
         if self.netns.is_some() {
             let out = Command::new("ip")
-                .args(["netns", "exec", self.netns.as_deref().unwrap_or_default(), "curl", "-sf"])
+                .args([
+                    "netns",
+                    "exec",
+                    self.netns.as_deref().unwrap_or_default(),
+                    "curl",
+                    "-sf",
+                ])
                 .arg(format!("{}/health", self.endpoint()))
                 .output();
-            return out.map(|o| String::from_utf8_lossy(&o.stdout).contains("true")).unwrap_or(false);
+            return out
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("true"))
+                .unwrap_or(false);
         }
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.client_port)) else {
             return false;
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-        if s.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n").is_err() {
+        if s.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .is_err()
+        {
             return false;
         }
         let mut body = String::new();
@@ -255,7 +311,10 @@ impl Etcd {
 
     /// The etcd pid (the child itself; `ip netns exec` execs etcd, so it is the same process).
     fn pids(&self) -> Vec<i32> {
-        self.child.as_ref().map(|c| vec![c.id() as i32]).unwrap_or_default()
+        self.child
+            .as_ref()
+            .map(|c| vec![c.id() as i32])
+            .unwrap_or_default()
     }
 
     /// Stops the server (kill -9) and starts it again on the same ports and data.

@@ -1,0 +1,104 @@
+//! The runtime fixtures themselves, driven with the reference `bridge` plugin (containernetworking-plugins):
+//! if these fail, the evio-cni runtime tests cannot say anything about evio-cni.
+
+use evio_testbed::runtimes::{CniDirs, Containerd, Podman, busybox_rootfs, files_under};
+use evio_testbed::{Netns, unique};
+
+fn conflist(net: &str, bridge: &str, subnet: &str, dirs: &CniDirs) -> String {
+    format!(
+        r#"{{"cniVersion":"1.0.0","name":"{net}","plugins":[{{"type":"bridge","bridge":"{bridge}","isGateway":true,
+"ipMasq":false,"ipam":{{"type":"host-local","dataDir":"{}","ranges":[[{{"subnet":"{subnet}"}}]]}}}}]}}"#,
+        dirs.ipam().display()
+    )
+}
+
+fn check(out: &std::process::Output, what: &str) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{what} failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn ctr_run_cni_with_the_reference_bridge_plugin() {
+    let node = Netns::new("rtn");
+    let dirs = CniDirs::new();
+    let br = unique("rb");
+    dirs.write_conf(
+        "10-ref.conflist",
+        &conflist("refnet", &br, "10.234.1.0/24", &dirs),
+    );
+    let rootfs = tempfile::tempdir().unwrap();
+    busybox_rootfs(rootfs.path());
+    let ctrd = Containerd::start();
+    let out = ctrd.run_cni(
+        &node,
+        &dirs,
+        rootfs.path(),
+        "c1",
+        "ip -4 addr show eth0; ping -c1 -W2 10.234.1.1",
+    );
+    let stdout = check(&out, &format!("ctr run\n{}", ctrd.log()));
+    assert!(
+        stdout.contains("10.234.1.2/24") && stdout.contains("1 packets received"),
+        "{stdout}"
+    );
+    assert!(
+        node.links().iter().all(|l| !l.starts_with("veth")),
+        "veth left: {:?}",
+        node.links()
+    );
+    assert!(
+        dirs.cache_files().is_empty(),
+        "libcni cache left: {:?}",
+        dirs.cache_files()
+    );
+    let reservations: Vec<_> = files_under(&dirs.ipam())
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains("10.234"))
+        .collect();
+    assert!(
+        reservations.is_empty(),
+        "IP reservation left: {reservations:?}"
+    );
+}
+
+#[test]
+fn podman_with_cni_backend_and_the_reference_bridge_plugin() {
+    let node = Netns::new("rtn");
+    let dirs = CniDirs::new();
+    let br = unique("rb");
+    let net = unique("pnet");
+    dirs.write_conf(
+        "10-ref.conflist",
+        &conflist(&net, &br, "10.234.2.0/24", &dirs),
+    );
+    let rootfs = tempfile::tempdir().unwrap();
+    busybox_rootfs(rootfs.path());
+    let pm = Podman::new(&dirs);
+    let out = pm.run(
+        &node,
+        &dirs,
+        &net,
+        rootfs.path(),
+        "ip -4 addr show eth0; ping -c1 -W2 10.234.2.1",
+    );
+    let stdout = check(&out, "podman run");
+    assert!(
+        stdout.contains("10.234.2.2/24") && stdout.contains("1 packets received"),
+        "{stdout}"
+    );
+    assert!(
+        node.links().iter().all(|l| !l.starts_with("veth")),
+        "veth left: {:?}",
+        node.links()
+    );
+    assert!(
+        dirs.cache_files().is_empty(),
+        "libcni cache left: {:?}",
+        dirs.cache_files()
+    );
+}
