@@ -209,3 +209,76 @@ fn generated_conflist_drives_a_real_add_and_del() {
 fn generated_conflist_with_cni_1_0_0_chains_portmap() {
     add_and_del(Some("1.0.0"));
 }
+
+/// `ctr run --cni` (containerd 1.6, the first conflist in its CNI dir) starts a container with the conflist
+/// and plugin that `evioctl cni-config` installed. containerd 1.6's libcni and Debian's reference plugins
+/// predate CNI 1.1.0, so this net-conf asks for cniVersion 1.0.0 (docs/deploy.md).
+#[test]
+fn ctr_run_cni_uses_the_installed_conflist() {
+    use evio_testbed::runtimes::{CniDirs, Containerd, busybox_rootfs, files_under};
+    let etcd = Etcd::start();
+    let node = Netns::new("ctn");
+    let dirs = CniDirs::new();
+    let t = tempfile::tempdir().unwrap();
+    let net_conf = json!({
+        "name": "evio-ctr",
+        "cniVersion": "1.0.0",
+        "podCIDR": "10.124.0.0/16",
+        "nodeBits": 8,
+        "bridge": "eviobr0",
+        "logFile": t.path().join("cni.log"),
+        "stateDir": t.path().join("state"),
+        "ipam": {"dataDir": dirs.ipam()},
+    });
+    std::fs::write(t.path().join("net-conf.json"), net_conf.to_string()).unwrap();
+    let o = Command::new(EVIOCTL)
+        .arg("cni-config")
+        .arg("--net-conf")
+        .arg(t.path().join("net-conf.json"))
+        .args([
+            "--node-name",
+            "ctr-node",
+            "--etcd-endpoints",
+            &etcd.endpoint(),
+        ])
+        .arg("--cni-conf-dir")
+        .arg(dirs.conf())
+        .arg("--cni-bin-dir")
+        .arg(dirs.bin())
+        .arg("--plugin-binary")
+        .arg(evio_cni())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let line: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let gw = line["gateway"].as_str().unwrap();
+    let rootfs = tempfile::tempdir().unwrap();
+    busybox_rootfs(rootfs.path());
+    let ctrd = Containerd::start();
+    let out = ctrd.run_cni(
+        &node,
+        &dirs,
+        rootfs.path(),
+        "evio-c1",
+        &format!("ip -4 addr show eth0; ping -c1 -W2 {gw}"),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "ctr run: {}\ncni log: {}\n{}",
+        text(&out),
+        std::fs::read_to_string(t.path().join("cni.log")).unwrap_or_default(),
+        ctrd.log()
+    );
+    let want = format!("{}/24", line["rangeStart"].as_str().unwrap());
+    assert!(
+        stdout.contains(&want) && stdout.contains("1 packets received"),
+        "{stdout}"
+    );
+    // containerd's DEL (empty CNI_NETNS) released the address.
+    let left: Vec<_> = files_under(&dirs.ipam())
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains("10.124."))
+        .collect();
+    assert!(left.is_empty(), "IP reservation left: {left:?}");
+}
