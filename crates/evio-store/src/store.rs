@@ -89,11 +89,14 @@ impl EtcdOptions {
     fn connect_options(&self) -> Result<ConnectOptions, StoreError> {
         let mut o = ConnectOptions::new()
             .with_connect_timeout(self.timeout)
+            // HTTP/2 pings find a dead or frozen etcd under long-lived streams (watch, lease keep-alive).
+            // Not more often than every 10 s and not while idle: etcd (grpc-go) answers pings more frequent
+            // than its --grpc-keepalive-min-time (5 s), or without streams, with GOAWAY "too many pings".
             .with_keep_alive(
-                Duration::from_secs(2),
+                Duration::from_secs(10),
                 self.timeout.max(Duration::from_secs(1)),
             )
-            .with_keep_alive_while_idle(true);
+            .with_keep_alive_while_idle(false);
         let password = match (&self.password, &self.password_file) {
             (Some(p), _) => Some(p.clone()),
             (None, Some(f)) => {
