@@ -22,6 +22,25 @@ use crate::records::{AddressClaim, NodeRecord, SubnetClaim, unix_now};
 /// this bounds nothing in practice with a few thousand nodes; it only stops a livelock.
 const MAX_ATTEMPTS: u32 = 10_000;
 
+/// How many of the lowest free subnets a claimer that lost a race chooses from.
+const CONTENTION_WINDOW: usize = 64;
+
+/// A pseudo-random number from the node name, the attempt and the clock (no cryptographic need: it only
+/// spreads concurrent claimers over different subnets).
+fn spread(node: &str, attempt: u32) -> usize {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write(node.as_bytes());
+    h.write_u32(attempt);
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish() as usize
+}
+
 /// How to reach etcd.
 #[derive(Debug, Clone)]
 pub struct EtcdOptions {
@@ -70,11 +89,14 @@ impl EtcdOptions {
     fn connect_options(&self) -> Result<ConnectOptions, StoreError> {
         let mut o = ConnectOptions::new()
             .with_connect_timeout(self.timeout)
+            // HTTP/2 pings find a dead or frozen etcd under long-lived streams (watch, lease keep-alive).
+            // Not more often than every 10 s and not while idle: etcd (grpc-go) answers pings more frequent
+            // than its --grpc-keepalive-min-time (5 s), or without streams, with GOAWAY "too many pings".
             .with_keep_alive(
-                Duration::from_secs(2),
+                Duration::from_secs(10),
                 self.timeout.max(Duration::from_secs(1)),
             )
-            .with_keep_alive_while_idle(true);
+            .with_keep_alive_while_idle(false);
         let password = match (&self.password, &self.password_file) {
             (Some(p), _) => Some(p.clone()),
             (None, Some(f)) => {
@@ -294,7 +316,15 @@ impl Store {
                 }
                 return Ok(claim);
             }
-            let Some(index) = plan.lowest_free(&taken) else {
+            // Lowest free first. A claimer that just lost a race picks at random among the lowest free
+            // subnets instead, so hundreds of simultaneous claimers do not all retry on the same one (each
+            // round costs an etcd commit); the pool still fills from the bottom.
+            let free = plan.lowest_free_n(&taken, if attempt == 0 { 1 } else { CONTENTION_WINDOW });
+            let Some(&index) = free.get(if free.is_empty() {
+                0
+            } else {
+                spread(node, attempt) % free.len()
+            }) else {
                 let held = self
                     .subnet_claims()
                     .await
@@ -719,12 +749,28 @@ pub(crate) fn classify(
         }
         _ => false,
     };
-    if unreachable {
+    let detail = e.to_string();
+    let tls_words = [
+        "Certificate",
+        "certificate",
+        "handshake",
+        "alert",
+        "UnknownIssuer",
+        "TLS",
+        "tls",
+    ];
+    if unreachable && tls_words.iter().any(|w| detail.contains(w)) {
+        StoreError::Tls {
+            endpoints: endpoints.to_string(),
+            what,
+            detail,
+        }
+    } else if unreachable {
         StoreError::Unreachable {
             endpoints: endpoints.to_string(),
             what,
             timeout,
-            detail: e.to_string(),
+            detail,
         }
     } else {
         StoreError::Etcd { what, source: e }
