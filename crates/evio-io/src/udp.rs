@@ -46,6 +46,7 @@ pub struct UdpBatch {
     sock: UdpSocket,
     state: UdpSocketState,
     gso: bool,
+    gro: bool,
     v6: bool,
     stats: UdpStats,
 }
@@ -65,14 +66,23 @@ impl UdpBatch {
         {
             return Err(e);
         }
+        // quinn-udp asks for receive timestamps; we do not use them: save the work and cmsg space.
+        let _ = setsockopt_int(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 0);
         let v6 = sock.local_addr()?.is_ipv6();
         Ok(UdpBatch {
             sock,
             state,
             gso,
+            gro,
             v6,
             stats: UdpStats::default(),
         })
+    }
+
+    /// Another handle on the same socket (a duplicated descriptor) with its own counters, so one
+    /// thread can receive while another sends.
+    pub fn try_clone(&self) -> io::Result<UdpBatch> {
+        UdpBatch::with_offloads(self.sock.try_clone()?, self.gso, self.gro)
     }
 
     pub fn socket(&self) -> &UdpSocket {
