@@ -4,7 +4,8 @@
 //!
 //! `cargo test --release -p evio-io --test bench -- --ignored --nocapture`
 //!
-//! Env: `EVIO_BENCH_ROUNDS` (default 3), `EVIO_BENCH_SECS` (default 5).
+//! Env: `EVIO_BENCH_ROUNDS` (default 3), `EVIO_BENCH_SECS` (default 5), `EVIO_BENCH_ONLY` (comma
+//! separated config indices, e.g. `1,3`).
 
 mod common;
 
@@ -76,6 +77,13 @@ fn json_num(j: &str, section: &str, field: &str) -> f64 {
     f[..end].trim().parse().expect("number")
 }
 
+fn selected(i: usize) -> bool {
+    match std::env::var("EVIO_BENCH_ONLY") {
+        Ok(v) => v.split(',').any(|x| x.trim().parse() == Ok(i)),
+        Err(_) => true,
+    }
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -102,6 +110,9 @@ fn forwarder_throughput() {
     let mut last_stats: Vec<Option<(SideStats, SideStats)>> = vec![None; configs.len()];
     for r in 0..rounds {
         for (i, (name, cfg)) in configs.iter().enumerate() {
+            if !selected(i) {
+                continue;
+            }
             let t = match cfg {
                 None => Topology::new(false, false, false),
                 Some((tun, udp)) => Topology::new(*tun, *tun, *udp),
@@ -118,6 +129,9 @@ fn forwarder_throughput() {
     }
     eprintln!("\nmedians over {rounds} rounds of {secs} s, one TCP stream {A_UNDER} -> b:");
     for (i, (name, _)) in configs.iter().enumerate() {
+        if !selected(i) {
+            continue;
+        }
         eprintln!("  {name:50} {:6.2} Gb/s", median(&mut results[i]));
         if let Some((a, b)) = &last_stats[i]
             && configs[i].1.is_some()
