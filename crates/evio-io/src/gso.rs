@@ -88,11 +88,37 @@ fn header_len(hdr: &VirtioNetHdr, pkt: &[u8]) -> Result<usize, SplitError> {
 
 /// Appends the IP packets that `pkt` (a TUN read after its virtio header `hdr`) stands for to `out`.
 ///
-/// Returns the number of packets appended. On error nothing is appended.
+/// Returns the number of packets appended. All or nothing: if `out` lacks the room, nothing is
+/// appended and the error is [`SplitError::NoRoom`].
 pub fn split(hdr: &VirtioNetHdr, pkt: &[u8], out: &mut PacketBatch) -> Result<usize, SplitError> {
+    split_inner(hdr, pkt, out, 0, true).map(|(n, _)| n)
+}
+
+/// Appends segments `first..` of `pkt` to `out`, as many as fit; returns `(appended, total)` where
+/// `total` is the number of segments `pkt` makes. Lets a caller with a small batch deliver a large
+/// super-packet over several calls. [`SplitError::NoRoom`] only when `out` is full.
+pub fn split_from(
+    hdr: &VirtioNetHdr,
+    pkt: &[u8],
+    out: &mut PacketBatch,
+    first: usize,
+) -> Result<(usize, usize), SplitError> {
+    split_inner(hdr, pkt, out, first, false)
+}
+
+fn split_inner(
+    hdr: &VirtioNetHdr,
+    pkt: &[u8],
+    out: &mut PacketBatch,
+    first: usize,
+    all: bool,
+) -> Result<(usize, usize), SplitError> {
     let gso = hdr.gso_type & !GSO_ECN;
     if gso == GSO_NONE {
-        return single(hdr, pkt, out);
+        if first > 0 {
+            return Ok((0, 1));
+        }
+        return single(hdr, pkt, out).map(|n| (n, 1));
     }
     if hdr.flags & F_NEEDS_CSUM == 0 {
         return Err(SplitError::Malformed("gso without NEEDS_CSUM"));
@@ -109,9 +135,13 @@ pub fn split(hdr: &VirtioNetHdr, pkt: &[u8], out: &mut PacketBatch) -> Result<us
     }
     let payload = &pkt[hlen..];
     let nseg = payload.len().div_ceil(mss).max(1);
-    if nseg > out.remaining() {
+    if first >= nseg {
+        return Ok((0, nseg));
+    }
+    if out.remaining() == 0 || (all && nseg > out.remaining()) {
         return Err(SplitError::NoRoom);
     }
+    let end = nseg.min(first + out.remaining());
     let v4 = pkt[0] >> 4 == 4;
     let (src, dst) = if v4 {
         (12..16, 16..20)
@@ -126,7 +156,7 @@ pub fn split(hdr: &VirtioNetHdr, pkt: &[u8], out: &mut PacketBatch) -> Result<us
         pkt[iphlen + 7],
     ]);
     let proto = if tcp { 6 } else { 17 };
-    for i in 0..nseg {
+    for i in first..end {
         let start = i * mss;
         let chunk = &payload[start..(start + mss).min(payload.len())];
         let total = hlen + chunk.len();
@@ -167,7 +197,7 @@ pub fn split(hdr: &VirtioNetHdr, pkt: &[u8], out: &mut PacketBatch) -> Result<us
         slot[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
         out.commit(total);
     }
-    Ok(nseg)
+    Ok((end - first, nseg))
 }
 
 /// A packet without segmentation; completes its checksum if the kernel left it partial.

@@ -44,7 +44,7 @@ pub mod vnet;
 
 pub use batch::PacketBatch;
 pub use gro::Coalescer;
-pub use gso::{SplitError, split};
+pub use gso::{SplitError, split, split_from};
 pub use tun::{Tun, TunOptions, TunStats, wait_readable};
 pub use udp::{GRO_BUF, RecvBatch, SendBatch, UdpBatch, UdpStats};
 pub use vnet::VirtioNetHdr;

@@ -13,7 +13,7 @@ use std::os::unix::fs::OpenOptionsExt;
 
 use crate::batch::PacketBatch;
 use crate::gro::{Coalescer, MAX_HEADER, MAX_SEGMENTS, Unit};
-use crate::gso::{SplitError, split};
+use crate::gso::{SplitError, split_from};
 use crate::vnet::{VNET_HDR_LEN, VirtioNetHdr};
 
 /// Largest read from a TUN with offloads: a 64 KB IP packet after its virtio header.
@@ -85,8 +85,8 @@ pub struct Tun {
     offload_flags: OffloadFlags,
     nonblocking: bool,
     rx: Box<[u8]>,
-    /// Length of a read super-packet that did not fit the caller's batch yet.
-    pending: Option<usize>,
+    /// A read super-packet not fully delivered yet: its length and the next segment.
+    pending: Option<(usize, usize)>,
     coalescer: Coalescer,
     hdr: [u8; MAX_HEADER],
     stats: TunStats,
@@ -148,6 +148,21 @@ impl Tun {
         Ok(t)
     }
 
+    /// Another handle on the same queue (a duplicated descriptor) with its own buffers, so one
+    /// thread can read while another writes.
+    pub fn try_clone(&self) -> io::Result<Tun> {
+        let file = self.file.try_clone()?;
+        let mut t = Tun::from_parts(
+            file,
+            self.name.clone(),
+            self.opts.clone(),
+            self.vnet,
+            self.offload_flags,
+        );
+        t.nonblocking = self.nonblocking;
+        Ok(t)
+    }
+
     /// The interface name the kernel gave.
     pub fn name(&self) -> &str {
         &self.name
@@ -172,6 +187,12 @@ impl Tun {
         self.opts.coalesce = on;
     }
 
+    /// Whether segments of a read super-packet wait for the next [`read_batch`](Self::read_batch)
+    /// (`poll` on the descriptor does not see them).
+    pub fn has_pending(&self) -> bool {
+        self.pending.is_some()
+    }
+
     pub fn stats(&self) -> TunStats {
         self.stats
     }
@@ -188,15 +209,18 @@ impl Tun {
     ///
     /// `out`'s slots must hold an MTU-sized packet. Blocking mode: one `read` (blocks until a packet
     /// arrives). Non-blocking mode: reads until the queue is empty or `out` is full; `WouldBlock` only
-    /// when nothing was read. A super-packet that does not fit the rest of `out` is kept and
-    /// delivered first by the next call.
+    /// when nothing was read. Segments of a super-packet that do not fit the rest of `out` are kept
+    /// and delivered first by the next call (which then returns without reading if they fill `out`
+    /// again), so any batch size works: call until `WouldBlock` (or check
+    /// [`has_pending`](Self::has_pending)) before waiting for the descriptor to become readable.
+    /// Returns 0 only if `out` was already full.
     pub fn read_batch(&mut self, out: &mut PacketBatch) -> io::Result<usize> {
         let before = out.len();
-        if let Some(len) = self.pending.take()
-            && !self.deliver(len, out)
-        {
-            self.pending = Some(len);
-            return Ok(0);
+        if let Some((len, next)) = self.pending.take() {
+            self.pending = self.deliver(len, next, out);
+            if self.pending.is_some() || (!self.nonblocking && out.len() > before) {
+                return Ok(out.len() - before);
+            }
         }
         while out.remaining() > 0 {
             let r = if self.vnet {
@@ -213,8 +237,8 @@ impl Tun {
             };
             self.stats.reads += 1;
             if self.vnet {
-                if !self.deliver(n, out) {
-                    self.pending = Some(n);
+                self.pending = self.deliver(n, 0, out);
+                if self.pending.is_some() {
                     break;
                 }
             } else {
@@ -228,28 +252,33 @@ impl Tun {
         Ok(out.len() - before)
     }
 
-    /// Segments the super-packet of `len` bytes in `rx` into `out`. `false`: it needs more room than
-    /// `out` has left (but would fit an empty batch); the caller keeps it pending.
-    fn deliver(&mut self, len: usize, out: &mut PacketBatch) -> bool {
+    /// Segments the super-packet of `len` bytes in `rx`, from segment `first`, into `out`. Returns
+    /// the next segment to deliver if `out` filled up first.
+    fn deliver(
+        &mut self,
+        len: usize,
+        first: usize,
+        out: &mut PacketBatch,
+    ) -> Option<(usize, usize)> {
         let buf = &self.rx[..len];
         let Some(hdr) = VirtioNetHdr::decode(buf) else {
             self.stats.drops += 1;
-            return true;
+            return None;
         };
-        match split(&hdr, &buf[VNET_HDR_LEN..], out) {
-            Ok(n) => {
+        match split_from(&hdr, &buf[VNET_HDR_LEN..], out, first) {
+            Ok((n, total)) => {
                 self.stats.read_packets += n as u64;
-                if n > 1 {
+                if first == 0 && total > 1 {
                     self.stats.super_packets += 1;
-                    self.stats.max_segments = self.stats.max_segments.max(n as u64);
+                    self.stats.max_segments = self.stats.max_segments.max(total as u64);
                 }
-                true
+                (first + n < total).then_some((len, first + n))
             }
-            Err(SplitError::NoRoom) if !out.is_empty() => false,
+            Err(SplitError::NoRoom) => Some((len, first)),
             Err(e) => {
                 tracing::debug!(error = %e, len, "dropping tun read");
                 self.stats.drops += 1;
-                true
+                None
             }
         }
     }

@@ -81,3 +81,22 @@ fn plain_sender_offload_receiver() {
     assert_eq!(a.tun.super_packets, 0);
     assert!(b.tun.coalesced_writes > 0, "{:?}", b.tun);
 }
+
+/// Batches smaller than a super-packet: segments are delivered over several reads.
+#[test]
+fn small_batches_deliver_super_packets_in_pieces() {
+    let t = Topology::with_batch(true, true, true, 8);
+    transfer(&t, false, 8 * MB);
+    let (a, b) = t.stop();
+    assert!(
+        a.tun.max_segments > 8,
+        "no super-packet larger than the batch: {:?}",
+        a.tun
+    );
+    assert!(
+        b.tun.max_coalesced > 1 && b.tun.max_coalesced <= 8,
+        "{:?}",
+        b.tun
+    );
+    assert_eq!(a.tun.drops + b.tun.drops, 0);
+}

@@ -318,6 +318,40 @@ fn needs_csum_only_is_completed() {
 }
 
 #[test]
+fn split_from_delivers_in_pieces() {
+    let t = Tcp::v6();
+    let mut big = tcp_packet(&Tcp { flags: 0x19, ..t }, &payload(20 * 1000 + 1, 5));
+    as_partial(&mut big, 16);
+    let hdr = tso_hdr(true, 60, 1000, false);
+    let mut whole = PacketBatch::new(64, 1500);
+    assert_eq!(split(&hdr, &big, &mut whole), Ok(21));
+    let mut pieces = Vec::new();
+    let mut next = 0;
+    let mut small = PacketBatch::new(4, 1500);
+    small.push(&[0]);
+    loop {
+        let (n, total) = evio_io::split_from(&hdr, &big, &mut small, next).unwrap();
+        assert_eq!(total, 21);
+        pieces.extend(small.iter().filter(|p| p.len() > 1).map(|p| p.to_vec()));
+        small.clear();
+        next += n;
+        if next == total {
+            break;
+        }
+    }
+    assert_eq!(pieces.len(), 21);
+    for (i, p) in pieces.iter().enumerate() {
+        assert_eq!(&p[..], whole.get(i), "segment {i}");
+    }
+    let mut full = PacketBatch::new(1, 1500);
+    full.push(&[0]);
+    assert_eq!(
+        evio_io::split_from(&hdr, &big, &mut full, 0),
+        Err(SplitError::NoRoom)
+    );
+}
+
+#[test]
 fn split_errors_leave_batch_untouched() {
     let t = Tcp::v4();
     let mut big = tcp_packet(&t, &payload(5000, 0));

@@ -56,6 +56,16 @@ pub const B_V6: &str = "fd20::2";
 impl Topology {
     /// `offload_a`/`offload_b`: TUN offloads per side; `udp_offload`: UDP GSO/GRO on both sides.
     pub fn new(offload_a: bool, offload_b: bool, udp_offload: bool) -> Topology {
+        Topology::with_batch(offload_a, offload_b, udp_offload, 128)
+    }
+
+    /// Like [`new`](Self::new) with `slots` packets per forwarder batch.
+    pub fn with_batch(
+        offload_a: bool,
+        offload_b: bool,
+        udp_offload: bool,
+        slots: usize,
+    ) -> Topology {
         let na = Netns::new("fa");
         let nb = Netns::new("fb");
         na.veth_to("ua", &nb, "ub");
@@ -63,8 +73,22 @@ impl Topology {
         nb.exec_ok(&["ip", "addr", "add", &format!("{B_UNDER}/24"), "dev", "ub"]);
         let peer_a: SocketAddr = format!("{B_UNDER}:{UDP_PORT}").parse().unwrap();
         let peer_b: SocketAddr = format!("{A_UNDER}:{UDP_PORT}").parse().unwrap();
-        let a = Side::start(na, offload_a, udp_offload, peer_a, (A_V4, B_V4, A_V6, B_V6));
-        let b = Side::start(nb, offload_b, udp_offload, peer_b, (B_V4, A_V4, B_V6, A_V6));
+        let a = Side::start(
+            na,
+            offload_a,
+            udp_offload,
+            peer_a,
+            (A_V4, B_V4, A_V6, B_V6),
+            slots,
+        );
+        let b = Side::start(
+            nb,
+            offload_b,
+            udp_offload,
+            peer_b,
+            (B_V4, A_V4, B_V6, A_V6),
+            slots,
+        );
         Topology { a, b }
     }
 
@@ -81,6 +105,7 @@ impl Side {
         udp_offload: bool,
         peer: SocketAddr,
         ips: (&str, &str, &str, &str),
+        slots: usize,
     ) -> Side {
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
@@ -93,8 +118,9 @@ impl Side {
             tun.set_nonblocking(true).unwrap();
             let sock = UdpSocket::bind(("0.0.0.0", UDP_PORT)).expect("bind udp");
             let udp = UdpBatch::with_offloads(sock, udp_offload, udp_offload).expect("udp batch");
+            udp.set_buffer_sizes(4 << 20).expect("socket buffers");
             tx.send(()).unwrap();
-            forward(tun, udp, peer, &st)
+            forward(tun, udp, peer, &st, slots)
         });
         rx.recv_timeout(Duration::from_secs(10))
             .expect("forwarder started");
@@ -154,10 +180,16 @@ impl Drop for Side {
 }
 
 /// The forwarder: TUN packets become UDP datagrams to `peer`, datagrams become TUN packets.
-pub fn forward(mut tun: Tun, mut udp: UdpBatch, peer: SocketAddr, stop: &AtomicBool) -> SideStats {
-    let mut from_tun = PacketBatch::new(128, 2048);
-    let mut to_tun = PacketBatch::new(128, 2048);
-    let mut sb = SendBatch::new(128, 128 * 2048);
+pub fn forward(
+    mut tun: Tun,
+    mut udp: UdpBatch,
+    peer: SocketAddr,
+    stop: &AtomicBool,
+    slots: usize,
+) -> SideStats {
+    let mut from_tun = PacketBatch::new(slots, 2048);
+    let mut to_tun = PacketBatch::new(slots, 2048);
+    let mut sb = SendBatch::new(slots, slots * 2048);
     let mut rb = RecvBatch::new(32, evio_io::GRO_BUF);
     let fds = [tun.as_raw_fd(), udp.as_raw_fd()];
     while !stop.load(Ordering::Relaxed) {
