@@ -12,7 +12,7 @@ use evio_cni_types::env::{Command, Env};
 use evio_cni_types::result::{CniResult, Interface, IpConfig, Route};
 use evio_cni_types::version::Version;
 use evio_cni_types::{CniError, ErrorCode};
-use evio_netlink::{LinkChange, Netlink, RouteSpec, arp, netns, sysctl};
+use evio_netlink::{LinkChange, Netlink, RouteSpec, netns, sysctl};
 use ipnet::IpNet;
 use serde_json::Value;
 use tracing::{debug, info, warn};
@@ -241,11 +241,8 @@ fn add(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
     validate_ipam(&ipam.raw)?;
     let bridge = bridge_backend(conf)?;
     let podns = open_netns(&env.netns)?;
-    let (pnl, arp) = netns::run_in(Path::new(&env.netns), || {
-        (Netlink::new(), arp::ArpSocket::open())
-    })
-    .map_err(|e| io_err("enter the pod netns", e))?;
-    let mut pnl = pnl.map_err(|e| io_err("open netlink in the pod netns", e))?;
+    let mut pnl = Netlink::in_netns(Path::new(&env.netns))
+        .map_err(|e| io_err("open netlink in the pod netns", e))?;
     if pnl
         .link_by_name(&env.ifname)
         .map_err(|e| io_err("look up CNI_IFNAME", e))?
@@ -270,15 +267,7 @@ fn add(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
         env,
     };
     let r = add_steps(
-        env,
-        conf,
-        &*bridge,
-        &podns,
-        &mut pnl,
-        arp.ok(),
-        &dlg,
-        &ipam_conf,
-        &mut rb,
+        env, conf, &*bridge, &podns, &mut pnl, &dlg, &ipam_conf, &mut rb,
     );
     if let Err(e) = &r {
         info!("ADD failed, rolling back: {e}");
@@ -294,7 +283,6 @@ fn add_steps<'a>(
     bridge: &dyn Bridge,
     podns: &File,
     pnl: &mut Netlink,
-    arp: Option<arp::ArpSocket>,
     dlg: &'a Delegate,
     ipam_conf: &'a [u8],
     rb: &mut Rollback<'a>,
@@ -326,14 +314,31 @@ fn add_steps<'a>(
         .link_by_name(&env.ifname)
         .map_err(|e| io_err("look up the pod interface", e))?
         .ok_or_else(|| CniError::new(ErrorCode::Io, "the pod interface vanished"))?;
-    pnl.set_link(
-        pod_link.index,
-        &LinkChange {
-            up: true,
-            ..Default::default()
-        },
-    )
-    .map_err(|e| io_err("bring the pod interface up", e))?;
+    // Gratuitous ARP without an AF_PACKET socket (closing one costs a synchronize_net(), milliseconds):
+    // with arp_notify on, re-setting the interface's own MAC once it has its addresses makes the kernel
+    // announce them (done after the routes, below).
+    let key = format!("net/ipv4/conf/{}/arp_notify", env.ifname);
+    let notify = netns::run_in(Path::new(&env.netns), || sysctl::set(&key, "1"))
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    if let Err(e) = &notify {
+        warn!("arp_notify on {}: {e}", env.ifname);
+    }
+
+    // Both ends up now, so their queues are active (linkwatch) long before the gratuitous ARP below.
+    let up = LinkChange {
+        up: true,
+        ..Default::default()
+    };
+    pnl.set_link(pod_link.index, &up)
+        .map_err(|e| io_err("bring the pod interface up", e))?;
+    if let Some(h) = nl
+        .link_by_name(&host)
+        .map_err(|e| io_err("look up the host veth", e))?
+    {
+        nl.set_link(h.index, &up)
+            .map_err(|e| io_err("bring the host veth up", e))?;
+    }
 
     let child = rb.child.take().expect("IPAM started");
     let out = dlg.finish(child, "ADD")?;
@@ -448,13 +453,28 @@ fn add_steps<'a>(
     }
     fail_point("routes")?;
 
-    if let (Some(mac), Some(arp)) = (pod_link.mac, &arp) {
-        for ip in &ips {
-            if let IpAddr::V4(a) = ip.address.addr()
-                && let Err(e) = arp.send_gratuitous(pod_link.index, mac, a)
-            {
-                warn!("gratuitous ARP: {e}");
+    if notify.is_ok()
+        && let Some(mac) = pod_link.mac
+        && ips.iter().any(|i| i.address.addr().is_ipv4())
+    {
+        // Until the kernel has activated the interface's queues (linkwatch, asynchronous after the carrier
+        // comes up) it drops what it sends: wait for that, briefly.
+        for _ in 0..100 {
+            match pnl.link_by_index(pod_link.index) {
+                Ok(Some(l)) if l.qdisc.as_deref() == Some("noop") => {
+                    std::thread::sleep(std::time::Duration::from_micros(500))
+                }
+                _ => break,
             }
+        }
+        if let Err(e) = pnl.set_link(
+            pod_link.index,
+            &LinkChange {
+                mac: Some(mac),
+                ..Default::default()
+            },
+        ) {
+            warn!("gratuitous ARP: {e}");
         }
     }
 
