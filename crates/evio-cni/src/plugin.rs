@@ -543,19 +543,21 @@ fn first_host(n: &IpNet) -> Option<IpAddr> {
 }
 
 /// Removes the host veth recorded in `st` (only if it still carries the owner tag).
-fn delete_host_veth(nl: &mut Netlink, name: &str, owner: &PortOwner) -> Result<(), CniError> {
+/// Returns whether it deleted it.
+fn delete_host_veth(nl: &mut Netlink, name: &str, owner: &PortOwner) -> Result<bool, CniError> {
     if name.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
     if let Some(l) = nl
         .link_by_name(name)
         .map_err(|e| io_err("look up the host veth", e))?
         && l.alias.as_deref() == Some(owner.tag().as_str())
     {
-        nl.delete_link(l.index)
-            .map_err(|e| io_err("delete the host veth", e))?;
+        return nl
+            .delete_link(l.index)
+            .map_err(|e| io_err("delete the host veth", e));
     }
-    Ok(())
+    Ok(false)
 }
 
 fn del(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
@@ -588,17 +590,22 @@ fn del(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
             Ok(())
         });
         let links = (|| -> Result<(), CniError> {
-            match bridge_backend(conf) {
-                Ok(b) => b
-                    .detach(&owner)
-                    .map_err(|e| io_err("detach from the bridge", e))?,
-                Err(e) => warn!("DEL without bridge backend: {e}"),
-            }
+            // The recorded host veth (checked by its owner tag) is the quick way; the backend's detach
+            // finds ports by tag (a link dump for Linux) and removes OVS port records.
             let mut nl = Netlink::new().map_err(|e| io_err("open netlink", e))?;
-            if let Some(st) = &st {
-                delete_host_veth(&mut nl, &st.host_veth, &owner)?;
+            let deleted = match &st {
+                Some(st) => delete_host_veth(&mut nl, &st.host_veth, &owner)?,
+                None => false,
+            };
+            if !deleted || conf.bridge_kind != BridgeKind::Linux {
+                match bridge_backend(conf) {
+                    Ok(b) => b
+                        .detach(&owner)
+                        .map_err(|e| io_err("detach from the bridge", e))?,
+                    Err(e) => warn!("DEL without bridge backend: {e}"),
+                }
             }
-            if !env.netns.is_empty() && netns::exists(Path::new(&env.netns)) {
+            if !deleted && !env.netns.is_empty() && netns::exists(Path::new(&env.netns)) {
                 let mut pnl = Netlink::in_netns(Path::new(&env.netns))
                     .map_err(|e| io_err("open netlink in the pod netns", e))?;
                 pnl.delete_link_by_name(&env.ifname)
@@ -797,7 +804,11 @@ fn gc(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
             errors.push(format!("masquerade of {}: {e}", st.container_id));
             continue;
         }
-        if let Err(e) = delete_host_veth(&mut nl, &st.host_veth, &owner) {
+        if let Err(e) = delete_host_veth(&mut nl, &st.host_veth, &owner).and_then(|_| {
+            bridge_backend(conf)?
+                .detach(&owner)
+                .map_err(|e| io_err("detach from the bridge", e))
+        }) {
             errors.push(e.to_string());
         }
         if let Some(d) = &dlg
