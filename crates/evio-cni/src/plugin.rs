@@ -12,7 +12,7 @@ use evio_cni_types::env::{Command, Env};
 use evio_cni_types::result::{CniResult, Interface, IpConfig, Route};
 use evio_cni_types::version::Version;
 use evio_cni_types::{CniError, ErrorCode};
-use evio_netlink::{LinkChange, Netlink, RouteSpec, arp, netns, sysctl};
+use evio_netlink::{LinkChange, Netlink, RouteSpec, netns, sysctl};
 use ipnet::IpNet;
 use serde_json::Value;
 use tracing::{debug, info, warn};
@@ -193,6 +193,7 @@ struct Rollback<'a> {
     /// Set once the veth is a bridge port (OVS keeps a database row for it that must go too).
     port_owner: Option<PortOwner>,
     masq_ips: Vec<IpAddr>,
+    masq_pending: Option<evio_firewall::Pending>,
     state: bool,
     env: &'a Env,
 }
@@ -201,6 +202,9 @@ impl Rollback<'_> {
     fn run(&mut self, bridge: &dyn Bridge) {
         if let Some(c) = self.child.take() {
             let _ = c.wait_with_output();
+        }
+        if let Some(p) = self.masq_pending.take() {
+            let _ = p.wait();
         }
         if !self.masq_ips.is_empty()
             && let Err(e) = evio_firewall::remove(&self.masq_ips)
@@ -266,6 +270,7 @@ fn add(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
         host_veth: None,
         port_owner: None,
         masq_ips: Vec::new(),
+        masq_pending: None,
         state: false,
         env,
     };
@@ -317,14 +322,31 @@ fn add_steps<'a>(
         .link_by_name(&env.ifname)
         .map_err(|e| io_err("look up the pod interface", e))?
         .ok_or_else(|| CniError::new(ErrorCode::Io, "the pod interface vanished"))?;
-    pnl.set_link(
-        pod_link.index,
-        &LinkChange {
-            up: true,
-            ..Default::default()
-        },
-    )
-    .map_err(|e| io_err("bring the pod interface up", e))?;
+    // Gratuitous ARP without an AF_PACKET socket (closing one costs a synchronize_net(), milliseconds):
+    // with arp_notify on, re-setting the interface's own MAC once it has its addresses makes the kernel
+    // announce them (done after the routes, below).
+    let key = format!("net/ipv4/conf/{}/arp_notify", env.ifname);
+    let notify = netns::run_in(Path::new(&env.netns), || sysctl::set(&key, "1"))
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    if let Err(e) = &notify {
+        warn!("arp_notify on {}: {e}", env.ifname);
+    }
+
+    // Both ends up now, so their queues are active (linkwatch) long before the gratuitous ARP below.
+    let up = LinkChange {
+        up: true,
+        ..Default::default()
+    };
+    pnl.set_link(pod_link.index, &up)
+        .map_err(|e| io_err("bring the pod interface up", e))?;
+    if let Some(h) = nl
+        .link_by_name(&host)
+        .map_err(|e| io_err("look up the host veth", e))?
+    {
+        nl.set_link(h.index, &up)
+            .map_err(|e| io_err("bring the host veth up", e))?;
+    }
 
     let child = rb.child.take().expect("IPAM started");
     let out = dlg.finish(child, "ADD")?;
@@ -390,6 +412,19 @@ fn add_steps<'a>(
     }
     fail_point("gateway")?;
 
+    // The masquerade transaction (an nft run) proceeds while we configure the pod.
+    let pod_ips: Vec<IpAddr> = ips.iter().map(|i| i.address.addr()).collect();
+    if conf.ip_masq {
+        let key = evio_firewall::attachment_key(&conf.name, &env.container_id, &env.ifname);
+        let mut no_masq: Vec<IpNet> = ips.iter().map(|i| i.address.trunc()).collect();
+        no_masq.extend(conf.no_masq.iter().copied());
+        rb.masq_ips = pod_ips.clone();
+        rb.masq_pending = Some(
+            evio_firewall::start_add(&key, &pod_ips, &no_masq)
+                .map_err(|e| io_err("IP masquerade", e))?,
+        );
+    }
+
     for ip in &ips {
         pnl.add_address(pod_link.index, &ip.address)
             .map_err(|e| io_err("add the pod address", e))?;
@@ -427,37 +462,33 @@ fn add_steps<'a>(
     }
     fail_point("routes")?;
 
-    if let Some(mac) = pod_link.mac {
-        let v4: Vec<_> = ips
-            .iter()
-            .filter_map(|i| {
-                if let IpAddr::V4(a) = i.address.addr() {
-                    Some(a)
-                } else {
-                    None
+    if notify.is_ok()
+        && let Some(mac) = pod_link.mac
+        && ips.iter().any(|i| i.address.addr().is_ipv4())
+    {
+        // Until the kernel has activated the interface's queues (linkwatch, asynchronous after the carrier
+        // comes up) it drops what it sends: wait for that, briefly.
+        for _ in 0..100 {
+            match pnl.link_by_index(pod_link.index) {
+                Ok(Some(l)) if l.qdisc.as_deref() == Some("noop") => {
+                    std::thread::sleep(std::time::Duration::from_micros(500))
                 }
-            })
-            .collect();
-        let idx = pod_link.index;
-        let garp = netns::run_in(Path::new(&env.netns), || {
-            v4.iter()
-                .try_for_each(|a| arp::send_gratuitous(idx, mac, *a))
-        });
-        if let Err(e) = garp
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()))
-        {
+                _ => break,
+            }
+        }
+        if let Err(e) = pnl.set_link(
+            pod_link.index,
+            &LinkChange {
+                mac: Some(mac),
+                ..Default::default()
+            },
+        ) {
             warn!("gratuitous ARP: {e}");
         }
     }
 
-    let pod_ips: Vec<IpAddr> = ips.iter().map(|i| i.address.addr()).collect();
-    if conf.ip_masq {
-        let key = evio_firewall::attachment_key(&conf.name, &env.container_id, &env.ifname);
-        let mut no_masq: Vec<IpNet> = ips.iter().map(|i| i.address.trunc()).collect();
-        no_masq.extend(conf.no_masq.iter().copied());
-        rb.masq_ips = pod_ips.clone();
-        evio_firewall::add(&key, &pod_ips, &no_masq).map_err(|e| io_err("IP masquerade", e))?;
+    if let Some(p) = rb.masq_pending.take() {
+        p.wait().map_err(|e| io_err("IP masquerade", e))?;
     }
     fail_point("masq")?;
 
@@ -521,19 +552,21 @@ fn first_host(n: &IpNet) -> Option<IpAddr> {
 }
 
 /// Removes the host veth recorded in `st` (only if it still carries the owner tag).
-fn delete_host_veth(nl: &mut Netlink, name: &str, owner: &PortOwner) -> Result<(), CniError> {
+/// Returns whether it deleted it.
+fn delete_host_veth(nl: &mut Netlink, name: &str, owner: &PortOwner) -> Result<bool, CniError> {
     if name.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
     if let Some(l) = nl
         .link_by_name(name)
         .map_err(|e| io_err("look up the host veth", e))?
         && l.alias.as_deref() == Some(owner.tag().as_str())
     {
-        nl.delete_link(l.index)
-            .map_err(|e| io_err("delete the host veth", e))?;
+        return nl
+            .delete_link(l.index)
+            .map_err(|e| io_err("delete the host veth", e));
     }
-    Ok(())
+    Ok(false)
 }
 
 fn del(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
@@ -550,34 +583,38 @@ fn del(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
     let ipam_conf = dlg.as_ref().map(|d| conf.for_delegate(&d.version, None));
     let needs_fw = st.as_ref().map(|s| s.masq).unwrap_or(conf.ip_masq);
     // The address is released only after its masquerade entry is gone, so a new pod that gets it next is
-    // never hit by our removal. Without masquerade, IPAM DEL runs alongside the veth removal.
-    let mut ipam_child = match (&dlg, &ipam_conf, needs_fw) {
-        (Some(d), Some(c), false) => Some(d.spawn("DEL", c, None)?),
-        _ => None,
-    };
-    let (fw, links) = std::thread::scope(|s| {
-        let fw = s.spawn(|| -> Result<(), CniError> {
-            if !needs_fw {
-                return Ok(());
+    // never hit by our removal; both run alongside the veth removal.
+    let (fw_ipam, links) = std::thread::scope(|s| {
+        let fw_ipam = s.spawn(|| -> Result<(), CniError> {
+            if needs_fw {
+                match &st {
+                    Some(st) => evio_firewall::remove(&st.ips),
+                    None => evio_firewall::remove_key(&key).map(|_| ()),
+                }
+                .map_err(|e| io_err("remove IP masquerade", e))?;
             }
-            match &st {
-                Some(st) => evio_firewall::remove(&st.ips),
-                None => evio_firewall::remove_key(&key).map(|_| ()),
+            if let (Some(d), Some(c)) = (&dlg, &ipam_conf) {
+                d.run("DEL", c, None)?;
             }
-            .map_err(|e| io_err("remove IP masquerade", e))
+            Ok(())
         });
         let links = (|| -> Result<(), CniError> {
-            match bridge_backend(conf) {
-                Ok(b) => b
-                    .detach(&owner)
-                    .map_err(|e| io_err("detach from the bridge", e))?,
-                Err(e) => warn!("DEL without bridge backend: {e}"),
-            }
+            // The recorded host veth (checked by its owner tag) is the quick way; the backend's detach
+            // finds ports by tag (a link dump for Linux) and removes OVS port records.
             let mut nl = Netlink::new().map_err(|e| io_err("open netlink", e))?;
-            if let Some(st) = &st {
-                delete_host_veth(&mut nl, &st.host_veth, &owner)?;
+            let deleted = match &st {
+                Some(st) => delete_host_veth(&mut nl, &st.host_veth, &owner)?,
+                None => false,
+            };
+            if !deleted || conf.bridge_kind != BridgeKind::Linux {
+                match bridge_backend(conf) {
+                    Ok(b) => b
+                        .detach(&owner)
+                        .map_err(|e| io_err("detach from the bridge", e))?,
+                    Err(e) => warn!("DEL without bridge backend: {e}"),
+                }
             }
-            if !env.netns.is_empty() && netns::exists(Path::new(&env.netns)) {
+            if !deleted && !env.netns.is_empty() && netns::exists(Path::new(&env.netns)) {
                 let mut pnl = Netlink::in_netns(Path::new(&env.netns))
                     .map_err(|e| io_err("open netlink in the pod netns", e))?;
                 pnl.delete_link_by_name(&env.ifname)
@@ -585,22 +622,12 @@ fn del(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
             }
             Ok(())
         })();
-        (fw.join(), links)
+        (fw_ipam.join(), links)
     });
-    let fw = fw.unwrap_or_else(|_| Err(CniError::new(ErrorCode::Io, "firewall thread panicked")));
-    if let (Some(d), Some(c)) = (&dlg, &ipam_conf)
-        && ipam_child.is_none()
-        && fw.is_ok()
-    {
-        ipam_child = Some(d.spawn("DEL", c, None)?);
-    }
-    let ipam_r = match (&dlg, ipam_child) {
-        (Some(d), Some(child)) => d.finish(child, "DEL").map(|_| ()),
-        _ => Ok(()),
-    };
-    fw?;
+    let fw_ipam =
+        fw_ipam.unwrap_or_else(|_| Err(CniError::new(ErrorCode::Io, "DEL thread panicked")));
+    fw_ipam?;
     links?;
-    ipam_r?;
     State::remove(&conf.state_dir, &conf.name, &env.container_id, &env.ifname);
     info!(container = %env.container_id, "DEL done");
     Ok(Output::Nothing)
@@ -786,7 +813,11 @@ fn gc(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
             errors.push(format!("masquerade of {}: {e}", st.container_id));
             continue;
         }
-        if let Err(e) = delete_host_veth(&mut nl, &st.host_veth, &owner) {
+        if let Err(e) = delete_host_veth(&mut nl, &st.host_veth, &owner).and_then(|_| {
+            bridge_backend(conf)?
+                .detach(&owner)
+                .map_err(|e| io_err("detach from the bridge", e))
+        }) {
             errors.push(e.to_string());
         }
         if let Some(d) = &dlg
