@@ -195,37 +195,44 @@ impl Store {
         }
         let co = opts.connect_options()?;
         let endpoints = opts.endpoints.join(",");
-        let client =
-            match tokio::time::timeout(opts.timeout, Client::connect(&opts.endpoints, Some(co)))
-                .await
-            {
-                Err(_) => {
-                    return Err(StoreError::Unreachable {
-                        endpoints,
-                        what: "connect",
+        // Keep trying until the bound while etcd refuses connections (starting, restarting): only the
+        // deadline, a TLS failure or a refusal by etcd itself (e.g. authentication) ends the loop.
+        let deadline = tokio::time::Instant::now() + opts.timeout;
+        let mut last = String::from("timed out");
+        loop {
+            let attempt = async {
+                let mut client = Client::connect(&opts.endpoints, Some(co.clone())).await?;
+                let probe = GetOptions::new().with_keys_only().with_limit(1);
+                client.get(keys::PREFIX, Some(probe)).await?;
+                Ok::<_, etcd_client::Error>(client)
+            };
+            let unreachable = |detail: String| StoreError::Unreachable {
+                endpoints: endpoints.clone(),
+                what: "connect",
+                timeout: opts.timeout,
+                detail,
+            };
+            match tokio::time::timeout_at(deadline, attempt).await {
+                Err(_) => return Err(unreachable(last)),
+                Ok(Ok(client)) => {
+                    return Ok(Store {
+                        client,
                         timeout: opts.timeout,
-                        detail: "timed out".into(),
+                        endpoints,
                     });
                 }
-                Ok(Err(e)) => return Err(classify(&endpoints, "connect", opts.timeout, e)),
-                Ok(Ok(c)) => c,
-            };
-        let store = Store {
-            client,
-            timeout: opts.timeout,
-            endpoints,
-        };
-        let mut c = store.client.clone();
-        store
-            .op(
-                "connect",
-                c.get(
-                    keys::PREFIX,
-                    Some(GetOptions::new().with_keys_only().with_limit(1)),
-                ),
-            )
-            .await?;
-        Ok(store)
+                Ok(Err(e)) => match classify(&endpoints, "connect", opts.timeout, e) {
+                    StoreError::Unreachable { detail, .. } => {
+                        if tokio::time::Instant::now() + Duration::from_millis(100) >= deadline {
+                            return Err(unreachable(detail));
+                        }
+                        last = detail;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    other => return Err(other),
+                },
+            }
+        }
     }
 
     /// The bound applied to every request.

@@ -228,6 +228,27 @@ fn watch_sees_changes_after_its_snapshot() {
                 subnet: Some(c.subnet)
             }
         );
+        let pool = "10.10.0.0/16".parse().unwrap();
+        let a = store.claim_address(&pool, "after", None).await.unwrap();
+        store.release_address("after").await.unwrap();
+        let e = tokio::time::timeout(Duration::from_secs(5), w.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(e, StoreEvent::AddressClaimed(a.clone()));
+        let e = tokio::time::timeout(Duration::from_secs(5), w.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            e,
+            StoreEvent::AddressReleased {
+                node: "after".into(),
+                address: Some(a.address)
+            }
+        );
+        // Nothing else: the by-subnet/by-address index keys produce no events of their own.
+        assert!(w.try_next().is_none());
     });
 }
 
