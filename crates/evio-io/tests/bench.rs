@@ -5,7 +5,7 @@
 //! `cargo test --release -p evio-io --test bench -- --ignored --nocapture`
 //!
 //! Env: `EVIO_BENCH_ROUNDS` (default 3), `EVIO_BENCH_SECS` (default 5), `EVIO_BENCH_ONLY` (comma
-//! separated config indices, e.g. `1,3`).
+//! separated config indices, e.g. `1,3`), `EVIO_BENCH_GSO_MAX` (sets the TUNs' `gso_max_size`).
 
 mod common;
 
@@ -129,6 +129,19 @@ fn forwarder_throughput() {
                 Some((tun, udp)) => Topology::new(*tun, *tun, *udp),
             };
             let dst = if cfg.is_none() { B_UNDER } else { B_V4 };
+            if let (Some(_), Ok(max)) = (cfg, std::env::var("EVIO_BENCH_GSO_MAX")) {
+                for side in [&t.a, &t.b] {
+                    side.ns.exec_ok(&[
+                        "ip",
+                        "link",
+                        "set",
+                        "dev",
+                        &side.tun_name,
+                        "gso_max_size",
+                        &max,
+                    ]);
+                }
+            }
             let cpu0 = process_cpu();
             let wall = std::time::Instant::now();
             let (gbps, cpu_a, cpu_b) = iperf(&t, dst, secs);

@@ -32,17 +32,17 @@ fn recv_all(u: &mut UdpBatch, want: usize) -> Vec<(SocketAddr, Vec<u8>)> {
     got
 }
 
-fn run(offload: bool) {
-    let mut tx =
-        UdpBatch::with_offloads(UdpSocket::bind("127.0.0.1:0").unwrap(), offload, offload).unwrap();
-    let mut rx1 =
-        UdpBatch::with_offloads(UdpSocket::bind("127.0.0.1:0").unwrap(), offload, offload).unwrap();
+fn run(offload: bool, dual_stack: bool) {
+    let any = if dual_stack { "[::]:0" } else { "127.0.0.1:0" };
+    let open = || UdpBatch::with_offloads(UdpSocket::bind(any).unwrap(), offload, offload).unwrap();
+    let (mut tx, mut rx1) = (open(), open());
     let mut rx2 =
         UdpBatch::with_offloads(UdpSocket::bind("127.0.0.1:0").unwrap(), offload, offload).unwrap();
     for u in [&tx, &rx1, &rx2] {
         u.set_buffer_sizes(4 << 20).unwrap();
     }
-    let (d1, d2) = (rx1.local_addr().unwrap(), rx2.local_addr().unwrap());
+    let lo = |a: SocketAddr| SocketAddr::new([127, 0, 0, 1].into(), a.port());
+    let (d1, d2) = (lo(rx1.local_addr().unwrap()), rx2.local_addr().unwrap());
     let mut sb = SendBatch::new(256, 256 * 1500);
     let mut want1 = Vec::new();
     let mut want2 = Vec::new();
@@ -76,10 +76,10 @@ fn run(offload: bool) {
     assert_eq!(n, sb.len());
     let got1 = recv_all(&mut rx1, want1.len());
     let got2 = recv_all(&mut rx2, want2.len());
-    let me = tx.local_addr().unwrap();
+    let me = lo(tx.local_addr().unwrap());
     assert!(
         got1.iter().chain(&got2).all(|(a, _)| *a == me),
-        "source address"
+        "source address (IPv4, unmapped)"
     );
     let g1: Vec<Vec<u8>> = got1.into_iter().map(|(_, d)| d).collect();
     let g2: Vec<Vec<u8>> = got2.into_iter().map(|(_, d)| d).collect();
@@ -106,10 +106,17 @@ fn run(offload: bool) {
 
 #[test]
 fn gso_gro_batches_arrive_whole() {
-    run(true);
+    run(true, false);
+}
+
+/// IPv4 destinations and sources through dual-stack IPv6 sockets (mapped addresses).
+#[test]
+fn dual_stack_sockets() {
+    run(true, true);
+    run(false, true);
 }
 
 #[test]
 fn without_offloads_sendmmsg_recvmmsg() {
-    run(false);
+    run(false, false);
 }
