@@ -711,3 +711,24 @@ fn groups_stay_under_64k() {
         c.unit_count()
     );
 }
+
+#[test]
+fn corrupt_segment_is_not_merged() {
+    let t = Tcp::v4();
+    let mut pkts = flow(&t, 4, 1000, 1000);
+    pkts[2][100] ^= 0x40; // payload bit flip: TCP checksum no longer verifies
+    assert!(!checksums_ok(&pkts[2]));
+    let b = batch_of(&pkts);
+    let mut c = Coalescer::new();
+    c.plan(&b);
+    let units: Vec<Unit> = c.units().collect();
+    assert_eq!(
+        units,
+        vec![Unit::Group(0), Unit::Single(2), Unit::Single(3)]
+    );
+    assert_eq!(c.member_count(0), 2);
+    // Without verification it would be merged (and the kernel would never see the bad checksum).
+    c.set_verify_checksums(false);
+    c.plan(&b);
+    assert_eq!(c.units().collect::<Vec<_>>(), vec![Unit::Group(0)]);
+}
