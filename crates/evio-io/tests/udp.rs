@@ -32,16 +32,27 @@ fn recv_all(u: &mut UdpBatch, want: usize) -> Vec<(SocketAddr, Vec<u8>)> {
     got
 }
 
-fn run(offload: bool, dual_stack: bool) {
-    let any = if dual_stack { "[::]:0" } else { "127.0.0.1:0" };
-    let open = || UdpBatch::with_offloads(UdpSocket::bind(any).unwrap(), offload, offload).unwrap();
-    let (mut tx, mut rx1) = (open(), open());
-    let mut rx2 =
-        UdpBatch::with_offloads(UdpSocket::bind("127.0.0.1:0").unwrap(), offload, offload).unwrap();
+#[derive(Clone, Copy, PartialEq)]
+enum Family {
+    V4,
+    /// `[::]` sockets talking to IPv4 addresses.
+    DualStack,
+    V6,
+}
+
+fn run(offload: bool, fam: Family) {
+    let (any, other, loopback): (&str, &str, std::net::IpAddr) = match fam {
+        Family::V4 => ("127.0.0.1:0", "127.0.0.1:0", [127, 0, 0, 1].into()),
+        Family::DualStack => ("[::]:0", "127.0.0.1:0", [127, 0, 0, 1].into()),
+        Family::V6 => ("[::1]:0", "[::1]:0", std::net::Ipv6Addr::LOCALHOST.into()),
+    };
+    let open =
+        |a: &str| UdpBatch::with_offloads(UdpSocket::bind(a).unwrap(), offload, offload).unwrap();
+    let (mut tx, mut rx1, mut rx2) = (open(any), open(any), open(other));
     for u in [&tx, &rx1, &rx2] {
         u.set_buffer_sizes(4 << 20).unwrap();
     }
-    let lo = |a: SocketAddr| SocketAddr::new([127, 0, 0, 1].into(), a.port());
+    let lo = |a: SocketAddr| SocketAddr::new(loopback, a.port());
     let (d1, d2) = (lo(rx1.local_addr().unwrap()), rx2.local_addr().unwrap());
     let mut sb = SendBatch::new(256, 256 * 1500);
     let mut want1 = Vec::new();
@@ -106,17 +117,23 @@ fn run(offload: bool, dual_stack: bool) {
 
 #[test]
 fn gso_gro_batches_arrive_whole() {
-    run(true, false);
+    run(true, Family::V4);
 }
 
 /// IPv4 destinations and sources through dual-stack IPv6 sockets (mapped addresses).
 #[test]
 fn dual_stack_sockets() {
-    run(true, true);
-    run(false, true);
+    run(true, Family::DualStack);
+    run(false, Family::DualStack);
+}
+
+#[test]
+fn ipv6_sockets() {
+    run(true, Family::V6);
+    run(false, Family::V6);
 }
 
 #[test]
 fn without_offloads_sendmmsg_recvmmsg() {
-    run(false, false);
+    run(false, Family::V4);
 }
