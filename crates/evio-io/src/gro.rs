@@ -13,7 +13,7 @@
 //! super-packet in one buffer (tests, or callers that want a contiguous copy).
 
 use crate::batch::PacketBatch;
-use crate::checksum::{fold, ipv4_header, pseudo_header};
+use crate::checksum::{fold, ipv4_header, pseudo_header, sum};
 use crate::vnet::{F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, VNET_HDR_LEN, VirtioNetHdr};
 
 /// Largest IP packet a group may grow to (IPv4 total length / IPv6 payload length are 16 bits).
@@ -53,10 +53,21 @@ pub enum Unit {
 
 /// Plans which packets of a batch to merge. Reusable; allocates only when a batch larger than any
 /// before is planned.
-#[derive(Default, Debug)]
+#[derive(Debug)]
 pub struct Coalescer {
     groups: Vec<Group>,
     next: Vec<u32>,
+    verify: bool,
+}
+
+impl Default for Coalescer {
+    fn default() -> Coalescer {
+        Coalescer {
+            groups: Vec::new(),
+            next: Vec::new(),
+            verify: true,
+        }
+    }
 }
 
 /// Parsed facts about a TCP packet.
@@ -112,6 +123,17 @@ fn parse_tcp(p: &[u8]) -> Option<Tcp> {
     })
 }
 
+/// The TCP checksum of `p` (IP header length `iphlen`) verifies.
+fn tcp_checksum_ok(p: &[u8], iphlen: usize) -> bool {
+    let (src, dst) = if iphlen == 20 {
+        (12..16, 16..20)
+    } else {
+        (8..24, 24..40)
+    };
+    let ps = pseudo_header(&p[src], &p[dst], 6, (p.len() - iphlen) as u32);
+    fold(sum(&p[iphlen..], ps)) == 0xffff
+}
+
 const ACK: u8 = 0x10;
 const PSH: u8 = 0x08;
 
@@ -141,6 +163,14 @@ impl Coalescer {
         Coalescer::default()
     }
 
+    /// Whether a segment's TCP checksum must verify before it may be merged (on by default). The
+    /// kernel does not check the checksum of a coalesced packet (it is marked partial), so without
+    /// this a corrupt segment would be accepted; with it, such a segment is written alone and the
+    /// kernel drops it, as its own GRO would. Costs one pass over the payload.
+    pub fn set_verify_checksums(&mut self, on: bool) {
+        self.verify = on;
+    }
+
     /// Groups the packets of `batch`; then iterate [`units`](Self::units).
     pub fn plan(&mut self, batch: &PacketBatch) {
         self.groups.clear();
@@ -152,7 +182,10 @@ impl Coalescer {
                 self.push_single(i, false);
                 continue;
             };
-            let candidate = t.payload > 0 && t.flags & ACK != 0 && t.flags & !(ACK | PSH) == 0;
+            let candidate = t.payload > 0
+                && t.flags & ACK != 0
+                && t.flags & !(ACK | PSH) == 0
+                && (!self.verify || tcp_checksum_ok(p, t.iphlen));
             // The newest group of this connection, if any.
             let mut found = None;
             for (gi, g) in self.groups.iter().enumerate().rev() {

@@ -70,7 +70,12 @@ pub struct TunStats {
     pub max_coalesced: u64,
     /// Packets dropped: malformed offload reads, writes the kernel refused.
     pub drops: u64,
+    /// Coalesced writes the kernel refused (their segments were then written one by one).
+    pub coalesce_failures: u64,
 }
+
+/// After this many refused coalesced writes, a queue stops coalescing.
+const MAX_COALESCE_FAILURES: u64 = 8;
 
 /// Offload flags the device accepted (`TUN_F_*`), 0 without offloads.
 pub type OffloadFlags = u32;
@@ -185,6 +190,12 @@ impl Tun {
     /// Turns write coalescing on or off (only matters with offloads).
     pub fn set_coalesce(&mut self, on: bool) {
         self.opts.coalesce = on;
+    }
+
+    /// Whether TCP checksums are verified before segments are merged (default on; see
+    /// [`Coalescer::set_verify_checksums`]).
+    pub fn set_verify_checksums(&mut self, on: bool) {
+        self.coalescer.set_verify_checksums(on);
     }
 
     /// Whether segments of a read super-packet wait for the next [`read_batch`](Self::read_batch)
@@ -313,17 +324,15 @@ impl Tun {
                 coalescer,
                 hdr,
                 stats,
+                opts,
                 ..
             } = self;
             for unit in coalescer.units() {
                 stats.writes += 1;
-                let (res, count) = match unit {
-                    Unit::Single(i) => (
-                        write_all_vectored(
-                            file,
-                            &[IoSlice::new(&ZERO_HDR), IoSlice::new(pkts.get(i))],
-                        ),
-                        1,
+                let res = match unit {
+                    Unit::Single(i) => write_all_vectored(
+                        file,
+                        &[IoSlice::new(&ZERO_HDR), IoSlice::new(pkts.get(i))],
                     ),
                     Unit::Group(gi) => {
                         let n = coalescer.header(pkts, gi, hdr);
@@ -335,17 +344,39 @@ impl Tun {
                             iov[k] = IoSlice::new(&pkts.get(m)[hlen..]);
                             k += 1;
                         }
-                        stats.coalesced_writes += 1;
-                        stats.max_coalesced = stats.max_coalesced.max((k - 1) as u64);
-                        (write_all_vectored(file, &iov[..k]), k - 1)
+                        match write_all_vectored(file, &iov[..k]) {
+                            Ok(()) => {
+                                stats.coalesced_writes += 1;
+                                stats.max_coalesced = stats.max_coalesced.max((k - 1) as u64);
+                                written += k - 1;
+                                continue;
+                            }
+                            Err(e) => {
+                                // The kernel refused the super-packet: never lose the segments for
+                                // it, write them one by one; stop coalescing if this keeps happening.
+                                stats.coalesce_failures += 1;
+                                tracing::debug!(error = %e, "coalesced tun write refused, writing segments");
+                                if stats.coalesce_failures >= MAX_COALESCE_FAILURES && opts.coalesce
+                                {
+                                    tracing::warn!(error = %e, "tun refuses coalesced packets, coalescing off");
+                                    opts.coalesce = false;
+                                }
+                                for m in coalescer.members(gi) {
+                                    stats.writes += 1;
+                                    let iov = [IoSlice::new(&ZERO_HDR), IoSlice::new(pkts.get(m))];
+                                    match write_all_vectored(file, &iov) {
+                                        Ok(()) => written += 1,
+                                        Err(e) => note_err(stats, &mut first_err, e),
+                                    }
+                                }
+                                continue;
+                            }
+                        }
                     }
                 };
                 match res {
-                    Ok(()) => written += count,
-                    Err(e) => {
-                        note_err(stats, &mut first_err, e);
-                        stats.drops += count as u64 - 1;
-                    }
+                    Ok(()) => written += 1,
+                    Err(e) => note_err(stats, &mut first_err, e),
                 }
             }
         }

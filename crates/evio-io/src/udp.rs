@@ -139,12 +139,13 @@ impl UdpBatch {
             } else {
                 meta.stride
             };
+            let addr = unmap(meta.addr);
             let mut k = 0;
             if meta.len == 0 {
                 b.dgrams.push(Dgram {
                     off: base as u32,
                     len: 0,
-                    addr: meta.addr,
+                    addr,
                 });
                 k = 1;
             }
@@ -154,7 +155,7 @@ impl UdpBatch {
                 b.dgrams.push(Dgram {
                     off: (base + off) as u32,
                     len: len as u32,
-                    addr: meta.addr,
+                    addr,
                 });
                 off += len;
                 k += 1;
@@ -335,6 +336,17 @@ impl UdpBatch {
 /// Datagrams per `sendmmsg` call.
 pub const MMSG_BATCH: usize = 64;
 
+/// A source address as the peer would name it: IPv4-mapped IPv6 (from a dual-stack socket) as IPv4.
+fn unmap(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => a,
+        },
+        v4 => v4,
+    }
+}
+
 /// An IPv4 destination on an IPv6 (dual-stack) socket must be given as an IPv4-mapped address.
 fn map_addr(a: SocketAddr, v6_socket: bool) -> SocketAddr {
     match a {
@@ -437,7 +449,8 @@ impl RecvBatch {
         self.dgrams.is_empty()
     }
 
-    /// Datagram `i`: its source and payload.
+    /// Datagram `i`: its source (IPv4-mapped addresses of a dual-stack socket given as IPv4) and
+    /// payload.
     pub fn get(&self, i: usize) -> (SocketAddr, &[u8]) {
         let d = &self.dgrams[i];
         (d.addr, &self.buf[d.off as usize..(d.off + d.len) as usize])

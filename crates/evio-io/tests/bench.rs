@@ -5,7 +5,7 @@
 //! `cargo test --release -p evio-io --test bench -- --ignored --nocapture`
 //!
 //! Env: `EVIO_BENCH_ROUNDS` (default 3), `EVIO_BENCH_SECS` (default 5), `EVIO_BENCH_ONLY` (comma
-//! separated config indices, e.g. `1,3`).
+//! separated config indices, e.g. `1,3`), `EVIO_BENCH_GSO_MAX` (sets the TUNs' `gso_max_size`).
 
 mod common;
 
@@ -77,6 +77,17 @@ fn json_num(j: &str, section: &str, field: &str) -> f64 {
     f[..end].trim().parse().expect("number")
 }
 
+/// CPU seconds (user + system) used by this process so far: both forwarder threads (and the
+/// idle test harness) when a benchmark round runs.
+fn process_cpu() -> f64 {
+    // SAFETY: getrusage fills the zeroed rusage struct that lives across the call.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; RUSAGE_SELF is always valid.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
+}
+
 fn selected(i: usize) -> bool {
     match std::env::var("EVIO_BENCH_ONLY") {
         Ok(v) => v.split(',').any(|x| x.trim().parse() == Ok(i)),
@@ -118,10 +129,27 @@ fn forwarder_throughput() {
                 Some((tun, udp)) => Topology::new(*tun, *tun, *udp),
             };
             let dst = if cfg.is_none() { B_UNDER } else { B_V4 };
+            if let (Some(_), Ok(max)) = (cfg, std::env::var("EVIO_BENCH_GSO_MAX")) {
+                for side in [&t.a, &t.b] {
+                    side.ns.exec_ok(&[
+                        "ip",
+                        "link",
+                        "set",
+                        "dev",
+                        &side.tun_name,
+                        "gso_max_size",
+                        &max,
+                    ]);
+                }
+            }
+            let cpu0 = process_cpu();
+            let wall = std::time::Instant::now();
             let (gbps, cpu_a, cpu_b) = iperf(&t, dst, secs);
+            let fwd_cpu = (process_cpu() - cpu0) / wall.elapsed().as_secs_f64() * 100.0;
             let st = t.stop();
             eprintln!(
-                "round {r} {name}: {gbps:.2} Gb/s (iperf3 cpu sender {cpu_a:.0}%, receiver {cpu_b:.0}%)"
+                "round {r} {name}: {gbps:.2} Gb/s (both forwarders {fwd_cpu:.0}% of a core; \
+                 iperf3 cpu sender {cpu_a:.0}%, receiver {cpu_b:.0}%)"
             );
             results[i].push(gbps);
             last_stats[i] = Some(st);

@@ -32,17 +32,28 @@ fn recv_all(u: &mut UdpBatch, want: usize) -> Vec<(SocketAddr, Vec<u8>)> {
     got
 }
 
-fn run(offload: bool) {
-    let mut tx =
-        UdpBatch::with_offloads(UdpSocket::bind("127.0.0.1:0").unwrap(), offload, offload).unwrap();
-    let mut rx1 =
-        UdpBatch::with_offloads(UdpSocket::bind("127.0.0.1:0").unwrap(), offload, offload).unwrap();
-    let mut rx2 =
-        UdpBatch::with_offloads(UdpSocket::bind("127.0.0.1:0").unwrap(), offload, offload).unwrap();
+#[derive(Clone, Copy, PartialEq)]
+enum Family {
+    V4,
+    /// `[::]` sockets talking to IPv4 addresses.
+    DualStack,
+    V6,
+}
+
+fn run(offload: bool, fam: Family) {
+    let (any, other, loopback): (&str, &str, std::net::IpAddr) = match fam {
+        Family::V4 => ("127.0.0.1:0", "127.0.0.1:0", [127, 0, 0, 1].into()),
+        Family::DualStack => ("[::]:0", "127.0.0.1:0", [127, 0, 0, 1].into()),
+        Family::V6 => ("[::1]:0", "[::1]:0", std::net::Ipv6Addr::LOCALHOST.into()),
+    };
+    let open =
+        |a: &str| UdpBatch::with_offloads(UdpSocket::bind(a).unwrap(), offload, offload).unwrap();
+    let (mut tx, mut rx1, mut rx2) = (open(any), open(any), open(other));
     for u in [&tx, &rx1, &rx2] {
         u.set_buffer_sizes(4 << 20).unwrap();
     }
-    let (d1, d2) = (rx1.local_addr().unwrap(), rx2.local_addr().unwrap());
+    let lo = |a: SocketAddr| SocketAddr::new(loopback, a.port());
+    let (d1, d2) = (lo(rx1.local_addr().unwrap()), rx2.local_addr().unwrap());
     let mut sb = SendBatch::new(256, 256 * 1500);
     let mut want1 = Vec::new();
     let mut want2 = Vec::new();
@@ -76,10 +87,10 @@ fn run(offload: bool) {
     assert_eq!(n, sb.len());
     let got1 = recv_all(&mut rx1, want1.len());
     let got2 = recv_all(&mut rx2, want2.len());
-    let me = tx.local_addr().unwrap();
+    let me = lo(tx.local_addr().unwrap());
     assert!(
         got1.iter().chain(&got2).all(|(a, _)| *a == me),
-        "source address"
+        "source address (IPv4, unmapped)"
     );
     let g1: Vec<Vec<u8>> = got1.into_iter().map(|(_, d)| d).collect();
     let g2: Vec<Vec<u8>> = got2.into_iter().map(|(_, d)| d).collect();
@@ -106,10 +117,23 @@ fn run(offload: bool) {
 
 #[test]
 fn gso_gro_batches_arrive_whole() {
-    run(true);
+    run(true, Family::V4);
+}
+
+/// IPv4 destinations and sources through dual-stack IPv6 sockets (mapped addresses).
+#[test]
+fn dual_stack_sockets() {
+    run(true, Family::DualStack);
+    run(false, Family::DualStack);
+}
+
+#[test]
+fn ipv6_sockets() {
+    run(true, Family::V6);
+    run(false, Family::V6);
 }
 
 #[test]
 fn without_offloads_sendmmsg_recvmmsg() {
-    run(false);
+    run(false, Family::V4);
 }
