@@ -482,3 +482,55 @@ fn matrix_relay_flush_and_turn_loss() {
         );
     }
 }
+
+/// coturn with 1-second nonces: requests after that get 438 and the client retries with the new nonce.
+#[test]
+fn turn_stale_nonce_is_renewed() {
+    let lab = Lab::builder(&unique_prefix("nt"))
+        .turn(true)
+        .turn_stale_nonce(1)
+        .site(NatKind::EasyNat, 1)
+        .build()
+        .unwrap();
+    let t = lab.turn().unwrap();
+    let a = lab.site_host(0, 0).udp_socket(0).unwrap();
+    a.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
+    let cfg = TurnConfig {
+        server: t.addr,
+        user: t.user.clone(),
+        password: t.password.clone(),
+    };
+    let mut c = TurnClient::new(cfg, rand::random(), Instant::now());
+    let mut buf = [0u8; 2048];
+    let mut run = |c: &mut TurnClient, d: Duration| {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            while let Some(tx) = c.poll_transmit() {
+                a.send_to(&tx.payload, tx.dst).unwrap();
+            }
+            if let Ok((n, from)) = a.recv_from(&mut buf) {
+                c.handle_input(from, &buf[..n], Instant::now());
+            }
+            let now = Instant::now();
+            if c.poll_timeout().is_some_and(|x| x <= now) {
+                c.handle_timeout(now);
+            }
+        }
+    };
+    run(&mut c, Duration::from_millis(500));
+    let relayed = c.relayed().expect("allocated");
+    std::thread::sleep(Duration::from_millis(2500));
+    c.probe(Instant::now());
+    c.want_permission("198.18.2.1".parse().unwrap(), Instant::now());
+    run(&mut c, Duration::from_secs(1));
+    assert!(
+        c.stale_nonces() >= 1,
+        "coturn did not answer 438; log:\n{}",
+        t.log()
+    );
+    assert!(
+        c.can_send("198.18.2.1:9".parse().unwrap()),
+        "permission after a stale nonce"
+    );
+    assert_eq!((c.relayed(), c.allocations()), (Some(relayed), 1));
+}

@@ -323,3 +323,36 @@ fn relayed_peer_moves_to_direct_when_it_opens() {
     assert_tunnel(&mut sim, a, b);
     eprintln!("relay -> direct after {t:?}");
 }
+
+#[test]
+fn relay_lives_on_through_refreshes_and_stale_nonces() {
+    let mut sim = world(12);
+    let na = sim.add_nat(NatType::Symmetric, "198.18.1.1");
+    let nb = sim.add_nat(NatType::Symmetric, "198.18.1.2");
+    let a = sim.add_node("192.168.1.2:51820", Some(na), true);
+    let b = sim.add_node("192.168.2.2:51820", Some(nb), true);
+    sim.run_for(secs(1));
+    sim.introduce_all();
+    until_paths(&mut sim, a, b, PathKind::Relay, secs(10)).expect("relay");
+    let relayed = sim.nodes[a].agent.turn().unwrap().relayed();
+    // 12 minutes: past the permission (5 min), channel (10 min) and allocation (10 min) lifetimes, with a
+    // new nonce every 2 minutes. The model expires whatever is not refreshed.
+    for _ in 0..6 {
+        sim.turn.as_mut().unwrap().rotate_nonce();
+        sim.run_for(secs(120));
+        assert_tunnel(&mut sim, a, b);
+    }
+    let t = sim.nodes[a].agent.turn().unwrap();
+    assert_eq!(
+        t.relayed(),
+        relayed,
+        "the allocation was lost and made again"
+    );
+    assert_eq!(t.allocations(), 1);
+    assert!(
+        t.stale_nonces() >= 3,
+        "stale nonces handled: {}",
+        t.stale_nonces()
+    );
+    assert_eq!(sim.path(a, b).unwrap().kind, PathKind::Relay);
+}
