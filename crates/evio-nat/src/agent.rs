@@ -604,7 +604,7 @@ impl Agent {
         };
         if p.base == Base::Relay && !self.turn.as_ref().is_some_and(|t| t.can_send(p.remote)) {
             // The relay cannot reach this address yet (permission/channel pending): try a bit later.
-            p.next_check = now + Duration::from_millis(50);
+            p.next_check = now + Duration::from_millis(200);
             return;
         }
         let tid = TransactionId(self.rng.random());

@@ -1,0 +1,93 @@
+//! Measures NAT traversal times in the lab with a real coturn: agent start to server-reflexive candidate,
+//! to TURN allocation, to a direct path between two easy NATs, to a relayed path between two symmetric
+//! NATs, and the time to heal after a conntrack flush of a symmetric NAT. Medians over N runs.
+//!
+//! Run as root: `cargo run -p evio-nat --example nat_bench -- 5`
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Node, drive, path_kind, tunnel_works};
+use evio_lab::{Lab, NatKind, unique_prefix};
+use evio_nat::PathKind;
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn both(nodes: &[Node], a: usize, b: usize, k: PathKind) -> bool {
+    path_kind(nodes, a, b) == Some(k) && path_kind(nodes, b, a) == Some(k)
+}
+
+fn main() {
+    let runs: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let names = [
+        "srflx",
+        "relay allocation",
+        "direct easy<->easy",
+        "relay sym<->sym",
+        "heal after sym flush",
+    ];
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); names.len()];
+    for run in 0..runs {
+        let lab = Lab::builder(&unique_prefix("nb"))
+            .turn(true)
+            .site(NatKind::EasyNat, 1)
+            .site(NatKind::EasyNat, 1)
+            .site(NatKind::Symmetric, 1)
+            .site(NatKind::Symmetric, 1)
+            .build()
+            .expect("lab");
+        let mut nodes: Vec<Node> = (0..4)
+            .map(|i| Node::new(&format!("n{i}"), lab.site_host(i, 0), &lab, true))
+            .collect();
+        let t0 = Instant::now();
+        let (mut direct, mut relay) = (None, None);
+        let ok = drive(&mut nodes, Duration::from_secs(30), |n| {
+            if direct.is_none() && both(n, 0, 1, PathKind::Direct) {
+                direct = Some(t0.elapsed());
+            }
+            if relay.is_none() && both(n, 2, 3, PathKind::Relay) {
+                relay = Some(t0.elapsed());
+            }
+            direct.is_some()
+                && relay.is_some()
+                && n.iter()
+                    .all(|x| x.srflx_at.is_some() && x.relay_at.is_some())
+        });
+        assert!(ok, "run {run}: paths not established");
+        let srflx = nodes.iter().map(|n| n.srflx_at.unwrap()).max().unwrap();
+        let alloc = nodes.iter().map(|n| n.relay_at.unwrap()).max().unwrap();
+        assert!(tunnel_works(&mut nodes, 2, 3));
+        lab.site(2).flush_conntrack().expect("flush");
+        let t1 = Instant::now();
+        assert!(
+            (0..100).any(|_| tunnel_works(&mut nodes, 2, 3)),
+            "run {run}: no heal"
+        );
+        let heal = t1.elapsed();
+        let got = [srflx, alloc, direct.unwrap(), relay.unwrap(), heal];
+        println!(
+            "run {run}: {}",
+            names
+                .iter()
+                .zip(got)
+                .map(|(n, d)| format!("{n} {d:.1?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        for (s, d) in samples.iter_mut().zip(got) {
+            s.push(d);
+        }
+    }
+    println!("medians over {runs} runs (agent start = all four agents created at once):");
+    for (n, s) in names.iter().zip(samples.iter_mut()) {
+        println!("  {n:<22} {:.1?}", median(s));
+    }
+}
