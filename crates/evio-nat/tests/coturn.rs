@@ -6,7 +6,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{Node, WG, drive, path_kind, tunnel_works};
+use common::{Node, drive, path_kind, tunnel_works};
 use evio_lab::{Lab, NatKind, unique_prefix};
 use evio_nat::{CandidateKind, PathKind, TurnClient, TurnConfig, TurnEvent};
 #[test]
