@@ -65,6 +65,9 @@ fn main() {
         let srflx = nodes.iter().map(|n| n.srflx_at.unwrap()).max().unwrap();
         let alloc = nodes.iter().map(|n| n.relay_at.unwrap()).max().unwrap();
         assert!(tunnel_works(&mut nodes, 2, 3));
+        if std::env::var_os("EVIO_NAT_DEBUG").is_some() {
+            eprintln!("--- flush at {:?}", t0.elapsed());
+        }
         lab.site(2).flush_conntrack().expect("flush");
         let t1 = Instant::now();
         assert!(

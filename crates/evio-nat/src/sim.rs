@@ -600,9 +600,15 @@ impl Sim {
     }
 
     /// Sends a tunnel datagram from node `i` to node `j` along `i`'s selected path; false if none.
+    ///
+    /// The datagram is a stand-in for a WireGuard message: type 4, then the sender's key (which plays the
+    /// part of the tunnel's authentication: the receiver then calls [`Agent::tunnel_from`]), then `payload`.
     pub fn send_tunnel(&mut self, i: usize, j: usize, payload: &[u8]) -> bool {
         let peer = self.nodes[j].key;
-        let Some(t) = self.nodes[i].agent.wrap(&peer, payload) else {
+        let mut wg = vec![4, 0, 0, 0];
+        wg.extend_from_slice(&self.nodes[i].key);
+        wg.extend_from_slice(payload);
+        let Some(t) = self.nodes[i].agent.wrap(&peer, &wg) else {
             return false;
         };
         let src = self.nodes[i].addr;
@@ -674,13 +680,22 @@ impl Sim {
     fn deliver(&mut self, j: usize, p: Packet) {
         let now = self.now;
         let node = &mut self.nodes[j];
+        let mut authenticated = None;
         match node.agent.handle_input(p.src, &p.payload, now) {
             Input::Tunnel {
                 peer,
                 from,
                 payload,
-            } => node.tunnel_rx.push((peer, from, payload.to_vec())),
-            Input::Handled | Input::Unknown => {}
+            } if payload.len() >= 36 => {
+                let mut sender = [0u8; 32];
+                sender.copy_from_slice(&payload[4..36]);
+                node.tunnel_rx.push((peer, from, payload[36..].to_vec()));
+                authenticated = Some((sender, from));
+            }
+            Input::Tunnel { .. } | Input::Handled | Input::Unknown => {}
+        }
+        if let Some((sender, from)) = authenticated {
+            node.agent.tunnel_from(&sender, from, now);
         }
         self.flush_node(j);
     }

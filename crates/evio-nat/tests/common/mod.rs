@@ -13,7 +13,8 @@ use evio_nat::{
 };
 use x25519_dalek::{PublicKey, StaticSecret};
 
-pub const WG: &[u8] = &[4, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
+/// The payload of test tunnel datagrams (after the type and the sender's key).
+pub const WG: &[u8] = &[1, 2, 3, 4, 5, 6, 7, 8];
 
 /// One node: a real socket in a host namespace, driven by an agent.
 pub struct Node {
@@ -72,13 +73,22 @@ impl Node {
             match self.sock.recv_from(&mut buf) {
                 Ok((n, from)) => {
                     let now = Instant::now();
+                    let mut authenticated = None;
                     if let Input::Tunnel {
                         peer,
                         from,
                         payload,
                     } = self.agent.handle_input(from, &buf[..n], now)
+                        && payload.len() >= 36
                     {
-                        self.tunnel_rx.push((peer, from, payload.to_vec()));
+                        // Stand-in for the tunnel's authentication: the sender's key follows the type.
+                        let mut sender = [0u8; 32];
+                        sender.copy_from_slice(&payload[4..36]);
+                        self.tunnel_rx.push((peer, from, payload[36..].to_vec()));
+                        authenticated = Some((sender, from));
+                    }
+                    if let Some((sender, from)) = authenticated {
+                        self.agent.tunnel_from(&sender, from, now);
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -94,6 +104,9 @@ impl Node {
             let _ = self.sock.send_to(&t.payload, t.dst);
         }
         while let Some(e) = self.agent.poll_event() {
+            if std::env::var_os("EVIO_NAT_DEBUG").is_some() {
+                eprintln!("{:>8.3?} {} {:?}", self.started.elapsed(), self.name, e);
+            }
             if let Event::LocalCandidates(c) = e {
                 let at = self.started.elapsed();
                 if self.srflx_at.is_none()
@@ -110,7 +123,10 @@ impl Node {
     }
 
     pub fn send_tunnel(&mut self, to: &PeerKey) -> bool {
-        match self.agent.wrap(to, WG) {
+        let mut wg = vec![4, 0, 0, 0];
+        wg.extend_from_slice(&self.key);
+        wg.extend_from_slice(WG);
+        match self.agent.wrap(to, &wg) {
             Some(t) => self.sock.send_to(&t.payload, t.dst).is_ok(),
             None => false,
         }
