@@ -374,6 +374,13 @@ impl Agent {
         // Drop pairs whose remote address is no longer announced (learned peer-reflexive pairs stay while
         // they work).
         let remote = entry.remote.clone();
+        for p in &entry.pairs {
+            let kept = remote.iter().any(|c| c.addr == p.remote)
+                || (p.remote_kind == CandidateKind::PeerReflexive && p.state != PairState::Failed);
+            if !kept && let Some((tid, _)) = &p.inflight {
+                self.checks.remove(tid);
+            }
+        }
         entry.pairs.retain(|p| {
             remote.iter().any(|c| c.addr == p.remote)
                 || (p.remote_kind == CandidateKind::PeerReflexive && p.state != PairState::Failed)
