@@ -12,9 +12,9 @@
 //! - public host `j`: `198.18.2.(j+1)`
 //!
 //! Nothing is ever created in the root namespace: every link is created with `ip -n NS` directly in its
-//! namespace, every sysctl and nft rule is applied with `ip netns exec NS`. Dropping the [`Lab`] kills its
-//! processes, kills anything else still running in its namespaces, deletes the namespaces (which deletes
-//! their links) and removes its temp dir. A build that fails half way drops the partial lab, so it cleans
+//! namespace, nft rules are applied with `ip netns exec NS`, sysctls by a thread that entered the
+//! namespace. Dropping the [`Lab`] kills its processes, kills anything else still running in its
+//! namespaces, deletes the namespaces (which deletes their links) and removes its temp dir. A build that fails half way drops the partial lab, so it cleans
 //! up as well; a panic while a `Lab` is alive unwinds through the same `Drop`.
 //!
 //! Dependencies: only `libc` (for `setns`/`kill`), `tempfile`, `thiserror`, `tracing`; the lab drives the
@@ -149,6 +149,22 @@ pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
     })
 }
 
+/// Writes `/proc/sys/<key>` (e.g. `net/ipv4/ip_forward`) as seen from namespace `ns`: a thread that entered
+/// `ns` opens the file, so the per-namespace value is changed, never the root namespace's.
+pub fn sysctl_write(ns: &str, key: &str, value: &str) -> Result<()> {
+    let path = Path::new("/proc/sys").join(key);
+    in_netns(ns, || std::fs::write(&path, value))?
+        .map_err(|e| LabError::Setup(format!("sysctl {key}={value} in {ns}: {e}")))
+}
+
+/// Reads `/proc/sys/<key>` as seen from namespace `ns`.
+pub fn sysctl_read(ns: &str, key: &str) -> Result<String> {
+    let path = Path::new("/proc/sys").join(key);
+    Ok(in_netns(ns, || std::fs::read_to_string(&path))??
+        .trim()
+        .to_string())
+}
+
 fn kill_netns_pids(ns: &str) {
     if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
         for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
@@ -158,6 +174,36 @@ fn kill_netns_pids(ns: &str) {
             }
         }
     }
+}
+
+/// Removes the namespaces of a lab named `prefix` whose process died without running `Drop` (SIGKILL):
+/// kills what runs in them and deletes them. Only names the lab itself would make are touched
+/// (`<prefix>-inet`, `<prefix>-natN`, `<prefix>-sNhK`, `<prefix>-pubN`). Returns the names removed.
+pub fn remove_leftovers(prefix: &str) -> Result<Vec<String>> {
+    let list = run(Command::new("ip").args(["netns", "list"]))?;
+    let ours = |rest: &str| -> bool {
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        rest == "inet"
+            || rest.strip_prefix("nat").is_some_and(digits)
+            || rest.strip_prefix("pub").is_some_and(digits)
+            || rest
+                .strip_prefix('s')
+                .and_then(|r| r.split_once('h'))
+                .is_some_and(|(a, b)| digits(a) && digits(b))
+    };
+    let mut removed = Vec::new();
+    for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+        if name
+            .strip_prefix(prefix)
+            .and_then(|r| r.strip_prefix('-'))
+            .is_some_and(ours)
+        {
+            kill_netns_pids(name);
+            run(Command::new("ip").args(["netns", "del", name]))?;
+            removed.push(name.to_string());
+        }
+    }
+    Ok(removed)
 }
 
 /// Polls `f` every 10 ms until it returns true or `limit` passes; returns whether it did.
@@ -238,23 +284,12 @@ impl Site {
     /// Sets the NAT's UDP conntrack timeouts (unreplied and stream) to `secs`, so mappings expire fast.
     pub fn set_udp_timeout(&self, secs: u32) -> Result<()> {
         let v = secs.to_string();
-        netns_exec(
+        sysctl_write(&self.nat_ns, "net/netfilter/nf_conntrack_udp_timeout", &v)?;
+        sysctl_write(
             &self.nat_ns,
-            &[
-                "sysctl",
-                "-qw",
-                &format!("net.netfilter.nf_conntrack_udp_timeout={v}"),
-            ],
-        )?;
-        netns_exec(
-            &self.nat_ns,
-            &[
-                "sysctl",
-                "-qw",
-                &format!("net.netfilter.nf_conntrack_udp_timeout_stream={v}"),
-            ],
-        )?;
-        Ok(())
+            "net/netfilter/nf_conntrack_udp_timeout_stream",
+            &v,
+        )
     }
 }
 
@@ -356,11 +391,18 @@ pub struct LabBuilder {
     prefix: String,
     etcd: bool,
     turn: bool,
+    stale_nonce: Option<u32>,
     sites: Vec<(NatKind, usize)>,
     public_hosts: usize,
 }
 
 impl LabBuilder {
+    /// Makes coturn's nonces expire after `secs` (`stale-nonce`), to exercise 438 handling quickly.
+    pub fn turn_stale_nonce(mut self, secs: u32) -> Self {
+        self.stale_nonce = Some(secs);
+        self
+    }
+
     /// Starts a real etcd in the internet namespace.
     pub fn etcd(mut self, on: bool) -> Self {
         self.etcd = on;
@@ -438,7 +480,7 @@ impl LabBuilder {
             lab.start_etcd()?;
         }
         if self.turn {
-            lab.start_turn()?;
+            lab.start_turn(self.stale_nonce)?;
         }
         tracing::debug!(prefix = %self.prefix, elapsed = ?t0.elapsed(), "lab built");
         Ok(lab)
@@ -465,6 +507,7 @@ impl Lab {
             prefix: prefix.to_string(),
             etcd: false,
             turn: false,
+            stale_nonce: None,
             sites: Vec::new(),
             public_hosts: 0,
         }
@@ -524,14 +567,11 @@ impl Lab {
             &["addr", "add", &format!("{lan_ip}/24"), "dev", "lan"],
         )?;
         ip(&nat, &["link", "set", "lan", "up"])?;
-        netns_exec(&nat, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        sysctl_write(&nat, "net/ipv4/ip_forward", "1")?;
         // Where br_netfilter is loaded, bridged LAN frames would go through the NAT's forward chain (policy
         // drop); a real site switch doesn't do that. Absent module: no such sysctl and nothing to turn off.
         if Path::new("/proc/sys/net/bridge").exists() {
-            netns_exec(
-                &nat,
-                &["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0"],
-            )?;
+            sysctl_write(&nat, "net/bridge/bridge-nf-call-iptables", "0")?;
         }
         let masq = match kind {
             NatKind::EasyNat => "masquerade",
@@ -632,7 +672,7 @@ impl Lab {
         Ok(())
     }
 
-    fn start_turn(&mut self) -> Result<()> {
+    fn start_turn(&mut self, stale_nonce: Option<u32>) -> Result<()> {
         let password = random_hex(16)?;
         let password_file = self.dir.path().join("turn-password");
         write_secret(&password_file, &password)?;
@@ -646,6 +686,10 @@ impl Lab {
              pidfile={}\nlog-file=stdout\nsimple-log\n",
             pid.display()
         );
+        let text = match stale_nonce {
+            Some(s) => format!("{text}stale-nonce={s}\n"),
+            None => text,
+        };
         write_secret(&conf, &text)?;
         let mut t = TurnServer {
             child: None,

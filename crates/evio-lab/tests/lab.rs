@@ -120,12 +120,20 @@ fn easy_nat_preserves_ports_symmetric_nat_does_not() {
         "mappings survived the flush: {ct:?}"
     );
     sym.set_udp_timeout(2).unwrap();
-    let v = evio_lab::netns_exec(
-        &sym.nat_ns,
-        &["sysctl", "-n", "net.netfilter.nf_conntrack_udp_timeout"],
-    )
-    .unwrap();
-    assert_eq!(v.trim(), "2");
+    let v = evio_lab::sysctl_read(&sym.nat_ns, "net/netfilter/nf_conntrack_udp_timeout").unwrap();
+    assert_eq!(v, "2");
+    assert_eq!(
+        evio_lab::sysctl_read(&sym.nat_ns, "net/ipv4/ip_forward").unwrap(),
+        "1"
+    );
+    // The root namespace's values are untouched (ours are per namespace).
+    let root_timeout = std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_udp_timeout")
+        .unwrap_or_default();
+    assert_ne!(
+        root_timeout.trim(),
+        "2",
+        "the root namespace's conntrack timeout changed"
+    );
 }
 
 #[test]
@@ -289,4 +297,28 @@ fn failed_build_and_panic_clean_up() {
         "left behind: {}",
         netns_list()
     );
+}
+
+#[test]
+fn leftovers_of_a_killed_lab_are_removed() {
+    let prefix = unique_prefix("lb");
+    let lab = Lab::builder(&prefix)
+        .site(NatKind::EasyNat, 1)
+        .public_hosts(1)
+        .build()
+        .unwrap();
+    let names = lab.namespaces().to_vec();
+    // Simulate a SIGKILLed owner: the namespaces outlive the value.
+    std::mem::forget(lab);
+    // A namespace that merely shares the prefix is not ours and stays.
+    let other = format!("{prefix}-mine");
+    evio_lab::run(std::process::Command::new("ip").args(["netns", "add", &other])).unwrap();
+    let mut removed = evio_lab::remove_leftovers(&prefix).unwrap();
+    removed.sort();
+    let mut want = names.clone();
+    want.sort();
+    assert_eq!(removed, want);
+    assert!(exists(&other));
+    evio_lab::run(std::process::Command::new("ip").args(["netns", "del", &other])).unwrap();
+    assert!(names.iter().all(|n| !exists(n)));
 }
