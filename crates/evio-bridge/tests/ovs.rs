@@ -425,6 +425,16 @@ fn vsctl_fallback_client_does_the_same() {
     assert!(with(&node, &s2, c, |b| b.ensure()).is_err());
 }
 
+/// Rows of the Open_vSwitch table (ovs-vsctl itself waits for the row, so ask ovsdb-client).
+fn root_rows(ovs: &Ovs) -> usize {
+    let q =
+        r#"["Open_vSwitch",{"op":"select","table":"Open_vSwitch","where":[],"columns":["_uuid"]}]"#;
+    let db = format!("unix:{}", ovs.socket().display());
+    let out = evio_testbed::run_ok(&["ovsdb-client", "--timeout=10", "transact", &db, q]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("ovsdb-client output");
+    v[0]["rows"].as_array().map(Vec::len).unwrap_or(0)
+}
+
 #[test]
 fn without_vswitchd_calls_fail_in_bounded_time_and_roll_back() {
     let (node, mut ovs) = setup();
@@ -467,6 +477,27 @@ fn without_vswitchd_calls_fail_in_bounded_time_and_roll_back() {
     // Detach and GC only touch the database: they work without ovs-vswitchd.
     let sc = s.clone();
     in_netns(node.name(), move || short(&sc).detach(&owner("c", "eth0"))).expect("detach");
+
+    // A database without its root row (never initialised): racing ensures add exactly one.
+    ovs.vsctl_ok(&["--no-wait", "destroy", "Open_vSwitch", "."]);
+    assert_eq!(root_rows(&ovs), 0);
+    let hs: Vec<_> = (0..4)
+        .map(|_| {
+            let sp = spec(&ovs.socket(), &unique("ob"), "netdev", None);
+            let n = node.name().to_string();
+            std::thread::spawn(move || in_netns(&n, move || short(&sp).ensure()))
+        })
+        .collect();
+    for h in hs {
+        let e = h.join().unwrap().unwrap_err();
+        assert!(e.to_string().contains("did not apply"), "{e}");
+    }
+    assert_eq!(root_rows(&ovs), 1);
+    assert!(
+        ovs.names("Bridge").is_empty(),
+        "failed bridges were left: {:?}",
+        ovs.names("Bridge")
+    );
 
     // No ovsdb-server at all: a transport error, quickly, naming the socket.
     let s3 = spec(Path::new("/nonexistent/db.sock"), &br, "netdev", None);
