@@ -629,16 +629,25 @@ impl Bridge for OvsBridge {
         )
     }
 
-    /// Removes the owner's OVS ports, then the owner's host veth(s) (found by their `ifalias` tag, as
-    /// the Linux bridge backend does), so DEL works without plugin state.
+    /// Removes the owner's OVS ports, then the owner's host veth(s) (the ports' devices if they still
+    /// carry the owner tag, else any veth with that `ifalias` tag, as the Linux bridge backend does), so
+    /// DEL works without plugin state.
     fn detach(&self, owner: &PortOwner) -> Result<(), BridgeError> {
-        self.dispatch(
+        let ports = self.dispatch(
             "detach",
             |s, db| s.detach_json(db, owner),
             || self.vsctl().detach(owner),
         )?;
         let tag = owner.tag();
-        netdev::delete_tagged_veths(|a| a == tag).map_err(|e| self.bridge_err(e))
+        let r = if ports.is_empty() {
+            // No OVS record (already removed, or lost): look for the tagged veth among all links.
+            netdev::delete_tagged_veths(|a| a == tag)
+        } else {
+            ports
+                .iter()
+                .try_for_each(|p| netdev::delete_tagged_veth(p, |a| a == tag))
+        };
+        r.map_err(|e| self.bridge_err(e))
     }
 
     /// The port must be on this bridge, tagged for `owner`, with an OpenFlow port and no error, and its

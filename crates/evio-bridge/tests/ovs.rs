@@ -425,6 +425,16 @@ fn vsctl_fallback_client_does_the_same() {
     assert!(with(&node, &s2, c, |b| b.ensure()).is_err());
 }
 
+/// Rows of the Open_vSwitch table (ovs-vsctl itself waits for the row, so ask ovsdb-client).
+fn root_rows(ovs: &Ovs) -> usize {
+    let q =
+        r#"["Open_vSwitch",{"op":"select","table":"Open_vSwitch","where":[],"columns":["_uuid"]}]"#;
+    let db = format!("unix:{}", ovs.socket().display());
+    let out = evio_testbed::run_ok(&["ovsdb-client", "--timeout=10", "transact", &db, q]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("ovsdb-client output");
+    v[0]["rows"].as_array().map(Vec::len).unwrap_or(0)
+}
+
 #[test]
 fn without_vswitchd_calls_fail_in_bounded_time_and_roll_back() {
     let (node, mut ovs) = setup();
@@ -467,6 +477,27 @@ fn without_vswitchd_calls_fail_in_bounded_time_and_roll_back() {
     // Detach and GC only touch the database: they work without ovs-vswitchd.
     let sc = s.clone();
     in_netns(node.name(), move || short(&sc).detach(&owner("c", "eth0"))).expect("detach");
+
+    // A database without its root row (never initialised): racing ensures add exactly one.
+    ovs.vsctl_ok(&["--no-wait", "destroy", "Open_vSwitch", "."]);
+    assert_eq!(root_rows(&ovs), 0);
+    let hs: Vec<_> = (0..4)
+        .map(|_| {
+            let sp = spec(&ovs.socket(), &unique("ob"), "netdev", None);
+            let n = node.name().to_string();
+            std::thread::spawn(move || in_netns(&n, move || short(&sp).ensure()))
+        })
+        .collect();
+    for h in hs {
+        let e = h.join().unwrap().unwrap_err();
+        assert!(e.to_string().contains("did not apply"), "{e}");
+    }
+    assert_eq!(root_rows(&ovs), 1);
+    assert!(
+        ovs.names("Bridge").is_empty(),
+        "failed bridges were left: {:?}",
+        ovs.names("Bridge")
+    );
 
     // No ovsdb-server at all: a transport error, quickly, naming the socket.
     let s3 = spec(Path::new("/nonexistent/db.sock"), &br, "netdev", None);
@@ -540,4 +571,99 @@ fn attach_that_vswitchd_cannot_open_is_rolled_back() {
         "the port of a failed attach was left"
     );
     assert_eq!(ovs.names("Interface"), vec![br.clone()]);
+}
+
+/// A unix-socket proxy in front of ovsdb-server that answers its FIRST connection with garbage (a broken
+/// JSON-RPC conversation) and forwards every later one. Stops when dropped.
+struct CorruptingProxy {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CorruptingProxy {
+    fn start(listen: &Path, upstream: &Path) -> CorruptingProxy {
+        use std::io::{Read, Write};
+        use std::os::unix::net::{UnixListener, UnixStream};
+        let l = UnixListener::bind(listen).unwrap();
+        l.set_nonblocking(true).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (st, up) = (stop.clone(), upstream.to_path_buf());
+        let handle = std::thread::spawn(move || {
+            let mut n = 0;
+            while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok((mut c, _)) = l.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                c.set_nonblocking(false).unwrap();
+                n += 1;
+                if n == 1 {
+                    let mut buf = [0u8; 4096];
+                    let _ = c.read(&mut buf);
+                    let _ = c.write_all(b"}{ not json");
+                    continue;
+                }
+                let s = UnixStream::connect(&up).unwrap();
+                let (mut c2, mut s2) = (c.try_clone().unwrap(), s.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c2, &mut s2);
+                    let _ = s2.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut c3, mut s3) = (c, s);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut s3, &mut c3);
+                    let _ = c3.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        CorruptingProxy {
+            stop,
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Drop for CorruptingProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+#[test]
+fn auto_client_falls_back_to_ovs_vsctl_when_json_rpc_breaks() {
+    let (node, ovs) = setup();
+    let dir = tempfile::tempdir().unwrap();
+    let proxy_sock = dir.path().join("proxy.sock");
+    let _proxy = CorruptingProxy::start(&proxy_sock, &ovs.socket());
+    let br = unique("ob");
+    let s = spec(&proxy_sock, &br, "netdev", None);
+    // The first (JSON-RPC) conversation breaks; ensure still succeeds through ovs-vsctl.
+    with(&node, &s, OvsClient::Auto, |b| b.ensure()).expect("ensure through the fallback");
+    assert_eq!(ovs.names("Bridge"), vec![br.clone()]);
+    assert!(node.links().contains(&br));
+    // Later conversations are clean: JSON-RPC does the rest.
+    veth(&node, "fb0", "fb0p", None);
+    with(&node, &s, OvsClient::Auto, |b| {
+        b.attach("fb0", &owner("c", "eth0"))
+    })
+    .expect("attach");
+    assert_eq!(ovs.ports(&br), ["fb0"]);
+    with(&node, &s, OvsClient::Auto, |b| {
+        b.detach(&owner("c", "eth0"))
+    })
+    .expect("detach");
+    assert!(ovs.ports(&br).is_empty());
+
+    // JSON-RPC only: the broken conversation is an OVSDB error, nothing falls back.
+    let dir2 = tempfile::tempdir().unwrap();
+    let sock2 = dir2.path().join("proxy.sock");
+    let _proxy2 = CorruptingProxy::start(&sock2, &ovs.socket());
+    let s2 = spec(&sock2, &unique("ob"), "netdev", None);
+    let e = with(&node, &s2, OvsClient::JsonRpc, |b| b.ensure()).unwrap_err();
+    assert!(matches!(e, BridgeError::Ovsdb { .. }), "{e:?}");
+    assert!(e.to_string().contains("JSON"), "{e}");
+    assert_eq!(ovs.names("Bridge"), vec![br.clone()]);
 }

@@ -375,3 +375,44 @@ fn ovs_concurrent_adds_and_dels() {
     });
     assert_clean(&sb, &ovs);
 }
+
+/// ADD and DEL latency of evio-cni with OVS (userspace datapath) and, for comparison in the same run,
+/// with the Linux bridge; sequential, N = 31, medians. Not part of the suite:
+/// `cargo test --release -p evio-cni --test ovs -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn ovs_add_del_latency() {
+    fn measure(sb: &CniSandbox) -> (Duration, Duration) {
+        let n = 31;
+        let pods: Vec<Netns> = (0..n).map(|_| sb.pod()).collect();
+        let (mut adds, mut dels) = (Vec::new(), Vec::new());
+        // One warm-up round creates the bridge.
+        let c0 = sb.cid();
+        sb.add(&pods[0], &c0, "1.0.0");
+        sb.del(&pods[0].path().display().to_string(), &c0, "1.0.0");
+        for p in &pods {
+            let cid = sb.cid();
+            let t = Instant::now();
+            sb.add(p, &cid, "1.0.0");
+            adds.push(t.elapsed());
+            let t = Instant::now();
+            sb.del(&p.path().display().to_string(), &cid, "1.0.0");
+            dels.push(t.elapsed());
+        }
+        adds.sort();
+        dels.sort();
+        sb.assert_clean();
+        (adds[n / 2], dels[n / 2])
+    }
+    let (sb, ovs) = sandbox(json!({"ipMasq": true}));
+    let (a, d) = measure(&sb);
+    assert_clean(&sb, &ovs);
+    let linux = CniSandbox::new(
+        Path::new(env!("CARGO_BIN_EXE_evio-cni")),
+        json!({"ipMasq": true}),
+    );
+    let (la, ld) = measure(&linux);
+    println!(
+        "evio-cni, N=31 sequential, medians: OVS netdev ADD {a:?} DEL {d:?}; Linux bridge ADD {la:?} DEL {ld:?}"
+    );
+}

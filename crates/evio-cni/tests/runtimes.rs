@@ -5,13 +5,21 @@
 
 use std::path::Path;
 
+use evio_testbed::ovs::Ovs;
 use evio_testbed::runtimes::{CniDirs, Containerd, Podman, busybox_rootfs, files_under};
 use evio_testbed::{Netns, unique};
 use serde_json::{Value, json};
 
 /// A conflist for evio-cni with host-local, all state in `dirs`' temp dir.
-fn conflist(net: &str, subnet: &str, gw: &str, dirs: &CniDirs, state: &Path) -> String {
-    json!({
+fn conflist(
+    net: &str,
+    subnet: &str,
+    gw: &str,
+    dirs: &CniDirs,
+    state: &Path,
+    extra: &Value,
+) -> String {
+    let mut c = json!({
         "cniVersion": "1.0.0",
         "name": net,
         "plugins": [{
@@ -25,8 +33,13 @@ fn conflist(net: &str, subnet: &str, gw: &str, dirs: &CniDirs, state: &Path) -> 
             "ipam": {"type": "host-local", "dataDir": dirs.ipam(),
                      "ranges": [[{"subnet": subnet, "gateway": gw}]]}
         }]
-    })
-    .to_string()
+    });
+    if let (Value::Object(p), Value::Object(e)) = (&mut c["plugins"][0], extra) {
+        for (k, v) in e {
+            p.insert(k.clone(), v.clone());
+        }
+    }
+    c.to_string()
 }
 
 struct Setup {
@@ -48,7 +61,7 @@ fn setup(subnet: &str, gw: &str) -> Setup {
     let net = unique("evn");
     dirs.write_conf(
         "10-evio.conflist",
-        &conflist(&net, subnet, gw, &dirs, state.path()),
+        &conflist(&net, subnet, gw, &dirs, state.path(), &json!({})),
     );
     let rootfs = tempfile::Builder::new()
         .prefix("evio-rootfs")
@@ -65,6 +78,12 @@ fn setup(subnet: &str, gw: &str) -> Setup {
 }
 
 impl Setup {
+    /// Rewrites the conflist with `extra` plugin keys.
+    fn configure(&self, subnet: &str, gw: &str, extra: &Value) {
+        let c = conflist(&self.net, subnet, gw, &self.dirs, self.state.path(), extra);
+        self.dirs.write_conf("10-evio.conflist", &c);
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.state.path().join("plugin.log")).unwrap_or_default()
     }
@@ -200,6 +219,47 @@ fn podman_cni_backend_uses_evio_cni() {
     assert!(
         log.contains("ADD done") && log.contains("DEL done"),
         "{log}"
+    );
+    s.assert_clean();
+}
+
+#[test]
+fn containerd_ctr_run_cni_with_an_ovs_bridge() {
+    let s = setup("10.244.63.0/24", "10.244.63.1");
+    let ovs = Ovs::start(&s.node); // declared after the node: dropped first
+    let extra =
+        json!({"bridgeType": "ovs", "ovsDatapathType": "netdev", "ovsdbSocket": ovs.socket()});
+    s.configure("10.244.63.0/24", "10.244.63.1", &extra);
+    let ctrd = Containerd::start();
+    let out = ctrd.run_cni(
+        &s.node,
+        &s.dirs,
+        s.rootfs.path(),
+        "evio-ovs1",
+        &SCRIPT.replace("GW", "10.244.63.1"),
+    );
+    let stdout = stdout_of(
+        &out,
+        &format!("ctr run\n{}\n{}", ctrd.log(), ovs.log()),
+        &s.log(),
+    );
+    assert!(
+        stdout.contains("inet 10.244.63.2/24"),
+        "address from evio-cni: {stdout}"
+    );
+    assert!(
+        stdout.contains("1 packets received"),
+        "ping the gateway over OVS: {stdout}"
+    );
+    assert_eq!(
+        ovs.vsctl_ok(&["get", "Bridge", "eviobr0", "datapath_type"])
+            .trim(),
+        "netdev"
+    );
+    assert!(
+        ovs.ports("eviobr0").is_empty(),
+        "OVS port left: {:?}",
+        ovs.ports("eviobr0")
     );
     s.assert_clean();
 }

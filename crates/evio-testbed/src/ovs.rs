@@ -135,9 +135,13 @@ impl Ovs {
 
     /// Runs `ovs-vsctl --db=unix:SOCKET --timeout=10 ARGS`.
     pub fn vsctl(&self, args: &[&str]) -> Output {
+        self.vsctl_t(10, args)
+    }
+
+    fn vsctl_t(&self, secs: u32, args: &[&str]) -> Output {
         Command::new("ovs-vsctl")
             .arg(format!("--db=unix:{}", self.socket().display()))
-            .arg("--timeout=10")
+            .arg(format!("--timeout={secs}"))
             .args(args)
             .output()
             .expect("run ovs-vsctl")
@@ -259,10 +263,15 @@ fn running(pid: i32) -> bool {
 impl Drop for Ovs {
     fn drop(&mut self) {
         self.thaw_vswitchd();
-        let bridges = self.names("Bridge");
+        // Never panic here (a panic while unwinding aborts the test binary).
+        let out = self.vsctl_t(3, &["--bare", "--columns=name", "list", "Bridge"]);
+        let bridges: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
         if !self.vswitchd_stopped {
             for b in &bridges {
-                let _ = self.vsctl(&["--if-exists", "del-br", b]);
+                let _ = self.vsctl_t(3, &["--if-exists", "del-br", b]);
             }
         }
         self.stop("ovs-vswitchd");

@@ -134,6 +134,62 @@ fn private_cni_mounts(dirs: &CniDirs, cmd: &[&str]) -> Command {
     c
 }
 
+/// Every process in cgroup `name` (and below) of any hierarchy.
+fn cgroup_pids(name: &str) -> Vec<i32> {
+    fn walk(dir: &Path, out: &mut Vec<i32>) {
+        if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            out.extend(
+                procs
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok()),
+            );
+        }
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            for e in rd.flatten() {
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    walk(&e.path(), out);
+                }
+            }
+        }
+    }
+    let mut pids = Vec::new();
+    let rel = name.trim_start_matches('/');
+    if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+        for h in rd.flatten() {
+            walk(&h.path().join(rel), &mut pids);
+        }
+    }
+    walk(&Path::new("/sys/fs/cgroup").join(rel), &mut pids);
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+/// Pids of processes whose command line contains `needle` (e.g. a containerd shim serving our socket).
+fn pids_with_arg(needle: &str) -> Vec<i32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// SIGKILLs `pids` (processes this fixture's runtime started for the test).
+fn kill_all(pids: &[i32]) {
+    for &pid in pids {
+        if pid > 1 && pid != std::process::id() as i32 {
+            // SAFETY: kill with pids read from our own cgroup or our own runtime's shims; no memory touched.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
 /// Removes cgroup directories named `name` (and everything below) in every hierarchy; they are
 /// empty once the container is gone.
 fn remove_cgroups(name: &str) {
@@ -253,6 +309,20 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
         id: &str,
         script: &str,
     ) -> Output {
+        self.run_cni_command(node, dirs, rootfs, id, script)
+            .output()
+            .expect("run ctr")
+    }
+
+    /// The command [`Containerd::run_cni`] runs, to spawn it instead.
+    pub fn run_cni_command(
+        &self,
+        node: &Netns,
+        dirs: &CniDirs,
+        rootfs: &Path,
+        id: &str,
+        script: &str,
+    ) -> Command {
         let fifo = self.dir.path().join("fifo");
         let _ = std::fs::create_dir_all(&fifo);
         let sock = self.socket().display().to_string();
@@ -280,12 +350,21 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
             "-c",
             script,
         ];
-        private_cni_mounts(dirs, &cmd).output().expect("run ctr")
+        private_cni_mounts(dirs, &cmd)
+    }
+
+    /// Processes of this containerd's containers (by our namespace's cgroups).
+    pub fn container_pids(&self) -> Vec<i32> {
+        cgroup_pids(&self.namespace)
     }
 }
 
 impl Drop for Containerd {
     fn drop(&mut self) {
+        // Containers still running (a test failed mid-run) and their shims: all started by this
+        // containerd, found by our namespace's cgroup and our socket path.
+        kill_all(&cgroup_pids(&self.namespace));
+        kill_all(&pids_with_arg(&self.socket().display().to_string()));
         if let Some(mut c) = self.child.take() {
             // SAFETY: SIGTERM to our own child; it is waited for below.
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
@@ -391,6 +470,13 @@ network_config_dir = "{conf}"
 
 impl Drop for Podman {
     fn drop(&mut self) {
+        // Containers (and conmon) still running if a test failed mid-run: everything in our cgroup
+        // parent, and anything using our root.
+        kill_all(&cgroup_pids(&self.cgroup_parent));
+        kill_all(&pids_with_arg(
+            &self.dir.path().join("runroot").display().to_string(),
+        ));
+        std::thread::sleep(Duration::from_millis(50));
         remove_cgroups(&self.cgroup_parent);
     }
 }

@@ -102,3 +102,50 @@ fn podman_with_cni_backend_and_the_reference_bridge_plugin() {
         dirs.cache_files()
     );
 }
+
+#[test]
+fn containerd_fixture_stops_containers_left_running() {
+    // A test that fails while its container runs must not leave the container or its shim behind.
+    let node = Netns::new("rtn");
+    let dirs = CniDirs::new();
+    dirs.write_conf(
+        "10-ref.conflist",
+        &conflist("refnet", &unique("rb"), "10.234.3.0/24", &dirs),
+    );
+    let rootfs = tempfile::tempdir().unwrap();
+    busybox_rootfs(rootfs.path());
+    let ctrd = Containerd::start();
+    let sock = ctrd.socket().display().to_string();
+    let mut client = ctrd
+        .run_cni_command(&node, &dirs, rootfs.path(), "long", "sleep 60")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        evio_testbed::wait_until(std::time::Duration::from_secs(20), || !ctrd
+            .container_pids()
+            .is_empty()),
+        "the container did not start: {}",
+        ctrd.log()
+    );
+    let pids = ctrd.container_pids();
+    drop(ctrd);
+    for pid in &pids {
+        let gone = evio_testbed::wait_until(std::time::Duration::from_secs(5), || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| s.contains(") Z"))
+                .unwrap_or(true)
+        });
+        assert!(gone, "container process {pid} survived");
+    }
+    let shims = evio_testbed::wait_until(std::time::Duration::from_secs(5), || {
+        std::fs::read_dir("/proc").unwrap().flatten().all(|e| {
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            !String::from_utf8_lossy(&cmd).contains(&sock) || e.file_name() == "self"
+        })
+    });
+    assert!(shims, "a process using our containerd socket survived");
+    let _ = client.kill();
+    let _ = client.wait();
+}
