@@ -423,6 +423,11 @@ fn vsctl_fallback_client_does_the_same() {
     // With the system datapath the fallback reports the failure too.
     let s2 = spec(&ovs.socket(), &unique("ob"), "system", None);
     assert!(with(&node, &s2, c, |b| b.ensure()).is_err());
+    assert_eq!(
+        ovs.names("Bridge"),
+        vec![br.clone()],
+        "the failed bridge was left"
+    );
 }
 
 /// Rows of the Open_vSwitch table (ovs-vsctl itself waits for the row, so ask ovsdb-client).
