@@ -412,7 +412,8 @@ fn add_steps<'a>(
     }
     fail_point("gateway")?;
 
-    // The masquerade transaction (an nft run) proceeds while we configure the pod.
+    // Masquerade: one nfnetlink batch once our table is set up, else an nft run that proceeds while we
+    // configure the pod.
     let pod_ips: Vec<IpAddr> = ips.iter().map(|i| i.address.addr()).collect();
     if conf.ip_masq {
         let key = evio_firewall::attachment_key(&conf.name, &env.container_id, &env.ifname);
@@ -420,7 +421,7 @@ fn add_steps<'a>(
         no_masq.extend(conf.no_masq.iter().copied());
         rb.masq_ips = pod_ips.clone();
         rb.masq_pending = Some(
-            evio_firewall::start_add(&key, &pod_ips, &no_masq)
+            evio_firewall::start_add(&conf.state_dir, &key, &pod_ips, &no_masq)
                 .map_err(|e| io_err("IP masquerade", e))?,
         );
     }
