@@ -423,6 +423,11 @@ fn vsctl_fallback_client_does_the_same() {
     // With the system datapath the fallback reports the failure too.
     let s2 = spec(&ovs.socket(), &unique("ob"), "system", None);
     assert!(with(&node, &s2, c, |b| b.ensure()).is_err());
+    assert_eq!(
+        ovs.names("Bridge"),
+        vec![br.clone()],
+        "the failed bridge was left"
+    );
 }
 
 /// Rows of the Open_vSwitch table (ovs-vsctl itself waits for the row, so ask ovsdb-client).
@@ -504,6 +509,30 @@ fn without_vswitchd_calls_fail_in_bounded_time_and_roll_back() {
     let e = in_netns(node.name(), move || short(&s3).ensure()).unwrap_err();
     assert!(matches!(e, BridgeError::Ovsdb { .. }), "{e:?}");
     assert!(e.to_string().contains("/nonexistent/db.sock"), "{e}");
+    // ... while detach (DEL) succeeds without any OVSDB and still removes the owner's veth; and a socket
+    // that exists but does not answer stays an error.
+    node.exec_ok(&[
+        "ip", "link", "add", "gone0", "type", "veth", "peer", "name", "gone0p",
+    ]);
+    node.exec_ok(&["ip", "link", "set", "gone0", "alias", "evio cgone eth0"]);
+    let s4 = spec(Path::new("/nonexistent/db.sock"), &br, "netdev", None);
+    in_netns(node.name(), move || {
+        short(&s4).detach(&owner("cgone", "eth0"))
+    })
+    .expect("detach without OVSDB");
+    assert!(
+        !node.links().contains(&"gone0".to_string()),
+        "the owner's veth was left"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let dead = dir.path().join("dead.sock");
+    drop(std::os::unix::net::UnixListener::bind(&dead).unwrap()); // the file stays, nobody listens
+    let s5 = spec(&dead, &br, "netdev", None);
+    let e = in_netns(node.name(), move || {
+        short(&s5).detach(&owner("cgone", "eth0"))
+    })
+    .unwrap_err();
+    assert!(matches!(e, BridgeError::Ovsdb { .. }), "{e:?}");
 }
 
 #[test]

@@ -286,6 +286,19 @@ fn ovs_add_fails_and_rolls_back_when_the_port_cannot_be_attached() {
 }
 
 #[test]
+fn ovs_del_succeeds_after_ovs_was_removed() {
+    // OVS stopped for good (its socket is gone): DEL has no port record to remove and still cleans up
+    // the veth, the address and the masquerade entry.
+    let (sb, ovs) = sandbox(json!({"ipMasq": true}));
+    let pod = sb.pod();
+    let cid = sb.cid();
+    sb.add(&pod, &cid, "1.0.0");
+    drop(ovs);
+    sb.del("", &cid, "1.0.0");
+    sb.assert_clean();
+}
+
+#[test]
 fn ovs_system_datapath_without_kernel_module_fails_cleanly() {
     let (sb, ovs) = sandbox(json!({"ovsDatapathType": "system"}));
     let pod = sb.pod();

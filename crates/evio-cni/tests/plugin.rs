@@ -591,3 +591,51 @@ fn gratuitous_arp_updates_a_stale_neighbour() {
         "1"
     );
 }
+
+#[test]
+fn dual_stack() {
+    let sb = sandbox(json!({"ipMasq": true}));
+    let mut conf = sb.conf("1.1.0");
+    conf["ipam"] = json!({
+        "type": "host-local",
+        "dataDir": sb.ipam_dir(),
+        "ranges": [[{"subnet": "10.244.3.0/24"}], [{"subnet": "fd00:3::/64"}]],
+    });
+    let pod = sb.pod();
+    let netns = pod.path().display().to_string();
+    let out = sb.run("ADD", "ds1", &netns, "eth0", &conf, &[]);
+    assert!(out.ok, "{out:?}\n{}", sb.log());
+    let r = out.json();
+    let ips: Vec<&str> = r["ips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["address"].as_str().unwrap())
+        .collect();
+    assert_eq!(ips, vec!["10.244.3.2/24", "fd00:3::2/64"], "{r}");
+    let routes: Vec<&str> = r["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["dst"].as_str().unwrap())
+        .collect();
+    assert!(
+        routes.contains(&"0.0.0.0/0") && routes.contains(&"::/0"),
+        "{r}"
+    );
+    assert!(ping(&pod, "10.244.3.1"));
+    let out = pod.exec(&["ping", "-6", "-c1", "-W3", "fd00:3::1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(sb.nft_pod_entries().len(), 2);
+    let mut cconf = conf.clone();
+    cconf["prevResult"] = r.clone();
+    let c = sb.run("CHECK", "ds1", &netns, "eth0", &cconf, &[]);
+    assert!(c.ok, "{c:?}\n{}", sb.log());
+    let d = sb.run("DEL", "ds1", &netns, "eth0", &conf, &[]);
+    assert!(d.ok, "{d:?}");
+    sb.assert_clean();
+}

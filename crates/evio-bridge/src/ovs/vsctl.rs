@@ -96,6 +96,7 @@ impl<'a> Vsctl<'a> {
         let deadline = Instant::now() + self.b.timeout;
         let br = self.b.spec.name.as_str();
         let dp = self.b.datapath();
+        let mut created = false;
         match self.run(&Self::s(&["br-exists", br]))? {
             Ok(_) => {
                 let have = self.run_ok(&Self::s(&["get", "Bridge", br, "datapath_type"]))?;
@@ -139,6 +140,7 @@ impl<'a> Vsctl<'a> {
                 }
                 // ovs-vsctl exits non-zero when ovs-vswitchd reports an error for the new interface; the
                 // checks below give the reason.
+                created = true;
                 if let Err((code, err)) = self.run(&args)? {
                     tracing::debug!(code, error = %err, "ovs-vsctl add-br");
                 }
@@ -149,6 +151,16 @@ impl<'a> Vsctl<'a> {
                     .ovsdb_err(format!("ovs-vsctl br-exists exited {code}: {err}")));
             }
         }
+        let r = self.bridge_up_check(deadline);
+        if r.is_err() && created {
+            // Do not leave a bridge behind that we created and that does not work.
+            let _ = self.run(&[s("--if-exists"), s("del-br"), s(br)]);
+        }
+        r
+    }
+
+    fn bridge_up_check(&self, deadline: Instant) -> Result<(), BridgeError> {
+        let br = self.b.spec.name.as_str();
         let row = self.run_ok(&Self::s(&[
             "--format=json",
             "--columns=ofport,error",
