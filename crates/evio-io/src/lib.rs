@@ -17,12 +17,13 @@
 //!
 //! # Why these dependencies
 //!
-//! * `quinn-udp` does the UDP side: it is the socket layer of the quinn QUIC stack, maintained with
-//!   it, and handles the details that are easy to get wrong by hand: probing GSO/GRO support,
-//!   `UDP_SEGMENT`/`UDP_GRO` control messages, turning GSO off when a driver answers EIO/EINVAL,
-//!   IPv4-mapped addresses and PMTU discovery settings. Its send path is one `sendmsg` per GSO run
-//!   (no `sendmmsg` across destinations); for a tunnel whose bulk traffic goes to one peer at a time
-//!   the run is the batch, so that costs little.
+//! * `quinn-udp` does the UDP receive side and the socket setup: it is the socket layer of the
+//!   quinn QUIC stack, maintained with it, and handles the details that are easy to get wrong by
+//!   hand: probing GSO/GRO support, `recvmmsg` with `UDP_GRO` control messages and their segment
+//!   sizes, IPv4-mapped addresses, PMTU discovery settings. Its send path is one `sendmsg` per GSO
+//!   run, so the send side is written here: one `sendmmsg` carries up to 64 messages, each a GSO
+//!   run with its own `UDP_SEGMENT` control message or a single datagram (as wireguard-go does),
+//!   and a run the kernel refuses is resent unsegmented (after EIO, GSO is off for the socket).
 //! * The TUN side is written here. `tun-rs` has offload support (a port of wireguard-go's
 //!   `offload_linux.go`), but its batch API takes growable buffers (`ExpandBuffer`, coalescing into
 //!   the first buffer, flow tables in hash maps) and per-buffer offsets, which does not fit a fixed,

@@ -4,7 +4,7 @@ use std::io::{self, IoSliceMut};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 
-use quinn_udp::{BATCH_SIZE, RecvMeta, Transmit, UdpSockRef, UdpSocketState};
+use quinn_udp::{BATCH_SIZE, RecvMeta, UdpSockRef, UdpSocketState};
 
 /// Most datagrams one GSO send may carry (the kernel's `UDP_MAX_SEGMENTS` is 64 on older kernels).
 pub const MAX_GSO_SEGMENTS: usize = 64;
@@ -26,18 +26,20 @@ pub struct UdpStats {
     pub gro_msgs: u64,
     /// Most datagrams in one recvmmsg call.
     pub max_recv_batch: u64,
-    /// `sendmsg` calls.
+    /// `sendmmsg` calls.
     pub send_calls: u64,
     /// Datagrams sent.
     pub sent_datagrams: u64,
-    /// Sends carrying more than one datagram (GSO).
+    /// Messages carrying more than one datagram (GSO).
     pub gso_sends: u64,
-    /// Most datagrams in one GSO send.
+    /// Most datagrams in one message (one GSO run).
     pub max_gso_batch: u64,
-    /// Most datagrams in one `sendmmsg` (datagrams that could not ride in a GSO run).
+    /// Most messages (GSO runs or single datagrams) in one `sendmmsg`.
     pub max_mmsg_batch: u64,
     /// Datagrams dropped on send errors other than `WouldBlock`.
     pub send_errors: u64,
+    /// GSO runs the kernel refused (any error but `WouldBlock`) and that were resent unsegmented.
+    pub gso_retries: u64,
 }
 
 /// A UDP socket with batched, offloaded I/O. The socket is switched to non-blocking mode; use
@@ -48,6 +50,8 @@ pub struct UdpBatch {
     gso: bool,
     gro: bool,
     v6: bool,
+    /// The kernel answered EIO/EINVAL to a GSO send: no more GSO on this handle.
+    gso_refused: bool,
     stats: UdpStats,
 }
 
@@ -75,6 +79,7 @@ impl UdpBatch {
             gso,
             gro,
             v6,
+            gso_refused: false,
             stats: UdpStats::default(),
         })
     }
@@ -93,9 +98,9 @@ impl UdpBatch {
         self.sock.local_addr()
     }
 
-    /// Datagrams per GSO send in force (1: no GSO; lowered at run time if the kernel refuses GSO).
+    /// Datagrams per GSO send in force (1: no GSO, or the kernel answered EIO to a GSO send).
     pub fn max_gso_segments(&self) -> usize {
-        if self.gso {
+        if self.gso && !self.gso_refused {
             self.state.max_gso_segments().min(MAX_GSO_SEGMENTS)
         } else {
             1
@@ -189,113 +194,92 @@ impl UdpBatch {
     }
 
     /// Sends every datagram of `b`. Consecutive datagrams to one destination with one size (the
-    /// last of a run may be shorter) go out as one GSO `sendmsg`; the others are sent together
-    /// with `sendmmsg`. Blocks (polls) while the socket buffer is full, so nothing is dropped for
-    /// lack of buffer; other send errors drop the datagrams concerned (counted in
-    /// [`UdpStats::send_errors`]). Returns the datagrams sent.
+    /// last of a run may be shorter) become one message with a `UDP_SEGMENT` control message (GSO);
+    /// up to [`MMSG_BATCH`] such messages and single datagrams go to the kernel in one `sendmmsg`.
+    /// Blocks (polls) while the socket buffer is full, so nothing is dropped for lack of buffer;
+    /// other send errors drop the datagrams concerned (counted in [`UdpStats::send_errors`]). A GSO
+    /// run the kernel refuses is resent as single datagrams; after EIO (a device without checksum
+    /// offload) GSO is off for this handle. Returns the datagrams sent.
     pub fn send_batch(&mut self, b: &SendBatch) -> io::Result<usize> {
         let mut sent = 0;
         let mut i = 0;
         let n = b.entries.len();
-        // Singles waiting for one sendmmsg: entries [singles, i).
-        let mut singles = 0;
+        // Entries before this index go out without GSO (a run the kernel found invalid).
+        let mut no_gso_until = 0;
         while i < n {
-            let max_segs = self.max_gso_segments();
-            let first = &b.entries[i];
-            let seg = first.len as usize;
-            let mut j = i + 1;
-            let mut bytes = seg;
-            while j < n && j - i < max_segs && seg > 0 {
-                let e = &b.entries[j];
-                let l = e.len as usize;
-                if e.addr != first.addr || l > seg || l == 0 || bytes + l > MAX_GSO_BYTES {
-                    break;
-                }
-                bytes += l;
-                j += 1;
-                if l < seg {
-                    break;
-                }
+            let mut runs = [Run::default(); MMSG_BATCH];
+            let mut cnt = 0;
+            let mut k = i;
+            while k < n && cnt < MMSG_BATCH {
+                runs[cnt] = self.run_at(b, k, k >= no_gso_until);
+                k = runs[cnt].end;
+                cnt += 1;
             }
-            if j - i == 1 {
-                i = j;
-                continue;
+            let (handled, datagrams) = self.send_runs(b, &runs[..cnt])?;
+            sent += datagrams;
+            match handled {
+                Handled::Runs(h) => i = runs[h - 1].end,
+                Handled::RetryWithoutGso => no_gso_until = runs[0].end,
             }
-            sent += self.send_mmsg(b, singles, i)?;
-            let start = first.off as usize;
-            let t = Transmit {
-                destination: first.addr,
-                ecn: None,
-                contents: &b.buf[start..start + bytes],
-                segment_size: Some(seg),
-                src_ip: None,
-            };
-            match self.send_one(&t) {
-                Ok(()) => {
-                    let k = (j - i) as u64;
-                    self.stats.send_calls += 1;
-                    self.stats.sent_datagrams += k;
-                    self.stats.gso_sends += 1;
-                    self.stats.max_gso_batch = self.stats.max_gso_batch.max(k);
-                    sent += j - i;
-                    i = j;
-                }
-                Err(e) if self.max_gso_segments() == 1 => {
-                    // quinn-udp turned GSO off after the kernel refused it: send these one by one.
-                    tracing::debug!(error = %e, "gso refused, falling back");
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, dest = %first.addr, "udp send failed");
-                    self.stats.send_errors += (j - i) as u64;
-                    i = j;
-                }
-            }
-            singles = i;
         }
-        sent += self.send_mmsg(b, singles, n)?;
         Ok(sent)
     }
 
-    fn send_one(&self, t: &Transmit<'_>) -> io::Result<()> {
-        loop {
-            match self.state.try_send(UdpSockRef::from(&self.sock), t) {
-                Ok(()) => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    wait_writable(self.sock.as_raw_fd())?
-                }
-                Err(e) => return Err(e),
+    /// The GSO run of `b` starting at entry `i` (a single datagram unless `gso`).
+    fn run_at(&self, b: &SendBatch, i: usize, gso: bool) -> Run {
+        let max_segs = if gso { self.max_gso_segments() } else { 1 };
+        let first = &b.entries[i];
+        let seg = first.len as usize;
+        let mut j = i + 1;
+        let mut bytes = seg;
+        while j < b.entries.len() && j - i < max_segs && seg > 0 {
+            let e = &b.entries[j];
+            let l = e.len as usize;
+            if e.addr != first.addr || l > seg || l == 0 || bytes + l > MAX_GSO_BYTES {
+                break;
             }
+            bytes += l;
+            j += 1;
+            if l < seg {
+                break;
+            }
+        }
+        Run {
+            start: i,
+            end: j,
+            bytes,
         }
     }
 
-    /// Sends entries `[from, to)` of `b` one datagram each, up to [`MMSG_BATCH`] per `sendmmsg`.
-    fn send_mmsg(&mut self, b: &SendBatch, from: usize, to: usize) -> io::Result<usize> {
-        let mut sent = 0;
-        let mut i = from;
+    /// One `sendmmsg` of `runs`; returns what became of them and the datagrams sent.
+    fn send_runs(&mut self, b: &SendBatch, runs: &[Run]) -> io::Result<(Handled, usize)> {
+        let cnt = runs.len();
         let v6 = self.v6;
-        while i < to {
-            let cnt = (to - i).min(MMSG_BATCH);
-            let ents = &b.entries[i..i + cnt];
-            let addrs: [socket2::SockAddr; MMSG_BATCH] = std::array::from_fn(|k| {
-                let a = ents.get(k).map_or(ents[0].addr, |e| e.addr);
-                socket2::SockAddr::from(map_addr(a, v6))
-            });
-            // SAFETY: iovec and mmsghdr are plain C structs for which all-zero is a valid value.
-            let mut iovs: [libc::iovec; MMSG_BATCH] = unsafe { std::mem::zeroed() };
-            // SAFETY: as above.
-            let mut hdrs: [libc::mmsghdr; MMSG_BATCH] = unsafe { std::mem::zeroed() };
-            for (k, e) in ents.iter().enumerate() {
-                iovs[k].iov_base = b.buf[e.off as usize..].as_ptr() as *mut libc::c_void;
-                iovs[k].iov_len = e.len as usize;
-                let h = &mut hdrs[k].msg_hdr;
-                h.msg_name = addrs[k].as_ptr() as *mut libc::c_void;
-                h.msg_namelen = addrs[k].len();
-                h.msg_iov = &mut iovs[k];
-                h.msg_iovlen = 1;
+        let addrs: [socket2::SockAddr; MMSG_BATCH] = std::array::from_fn(|k| {
+            let e = &b.entries[runs.get(k).unwrap_or(&runs[0]).start];
+            socket2::SockAddr::from(map_addr(e.addr, v6))
+        });
+        // SAFETY: iovec and mmsghdr are plain C structs for which all-zero is a valid value.
+        let mut iovs: [libc::iovec; MMSG_BATCH] = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut hdrs: [libc::mmsghdr; MMSG_BATCH] = unsafe { std::mem::zeroed() };
+        let mut ctrl = [Cmsg([0; CMSG_BUF]); MMSG_BATCH];
+        for (k, r) in runs.iter().enumerate() {
+            let e = &b.entries[r.start];
+            iovs[k].iov_base = b.buf[e.off as usize..].as_ptr() as *mut libc::c_void;
+            iovs[k].iov_len = r.bytes;
+            let h = &mut hdrs[k].msg_hdr;
+            h.msg_name = addrs[k].as_ptr() as *mut libc::c_void;
+            h.msg_namelen = addrs[k].len();
+            h.msg_iov = &mut iovs[k];
+            h.msg_iovlen = 1;
+            if r.end - r.start > 1 {
+                set_udp_segment(h, &mut ctrl[k], e.len as u16);
             }
-            // SAFETY: hdrs[..cnt] point into iovs, addrs and b.buf, all alive and unmoved for the call;
-            // the kernel only reads the buffers and writes msg_len.
+        }
+        let (handled, datagrams) = loop {
+            // SAFETY: hdrs[..cnt] point into iovs, addrs, ctrl and b.buf, all alive and unmoved for
+            // the call; the kernel only reads them and writes msg_len.
             let r = unsafe {
                 libc::sendmmsg(
                     self.sock.as_raw_fd(),
@@ -304,36 +288,94 @@ impl UdpBatch {
                     0,
                 )
             };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                match e.kind() {
-                    io::ErrorKind::Interrupted => continue,
-                    io::ErrorKind::WouldBlock => {
-                        wait_writable(self.sock.as_raw_fd())?;
-                        continue;
+            if r > 0 {
+                let r = r as usize;
+                self.stats.send_calls += 1;
+                self.stats.max_mmsg_batch = self.stats.max_mmsg_batch.max(r as u64);
+                let mut d = 0;
+                for run in &runs[..r] {
+                    let k = run.end - run.start;
+                    d += k;
+                    if k > 1 {
+                        self.stats.gso_sends += 1;
                     }
-                    _ => {
-                        // The first datagram failed (e.g. unreachable destination): drop it, go on.
-                        tracing::debug!(error = %e, dest = %ents[0].addr, "udp send failed");
-                        self.stats.send_errors += 1;
-                        i += 1;
-                        continue;
+                    self.stats.max_gso_batch = self.stats.max_gso_batch.max(k as u64);
+                }
+                break (Handled::Runs(r), d);
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => wait_writable(self.sock.as_raw_fd())?,
+                _ => {
+                    let first = &runs[0];
+                    if first.end - first.start > 1 {
+                        // A GSO run failed: send its datagrams singly, so GSO never loses more than
+                        // single sends would (e.g. EMSGSIZE for some of them). EIO means the route's
+                        // device cannot checksum, so no GSO is possible at all: off for good.
+                        if e.raw_os_error() == Some(libc::EIO) && !self.gso_refused {
+                            tracing::warn!(error = %e, "kernel refused UDP GSO, sending datagrams one by one");
+                            self.gso_refused = true;
+                        }
+                        tracing::debug!(error = %e, "GSO run refused, sending it unsegmented");
+                        self.stats.gso_retries += 1;
+                        break (Handled::RetryWithoutGso, 0);
                     }
+                    // The first message failed (e.g. unreachable destination): drop it, go on.
+                    tracing::debug!(error = %e, dest = %b.entries[first.start].addr, "udp send failed");
+                    self.stats.send_errors += (first.end - first.start) as u64;
+                    break (Handled::Runs(1), 0);
                 }
             }
-            let r = r as usize;
-            self.stats.send_calls += 1;
-            self.stats.sent_datagrams += r as u64;
-            self.stats.max_gso_batch = self.stats.max_gso_batch.max(1);
-            self.stats.max_mmsg_batch = self.stats.max_mmsg_batch.max(r as u64);
-            sent += r;
-            i += r;
-        }
-        Ok(sent)
+        };
+        self.stats.sent_datagrams += datagrams as u64;
+        Ok((handled, datagrams))
     }
 }
 
-/// Datagrams per `sendmmsg` call.
+/// What one `sendmmsg` did with the runs it was given.
+enum Handled {
+    /// The first `n` runs are done (sent, or dropped on an error).
+    Runs(usize),
+    /// The first run was a GSO run the kernel refused: send it again without GSO.
+    RetryWithoutGso,
+}
+
+/// A run of datagrams sent as one message: entries `[start, end)`, `bytes` in total.
+#[derive(Clone, Copy, Default)]
+struct Run {
+    start: usize,
+    end: usize,
+    bytes: usize,
+}
+
+/// Room for one `UDP_SEGMENT` control message (`CMSG_SPACE(2)` is 24 on 64-bit Linux).
+const CMSG_BUF: usize = 32;
+
+/// A control message buffer aligned for `cmsghdr`.
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+struct Cmsg([u8; CMSG_BUF]);
+
+/// Points `h` at `buf` holding a `UDP_SEGMENT` control message with segment size `seg`.
+fn set_udp_segment(h: &mut libc::msghdr, buf: &mut Cmsg, seg: u16) {
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<u16>() as libc::c_uint) } as usize;
+    assert!(space <= CMSG_BUF);
+    h.msg_control = buf.0.as_mut_ptr() as *mut libc::c_void;
+    h.msg_controllen = space as _;
+    // SAFETY: msg_control points at `space` bytes aligned for cmsghdr (buf lives as long as h is used),
+    // so CMSG_FIRSTHDR returns a valid header pointer inside buf and CMSG_DATA has room for a u16.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(h);
+        (*c).cmsg_level = libc::SOL_UDP;
+        (*c).cmsg_type = libc::UDP_SEGMENT;
+        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as libc::c_uint) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut u16, seg);
+    }
+}
+
+/// Messages per `sendmmsg` call.
 pub const MMSG_BATCH: usize = 64;
 
 /// A source address as the peer would name it: IPv4-mapped IPv6 (from a dual-stack socket) as IPv4.

@@ -1,6 +1,8 @@
 //! Batched UDP on loopback: GSO runs, sendmmsg for the rest, GRO splitting on receive, with and
 //! without offloads. Every datagram must arrive whole, in order per destination.
 
+mod common;
+
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -136,4 +138,63 @@ fn ipv6_sockets() {
 #[test]
 fn without_offloads_sendmmsg_recvmmsg() {
     run(false, Family::V4);
+}
+
+/// A GSO run the kernel refuses (EMSGSIZE: datagrams above the path MTU) is resent unsegmented, so
+/// the datagrams that fit still go, and GSO stays on. Needs root (a veth between two namespaces).
+#[test]
+fn gso_refusals_fall_back() {
+    let na = evio_testbed::Netns::new("fg");
+    let nb = evio_testbed::Netns::new("fh");
+    na.veth_to("ua", &nb, "ub");
+    na.exec_ok(&["ip", "addr", "add", "192.0.2.1/24", "dev", "ua"]);
+    nb.exec_ok(&["ip", "addr", "add", "192.0.2.2/24", "dev", "ub"]);
+    let b_name = nb.name().to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let receiver = std::thread::spawn(move || {
+        common::enter_netns(&b_name);
+        let mut u = UdpBatch::new(UdpSocket::bind("192.0.2.2:7000").unwrap()).unwrap();
+        tx.send(()).unwrap();
+        recv_all(&mut u, 10 + 20)
+    });
+    rx.recv().unwrap();
+    let a_name = na.name().to_string();
+    let stats = std::thread::spawn(move || {
+        common::enter_netns(&a_name);
+        let mut u = UdpBatch::new(UdpSocket::bind("192.0.2.1:0").unwrap()).unwrap();
+        let dest: SocketAddr = "192.0.2.2:7000".parse().unwrap();
+        let mut sb = SendBatch::new(64, 64 * 2000);
+        // 1600-byte datagrams do not fit the 1500 MTU: the GSO run (3 x 1600 + 1000) is refused, then
+        // sent singly: three EMSGSIZE (dropped, counted), the 1000-byte one goes; GSO stays on.
+        for _ in 0..3 {
+            sb.push(dest, &[1u8; 1600]);
+        }
+        for i in 0..10u8 {
+            sb.push(dest, &[i; 1000]);
+        }
+        let n = u.send_batch(&sb).unwrap();
+        assert_eq!(n, 10, "{:?}", u.stats());
+        let s1 = u.stats();
+        assert_eq!(s1.gso_retries, 1, "{s1:?}");
+        assert_eq!(s1.send_errors, 3, "{s1:?}");
+        assert_eq!(s1.gso_sends, 1, "the 1000-byte run still uses GSO: {s1:?}");
+        assert!(u.max_gso_segments() > 1);
+        // (EIO, GSO off for good, is not tested: this kernel checksums UDP GSO in software even
+        // with `ethtool -K ua tx off`, so it never answers EIO.)
+        sb.clear();
+        for i in 0..20u8 {
+            sb.push(dest, &[100 + i; 1000]);
+        }
+        assert_eq!(u.send_batch(&sb).unwrap(), 20);
+        u.stats()
+    })
+    .join()
+    .expect("sender");
+    let got = receiver.join().unwrap();
+    assert_eq!(got.len(), 30, "every datagram that fits the MTU arrives");
+    assert_eq!(stats.gso_sends, 2, "{stats:?}");
+    let mut firsts: Vec<u8> = got.iter().map(|(_, d)| d[0]).collect();
+    firsts.sort();
+    let want: Vec<u8> = (0..10).chain(100..120).collect();
+    assert_eq!(firsts, want);
 }
