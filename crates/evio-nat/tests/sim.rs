@@ -366,3 +366,64 @@ fn relay_lives_on_through_refreshes_and_stale_nonces() {
     );
     assert_eq!(sim.path(a, b).unwrap().kind, PathKind::Relay);
 }
+
+/// Garbage and mutated STUN/TURN/ChannelData never panic the agent, and never make it select a path.
+#[test]
+fn garbage_input_is_harmless() {
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+    let mut sim = world(13);
+    let na = sim.add_nat(NatType::Easy, "198.18.1.1");
+    let a = sim.add_node("192.168.1.2:51820", Some(na), true);
+    let b = sim.add_node("198.18.2.1:51820", None, true);
+    sim.run_for(secs(1));
+    sim.introduce_all();
+    sim.run_for(secs(2));
+    // Collect real datagrams a receives (checks, responses, TURN answers) to mutate.
+    let key_a = sim.nodes[a].key;
+    let check = evio_nat::stun::Builder::new(
+        evio_nat::stun::Class::Request,
+        evio_nat::stun::method::BINDING,
+        evio_nat::stun::TransactionId([3; 12]),
+    )
+    .attr(evio_nat::stun::attr::USERNAME, b"00".repeat(32).as_slice())
+    .integrity(&[0u8; 32])
+    .fingerprint();
+    let mut rng = StdRng::seed_from_u64(7);
+    let turn: std::net::SocketAddr = "198.18.0.1:3478".parse().unwrap();
+    let other: std::net::SocketAddr = "198.18.9.9:9999".parse().unwrap();
+    let now = sim.now;
+    let node = &mut sim.nodes[b];
+    let before = node.agent.path(&key_a);
+    for i in 0..20_000 {
+        let mut d = match i % 4 {
+            0 => check.clone(),
+            1 => {
+                let mut v = vec![0x40, 0x00, 0x00, 0x10];
+                v.extend_from_slice(&[4, 0, 0, 0]);
+                v.extend_from_slice(&[0u8; 12]);
+                v
+            }
+            2 => (0..rng.random_range(0..64)).map(|_| rng.random()).collect(),
+            _ => {
+                let mut v = check.clone();
+                v[1] = 0x17; // Data indication
+                v
+            }
+        };
+        for _ in 0..rng.random_range(0..4) {
+            if !d.is_empty() {
+                let k = rng.random_range(0..d.len());
+                d[k] = rng.random();
+            }
+        }
+        if rng.random_bool(0.2) && !d.is_empty() {
+            let n = rng.random_range(0..d.len());
+            d.truncate(n);
+        }
+        let from = if i % 2 == 0 { turn } else { other };
+        let _ = node.agent.handle_input(from, &d, now);
+    }
+    // A forged check (wrong key) created no pair that is used.
+    assert_eq!(node.agent.path(&key_a), before);
+    while node.agent.poll_transmit().is_some() {}
+}
