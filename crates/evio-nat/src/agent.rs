@@ -268,6 +268,7 @@ pub struct Agent {
     next_pair: u64,
     /// How peers see us (from check responses), for status.
     reflexive: Option<SocketAddr>,
+    path_changes: u64,
 }
 
 impl Agent {
@@ -302,6 +303,7 @@ impl Agent {
             published: Vec::new(),
             next_pair: 1,
             reflexive: None,
+            path_changes: 0,
         };
         a.handle_timeout(now);
         a
@@ -345,6 +347,11 @@ impl Agent {
     /// Our address as the last peer check response saw it.
     pub fn peer_reflexive(&self) -> Option<SocketAddr> {
         self.reflexive
+    }
+
+    /// How many `PathChanged` events the agent emitted (a metric).
+    pub fn path_changes(&self) -> u64 {
+        self.path_changes
     }
 
     /// The TURN client, if configured (for status and tests).
@@ -654,6 +661,7 @@ impl Agent {
         {
             t.want_channel(p.remote, now);
         }
+        self.path_changes += 1;
         self.events
             .push_back(Event::PathChanged { peer: key, path });
     }
@@ -964,6 +972,7 @@ impl Agent {
         {
             t.want_channel(p.remote, now);
         }
+        self.path_changes += 1;
         self.events
             .push_back(Event::PathChanged { peer: key, path });
     }
@@ -1104,6 +1113,7 @@ impl Agent {
                                     q.next_check = now;
                                 }
                             }
+                            self.path_changes += 1;
                             self.events.push_back(Event::PathChanged {
                                 peer: k,
                                 path: None,

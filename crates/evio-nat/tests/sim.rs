@@ -102,6 +102,10 @@ fn two_easy_nats_go_direct() {
     sim.run_for(secs(60));
     assert_eq!(sim.path(a, b).unwrap().kind, PathKind::Direct);
     assert_tunnel(&mut sim, a, b);
+    // The metric counts the events; the path did not flap (one selection, maybe one upgrade).
+    let n = sim.nodes[a].agent.path_changes();
+    assert_eq!(n as usize, sim.nodes[a].path_events.len());
+    assert!((1..=2).contains(&n), "{:?}", sim.nodes[a].path_events);
 }
 
 #[test]
