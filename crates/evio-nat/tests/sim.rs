@@ -431,3 +431,23 @@ fn garbage_input_is_harmless() {
     assert_eq!(node.agent.path(&key_a), before);
     while node.agent.poll_transmit().is_some() {}
 }
+
+/// Only one side has TURN credentials: the other reaches it through the first one's allocation.
+#[test]
+fn one_sided_turn_is_enough() {
+    let mut sim = world(14);
+    let na = sim.add_nat(NatType::Symmetric, "198.18.1.1");
+    let nb = sim.add_nat(NatType::Symmetric, "198.18.1.2");
+    let a = sim.add_node("192.168.1.2:51820", Some(na), false);
+    let b = sim.add_node("192.168.2.2:51820", Some(nb), true);
+    sim.run_for(secs(1));
+    sim.introduce_all();
+    until_paths(&mut sim, a, b, PathKind::Relay, secs(10)).expect("relay through b's allocation");
+    let pa = sim.path(a, b).unwrap();
+    assert_eq!(
+        (pa.base, pa.remote_kind),
+        (Base::Socket, CandidateKind::Relayed)
+    );
+    assert_eq!(sim.path(b, a).unwrap().base, Base::Relay);
+    assert_tunnel(&mut sim, a, b);
+}
