@@ -451,3 +451,46 @@ fn one_sided_turn_is_enough() {
     assert_eq!(sim.path(b, a).unwrap().base, Base::Relay);
     assert_tunnel(&mut sim, a, b);
 }
+
+/// The control plane may hand the same candidates again and again (every etcd event): nothing moves.
+#[test]
+fn repeated_candidate_updates_change_nothing() {
+    let mut sim = world(15);
+    sim.auto_introduce = false;
+    let ns = sim.add_nat(NatType::Symmetric, "198.18.1.1");
+    let s = sim.add_node("192.168.1.2:51820", Some(ns), true);
+    let p = sim.add_node("198.18.2.1:51820", None, true);
+    let n2 = sim.add_nat(NatType::Symmetric, "198.18.1.2");
+    let r = sim.add_node("192.168.2.2:51820", Some(n2), true);
+    sim.run_for(secs(1));
+    sim.introduce_all();
+    until_paths(&mut sim, p, s, PathKind::Direct, secs(10)).expect("direct");
+    until_paths(&mut sim, s, r, PathKind::Relay, secs(10)).expect("relay");
+    sim.run_for(secs(2));
+    let before: Vec<_> = (0..3).map(|i| sim.nodes[i].agent.path_changes()).collect();
+    let paths: Vec<_> = [(p, s), (s, p), (s, r), (r, s)]
+        .iter()
+        .map(|&(a, b)| sim.path(a, b))
+        .collect();
+    for _ in 0..20 {
+        sim.introduce_all();
+        sim.run_for(secs(1));
+    }
+    let after: Vec<_> = (0..3).map(|i| sim.nodes[i].agent.path_changes()).collect();
+    assert_eq!(before, after);
+    let now: Vec<_> = [(p, s), (s, p), (s, r), (r, s)]
+        .iter()
+        .map(|&(a, b)| sim.path(a, b))
+        .collect();
+    assert_eq!(
+        paths
+            .iter()
+            .map(|p| p.map(|p| (p.base, p.remote)))
+            .collect::<Vec<_>>(),
+        now.iter()
+            .map(|p| p.map(|p| (p.base, p.remote)))
+            .collect::<Vec<_>>()
+    );
+    assert_tunnel(&mut sim, p, s);
+    assert_tunnel(&mut sim, s, r);
+}
