@@ -435,6 +435,20 @@ impl LabBuilder {
                 "at most 250 sites, 250 hosts a site and 250 public hosts".into(),
             ));
         }
+        let mut tools = vec![("ip", "iproute2"), ("nft", "nftables"), ("ss", "iproute2")];
+        if self.etcd {
+            tools.extend([("etcd", "etcd-server"), ("curl", "curl")]);
+        }
+        if self.turn {
+            tools.push(("turnserver", "coturn"));
+        }
+        for (tool, package) in tools {
+            if find_tool(tool).is_none() {
+                return Err(LabError::Setup(format!(
+                    "`{tool}` not found on PATH: install the Debian package {package} (scripts/deps.sh does)"
+                )));
+            }
+        }
         let dir = tempfile::Builder::new().prefix("evio-lab").tempdir()?;
         let mut lab = Lab {
             turn: None,
@@ -791,6 +805,15 @@ impl Drop for Lab {
             }
         }
     }
+}
+
+/// The path of `tool` on `PATH` (also looking in the sbin directories, which a non-login PATH may lack).
+pub fn find_tool(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
 }
 
 fn random_hex(n: usize) -> Result<String> {

@@ -322,3 +322,11 @@ fn leftovers_of_a_killed_lab_are_removed() {
     evio_lab::run(std::process::Command::new("ip").args(["netns", "del", &other])).unwrap();
     assert!(names.iter().all(|n| !exists(n)));
 }
+
+#[test]
+fn tools_are_found() {
+    for t in ["ip", "nft", "turnserver", "etcd", "conntrack"] {
+        assert!(evio_lab::find_tool(t).is_some(), "{t} missing");
+    }
+    assert!(evio_lab::find_tool("no-such-tool-evio").is_none());
+}

@@ -193,6 +193,8 @@ struct Pair {
     rtt: Option<Duration>,
     /// When the last check of this pair succeeded.
     last_ok: Option<Instant>,
+    /// Learned from traffic (peer-reflexive), not from the peer's published candidates.
+    learned: bool,
 }
 
 impl Pair {
@@ -268,6 +270,7 @@ pub struct Agent {
     next_pair: u64,
     /// How peers see us (from check responses), for status.
     reflexive: Option<SocketAddr>,
+    path_changes: u64,
 }
 
 impl Agent {
@@ -302,6 +305,7 @@ impl Agent {
             published: Vec::new(),
             next_pair: 1,
             reflexive: None,
+            path_changes: 0,
         };
         a.handle_timeout(now);
         a
@@ -347,6 +351,11 @@ impl Agent {
         self.reflexive
     }
 
+    /// How many `PathChanged` events the agent emitted (a metric).
+    pub fn path_changes(&self) -> u64 {
+        self.path_changes
+    }
+
     /// The TURN client, if configured (for status and tests).
     pub fn turn(&self) -> Option<&TurnClient> {
         self.turn.as_ref()
@@ -374,17 +383,17 @@ impl Agent {
         // Drop pairs whose remote address is no longer announced (learned peer-reflexive pairs stay while
         // they work).
         let remote = entry.remote.clone();
+        let kept = |p: &Pair| {
+            remote.iter().any(|c| c.addr == p.remote) || (p.learned && p.state != PairState::Failed)
+        };
         for p in &entry.pairs {
-            let kept = remote.iter().any(|c| c.addr == p.remote)
-                || (p.remote_kind == CandidateKind::PeerReflexive && p.state != PairState::Failed);
-            if !kept && let Some((tid, _)) = &p.inflight {
+            if !kept(p)
+                && let Some((tid, _)) = &p.inflight
+            {
                 self.checks.remove(tid);
             }
         }
-        entry.pairs.retain(|p| {
-            remote.iter().any(|c| c.addr == p.remote)
-                || (p.remote_kind == CandidateKind::PeerReflexive && p.state != PairState::Failed)
-        });
+        entry.pairs.retain(kept);
         for c in remote {
             self.add_pairs_for(peer, c, now);
         }
@@ -421,6 +430,13 @@ impl Agent {
             t.want_channel(from, now);
         }
         let id = self.add_pair(peer, base, from, kind, now);
+        if let Some(p) = self
+            .peers
+            .get_mut(&peer)
+            .and_then(|p| p.pairs.iter_mut().find(|p| p.id == id))
+        {
+            p.learned = true;
+        }
         self.reindex();
         // A new address of the peer on this base: maybe its NAT rebound. Probe the selected pair at once
         // so a dead one is noticed quickly (see `fail_over_early`).
@@ -654,6 +670,7 @@ impl Agent {
         {
             t.want_channel(p.remote, now);
         }
+        self.path_changes += 1;
         self.events
             .push_back(Event::PathChanged { peer: key, path });
     }
@@ -964,6 +981,7 @@ impl Agent {
         {
             t.want_channel(p.remote, now);
         }
+        self.path_changes += 1;
         self.events
             .push_back(Event::PathChanged { peer: key, path });
     }
@@ -1049,6 +1067,7 @@ impl Agent {
                 fails: 0,
                 rtt: None,
                 last_ok: None,
+                learned: false,
             });
         }
         id
@@ -1104,6 +1123,7 @@ impl Agent {
                                     q.next_check = now;
                                 }
                             }
+                            self.path_changes += 1;
                             self.events.push_back(Event::PathChanged {
                                 peer: k,
                                 path: None,

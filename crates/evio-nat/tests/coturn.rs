@@ -313,7 +313,11 @@ fn matrix_relay_flush_and_turn_loss() {
 
     // coturn comes back (empty: every allocation lost): the relayed pairs come back by themselves, with
     // new allocations (a 437 or a failed keepalive tells each client to allocate again).
-    assert_eq!(path_kind(&nodes, 2, 3), None, "a relayed path survived the relay's death?");
+    assert_eq!(
+        path_kind(&nodes, 2, 3),
+        None,
+        "a relayed path survived the relay's death?"
+    );
     lab.turn_mut().unwrap().restart().unwrap();
     let t3 = Instant::now();
     let back = drive(&mut nodes, Duration::from_secs(60), |n| {
