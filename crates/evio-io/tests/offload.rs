@@ -959,3 +959,57 @@ fn udp_bad_checksum_or_empty_datagram_breaks_the_run() {
     );
     assert_eq!(c.members(4).collect::<Vec<_>>(), vec![4, 5]);
 }
+
+/// Decrypted packets come from peers and may be anything: planning and assembling never panic.
+#[test]
+fn coalescer_survives_garbage() {
+    let mut x: u64 = 0x1234_5678_9abc_def1;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut c = Coalescer::new();
+    c.set_coalesce_udp(true);
+    let mut sp = Vec::new();
+    for round in 0..3000 {
+        c.set_verify_checksums(round % 3 != 0);
+        let n = 1 + (rnd() % 32) as usize;
+        let mut b = PacketBatch::new(n, 1500);
+        // A template packet, then random damage, so many packets get past the first checks.
+        let base = if rnd() % 2 == 0 {
+            tcp_packet(
+                &Tcp {
+                    seq: 0,
+                    ..Tcp::v4()
+                },
+                &payload(200, 0),
+            )
+        } else {
+            udp_packet(rnd() % 2 == 0, &payload(200, 0))
+        };
+        for _ in 0..n {
+            let mut p = base.clone();
+            let len = (rnd() % (p.len() as u64 + 1)) as usize;
+            if rnd() % 2 == 0 {
+                p.truncate(len);
+            }
+            for _ in 0..(rnd() % 4) {
+                if !p.is_empty() {
+                    let i = (rnd() as usize) % p.len();
+                    p[i] = rnd() as u8;
+                }
+            }
+            b.push(&p);
+        }
+        c.plan(&b);
+        let units: Vec<Unit> = c.units().collect();
+        for u in units {
+            if let Unit::Group(gi) = u {
+                c.assemble(&b, gi, &mut sp);
+                assert!(sp.len() <= VNET_HDR_LEN + 65535);
+            }
+        }
+    }
+}
