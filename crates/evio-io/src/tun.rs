@@ -227,7 +227,7 @@ impl Tun {
     /// Appends IP packets read from the device to `out` (segmenting super-packets); returns how many.
     ///
     /// `out`'s slots must hold an MTU-sized packet. Blocking mode: one `read` (blocks until a packet
-    /// arrives). Non-blocking mode: reads until the queue is empty or `out` is full; `WouldBlock` only
+    /// arrives; reads again if that one was malformed and dropped). Non-blocking mode: reads until the queue is empty or `out` is full; `WouldBlock` only
     /// when nothing was read. Segments of a super-packet that do not fit the rest of `out` are kept
     /// and delivered first by the next call (which then returns without reading if they fill `out`
     /// again), so any batch size works: call until `WouldBlock` (or check
@@ -264,7 +264,8 @@ impl Tun {
                 out.commit(n);
                 self.stats.read_packets += 1;
             }
-            if !self.nonblocking {
+            // Blocking mode: one read, unless it was dropped (malformed) and delivered nothing.
+            if !self.nonblocking && out.len() > before {
                 break;
             }
         }
