@@ -1,12 +1,15 @@
-//! Coalescing of in-order TCP segments into super-packets for a TUN with offloads (userspace GRO).
+//! Coalescing of in-order TCP segments (and UDP datagrams) into super-packets for a TUN with
+//! offloads (userspace GRO).
 //!
 //! [`Coalescer::plan`] groups the packets of a [`PacketBatch`]: consecutive in-sequence TCP data
 //! segments of one connection (same addresses, ports, ACK number, TCP options, TOS/TTL, equal sizes
 //! except a shorter last one) become one group, written to the TUN as one packet with a
 //! `VIRTIO_NET_HDR_GSO_TCPV4/6` header so the kernel's stack handles a single 64 KB packet instead
-//! of ~45. Everything else is written unchanged. Packet order within every connection is kept:
-//! a packet only ever joins the newest group of its connection, and any TCP packet that cannot
-//! join (SYN, FIN, RST, pure ACK, out of order) closes that group.
+//! of ~45. With [`Coalescer::set_coalesce_udp`] (a TUN with USO), datagrams of one UDP flow with
+//! equal sizes (a shorter last one) become one `GSO_UDP_L4` packet the same way. Everything else is
+//! written unchanged. Packet order within every connection is kept: a packet only ever joins the
+//! newest group of its connection, and any packet of the connection that cannot join (SYN, FIN,
+//! RST, pure ACK, out of order, empty datagram) closes that group.
 //!
 //! The plan only holds indices; [`Coalescer::header`] builds the rewritten headers of a group (the
 //! payloads are passed to the kernel in place with `writev`), [`Coalescer::assemble`] the whole
@@ -14,7 +17,7 @@
 
 use crate::batch::PacketBatch;
 use crate::checksum::{fold, ipv4_header, pseudo_header, sum};
-use crate::vnet::{F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, VNET_HDR_LEN, VirtioNetHdr};
+use crate::vnet::{F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, VNET_HDR_LEN, VirtioNetHdr};
 
 /// Largest IP packet a group may grow to (IPv4 total length / IPv6 payload length are 16 bits).
 pub const MAX_SUPER_PACKET: usize = 65535;
@@ -30,8 +33,8 @@ struct Group {
     head: u32,
     last: u32,
     count: u32,
-    /// TCP data segment that others may join (else a packet written as is).
-    tcp: bool,
+    /// What others may join: TCP or UDP data (else a packet written as is).
+    kind: Kind,
     closed: bool,
     psh: bool,
     next_seq: u32,
@@ -40,6 +43,13 @@ struct Group {
     bytes: u32,
     iphlen: u16,
     thlen: u16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Other,
+    Tcp,
+    Udp,
 }
 
 /// One write to the TUN: either one packet as is, or a coalesced group.
@@ -58,6 +68,7 @@ pub struct Coalescer {
     groups: Vec<Group>,
     next: Vec<u32>,
     verify: bool,
+    udp: bool,
 }
 
 impl Default for Coalescer {
@@ -66,24 +77,28 @@ impl Default for Coalescer {
             groups: Vec::new(),
             next: Vec::new(),
             verify: true,
+            udp: false,
         }
     }
 }
 
-/// Parsed facts about a TCP packet.
-struct Tcp {
+/// Parsed facts about a TCP or UDP packet.
+struct L4 {
+    kind: Kind,
     iphlen: usize,
-    thlen: usize,
+    /// TCP header length, or 8 for UDP.
+    l4hlen: usize,
     seq: u32,
     flags: u8,
     payload: usize,
 }
 
-/// Parses an IPv4/IPv6 TCP packet with a consistent length; `None` for anything else.
-fn parse_tcp(p: &[u8]) -> Option<Tcp> {
-    let iphlen = match p.first()? >> 4 {
+/// Parses an IPv4 (no options, no fragment) or IPv6 (no extension header) TCP or UDP packet with
+/// consistent lengths; `None` for anything else.
+fn parse_l4(p: &[u8]) -> Option<L4> {
+    let (iphlen, proto) = match p.first()? >> 4 {
         4 => {
-            if p.len() < 20 || p[9] != 6 || p[0] & 0x0f != 5 {
+            if p.len() < 20 || p[0] & 0x0f != 5 {
                 return None;
             }
             if u16::from_be_bytes([p[2], p[3]]) as usize != p.len() {
@@ -93,51 +108,74 @@ fn parse_tcp(p: &[u8]) -> Option<Tcp> {
             if u16::from_be_bytes([p[6], p[7]]) & 0x3fff != 0 {
                 return None;
             }
-            20
+            (20, p[9])
         }
         6 => {
-            if p.len() < 40
-                || p[6] != 6
-                || u16::from_be_bytes([p[4], p[5]]) as usize + 40 != p.len()
-            {
+            if p.len() < 40 || u16::from_be_bytes([p[4], p[5]]) as usize + 40 != p.len() {
                 return None;
             }
-            40
+            (40, p[6])
         }
         _ => return None,
     };
-    if p.len() < iphlen + 20 {
-        return None;
-    }
-    let thlen = (p[iphlen + 12] >> 4) as usize * 4;
-    if thlen < 20 || iphlen + thlen > p.len() {
-        return None;
-    }
     let t = iphlen;
-    Some(Tcp {
-        iphlen,
-        thlen,
-        seq: u32::from_be_bytes([p[t + 4], p[t + 5], p[t + 6], p[t + 7]]),
-        flags: p[t + 13],
-        payload: p.len() - iphlen - thlen,
-    })
+    match proto {
+        6 => {
+            if p.len() < iphlen + 20 {
+                return None;
+            }
+            let thlen = (p[t + 12] >> 4) as usize * 4;
+            if thlen < 20 || iphlen + thlen > p.len() {
+                return None;
+            }
+            Some(L4 {
+                kind: Kind::Tcp,
+                iphlen,
+                l4hlen: thlen,
+                seq: u32::from_be_bytes([p[t + 4], p[t + 5], p[t + 6], p[t + 7]]),
+                flags: p[t + 13],
+                payload: p.len() - iphlen - thlen,
+            })
+        }
+        17 => {
+            if p.len() < iphlen + 8
+                || u16::from_be_bytes([p[t + 4], p[t + 5]]) as usize != p.len() - iphlen
+            {
+                return None;
+            }
+            Some(L4 {
+                kind: Kind::Udp,
+                iphlen,
+                l4hlen: 8,
+                seq: 0,
+                flags: 0,
+                payload: p.len() - iphlen - 8,
+            })
+        }
+        _ => None,
+    }
 }
 
-/// The TCP checksum of `p` (IP header length `iphlen`) verifies.
-fn tcp_checksum_ok(p: &[u8], iphlen: usize) -> bool {
+/// The TCP or UDP checksum of `p` (IP header length `iphlen`) verifies. An IPv4 UDP datagram
+/// without checksum (0) counts as valid.
+fn l4_checksum_ok(p: &[u8], iphlen: usize, kind: Kind) -> bool {
     let (src, dst) = if iphlen == 20 {
         (12..16, 16..20)
     } else {
         (8..24, 24..40)
     };
-    let ps = pseudo_header(&p[src], &p[dst], 6, (p.len() - iphlen) as u32);
+    let proto = if kind == Kind::Udp { 17 } else { 6 };
+    if kind == Kind::Udp && iphlen == 20 && p[iphlen + 6..iphlen + 8] == [0, 0] {
+        return true;
+    }
+    let ps = pseudo_header(&p[src], &p[dst], proto, (p.len() - iphlen) as u32);
     fold(sum(&p[iphlen..], ps)) == 0xffff
 }
 
 const ACK: u8 = 0x10;
 const PSH: u8 = 0x08;
 
-/// Same connection (version, addresses, ports); both parse as TCP with `iphlen`.
+/// Same connection (version, addresses, ports); both parse as the same protocol with `iphlen`.
 fn same_flow(a: &[u8], b: &[u8], iphlen: usize) -> bool {
     if a[0] >> 4 != b[0] >> 4 {
         return false;
@@ -146,16 +184,19 @@ fn same_flow(a: &[u8], b: &[u8], iphlen: usize) -> bool {
     a[addrs.clone()] == b[addrs] && a[iphlen..iphlen + 4] == b[iphlen..iphlen + 4]
 }
 
-/// Everything but sequence number, flags, window, checksum and lengths equal, so `b`'s payload can
-/// ride behind `a`'s headers.
-fn same_headers(a: &[u8], b: &[u8], iphlen: usize, thlen: usize) -> bool {
+/// Everything but IPv4 id, sequence number, flags, window, checksums and lengths equal, so `b`'s
+/// payload can ride behind `a`'s headers.
+fn same_headers(a: &[u8], b: &[u8], iphlen: usize, l4hlen: usize, kind: Kind) -> bool {
     let ip_ok = if iphlen == 20 {
         a[1] == b[1] && a[6] == b[6] && a[8] == b[8]
     } else {
         a[0..4] == b[0..4] && a[7] == b[7]
     };
     let t = iphlen;
-    ip_ok && a[t + 8..t + 12] == b[t + 8..t + 12] && a[t + 20..t + thlen] == b[t + 20..t + thlen]
+    ip_ok
+        && (kind != Kind::Tcp
+            || (a[t + 8..t + 12] == b[t + 8..t + 12]
+                && a[t + 20..t + l4hlen] == b[t + 20..t + l4hlen]))
 }
 
 impl Coalescer {
@@ -171,6 +212,12 @@ impl Coalescer {
         self.verify = on;
     }
 
+    /// Also merge UDP datagrams (only for a TUN that granted `TUN_F_USO4 | TUN_F_USO6`: the
+    /// kernel must accept `GSO_UDP_L4` packets). Off by default.
+    pub fn set_coalesce_udp(&mut self, on: bool) {
+        self.udp = on;
+    }
+
     /// Groups the packets of `batch`; then iterate [`units`](Self::units).
     pub fn plan(&mut self, batch: &PacketBatch) {
         self.groups.clear();
@@ -178,18 +225,23 @@ impl Coalescer {
         self.next.resize(batch.len(), NONE);
         for i in 0..batch.len() {
             let p = batch.get(i);
-            let Some(t) = parse_tcp(p) else {
-                self.push_single(i, false);
+            let Some(t) = parse_l4(p) else {
+                self.push_single(i);
                 continue;
             };
-            let candidate = t.payload > 0
-                && t.flags & ACK != 0
-                && t.flags & !(ACK | PSH) == 0
-                && (!self.verify || tcp_checksum_ok(p, t.iphlen));
+            if t.kind == Kind::Udp && !self.udp {
+                self.push_single(i);
+                continue;
+            }
+            let data = match t.kind {
+                Kind::Tcp => t.payload > 0 && t.flags & ACK != 0 && t.flags & !(ACK | PSH) == 0,
+                _ => t.payload > 0,
+            };
+            let candidate = data && (!self.verify || l4_checksum_ok(p, t.iphlen, t.kind));
             // The newest group of this connection, if any.
             let mut found = None;
             for (gi, g) in self.groups.iter().enumerate().rev() {
-                if g.tcp && g.iphlen as usize == t.iphlen {
+                if g.kind == t.kind && g.iphlen as usize == t.iphlen {
                     let h = batch.get(g.head as usize);
                     if same_flow(h, p, t.iphlen) {
                         found = Some(gi);
@@ -201,19 +253,19 @@ impl Coalescer {
                 if let Some(gi) = found {
                     self.groups[gi].closed = true;
                 }
-                self.push_single(i, false);
+                self.push_single(i);
                 continue;
             }
             if let Some(gi) = found {
                 let g = self.groups[gi];
                 let h = batch.get(g.head as usize);
                 let joins = !g.closed
-                    && g.thlen as usize == t.thlen
-                    && t.seq == g.next_seq
+                    && g.thlen as usize == t.l4hlen
+                    && (t.kind == Kind::Udp || t.seq == g.next_seq)
                     && t.payload as u32 <= g.gso_size
                     && (g.count as usize) < MAX_SEGMENTS
                     && g.bytes as usize + t.payload <= MAX_SUPER_PACKET
-                    && same_headers(h, p, t.iphlen, t.thlen);
+                    && same_headers(h, p, t.iphlen, t.l4hlen, t.kind);
                 if joins {
                     let g = &mut self.groups[gi];
                     self.next[g.last as usize] = i as u32;
@@ -237,24 +289,24 @@ impl Coalescer {
                 head: i as u32,
                 last: i as u32,
                 count: 1,
-                tcp: true,
+                kind: t.kind,
                 closed: psh,
                 psh,
                 next_seq: t.seq.wrapping_add(t.payload as u32),
                 gso_size: t.payload as u32,
                 bytes: p.len() as u32,
                 iphlen: t.iphlen as u16,
-                thlen: t.thlen as u16,
+                thlen: t.l4hlen as u16,
             });
         }
     }
 
-    fn push_single(&mut self, i: usize, tcp: bool) {
+    fn push_single(&mut self, i: usize) {
         self.groups.push(Group {
             head: i as u32,
             last: i as u32,
             count: 1,
-            tcp,
+            kind: Kind::Other,
             closed: true,
             psh: false,
             next_seq: 0,
@@ -299,13 +351,13 @@ impl Coalescer {
         self.groups[gi].count as usize
     }
 
-    /// IP + TCP header length of group `gi` (the payload of each member starts there).
+    /// IP + TCP/UDP header length of group `gi` (the payload of each member starts there).
     pub fn header_len(&self, gi: usize) -> usize {
         let g = &self.groups[gi];
         (g.iphlen + g.thlen) as usize
     }
 
-    /// Writes the virtio header and the rewritten IP + TCP headers of group `gi` into `out` (at least
+    /// Writes the virtio header and the rewritten IP + TCP/UDP headers of group `gi` into `out` (at least
     /// [`MAX_HEADER`] bytes); returns the length written. The payloads of the members follow.
     pub fn header(&self, batch: &PacketBatch, gi: usize, out: &mut [u8]) -> usize {
         let g = &self.groups[gi];
@@ -314,13 +366,18 @@ impl Coalescer {
         let hlen = iphlen + g.thlen as usize;
         let total = g.bytes as usize;
         let v4 = iphlen == 20;
+        let udp = g.kind == Kind::Udp;
         VirtioNetHdr {
             flags: F_NEEDS_CSUM,
-            gso_type: if v4 { GSO_TCPV4 } else { GSO_TCPV6 },
+            gso_type: match (udp, v4) {
+                (true, _) => GSO_UDP_L4,
+                (false, true) => GSO_TCPV4,
+                (false, false) => GSO_TCPV6,
+            },
             hdr_len: hlen as u16,
             gso_size: g.gso_size as u16,
             csum_start: iphlen as u16,
-            csum_offset: 16,
+            csum_offset: if udp { 6 } else { 16 },
         }
         .encode(&mut out[..VNET_HDR_LEN]);
         let o = &mut out[VNET_HDR_LEN..VNET_HDR_LEN + hlen];
@@ -335,12 +392,20 @@ impl Coalescer {
             o[4..6].copy_from_slice(&((total - 40) as u16).to_be_bytes());
             (8..24, 24..40)
         };
-        if g.psh {
+        let l4len = total - iphlen;
+        if udp {
+            o[iphlen + 4..iphlen + 6].copy_from_slice(&(l4len as u16).to_be_bytes());
+        } else if g.psh {
             o[iphlen + 13] |= PSH;
         }
         // CHECKSUM_PARTIAL: the field holds the folded pseudo-header sum, not complemented.
-        let ps = fold(pseudo_header(&h[src], &h[dst], 6, (total - iphlen) as u32));
-        o[iphlen + 16..iphlen + 18].copy_from_slice(&ps.to_be_bytes());
+        let (proto, at) = if udp {
+            (17, iphlen + 6)
+        } else {
+            (6, iphlen + 16)
+        };
+        let ps = fold(pseudo_header(&h[src], &h[dst], proto, l4len as u32));
+        o[at..at + 2].copy_from_slice(&ps.to_be_bytes());
         VNET_HDR_LEN + hlen
     }
 

@@ -123,6 +123,9 @@ impl Tun {
         vnet: bool,
         offload_flags: OffloadFlags,
     ) -> Tun {
+        let mut coalescer = Coalescer::new();
+        let uso = libc::TUN_F_USO4 | libc::TUN_F_USO6;
+        coalescer.set_coalesce_udp(offload_flags & uso == uso);
         Tun {
             file,
             name,
@@ -132,7 +135,7 @@ impl Tun {
             nonblocking: false,
             rx: vec![0u8; if vnet { RX_BUF } else { 0 }].into_boxed_slice(),
             pending: None,
-            coalescer: Coalescer::new(),
+            coalescer,
             hdr: [0; MAX_HEADER],
             stats: TunStats::default(),
         }
@@ -192,7 +195,12 @@ impl Tun {
         self.opts.coalesce = on;
     }
 
-    /// Whether TCP checksums are verified before segments are merged (default on; see
+    /// Whether UDP datagrams are merged too (default: when the kernel granted USO4 and USO6).
+    pub fn set_coalesce_udp(&mut self, on: bool) {
+        self.coalescer.set_coalesce_udp(on);
+    }
+
+    /// Whether TCP/UDP checksums are verified before segments are merged (default on; see
     /// [`Coalescer::set_verify_checksums`]).
     pub fn set_verify_checksums(&mut self, on: bool) {
         self.coalescer.set_verify_checksums(on);
@@ -219,7 +227,7 @@ impl Tun {
     /// Appends IP packets read from the device to `out` (segmenting super-packets); returns how many.
     ///
     /// `out`'s slots must hold an MTU-sized packet. Blocking mode: one `read` (blocks until a packet
-    /// arrives). Non-blocking mode: reads until the queue is empty or `out` is full; `WouldBlock` only
+    /// arrives; reads again if that one was malformed and dropped). Non-blocking mode: reads until the queue is empty or `out` is full; `WouldBlock` only
     /// when nothing was read. Segments of a super-packet that do not fit the rest of `out` are kept
     /// and delivered first by the next call (which then returns without reading if they fill `out`
     /// again), so any batch size works: call until `WouldBlock` (or check
@@ -256,7 +264,8 @@ impl Tun {
                 out.commit(n);
                 self.stats.read_packets += 1;
             }
-            if !self.nonblocking {
+            // Blocking mode: one read, unless it was dropped (malformed) and delivered nothing.
+            if !self.nonblocking && out.len() > before {
                 break;
             }
         }

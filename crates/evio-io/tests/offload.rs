@@ -737,6 +737,8 @@ fn corrupt_segment_is_not_merged() {
 /// retransmissions, UDP): writing the plan out (groups assembled then segmented again, singles as
 /// they are) must give back every packet, byte for byte, in the original order within each
 /// connection, and every group must obey the merge rules.
+const UDP_FLOW: usize = 1000;
+
 #[test]
 fn random_batches_keep_every_packet_in_order() {
     let mut x: u64 = 0xdeadbeefcafef00d;
@@ -748,18 +750,24 @@ fn random_batches_keep_every_packet_in_order() {
     };
     let mut c = Coalescer::new();
     let mut merged_groups = 0;
-    for _round in 0..300 {
+    let mut udp_groups = 0;
+    for round in 0..300 {
+        c.set_coalesce_udp(round % 2 == 1);
         let nflows = 1 + rnd(4) as usize;
         let mut seqs: Vec<u32> = (0..nflows).map(|_| rnd(u32::MAX as u64) as u32).collect();
         let mss: Vec<usize> = (0..nflows).map(|_| 1 + rnd(1400) as usize).collect();
-        let mut pkts: Vec<(usize, Vec<u8>)> = Vec::new(); // (flow or usize::MAX, packet)
+        // (flow: TCP index, or UDP_FLOW + 1 for IPv6 UDP, UDP_FLOW for IPv4 UDP; packet)
+        let mut pkts: Vec<(usize, Vec<u8>)> = Vec::new();
         let n = 1 + rnd(100) as usize;
         for _ in 0..n {
-            if rnd(20) == 0 {
-                pkts.push((
-                    usize::MAX,
-                    udp_packet(rnd(2) == 0, &payload(rnd(300) as usize, 1)),
-                ));
+            if rnd(10) == 0 {
+                let v6 = rnd(2) == 0;
+                // Mostly equal sizes so runs form; sometimes short or empty.
+                let len = match rnd(6) {
+                    0 => rnd(300) as usize,
+                    _ => 300,
+                };
+                pkts.push((UDP_FLOW + v6 as usize, udp_packet(v6, &payload(len, 1))));
                 continue;
             }
             let f = rnd(nflows as u64) as usize;
@@ -819,6 +827,10 @@ fn random_batches_keep_every_packet_in_order() {
                 Unit::Group(gi) => {
                     merged_groups += 1;
                     let members: Vec<usize> = c.members(gi).collect();
+                    if pkts[members[0]].0 >= UDP_FLOW {
+                        assert_eq!(round % 2, 1, "UDP merged although off");
+                        udp_groups += 1;
+                    }
                     assert!(
                         members.windows(2).all(|w| w[0] < w[1]),
                         "members in batch order"
@@ -848,7 +860,7 @@ fn random_batches_keep_every_packet_in_order() {
             seen[i] = true;
         }
         assert!(seen.iter().all(|s| *s), "a packet was not written");
-        for f in 0..nflows {
+        for f in (0..nflows).chain([UDP_FLOW, UDP_FLOW + 1]) {
             let written: Vec<usize> = out_order
                 .iter()
                 .copied()
@@ -863,4 +875,141 @@ fn random_batches_keep_every_packet_in_order() {
         merged_groups > 100,
         "the random batches hardly merged anything ({merged_groups})"
     );
+    assert!(udp_groups > 20, "hardly any UDP group ({udp_groups})");
+}
+
+#[test]
+fn udp_datagrams_coalesce_when_enabled() {
+    for v6 in [false, true] {
+        let mut pkts: Vec<Vec<u8>> = (0..5).map(|i| udp_packet(v6, &payload(1200, i))).collect();
+        pkts.push(udp_packet(v6, &payload(333, 9))); // shorter last one
+        pkts.push(udp_packet(v6, &payload(1200, 10))); // after a short one: new group
+        let b = batch_of(&pkts);
+        let mut c = Coalescer::new();
+        c.plan(&b);
+        assert_eq!(c.unit_count(), 7, "UDP is not merged unless enabled");
+        c.set_coalesce_udp(true);
+        c.plan(&b);
+        let units: Vec<Unit> = c.units().collect();
+        assert_eq!(units, vec![Unit::Group(0), Unit::Single(6)]);
+        let mut sp = Vec::new();
+        c.assemble(&b, 0, &mut sp);
+        let hdr = VirtioNetHdr::decode(&sp).unwrap();
+        let pkt = &sp[VNET_HDR_LEN..];
+        let iphlen = if v6 { 40 } else { 20 };
+        assert_eq!(hdr.gso_type, vnet::GSO_UDP_L4);
+        assert_eq!(hdr.flags, vnet::F_NEEDS_CSUM);
+        assert_eq!((hdr.csum_start as usize, hdr.csum_offset), (iphlen, 6));
+        assert_eq!(hdr.hdr_len as usize, iphlen + 8);
+        assert_eq!(hdr.gso_size, 1200);
+        assert_eq!(
+            be16(pkt, iphlen + 4) as usize,
+            pkt.len() - iphlen,
+            "udp length"
+        );
+        let ps = naive_sum(&[&pseudo(pkt, 17, pkt.len() - iphlen)]);
+        assert_eq!(
+            be16(pkt, iphlen + 6),
+            ps,
+            "partial checksum = pseudo-header sum"
+        );
+        let mut out = PacketBatch::new(8, 1500);
+        assert_eq!(split(&hdr, pkt, &mut out), Ok(6));
+        for (i, o) in pkts[..6].iter().enumerate() {
+            // Merged IPv4 packets are renumbered from the first one's id (all have one id here).
+            let (mut a, mut o) = (out.get(i).to_vec(), o.clone());
+            if !v6 {
+                a[4..6].fill(0);
+                a[10..12].fill(0);
+                o[4..6].fill(0);
+                o[10..12].fill(0);
+                assert!(checksums_ok(out.get(i)));
+            }
+            assert_eq!(a, o, "datagram {i} round trip (v6 {v6})");
+        }
+    }
+}
+
+#[test]
+fn udp_bad_checksum_or_empty_datagram_breaks_the_run() {
+    let mut pkts: Vec<Vec<u8>> = (0..4)
+        .map(|i| udp_packet(false, &payload(500, i)))
+        .collect();
+    pkts[1][30] ^= 1; // corrupt payload
+    pkts.insert(3, udp_packet(false, &[]));
+    // IPv4 without checksum (0) is valid and may merge.
+    let mut nock = udp_packet(false, &payload(500, 7));
+    nock[26..28].fill(0);
+    pkts.push(nock);
+    let b = batch_of(&pkts);
+    let mut c = Coalescer::new();
+    c.set_coalesce_udp(true);
+    c.plan(&b);
+    let units: Vec<Unit> = c.units().collect();
+    // 0 alone (1 corrupt closes it), 1 alone, 2 alone (empty 3 closes it), 3 alone, 4 + 5 merged.
+    assert_eq!(
+        units,
+        vec![
+            Unit::Single(0),
+            Unit::Single(1),
+            Unit::Single(2),
+            Unit::Single(3),
+            Unit::Group(4)
+        ]
+    );
+    assert_eq!(c.members(4).collect::<Vec<_>>(), vec![4, 5]);
+}
+
+/// Decrypted packets come from peers and may be anything: planning and assembling never panic.
+#[test]
+fn coalescer_survives_garbage() {
+    let mut x: u64 = 0x1234_5678_9abc_def1;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut c = Coalescer::new();
+    c.set_coalesce_udp(true);
+    let mut sp = Vec::new();
+    for round in 0..3000 {
+        c.set_verify_checksums(round % 3 != 0);
+        let n = 1 + (rnd() % 32) as usize;
+        let mut b = PacketBatch::new(n, 1500);
+        // A template packet, then random damage, so many packets get past the first checks.
+        let base = if rnd() % 2 == 0 {
+            tcp_packet(
+                &Tcp {
+                    seq: 0,
+                    ..Tcp::v4()
+                },
+                &payload(200, 0),
+            )
+        } else {
+            udp_packet(rnd() % 2 == 0, &payload(200, 0))
+        };
+        for _ in 0..n {
+            let mut p = base.clone();
+            let len = (rnd() % (p.len() as u64 + 1)) as usize;
+            if rnd() % 2 == 0 {
+                p.truncate(len);
+            }
+            for _ in 0..(rnd() % 4) {
+                if !p.is_empty() {
+                    let i = (rnd() as usize) % p.len();
+                    p[i] = rnd() as u8;
+                }
+            }
+            b.push(&p);
+        }
+        c.plan(&b);
+        let units: Vec<Unit> = c.units().collect();
+        for u in units {
+            if let Unit::Group(gi) = u {
+                c.assemble(&b, gi, &mut sp);
+                assert!(sp.len() <= VNET_HDR_LEN + 65535);
+            }
+        }
+    }
 }

@@ -123,3 +123,37 @@ fn multiqueue_queues_all_receive() {
         "one queue got nothing: {per_queue:?}"
     );
 }
+
+/// Blocking mode: `read_batch` waits for a packet and returns it after one read.
+#[test]
+fn blocking_read_returns_one_packet() {
+    let ns = Netns::new("fk");
+    let name = format!("t{}", &ns.name()[2..]);
+    let (n2, nsname) = (name.clone(), ns.name().to_string());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        enter_netns(&nsname);
+        let mut tun = Tun::create(&n2, 1420, true).expect("create");
+        ready_tx.send(()).unwrap();
+        let mut batch = PacketBatch::new(64, 2048);
+        // Skip whatever the kernel sends by itself (IPv6 router solicitations...).
+        loop {
+            batch.clear();
+            let n = tun.read_batch(&mut batch).expect("blocking read");
+            assert!(n >= 1, "a blocking read returned nothing");
+            if batch.iter().any(|p| p[0] >> 4 == 4 && p[9] == 17) {
+                let _ = done_tx.send(n);
+                return;
+            }
+        }
+    });
+    ready_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    ns.exec_ok(&["ip", "addr", "add", "10.204.0.1/24", "dev", &name]);
+    std::thread::sleep(Duration::from_millis(100));
+    ns.exec_ok(&["bash", "-c", "echo hi > /dev/udp/10.204.0.9/4000"]);
+    let n = done_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("blocking read never returned the datagram");
+    assert_eq!(n, 1, "blocking mode reads once");
+}
