@@ -90,6 +90,7 @@ for m in false true; do
     run1 $p "$T/$p-$m.json" w$m-$p "${TAG}w$m-$p" ADD >/dev/null
   done
   ip netns exec "$NODE" env BIN="$T/bin" CONF="$T" bash "$T/serial.sh" "$N" $m "${TAG}s$m" > "$T/serial-$m.txt"
+  [ -z "${BENCH_RAW:-}" ] || cp "$T/serial-$m.txt" "$BENCH_RAW-$m.txt"
   for p in evio-cni bridge; do
     for c in ADD DEL; do
       MED[$p-$c-$m]=$(awk -v p=$p -v c=$c '$1==p && $2==c {printf "%.3f\n", ($4-$3)*1000}' "$T/serial-$m.txt" | median)

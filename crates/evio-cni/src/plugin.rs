@@ -460,6 +460,7 @@ fn add_steps<'a>(
     {
         // Until the kernel has activated the interface's queues (linkwatch, asynchronous after the carrier
         // comes up) it drops what it sends: wait for that, briefly.
+        let t0 = std::time::Instant::now();
         for _ in 0..100 {
             match pnl.link_by_index(pod_link.index) {
                 Ok(Some(l)) if l.qdisc.as_deref() == Some("noop") => {
@@ -468,6 +469,7 @@ fn add_steps<'a>(
                 _ => break,
             }
         }
+        debug!(waited_us = t0.elapsed().as_micros() as u64, "queues active");
         if let Err(e) = pnl.set_link(
             pod_link.index,
             &LinkChange {
