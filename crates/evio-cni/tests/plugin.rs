@@ -639,3 +639,26 @@ fn dual_stack() {
     assert!(d.ok, "{d:?}");
     sb.assert_clean();
 }
+
+#[test]
+fn status_and_gc_errors() {
+    let sb = sandbox(json!({}));
+    let mut conf = sb.conf("1.1.0");
+    conf["ipam"]["type"] = json!("no-such-ipam");
+    let out = sb.run("STATUS", "", "", "", &conf, &[]);
+    assert_eq!(out.code(), 50, "{out:?}");
+    // GC without the list of valid attachments would remove everything: refused.
+    let out = sb.run("GC", "", "", "", &sb.conf("1.1.0"), &[]);
+    assert_eq!(out.code(), 7, "{out:?}");
+    // CHECK without prevResult.
+    let pod = sb.pod();
+    let out = sb.run(
+        "CHECK",
+        "x",
+        &pod.path().display().to_string(),
+        "eth0",
+        &sb.conf("1.0.0"),
+        &[],
+    );
+    assert_eq!(out.code(), 7, "{out:?}");
+}
