@@ -200,6 +200,24 @@ fn record_marker(dir: &Path, handle: u64, cidrs: &[IpNet]) {
         }
     }
     let _ = std::fs::create_dir_all(dir);
+    // Markers of earlier boots, or of earlier incarnations of the table in this namespace, are stale.
+    if let (Some(name), Ok(rd)) = (
+        p.file_name().and_then(|n| n.to_str()),
+        std::fs::read_dir(dir),
+    ) {
+        let parts: Vec<&str> = name.split('-').collect();
+        let boot = parts.iter().take(6).copied().collect::<Vec<_>>().join("-");
+        let boot_ns = parts.iter().take(7).copied().collect::<Vec<_>>().join("-") + "-";
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with("nft-")
+                && n != name
+                && (!n.starts_with(&boot) || n.starts_with(&boot_ns))
+            {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     let tmp = dir.join(format!(
         ".nft-marker.{}.{:?}",
         std::process::id(),
