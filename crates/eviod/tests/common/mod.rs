@@ -100,6 +100,8 @@ impl Host {
     pub fn start(&mut self, etcd: &str) {
         assert!(self.agent.is_none(), "agent already running");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
+        // A socket left by a killed agent is not a sign of life.
+        let _ = std::fs::remove_file(self.state_dir.join("eviod.sock"));
         let mut c = self.ns.command(eviod());
         c.args(["--node-name", &self.name, "--etcd-endpoints", etcd, "--state-dir"])
             .arg(&self.state_dir)
