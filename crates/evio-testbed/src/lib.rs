@@ -4,6 +4,8 @@
 //! them on `Drop`, so a failing test still cleans up. Tests must run as root; [`require_root`] fails loudly
 //! instead of silently skipping.
 
+pub mod cni;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,347 @@
+//! IP masquerade for pod traffic leaving the cluster, with nftables, in evio's own table `inet evio_cni`:
+//!
+//! ```text
+//! table inet evio_cni {
+//!   set pods4    { type ipv4_addr; }                             # one element per pod address,
+//!   set pods6    { type ipv6_addr; }                             #   comment = attachment key
+//!   set nomasq4  { type ipv4_addr; flags interval; auto-merge; } # pod subnets, cluster CIDRs, multicast
+//!   set nomasq6  { type ipv6_addr; flags interval; auto-merge; }
+//!   chain postrouting { type nat hook postrouting priority srcnat;
+//!     ip saddr @pods4 ip daddr != @nomasq4 masquerade
+//!     ip6 saddr @pods6 ip6 daddr != @nomasq6 masquerade }
+//! }
+//! ```
+//!
+//! Every pod address is a set element whose comment is the attachment key (network, container id, ifname),
+//! so DEL removes exactly its own entries (by address when it knows them, else by listing the key, which
+//! needs neither the netns nor any state) and GC removes the entries of attachments no longer valid.
+//! One ADD or DEL is one `nft -f -` run: one atomic transaction, safe under concurrent plugin invocations
+//! (the kernel serialises nftables transactions; table, sets and chain are declared idempotently and the
+//! chain's two rules are flushed and re-added in the same transaction).
+//!
+//! Dependencies: `serde_json` reads `nft -j` listings (GC, and DEL without state); `ipnet` for CIDRs. The
+//! `nft` binary is used rather than a netlink encoder crate: it is the stable, documented interface and one
+//! run costs a few milliseconds (see docs/bench/cni.md).
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use ipnet::IpNet;
+use serde_json::Value;
+
+pub const TABLE: &str = "evio_cni";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot run nft ({path}): {source}")]
+    Spawn {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("nft failed: {0}")]
+    Nft(String),
+    #[error("cannot read nft's listing: {0}")]
+    Decode(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// The attachment key stored as element comment: `evio <network> <container id> <ifname>`, shortened with
+/// a hash when longer than nftables' 127-byte comment limit.
+pub fn attachment_key(network: &str, container_id: &str, ifname: &str) -> String {
+    let full = format!("{} {container_id} {ifname}", network_prefix(network));
+    if full.len() <= 127 {
+        return full;
+    }
+    format!(
+        "{} h{:016x}",
+        network_prefix(network),
+        fnv1a(&[container_id.as_bytes(), b"\0", ifname.as_bytes()])
+    )
+}
+
+/// The prefix every key of `network` starts with (used by GC).
+pub fn network_prefix(network: &str) -> String {
+    if network.len() <= 60 {
+        format!("evio {network}")
+    } else {
+        format!("evio h{:016x}", fnv1a(&[network.as_bytes()]))
+    }
+}
+
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for p in parts {
+        for b in *p {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+    }
+    h
+}
+
+/// The `nft` binary: the usual sbin locations first (plugins often run with a short PATH), then PATH.
+fn nft_path() -> PathBuf {
+    for p in ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"] {
+        if std::path::Path::new(p).exists() {
+            return PathBuf::from(p);
+        }
+    }
+    PathBuf::from("nft")
+}
+
+fn set_names(ip: &IpAddr) -> (&'static str, &'static str) {
+    if ip.is_ipv4() {
+        ("pods4", "nomasq4")
+    } else {
+        ("pods6", "nomasq6")
+    }
+}
+
+fn skeleton() -> String {
+    format!(
+        "add table inet {TABLE}\n\
+         add set inet {TABLE} pods4 {{ type ipv4_addr; }}\n\
+         add set inet {TABLE} pods6 {{ type ipv6_addr; }}\n\
+         add set inet {TABLE} nomasq4 {{ type ipv4_addr; flags interval; auto-merge; }}\n\
+         add set inet {TABLE} nomasq6 {{ type ipv6_addr; flags interval; auto-merge; }}\n\
+         add element inet {TABLE} nomasq4 {{ 224.0.0.0/4, 255.255.255.255/32 }}\n\
+         add element inet {TABLE} nomasq6 {{ ff00::/8 }}\n\
+         add chain inet {TABLE} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}\n\
+         flush chain inet {TABLE} postrouting\n\
+         add rule inet {TABLE} postrouting ip saddr @pods4 ip daddr != @nomasq4 masquerade comment \"evio-cni: pods leaving the cluster\"\n\
+         add rule inet {TABLE} postrouting ip6 saddr @pods6 ip6 daddr != @nomasq6 masquerade comment \"evio-cni: pods leaving the cluster\"\n"
+    )
+}
+
+fn quote(comment: &str) -> String {
+    // Keys are built from checked names (no quotes or control characters); strip anything odd anyway.
+    comment
+        .chars()
+        .filter(|c| !c.is_control() && *c != '"' && *c != '\\')
+        .collect()
+}
+
+/// Runs `nft -f -` with `script` as one transaction.
+fn run_script(script: &str) -> Result<()> {
+    let path = nft_path();
+    let mut child = Command::new(&path)
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::Spawn {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .map_err(|e| Error::Nft(e.to_string()))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| Error::Nft(e.to_string()))?;
+    if !out.status.success() {
+        return Err(Error::Nft(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// The script that adds masquerade entries for `ips` of attachment `key`, with `no_masq` destinations.
+pub fn add_script(key: &str, ips: &[IpAddr], no_masq: &[IpNet]) -> String {
+    let mut s = skeleton();
+    for n in no_masq {
+        let (_, nm) = set_names(&n.addr());
+        s.push_str(&format!(
+            "add element inet {TABLE} {nm} {{ {} }}\n",
+            n.trunc()
+        ));
+    }
+    for ip in ips {
+        let (pods, _) = set_names(ip);
+        // add + delete + add: replaces a stale element for the same address (with another key) atomically.
+        s.push_str(&format!("add element inet {TABLE} {pods} {{ {ip} }}\n"));
+        s.push_str(&format!("delete element inet {TABLE} {pods} {{ {ip} }}\n"));
+        s.push_str(&format!(
+            "add element inet {TABLE} {pods} {{ {ip} comment \"{}\" }}\n",
+            quote(key)
+        ));
+    }
+    s
+}
+
+/// Masquerades traffic from `ips` (one attachment, `key`) to anything outside `no_masq`, multicast and
+/// broadcast. One `nft` run.
+pub fn add(key: &str, ips: &[IpAddr], no_masq: &[IpNet]) -> Result<()> {
+    run_script(&add_script(key, ips, no_masq))
+}
+
+fn remove_script(ips: &[IpAddr]) -> String {
+    // Declaring the table and sets first makes the removal succeed when they (or the elements) are gone.
+    let mut s = format!(
+        "add table inet {TABLE}\n\
+         add set inet {TABLE} pods4 {{ type ipv4_addr; }}\n\
+         add set inet {TABLE} pods6 {{ type ipv6_addr; }}\n"
+    );
+    for ip in ips {
+        let (pods, _) = set_names(ip);
+        s.push_str(&format!("add element inet {TABLE} {pods} {{ {ip} }}\n"));
+        s.push_str(&format!("delete element inet {TABLE} {pods} {{ {ip} }}\n"));
+    }
+    s
+}
+
+/// Removes the entries for `ips` (whatever their state: missing entries are fine). One `nft` run.
+pub fn remove(ips: &[IpAddr]) -> Result<()> {
+    if ips.is_empty() {
+        return Ok(());
+    }
+    run_script(&remove_script(ips))
+}
+
+/// Every pod entry: address and key (comment).
+pub fn list() -> Result<Vec<(IpAddr, String)>> {
+    let path = nft_path();
+    let out = Command::new(&path)
+        .args(["-j", "list", "table", "inet", TABLE])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| Error::Spawn {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        if err.contains("No such file or directory") {
+            return Ok(Vec::new());
+        }
+        return Err(Error::Nft(err.trim().to_string()));
+    }
+    parse_listing(&out.stdout)
+}
+
+/// Reads the pod entries out of `nft -j list table inet evio_cni`.
+pub fn parse_listing(json: &[u8]) -> Result<Vec<(IpAddr, String)>> {
+    let v: Value = serde_json::from_slice(json).map_err(|e| Error::Decode(e.to_string()))?;
+    let mut out = Vec::new();
+    let items = v
+        .get("nftables")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    for item in items {
+        let Some(set) = item.get("set") else { continue };
+        let name = set.get("name").and_then(Value::as_str).unwrap_or("");
+        if name != "pods4" && name != "pods6" {
+            continue;
+        }
+        for e in set
+            .get("elem")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+        {
+            let (val, comment) = match &e {
+                Value::String(s) => (s.clone(), String::new()),
+                Value::Object(o) => {
+                    let inner = o.get("elem").unwrap_or(&e);
+                    (
+                        inner
+                            .get("val")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_string(),
+                        inner
+                            .get("comment")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_string(),
+                    )
+                }
+                _ => continue,
+            };
+            if let Ok(ip) = val.parse::<IpAddr>() {
+                out.push((ip, comment));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Removes every entry tagged `key` (when the caller does not know the addresses). Returns how many.
+pub fn remove_key(key: &str) -> Result<usize> {
+    let ips: Vec<IpAddr> = list()?
+        .into_iter()
+        .filter(|(_, k)| k == key)
+        .map(|(ip, _)| ip)
+        .collect();
+    remove(&ips)?;
+    Ok(ips.len())
+}
+
+/// CNI GC: removes the entries of network `network` whose key is not in `valid_keys`. Returns how many.
+pub fn gc(network: &str, valid_keys: &HashSet<String>) -> Result<usize> {
+    let prefix = format!("{} ", network_prefix(network));
+    let stale: Vec<IpAddr> = list()?
+        .into_iter()
+        .filter(|(_, k)| k.starts_with(&prefix) && !valid_keys.contains(k))
+        .map(|(ip, _)| ip)
+        .collect();
+    remove(&stale)?;
+    Ok(stale.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_fit_nft_comments() {
+        let k = attachment_key("evio", "abc", "eth0");
+        assert_eq!(k, "evio evio abc eth0");
+        let long = "a".repeat(120);
+        let k = attachment_key("net", &long, "eth0");
+        assert!(k.len() <= 127 && k.starts_with("evio net "), "{k}");
+        assert_ne!(k, attachment_key("net", &long, "eth1"));
+        let k = attachment_key(&"n".repeat(100), "c", "eth0");
+        assert!(k.starts_with(&network_prefix(&"n".repeat(100))) && k.len() <= 127);
+    }
+
+    #[test]
+    fn scripts() {
+        let s = add_script(
+            "evio n c eth0",
+            &["10.1.0.5".parse().unwrap()],
+            &["10.1.0.7/24".parse().unwrap()],
+        );
+        assert!(s.contains("add element inet evio_cni nomasq4 { 10.1.0.0/24 }"));
+        assert!(
+            s.contains("add element inet evio_cni pods4 { 10.1.0.5 comment \"evio n c eth0\" }")
+        );
+        let s = remove_script(&["fd00::5".parse().unwrap()]);
+        assert!(s.contains("delete element inet evio_cni pods6 { fd00::5 }"));
+    }
+
+    #[test]
+    fn listing() {
+        let j = br#"{"nftables":[{"metainfo":{}},{"set":{"family":"inet","name":"pods4","table":"evio_cni",
+            "type":"ipv4_addr","elem":[{"elem":{"val":"10.0.0.5","comment":"evio n a eth0"}},"10.0.0.6"]}},
+            {"set":{"name":"nomasq4","elem":[{"prefix":{"addr":"10.0.0.0","len":24}}]}}]}"#;
+        let l = parse_listing(j).unwrap();
+        assert_eq!(
+            l,
+            vec![
+                ("10.0.0.5".parse().unwrap(), "evio n a eth0".into()),
+                ("10.0.0.6".parse().unwrap(), String::new())
+            ]
+        );
+        assert!(parse_listing(b"x").is_err());
+    }
+}
