@@ -7,17 +7,20 @@
 # Usage: scripts/bench-overlay.sh [ROUNDS] [SECONDS]
 #   EVIOD=path (default target/release/eviod), BORINGTUN=path (default: boringtun-cli on PATH or
 #   /tmp/evio-bench-boringtun/bin/boringtun-cli; install with
-#   `cargo install boringtun-cli --root /tmp/evio-bench-boringtun`), SYSTEMS="underlay evio wggo boringtun".
+#   `cargo install boringtun-cli --root /tmp/evio-bench-boringtun`), SYSTEMS="underlay evio evio-pod wggo boringtun" (evio-pod: pod to pod
+#   over evio, pods on a bridge, subnets claimed with EVIOCTL=path cni-config).
 set -euo pipefail
 ROUNDS=${1:-5}
 SECS=${2:-5}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 EVIOD=${EVIOD:-$ROOT/target/release/eviod}
 BORINGTUN=${BORINGTUN:-$(command -v boringtun-cli || echo /tmp/evio-bench-boringtun/bin/boringtun-cli)}
-SYSTEMS=${SYSTEMS:-"underlay evio wggo boringtun"}
+EVIOCTL=${EVIOCTL:-$ROOT/target/release/evioctl}
+[[ -x $EVIOCTL ]] || EVIOCTL=$ROOT/target/debug/evioctl
+SYSTEMS=${SYSTEMS:-"underlay evio evio-pod wggo boringtun"}
 export WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1
 S=$(( $$ % 100000 ))
-H1=evb1-$S H2=evb2-$S
+H1=evb1-$S H2=evb2-$S P1=evp1-$S P2=evp2-$S
 # wireguard-go and boringtun keep their control sockets in /var/run/wireguard, shared by all namespaces:
 # every instance needs its own interface name.
 WG1=wga$S WG2=wgb$S BT1=bta$S BT2=btb$S
@@ -25,7 +28,7 @@ D=$(mktemp -d /tmp/evio-bench.XXXXXX)
 
 cleanup() {
   exec 2>/dev/null   # job-control "Killed" notices of the agents
-  for ns in $H1 $H2; do
+  for ns in $H1 $H2 $P1 $P2; do
     for p in $(ip netns pids $ns 2>/dev/null); do kill -9 $p 2>/dev/null || true; done
     ip netns del $ns 2>/dev/null || true
   done
@@ -87,11 +90,33 @@ if [[ " $SYSTEMS " == *" boringtun "* ]]; then setup_wg $BT1 $BT2 10.96.0 51822 
 vip() { python3 -c 'import json,socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]+"/eviod.sock"); s.sendall(b"status\n"); print(json.loads(s.makefile().read())["address"])' "$1"; }
 for i in $(seq 100); do [[ -S $D/evio1/eviod.sock && -S $D/evio2/eviod.sock ]] && break; sleep 0.1; done
 V2=$(vip $D/evio2)
-declare -A DST=([underlay]=10.98.0.2 [evio]=$V2 [wggo]=10.97.0.2 [boringtun]=10.96.0.2)
+
+# Pods (evio-pod): subnets claimed with `evioctl cni-config`, one pod netns per host on a bridge.
+echo '{"podCIDR":"10.244.0.0/16","nodeBits":8}' > $D/net-conf.json
+for i in 1 2; do
+  mkdir -p $D/cni$i/net.d $D/cni$i/bin
+  ip netns exec evb$i-$S "$EVIOCTL" cni-config --net-conf $D/net-conf.json --node-name bench-$i \
+    --etcd-endpoints $ETCD --cni-conf-dir $D/cni$i/net.d --cni-bin-dir $D/cni$i/bin \
+    --plugin-binary "$EVIOCTL" > $D/cni$i.json 2> $D/cni$i.err
+  gw=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["gateway"])' $D/cni$i.json)
+  sub=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["subnet"])' $D/cni$i.json)
+  pip=${gw%.1}.10
+  h=evb$i-$S; p=evp$i-$S
+  ip netns add $p; ip -n $p link set lo up
+  ip -n $h link add eviobr0 type bridge; ip -n $h addr add $gw/${sub#*/} dev eviobr0; ip -n $h link set eviobr0 up
+  ip -n $h link add vpod type veth peer name eth0 netns $p
+  ip -n $h link set vpod master eviobr0; ip -n $h link set vpod up
+  ip -n $p addr add $pip/${sub#*/} dev eth0; ip -n $p link set eth0 mtu 1420 up; ip -n $p route add default via $gw
+  ip netns exec $h sysctl -qw net.ipv4.ip_forward=1
+  eval POD$i=$pip
+done
+declare -A DST=([underlay]=10.98.0.2 [evio]=$V2 [evio-pod]=$POD2 [wggo]=10.97.0.2 [boringtun]=10.96.0.2)
+declare -A SRC=([underlay]=$H1 [evio]=$H1 [evio-pod]=$P1 [wggo]=$H1 [boringtun]=$H1)
 for sys in $SYSTEMS; do
-  for i in $(seq 100); do in1 ping -c1 -W1 ${DST[$sys]} >/dev/null 2>&1 && break; sleep 0.2; done
+  for i in $(seq 100); do ip netns exec ${SRC[$sys]} ping -c1 -W1 ${DST[$sys]} >/dev/null 2>&1 && break; sleep 0.2; done
 done
 in2 iperf3 -s -D >/dev/null 2>&1
+ip netns exec $P2 iperf3 -s -D >/dev/null 2>&1
 
 # CPU seconds (utime+stime, all threads) of every process in both namespaces.
 cpu() { python3 - "$@" <<'PY'
@@ -108,12 +133,12 @@ PY
 echo "system round gbps busy_cores rtt_p50_ms" > $D/results
 for r in $(seq $ROUNDS); do
   for sys in $SYSTEMS; do
-    c0=$(cpu $H1 $H2)
-    out=$(in1 /usr/bin/time -f "%U %S" iperf3 -c ${DST[$sys]} -t $SECS -J 2>$D/time) || { echo "$sys: iperf3 failed: $out" >&2; tail -5 $D/eviod*.log >&2; continue; }
-    c1=$(cpu $H1 $H2)
+    c0=$(cpu $H1 $H2 $P1 $P2)
+    out=$(ip netns exec ${SRC[$sys]} /usr/bin/time -f "%U %S" iperf3 -c ${DST[$sys]} -t $SECS -J 2>$D/time) || { echo "$sys: iperf3 failed: $out" >&2; tail -5 $D/eviod*.log >&2; continue; }
+    c1=$(cpu $H1 $H2 $P1 $P2)
     gbps=$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9)')
     busy=$(python3 -c "u,s=open('$D/time').read().split()[-2:]; print(($c1-$c0+float(u)+float(s))/$SECS)")
-    rtt=$(in1 ping -c 50 -i 0.01 ${DST[$sys]} | python3 -c 'import sys,statistics,re; v=[float(m) for m in re.findall(r"time=([0-9.]+)",sys.stdin.read())]; print(statistics.median(v))')
+    rtt=$(ip netns exec ${SRC[$sys]} ping -c 50 -i 0.01 ${DST[$sys]} | python3 -c 'import sys,statistics,re; v=[float(m) for m in re.findall(r"time=([0-9.]+)",sys.stdin.read())]; print(statistics.median(v))')
     echo "$sys $r $gbps $busy $rtt" | tee -a $D/results
   done
 done
