@@ -8,28 +8,36 @@ use std::time::{Duration, Instant};
 use common::Cluster;
 use evio_testbed::wait_until;
 
-/// Sends `n` datagrams of junk and of well-formed-looking WireGuard headers to `ip:51820`.
+/// Sends `n` datagrams of junk and of well-formed-looking WireGuard headers to `ip:51820` from the underlay.
 fn garbage(c: &Cluster, ip: &str, n: usize) {
-    let script = format!(
-        r#"
-import os, socket, struct
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-for i in range({n}):
-    kind = i % 5
-    if kind == 0: d = os.urandom(1 + i % 1400)
-    elif kind == 1: d = struct.pack('<I', 1) + os.urandom(144)   # handshake initiation shape
-    elif kind == 2: d = struct.pack('<I', 2) + os.urandom(88)    # handshake response shape
-    elif kind == 3: d = struct.pack('<I', 4) + os.urandom(100)   # data shape
-    else: d = b''
-    s.sendto(d, ('{ip}', 51820))
-"#
-    );
-    let out = c.underlay.exec(&["python3", "-c", &script]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let to: std::net::SocketAddr = format!("{ip}:51820").parse().unwrap();
+    common::in_netns(&c.underlay, move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rnd = |buf: &mut [u8]| {
+            for b in buf.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x as u8;
+            }
+        };
+        for i in 0..n {
+            let (kind, len) = match i % 5 {
+                0 => (None, 1 + i % 1400),
+                1 => (Some(1u32), 148), // handshake initiation shape
+                2 => (Some(2), 92),     // handshake response shape
+                3 => (Some(4), 116),    // data shape
+                _ => (None, 0),
+            };
+            let mut d = vec![0u8; len];
+            rnd(&mut d);
+            if let Some(k) = kind {
+                d[..4].copy_from_slice(&k.to_le_bytes());
+            }
+            let _ = s.send_to(&d, to);
+        }
+    });
 }
 
 #[test]
