@@ -32,9 +32,26 @@ fn three_hosts_reach_each_others_vips() {
             }
         }
     }
-    let st = c.hosts[0].status().unwrap();
+    // `evioctl status --json` prints exactly the agent's document; without --json, a table.
+    let ctl = common::evioctl();
+    let sd = c.hosts[0].state_dir.to_str().unwrap().to_string();
+    let out = run_ok(&[ctl.to_str().unwrap(), "status", "--state-dir", &sd, "--json"]);
+    let st: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let mut keys: Vec<&str> = st.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+    keys.sort();
+    assert_eq!(keys, ["address", "node", "peers", "podSubnet", "publicKey"]);
+    assert_eq!(st["node"], "host-1");
+    assert_eq!(st["address"].as_str().unwrap(), vips[0]);
+    let table = run_ok(&[ctl.to_str().unwrap(), "status", "--state-dir", &sd]);
+    assert!(table.contains("host-2") && table.contains("direct") && table.contains(&vips[1]), "{table}");
     let peers = st["peers"].as_array().unwrap();
     assert_eq!(peers.len(), 2);
+    let mut pkeys: Vec<&str> = peers[0].as_object().unwrap().keys().map(|k| k.as_str()).collect();
+    pkeys.sort();
+    assert_eq!(
+        pkeys,
+        ["address", "endpoint", "lastHandshake", "node", "path", "podSubnet", "rxBytes", "txBytes"]
+    );
     for p in peers {
         assert_eq!(p["path"], "direct");
         assert!(p["lastHandshake"].as_u64().unwrap() > 1_700_000_000);
