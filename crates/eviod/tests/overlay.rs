@@ -35,7 +35,13 @@ fn three_hosts_reach_each_others_vips() {
     // `evioctl status --json` prints exactly the agent's document; without --json, a table.
     let ctl = common::evioctl();
     let sd = c.hosts[0].state_dir.to_str().unwrap().to_string();
-    let out = run_ok(&[ctl.to_str().unwrap(), "status", "--state-dir", &sd, "--json"]);
+    let out = run_ok(&[
+        ctl.to_str().unwrap(),
+        "status",
+        "--state-dir",
+        &sd,
+        "--json",
+    ]);
     let st: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     let mut keys: Vec<&str> = st.as_object().unwrap().keys().map(|k| k.as_str()).collect();
     keys.sort();
@@ -43,14 +49,31 @@ fn three_hosts_reach_each_others_vips() {
     assert_eq!(st["node"], "host-1");
     assert_eq!(st["address"].as_str().unwrap(), vips[0]);
     let table = run_ok(&[ctl.to_str().unwrap(), "status", "--state-dir", &sd]);
-    assert!(table.contains("host-2") && table.contains("direct") && table.contains(&vips[1]), "{table}");
+    assert!(
+        table.contains("host-2") && table.contains("direct") && table.contains(&vips[1]),
+        "{table}"
+    );
     let peers = st["peers"].as_array().unwrap();
     assert_eq!(peers.len(), 2);
-    let mut pkeys: Vec<&str> = peers[0].as_object().unwrap().keys().map(|k| k.as_str()).collect();
+    let mut pkeys: Vec<&str> = peers[0]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
     pkeys.sort();
     assert_eq!(
         pkeys,
-        ["address", "endpoint", "lastHandshake", "node", "path", "podSubnet", "rxBytes", "txBytes"]
+        [
+            "address",
+            "endpoint",
+            "lastHandshake",
+            "node",
+            "path",
+            "podSubnet",
+            "rxBytes",
+            "txBytes"
+        ]
     );
     for p in peers {
         assert_eq!(p["path"], "direct");
@@ -92,7 +115,6 @@ fn pods_reach_each_other_encrypted_with_real_addresses() {
     let mut bg: Vec<std::process::Child> = Vec::new();
     let mut pods = Vec::new();
     for (i, h) in c.hosts.iter().enumerate() {
-        h.enable_forwarding();
         let pod = h.add_pod_cni(&dir);
         let subnet: ipnet::Ipv4Net = nets[i]["subnet"].as_str().unwrap().parse().unwrap();
         assert!(
