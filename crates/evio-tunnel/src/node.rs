@@ -276,6 +276,8 @@ pub struct Node {
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     drops: Drops,
+    /// Handshakes of peers since removed (so the total never goes down).
+    retired_handshakes: u64,
     scratch: Vec<u8>,
 }
 
@@ -312,6 +314,7 @@ impl Node {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             drops: Drops::default(),
+            retired_handshakes: 0,
             scratch: vec![0u8; 65536 + 64],
         }
     }
@@ -427,7 +430,9 @@ impl Node {
         let Some(id) = self.by_key.remove(public_key) else {
             return false;
         };
-        self.peers.remove(&id);
+        if let Some(p) = self.peers.remove(&id) {
+            self.retired_handshakes += p.handshakes;
+        }
         self.routes.remove_peer(id);
         self.rebuild_routes();
         true
@@ -462,6 +467,11 @@ impl Node {
 
     pub fn peer_count(&self) -> usize {
         self.peers.len()
+    }
+
+    /// Completed handshakes since the node started, over all peers (removed ones included).
+    pub fn handshakes_total(&self) -> u64 {
+        self.retired_handshakes + self.peers.values().map(|p| p.handshakes).sum::<u64>()
     }
 
     pub fn drops(&self) -> &Drops {

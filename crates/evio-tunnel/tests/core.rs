@@ -321,3 +321,20 @@ fn buffers_too_small_are_refused_not_panicking() {
     ));
     assert_eq!(sim.nodes[0].node.endpoint_for(&p), Some(sim.nodes[1].addr));
 }
+
+#[test]
+fn every_completed_handshake_is_reported_as_an_event() {
+    let mut sim = Sim::mesh(3, None);
+    sim.run();
+    for i in 0..3 {
+        let evs: Vec<Event> = std::iter::from_fn(|| sim.nodes[i].node.poll_event()).collect();
+        let n = evs
+            .iter()
+            .filter(|e| matches!(e, Event::HandshakeCompleted { .. }))
+            .count() as u64;
+        let per_peer: u64 = sim.nodes[i].node.peers().iter().map(|p| p.handshakes).sum();
+        assert_eq!(n, per_peer, "node {i}: {evs:?}");
+        assert_eq!(sim.nodes[i].node.handshakes_total(), per_peer);
+        assert!(n >= 2, "node {i}: {evs:?}");
+    }
+}

@@ -41,6 +41,7 @@ fn main() {
                 .unwrap_or_else(|_| "info,boringtun=warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let res = args.resolve().and_then(run);
     if let Err(e) = res {

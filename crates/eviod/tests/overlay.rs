@@ -10,6 +10,17 @@ use evio_testbed::run_ok;
 #[test]
 fn three_hosts_reach_each_others_vips() {
     let mut c = Cluster::new(3);
+    // A cluster pre-shared key (mode 0600) on every node, and metrics on host-1.
+    let psk = c.dir.path().join("psk");
+    std::fs::write(&psk, "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o600)).unwrap();
+    for h in &mut c.hosts {
+        h.extra = vec!["--psk-file".into(), psk.to_str().unwrap().into()];
+    }
+    c.hosts[0]
+        .extra
+        .extend(["--metrics-addr".to_string(), "127.0.0.1:9109".to_string()]);
     c.start_all();
     assert!(
         c.wait_mesh(Duration::from_secs(20)),
@@ -81,6 +92,32 @@ fn three_hosts_reach_each_others_vips() {
         assert!(p["rxBytes"].as_u64().unwrap() > 0);
         assert!(p["endpoint"].as_str().unwrap().ends_with(":51820"));
     }
+    // Prometheus metrics over HTTP.
+    let m = c.hosts[0]
+        .ns
+        .exec_ok(&["curl", "-sf", "http://127.0.0.1:9109/metrics"]);
+    for line in [
+        "evio_peers 2",
+        "evio_peers_connected 2",
+        "evio_drops_total{reason=\"spoofed_source\"} 0",
+        "evio_etcd_connected 1",
+    ] {
+        assert!(m.contains(line), "{line} not in metrics:\n{m}");
+    }
+    assert!(
+        m.contains("evio_peer_rx_bytes_total{peer=\"host-2\"}"),
+        "{m}"
+    );
+    let hs: u64 = m
+        .lines()
+        .find(|l| l.starts_with("evio_handshakes_total "))
+        .unwrap()
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(hs >= 2, "{m}");
 }
 
 /// Pods on three hosts, subnets claimed by `evioctl cni-config` (one after the agents started), real

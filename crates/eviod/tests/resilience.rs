@@ -112,6 +112,24 @@ fn survives_garbage_etcd_freeze_kill9_and_peers_leaving() {
     );
     eprintln!("tunnels back {:?} after restart", t0.elapsed());
 
+    // host-2 killed and restarted while etcd is frozen: it comes back from its cached VIP and peers.
+    c.etcd.freeze();
+    c.hosts[1].kill9();
+    c.start(1);
+    let back = c.hosts[0].ping_until(&vips[1], Duration::from_secs(15));
+    let vip_cached = c.hosts[1].vip();
+    c.etcd.thaw();
+    assert!(
+        back,
+        "restart without etcd: host-1 cannot reach host-2:\n{}",
+        c.logs()
+    );
+    assert_eq!(vip_cached, vips[1]);
+    assert!(
+        c.hosts[1].ping_until(&vips[2], Duration::from_secs(10)),
+        "host-2 -> host-3 after etcd thawed"
+    );
+
     // host-3 dies (kill -9: its lease is not revoked): its peers drop it and its pod route after the TTL.
     assert!(
         c.hosts[0].tun_routes().contains(&sub3),
