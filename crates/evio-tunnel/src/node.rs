@@ -234,6 +234,9 @@ struct Peer {
     path: PathKind,
     last_handshake: Option<Instant>,
     last_nudge: Option<Instant>,
+    /// Set once NAT traversal chose the path ([`Node::set_path`]): from then on only it moves the
+    /// endpoint (no roaming, no candidate rotation), since a relayed datagram's source is the relay.
+    managed: bool,
     handshakes: u64,
     rx_bytes: u64,
     tx_bytes: u64,
@@ -393,6 +396,7 @@ impl Node {
                 path: PathKind::Connecting,
                 last_handshake: None,
                 last_nudge: None,
+                managed: false,
                 handshakes: 0,
                 rx_bytes: 0,
                 tx_bytes: 0,
@@ -438,7 +442,8 @@ impl Node {
         true
     }
 
-    /// Sets the path chosen by NAT traversal: where to send and how it is reached.
+    /// Sets the path chosen by NAT traversal: where to send and how it is reached. From then on the peer's
+    /// endpoint changes only through this call.
     pub fn set_path(&mut self, id: PeerId, endpoint: SocketAddr, kind: PathKind) {
         if let Some(p) = self.peers.get_mut(&id) {
             if p.endpoint != Some(endpoint) {
@@ -447,7 +452,13 @@ impl Node {
             }
             p.endpoint = Some(endpoint);
             p.path = kind;
+            p.managed = true;
         }
+    }
+
+    /// The public key of peer `id` (e.g. to tell NAT traversal which peer a datagram authenticated).
+    pub fn peer_key(&self, id: PeerId) -> Option<[u8; 32]> {
+        self.peers.get(&id).map(|p| p.cfg.public_key)
     }
 
     pub fn peer_id(&self, public_key: &[u8; 32]) -> Option<PeerId> {
@@ -611,7 +622,11 @@ impl Node {
                 if handshake {
                     p.handshakes += 1;
                     p.last_handshake = Some(now);
-                    if p.path != PathKind::Relay {
+                    if p.managed {
+                        if p.path == PathKind::Connecting {
+                            p.path = PathKind::Direct;
+                        }
+                    } else {
                         p.path = PathKind::Direct;
                         if p.endpoint != Some(from) {
                             p.endpoint = Some(from);
@@ -710,7 +725,7 @@ impl Node {
         p.rx_bytes += len as u64;
         p.rx_packets += 1;
         // Roaming: an authenticated packet tells where the peer is now (not for relayed paths).
-        if p.path == PathKind::Direct && p.endpoint != Some(from) {
+        if !p.managed && p.path == PathKind::Direct && p.endpoint != Some(from) {
             p.endpoint = Some(from);
             events.push_back(Event::EndpointChanged {
                 peer: p.id,
@@ -739,6 +754,7 @@ impl Node {
             match p.tunn.update_timers(&mut self.scratch) {
                 TunnResult::WriteToNetwork(b) => {
                     if is_handshake(b)
+                        && !p.managed
                         && p.path == PathKind::Connecting
                         && p.cfg.candidates.len() > 1
                     {
