@@ -233,6 +233,10 @@ struct Peer {
     candidate_idx: usize,
     path: PathKind,
     last_handshake: Option<Instant>,
+    last_nudge: Option<Instant>,
+    /// Set once NAT traversal chose the path ([`Node::set_path`]): from then on only it moves the
+    /// endpoint (no roaming, no candidate rotation), since a relayed datagram's source is the relay.
+    managed: bool,
     handshakes: u64,
     rx_bytes: u64,
     tx_bytes: u64,
@@ -275,6 +279,8 @@ pub struct Node {
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     drops: Drops,
+    /// Handshakes of peers since removed (so the total never goes down).
+    retired_handshakes: u64,
     scratch: Vec<u8>,
 }
 
@@ -311,6 +317,7 @@ impl Node {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             drops: Drops::default(),
+            retired_handshakes: 0,
             scratch: vec![0u8; 65536 + 64],
         }
     }
@@ -388,6 +395,8 @@ impl Node {
                 candidate_idx: 0,
                 path: PathKind::Connecting,
                 last_handshake: None,
+                last_nudge: None,
+                managed: false,
                 handshakes: 0,
                 rx_bytes: 0,
                 tx_bytes: 0,
@@ -425,13 +434,16 @@ impl Node {
         let Some(id) = self.by_key.remove(public_key) else {
             return false;
         };
-        self.peers.remove(&id);
+        if let Some(p) = self.peers.remove(&id) {
+            self.retired_handshakes += p.handshakes;
+        }
         self.routes.remove_peer(id);
         self.rebuild_routes();
         true
     }
 
-    /// Sets the path chosen by NAT traversal: where to send and how it is reached.
+    /// Sets the path chosen by NAT traversal: where to send and how it is reached. From then on the peer's
+    /// endpoint changes only through this call.
     pub fn set_path(&mut self, id: PeerId, endpoint: SocketAddr, kind: PathKind) {
         if let Some(p) = self.peers.get_mut(&id) {
             if p.endpoint != Some(endpoint) {
@@ -440,7 +452,13 @@ impl Node {
             }
             p.endpoint = Some(endpoint);
             p.path = kind;
+            p.managed = true;
         }
+    }
+
+    /// The public key of peer `id` (e.g. to tell NAT traversal which peer a datagram authenticated).
+    pub fn peer_key(&self, id: PeerId) -> Option<[u8; 32]> {
+        self.peers.get(&id).map(|p| p.cfg.public_key)
     }
 
     pub fn peer_id(&self, public_key: &[u8; 32]) -> Option<PeerId> {
@@ -462,6 +480,11 @@ impl Node {
         self.peers.len()
     }
 
+    /// Completed handshakes since the node started, over all peers (removed ones included).
+    pub fn handshakes_total(&self) -> u64 {
+        self.retired_handshakes + self.peers.values().map(|p| p.handshakes).sum::<u64>()
+    }
+
     pub fn drops(&self) -> &Drops {
         &self.drops
     }
@@ -471,9 +494,20 @@ impl Node {
         self.routes.lookup(ip)
     }
 
+    /// The endpoint a packet from the TUN device would be sent to (its destination's peer), if any.
+    #[inline]
+    pub fn endpoint_for(&self, packet: &[u8]) -> Option<SocketAddr> {
+        let (_, dst) = packet_addrs(packet)?;
+        self.peers.get(&self.routes.lookup(dst)?)?.endpoint
+    }
+
     /// Encrypts a packet read from the TUN device for the peer owning its destination, into `out`
     /// (at least `packet.len() + 32` and [`MIN_BUFFER`] bytes).
     pub fn encapsulate(&mut self, _now: Instant, packet: &[u8], out: &mut [u8]) -> Outbound {
+        if out.len() < MIN_BUFFER || out.len() < packet.len() + 32 {
+            self.drops.add(DropReason::Other);
+            return Outbound::Dropped(DropReason::Other);
+        }
         let Some((_, dst)) = packet_addrs(packet) else {
             self.drops.add(DropReason::Malformed);
             return Outbound::Dropped(DropReason::Malformed);
@@ -519,6 +553,10 @@ impl Node {
         datagram: &[u8],
         out: &mut [u8],
     ) -> Inbound {
+        if out.len() < MIN_BUFFER || out.len() < datagram.len() {
+            // Larger than anything a peer sends into our MTU: not ours to decrypt (and boringtun would panic).
+            return self.drop(DropReason::Malformed);
+        }
         // Check MAC1 (and cookies under load) before any expensive work, for the whole node.
         let mut cookie = [0u8; 64];
         let packet = match self
@@ -551,7 +589,11 @@ impl Node {
             Packet::PacketCookieReply(c) => (c.receiver_idx >> 8, false),
             Packet::PacketData(d) => (d.receiver_idx >> 8, false),
         };
+        let is_data = matches!(packet, Packet::PacketData(_));
         let Some(p) = self.peers.get_mut(&id) else {
+            if is_data {
+                self.nudge(now, from);
+            }
             return self.drop(DropReason::UnknownPeer);
         };
         match p.tunn.decapsulate(Some(from.ip()), datagram, out) {
@@ -580,7 +622,11 @@ impl Node {
                 if handshake {
                     p.handshakes += 1;
                     p.last_handshake = Some(now);
-                    if p.path != PathKind::Relay {
+                    if p.managed {
+                        if p.path == PathKind::Connecting {
+                            p.path = PathKind::Direct;
+                        }
+                    } else {
                         p.path = PathKind::Direct;
                         if p.endpoint != Some(from) {
                             p.endpoint = Some(from);
@@ -618,8 +664,47 @@ impl Node {
             TunnResult::Err(e) => {
                 let r = DropReason::from_wg(&e);
                 self.drops.add(r);
+                if is_data
+                    && matches!(
+                        e,
+                        WireGuardError::NoCurrentSession | WireGuardError::WrongIndex
+                    )
+                {
+                    self.nudge(now, from);
+                }
                 Inbound::Dropped(r)
             }
+        }
+    }
+
+    /// Data for a session we do not have, from a peer's endpoint: the peer kept a session from before we
+    /// restarted. Start a handshake at once (at most once a second per peer) instead of letting it wait
+    /// for its own rekey timeout (15 s).
+    fn nudge(&mut self, now: Instant, from: SocketAddr) {
+        let Some(p) = self
+            .peers
+            .values_mut()
+            .find(|p| p.endpoint == Some(from) || p.cfg.candidates.contains(&from))
+        else {
+            return;
+        };
+        if p.last_nudge
+            .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1))
+        {
+            return;
+        }
+        p.last_nudge = Some(now);
+        if p.endpoint.is_none() {
+            p.endpoint = Some(from);
+        }
+        let to = p.endpoint.unwrap_or(from);
+        if let TunnResult::WriteToNetwork(b) =
+            p.tunn.format_handshake_initiation(&mut self.scratch, false)
+        {
+            self.transmits.push_back(Transmit {
+                to,
+                data: b.to_vec(),
+            });
         }
     }
 
@@ -640,7 +725,7 @@ impl Node {
         p.rx_bytes += len as u64;
         p.rx_packets += 1;
         // Roaming: an authenticated packet tells where the peer is now (not for relayed paths).
-        if p.path == PathKind::Direct && p.endpoint != Some(from) {
+        if !p.managed && p.path == PathKind::Direct && p.endpoint != Some(from) {
             p.endpoint = Some(from);
             events.push_back(Event::EndpointChanged {
                 peer: p.id,
@@ -669,6 +754,7 @@ impl Node {
             match p.tunn.update_timers(&mut self.scratch) {
                 TunnResult::WriteToNetwork(b) => {
                     if is_handshake(b)
+                        && !p.managed
                         && p.path == PathKind::Connecting
                         && p.cfg.candidates.len() > 1
                     {

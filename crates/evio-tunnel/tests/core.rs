@@ -265,3 +265,99 @@ fn peer_update_and_removal() {
     assert!(sim.nodes[0].inbox.is_empty());
     assert!(sim.nodes[0].node.drops().get(DropReason::UnknownPeer) >= 1);
 }
+
+#[test]
+fn data_for_a_forgotten_session_triggers_a_new_handshake() {
+    let mut sim = Sim::mesh(2, None);
+    sim.run();
+    // Node 0 has the larger key or not: restart whichever does not initiate eagerly, so only the nudge helps.
+    let (a, b) = if sim.nodes[0].node.public_key() > sim.nodes[1].node.public_key() {
+        (0, 1)
+    } else {
+        (1, 0)
+    };
+    // `b` restarts (same key, no sessions) and does not initiate by itself; `a` keeps its old session.
+    sim.nodes[b].node = evio_tunnel::Node::new(evio_tunnel::NodeConfig {
+        private_key: common::key(b as u8 + 1),
+        preshared_key: None,
+        persistent_keepalive: None,
+    });
+    let cfg = sim.peer_cfg(a);
+    let now = sim.now();
+    sim.nodes[b].node.upsert_peer(now, cfg);
+    sim.flush_transmits();
+    assert!(
+        sim.wire.is_empty(),
+        "the smaller key does not initiate eagerly"
+    );
+    let va = sim.nodes[a].vip;
+    let vb = sim.nodes[b].vip;
+    let p = ipv4(va, vb, b"stale session");
+    sim.send(a, &p);
+    sim.run();
+    // The first packet was lost (old session), but b answered with a handshake: the next one arrives.
+    let q = ipv4(va, vb, b"fresh session");
+    sim.send(a, &q);
+    sim.run();
+    assert_eq!(sim.nodes[b].inbox, vec![q]);
+}
+
+#[test]
+fn buffers_too_small_are_refused_not_panicking() {
+    let mut sim = Sim::mesh(2, None);
+    sim.run();
+    let now = sim.now();
+    let big = vec![4u8; 3000];
+    let mut small = vec![0u8; 1500];
+    let from = sim.nodes[0].addr;
+    assert_eq!(
+        sim.nodes[1].node.decapsulate(now, from, &big, &mut small),
+        Inbound::Dropped(DropReason::Malformed)
+    );
+    let p = ipv4([10, 10, 0, 1], [10, 10, 0, 2], &[0u8; 1480]);
+    assert!(matches!(
+        sim.nodes[0].node.encapsulate(now, &p, &mut small),
+        Outbound::Dropped(_)
+    ));
+    assert_eq!(sim.nodes[0].node.endpoint_for(&p), Some(sim.nodes[1].addr));
+}
+
+#[test]
+fn every_completed_handshake_is_reported_as_an_event() {
+    let mut sim = Sim::mesh(3, None);
+    sim.run();
+    for i in 0..3 {
+        let evs: Vec<Event> = std::iter::from_fn(|| sim.nodes[i].node.poll_event()).collect();
+        let n = evs
+            .iter()
+            .filter(|e| matches!(e, Event::HandshakeCompleted { .. }))
+            .count() as u64;
+        let per_peer: u64 = sim.nodes[i].node.peers().iter().map(|p| p.handshakes).sum();
+        assert_eq!(n, per_peer, "node {i}: {evs:?}");
+        assert_eq!(sim.nodes[i].node.handshakes_total(), per_peer);
+        assert!(n >= 2, "node {i}: {evs:?}");
+    }
+}
+
+#[test]
+fn a_path_set_by_nat_traversal_is_not_overridden_by_roaming() {
+    let mut sim = Sim::mesh(2, None);
+    sim.run();
+    let id = sim.id_of(1, 0);
+    assert_eq!(
+        sim.nodes[1].node.peer_key(id),
+        Some(sim.nodes[0].node.public_key())
+    );
+    // NAT traversal decides node 0 is reached through a relay (here: its own address stands in for it).
+    let relay = sim.nodes[0].addr;
+    sim.nodes[1].node.set_path(id, relay, PathKind::Relay);
+    // Node 0 now sends from another address: data is accepted, the chosen path stays.
+    sim.nodes[0].addr = "192.0.2.200:1234".parse().unwrap();
+    let p = ipv4([10, 10, 0, 1], [10, 10, 0, 2], b"via somewhere else");
+    sim.send(0, &p);
+    sim.run();
+    assert_eq!(sim.nodes[1].inbox, vec![p]);
+    let st = sim.nodes[1].node.peer(id).unwrap();
+    assert_eq!(st.endpoint, Some(relay));
+    assert_eq!(st.path, PathKind::Relay);
+}
