@@ -25,3 +25,5 @@ lint: deps
 test: deps lint
 	cargo build --workspace --bins
 	cargo test --workspace -- --test-threads=4
+	# the tunnel core's simulation runs boringtun on a fake clock: a feature never enabled in a workspace build
+	cargo test -p evio-tunnel --features mock-time --test sim
