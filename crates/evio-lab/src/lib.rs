@@ -1,0 +1,769 @@
+//! Lab topologies in network namespaces, shared by evio's NAT tests and `evioctl demo`.
+//!
+//! A [`Lab`] is an "internet" namespace holding a Linux bridge with TEST-NET addresses
+//! (`198.18.0.0/15`), optional services on it (a real `etcd` and a real coturn `turnserver` as STUN and
+//! TURN server with long-term credentials), N sites each with a NAT namespace (`wan` towards the
+//! internet, `lan` bridge towards the site, the nftables ruleset of TESTBED.md) and hosts behind it, and
+//! public hosts directly on the internet bridge.
+//!
+//! Addressing (fixed, so tests and the demo can print and reason about it):
+//! - services: `198.18.0.1` (the internet bridge itself; etcd on `:2379`, coturn on `:3478`)
+//! - site `i` NAT wan: `198.18.1.(i+1)`, site LAN `192.168.(i+1).0/24`, NAT lan `.1`, hosts `.2`, `.3`, …
+//! - public host `j`: `198.18.2.(j+1)`
+//!
+//! Nothing is ever created in the root namespace: every link is created with `ip -n NS` directly in its
+//! namespace, every sysctl and nft rule is applied with `ip netns exec NS`. Dropping the [`Lab`] kills its
+//! processes, kills anything else still running in its namespaces, deletes the namespaces (which deletes
+//! their links) and removes its temp dir. A build that fails half way drops the partial lab, so it cleans
+//! up as well; a panic while a `Lab` is alive unwinds through the same `Drop`.
+//!
+//! Dependencies: only `libc` (for `setns`/`kill`), `tempfile`, `thiserror`, `tracing`; the lab drives the
+//! real tools (`ip`, `nft`, `conntrack`, `etcd`, `turnserver`) as an operator would, so what the tests
+//! exercise is exactly what the recipes in TESTBED.md describe.
+
+use std::fmt;
+use std::io::{self, Read};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// The address of the internet bridge, where the services listen.
+pub const SERVICES_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// Prefix length of the internet segment.
+pub const INTERNET_PREFIX: u8 = 15;
+/// etcd client port on [`SERVICES_IP`].
+pub const ETCD_PORT: u16 = 2379;
+/// STUN/TURN port on [`SERVICES_IP`].
+pub const TURN_PORT: u16 = 3478;
+/// The TURN realm.
+pub const TURN_REALM: &str = "evio";
+/// The TURN user name.
+pub const TURN_USER: &str = "evio";
+
+/// Errors while building or operating a lab.
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("cannot run {cmd}: {source}")]
+    Spawn { cmd: String, source: io::Error },
+    #[error("{cmd} failed ({status}): {stderr}")]
+    Command {
+        cmd: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("{0}")]
+    Setup(String),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+pub type Result<T, E = LabError> = std::result::Result<T, E>;
+
+/// How a site's NAT maps outgoing UDP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NatKind {
+    /// Plain `masquerade`: port-preserving, endpoint-independent mapping (hole punching works).
+    EasyNat,
+    /// `masquerade random`: a new random port per destination (symmetric NAT; a relay is needed between two).
+    Symmetric,
+}
+
+impl fmt::Display for NatKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NatKind::EasyNat => "easy",
+            NatKind::Symmetric => "symmetric",
+        })
+    }
+}
+
+/// A name prefix unique to this process and call (`<base><pid><n>`), for tests running in parallel.
+pub fn unique_prefix(base: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    format!("{base}{:x}x{n:x}", std::process::id())
+}
+
+/// Runs a command; errors unless it exits 0. Returns stdout.
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let desc = format!("{cmd:?}");
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| LabError::Spawn {
+            cmd: desc.clone(),
+            source,
+        })?;
+    check(desc, out)
+}
+
+fn check(cmd: String, out: Output) -> Result<String> {
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(LabError::Command {
+            cmd,
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string()
+                + String::from_utf8_lossy(&out.stdout).trim(),
+        })
+    }
+}
+
+fn ip(ns: &str, args: &[&str]) -> Result<String> {
+    run(Command::new("ip").arg("-n").arg(ns).args(args))
+}
+
+/// A `Command` running `program` inside namespace `ns` (`ip netns exec`).
+pub fn netns_command(ns: &str, program: &str) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns, program]);
+    c
+}
+
+/// Runs `args` inside namespace `ns`; errors unless it exits 0. Returns stdout.
+pub fn netns_exec(ns: &str, args: &[&str]) -> Result<String> {
+    run(netns_command(ns, args[0]).args(&args[1..]))
+}
+
+/// Runs `f` on a new thread whose network namespace is `ns`. Sockets created by `f` stay in `ns` for their
+/// whole life, whichever thread uses them later, so this is how Rust tests open a UDP socket "in a host".
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
+    let path = Path::new("/run/netns").join(ns);
+    let file = std::fs::File::open(&path)?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on a valid open namespace fd; it only changes this (new, scoped) thread's netns.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            if rc != 0 {
+                return Err(LabError::Io(io::Error::last_os_error()));
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| LabError::Setup(format!("thread in netns {ns} panicked")))?
+    })
+}
+
+fn kill_netns_pids(ns: &str) {
+    if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                // SAFETY: kill with a pid the kernel reported inside our own namespace; no memory is touched.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+/// Polls `f` every 10 ms until it returns true or `limit` passes; returns whether it did.
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return true;
+        }
+        if start.elapsed() >= limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A host: a network namespace with one interface `eth0`.
+#[derive(Clone, Debug)]
+pub struct Host {
+    /// The namespace name.
+    pub ns: String,
+    /// Its address on `eth0` (private for hosts behind a NAT).
+    pub ip: Ipv4Addr,
+    /// The site it belongs to (`None` for a public host).
+    pub site: Option<usize>,
+}
+
+impl Host {
+    /// Runs `args` in the host; errors unless it exits 0. Returns stdout.
+    pub fn exec(&self, args: &[&str]) -> Result<String> {
+        netns_exec(&self.ns, args)
+    }
+
+    /// A `Command` for `program` in the host (for daemons; the caller owns the child).
+    pub fn command(&self, program: &str) -> Command {
+        netns_command(&self.ns, program)
+    }
+
+    /// Runs `f` with this host's network namespace (see [`in_netns`]).
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        in_netns(&self.ns, f)
+    }
+
+    /// A UDP socket bound to `0.0.0.0:port` in the host (`port` 0 for any).
+    pub fn udp_socket(&self, port: u16) -> Result<UdpSocket> {
+        self.run(|| UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)))?
+            .map_err(LabError::Io)
+    }
+}
+
+/// A site: a NAT namespace and the hosts behind it.
+#[derive(Clone, Debug)]
+pub struct Site {
+    pub index: usize,
+    /// The NAT's namespace.
+    pub nat_ns: String,
+    pub kind: NatKind,
+    /// The NAT's public address (on `wan`).
+    pub wan_ip: Ipv4Addr,
+    /// The NAT's address on the site LAN (the hosts' default gateway).
+    pub lan_ip: Ipv4Addr,
+    pub hosts: Vec<Host>,
+}
+
+impl Site {
+    /// Drops every conntrack entry of the NAT (all its UDP mappings), like a NAT reboot.
+    pub fn flush_conntrack(&self) -> Result<()> {
+        // `conntrack -F` exits 0 and prints a summary on stderr.
+        netns_exec(&self.nat_ns, &["conntrack", "-F"]).map(|_| ())
+    }
+
+    /// The NAT's conntrack table for UDP (`conntrack -L -p udp`), one entry a line.
+    pub fn conntrack_udp(&self) -> Result<Vec<String>> {
+        let out = netns_exec(&self.nat_ns, &["conntrack", "-L", "-p", "udp"])?;
+        Ok(out.lines().map(str::to_string).collect())
+    }
+
+    /// Sets the NAT's UDP conntrack timeouts (unreplied and stream) to `secs`, so mappings expire fast.
+    pub fn set_udp_timeout(&self, secs: u32) -> Result<()> {
+        let v = secs.to_string();
+        netns_exec(
+            &self.nat_ns,
+            &[
+                "sysctl",
+                "-qw",
+                &format!("net.netfilter.nf_conntrack_udp_timeout={v}"),
+            ],
+        )?;
+        netns_exec(
+            &self.nat_ns,
+            &[
+                "sysctl",
+                "-qw",
+                &format!("net.netfilter.nf_conntrack_udp_timeout_stream={v}"),
+            ],
+        )?;
+        Ok(())
+    }
+}
+
+/// The coturn server of a lab (STUN and TURN on `198.18.0.1:3478`, long-term credentials).
+pub struct TurnServer {
+    child: Option<Child>,
+    ns: String,
+    conf: PathBuf,
+    log: PathBuf,
+    /// `198.18.0.1:3478`.
+    pub addr: SocketAddr,
+    pub user: String,
+    pub password: String,
+    /// A file (mode 0600) holding the password, for `eviod --turn-password-file`.
+    pub password_file: PathBuf,
+}
+
+impl TurnServer {
+    fn start(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = netns_command(&self.ns, "turnserver")
+            .arg("-c")
+            .arg(&self.conf)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|source| LabError::Spawn {
+                cmd: "turnserver (is coturn installed?)".into(),
+                source,
+            })?;
+        self.child = Some(child);
+        let needle = format!("{}:{}", SERVICES_IP, TURN_PORT);
+        let ns = self.ns.clone();
+        let ok = wait_until(Duration::from_secs(10), || {
+            netns_exec(&ns, &["ss", "-Hnul"])
+                .map(|o| o.contains(&needle))
+                .unwrap_or(false)
+        });
+        if !ok {
+            return Err(LabError::Setup(format!(
+                "turnserver did not listen on {needle}: {}",
+                self.log()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Kills the server (SIGKILL): every allocation is lost.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts a killed server again on the same address and credentials.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.start()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for TurnServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A real etcd in the internet namespace, on `198.18.0.1:2379`.
+struct EtcdServer {
+    child: Option<Child>,
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// What to build: see [`Lab::builder`].
+#[derive(Clone, Debug)]
+pub struct LabBuilder {
+    prefix: String,
+    etcd: bool,
+    turn: bool,
+    sites: Vec<(NatKind, usize)>,
+    public_hosts: usize,
+}
+
+impl LabBuilder {
+    /// Starts a real etcd in the internet namespace.
+    pub fn etcd(mut self, on: bool) -> Self {
+        self.etcd = on;
+        self
+    }
+
+    /// Starts a real coturn (STUN + TURN) in the internet namespace.
+    pub fn turn(mut self, on: bool) -> Self {
+        self.turn = on;
+        self
+    }
+
+    /// Adds a site behind a NAT of `kind` with `hosts` hosts.
+    pub fn site(mut self, kind: NatKind, hosts: usize) -> Self {
+        self.sites.push((kind, hosts));
+        self
+    }
+
+    /// Adds `n` public hosts directly on the internet.
+    pub fn public_hosts(mut self, n: usize) -> Self {
+        self.public_hosts = n;
+        self
+    }
+
+    /// Builds the topology. On error the part already built is torn down before returning.
+    pub fn build(self) -> Result<Lab> {
+        if self.sites.len() > 250 || self.public_hosts > 250 || self.sites.iter().any(|s| s.1 > 250)
+        {
+            return Err(LabError::Setup(
+                "at most 250 sites, 250 hosts a site and 250 public hosts".into(),
+            ));
+        }
+        let dir = tempfile::Builder::new().prefix("evio-lab").tempdir()?;
+        let mut lab = Lab {
+            turn: None,
+            etcd: None,
+            namespaces: Vec::new(),
+            internet: format!("{}-inet", self.prefix),
+            sites: Vec::new(),
+            public: Vec::new(),
+            prefix: self.prefix.clone(),
+            dir,
+        };
+        let t0 = Instant::now();
+        lab.add_netns(&lab.internet.clone())?;
+        let inet = lab.internet.clone();
+        ip(&inet, &["link", "add", "inet", "type", "bridge"])?;
+        ip(
+            &inet,
+            &[
+                "addr",
+                "add",
+                &format!("{SERVICES_IP}/{INTERNET_PREFIX}"),
+                "dev",
+                "inet",
+            ],
+        )?;
+        ip(&inet, &["link", "set", "inet", "up"])?;
+
+        for (i, &(kind, nhosts)) in self.sites.iter().enumerate() {
+            lab.add_site(i, kind, nhosts)?;
+        }
+        for j in 0..self.public_hosts {
+            let ns = format!("{}-pub{j}", self.prefix);
+            lab.add_netns(&ns)?;
+            let addr = Ipv4Addr::new(198, 18, 2, (j + 1) as u8);
+            lab.uplink(&ns, "eth0", &format!("p{j}"), addr)?;
+            lab.public.push(Host {
+                ns,
+                ip: addr,
+                site: None,
+            });
+        }
+        if self.etcd {
+            lab.start_etcd()?;
+        }
+        if self.turn {
+            lab.start_turn()?;
+        }
+        tracing::debug!(prefix = %self.prefix, elapsed = ?t0.elapsed(), "lab built");
+        Ok(lab)
+    }
+}
+
+/// A built lab topology; dropping it tears everything down.
+pub struct Lab {
+    // Field order matters for Drop: processes first, then namespaces, then the temp dir.
+    turn: Option<TurnServer>,
+    etcd: Option<EtcdServer>,
+    namespaces: Vec<String>,
+    internet: String,
+    sites: Vec<Site>,
+    public: Vec<Host>,
+    prefix: String,
+    dir: tempfile::TempDir,
+}
+
+impl Lab {
+    /// A builder for a lab whose namespaces are all named `<prefix>-…`.
+    pub fn builder(prefix: &str) -> LabBuilder {
+        LabBuilder {
+            prefix: prefix.to_string(),
+            etcd: false,
+            turn: false,
+            sites: Vec::new(),
+            public_hosts: 0,
+        }
+    }
+
+    fn add_netns(&mut self, ns: &str) -> Result<()> {
+        run(Command::new("ip").args(["netns", "add", ns]))?;
+        self.namespaces.push(ns.to_string());
+        ip(ns, &["link", "set", "lo", "up"])?;
+        Ok(())
+    }
+
+    /// Connects `ns` to the internet bridge: `ifname` in `ns` with `addr`, `peer` as a bridge port.
+    fn uplink(&self, ns: &str, ifname: &str, peer: &str, addr: Ipv4Addr) -> Result<()> {
+        ip(
+            ns,
+            &[
+                "link",
+                "add",
+                ifname,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                peer,
+                "netns",
+                &self.internet,
+            ],
+        )?;
+        ip(
+            &self.internet,
+            &["link", "set", peer, "master", "inet", "up"],
+        )?;
+        ip(
+            ns,
+            &[
+                "addr",
+                "add",
+                &format!("{addr}/{INTERNET_PREFIX}"),
+                "dev",
+                ifname,
+            ],
+        )?;
+        ip(ns, &["link", "set", ifname, "up"])?;
+        Ok(())
+    }
+
+    fn add_site(&mut self, i: usize, kind: NatKind, nhosts: usize) -> Result<()> {
+        let nat = format!("{}-nat{i}", self.prefix);
+        self.add_netns(&nat)?;
+        let wan_ip = Ipv4Addr::new(198, 18, 1, (i + 1) as u8);
+        let lan_ip = Ipv4Addr::new(192, 168, (i + 1) as u8, 1);
+        self.uplink(&nat, "wan", &format!("n{i}"), wan_ip)?;
+        ip(&nat, &["link", "add", "lan", "type", "bridge"])?;
+        ip(
+            &nat,
+            &["addr", "add", &format!("{lan_ip}/24"), "dev", "lan"],
+        )?;
+        ip(&nat, &["link", "set", "lan", "up"])?;
+        netns_exec(&nat, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        // Where br_netfilter is loaded, bridged LAN frames would go through the NAT's forward chain (policy
+        // drop); a real site switch doesn't do that. Absent module: no such sysctl and nothing to turn off.
+        if Path::new("/proc/sys/net/bridge").exists() {
+            netns_exec(
+                &nat,
+                &["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0"],
+            )?;
+        }
+        let masq = match kind {
+            NatKind::EasyNat => "masquerade",
+            NatKind::Symmetric => "masquerade random",
+        };
+        let ruleset = format!(
+            "table ip nat0 {{\n\
+             \x20 chain postrouting {{ type nat hook postrouting priority srcnat; oifname \"wan\" {masq}; }}\n\
+             \x20 chain forward {{ type filter hook forward priority filter; policy drop;\n\
+             \x20   iifname \"wan\" ct state new drop; ct state established,related accept;\n\
+             \x20   iifname \"lan\" oifname \"wan\" accept; }}\n\
+             \x20 chain input {{ type filter hook input priority filter;\n\
+             \x20   iifname \"wan\" ct state established,related accept; iifname \"wan\" drop; }}\n\
+             }}\n"
+        );
+        let file = self.dir.path().join(format!("nat{i}.nft"));
+        std::fs::write(&file, ruleset)?;
+        netns_exec(&nat, &["nft", "-f", &file.to_string_lossy()])?;
+        let mut hosts = Vec::new();
+        for k in 0..nhosts {
+            let ns = format!("{}-s{i}h{k}", self.prefix);
+            self.add_netns(&ns)?;
+            let addr = Ipv4Addr::new(192, 168, (i + 1) as u8, (k + 2) as u8);
+            let port = format!("h{k}");
+            ip(
+                &ns,
+                &[
+                    "link", "add", "eth0", "type", "veth", "peer", "name", &port, "netns", &nat,
+                ],
+            )?;
+            ip(&nat, &["link", "set", &port, "master", "lan", "up"])?;
+            ip(&ns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+            ip(&ns, &["link", "set", "eth0", "up"])?;
+            ip(
+                &ns,
+                &["route", "add", "default", "via", &lan_ip.to_string()],
+            )?;
+            hosts.push(Host {
+                ns,
+                ip: addr,
+                site: Some(i),
+            });
+        }
+        self.sites.push(Site {
+            index: i,
+            nat_ns: nat,
+            kind,
+            wan_ip,
+            lan_ip,
+            hosts,
+        });
+        Ok(())
+    }
+
+    fn start_etcd(&mut self) -> Result<()> {
+        let data = self.dir.path().join("etcd");
+        std::fs::create_dir(&data)?;
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700))?;
+        let log = std::fs::File::create(self.dir.path().join("etcd.log"))?;
+        let c = format!("http://{SERVICES_IP}:{ETCD_PORT}");
+        let p = "http://127.0.0.1:2380";
+        let child = netns_command(&self.internet, "etcd")
+            .args(["--name", "lab", "--data-dir"])
+            .arg(&data)
+            .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
+            .args(["--listen-peer-urls", p, "--initial-advertise-peer-urls", p])
+            .args(["--initial-cluster", &format!("lab={p}")])
+            .args([
+                "--heartbeat-interval",
+                "10",
+                "--election-timeout",
+                "100",
+                "--log-level",
+                "warn",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|source| LabError::Spawn {
+                cmd: "etcd (is etcd-server installed?)".into(),
+                source,
+            })?;
+        self.etcd = Some(EtcdServer { child: Some(child) });
+        let inet = self.internet.clone();
+        let url = format!("{c}/health");
+        let ok = wait_until(Duration::from_secs(20), || {
+            netns_exec(&inet, &["curl", "-sf", "--max-time", "1", &url])
+                .map(|o| o.contains("true"))
+                .unwrap_or(false)
+        });
+        if !ok {
+            let log = std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default();
+            return Err(LabError::Setup(format!(
+                "etcd did not become healthy: {log}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn start_turn(&mut self) -> Result<()> {
+        let password = random_hex(16)?;
+        let password_file = self.dir.path().join("turn-password");
+        write_secret(&password_file, &password)?;
+        let conf = self.dir.path().join("turnserver.conf");
+        let log = self.dir.path().join("turnserver.log");
+        let pid = self.dir.path().join("turnserver.pid");
+        let text = format!(
+            "listening-ip={SERVICES_IP}\nrelay-ip={SERVICES_IP}\nlistening-port={TURN_PORT}\nrealm={TURN_REALM}\n\
+             lt-cred-mech\nuser={TURN_USER}:{password}\nfingerprint\nno-tls\nno-dtls\nno-cli\n\
+             no-software-attribute\nmin-port=49152\nmax-port=65535\nallowed-peer-ip=198.18.0.0-198.19.255.255\n\
+             pidfile={}\nlog-file=stdout\nsimple-log\n",
+            pid.display()
+        );
+        write_secret(&conf, &text)?;
+        let mut t = TurnServer {
+            child: None,
+            ns: self.internet.clone(),
+            conf,
+            log,
+            addr: SocketAddr::from((SERVICES_IP, TURN_PORT)),
+            user: TURN_USER.to_string(),
+            password,
+            password_file,
+        };
+        t.start()?;
+        self.turn = Some(t);
+        Ok(())
+    }
+
+    /// The name prefix of every namespace of this lab.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The internet namespace.
+    pub fn internet_ns(&self) -> &str {
+        &self.internet
+    }
+
+    /// Every namespace of the lab, in creation order.
+    pub fn namespaces(&self) -> &[String] {
+        &self.namespaces
+    }
+
+    pub fn sites(&self) -> &[Site] {
+        &self.sites
+    }
+
+    pub fn site(&self, i: usize) -> &Site {
+        &self.sites[i]
+    }
+
+    /// Host `k` of site `i`.
+    pub fn site_host(&self, i: usize, k: usize) -> &Host {
+        &self.sites[i].hosts[k]
+    }
+
+    pub fn public_hosts(&self) -> &[Host] {
+        &self.public
+    }
+
+    /// Every host: the sites' hosts in order, then the public hosts.
+    pub fn hosts(&self) -> Vec<&Host> {
+        self.sites
+            .iter()
+            .flat_map(|s| s.hosts.iter())
+            .chain(self.public.iter())
+            .collect()
+    }
+
+    /// The etcd client URL (`http://198.18.0.1:2379`), if etcd was started.
+    pub fn etcd_endpoint(&self) -> Option<String> {
+        self.etcd
+            .as_ref()
+            .map(|_| format!("http://{SERVICES_IP}:{ETCD_PORT}"))
+    }
+
+    pub fn turn(&self) -> Option<&TurnServer> {
+        self.turn.as_ref()
+    }
+
+    pub fn turn_mut(&mut self) -> Option<&mut TurnServer> {
+        self.turn.as_mut()
+    }
+
+    /// The lab's temp dir (logs, secrets); removed on drop.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Runs `args` in the internet namespace.
+    pub fn internet_exec(&self, args: &[&str]) -> Result<String> {
+        netns_exec(&self.internet, args)
+    }
+
+    /// Runs `f` in the internet namespace (see [`in_netns`]).
+    pub fn in_internet<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        in_netns(&self.internet, f)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.turn.take();
+        self.etcd.take();
+        for ns in self.namespaces.iter().rev() {
+            kill_netns_pids(ns);
+        }
+        for ns in self.namespaces.iter().rev() {
+            if let Err(e) = run(Command::new("ip").args(["netns", "del", ns])) {
+                tracing::warn!(%ns, error = %e, "cannot delete lab namespace");
+            }
+        }
+    }
+}
+
+fn random_hex(n: usize) -> Result<String> {
+    let mut buf = vec![0u8; n];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn write_secret(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
