@@ -659,7 +659,12 @@ impl Node {
             TunnResult::Err(e) => {
                 let r = DropReason::from_wg(&e);
                 self.drops.add(r);
-                if is_data && matches!(e, WireGuardError::NoCurrentSession | WireGuardError::WrongIndex) {
+                if is_data
+                    && matches!(
+                        e,
+                        WireGuardError::NoCurrentSession | WireGuardError::WrongIndex
+                    )
+                {
                     self.nudge(now, from);
                 }
                 Inbound::Dropped(r)
@@ -671,10 +676,16 @@ impl Node {
     /// restarted. Start a handshake at once (at most once a second per peer) instead of letting it wait
     /// for its own rekey timeout (15 s).
     fn nudge(&mut self, now: Instant, from: SocketAddr) {
-        let Some(p) = self.peers.values_mut().find(|p| p.endpoint == Some(from) || p.cfg.candidates.contains(&from)) else {
+        let Some(p) = self
+            .peers
+            .values_mut()
+            .find(|p| p.endpoint == Some(from) || p.cfg.candidates.contains(&from))
+        else {
             return;
         };
-        if p.last_nudge.is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1)) {
+        if p.last_nudge
+            .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1))
+        {
             return;
         }
         p.last_nudge = Some(now);
@@ -682,8 +693,13 @@ impl Node {
             p.endpoint = Some(from);
         }
         let to = p.endpoint.unwrap_or(from);
-        if let TunnResult::WriteToNetwork(b) = p.tunn.format_handshake_initiation(&mut self.scratch, false) {
-            self.transmits.push_back(Transmit { to, data: b.to_vec() });
+        if let TunnResult::WriteToNetwork(b) =
+            p.tunn.format_handshake_initiation(&mut self.scratch, false)
+        {
+            self.transmits.push_back(Transmit {
+                to,
+                data: b.to_vec(),
+            });
         }
     }
 

@@ -63,7 +63,10 @@ pub enum RelayRoute {
 /// What a non-WireGuard datagram turned out to be.
 pub enum Rx<'a> {
     /// A WireGuard datagram (unwrapped) and the endpoint to attribute it to.
-    Tunnel { from: SocketAddr, payload: &'a [u8] },
+    Tunnel {
+        from: SocketAddr,
+        payload: &'a [u8],
+    },
     /// STUN/TURN traffic consumed by the agent (call [`pump`] soon).
     Handled,
     Unknown,
@@ -135,11 +138,16 @@ pub fn resolve(s: &str) -> Result<SocketAddr> {
 
 /// The agent configuration from the command line: STUN servers, TURN server and credentials.
 pub fn agent_settings(cfg: &NatConfig) -> Result<(Vec<SocketAddr>, Option<TurnConfig>)> {
-    let stun = cfg.stun.iter().map(|s| resolve(s)).collect::<Result<Vec<_>>>()?;
+    let stun = cfg
+        .stun
+        .iter()
+        .map(|s| resolve(s))
+        .collect::<Result<Vec<_>>>()?;
     let turn = match (&cfg.turn, &cfg.turn_user, &cfg.turn_password_file) {
         (Some(server), Some(user), Some(file)) => {
-            let password = std::fs::read_to_string(file)
-                .with_context(|| format!("cannot read the TURN password file {}", file.display()))?;
+            let password = std::fs::read_to_string(file).with_context(|| {
+                format!("cannot read the TURN password file {}", file.display())
+            })?;
             Some(TurnConfig {
                 server: resolve(server)?,
                 user: user.clone(),
@@ -206,9 +214,18 @@ impl Nat {
 
     /// Local addresses changed.
     pub fn set_host_addresses(&self, hosts: &[IpAddr]) {
-        let hosts: Vec<SocketAddr> = hosts.iter().map(|ip| SocketAddr::new(*ip, self.port)).collect();
+        let hosts: Vec<SocketAddr> = hosts
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, self.port))
+            .collect();
         let mut g = self.lock();
-        if g.agent.local_candidates().iter().filter(|c| c.kind == CandidateKind::Host).map(|c| c.addr).ne(hosts.iter().copied()) {
+        if g.agent
+            .local_candidates()
+            .iter()
+            .filter(|c| c.kind == CandidateKind::Host)
+            .map(|c| c.addr)
+            .ne(hosts.iter().copied())
+        {
             g.agent.set_host_candidates(hosts);
         }
     }
@@ -217,7 +234,12 @@ impl Nat {
     pub fn set_peers(&self, peers: &[(PeerKey, Vec<Candidate>)]) {
         let now = Instant::now();
         let mut g = self.lock();
-        let gone: Vec<PeerKey> = g.peers.keys().filter(|k| !peers.iter().any(|(p, _)| p == *k)).copied().collect();
+        let gone: Vec<PeerKey> = g
+            .peers
+            .keys()
+            .filter(|k| !peers.iter().any(|(p, _)| p == *k))
+            .copied()
+            .collect();
         for k in gone {
             g.peers.remove(&k);
             g.agent.remove_peer(&k);
@@ -230,7 +252,13 @@ impl Nat {
             let ck = check_key(&shared, &self.public, k, self.psk.as_ref());
             g.agent.set_peer(*k, ck, cands.clone(), now);
             let path = g.agent.path(k);
-            g.peers.entry(*k).or_insert(PeerEntry { candidates: Vec::new(), path }).candidates = cands.clone();
+            g.peers
+                .entry(*k)
+                .or_insert(PeerEntry {
+                    candidates: Vec::new(),
+                    path,
+                })
+                .candidates = cands.clone();
         }
     }
 
@@ -238,10 +266,22 @@ impl Nat {
     pub fn input<'a>(&self, from: SocketAddr, data: &'a [u8], now: Instant) -> Rx<'a> {
         let mut g = self.lock();
         match g.agent.handle_input(from, data, now) {
-            Input::Tunnel { from: Source::Direct(a), payload, .. } => Rx::Tunnel { from: a, payload },
-            Input::Tunnel { from: Source::Relay(remote), payload, .. } => {
-                self.relay_rx_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-                Rx::Tunnel { from: g.slot(remote), payload }
+            Input::Tunnel {
+                from: Source::Direct(a),
+                payload,
+                ..
+            } => Rx::Tunnel { from: a, payload },
+            Input::Tunnel {
+                from: Source::Relay(remote),
+                payload,
+                ..
+            } => {
+                self.relay_rx_bytes
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                Rx::Tunnel {
+                    from: g.slot(remote),
+                    payload,
+                }
             }
             Input::Handled => {
                 self.checks_rx.fetch_add(1, Ordering::Relaxed);
@@ -258,7 +298,10 @@ impl Nat {
         let turn = g.agent.turn()?;
         turn.relayed()?;
         Some(match turn.channel(remote) {
-            Some(channel) => RelayRoute::Channel { server: turn.server(), channel },
+            Some(channel) => RelayRoute::Channel {
+                server: turn.server(),
+                channel,
+            },
             None => RelayRoute::Indication { remote },
         })
     }
@@ -268,7 +311,8 @@ impl Nat {
     pub fn wrap(&self, remote: SocketAddr, payload: &[u8]) -> Option<evio_nat::Transmit> {
         let mut g = self.lock();
         let t = g.agent.turn_wrap(remote, payload)?;
-        self.relay_tx_bytes.fetch_add(t.payload.len() as u64, Ordering::Relaxed);
+        self.relay_tx_bytes
+            .fetch_add(t.payload.len() as u64, Ordering::Relaxed);
         Some(t)
     }
 
@@ -306,7 +350,13 @@ impl Nat {
     }
 
     /// Runs the agent's timers if due; returns its datagrams and the path changes to apply.
-    fn poll(&self, now: Instant) -> (Vec<evio_nat::Transmit>, Vec<(PeerKey, Option<(SocketAddr, evio_tunnel::PathKind)>)>) {
+    fn poll(
+        &self,
+        now: Instant,
+    ) -> (
+        Vec<evio_nat::Transmit>,
+        Vec<(PeerKey, Option<(SocketAddr, evio_tunnel::PathKind)>)>,
+    ) {
         let mut g = self.lock();
         if g.agent.poll_timeout().is_some_and(|t| t <= now) {
             g.agent.handle_timeout(now);
@@ -354,22 +404,56 @@ impl Nat {
     pub fn metrics(&self, s: &mut String) {
         let (cands, relayed) = {
             let g = self.lock();
-            (g.candidates.clone(), g.agent.turn().and_then(|t| t.relayed()).is_some())
+            (
+                g.candidates.clone(),
+                g.agent.turn().and_then(|t| t.relayed()).is_some(),
+            )
         };
         for (name, help, v) in [
-            ("evio_path_changes_total", "Path changes chosen by NAT traversal (direct, relay, none).", &self.path_changes),
-            ("evio_relay_tx_bytes_total", "Bytes sent through our TURN allocation (framing included).", &self.relay_tx_bytes),
-            ("evio_relay_rx_bytes_total", "Bytes received through our TURN allocation (framing included).", &self.relay_rx_bytes),
-            ("evio_nat_stun_rx_total", "STUN/TURN datagrams handled by NAT traversal.", &self.checks_rx),
+            (
+                "evio_path_changes_total",
+                "Path changes chosen by NAT traversal (direct, relay, none).",
+                &self.path_changes,
+            ),
+            (
+                "evio_relay_tx_bytes_total",
+                "Bytes sent through our TURN allocation (framing included).",
+                &self.relay_tx_bytes,
+            ),
+            (
+                "evio_relay_rx_bytes_total",
+                "Bytes received through our TURN allocation (framing included).",
+                &self.relay_rx_bytes,
+            ),
+            (
+                "evio_nat_stun_rx_total",
+                "STUN/TURN datagrams handled by NAT traversal.",
+                &self.checks_rx,
+            ),
         ] {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
+            let _ = writeln!(
+                s,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
         }
-        let _ = writeln!(s, "# HELP evio_candidates Local candidates by kind.\n# TYPE evio_candidates gauge");
-        for k in [CandidateKind::Host, CandidateKind::ServerReflexive, CandidateKind::Relayed] {
+        let _ = writeln!(
+            s,
+            "# HELP evio_candidates Local candidates by kind.\n# TYPE evio_candidates gauge"
+        );
+        for k in [
+            CandidateKind::Host,
+            CandidateKind::ServerReflexive,
+            CandidateKind::Relayed,
+        ] {
             let n = cands.iter().filter(|c| c.kind == k).count();
             let _ = writeln!(s, "evio_candidates{{kind=\"{}\"}} {n}", k.as_str());
         }
-        let _ = writeln!(s, "# HELP evio_turn_allocated Whether a TURN allocation exists.\n# TYPE evio_turn_allocated gauge\nevio_turn_allocated {}", relayed as u8);
+        let _ = writeln!(
+            s,
+            "# HELP evio_turn_allocated Whether a TURN allocation exists.\n# TYPE evio_turn_allocated gauge\nevio_turn_allocated {}",
+            relayed as u8
+        );
     }
 }
 
@@ -402,13 +486,17 @@ pub fn pump(shared: &Shared, udp: &mut UdpBatch, out: &mut SendBatch) {
     if !changes.is_empty() {
         let mut node = shared.node();
         for (peer, target) in changes {
-            let Some(id) = node.peer_id(&peer) else { continue };
+            let Some(id) = node.peer_id(&peer) else {
+                continue;
+            };
             match target {
                 Some((ep, kind)) => {
                     tracing::info!(peer = %node.peer(id).map(|p| p.name).unwrap_or_default(), endpoint = %ep, ?kind, "path selected");
                     node.set_path(id, ep, kind);
                 }
-                None => tracing::info!(peer = %node.peer(id).map(|p| p.name).unwrap_or_default(), "no working path; re-checking"),
+                None => {
+                    tracing::info!(peer = %node.peer(id).map(|p| p.name).unwrap_or_default(), "no working path; re-checking")
+                }
             }
         }
     }
@@ -443,7 +531,11 @@ pub fn to_records(c: &[Candidate]) -> Vec<evio_store::Candidate> {
 pub fn from_record(r: &evio_store::NodeRecord) -> Vec<Candidate> {
     let mut v: Vec<Candidate> = Vec::new();
     let mut add = |c: Candidate| {
-        if c.addr.is_ipv4() && !c.addr.ip().is_unspecified() && c.addr.port() != 0 && !v.iter().any(|x| x.addr == c.addr) {
+        if c.addr.is_ipv4()
+            && !c.addr.ip().is_unspecified()
+            && c.addr.port() != 0
+            && !v.iter().any(|x| x.addr == c.addr)
+        {
             v.push(c);
         }
     };
@@ -467,7 +559,11 @@ pub fn from_record(r: &evio_store::NodeRecord) -> Vec<Candidate> {
 pub fn sync_paths(shared: &Shared) {
     let want: Vec<(PeerKey, SocketAddr, evio_tunnel::PathKind)> = {
         let mut g = shared.nat.lock();
-        let paths: Vec<(PeerKey, Path)> = g.peers.iter().filter_map(|(k, e)| e.path.map(|p| (*k, p))).collect();
+        let paths: Vec<(PeerKey, Path)> = g
+            .peers
+            .iter()
+            .filter_map(|(k, e)| e.path.map(|p| (*k, p)))
+            .collect();
         paths
             .into_iter()
             .map(|(k, p)| {

@@ -100,8 +100,14 @@ impl Shared {
     }
 
     pub fn unix_secs(&self, t: Instant) -> u64 {
-        let wall = if t >= self.epoch.0 { self.epoch.1 + (t - self.epoch.0) } else { self.epoch.1 - (self.epoch.0 - t) };
-        wall.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+        let wall = if t >= self.epoch.0 {
+            self.epoch.1 + (t - self.epoch.0)
+        } else {
+            self.epoch.1 - (self.epoch.0 - t)
+        };
+        wall.duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
     }
 
     pub fn status(&self) -> StatusJson {
@@ -156,37 +162,108 @@ impl Shared {
         };
         let meta = self.meta.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut s = String::new();
-        let up = peers.iter().filter(|p| p.path != evio_tunnel::PathKind::Connecting).count();
-        let _ = writeln!(s, "# HELP evio_peers Peers known from the control plane.\n# TYPE evio_peers gauge\nevio_peers {}", peers.len());
-        let _ = writeln!(s, "# HELP evio_peers_connected Peers with a session.\n# TYPE evio_peers_connected gauge\nevio_peers_connected {up}");
-        let _ = writeln!(s, "# HELP evio_handshakes_total Completed handshakes.\n# TYPE evio_handshakes_total counter\nevio_handshakes_total {}", c.handshakes.load(Ordering::Relaxed));
-        let _ = writeln!(s, "# HELP evio_drops_total Dropped packets and datagrams by reason.\n# TYPE evio_drops_total counter");
+        let up = peers
+            .iter()
+            .filter(|p| p.path != evio_tunnel::PathKind::Connecting)
+            .count();
+        let _ = writeln!(
+            s,
+            "# HELP evio_peers Peers known from the control plane.\n# TYPE evio_peers gauge\nevio_peers {}",
+            peers.len()
+        );
+        let _ = writeln!(
+            s,
+            "# HELP evio_peers_connected Peers with a session.\n# TYPE evio_peers_connected gauge\nevio_peers_connected {up}"
+        );
+        let _ = writeln!(
+            s,
+            "# HELP evio_handshakes_total Completed handshakes.\n# TYPE evio_handshakes_total counter\nevio_handshakes_total {}",
+            c.handshakes.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            s,
+            "# HELP evio_drops_total Dropped packets and datagrams by reason.\n# TYPE evio_drops_total counter"
+        );
         for (r, n) in drops.iter() {
             let _ = writeln!(s, "evio_drops_total{{reason=\"{}\"}} {n}", r.as_str());
         }
-        let _ = writeln!(s, "# HELP evio_peer_rx_bytes_total Inner bytes received from a peer.\n# TYPE evio_peer_rx_bytes_total counter");
+        let _ = writeln!(
+            s,
+            "# HELP evio_peer_rx_bytes_total Inner bytes received from a peer.\n# TYPE evio_peer_rx_bytes_total counter"
+        );
         for p in &peers {
-            let name = meta.get(&p.public_key).map(|m| m.node.as_str()).unwrap_or(&p.name);
-            let _ = writeln!(s, "evio_peer_rx_bytes_total{{peer=\"{name}\"}} {}", p.rx_bytes);
+            let name = meta
+                .get(&p.public_key)
+                .map(|m| m.node.as_str())
+                .unwrap_or(&p.name);
+            let _ = writeln!(
+                s,
+                "evio_peer_rx_bytes_total{{peer=\"{name}\"}} {}",
+                p.rx_bytes
+            );
         }
-        let _ = writeln!(s, "# HELP evio_peer_tx_bytes_total Inner bytes sent to a peer.\n# TYPE evio_peer_tx_bytes_total counter");
+        let _ = writeln!(
+            s,
+            "# HELP evio_peer_tx_bytes_total Inner bytes sent to a peer.\n# TYPE evio_peer_tx_bytes_total counter"
+        );
         for p in &peers {
-            let name = meta.get(&p.public_key).map(|m| m.node.as_str()).unwrap_or(&p.name);
-            let _ = writeln!(s, "evio_peer_tx_bytes_total{{peer=\"{name}\"}} {}", p.tx_bytes);
+            let name = meta
+                .get(&p.public_key)
+                .map(|m| m.node.as_str())
+                .unwrap_or(&p.name);
+            let _ = writeln!(
+                s,
+                "evio_peer_tx_bytes_total{{peer=\"{name}\"}} {}",
+                p.tx_bytes
+            );
         }
-        let _ = writeln!(s, "# HELP evio_peer_handshakes_total Completed handshakes with a peer.\n# TYPE evio_peer_handshakes_total counter");
+        let _ = writeln!(
+            s,
+            "# HELP evio_peer_handshakes_total Completed handshakes with a peer.\n# TYPE evio_peer_handshakes_total counter"
+        );
         for p in &peers {
-            let name = meta.get(&p.public_key).map(|m| m.node.as_str()).unwrap_or(&p.name);
-            let _ = writeln!(s, "evio_peer_handshakes_total{{peer=\"{name}\"}} {}", p.handshakes);
+            let name = meta
+                .get(&p.public_key)
+                .map(|m| m.node.as_str())
+                .unwrap_or(&p.name);
+            let _ = writeln!(
+                s,
+                "evio_peer_handshakes_total{{peer=\"{name}\"}} {}",
+                p.handshakes
+            );
         }
         for (name, help, v) in [
-            ("evio_tun_rx_packets_total", "Packets read from the TUN device.", &c.tun_rx_packets),
-            ("evio_tun_tx_packets_total", "Packets written to the TUN device.", &c.tun_tx_packets),
-            ("evio_udp_rx_datagrams_total", "Datagrams received.", &c.udp_rx_datagrams),
-            ("evio_udp_tx_datagrams_total", "Datagrams sent.", &c.udp_tx_datagrams),
-            ("evio_etcd_errors_total", "Failed etcd operations.", &c.etcd_errors),
+            (
+                "evio_tun_rx_packets_total",
+                "Packets read from the TUN device.",
+                &c.tun_rx_packets,
+            ),
+            (
+                "evio_tun_tx_packets_total",
+                "Packets written to the TUN device.",
+                &c.tun_tx_packets,
+            ),
+            (
+                "evio_udp_rx_datagrams_total",
+                "Datagrams received.",
+                &c.udp_rx_datagrams,
+            ),
+            (
+                "evio_udp_tx_datagrams_total",
+                "Datagrams sent.",
+                &c.udp_tx_datagrams,
+            ),
+            (
+                "evio_etcd_errors_total",
+                "Failed etcd operations.",
+                &c.etcd_errors,
+            ),
         ] {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
+            let _ = writeln!(
+                s,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
         }
         let _ = writeln!(
             s,

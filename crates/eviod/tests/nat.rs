@@ -29,23 +29,41 @@ struct Agent {
 impl Agent {
     fn start(&mut self, lab: &Lab) {
         let turn = lab.turn().expect("turn");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let _ = std::fs::remove_file(self.state_dir.join("eviod.sock"));
         let mut c = self.host.command(eviod());
-        c.args(["--node-name", &self.name, "--etcd-endpoints", &lab.etcd_endpoint().unwrap(), "--state-dir"])
-            .arg(&self.state_dir)
-            .args(["--listen-port", "51820", "--stun", &turn.addr.to_string(), "--turn", &turn.addr.to_string()])
-            .args(["--turn-user", &turn.user, "--turn-password-file"])
-            .arg(&turn.password_file)
-            .env("EVIO_LOG", "info,eviod=debug,evio_nat=debug")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
+        c.args([
+            "--node-name",
+            &self.name,
+            "--etcd-endpoints",
+            &lab.etcd_endpoint().unwrap(),
+            "--state-dir",
+        ])
+        .arg(&self.state_dir)
+        .args([
+            "--listen-port",
+            "51820",
+            "--stun",
+            &turn.addr.to_string(),
+            "--turn",
+            &turn.addr.to_string(),
+        ])
+        .args(["--turn-user", &turn.user, "--turn-password-file"])
+        .arg(&turn.password_file)
+        .env("EVIO_LOG", "info,eviod=debug,evio_nat=debug")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
         self.child = Some(c.spawn().expect("start eviod"));
     }
 
     fn status(&self) -> Option<serde_json::Value> {
-        let mut s = std::os::unix::net::UnixStream::connect(self.state_dir.join("eviod.sock")).ok()?;
+        let mut s =
+            std::os::unix::net::UnixStream::connect(self.state_dir.join("eviod.sock")).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
         s.write_all(b"status\n").ok()?;
         let mut body = String::new();
@@ -54,7 +72,8 @@ impl Agent {
     }
 
     fn metrics(&self) -> String {
-        let mut s = match std::os::unix::net::UnixStream::connect(self.state_dir.join("eviod.sock")) {
+        let mut s = match std::os::unix::net::UnixStream::connect(self.state_dir.join("eviod.sock"))
+        {
             Ok(s) => s,
             Err(_) => return String::new(),
         };
@@ -68,8 +87,15 @@ impl Agent {
     /// `(path, endpoint)` of the peer named `peer`.
     fn path_to(&self, peer: &str) -> Option<(String, String)> {
         let st = self.status()?;
-        let p = st["peers"].as_array()?.iter().find(|p| p["node"] == peer)?.clone();
-        Some((p["path"].as_str()?.to_string(), p["endpoint"].as_str().unwrap_or("").to_string()))
+        let p = st["peers"]
+            .as_array()?
+            .iter()
+            .find(|p| p["node"] == peer)?
+            .clone();
+        Some((
+            p["path"].as_str()?.to_string(),
+            p["endpoint"].as_str().unwrap_or("").to_string(),
+        ))
     }
 
     fn vip(&self) -> Option<String> {
@@ -112,7 +138,10 @@ impl Matrix {
             .public_hosts(1)
             .build()
             .expect("lab");
-        let dir = tempfile::Builder::new().prefix("eviod-nat").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("eviod-nat")
+            .tempdir()
+            .unwrap();
         let hosts = [
             ("easy-a1", lab.site_host(0, 0).clone()),
             ("easy-a2", lab.site_host(0, 1).clone()),
@@ -130,7 +159,11 @@ impl Matrix {
                 child: None,
             })
             .collect();
-        Matrix { agents, lab, _dir: dir }
+        Matrix {
+            agents,
+            lab,
+            _dir: dir,
+        }
     }
 
     fn agent(&self, name: &str) -> &Agent {
@@ -138,9 +171,17 @@ impl Matrix {
     }
 
     fn logs(&self) -> String {
-        let mut s: String = self.agents.iter().map(|a| format!("=== {} ===\n{}\n", a.name, tail(&a.log_text(), 60))).collect();
+        let mut s: String = self
+            .agents
+            .iter()
+            .map(|a| format!("=== {} ===\n{}\n", a.name, tail(&a.log_text(), 60)))
+            .collect();
         for a in &self.agents {
-            s += &format!("--- status {} ---\n{}\n", a.name, a.status().map(|v| v.to_string()).unwrap_or_default());
+            s += &format!(
+                "--- status {} ---\n{}\n",
+                a.name,
+                a.status().map(|v| v.to_string()).unwrap_or_default()
+            );
         }
         s
     }
@@ -155,13 +196,17 @@ impl Matrix {
     fn paths_as_expected(&self) -> bool {
         self.agents.iter().all(|a| {
             self.agents.iter().filter(|b| b.name != a.name).all(|b| {
-                a.path_to(&b.name).is_some_and(|(p, _)| p == Self::expected(&a.name, &b.name))
+                a.path_to(&b.name)
+                    .is_some_and(|(p, _)| p == Self::expected(&a.name, &b.name))
             })
         })
     }
 
     fn vips(&self) -> HashMap<String, String> {
-        self.agents.iter().filter_map(|a| Some((a.name.clone(), a.vip()?))).collect()
+        self.agents
+            .iter()
+            .filter_map(|a| Some((a.name.clone(), a.vip()?)))
+            .collect()
     }
 
     /// Pairs (from, to) that do not answer a ping now.
@@ -171,7 +216,12 @@ impl Matrix {
             let hs: Vec<_> = self
                 .agents
                 .iter()
-                .flat_map(|a| self.agents.iter().filter(move |b| b.name != a.name).map(move |b| (a, b)))
+                .flat_map(|a| {
+                    self.agents
+                        .iter()
+                        .filter(move |b| b.name != a.name)
+                        .map(move |b| (a, b))
+                })
                 .map(|(a, b)| {
                     let vip = vips[&b.name].clone();
                     s.spawn(move || (!a.ping(&vip)).then(|| (a.name.clone(), b.name.clone())))
@@ -214,7 +264,10 @@ fn matrix_direct_relay_lan_then_flush_and_turn_loss() {
         m.agents[i].start(lab);
     }
     assert!(
-        wait_until(Duration::from_secs(20), || m.agents.iter().all(|a| a.vip().is_some())),
+        wait_until(Duration::from_secs(20), || m
+            .agents
+            .iter()
+            .all(|a| a.vip().is_some())),
         "agents did not come up:\n{}",
         m.logs()
     );
@@ -233,22 +286,40 @@ fn matrix_direct_relay_lan_then_flush_and_turn_loss() {
         m.logs()
     );
     let t_paths = t0.elapsed();
-    println!("time to full connectivity (all 20 ordered pairs ping): {t_full:?}; to every path as expected: {t_paths:?}");
+    println!(
+        "time to full connectivity (all 20 ordered pairs ping): {t_full:?}; to every path as expected: {t_paths:?}"
+    );
 
     // Where each path goes: LAN for the same-NAT pair, the NAT's public address across sites.
     let (_, ep) = m.agent("easy-a1").path_to("easy-a2").unwrap();
-    assert!(ep.starts_with("192.168.1."), "same-NAT hosts not over the LAN: {ep}");
+    assert!(
+        ep.starts_with("192.168.1."),
+        "same-NAT hosts not over the LAN: {ep}"
+    );
     let (_, ep) = m.agent("easy-a1").path_to("easy-b").unwrap();
-    assert_eq!(ep, format!("{}:51820", m.lab.site(1).wan_ip), "easy NAT is port preserving");
+    assert_eq!(
+        ep,
+        format!("{}:51820", m.lab.site(1).wan_ip),
+        "easy NAT is port preserving"
+    );
     let (_, ep) = m.agent("easy-b").path_to("sym").unwrap();
-    assert!(ep.starts_with(&evio_lab::SERVICES_IP.to_string()), "relayed path not via the TURN server: {ep}");
+    assert!(
+        ep.starts_with(&evio_lab::SERVICES_IP.to_string()),
+        "relayed path not via the TURN server: {ep}"
+    );
     let metrics = m.agent("sym").metrics();
     assert!(metrics.contains("evio_path_changes_total"), "{metrics}");
     let relay_bytes = |a: &Agent| -> u64 {
         let m = a.metrics();
         ["evio_relay_tx_bytes_total", "evio_relay_rx_bytes_total"]
             .iter()
-            .map(|k| m.lines().find(|l| l.starts_with(k)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0))
+            .map(|k| {
+                m.lines()
+                    .find(|l| l.starts_with(k))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
             .sum()
     };
     let relayed: u64 = m.agents.iter().map(relay_bytes).sum();
@@ -256,13 +327,26 @@ fn matrix_direct_relay_lan_then_flush_and_turn_loss() {
 
     // A NAT loses every mapping: the tunnels through it heal within seconds.
     for site in [1usize, 2] {
-        let (a, b) = if site == 1 { ("easy-b", "easy-a1") } else { ("sym", "easy-a1") };
+        let (a, b) = if site == 1 {
+            ("easy-b", "easy-a1")
+        } else {
+            ("sym", "easy-a1")
+        };
         m.lab.site(site).flush_conntrack().unwrap();
         let t = Instant::now();
         let vip = vips[b].clone();
-        let healed = wait_until(Duration::from_secs(20), || m.agent(a).ping(&vip) && m.agent(b).ping(&vips[a]));
-        assert!(healed, "{a} <-> {b} did not heal after flushing site {site}:\n{}", m.logs());
-        println!("site {site} conntrack flush: {a} <-> {b} healed after {:?}", t.elapsed());
+        let healed = wait_until(Duration::from_secs(20), || {
+            m.agent(a).ping(&vip) && m.agent(b).ping(&vips[a])
+        });
+        assert!(
+            healed,
+            "{a} <-> {b} did not heal after flushing site {site}:\n{}",
+            m.logs()
+        );
+        println!(
+            "site {site} conntrack flush: {a} <-> {b} healed after {:?}",
+            t.elapsed()
+        );
     }
     let mut bad = Vec::new();
     assert!(
@@ -278,7 +362,12 @@ fn matrix_direct_relay_lan_then_flush_and_turn_loss() {
     m.lab.turn_mut().unwrap().kill();
     let lost = lost_pings(m.agent("easy-a1"), &vips["easy-b"], Duration::from_secs(6));
     let lost_pub = lost_pings(m.agent("public"), &vips["sym"], Duration::from_secs(2));
-    assert_eq!((lost, lost_pub), (0, 0), "direct paths lost pings without TURN:\n{}", m.logs());
+    assert_eq!(
+        (lost, lost_pub),
+        (0, 0),
+        "direct paths lost pings without TURN:\n{}",
+        m.logs()
+    );
     for a in ["easy-a1", "easy-a2", "easy-b"] {
         for b in ["easy-a1", "easy-a2", "easy-b", "public"] {
             if a != b {
@@ -298,5 +387,8 @@ fn matrix_direct_relay_lan_then_flush_and_turn_loss() {
         "after the TURN restart: {bad:?}\n{}",
         m.logs()
     );
-    println!("TURN restart: full connectivity again after {:?}", t.elapsed());
+    println!(
+        "TURN restart: full connectivity again after {:?}",
+        t.elapsed()
+    );
 }
