@@ -392,3 +392,162 @@ fn matrix_direct_relay_lan_then_flush_and_turn_loss() {
         t.elapsed()
     );
 }
+
+/// Drops all traffic between two NATs' public addresses (in `site`'s NAT), as a firewall between them would.
+fn block_between(lab: &Lab, site: usize, other: std::net::Ipv4Addr) {
+    let rules = format!(
+        "table ip evioblock {{\n  chain blk {{\n    type filter hook forward priority -10;\n    ip daddr {other} drop\n    ip saddr {other} drop\n  }}\n}}\n"
+    );
+    let file = lab.dir().join(format!("block{site}.nft"));
+    std::fs::write(&file, rules).unwrap();
+    evio_lab::netns_exec(
+        &lab.site(site).nat_ns,
+        &["nft", "-f", file.to_str().unwrap()],
+    )
+    .unwrap();
+}
+
+fn unblock(lab: &Lab, site: usize) {
+    evio_lab::netns_exec(
+        &lab.site(site).nat_ns,
+        &["nft", "delete", "table", "ip", "evioblock"],
+    )
+    .unwrap();
+}
+
+/// Two easy-NAT sites and a public host. The direct path between the sites is blocked (relay takes over,
+/// nothing but the path changes), opened again (back to direct); then site 0's NAT gets a new public
+/// address and its tunnels heal.
+#[test]
+fn relay_fallback_back_to_direct_and_public_address_change() {
+    let lab = Lab::builder(&unique_prefix("eb"))
+        .etcd(true)
+        .turn(true)
+        .site(NatKind::EasyNat, 1)
+        .site(NatKind::EasyNat, 1)
+        .public_hosts(1)
+        .build()
+        .expect("lab");
+    let dir = tempfile::Builder::new()
+        .prefix("eviod-nat")
+        .tempdir()
+        .unwrap();
+    let mut agents: Vec<Agent> = [
+        ("a", lab.site_host(0, 0).clone()),
+        ("b", lab.site_host(1, 0).clone()),
+        ("p", lab.public_hosts()[0].clone()),
+    ]
+    .into_iter()
+    .map(|(name, host)| Agent {
+        name: name.into(),
+        host,
+        state_dir: dir.path().join(name),
+        log: dir.path().join(format!("{name}.log")),
+        child: None,
+    })
+    .collect();
+    for a in &mut agents {
+        a.start(&lab);
+    }
+    let logs = |agents: &[Agent]| -> String {
+        agents
+            .iter()
+            .map(|a| {
+                format!(
+                    "=== {} ===\n{}\n{}\n",
+                    a.name,
+                    tail(&a.log_text(), 50),
+                    a.status().map(|s| s.to_string()).unwrap_or_default()
+                )
+            })
+            .collect()
+    };
+    let path = |x: usize, y: &str| agents[x].path_to(y).map(|p| p.0).unwrap_or_default();
+    assert!(
+        wait_until(Duration::from_secs(30), || path(0, "b") == "direct"
+            && path(1, "a") == "direct"
+            && path(0, "p") == "direct"
+            && path(2, "a") == "direct"),
+        "not direct:\n{}",
+        logs(&agents)
+    );
+    let vb = agents[1].vip().unwrap();
+    let va = agents[0].vip().unwrap();
+    let vp = agents[2].vip().unwrap();
+    assert!(agents[0].ping(&vb) && agents[1].ping(&va));
+
+    // A firewall between the two sites: the agents fall back to the relay.
+    block_between(&lab, 1, lab.site(0).wan_ip);
+    let t = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(20), || path(0, "b") == "relay"
+            && path(1, "a") == "relay"
+            && agents[0].ping(&vb)),
+        "no relay fallback:\n{}",
+        logs(&agents)
+    );
+    println!(
+        "direct path blocked: relayed and working after {:?}",
+        t.elapsed()
+    );
+    assert!(agents[1].ping(&va));
+    // The relay carries the tunnel steadily while the firewall stays (no flapping back to a dead path).
+    let lost = lost_pings(&agents[0], &vb, Duration::from_secs(5));
+    assert_eq!(lost, 0, "pings lost over the relay:\n{}", logs(&agents));
+    assert_eq!(
+        (path(0, "b"), path(1, "a")),
+        ("relay".to_string(), "relay".to_string())
+    );
+    // The firewall goes away: back to direct.
+    unblock(&lab, 1);
+    let t = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(40), || path(0, "b") == "direct"
+            && path(1, "a") == "direct"),
+        "not back to direct:\n{}",
+        logs(&agents)
+    );
+    println!("direct path open again: direct after {:?}", t.elapsed());
+    assert!(agents[0].ping(&vb) && agents[1].ping(&va));
+
+    // Site 0's NAT gets a new public address (its mappings go with the old one).
+    let nat0 = &lab.site(0).nat_ns;
+    let old = format!("{}/{}", lab.site(0).wan_ip, evio_lab::INTERNET_PREFIX);
+    let new = format!("198.18.1.201/{}", evio_lab::INTERNET_PREFIX);
+    // (Deleting the old address first: a second address in the same subnet would be a secondary one,
+    // deleted along with the primary.)
+    evio_lab::netns_exec(nat0, &["ip", "addr", "del", &old, "dev", "wan"]).unwrap();
+    evio_lab::netns_exec(nat0, &["ip", "addr", "add", &new, "dev", "wan"]).unwrap();
+    evio_lab::netns_exec(nat0, &["conntrack", "-F"]).unwrap();
+    let t = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(20), || agents[2].ping(&va)
+            && agents[0].ping(&vp)),
+        "public host <-> a did not heal after the address change:\n{}",
+        logs(&agents)
+    );
+    println!(
+        "public address change: a <-> public healed after {:?}",
+        t.elapsed()
+    );
+    assert!(
+        wait_until(Duration::from_secs(45), || agents[1].ping(&va)
+            && agents[0].ping(&vb)),
+        "a <-> b did not heal after the address change:\n{}",
+        logs(&agents)
+    );
+    println!(
+        "public address change: a <-> b healed after {:?} (path {})",
+        t.elapsed(),
+        path(0, "b")
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || agents[2]
+            .path_to("a")
+            .is_some_and(
+                |(p, e)| p == "direct" && e.starts_with("198.18.1.201:")
+            )),
+        "the public host does not use the new address:\n{}",
+        logs(&agents)
+    );
+}
