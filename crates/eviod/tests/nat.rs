@@ -120,6 +120,109 @@ impl Drop for Agent {
     }
 }
 
+/// A pod: a network namespace plugged into its host's pod bridge by the real evio-cni.
+struct Pod {
+    ns: evio_testbed::Netns,
+    ip: String,
+}
+
+impl Agent {
+    /// Claims the host's pod subnet with `evioctl cni-config` (the conflist goes to `<state>.cni/net.d`).
+    fn cni_config(&self, lab: &Lab) {
+        let d = self.state_dir.with_extension("cni");
+        std::fs::create_dir_all(d.join("net.d")).unwrap();
+        std::fs::create_dir_all(d.join("bin")).unwrap();
+        let conf = d.join("net-conf.json");
+        let net_conf = serde_json::json!({
+            "podCIDR": "10.244.0.0/16", "nodeBits": 8, "stateDir": d.join("state"),
+            "logFile": d.join("plugin.log"), "ipam": {"dataDir": d.join("ipam")},
+        });
+        std::fs::write(&conf, net_conf.to_string()).unwrap();
+        let evioctl = evio_testbed::bin_dir().join("evioctl");
+        let plugin = evio_testbed::bin_dir().join("evio-cni");
+        assert!(
+            evioctl.exists() && plugin.exists(),
+            "build the workspace binaries first (cargo build --bins)"
+        );
+        self.host
+            .exec(&[
+                evioctl.to_str().unwrap(),
+                "cni-config",
+                "--net-conf",
+                conf.to_str().unwrap(),
+                "--node-name",
+                &self.name,
+                "--etcd-endpoints",
+                &lab.etcd_endpoint().unwrap(),
+                "--cni-conf-dir",
+                d.join("net.d").to_str().unwrap(),
+                "--cni-bin-dir",
+                d.join("bin").to_str().unwrap(),
+                "--plugin-binary",
+                plugin.to_str().unwrap(),
+            ])
+            .expect("evioctl cni-config");
+    }
+
+    /// One pod through a real CNI ADD with the conflist of `cni_config`.
+    fn add_pod(&self) -> Pod {
+        let d = self.state_dir.with_extension("cni");
+        let list: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(d.join("net.d").join("10-evio.conflist")).unwrap(),
+        )
+        .unwrap();
+        let mut conf = list["plugins"][0].clone();
+        conf["cniVersion"] = list["cniVersion"].clone();
+        conf["name"] = list["name"].clone();
+        let plugin = evio_testbed::bin_dir().join("evio-cni");
+        let path = d.join("cni-path");
+        if !path.exists() {
+            std::fs::create_dir_all(&path).unwrap();
+            std::os::unix::fs::symlink(&plugin, path.join("evio-cni")).unwrap();
+            std::os::unix::fs::symlink("/usr/lib/cni/host-local", path.join("host-local")).unwrap();
+        }
+        self.host
+            .exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            .unwrap();
+        let ns = evio_testbed::Netns::new("enp");
+        let mut child = self
+            .host
+            .command(plugin.to_str().unwrap())
+            .env("CNI_COMMAND", "ADD")
+            .env("CNI_CONTAINERID", ns.name())
+            .env("CNI_NETNS", ns.path())
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", &path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(conf.to_string().as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "CNI ADD: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let res: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let ip = res["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string();
+        Pod { ns, ip }
+    }
+}
+
 struct Matrix {
     agents: Vec<Agent>,
     lab: Lab,
@@ -258,6 +361,10 @@ fn lost_pings(a: &Agent, vip: &str, d: Duration) -> usize {
 #[test]
 fn matrix_direct_relay_lan_then_flush_and_turn_loss() {
     let mut m = Matrix::build();
+    // Pod subnets claimed before the agents start (what the DaemonSet's init container does).
+    for a in &m.agents {
+        a.cni_config(&m.lab);
+    }
     let t0 = Instant::now();
     for i in 0..m.agents.len() {
         let lab = &m.lab;
@@ -288,6 +395,40 @@ fn matrix_direct_relay_lan_then_flush_and_turn_loss() {
     let t_paths = t0.elapsed();
     println!(
         "time to full connectivity (all 20 ordered pairs ping): {t_full:?}; to every path as expected: {t_paths:?}"
+    );
+
+    // Pods on every host reach the pods on every other host (through the same tunnels).
+    let pods: Vec<Pod> = m.agents.iter().map(Agent::add_pod).collect();
+    let mut bad = Vec::new();
+    let ok = wait_until(Duration::from_secs(15), || {
+        bad = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..pods.len())
+                .flat_map(|i| {
+                    (0..pods.len())
+                        .filter(move |j| *j != i)
+                        .map(move |j| (i, j))
+                })
+                .map(|(i, j)| {
+                    let (a, b) = (&pods[i], &pods[j]);
+                    s.spawn(move || {
+                        (!a.ns
+                            .exec(&["ping", "-c", "1", "-W", "1", &b.ip])
+                            .status
+                            .success())
+                        .then_some((i, j))
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .filter_map(|h| h.join().unwrap())
+                .collect::<Vec<_>>()
+        });
+        bad.is_empty()
+    });
+    assert!(ok, "pod pairs without connectivity: {bad:?}\n{}", m.logs());
+    println!(
+        "pods: all 20 ordered pod pairs ping after {:?}",
+        t0.elapsed()
     );
 
     // Where each path goes: LAN for the same-NAT pair, the NAT's public address across sites.
@@ -549,5 +690,128 @@ fn relay_fallback_back_to_direct_and_public_address_change() {
             )),
         "the public host does not use the new address:\n{}",
         logs(&agents)
+    );
+}
+
+/// iperf3 from `a` to `b`'s VIP for `secs` seconds; received bits per second.
+fn iperf(a: &Agent, b: &Agent, secs: u32) -> f64 {
+    let vip = b.vip().unwrap();
+    let mut server = b
+        .host
+        .command("iperf3")
+        .args(["-s", "-1", "-B", &vip])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = a
+        .host
+        .exec(&["iperf3", "-c", &vip, "-t", &secs.to_string(), "-J"])
+        .expect("iperf3 client");
+    let _ = server.kill();
+    let _ = server.wait();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap()
+}
+
+/// The numbers of docs/bench/nat.md. Run as root with release binaries:
+/// `cargo test --release -p eviod --test nat bench -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn bench_connectivity_time_and_relay_throughput() {
+    let runs = 5;
+    let mut full = Vec::new();
+    let mut paths = Vec::new();
+    for _ in 0..runs {
+        let mut m = Matrix::build();
+        let t0 = Instant::now();
+        for i in 0..m.agents.len() {
+            let lab = &m.lab;
+            m.agents[i].start(lab);
+        }
+        assert!(wait_until(Duration::from_secs(20), || m
+            .agents
+            .iter()
+            .all(|a| a.vip().is_some())));
+        let vips = m.vips();
+        assert!(
+            wait_until(Duration::from_secs(30), || m
+                .failing_pairs(&vips)
+                .is_empty()),
+            "{}",
+            m.logs()
+        );
+        full.push(t0.elapsed());
+        assert!(
+            wait_until(Duration::from_secs(30), || m.paths_as_expected()),
+            "{}",
+            m.logs()
+        );
+        paths.push(t0.elapsed());
+    }
+    full.sort();
+    paths.sort();
+    println!(
+        "matrix (5 agents, 20 ordered pairs), {runs} runs: agent start -> every pair pings: median {:?} (min {:?}, max {:?}); -> every path as expected: median {:?}",
+        full[runs / 2],
+        full[0],
+        full[runs - 1],
+        paths[runs / 2]
+    );
+
+    // Throughput between the same two hosts, direct and then relayed (direct path blocked).
+    let lab = Lab::builder(&unique_prefix("ebn"))
+        .etcd(true)
+        .turn(true)
+        .site(NatKind::EasyNat, 1)
+        .site(NatKind::EasyNat, 1)
+        .build()
+        .unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("eviod-nat")
+        .tempdir()
+        .unwrap();
+    let mut agents: Vec<Agent> = [
+        ("a", lab.site_host(0, 0).clone()),
+        ("b", lab.site_host(1, 0).clone()),
+    ]
+    .into_iter()
+    .map(|(name, host)| Agent {
+        name: name.into(),
+        host,
+        state_dir: dir.path().join(name),
+        log: dir.path().join(format!("{name}.log")),
+        child: None,
+    })
+    .collect();
+    for a in &mut agents {
+        a.start(&lab);
+    }
+    let path = |x: usize, y: &str| agents[x].path_to(y).map(|p| p.0).unwrap_or_default();
+    assert!(wait_until(Duration::from_secs(30), || path(0, "b")
+        == "direct"
+        && path(1, "a") == "direct"));
+    let direct = iperf(&agents[0], &agents[1], 5);
+    block_between(&lab, 1, lab.site(0).wan_ip);
+    assert!(wait_until(Duration::from_secs(20), || path(0, "b")
+        == "relay"
+        && path(1, "a") == "relay"
+        && agents[0].ping(&agents[1].vip().unwrap())));
+    let relayed = iperf(&agents[0], &agents[1], 5);
+    println!(
+        "iperf3 a -> b (TCP, 5 s): direct {:.2} Gbit/s, through coturn {:.2} Gbit/s",
+        direct / 1e9,
+        relayed / 1e9
+    );
+    let m = agents[0].metrics();
+    println!(
+        "{}",
+        m.lines()
+            .filter(|l| l.starts_with("evio_relay") || l.starts_with("evio_path_changes"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }
