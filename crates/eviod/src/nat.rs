@@ -99,6 +99,13 @@ impl Inner {
         if let Some(s) = self.slot_of.get(&remote) {
             return relay_endpoint(*s);
         }
+        if self.slots.len() > u16::MAX as usize {
+            // 65536 different relayed addresses since start: start over (endpoints of peers relayed
+            // right now are given again by the next path change or `sync_paths`).
+            tracing::warn!("relay endpoint table full; starting over");
+            self.slots.clear();
+            self.slot_of.clear();
+        }
         let s = self.slots.len() as u16;
         self.slots.push(remote);
         self.slot_of.insert(remote, s);
