@@ -15,7 +15,8 @@
 //!   record whenever [`Nat::candidates`] changes version; peers' records come back through
 //!   [`Nat::set_peers`].
 //!
-//! Lock order: never hold this module's lock and the tunnel core's lock at once.
+//! Locks: never hold this module's state lock and the tunnel core's lock at once; path changes are taken
+//! and applied under a third lock ([`pump`], [`sync_paths`]) so they reach the core in order.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -123,6 +124,9 @@ impl Inner {
 /// NAT traversal state of the agent.
 pub struct Nat {
     inner: Mutex<Inner>,
+    /// Held while path changes are taken from the agent and applied to the tunnel core, so that two
+    /// threads pumping at once cannot apply them out of order (a stale endpoint would stick).
+    apply: Mutex<()>,
     secret: StaticSecret,
     public: PeerKey,
     psk: Option<[u8; 32]>,
@@ -189,6 +193,7 @@ impl Nat {
         let agent = Agent::new(cfg, rand::random(), Instant::now());
         let candidates = agent.local_candidates();
         Nat {
+            apply: Mutex::new(()),
             inner: Mutex::new(Inner {
                 agent,
                 slots: Vec::new(),
@@ -486,6 +491,7 @@ pub fn needs_nat(data: &[u8]) -> bool {
 /// Drives NAT traversal: timers, datagrams to send, path changes into the tunnel core. Call on every timer
 /// tick and after [`Nat::input`] handled something.
 pub fn pump(shared: &Shared, udp: &mut UdpBatch, out: &mut SendBatch) {
+    let order = shared.nat.apply.lock().unwrap_or_else(|e| e.into_inner());
     let (tx, changes) = shared.nat.poll(Instant::now());
     if !changes.is_empty() {
         let mut node = shared.node();
@@ -504,6 +510,7 @@ pub fn pump(shared: &Shared, udp: &mut UdpBatch, out: &mut SendBatch) {
             }
         }
     }
+    drop(order);
     for t in tx {
         if t.dst.ip() == IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED) {
             continue;
@@ -561,6 +568,7 @@ pub fn from_record(r: &evio_store::NodeRecord) -> Vec<Candidate> {
 /// Gives the tunnel core the selected path of every peer whose endpoint differs (peers the core added
 /// after NAT traversal had already chosen their path).
 pub fn sync_paths(shared: &Shared) {
+    let _order = shared.nat.apply.lock().unwrap_or_else(|e| e.into_inner());
     let want: Vec<(PeerKey, SocketAddr, evio_tunnel::PathKind)> = {
         let mut g = shared.nat.lock();
         let paths: Vec<(PeerKey, Path)> = g

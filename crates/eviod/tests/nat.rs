@@ -468,6 +468,30 @@ fn matrix_direct_relay_lan_then_flush_and_turn_loss() {
         "time to full connectivity (all 20 ordered pairs ping): {t_full:?}; to every path as expected: {t_paths:?}"
     );
 
+    // `evioctl status` shows each peer's path and endpoint.
+    let evioctl = evio_testbed::bin_dir().join("evioctl");
+    let sym = m.agent("sym");
+    let text = sym
+        .host
+        .exec(&[
+            evioctl.to_str().unwrap(),
+            "status",
+            "--state-dir",
+            sym.state_dir.to_str().unwrap(),
+        ])
+        .unwrap();
+    for (peer, path) in [
+        ("easy-a1", "relay"),
+        ("easy-b", "relay"),
+        ("public", "direct"),
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.contains(peer) && l.contains(path) && l.contains("198.18.")),
+            "evioctl status does not show {peer} {path}:\n{text}"
+        );
+    }
+
     // Pods on every host reach the pods on every other host (through the same tunnels).
     let pods: Vec<Pod> = m.agents.iter().map(Agent::add_pod).collect();
     let mut bad = Vec::new();
