@@ -232,10 +232,11 @@ struct Peer {
     endpoint: Option<SocketAddr>,
     candidate_idx: usize,
     path: PathKind,
-    /// Set by [`Node::set_path`]: NAT traversal owns the endpoint (no roaming, no candidate rotation).
-    managed: Option<PathKind>,
     last_handshake: Option<Instant>,
     last_nudge: Option<Instant>,
+    /// Set once NAT traversal chose the path ([`Node::set_path`]): from then on only it moves the
+    /// endpoint (no roaming, no candidate rotation), since a relayed datagram's source is the relay.
+    managed: Option<PathKind>,
     handshakes: u64,
     rx_bytes: u64,
     tx_bytes: u64,
@@ -278,6 +279,8 @@ pub struct Node {
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     drops: Drops,
+    /// Handshakes of peers since removed (so the total never goes down).
+    retired_handshakes: u64,
     scratch: Vec<u8>,
 }
 
@@ -314,6 +317,7 @@ impl Node {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             drops: Drops::default(),
+            retired_handshakes: 0,
             scratch: vec![0u8; 65536 + 64],
         }
     }
@@ -390,9 +394,9 @@ impl Node {
                 endpoint,
                 candidate_idx: 0,
                 path: PathKind::Connecting,
-                managed: None,
                 last_handshake: None,
                 last_nudge: None,
+                managed: None,
                 handshakes: 0,
                 rx_bytes: 0,
                 tx_bytes: 0,
@@ -430,17 +434,16 @@ impl Node {
         let Some(id) = self.by_key.remove(public_key) else {
             return false;
         };
-        self.peers.remove(&id);
+        if let Some(p) = self.peers.remove(&id) {
+            self.retired_handshakes += p.handshakes;
+        }
         self.routes.remove_peer(id);
         self.rebuild_routes();
         true
     }
 
-    /// Sets the path chosen by NAT traversal: where to send and how it is reached. From then on NAT
-    /// traversal owns this peer's endpoint: authenticated packets from elsewhere no longer move it
-    /// (roaming) and handshake retries no longer rotate through the candidates. The path shows `kind` while
-    /// a session exists (`connecting` otherwise). A peer without a session gets a handshake at once on the
-    /// new endpoint (from the side with the larger key, as in [`Node::upsert_peer`]).
+    /// Sets the path chosen by NAT traversal: where to send and how it is reached. From then on the peer's
+    /// endpoint changes only through this call.
     pub fn set_path(&mut self, id: PeerId, endpoint: SocketAddr, kind: PathKind) {
         let Some(p) = self.peers.get_mut(&id) else {
             return;
@@ -452,15 +455,23 @@ impl Node {
         }
         p.endpoint = Some(endpoint);
         p.managed = Some(kind);
+        // The path shows `kind` while a session exists; `connecting` until the first handshake completes.
         if p.path != PathKind::Connecting {
             p.path = kind;
         }
+        // A peer without a session gets a handshake at once on its new endpoint (from the side with the
+        // larger key, as in `upsert_peer`).
         let start = changed
             && p.path == PathKind::Connecting
             && self.public_key.as_bytes() > &p.cfg.public_key;
         if start {
             self.initiate(Instant::now(), id);
         }
+    }
+
+    /// The public key of peer `id` (e.g. to tell NAT traversal which peer a datagram authenticated).
+    pub fn peer_key(&self, id: PeerId) -> Option<[u8; 32]> {
+        self.peers.get(&id).map(|p| p.cfg.public_key)
     }
 
     pub fn peer_id(&self, public_key: &[u8; 32]) -> Option<PeerId> {
@@ -480,6 +491,11 @@ impl Node {
 
     pub fn peer_count(&self) -> usize {
         self.peers.len()
+    }
+
+    /// Completed handshakes since the node started, over all peers (removed ones included).
+    pub fn handshakes_total(&self) -> u64 {
+        self.retired_handshakes + self.peers.values().map(|p| p.handshakes).sum::<u64>()
     }
 
     pub fn drops(&self) -> &Drops {
@@ -621,7 +637,7 @@ impl Node {
                     p.last_handshake = Some(now);
                     if let Some(kind) = p.managed {
                         p.path = kind;
-                    } else if p.path != PathKind::Relay {
+                    } else {
                         p.path = PathKind::Direct;
                         if p.endpoint != Some(from) {
                             p.endpoint = Some(from);
@@ -749,8 +765,8 @@ impl Node {
             match p.tunn.update_timers(&mut self.scratch) {
                 TunnResult::WriteToNetwork(b) => {
                     if is_handshake(b)
-                        && p.path == PathKind::Connecting
                         && p.managed.is_none()
+                        && p.path == PathKind::Connecting
                         && p.cfg.candidates.len() > 1
                     {
                         // A retry: the previous candidate did not answer, try the next one.

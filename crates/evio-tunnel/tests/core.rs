@@ -321,3 +321,43 @@ fn buffers_too_small_are_refused_not_panicking() {
     ));
     assert_eq!(sim.nodes[0].node.endpoint_for(&p), Some(sim.nodes[1].addr));
 }
+
+#[test]
+fn every_completed_handshake_is_reported_as_an_event() {
+    let mut sim = Sim::mesh(3, None);
+    sim.run();
+    for i in 0..3 {
+        let evs: Vec<Event> = std::iter::from_fn(|| sim.nodes[i].node.poll_event()).collect();
+        let n = evs
+            .iter()
+            .filter(|e| matches!(e, Event::HandshakeCompleted { .. }))
+            .count() as u64;
+        let per_peer: u64 = sim.nodes[i].node.peers().iter().map(|p| p.handshakes).sum();
+        assert_eq!(n, per_peer, "node {i}: {evs:?}");
+        assert_eq!(sim.nodes[i].node.handshakes_total(), per_peer);
+        assert!(n >= 2, "node {i}: {evs:?}");
+    }
+}
+
+#[test]
+fn a_path_set_by_nat_traversal_is_not_overridden_by_roaming() {
+    let mut sim = Sim::mesh(2, None);
+    sim.run();
+    let id = sim.id_of(1, 0);
+    assert_eq!(
+        sim.nodes[1].node.peer_key(id),
+        Some(sim.nodes[0].node.public_key())
+    );
+    // NAT traversal decides node 0 is reached through a relay (here: its own address stands in for it).
+    let relay = sim.nodes[0].addr;
+    sim.nodes[1].node.set_path(id, relay, PathKind::Relay);
+    // Node 0 now sends from another address: data is accepted, the chosen path stays.
+    sim.nodes[0].addr = "192.0.2.200:1234".parse().unwrap();
+    let p = ipv4([10, 10, 0, 1], [10, 10, 0, 2], b"via somewhere else");
+    sim.send(0, &p);
+    sim.run();
+    assert_eq!(sim.nodes[1].inbox, vec![p]);
+    let st = sim.nodes[1].node.peer(id).unwrap();
+    assert_eq!(st.endpoint, Some(relay));
+    assert_eq!(st.path, PathKind::Relay);
+}

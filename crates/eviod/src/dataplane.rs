@@ -299,7 +299,6 @@ fn log_event(shared: &Shared, e: &Event) {
     };
     match e {
         Event::HandshakeCompleted { peer, endpoint } => {
-            shared.counters.handshakes.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(peer = %peer_name(*peer), %endpoint, "handshake completed");
         }
         Event::EndpointChanged { peer, endpoint } => {

@@ -7,7 +7,7 @@
 //!
 //! Dependencies: `evio-tunnel` (the sans-IO protocol core over boringtun), `evio-store` (etcd), `clap`,
 //! `tokio` (only for the etcd client), `tracing`, `serde_json`, `base64` (key files in `wg` format),
-//! `nix` (getifaddrs), `evio-io` (TUN with offloads, batched UDP with GSO/GRO).
+//! `nix` (getifaddrs), `evio-netlink` (TUN address and routes), `evio-io` (TUN with offloads, batched UDP with GSO/GRO).
 
 mod config;
 mod control;
@@ -42,6 +42,7 @@ fn main() {
                 .unwrap_or_else(|_| "info,boringtun=warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let res = args.resolve().and_then(run);
     if let Err(e) = res {
@@ -121,7 +122,7 @@ fn run(cfg: Config) -> Result<()> {
         vnet_hdr = tun.has_vnet_hdr(),
         "TUN device"
     );
-    netcfg::configure_tun(&cfg.interface, address, cfg.overlay_cidr, mtu)?;
+    netcfg::configure_tun(&cfg.interface, address, cfg.overlay_cidr)?;
     let sock = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, cfg.listen_port))
         .with_context(|| format!("cannot bind UDP port {}", cfg.listen_port))?;
     let udp = evio_io::UdpBatch::new(sock)?;

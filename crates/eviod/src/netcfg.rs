@@ -1,55 +1,46 @@
-//! Interface address, MTU and routes of the TUN device, and the host's own addresses.
-//!
-//! This first version drives iproute2 (`ip`), which every node has; it should move to `evio-netlink`
-//! (netlink sockets, no subprocess) once that crate's API covers addresses and routes of a given device.
+//! Interface address and routes of the TUN device (through `evio-netlink`: rtnetlink, no subprocess), and
+//! the host's own addresses.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::process::Command;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow};
+use evio_netlink::{Netlink, RouteSpec};
 use ipnet::{IpNet, Ipv4Net};
 
-fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("cannot run ip (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+fn link_index(nl: &mut Netlink, dev: &str) -> Result<u32> {
+    Ok(nl
+        .link_by_name(dev)?
+        .ok_or_else(|| anyhow!("no interface {dev}"))?
+        .index)
 }
 
 /// Gives the TUN device its address (VIP with the overlay's prefix: the overlay CIDR becomes a connected
-/// route through it), sets the MTU and brings it up.
-pub fn configure_tun(dev: &str, vip: Ipv4Addr, overlay: Ipv4Net, mtu: u32) -> Result<()> {
-    ip(&["link", "set", "dev", dev, "mtu", &mtu.to_string()])?;
-    ip(&[
-        "addr",
-        "replace",
-        &format!("{vip}/{}", overlay.prefix_len()),
-        "dev",
-        dev,
-    ])?;
-    ip(&["link", "set", "dev", dev, "up"])?;
+/// route through it). MTU and link state are set when the device is created.
+pub fn configure_tun(dev: &str, vip: Ipv4Addr, overlay: Ipv4Net) -> Result<()> {
+    let mut nl = Netlink::new()?;
+    let index = link_index(&mut nl, dev)?;
+    let addr = IpNet::V4(Ipv4Net::new(vip, overlay.prefix_len())?);
+    nl.add_address(index, &addr)
+        .with_context(|| format!("address {addr} on {dev}"))?;
     Ok(())
 }
 
-/// Routes `net` through the TUN device.
+/// Routes `net` through the TUN device (no error if the route is there already).
 pub fn add_route(dev: &str, net: &IpNet) -> Result<()> {
-    ip(&["route", "replace", &net.to_string(), "dev", dev])
+    let mut nl = Netlink::new()?;
+    let mut r = RouteSpec::new(*net);
+    r.oif = Some(link_index(&mut nl, dev)?);
+    nl.add_route(&r)?;
+    Ok(())
 }
 
 /// Removes the route of `net` through the TUN device (no error if it is gone).
 pub fn del_route(dev: &str, net: &IpNet) -> Result<()> {
-    match ip(&["route", "del", &net.to_string(), "dev", dev]) {
-        Err(e) if e.to_string().contains("No such process") => Ok(()),
-        r => r,
-    }
+    let mut nl = Netlink::new()?;
+    let mut r = RouteSpec::new(*net);
+    r.oif = Some(link_index(&mut nl, dev)?);
+    nl.del_route(&r)?;
+    Ok(())
 }
 
 /// An address of a local interface.

@@ -30,7 +30,6 @@ pub struct SelfInfo {
 /// Counters of the data plane and control plane (Prometheus metrics).
 #[derive(Default)]
 pub struct Counters {
-    pub handshakes: AtomicU64,
     pub tun_rx_packets: AtomicU64,
     pub tun_tx_packets: AtomicU64,
     pub udp_rx_datagrams: AtomicU64,
@@ -156,9 +155,9 @@ impl Shared {
     pub fn metrics(&self) -> String {
         use std::fmt::Write;
         let c = &self.counters;
-        let (peers, drops) = {
+        let (peers, drops, handshakes) = {
             let n = self.node();
-            (n.peers(), n.drops().clone())
+            (n.peers(), n.drops().clone(), n.handshakes_total())
         };
         let meta = self.meta.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut s = String::new();
@@ -177,8 +176,7 @@ impl Shared {
         );
         let _ = writeln!(
             s,
-            "# HELP evio_handshakes_total Completed handshakes.\n# TYPE evio_handshakes_total counter\nevio_handshakes_total {}",
-            c.handshakes.load(Ordering::Relaxed)
+            "# HELP evio_handshakes_total Completed handshakes.\n# TYPE evio_handshakes_total counter\nevio_handshakes_total {handshakes}"
         );
         let _ = writeln!(
             s,

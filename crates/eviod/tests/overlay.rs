@@ -10,6 +10,17 @@ use evio_testbed::run_ok;
 #[test]
 fn three_hosts_reach_each_others_vips() {
     let mut c = Cluster::new(3);
+    // A cluster pre-shared key (mode 0600) on every node, and metrics on host-1.
+    let psk = c.dir.path().join("psk");
+    std::fs::write(&psk, "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o600)).unwrap();
+    for h in &mut c.hosts {
+        h.extra = vec!["--psk-file".into(), psk.to_str().unwrap().into()];
+    }
+    c.hosts[0]
+        .extra
+        .extend(["--metrics-addr".to_string(), "127.0.0.1:9109".to_string()]);
     c.start_all();
     assert!(
         c.wait_mesh(Duration::from_secs(20)),
@@ -32,15 +43,81 @@ fn three_hosts_reach_each_others_vips() {
             }
         }
     }
-    let st = c.hosts[0].status().unwrap();
+    // `evioctl status --json` prints exactly the agent's document; without --json, a table.
+    let ctl = common::evioctl();
+    let sd = c.hosts[0].state_dir.to_str().unwrap().to_string();
+    let out = run_ok(&[
+        ctl.to_str().unwrap(),
+        "status",
+        "--state-dir",
+        &sd,
+        "--json",
+    ]);
+    let st: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let mut keys: Vec<&str> = st.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+    keys.sort();
+    assert_eq!(keys, ["address", "node", "peers", "podSubnet", "publicKey"]);
+    assert_eq!(st["node"], "host-1");
+    assert_eq!(st["address"].as_str().unwrap(), vips[0]);
+    let table = run_ok(&[ctl.to_str().unwrap(), "status", "--state-dir", &sd]);
+    assert!(
+        table.contains("host-2") && table.contains("direct") && table.contains(&vips[1]),
+        "{table}"
+    );
     let peers = st["peers"].as_array().unwrap();
     assert_eq!(peers.len(), 2);
+    let mut pkeys: Vec<&str> = peers[0]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
+    pkeys.sort();
+    assert_eq!(
+        pkeys,
+        [
+            "address",
+            "endpoint",
+            "lastHandshake",
+            "node",
+            "path",
+            "podSubnet",
+            "rxBytes",
+            "txBytes"
+        ]
+    );
     for p in peers {
         assert_eq!(p["path"], "direct");
         assert!(p["lastHandshake"].as_u64().unwrap() > 1_700_000_000);
         assert!(p["rxBytes"].as_u64().unwrap() > 0);
         assert!(p["endpoint"].as_str().unwrap().ends_with(":51820"));
     }
+    // Prometheus metrics over HTTP.
+    let m = c.hosts[0]
+        .ns
+        .exec_ok(&["curl", "-sf", "http://127.0.0.1:9109/metrics"]);
+    for line in [
+        "evio_peers 2",
+        "evio_peers_connected 2",
+        "evio_drops_total{reason=\"spoofed_source\"} 0",
+        "evio_etcd_connected 1",
+    ] {
+        assert!(m.contains(line), "{line} not in metrics:\n{m}");
+    }
+    assert!(
+        m.contains("evio_peer_rx_bytes_total{peer=\"host-2\"}"),
+        "{m}"
+    );
+    let hs: u64 = m
+        .lines()
+        .find(|l| l.starts_with("evio_handshakes_total "))
+        .unwrap()
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(hs >= 2, "{m}");
 }
 
 /// Pods on three hosts, subnets claimed by `evioctl cni-config` (one after the agents started), real
@@ -75,7 +152,6 @@ fn pods_reach_each_other_encrypted_with_real_addresses() {
     let mut bg: Vec<std::process::Child> = Vec::new();
     let mut pods = Vec::new();
     for (i, h) in c.hosts.iter().enumerate() {
-        h.enable_forwarding();
         let pod = h.add_pod_cni(&dir);
         let subnet: ipnet::Ipv4Net = nets[i]["subnet"].as_str().unwrap().parse().unwrap();
         assert!(

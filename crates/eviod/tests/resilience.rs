@@ -8,28 +8,36 @@ use std::time::{Duration, Instant};
 use common::Cluster;
 use evio_testbed::wait_until;
 
-/// Sends `n` datagrams of junk and of well-formed-looking WireGuard headers to `ip:51820`.
+/// Sends `n` datagrams of junk and of well-formed-looking WireGuard headers to `ip:51820` from the underlay.
 fn garbage(c: &Cluster, ip: &str, n: usize) {
-    let script = format!(
-        r#"
-import os, socket, struct
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-for i in range({n}):
-    kind = i % 5
-    if kind == 0: d = os.urandom(1 + i % 1400)
-    elif kind == 1: d = struct.pack('<I', 1) + os.urandom(144)   # handshake initiation shape
-    elif kind == 2: d = struct.pack('<I', 2) + os.urandom(88)    # handshake response shape
-    elif kind == 3: d = struct.pack('<I', 4) + os.urandom(100)   # data shape
-    else: d = b''
-    s.sendto(d, ('{ip}', 51820))
-"#
-    );
-    let out = c.underlay.exec(&["python3", "-c", &script]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let to: std::net::SocketAddr = format!("{ip}:51820").parse().unwrap();
+    common::in_netns(&c.underlay, move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rnd = |buf: &mut [u8]| {
+            for b in buf.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x as u8;
+            }
+        };
+        for i in 0..n {
+            let (kind, len) = match i % 5 {
+                0 => (None, 1 + i % 1400),
+                1 => (Some(1u32), 148), // handshake initiation shape
+                2 => (Some(2), 92),     // handshake response shape
+                3 => (Some(4), 116),    // data shape
+                _ => (None, 0),
+            };
+            let mut d = vec![0u8; len];
+            rnd(&mut d);
+            if let Some(k) = kind {
+                d[..4].copy_from_slice(&k.to_le_bytes());
+            }
+            let _ = s.send_to(&d, to);
+        }
+    });
 }
 
 #[test]
@@ -103,6 +111,24 @@ fn survives_garbage_etcd_freeze_kill9_and_peers_leaving() {
         "restarted host-2 cannot reach host-3"
     );
     eprintln!("tunnels back {:?} after restart", t0.elapsed());
+
+    // host-2 killed and restarted while etcd is frozen: it comes back from its cached VIP and peers.
+    c.etcd.freeze();
+    c.hosts[1].kill9();
+    c.start(1);
+    let back = c.hosts[0].ping_until(&vips[1], Duration::from_secs(15));
+    let vip_cached = c.hosts[1].vip();
+    c.etcd.thaw();
+    assert!(
+        back,
+        "restart without etcd: host-1 cannot reach host-2:\n{}",
+        c.logs()
+    );
+    assert_eq!(vip_cached, vips[1]);
+    assert!(
+        c.hosts[1].ping_until(&vips[2], Duration::from_secs(10)),
+        "host-2 -> host-3 after etcd thawed"
+    );
 
     // host-3 dies (kill -9: its lease is not revoked): its peers drop it and its pod route after the TTL.
     assert!(
