@@ -236,7 +236,7 @@ struct Peer {
     last_nudge: Option<Instant>,
     /// Set once NAT traversal chose the path ([`Node::set_path`]): from then on only it moves the
     /// endpoint (no roaming, no candidate rotation), since a relayed datagram's source is the relay.
-    managed: bool,
+    managed: Option<PathKind>,
     handshakes: u64,
     rx_bytes: u64,
     tx_bytes: u64,
@@ -361,7 +361,7 @@ impl Node {
                 let candidates_changed = p.cfg.candidates != cfg.candidates;
                 let routes_changed = p.cfg.allowed != cfg.allowed;
                 p.cfg = cfg;
-                if candidates_changed && p.path == PathKind::Connecting {
+                if candidates_changed && p.path == PathKind::Connecting && p.managed.is_none() {
                     p.candidate_idx = 0;
                     p.endpoint = p.cfg.candidates.first().copied();
                 }
@@ -396,7 +396,7 @@ impl Node {
                 path: PathKind::Connecting,
                 last_handshake: None,
                 last_nudge: None,
-                managed: false,
+                managed: None,
                 handshakes: 0,
                 rx_bytes: 0,
                 tx_bytes: 0,
@@ -445,14 +445,27 @@ impl Node {
     /// Sets the path chosen by NAT traversal: where to send and how it is reached. From then on the peer's
     /// endpoint changes only through this call.
     pub fn set_path(&mut self, id: PeerId, endpoint: SocketAddr, kind: PathKind) {
-        if let Some(p) = self.peers.get_mut(&id) {
-            if p.endpoint != Some(endpoint) {
-                self.events
-                    .push_back(Event::EndpointChanged { peer: id, endpoint });
-            }
-            p.endpoint = Some(endpoint);
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let changed = p.endpoint != Some(endpoint);
+        if changed {
+            self.events
+                .push_back(Event::EndpointChanged { peer: id, endpoint });
+        }
+        p.endpoint = Some(endpoint);
+        p.managed = Some(kind);
+        // The path shows `kind` while a session exists; `connecting` until the first handshake completes.
+        if p.path != PathKind::Connecting {
             p.path = kind;
-            p.managed = true;
+        }
+        // A peer without a session gets a handshake at once on its new endpoint (from the side with the
+        // larger key, as in `upsert_peer`).
+        let start = changed
+            && p.path == PathKind::Connecting
+            && self.public_key.as_bytes() > &p.cfg.public_key;
+        if start {
+            self.initiate(Instant::now(), id);
         }
     }
 
@@ -622,10 +635,8 @@ impl Node {
                 if handshake {
                     p.handshakes += 1;
                     p.last_handshake = Some(now);
-                    if p.managed {
-                        if p.path == PathKind::Connecting {
-                            p.path = PathKind::Direct;
-                        }
+                    if let Some(kind) = p.managed {
+                        p.path = kind;
                     } else {
                         p.path = PathKind::Direct;
                         if p.endpoint != Some(from) {
@@ -725,7 +736,7 @@ impl Node {
         p.rx_bytes += len as u64;
         p.rx_packets += 1;
         // Roaming: an authenticated packet tells where the peer is now (not for relayed paths).
-        if !p.managed && p.path == PathKind::Direct && p.endpoint != Some(from) {
+        if p.managed.is_none() && p.path == PathKind::Direct && p.endpoint != Some(from) {
             p.endpoint = Some(from);
             events.push_back(Event::EndpointChanged {
                 peer: p.id,
@@ -754,7 +765,7 @@ impl Node {
             match p.tunn.update_timers(&mut self.scratch) {
                 TunnResult::WriteToNetwork(b) => {
                     if is_handshake(b)
-                        && !p.managed
+                        && p.managed.is_none()
                         && p.path == PathKind::Connecting
                         && p.cfg.candidates.len() > 1
                     {

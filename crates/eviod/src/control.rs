@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use evio_store::{Candidate, CandidateKind, NodeRecord, Snapshot, Store, StoreEvent, unix_now};
+use evio_store::{NodeRecord, Snapshot, Store, StoreEvent, unix_now};
 use evio_tunnel::PeerConfig;
 use ipnet::{IpNet, Ipv4Net};
 use serde::{Deserialize, Serialize};
@@ -105,14 +105,10 @@ impl Control {
             .iter()
             .map(|a| SocketAddr::new(a.addr, port))
             .collect();
-        r.candidates = r
-            .endpoints
-            .iter()
-            .map(|a| Candidate {
-                kind: CandidateKind::Host,
-                addr: *a,
-            })
-            .collect();
+        self.shared
+            .nat
+            .set_host_addresses(&addrs.iter().map(|a| a.addr).collect::<Vec<_>>());
+        r.candidates = crate::nat::to_records(&self.shared.nat.candidates().1);
         r.listen_port = port;
         r.updated = unix_now();
         r
@@ -249,23 +245,13 @@ impl Control {
             if let Some(p) = pod {
                 allowed.push(IpNet::V4(p));
             }
-            let mut candidates: Vec<SocketAddr> = Vec::new();
-            for c in r.endpoints.iter().chain(
-                r.candidates
-                    .iter()
-                    .filter(|c| matches!(c.kind, CandidateKind::Host | CandidateKind::Srflx))
-                    .map(|c| &c.addr),
-            ) {
-                if c.is_ipv4() && !candidates.contains(c) {
-                    candidates.push(*c);
-                }
-            }
+            // Endpoints are NAT traversal's to choose (crate::nat): the core gets none of its own.
             out.push((
                 PeerConfig {
                     name: name.clone(),
                     public_key: pk,
                     allowed,
-                    candidates,
+                    candidates: Vec::new(),
                 },
                 PeerMeta {
                     node: name.clone(),
@@ -304,6 +290,16 @@ impl Control {
                 node.upsert_peer(now, cfg.clone());
             }
         }
+        let nat_peers: Vec<([u8; 32], Vec<evio_nat::Candidate>)> = desired
+            .iter()
+            .filter_map(|(p, m)| {
+                self.records
+                    .get(&m.node)
+                    .map(|r| (p.public_key, crate::nat::from_record(r)))
+            })
+            .collect();
+        self.shared.nat.set_peers(&nat_peers);
+        crate::nat::sync_paths(&self.shared);
         {
             let mut meta = self.shared.meta.lock().unwrap_or_else(|e| e.into_inner());
             meta.clear();
@@ -411,6 +407,7 @@ impl Control {
                 .await?
                 .map(|c| c.subnet);
         }
+        let mut published_candidates = self.shared.nat.candidates_version();
         let record = self.own_record();
         let reg = store
             .register(record.clone(), Duration::from_secs(self.cfg.lease_ttl))
@@ -419,7 +416,7 @@ impl Control {
         tracing::info!(node = %self.cfg.node_name, address = %self.address, pod_subnet = ?self.pod_subnet, ttl = self.cfg.lease_ttl, "registered");
         self.reconcile();
         self.save_cache();
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
         let mut last_addr_check = Instant::now();
         loop {
             tokio::select! {
@@ -449,17 +446,22 @@ impl Control {
                         }
                     }
                     let check = self.published.as_ref().map(|p| p.pod_subnet) != Some(self.pod_subnet)
-                        || last_addr_check.elapsed() >= Duration::from_secs(10);
+                        || last_addr_check.elapsed() >= Duration::from_secs(10)
+                        || self.shared.nat.candidates_version() != published_candidates;
                     if check {
                         last_addr_check = Instant::now();
+                        let version = self.shared.nat.candidates_version();
                         if let Some(r) = self.own_record_changed() {
                             match reg.update(r.clone()).await {
                                 Ok(()) => {
-                                    tracing::info!(pod_subnet = ?r.pod_subnet, endpoints = ?r.endpoints, "registration updated");
+                                    tracing::info!(pod_subnet = ?r.pod_subnet, endpoints = ?r.endpoints, candidates = r.candidates.len(), "registration updated");
                                     self.published = Some(r);
+                                    published_candidates = version;
                                 }
                                 Err(e) => self.etcd_down(&e),
                             }
+                        } else {
+                            published_candidates = version;
                         }
                     }
                     if self.shared.stopping() {

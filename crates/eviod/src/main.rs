@@ -15,6 +15,7 @@ mod ctl;
 mod dataplane;
 mod keys;
 mod metrics;
+mod nat;
 mod netcfg;
 mod state;
 
@@ -99,15 +100,7 @@ fn run(cfg: Config) -> Result<()> {
     let secret = keys::load_or_create(&cfg.state_dir)?;
     let public_key = keys::public_of(&secret);
     let psk = cfg.psk_file.as_deref().map(keys::read_psk).transpose()?;
-    if !cfg.nat.stun.is_empty() || cfg.nat.turn.is_some() {
-        tracing::warn!(
-            stun = ?cfg.nat.stun,
-            turn = ?cfg.nat.turn,
-            turn_user = ?cfg.nat.turn_user,
-            turn_password_file = ?cfg.nat.turn_password_file,
-            "NAT traversal settings accepted; STUN/TURN are not used by this build yet"
-        );
-    }
+    let (stun, turn) = nat::agent_settings(&cfg.nat)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -136,6 +129,16 @@ fn run(cfg: Config) -> Result<()> {
     if let Err(e) = udp.set_buffer_sizes(8 << 20) {
         tracing::warn!("socket buffer sizes: {e}");
     }
+    let port = udp.local_addr()?.port();
+    let nat = nat::Nat::new(
+        secret.clone(),
+        psk,
+        port,
+        &host.iter().map(|a| a.addr).collect::<Vec<_>>(),
+        stun.clone(),
+        turn.clone(),
+    );
+    tracing::info!(?stun, turn = ?turn.as_ref().map(|t| t.server), "NAT traversal");
     tracing::info!(
         gso_segments = udp.max_gso_segments(),
         gro_segments = udp.gro_segments(),
@@ -154,6 +157,7 @@ fn run(cfg: Config) -> Result<()> {
             pod_subnet: cache.as_ref().and_then(|c| c.pod_subnet),
             public_key: keys::encode(&public_key),
         },
+        nat,
     ));
     let threads = dataplane::start(shared.clone(), tun, udp, mtu)?;
     ctl::serve(shared.clone(), &cfg.state_dir)?;

@@ -44,6 +44,8 @@ pub struct Shared {
     pub me: Mutex<SelfInfo>,
     pub meta: Mutex<HashMap<[u8; 32], PeerMeta>>,
     pub counters: Counters,
+    /// NAT traversal (candidates, checks, path selection, TURN relay).
+    pub nat: crate::nat::Nat,
     pub stop: AtomicBool,
     /// A monotonic instant and the wall clock at the same moment, to turn instants into Unix time.
     epoch: (Instant, SystemTime),
@@ -74,8 +76,9 @@ pub struct PeerJson {
 }
 
 impl Shared {
-    pub fn new(node: Node, me: SelfInfo) -> Shared {
+    pub fn new(node: Node, me: SelfInfo, nat: crate::nat::Nat) -> Shared {
         Shared {
+            nat,
             node: Mutex::new(node),
             me: Mutex::new(me),
             meta: Mutex::new(HashMap::new()),
@@ -118,8 +121,8 @@ impl Shared {
                     node: m.map(|m| m.node.clone()).unwrap_or_else(|| p.name.clone()),
                     address: m.map(|m| m.address.to_string()).unwrap_or_default(),
                     pod_subnet: m.and_then(|m| m.pod_subnet).map(|s| s.to_string()),
-                    path: p.path.as_str(),
-                    endpoint: p.endpoint.map(|e| e.to_string()),
+                    path: self.path_of(p),
+                    endpoint: p.endpoint.map(|e| self.nat.display_endpoint(e).to_string()),
                     last_handshake: p.last_handshake.map(|t| self.unix_secs(t)),
                     rx_bytes: p.rx_bytes,
                     tx_bytes: p.tx_bytes,
@@ -133,6 +136,18 @@ impl Shared {
             pod_subnet: me.pod_subnet.map(|s| s.to_string()),
             public_key: me.public_key,
             peers: out,
+        }
+    }
+
+    /// A peer's path for status: the tunnel core's (`connecting` until a session exists), and `connecting`
+    /// also while NAT traversal has no working path to it.
+    fn path_of(&self, p: &PeerStatus) -> &'static str {
+        if p.path == evio_tunnel::PathKind::Connecting {
+            return "connecting";
+        }
+        match self.nat.peer_view(&p.public_key) {
+            Some(v) if v.path.is_none() => "connecting",
+            _ => p.path.as_str(),
         }
     }
 
@@ -253,6 +268,7 @@ impl Shared {
             "# HELP evio_etcd_connected Whether the control plane reaches etcd.\n# TYPE evio_etcd_connected gauge\nevio_etcd_connected {}",
             c.etcd_connected.load(Ordering::Relaxed) as u8
         );
+        self.nat.metrics(&mut s);
         s
     }
 }

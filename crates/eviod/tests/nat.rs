@@ -1,0 +1,945 @@
+//! NAT traversal end to end: real eviod processes in evio-lab hosts behind nftables NATs, a real etcd and
+//! a real coturn (STUN and TURN) on the lab's "internet". Run as root:
+//! `cargo test -p eviod --test nat -- --nocapture` (prints the measured times).
+//!
+//! The matrix: two sites behind port-preserving NATs (direct), a site behind a symmetric NAT (relayed to
+//! the NATed sites, direct to the public host), a public host, two hosts behind one NAT (direct over
+//! the LAN). Then: one NAT's conntrack flushed, the TURN server killed and started again.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use evio_lab::{Host, Lab, NatKind, unique_prefix, wait_until};
+
+fn eviod() -> &'static str {
+    env!("CARGO_BIN_EXE_eviod")
+}
+
+struct Agent {
+    name: String,
+    host: Host,
+    state_dir: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    fn start(&mut self, lab: &Lab) {
+        let turn = lab.turn().expect("turn");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let _ = std::fs::remove_file(self.state_dir.join("eviod.sock"));
+        let mut c = self.host.command(eviod());
+        c.args([
+            "--node-name",
+            &self.name,
+            "--etcd-endpoints",
+            &lab.etcd_endpoint().unwrap(),
+            "--state-dir",
+        ])
+        .arg(&self.state_dir)
+        .args([
+            "--listen-port",
+            "51820",
+            "--stun",
+            &turn.addr.to_string(),
+            "--turn",
+            &turn.addr.to_string(),
+        ])
+        .args(["--turn-user", &turn.user, "--turn-password-file"])
+        .arg(&turn.password_file)
+        .env("EVIO_LOG", "info,eviod=debug,evio_nat=debug")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+        self.child = Some(c.spawn().expect("start eviod"));
+    }
+
+    fn status(&self) -> Option<serde_json::Value> {
+        let mut s =
+            std::os::unix::net::UnixStream::connect(self.state_dir.join("eviod.sock")).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+        s.write_all(b"status\n").ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).ok()?;
+        serde_json::from_str(&body).ok()
+    }
+
+    fn metrics(&self) -> String {
+        let mut s = match std::os::unix::net::UnixStream::connect(self.state_dir.join("eviod.sock"))
+        {
+            Ok(s) => s,
+            Err(_) => return String::new(),
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+        let _ = s.write_all(b"metrics\n");
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body);
+        serde_json::from_str::<String>(body.trim()).unwrap_or_default()
+    }
+
+    /// `(path, endpoint)` of the peer named `peer`.
+    fn path_to(&self, peer: &str) -> Option<(String, String)> {
+        let st = self.status()?;
+        let p = st["peers"]
+            .as_array()?
+            .iter()
+            .find(|p| p["node"] == peer)?
+            .clone();
+        Some((
+            p["path"].as_str()?.to_string(),
+            p["endpoint"].as_str().unwrap_or("").to_string(),
+        ))
+    }
+
+    fn vip(&self) -> Option<String> {
+        self.status()?["address"].as_str().map(String::from)
+    }
+
+    fn ping(&self, ip: &str) -> bool {
+        self.host.exec(&["ping", "-c", "1", "-W", "1", ip]).is_ok()
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A pod: a network namespace plugged into its host's pod bridge by the real evio-cni.
+struct Pod {
+    ns: evio_testbed::Netns,
+    ip: String,
+}
+
+impl Agent {
+    /// Claims the host's pod subnet with `evioctl cni-config` (the conflist goes to `<state>.cni/net.d`).
+    fn cni_config(&self, lab: &Lab) {
+        let d = self.state_dir.with_extension("cni");
+        std::fs::create_dir_all(d.join("net.d")).unwrap();
+        std::fs::create_dir_all(d.join("bin")).unwrap();
+        let conf = d.join("net-conf.json");
+        let net_conf = serde_json::json!({
+            "podCIDR": "10.244.0.0/16", "nodeBits": 8, "stateDir": d.join("state"),
+            "logFile": d.join("plugin.log"), "ipam": {"dataDir": d.join("ipam")},
+        });
+        std::fs::write(&conf, net_conf.to_string()).unwrap();
+        let evioctl = evio_testbed::bin_dir().join("evioctl");
+        let plugin = evio_testbed::bin_dir().join("evio-cni");
+        assert!(
+            evioctl.exists() && plugin.exists(),
+            "build the workspace binaries first (cargo build --bins)"
+        );
+        self.host
+            .exec(&[
+                evioctl.to_str().unwrap(),
+                "cni-config",
+                "--net-conf",
+                conf.to_str().unwrap(),
+                "--node-name",
+                &self.name,
+                "--etcd-endpoints",
+                &lab.etcd_endpoint().unwrap(),
+                "--cni-conf-dir",
+                d.join("net.d").to_str().unwrap(),
+                "--cni-bin-dir",
+                d.join("bin").to_str().unwrap(),
+                "--plugin-binary",
+                plugin.to_str().unwrap(),
+            ])
+            .expect("evioctl cni-config");
+    }
+
+    /// One pod through a real CNI ADD with the conflist of `cni_config`.
+    fn add_pod(&self) -> Pod {
+        let d = self.state_dir.with_extension("cni");
+        let list: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(d.join("net.d").join("10-evio.conflist")).unwrap(),
+        )
+        .unwrap();
+        let mut conf = list["plugins"][0].clone();
+        conf["cniVersion"] = list["cniVersion"].clone();
+        conf["name"] = list["name"].clone();
+        let plugin = evio_testbed::bin_dir().join("evio-cni");
+        let path = d.join("cni-path");
+        if !path.exists() {
+            std::fs::create_dir_all(&path).unwrap();
+            std::os::unix::fs::symlink(&plugin, path.join("evio-cni")).unwrap();
+            std::os::unix::fs::symlink("/usr/lib/cni/host-local", path.join("host-local")).unwrap();
+        }
+        self.host
+            .exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            .unwrap();
+        let ns = evio_testbed::Netns::new("enp");
+        let mut child = self
+            .host
+            .command(plugin.to_str().unwrap())
+            .env("CNI_COMMAND", "ADD")
+            .env("CNI_CONTAINERID", ns.name())
+            .env("CNI_NETNS", ns.path())
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", &path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(conf.to_string().as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "CNI ADD: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let res: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let ip = res["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string();
+        Pod { ns, ip }
+    }
+}
+
+struct Matrix {
+    agents: Vec<Agent>,
+    lab: Lab,
+    _dir: tempfile::TempDir,
+}
+
+impl Matrix {
+    /// site 0: easy NAT, two hosts; site 1: easy NAT; site 2: symmetric NAT; one public host.
+    fn build() -> Matrix {
+        let lab = Lab::builder(&unique_prefix("en"))
+            .etcd(true)
+            .turn(true)
+            .site(NatKind::EasyNat, 2)
+            .site(NatKind::EasyNat, 1)
+            .site(NatKind::Symmetric, 1)
+            .public_hosts(1)
+            .build()
+            .expect("lab");
+        let dir = tempfile::Builder::new()
+            .prefix("eviod-nat")
+            .tempdir()
+            .unwrap();
+        let hosts = [
+            ("easy-a1", lab.site_host(0, 0).clone()),
+            ("easy-a2", lab.site_host(0, 1).clone()),
+            ("easy-b", lab.site_host(1, 0).clone()),
+            ("sym", lab.site_host(2, 0).clone()),
+            ("public", lab.public_hosts()[0].clone()),
+        ];
+        let agents = hosts
+            .into_iter()
+            .map(|(name, host)| Agent {
+                name: name.to_string(),
+                host,
+                state_dir: dir.path().join(name),
+                log: dir.path().join(format!("{name}.log")),
+                child: None,
+            })
+            .collect();
+        Matrix {
+            agents,
+            lab,
+            _dir: dir,
+        }
+    }
+
+    fn agent(&self, name: &str) -> &Agent {
+        self.agents.iter().find(|a| a.name == name).unwrap()
+    }
+
+    fn logs(&self) -> String {
+        let mut s: String = self
+            .agents
+            .iter()
+            .map(|a| {
+                // Without the per-packet debug lines of the data plane.
+                let text: String = a
+                    .log_text()
+                    .lines()
+                    .filter(|l| !l.contains("eviod::dataplane"))
+                    .map(|l| format!("{l}\n"))
+                    .collect();
+                format!("=== {} ===\n{}\n", a.name, tail(&text, 150))
+            })
+            .collect();
+        for a in &self.agents {
+            s += &format!(
+                "--- status {} ---\n{}\n",
+                a.name,
+                a.status().map(|v| v.to_string()).unwrap_or_default()
+            );
+        }
+        s
+    }
+
+    /// The path every pair must settle on.
+    fn expected(a: &str, b: &str) -> &'static str {
+        let sym = a == "sym" || b == "sym";
+        let public = a == "public" || b == "public";
+        if sym && !public { "relay" } else { "direct" }
+    }
+
+    fn paths_as_expected(&self) -> bool {
+        self.agents.iter().all(|a| {
+            self.agents.iter().filter(|b| b.name != a.name).all(|b| {
+                a.path_to(&b.name)
+                    .is_some_and(|(p, _)| p == Self::expected(&a.name, &b.name))
+            })
+        })
+    }
+
+    fn vips(&self) -> HashMap<String, String> {
+        self.agents
+            .iter()
+            .filter_map(|a| Some((a.name.clone(), a.vip()?)))
+            .collect()
+    }
+
+    /// For every ordered pair: pings every 20 ms until the first reply; the time since `t0` it came.
+    fn first_packet_times(
+        &self,
+        vips: &HashMap<String, String>,
+        t0: Instant,
+    ) -> Vec<(String, String, Option<Duration>)> {
+        std::thread::scope(|s| {
+            let hs: Vec<_> = self
+                .agents
+                .iter()
+                .flat_map(|a| {
+                    self.agents
+                        .iter()
+                        .filter(move |b| b.name != a.name)
+                        .map(move |b| (a, b))
+                })
+                .map(|(a, b)| {
+                    let vip = vips[&b.name].clone();
+                    s.spawn(move || {
+                        let ok = a
+                            .host
+                            .exec(&[
+                                "ping", "-n", "-q", "-c", "1", "-i", "0.02", "-w", "20", &vip,
+                            ])
+                            .is_ok();
+                        (a.name.clone(), b.name.clone(), ok.then(|| t0.elapsed()))
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    /// Pairs (from, to) that do not answer a ping now.
+    fn failing_pairs(&self, vips: &HashMap<String, String>) -> Vec<(String, String)> {
+        let mut bad = Vec::new();
+        std::thread::scope(|s| {
+            let hs: Vec<_> = self
+                .agents
+                .iter()
+                .flat_map(|a| {
+                    self.agents
+                        .iter()
+                        .filter(move |b| b.name != a.name)
+                        .map(move |b| (a, b))
+                })
+                .map(|(a, b)| {
+                    let vip = vips[&b.name].clone();
+                    s.spawn(move || (!a.ping(&vip)).then(|| (a.name.clone(), b.name.clone())))
+                })
+                .collect();
+            for h in hs {
+                if let Some(p) = h.join().unwrap() {
+                    bad.push(p);
+                }
+            }
+        });
+        bad
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The pid of the lab's etcd (in the internet namespace).
+fn etcd_pid(lab: &Lab) -> i32 {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "pids", lab.internet_ns()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "etcd")
+        })
+        .expect("etcd runs in the lab")
+}
+
+/// Keeps pinging `vip` from `a` every 100 ms for `d`; returns how many pings were lost.
+fn lost_pings(a: &Agent, vip: &str, d: Duration) -> usize {
+    let end = Instant::now() + d;
+    let mut lost = 0;
+    while Instant::now() < end {
+        if a.host.exec(&["ping", "-c", "1", "-W", "1", vip]).is_err() {
+            lost += 1;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    lost
+}
+
+#[test]
+fn matrix_direct_relay_lan_then_flush_and_turn_loss() {
+    let mut m = Matrix::build();
+    // Pod subnets claimed before the agents start (what the DaemonSet's init container does).
+    for a in &m.agents {
+        a.cni_config(&m.lab);
+    }
+    let t0 = Instant::now();
+    for i in 0..m.agents.len() {
+        let lab = &m.lab;
+        m.agents[i].start(lab);
+    }
+    assert!(
+        wait_until(Duration::from_secs(20), || m
+            .agents
+            .iter()
+            .all(|a| a.vip().is_some())),
+        "agents did not come up:\n{}",
+        m.logs()
+    );
+    let vips = m.vips();
+    // Time to first packet, every ordered pair.
+    let first = m.first_packet_times(&vips, t0);
+    let missing: Vec<_> = first.iter().filter(|(_, _, t)| t.is_none()).collect();
+    assert!(
+        missing.is_empty(),
+        "no first packet: {missing:?}\n{}",
+        m.logs()
+    );
+    let mut times: Vec<Duration> = first.iter().filter_map(|(_, _, t)| *t).collect();
+    times.sort();
+    println!(
+        "time to first packet since agent start (20 ordered pairs): min {:?}, median {:?}, max {:?}",
+        times[0], times[10], times[19]
+    );
+    // Every pair answers a ping.
+    let mut bad = Vec::new();
+    let full = wait_until(Duration::from_secs(30), || {
+        bad = m.failing_pairs(&vips);
+        bad.is_empty()
+    });
+    assert!(full, "pairs without connectivity: {bad:?}\n{}", m.logs());
+    let t_full = t0.elapsed();
+    assert!(
+        wait_until(Duration::from_secs(30), || m.paths_as_expected()),
+        "paths not as expected:\n{}",
+        m.logs()
+    );
+    let t_paths = t0.elapsed();
+    println!(
+        "time to full connectivity (all 20 ordered pairs ping): {t_full:?}; to every path as expected: {t_paths:?}"
+    );
+
+    // `evioctl status` shows each peer's path and endpoint.
+    let evioctl = evio_testbed::bin_dir().join("evioctl");
+    let sym = m.agent("sym");
+    let text = sym
+        .host
+        .exec(&[
+            evioctl.to_str().unwrap(),
+            "status",
+            "--state-dir",
+            sym.state_dir.to_str().unwrap(),
+        ])
+        .unwrap();
+    for (peer, path) in [
+        ("easy-a1", "relay"),
+        ("easy-b", "relay"),
+        ("public", "direct"),
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.contains(peer) && l.contains(path) && l.contains("198.18.")),
+            "evioctl status does not show {peer} {path}:\n{text}"
+        );
+    }
+
+    // Pods on every host reach the pods on every other host (through the same tunnels).
+    let pods: Vec<Pod> = m.agents.iter().map(Agent::add_pod).collect();
+    let mut bad = Vec::new();
+    let ok = wait_until(Duration::from_secs(15), || {
+        bad = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..pods.len())
+                .flat_map(|i| {
+                    (0..pods.len())
+                        .filter(move |j| *j != i)
+                        .map(move |j| (i, j))
+                })
+                .map(|(i, j)| {
+                    let (a, b) = (&pods[i], &pods[j]);
+                    s.spawn(move || {
+                        (!a.ns
+                            .exec(&["ping", "-c", "1", "-W", "1", &b.ip])
+                            .status
+                            .success())
+                        .then_some((i, j))
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .filter_map(|h| h.join().unwrap())
+                .collect::<Vec<_>>()
+        });
+        bad.is_empty()
+    });
+    assert!(ok, "pod pairs without connectivity: {bad:?}\n{}", m.logs());
+    println!(
+        "pods: all 20 ordered pod pairs ping after {:?}",
+        t0.elapsed()
+    );
+
+    // Where each path goes: LAN for the same-NAT pair, the NAT's public address across sites.
+    let (_, ep) = m.agent("easy-a1").path_to("easy-a2").unwrap();
+    assert!(
+        ep.starts_with("192.168.1."),
+        "same-NAT hosts not over the LAN: {ep}"
+    );
+    let (_, ep) = m.agent("easy-a1").path_to("easy-b").unwrap();
+    assert_eq!(
+        ep,
+        format!("{}:51820", m.lab.site(1).wan_ip),
+        "easy NAT is port preserving"
+    );
+    let (_, ep) = m.agent("easy-b").path_to("sym").unwrap();
+    assert!(
+        ep.starts_with(&evio_lab::SERVICES_IP.to_string()),
+        "relayed path not via the TURN server: {ep}"
+    );
+    let metrics = m.agent("sym").metrics();
+    assert!(metrics.contains("evio_path_changes_total"), "{metrics}");
+    let relay_bytes = |a: &Agent| -> u64 {
+        let m = a.metrics();
+        ["evio_relay_tx_bytes_total", "evio_relay_rx_bytes_total"]
+            .iter()
+            .map(|k| {
+                m.lines()
+                    .find(|l| l.starts_with(k))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
+    };
+    let relayed: u64 = m.agents.iter().map(relay_bytes).sum();
+    assert!(relayed > 0, "no relay bytes counted:\n{}", m.logs());
+
+    // etcd frozen (SIGSTOP): direct and relayed tunnels carry on without a lost ping.
+    let etcd_pid = etcd_pid(&m.lab);
+    // SAFETY: signals to the etcd process this test's lab started (found in the lab's own namespace).
+    unsafe { libc::kill(etcd_pid, libc::SIGSTOP) };
+    let lost = std::thread::scope(|s| {
+        let a = s.spawn(|| lost_pings(m.agent("easy-a1"), &vips["sym"], Duration::from_secs(5)));
+        let b = s.spawn(|| lost_pings(m.agent("easy-a2"), &vips["easy-b"], Duration::from_secs(5)));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    // SAFETY: as above.
+    unsafe { libc::kill(etcd_pid, libc::SIGCONT) };
+    assert_eq!(
+        lost,
+        (0, 0),
+        "pings lost (relayed, direct) while etcd was frozen:\n{}",
+        m.logs()
+    );
+    assert!(
+        m.paths_as_expected(),
+        "paths changed while etcd was frozen:\n{}",
+        m.logs()
+    );
+
+    // A NAT loses every mapping: the tunnels through it heal within seconds.
+    for site in [1usize, 2] {
+        let (a, b) = if site == 1 {
+            ("easy-b", "easy-a1")
+        } else {
+            ("sym", "easy-a1")
+        };
+        m.lab.site(site).flush_conntrack().unwrap();
+        let t = Instant::now();
+        let vip = vips[b].clone();
+        let healed = wait_until(Duration::from_secs(20), || {
+            m.agent(a).ping(&vip) && m.agent(b).ping(&vips[a])
+        });
+        assert!(
+            healed,
+            "{a} <-> {b} did not heal after flushing site {site}:\n{}",
+            m.logs()
+        );
+        println!(
+            "site {site} conntrack flush: {a} <-> {b} healed after {:?}",
+            t.elapsed()
+        );
+    }
+    let mut bad = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            bad = m.failing_pairs(&vips);
+            bad.is_empty()
+        }),
+        "after the flushes: {bad:?}\n{}",
+        m.logs()
+    );
+
+    // The TURN server dies: direct paths keep working without a lost ping.
+    m.lab.turn_mut().unwrap().kill();
+    let lost = lost_pings(m.agent("easy-a1"), &vips["easy-b"], Duration::from_secs(6));
+    let lost_pub = lost_pings(m.agent("public"), &vips["sym"], Duration::from_secs(2));
+    assert_eq!(
+        (lost, lost_pub),
+        (0, 0),
+        "direct paths lost pings without TURN:\n{}",
+        m.logs()
+    );
+    for a in ["easy-a1", "easy-a2", "easy-b"] {
+        for b in ["easy-a1", "easy-a2", "easy-b", "public"] {
+            if a != b {
+                assert_eq!(m.agent(a).path_to(b).unwrap().0, "direct", "{a} -> {b}");
+            }
+        }
+    }
+    // It comes back: the relayed pairs heal.
+    m.lab.turn_mut().unwrap().restart().unwrap();
+    let t = Instant::now();
+    let mut bad = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(40), || {
+            bad = m.failing_pairs(&vips);
+            bad.is_empty()
+        }),
+        "after the TURN restart: {bad:?}\n{}",
+        m.logs()
+    );
+    println!(
+        "TURN restart: full connectivity again after {:?}",
+        t.elapsed()
+    );
+}
+
+/// Drops all traffic between two NATs' public addresses (in `site`'s NAT), as a firewall between them would.
+fn block_between(lab: &Lab, site: usize, other: std::net::Ipv4Addr) {
+    let rules = format!(
+        "table ip evioblock {{\n  chain blk {{\n    type filter hook forward priority -10;\n    ip daddr {other} drop\n    ip saddr {other} drop\n  }}\n}}\n"
+    );
+    let file = lab.dir().join(format!("block{site}.nft"));
+    std::fs::write(&file, rules).unwrap();
+    evio_lab::netns_exec(
+        &lab.site(site).nat_ns,
+        &["nft", "-f", file.to_str().unwrap()],
+    )
+    .unwrap();
+}
+
+fn unblock(lab: &Lab, site: usize) {
+    evio_lab::netns_exec(
+        &lab.site(site).nat_ns,
+        &["nft", "delete", "table", "ip", "evioblock"],
+    )
+    .unwrap();
+}
+
+/// Two easy-NAT sites and a public host. The direct path between the sites is blocked (relay takes over,
+/// nothing but the path changes), opened again (back to direct); then site 0's NAT gets a new public
+/// address and its tunnels heal.
+#[test]
+fn relay_fallback_back_to_direct_and_public_address_change() {
+    let lab = Lab::builder(&unique_prefix("eb"))
+        .etcd(true)
+        .turn(true)
+        .site(NatKind::EasyNat, 1)
+        .site(NatKind::EasyNat, 1)
+        .public_hosts(1)
+        .build()
+        .expect("lab");
+    let dir = tempfile::Builder::new()
+        .prefix("eviod-nat")
+        .tempdir()
+        .unwrap();
+    let mut agents: Vec<Agent> = [
+        ("a", lab.site_host(0, 0).clone()),
+        ("b", lab.site_host(1, 0).clone()),
+        ("p", lab.public_hosts()[0].clone()),
+    ]
+    .into_iter()
+    .map(|(name, host)| Agent {
+        name: name.into(),
+        host,
+        state_dir: dir.path().join(name),
+        log: dir.path().join(format!("{name}.log")),
+        child: None,
+    })
+    .collect();
+    for a in &mut agents {
+        a.start(&lab);
+    }
+    let logs = |agents: &[Agent]| -> String {
+        agents
+            .iter()
+            .map(|a| {
+                format!(
+                    "=== {} ===\n{}\n{}\n",
+                    a.name,
+                    tail(&a.log_text(), 50),
+                    a.status().map(|s| s.to_string()).unwrap_or_default()
+                )
+            })
+            .collect()
+    };
+    let path = |x: usize, y: &str| agents[x].path_to(y).map(|p| p.0).unwrap_or_default();
+    assert!(
+        wait_until(Duration::from_secs(30), || path(0, "b") == "direct"
+            && path(1, "a") == "direct"
+            && path(0, "p") == "direct"
+            && path(2, "a") == "direct"),
+        "not direct:\n{}",
+        logs(&agents)
+    );
+    let vb = agents[1].vip().unwrap();
+    let va = agents[0].vip().unwrap();
+    let vp = agents[2].vip().unwrap();
+    assert!(agents[0].ping(&vb) && agents[1].ping(&va));
+
+    // A firewall between the two sites: the agents fall back to the relay.
+    block_between(&lab, 1, lab.site(0).wan_ip);
+    let t = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(20), || path(0, "b") == "relay"
+            && path(1, "a") == "relay"
+            && agents[0].ping(&vb)),
+        "no relay fallback:\n{}",
+        logs(&agents)
+    );
+    println!(
+        "direct path blocked: relayed and working after {:?}",
+        t.elapsed()
+    );
+    assert!(agents[1].ping(&va));
+    // The relay carries the tunnel steadily while the firewall stays (no flapping back to a dead path).
+    let lost = lost_pings(&agents[0], &vb, Duration::from_secs(5));
+    assert_eq!(lost, 0, "pings lost over the relay:\n{}", logs(&agents));
+    assert_eq!(
+        (path(0, "b"), path(1, "a")),
+        ("relay".to_string(), "relay".to_string())
+    );
+    // The firewall goes away: back to direct.
+    unblock(&lab, 1);
+    let t = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(40), || path(0, "b") == "direct"
+            && path(1, "a") == "direct"),
+        "not back to direct:\n{}",
+        logs(&agents)
+    );
+    println!("direct path open again: direct after {:?}", t.elapsed());
+    assert!(agents[0].ping(&vb) && agents[1].ping(&va));
+
+    // Site 0's NAT gets a new public address (its mappings go with the old one).
+    let nat0 = &lab.site(0).nat_ns;
+    let old = format!("{}/{}", lab.site(0).wan_ip, evio_lab::INTERNET_PREFIX);
+    let new = format!("198.18.1.201/{}", evio_lab::INTERNET_PREFIX);
+    // (Deleting the old address first: a second address in the same subnet would be a secondary one,
+    // deleted along with the primary.)
+    evio_lab::netns_exec(nat0, &["ip", "addr", "del", &old, "dev", "wan"]).unwrap();
+    evio_lab::netns_exec(nat0, &["ip", "addr", "add", &new, "dev", "wan"]).unwrap();
+    evio_lab::netns_exec(nat0, &["conntrack", "-F"]).unwrap();
+    let t = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(20), || agents[2].ping(&va)
+            && agents[0].ping(&vp)),
+        "public host <-> a did not heal after the address change:\n{}",
+        logs(&agents)
+    );
+    println!(
+        "public address change: a <-> public healed after {:?}",
+        t.elapsed()
+    );
+    assert!(
+        wait_until(Duration::from_secs(45), || agents[1].ping(&va)
+            && agents[0].ping(&vb)),
+        "a <-> b did not heal after the address change:\n{}",
+        logs(&agents)
+    );
+    println!(
+        "public address change: a <-> b healed after {:?} (path {})",
+        t.elapsed(),
+        path(0, "b")
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || agents[2]
+            .path_to("a")
+            .is_some_and(
+                |(p, e)| p == "direct" && e.starts_with("198.18.1.201:")
+            )),
+        "the public host does not use the new address:\n{}",
+        logs(&agents)
+    );
+}
+
+/// iperf3 from `a` to `b`'s VIP for `secs` seconds; received bits per second.
+fn iperf(a: &Agent, b: &Agent, secs: u32) -> f64 {
+    let vip = b.vip().unwrap();
+    let mut server = b
+        .host
+        .command("iperf3")
+        .args(["-s", "-1", "-B", &vip])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = a
+        .host
+        .exec(&["iperf3", "-c", &vip, "-t", &secs.to_string(), "-J"])
+        .expect("iperf3 client");
+    let _ = server.kill();
+    let _ = server.wait();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap()
+}
+
+/// The numbers of docs/bench/nat.md. Run as root with release binaries:
+/// `cargo test --release -p eviod --test nat bench -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn bench_connectivity_time_and_relay_throughput() {
+    let runs = 5;
+    let mut full = Vec::new();
+    let mut first = Vec::new();
+    let mut paths = Vec::new();
+    for _ in 0..runs {
+        let mut m = Matrix::build();
+        let t0 = Instant::now();
+        for i in 0..m.agents.len() {
+            let lab = &m.lab;
+            m.agents[i].start(lab);
+        }
+        assert!(wait_until(Duration::from_secs(20), || m
+            .agents
+            .iter()
+            .all(|a| a.vip().is_some())));
+        let vips = m.vips();
+        let mut times: Vec<Duration> = m
+            .first_packet_times(&vips, t0)
+            .into_iter()
+            .map(|(a, b, t)| t.unwrap_or_else(|| panic!("{a} -> {b}: no packet")))
+            .collect();
+        times.sort();
+        first.push(times[times.len() / 2]);
+        full.push(times[times.len() - 1]);
+        assert!(
+            wait_until(Duration::from_secs(30), || m
+                .failing_pairs(&vips)
+                .is_empty()),
+            "{}",
+            m.logs()
+        );
+        assert!(
+            wait_until(Duration::from_secs(30), || m.paths_as_expected()),
+            "{}",
+            m.logs()
+        );
+        paths.push(t0.elapsed());
+    }
+    full.sort();
+    first.sort();
+    paths.sort();
+    println!(
+        "matrix (5 agents, 20 ordered pairs), {runs} runs: agent start -> first packet of the median pair: median {:?}; -> first packet of the last pair (full connectivity): median {:?} (min {:?}, max {:?}); -> every path as expected: median {:?}",
+        first[runs / 2],
+        full[runs / 2],
+        full[0],
+        full[runs - 1],
+        paths[runs / 2]
+    );
+
+    // Throughput between the same two hosts, direct and then relayed (direct path blocked).
+    let lab = Lab::builder(&unique_prefix("ebn"))
+        .etcd(true)
+        .turn(true)
+        .site(NatKind::EasyNat, 1)
+        .site(NatKind::EasyNat, 1)
+        .build()
+        .unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("eviod-nat")
+        .tempdir()
+        .unwrap();
+    let mut agents: Vec<Agent> = [
+        ("a", lab.site_host(0, 0).clone()),
+        ("b", lab.site_host(1, 0).clone()),
+    ]
+    .into_iter()
+    .map(|(name, host)| Agent {
+        name: name.into(),
+        host,
+        state_dir: dir.path().join(name),
+        log: dir.path().join(format!("{name}.log")),
+        child: None,
+    })
+    .collect();
+    for a in &mut agents {
+        a.start(&lab);
+    }
+    let path = |x: usize, y: &str| agents[x].path_to(y).map(|p| p.0).unwrap_or_default();
+    assert!(wait_until(Duration::from_secs(30), || path(0, "b")
+        == "direct"
+        && path(1, "a") == "direct"));
+    let direct = iperf(&agents[0], &agents[1], 5);
+    block_between(&lab, 1, lab.site(0).wan_ip);
+    assert!(wait_until(Duration::from_secs(20), || path(0, "b")
+        == "relay"
+        && path(1, "a") == "relay"
+        && agents[0].ping(&agents[1].vip().unwrap())));
+    let relayed = iperf(&agents[0], &agents[1], 5);
+    println!(
+        "iperf3 a -> b (TCP, 5 s): direct {:.2} Gbit/s, through coturn {:.2} Gbit/s",
+        direct / 1e9,
+        relayed / 1e9
+    );
+    let m = agents[0].metrics();
+    println!(
+        "{}",
+        m.lines()
+            .filter(|l| l.starts_with("evio_relay") || l.starts_with("evio_path_changes"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
