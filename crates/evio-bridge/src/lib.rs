@@ -6,6 +6,8 @@ pub mod ovs;
 
 use std::path::PathBuf;
 
+pub use linux::LinuxBridge;
+
 /// Which kind of bridge holds the pods' veths.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BridgeType {
@@ -61,4 +63,21 @@ pub trait Bridge {
     fn detach(&self, owner: &PortOwner) -> Result<(), BridgeError>;
     /// Removes the ports this plugin created whose owner is not in `valid` (CNI GC).
     fn gc(&self, valid: &[PortOwner]) -> Result<(), BridgeError>;
+}
+
+impl PortOwner {
+    /// The tag stored on the port (Linux: the host veth's `ifalias`; OVS: an `external_ids` value).
+    pub fn tag(&self) -> String {
+        format!("evio {} {}", self.container_id, self.ifname)
+    }
+}
+
+/// The backend for `kind`. Each backend connects lazily, so building one is cheap.
+/// OVS: until the OVSDB backend lands this returns an error saying so (the plugin turns it into a CNI
+/// error), so a config asking for OVS fails clearly instead of silently using a Linux bridge.
+pub fn backend(kind: BridgeType, spec: BridgeSpec) -> Result<Box<dyn Bridge>, BridgeError> {
+    match kind {
+        BridgeType::Linux => Ok(Box::new(LinuxBridge::new(spec))),
+        BridgeType::Ovs => Err(BridgeError::Other("OVS backend not built".into())),
+    }
 }

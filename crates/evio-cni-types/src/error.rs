@@ -30,6 +30,8 @@ pub enum ErrorCode {
     InterfaceExists = 100,
     /// evio-specific: a delegated plugin (IPAM) failed; its message is kept.
     Delegate = 101,
+    /// evio-specific: CHECK found the attachment not as ADD left it.
+    CheckFailed = 102,
 }
 
 impl ErrorCode {

@@ -6,6 +6,7 @@
 
 pub mod ovs;
 pub mod runtimes;
+pub mod cni;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
