@@ -148,6 +148,21 @@ impl Tun {
         Ok(t)
     }
 
+    /// Another handle on the same queue (a duplicated descriptor) with its own buffers, so one
+    /// thread can read while another writes.
+    pub fn try_clone(&self) -> io::Result<Tun> {
+        let file = self.file.try_clone()?;
+        let mut t = Tun::from_parts(
+            file,
+            self.name.clone(),
+            self.opts.clone(),
+            self.vnet,
+            self.offload_flags,
+        );
+        t.nonblocking = self.nonblocking;
+        Ok(t)
+    }
+
     /// The interface name the kernel gave.
     pub fn name(&self) -> &str {
         &self.name

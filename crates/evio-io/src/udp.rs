@@ -32,8 +32,10 @@ pub struct UdpStats {
     pub sent_datagrams: u64,
     /// Sends carrying more than one datagram (GSO).
     pub gso_sends: u64,
-    /// Most datagrams in one send.
+    /// Most datagrams in one GSO send.
     pub max_gso_batch: u64,
+    /// Most datagrams in one `sendmmsg` (datagrams that could not ride in a GSO run).
+    pub max_mmsg_batch: u64,
     /// Datagrams dropped on send errors other than `WouldBlock`.
     pub send_errors: u64,
 }
@@ -44,6 +46,8 @@ pub struct UdpBatch {
     sock: UdpSocket,
     state: UdpSocketState,
     gso: bool,
+    gro: bool,
+    v6: bool,
     stats: UdpStats,
 }
 
@@ -56,31 +60,29 @@ impl UdpBatch {
     /// Wraps `sock`; `gso`/`gro` false turn those offloads off (for fallback tests and comparisons).
     pub fn with_offloads(sock: UdpSocket, gso: bool, gro: bool) -> io::Result<UdpBatch> {
         let state = UdpSocketState::new(UdpSockRef::from(&sock))?;
-        if !gro {
-            let off: libc::c_int = 0;
-            // SAFETY: setsockopt reads one c_int that lives across the call; the fd is open.
-            let r = unsafe {
-                libc::setsockopt(
-                    sock.as_raw_fd(),
-                    libc::SOL_UDP,
-                    libc::UDP_GRO,
-                    &off as *const libc::c_int as *const libc::c_void,
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() != Some(libc::ENOPROTOOPT) {
-                    return Err(e);
-                }
-            }
+        if !gro
+            && let Err(e) = setsockopt_int(sock.as_raw_fd(), libc::SOL_UDP, libc::UDP_GRO, 0)
+            && e.raw_os_error() != Some(libc::ENOPROTOOPT)
+        {
+            return Err(e);
         }
+        // quinn-udp asks for receive timestamps; we do not use them: save the work and cmsg space.
+        let _ = setsockopt_int(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 0);
+        let v6 = sock.local_addr()?.is_ipv6();
         Ok(UdpBatch {
             sock,
             state,
             gso,
+            gro,
+            v6,
             stats: UdpStats::default(),
         })
+    }
+
+    /// Another handle on the same socket (a duplicated descriptor) with its own counters, so one
+    /// thread can receive while another sends.
+    pub fn try_clone(&self) -> io::Result<UdpBatch> {
+        UdpBatch::with_offloads(self.sock.try_clone()?, self.gso, self.gro)
     }
 
     pub fn socket(&self) -> &UdpSocket {
@@ -168,14 +170,34 @@ impl UdpBatch {
         Ok(b.dgrams.len())
     }
 
+    /// Sets the kernel socket buffers (send and receive) to `bytes`, past `net.core.*mem_max` when
+    /// the process has CAP_NET_ADMIN (`SO_*BUFFORCE`). A busy tunnel wants a few MB: a GRO message
+    /// alone can take 64 KB of receive buffer.
+    pub fn set_buffer_sizes(&self, bytes: usize) -> io::Result<()> {
+        let fd = self.sock.as_raw_fd();
+        for (force, plain) in [
+            (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+            (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+        ] {
+            let v = bytes.min(i32::MAX as usize) as libc::c_int;
+            if setsockopt_int(fd, libc::SOL_SOCKET, force, v).is_err() {
+                setsockopt_int(fd, libc::SOL_SOCKET, plain, v)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Sends every datagram of `b`. Consecutive datagrams to one destination with one size (the
-    /// last of a run may be shorter) go out as one GSO `sendmsg`. Blocks (polls) while the socket
-    /// buffer is full, so nothing is dropped for lack of buffer; other send errors drop the
-    /// datagrams concerned (counted in [`UdpStats::send_errors`]). Returns the datagrams sent.
+    /// last of a run may be shorter) go out as one GSO `sendmsg`; the others are sent together
+    /// with `sendmmsg`. Blocks (polls) while the socket buffer is full, so nothing is dropped for
+    /// lack of buffer; other send errors drop the datagrams concerned (counted in
+    /// [`UdpStats::send_errors`]). Returns the datagrams sent.
     pub fn send_batch(&mut self, b: &SendBatch) -> io::Result<usize> {
         let mut sent = 0;
         let mut i = 0;
         let n = b.entries.len();
+        // Singles waiting for one sendmmsg: entries [singles, i).
+        let mut singles = 0;
         while i < n {
             let max_segs = self.max_gso_segments();
             let first = &b.entries[i];
@@ -194,12 +216,17 @@ impl UdpBatch {
                     break;
                 }
             }
+            if j - i == 1 {
+                i = j;
+                continue;
+            }
+            sent += self.send_mmsg(b, singles, i)?;
             let start = first.off as usize;
             let t = Transmit {
                 destination: first.addr,
                 ecn: None,
                 contents: &b.buf[start..start + bytes],
-                segment_size: if j - i > 1 { Some(seg) } else { None },
+                segment_size: Some(seg),
                 src_ip: None,
             };
             match self.send_one(&t) {
@@ -207,15 +234,13 @@ impl UdpBatch {
                     let k = (j - i) as u64;
                     self.stats.send_calls += 1;
                     self.stats.sent_datagrams += k;
-                    if k > 1 {
-                        self.stats.gso_sends += 1;
-                    }
+                    self.stats.gso_sends += 1;
                     self.stats.max_gso_batch = self.stats.max_gso_batch.max(k);
                     sent += j - i;
                     i = j;
                 }
-                Err(e) if j - i > 1 && self.max_gso_segments() == 1 => {
-                    // quinn-udp turned GSO off after the kernel refused it: resend unsegmented.
+                Err(e) if self.max_gso_segments() == 1 => {
+                    // quinn-udp turned GSO off after the kernel refused it: send these one by one.
                     tracing::debug!(error = %e, "gso refused, falling back");
                 }
                 Err(e) => {
@@ -224,7 +249,9 @@ impl UdpBatch {
                     i = j;
                 }
             }
+            singles = i;
         }
+        sent += self.send_mmsg(b, singles, n)?;
         Ok(sent)
     }
 
@@ -239,6 +266,105 @@ impl UdpBatch {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Sends entries `[from, to)` of `b` one datagram each, up to [`MMSG_BATCH`] per `sendmmsg`.
+    fn send_mmsg(&mut self, b: &SendBatch, from: usize, to: usize) -> io::Result<usize> {
+        let mut sent = 0;
+        let mut i = from;
+        let v6 = self.v6;
+        while i < to {
+            let cnt = (to - i).min(MMSG_BATCH);
+            let ents = &b.entries[i..i + cnt];
+            let addrs: [socket2::SockAddr; MMSG_BATCH] = std::array::from_fn(|k| {
+                let a = ents.get(k).map_or(ents[0].addr, |e| e.addr);
+                socket2::SockAddr::from(map_addr(a, v6))
+            });
+            // SAFETY: iovec and mmsghdr are plain C structs for which all-zero is a valid value.
+            let mut iovs: [libc::iovec; MMSG_BATCH] = unsafe { std::mem::zeroed() };
+            // SAFETY: as above.
+            let mut hdrs: [libc::mmsghdr; MMSG_BATCH] = unsafe { std::mem::zeroed() };
+            for (k, e) in ents.iter().enumerate() {
+                iovs[k].iov_base = b.buf[e.off as usize..].as_ptr() as *mut libc::c_void;
+                iovs[k].iov_len = e.len as usize;
+                let h = &mut hdrs[k].msg_hdr;
+                h.msg_name = addrs[k].as_ptr() as *mut libc::c_void;
+                h.msg_namelen = addrs[k].len();
+                h.msg_iov = &mut iovs[k];
+                h.msg_iovlen = 1;
+            }
+            // SAFETY: hdrs[..cnt] point into iovs, addrs and b.buf, all alive and unmoved for the call;
+            // the kernel only reads the buffers and writes msg_len.
+            let r = unsafe {
+                libc::sendmmsg(
+                    self.sock.as_raw_fd(),
+                    hdrs.as_mut_ptr(),
+                    cnt as libc::c_uint,
+                    0,
+                )
+            };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::Interrupted => continue,
+                    io::ErrorKind::WouldBlock => {
+                        wait_writable(self.sock.as_raw_fd())?;
+                        continue;
+                    }
+                    _ => {
+                        // The first datagram failed (e.g. unreachable destination): drop it, go on.
+                        tracing::debug!(error = %e, dest = %ents[0].addr, "udp send failed");
+                        self.stats.send_errors += 1;
+                        i += 1;
+                        continue;
+                    }
+                }
+            }
+            let r = r as usize;
+            self.stats.send_calls += 1;
+            self.stats.sent_datagrams += r as u64;
+            self.stats.max_gso_batch = self.stats.max_gso_batch.max(1);
+            self.stats.max_mmsg_batch = self.stats.max_mmsg_batch.max(r as u64);
+            sent += r;
+            i += r;
+        }
+        Ok(sent)
+    }
+}
+
+/// Datagrams per `sendmmsg` call.
+pub const MMSG_BATCH: usize = 64;
+
+/// An IPv4 destination on an IPv6 (dual-stack) socket must be given as an IPv4-mapped address.
+fn map_addr(a: SocketAddr, v6_socket: bool) -> SocketAddr {
+    match a {
+        SocketAddr::V4(v4) if v6_socket => {
+            SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+        }
+        other => other,
+    }
+}
+
+fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    v: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: setsockopt reads one c_int that lives across the call; fd is an open socket.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            &v as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 

@@ -233,6 +233,7 @@ struct Peer {
     candidate_idx: usize,
     path: PathKind,
     last_handshake: Option<Instant>,
+    last_nudge: Option<Instant>,
     handshakes: u64,
     rx_bytes: u64,
     tx_bytes: u64,
@@ -388,6 +389,7 @@ impl Node {
                 candidate_idx: 0,
                 path: PathKind::Connecting,
                 last_handshake: None,
+                last_nudge: None,
                 handshakes: 0,
                 rx_bytes: 0,
                 tx_bytes: 0,
@@ -551,7 +553,11 @@ impl Node {
             Packet::PacketCookieReply(c) => (c.receiver_idx >> 8, false),
             Packet::PacketData(d) => (d.receiver_idx >> 8, false),
         };
+        let is_data = matches!(packet, Packet::PacketData(_));
         let Some(p) = self.peers.get_mut(&id) else {
+            if is_data {
+                self.nudge(now, from);
+            }
             return self.drop(DropReason::UnknownPeer);
         };
         match p.tunn.decapsulate(Some(from.ip()), datagram, out) {
@@ -618,8 +624,31 @@ impl Node {
             TunnResult::Err(e) => {
                 let r = DropReason::from_wg(&e);
                 self.drops.add(r);
+                if is_data && matches!(e, WireGuardError::NoCurrentSession | WireGuardError::WrongIndex) {
+                    self.nudge(now, from);
+                }
                 Inbound::Dropped(r)
             }
+        }
+    }
+
+    /// Data for a session we do not have, from a peer's endpoint: the peer kept a session from before we
+    /// restarted. Start a handshake at once (at most once a second per peer) instead of letting it wait
+    /// for its own rekey timeout (15 s).
+    fn nudge(&mut self, now: Instant, from: SocketAddr) {
+        let Some(p) = self.peers.values_mut().find(|p| p.endpoint == Some(from) || p.cfg.candidates.contains(&from)) else {
+            return;
+        };
+        if p.last_nudge.is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1)) {
+            return;
+        }
+        p.last_nudge = Some(now);
+        if p.endpoint.is_none() {
+            p.endpoint = Some(from);
+        }
+        let to = p.endpoint.unwrap_or(from);
+        if let TunnResult::WriteToNetwork(b) = p.tunn.format_handshake_initiation(&mut self.scratch, false) {
+            self.transmits.push_back(Transmit { to, data: b.to_vec() });
         }
     }
 

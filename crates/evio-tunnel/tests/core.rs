@@ -265,3 +265,32 @@ fn peer_update_and_removal() {
     assert!(sim.nodes[0].inbox.is_empty());
     assert!(sim.nodes[0].node.drops().get(DropReason::UnknownPeer) >= 1);
 }
+
+#[test]
+fn data_for_a_forgotten_session_triggers_a_new_handshake() {
+    let mut sim = Sim::mesh(2, None);
+    sim.run();
+    // Node 0 has the larger key or not: restart whichever does not initiate eagerly, so only the nudge helps.
+    let (a, b) = if sim.nodes[0].node.public_key() > sim.nodes[1].node.public_key() { (0, 1) } else { (1, 0) };
+    // `b` restarts (same key, no sessions) and does not initiate by itself; `a` keeps its old session.
+    sim.nodes[b].node = evio_tunnel::Node::new(evio_tunnel::NodeConfig {
+        private_key: common::key(b as u8 + 1),
+        preshared_key: None,
+        persistent_keepalive: None,
+    });
+    let cfg = sim.peer_cfg(a);
+    let now = sim.now();
+    sim.nodes[b].node.upsert_peer(now, cfg);
+    sim.flush_transmits();
+    assert!(sim.wire.is_empty(), "the smaller key does not initiate eagerly");
+    let va = sim.nodes[a].vip;
+    let vb = sim.nodes[b].vip;
+    let p = ipv4(va, vb, b"stale session");
+    sim.send(a, &p);
+    sim.run();
+    // The first packet was lost (old session), but b answered with a handshake: the next one arrives.
+    let q = ipv4(va, vb, b"fresh session");
+    sim.send(a, &q);
+    sim.run();
+    assert_eq!(sim.nodes[b].inbox, vec![q]);
+}

@@ -93,6 +93,7 @@ impl Side {
             tun.set_nonblocking(true).unwrap();
             let sock = UdpSocket::bind(("0.0.0.0", UDP_PORT)).expect("bind udp");
             let udp = UdpBatch::with_offloads(sock, udp_offload, udp_offload).expect("udp batch");
+            udp.set_buffer_sizes(4 << 20).expect("socket buffers");
             tx.send(()).unwrap();
             forward(tun, udp, peer, &st)
         });

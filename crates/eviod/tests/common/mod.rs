@@ -100,6 +100,8 @@ impl Host {
     pub fn start(&mut self, etcd: &str) {
         assert!(self.agent.is_none(), "agent already running");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
+        // A socket left by a killed agent is not a sign of life.
+        let _ = std::fs::remove_file(self.state_dir.join("eviod.sock"));
         let mut c = self.ns.command(eviod());
         c.args(["--node-name", &self.name, "--etcd-endpoints", etcd, "--state-dir"])
             .arg(&self.state_dir)
@@ -192,4 +194,114 @@ impl Drop for Host {
 /// Silences an unused import warning in test crates that do not use every helper.
 pub fn _unused() {
     let _ = (run_ok as fn(&[&str]) -> String, unique as fn(&str) -> String, Command::new("true"));
+}
+
+/// A pod: a network namespace plugged into its host's pod bridge.
+pub struct Pod {
+    pub ns: Netns,
+    pub ip: String,
+}
+
+impl Pod {
+    pub fn exec(&self, cmd: &[&str]) -> std::process::Output {
+        self.ns.exec(cmd)
+    }
+    pub fn ping(&self, ip: &str) -> bool {
+        self.ns.exec(&["ping", "-c", "1", "-W", "1", ip]).status.success()
+    }
+    pub fn ping_until(&self, ip: &str, limit: Duration) -> bool {
+        wait_until(limit, || self.ping(ip))
+    }
+}
+
+impl Host {
+    /// Turns on forwarding in the host namespace (pods route through it).
+    pub fn enable_forwarding(&self) {
+        self.ns.exec_ok(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+    }
+
+    /// Claims this host's pod subnet with `evioctl cni-config`; returns its JSON line
+    /// (`node`, `subnet`, `gateway`, ...).
+    pub fn cni_config(&self, etcd: &str, dir: &std::path::Path) -> serde_json::Value {
+        let d = dir.join(format!("{}-cni", self.name));
+        std::fs::create_dir_all(d.join("net.d")).unwrap();
+        std::fs::create_dir_all(d.join("bin")).unwrap();
+        let conf = d.join("net-conf.json");
+        std::fs::write(&conf, r#"{"podCIDR":"10.244.0.0/16","nodeBits":8}"#).unwrap();
+        let plugin = plugin_binary();
+        let out = self.ns.exec(&[
+            evioctl().to_str().unwrap(),
+            "cni-config",
+            "--net-conf",
+            conf.to_str().unwrap(),
+            "--node-name",
+            &self.name,
+            "--etcd-endpoints",
+            etcd,
+            "--cni-conf-dir",
+            d.join("net.d").to_str().unwrap(),
+            "--cni-bin-dir",
+            d.join("bin").to_str().unwrap(),
+            "--plugin-binary",
+            plugin.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "cni-config: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("cni-config JSON")
+    }
+
+    /// Plugs a pod into bridge `eviobr0` (created with `gateway/prefix` on first use) with address `ip`.
+    pub fn add_pod(&self, ip: &str, gateway: &str, prefix: u8) -> Pod {
+        if !self.ns.links().iter().any(|l| l == "eviobr0") {
+            self.ns.exec_ok(&["ip", "link", "add", "eviobr0", "type", "bridge"]);
+            self.ns.exec_ok(&["ip", "addr", "add", &format!("{gateway}/{prefix}"), "dev", "eviobr0"]);
+            self.ns.exec_ok(&["ip", "link", "set", "eviobr0", "up"]);
+        }
+        let pod = Netns::new("ep");
+        let hv = unique("vp");
+        pod.veth_to("eth0", &self.ns, &hv);
+        self.ns.exec_ok(&["ip", "link", "set", &hv, "master", "eviobr0"]);
+        pod.exec_ok(&["ip", "addr", "add", &format!("{ip}/{prefix}"), "dev", "eth0"]);
+        pod.exec_ok(&["ip", "route", "add", "default", "via", gateway]);
+        Pod { ns: pod, ip: ip.to_string() }
+    }
+
+    /// The agent's metrics (Prometheus text) through its control socket.
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::os::unix::net::UnixStream::connect(self.state_dir.join("eviod.sock")) else {
+            return String::new();
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+        let _ = s.write_all(b"metrics\n");
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body);
+        serde_json::from_str::<String>(body.trim()).unwrap_or_default()
+    }
+
+    pub fn metric(&self, name: &str) -> u64 {
+        self.metrics()
+            .lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Prefixes routed through the agent's TUN device.
+    pub fn tun_routes(&self) -> String {
+        String::from_utf8_lossy(&self.ns.exec(&["ip", "route", "show", "dev", "evio0"]).stdout).into_owned()
+    }
+}
+
+/// The CNI plugin binary to install with `cni-config` (the real one when built, else a placeholder).
+pub fn plugin_binary() -> PathBuf {
+    let p = evio_testbed::bin_dir().join("evio-cni");
+    if p.exists() {
+        return p;
+    }
+    let f = std::env::temp_dir().join("eviod-test-plugin-placeholder");
+    if !f.exists() {
+        std::fs::write(&f, "#!/bin/sh\nexit 1\n").unwrap();
+    }
+    f
 }

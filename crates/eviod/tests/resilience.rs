@@ -1,0 +1,133 @@
+//! eviod under trouble: garbage on its port, etcd frozen, kill -9 and restart, a node that stops, a VIP
+//! conflict.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::Cluster;
+use evio_testbed::wait_until;
+
+/// Sends `n` datagrams of junk and of well-formed-looking WireGuard headers to `ip:51820`.
+fn garbage(c: &Cluster, ip: &str, n: usize) {
+    let script = format!(
+        r#"
+import os, socket, struct
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i in range({n}):
+    kind = i % 5
+    if kind == 0: d = os.urandom(1 + i % 1400)
+    elif kind == 1: d = struct.pack('<I', 1) + os.urandom(144)   # handshake initiation shape
+    elif kind == 2: d = struct.pack('<I', 2) + os.urandom(88)    # handshake response shape
+    elif kind == 3: d = struct.pack('<I', 4) + os.urandom(100)   # data shape
+    else: d = b''
+    s.sendto(d, ('{ip}', 51820))
+"#
+    );
+    let out = c.underlay.exec(&["python3", "-c", &script]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn survives_garbage_etcd_freeze_kill9_and_peers_leaving() {
+    let mut c = Cluster::new(3);
+    let etcd = c.etcd_url();
+    let dir = c.dir.path().to_path_buf();
+    let net3 = c.hosts[2].cni_config(&etcd, &dir);
+    let sub3 = net3["subnet"].as_str().unwrap().to_string();
+    c.start_all();
+    assert!(c.wait_mesh(Duration::from_secs(20)), "no full mesh:\n{}", c.logs());
+    let vips: Vec<String> = c.hosts.iter().map(|h| h.vip()).collect();
+    let key2 = c.hosts[1].status().unwrap()["publicKey"].clone();
+    assert!(c.hosts[0].ping_until(&vips[1], Duration::from_secs(5)));
+
+    // Garbage datagrams: counted and dropped, the agent and its tunnels carry on.
+    garbage(&c, &c.hosts[0].ip, 2000);
+    assert!(c.hosts[0].ping(&vips[1]), "tunnel broken by garbage:\n{}", c.logs());
+    assert!(c.hosts[1].ping(&vips[0]), "tunnel broken by garbage:\n{}", c.logs());
+    let m = c.hosts[0].metrics();
+    let dropped: u64 = m
+        .lines()
+        .filter(|l| l.starts_with("evio_drops_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(dropped >= 1500, "drops not counted:\n{m}");
+
+    // etcd frozen for 6 s: traffic keeps flowing the whole time, and the control plane recovers.
+    c.etcd.freeze();
+    let start = Instant::now();
+    let mut lost = 0;
+    while start.elapsed() < Duration::from_secs(6) {
+        if !c.hosts[0].ping(&vips[2]) {
+            lost += 1;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    c.etcd.thaw();
+    assert_eq!(lost, 0, "pings lost while etcd was frozen:\n{}", c.logs());
+    assert!(c.hosts[2].ping_until(&vips[1], Duration::from_secs(5)));
+
+    // kill -9 and restart host-2: same key, same VIP, tunnels back within seconds.
+    c.hosts[1].kill9();
+    c.start(1);
+    let t0 = Instant::now();
+    assert_eq!(c.hosts[1].vip(), vips[1], "VIP changed after restart");
+    assert_eq!(c.hosts[1].status().unwrap()["publicKey"], key2, "key changed after restart");
+    assert!(c.hosts[0].ping_until(&vips[1], Duration::from_secs(10)), "host-1 cannot reach restarted host-2:\n{}", c.logs());
+    assert!(c.hosts[1].ping_until(&vips[2], Duration::from_secs(5)), "restarted host-2 cannot reach host-3");
+    eprintln!("tunnels back {:?} after restart", t0.elapsed());
+
+    // host-3 dies (kill -9: its lease is not revoked): its peers drop it and its pod route after the TTL.
+    assert!(c.hosts[0].tun_routes().contains(&sub3), "no route to {sub3}");
+    c.hosts[2].kill9();
+    let t0 = Instant::now();
+    let gone = wait_until(Duration::from_secs(25), || {
+        let st = c.hosts[0].status().unwrap();
+        let listed = st["peers"].as_array().unwrap().iter().any(|p| p["node"] == "host-3");
+        !listed && !c.hosts[0].tun_routes().contains(&sub3)
+    });
+    assert!(gone, "host-3 still a peer of host-1 after 25 s:\n{}", c.logs());
+    let took = t0.elapsed();
+    eprintln!("dead peer removed after {took:?}");
+    assert!(took >= Duration::from_secs(5), "removed before its lease could expire ({took:?})");
+    // The others are untouched.
+    assert!(c.hosts[0].ping(&vips[1]));
+
+    // A clean stop (SIGTERM) revokes the lease: host-2 disappears from host-1 at once.
+    c.hosts[1].stop();
+    assert!(
+        wait_until(Duration::from_secs(6), || c.hosts[0].status().unwrap()["peers"].as_array().unwrap().is_empty()),
+        "stopped host-2 still listed:\n{}",
+        c.logs()
+    );
+    // And its TUN device went away with it.
+    assert!(!c.hosts[1].ns.links().iter().any(|l| l == "evio0"));
+}
+
+#[test]
+fn a_vip_held_by_another_node_is_refused() {
+    let mut c = Cluster::new(2);
+    c.hosts[0].extra = vec!["--address".into(), "10.10.3.3".into()];
+    c.start(0);
+    assert_eq!(c.hosts[0].vip(), "10.10.3.3");
+    c.hosts[1].extra = vec!["--address".into(), "10.10.3.3".into()];
+    let etcd = c.etcd_url();
+    let h = &mut c.hosts[1];
+    let log = std::fs::File::create(&h.log).unwrap();
+    let out = h
+        .ns
+        .command(common::eviod())
+        .args(["--node-name", &h.name, "--etcd-endpoints", &etcd, "--state-dir"])
+        .arg(&h.state_dir)
+        .args(["--address", "10.10.3.3"])
+        .stderr(log)
+        .status()
+        .unwrap();
+    assert!(!out.success());
+    let text = h.log_text();
+    assert!(text.contains("10.10.3.3 is already held by node host-1"), "{text}");
+    // The key file exists with mode 0600 (created before the claim).
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(h.state_dir.join("private.key")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+}
