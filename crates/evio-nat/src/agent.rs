@@ -1,0 +1,1033 @@
+//! The NAT traversal agent: gathers local candidates, checks every candidate pair with every peer, picks
+//! and keeps a path per peer. Sans-IO: driven by `now`, datagrams in, datagrams and timeouts out.
+//!
+//! See `docs/nat.md` for the design. In short:
+//! - local bases: the tunnel's socket (host and server-reflexive candidates share it) and, with a TURN
+//!   server, the relayed address;
+//! - a pair is (local base, remote address); both sides check all pairs at once with STUN Binding requests
+//!   carrying `USERNAME = hex(sender public key)` and a MESSAGE-INTEGRITY keyed by a secret only the two
+//!   peers know ([`crate::check_key`]);
+//! - a check received from an unknown address teaches a peer-reflexive candidate and triggers a check back;
+//! - each side selects its best succeeded pair (direct before relay, LAN host before reflexive) and only
+//!   moves to a strictly better class; the selected pair is checked every [`Timers::keepalive`], a failed
+//!   selected pair makes the agent fall back to the next best and re-check everything at once.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use sha2::Sha256;
+
+use crate::Transmit;
+use crate::candidate::{Candidate, CandidateKind, is_private};
+use crate::demux::{self, Kind};
+use crate::stun::{Builder, Class, Message, TransactionId, attr, method};
+use crate::turn::{TurnClient, TurnConfig, TurnEvent, TurnInput};
+use crate::txn::{Pending, Schedule, Step};
+
+/// A node's identity: its X25519 (WireGuard) public key.
+pub type PeerKey = [u8; 32];
+
+/// Derives the key that authenticates connectivity checks between two nodes: HMAC-SHA256 keyed with
+/// their X25519 shared secret (`DH(my_secret, peer_public)`, the same value on both sides) over a label,
+/// both public keys in sorted order and the optional cluster pre-shared key. Only the two nodes can
+/// compute it, so nobody else can fake a check and steer a peer's traffic to another address.
+pub fn check_key(
+    shared_secret: &[u8; 32],
+    a: &PeerKey,
+    b: &PeerKey,
+    psk: Option<&[u8; 32]>,
+) -> [u8; 32] {
+    let mut m =
+        <Hmac<Sha256> as Mac>::new_from_slice(shared_secret).expect("hmac takes any key length");
+    m.update(b"evio-nat check key v1");
+    let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+    m.update(lo);
+    m.update(hi);
+    if let Some(psk) = psk {
+        m.update(psk);
+    }
+    m.finalize().into_bytes().into()
+}
+
+/// Timers of the agent.
+#[derive(Clone, Copy, Debug)]
+pub struct Timers {
+    /// Check interval of the selected pair (keeps NAT mappings open, detects failure).
+    pub keepalive: Duration,
+    /// Check interval of other succeeded pairs.
+    pub recheck_ok: Duration,
+    /// First re-check delay of a failed pair (doubles up to `recheck_max`).
+    pub recheck_failed: Duration,
+    pub recheck_max: Duration,
+    /// Re-query interval of STUN servers.
+    pub stun_refresh: Duration,
+}
+
+impl Default for Timers {
+    fn default() -> Self {
+        Timers {
+            keepalive: Duration::from_secs(4),
+            recheck_ok: Duration::from_secs(15),
+            recheck_failed: Duration::from_secs(2),
+            recheck_max: Duration::from_secs(20),
+            stun_refresh: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Configuration of an [`Agent`].
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Our public key (sent as the USERNAME of our checks).
+    pub local_key: PeerKey,
+    /// Host candidates: the socket's local addresses (with its port).
+    pub host_candidates: Vec<SocketAddr>,
+    /// STUN servers (RFC 5389 Binding) for server-reflexive candidates.
+    pub stun_servers: Vec<SocketAddr>,
+    /// A TURN server for a relayed candidate.
+    pub turn: Option<TurnConfig>,
+    pub timers: Timers,
+}
+
+/// Where a pair sends from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Base {
+    /// The tunnel's socket, directly.
+    Socket,
+    /// Our TURN allocation (datagrams wrapped in ChannelData/Send towards the TURN server).
+    Relay,
+}
+
+/// Direct or relayed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathKind {
+    Direct,
+    Relay,
+}
+
+/// The path chosen for a peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Path {
+    pub kind: PathKind,
+    pub base: Base,
+    /// Where datagrams go (through our relay when `base` is [`Base::Relay`]).
+    pub remote: SocketAddr,
+    pub remote_kind: CandidateKind,
+    /// Round-trip time of the last check.
+    pub rtt: Option<Duration>,
+}
+
+/// Where to send a peer's datagram, for callers that frame it themselves (zero copy).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// The UDP destination.
+    pub dst: SocketAddr,
+    /// `Some(n)`: prepend a ChannelData header for channel `n` (see [`crate::demux::encode_channel_data`]).
+    pub channel: Option<u16>,
+}
+
+/// Agent output.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The local candidates changed: publish them (NodeRecord in etcd).
+    LocalCandidates(Vec<Candidate>),
+    /// The path to `peer` changed (`None`: no working path).
+    PathChanged { peer: PeerKey, path: Option<Path> },
+}
+
+/// Where a tunnel datagram came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Straight to our socket from this address.
+    Direct(SocketAddr),
+    /// Through our TURN allocation, from this peer address.
+    Relay(SocketAddr),
+}
+
+/// What a received datagram was.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Input<'a> {
+    /// STUN/TURN traffic consumed by the agent.
+    Handled,
+    /// A WireGuard datagram for the tunnel (unwrapped if it came through the relay); `peer` is the peer
+    /// whose pair matches the source, if any (the tunnel still authenticates it).
+    Tunnel {
+        peer: Option<PeerKey>,
+        from: Source,
+        payload: &'a [u8],
+    },
+    /// Neither.
+    Unknown,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PairState {
+    Waiting,
+    Succeeded,
+    Failed,
+}
+
+/// One candidate pair, for status output.
+#[derive(Clone, Debug)]
+pub struct PairInfo {
+    pub base: Base,
+    pub remote: SocketAddr,
+    pub remote_kind: CandidateKind,
+    pub state: PairState,
+    pub rtt: Option<Duration>,
+}
+
+#[derive(Debug)]
+struct Pair {
+    id: u64,
+    base: Base,
+    remote: SocketAddr,
+    remote_kind: CandidateKind,
+    state: PairState,
+    inflight: Option<(TransactionId, Pending)>,
+    next_check: Instant,
+    fails: u32,
+    rtt: Option<Duration>,
+}
+
+impl Pair {
+    fn kind(&self) -> PathKind {
+        if self.base == Base::Relay || self.remote_kind == CandidateKind::Relayed {
+            PathKind::Relay
+        } else {
+            PathKind::Direct
+        }
+    }
+
+    /// Preference class: LAN host 3, other direct 2, one relay 1, relay to relay 0.
+    fn rank(&self) -> u8 {
+        match (self.base, self.remote_kind) {
+            (Base::Socket, CandidateKind::Host) => 3,
+            (Base::Socket, CandidateKind::Relayed) => 1,
+            (Base::Socket, _) => 2,
+            (Base::Relay, CandidateKind::Relayed) => 0,
+            (Base::Relay, _) => 1,
+        }
+    }
+
+    fn path(&self) -> Path {
+        Path {
+            kind: self.kind(),
+            base: self.base,
+            remote: self.remote,
+            remote_kind: self.remote_kind,
+            rtt: self.rtt,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Peer {
+    key: [u8; 32],
+    remote: Vec<Candidate>,
+    pairs: Vec<Pair>,
+    selected: Option<u64>,
+}
+
+impl Peer {
+    fn pair(&self, id: u64) -> Option<&Pair> {
+        self.pairs.iter().find(|p| p.id == id)
+    }
+    fn selected_pair(&self) -> Option<&Pair> {
+        self.selected.and_then(|id| self.pair(id))
+    }
+}
+
+#[derive(Debug)]
+struct StunServer {
+    addr: SocketAddr,
+    mapped: Option<SocketAddr>,
+    inflight: Option<(TransactionId, Pending)>,
+    next: Instant,
+}
+
+/// The agent. See the module docs.
+#[derive(Debug)]
+pub struct Agent {
+    cfg: AgentConfig,
+    rng: StdRng,
+    stun: Vec<StunServer>,
+    turn: Option<TurnClient>,
+    peers: HashMap<PeerKey, Peer>,
+    /// (base, remote address) -> peer, for tunnel datagrams.
+    index: HashMap<(Base, SocketAddr), PeerKey>,
+    checks: HashMap<TransactionId, (PeerKey, u64)>,
+    out: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+    published: Vec<Candidate>,
+    next_pair: u64,
+    /// How peers see us (from check responses), for status.
+    reflexive: Option<SocketAddr>,
+}
+
+impl Agent {
+    /// A new agent; it starts gathering at once. `seed` feeds transaction ids (use OS randomness in
+    /// production, a fixed value in simulations).
+    pub fn new(cfg: AgentConfig, seed: u64, now: Instant) -> Agent {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let turn = cfg
+            .turn
+            .clone()
+            .map(|t| TurnClient::new(t, rng.random(), now));
+        let stun = cfg
+            .stun_servers
+            .iter()
+            .map(|a| StunServer {
+                addr: *a,
+                mapped: None,
+                inflight: None,
+                next: now,
+            })
+            .collect();
+        let mut a = Agent {
+            cfg,
+            rng,
+            stun,
+            turn,
+            peers: HashMap::new(),
+            index: HashMap::new(),
+            checks: HashMap::new(),
+            out: VecDeque::new(),
+            events: VecDeque::new(),
+            published: Vec::new(),
+            next_pair: 1,
+            reflexive: None,
+        };
+        a.handle_timeout(now);
+        a
+    }
+
+    /// Our candidates now: host, server-reflexive (STUN or TURN mapped), relayed.
+    pub fn local_candidates(&self) -> Vec<Candidate> {
+        let mut v: Vec<Candidate> = self
+            .cfg
+            .host_candidates
+            .iter()
+            .map(|a| Candidate::new(CandidateKind::Host, *a))
+            .collect();
+        let mut push = |c: Candidate| {
+            if !v.iter().any(|x| x.addr == c.addr) {
+                v.push(c);
+            }
+        };
+        for s in &self.stun {
+            if let Some(m) = s.mapped {
+                push(Candidate::new(CandidateKind::ServerReflexive, m));
+            }
+        }
+        if let Some(t) = &self.turn {
+            if let Some(m) = t.mapped() {
+                push(Candidate::new(CandidateKind::ServerReflexive, m));
+            }
+            if let Some(r) = t.relayed() {
+                push(Candidate::new(CandidateKind::Relayed, r));
+            }
+        }
+        v
+    }
+
+    /// Replaces the host candidates (local addresses changed).
+    pub fn set_host_candidates(&mut self, hosts: Vec<SocketAddr>) {
+        self.cfg.host_candidates = hosts;
+        self.publish_if_changed();
+    }
+
+    /// Our address as the last peer check response saw it.
+    pub fn peer_reflexive(&self) -> Option<SocketAddr> {
+        self.reflexive
+    }
+
+    /// The TURN client, if configured (for status and tests).
+    pub fn turn(&self) -> Option<&TurnClient> {
+        self.turn.as_ref()
+    }
+
+    /// Adds a peer or updates its candidates (from its NodeRecord). `key` from [`check_key`].
+    pub fn set_peer(
+        &mut self,
+        peer: PeerKey,
+        key: [u8; 32],
+        candidates: Vec<Candidate>,
+        now: Instant,
+    ) {
+        let entry = self.peers.entry(peer).or_insert_with(|| Peer {
+            key,
+            remote: Vec::new(),
+            pairs: Vec::new(),
+            selected: None,
+        });
+        entry.key = key;
+        entry.remote = candidates
+            .into_iter()
+            .filter(|c| c.kind != CandidateKind::PeerReflexive)
+            .collect();
+        // Drop pairs whose remote address is no longer announced (learned peer-reflexive pairs stay while
+        // they work).
+        let remote = entry.remote.clone();
+        entry.pairs.retain(|p| {
+            remote.iter().any(|c| c.addr == p.remote)
+                || (p.remote_kind == CandidateKind::PeerReflexive && p.state != PairState::Failed)
+        });
+        for c in remote {
+            self.add_pairs_for(peer, c, now);
+        }
+        self.reselect(peer, now);
+        self.reindex();
+    }
+
+    /// Forgets a peer.
+    pub fn remove_peer(&mut self, peer: &PeerKey) {
+        self.peers.remove(peer);
+        self.checks.retain(|_, (p, _)| p != peer);
+        self.reindex();
+    }
+
+    /// The selected path to `peer`.
+    pub fn path(&self, peer: &PeerKey) -> Option<Path> {
+        self.peers.get(peer)?.selected_pair().map(Pair::path)
+    }
+
+    /// Every pair of `peer` with its state.
+    pub fn pairs(&self, peer: &PeerKey) -> Vec<PairInfo> {
+        self.peers.get(peer).map_or_else(Vec::new, |p| {
+            p.pairs
+                .iter()
+                .map(|x| PairInfo {
+                    base: x.base,
+                    remote: x.remote,
+                    remote_kind: x.remote_kind,
+                    state: x.state,
+                    rtt: x.rtt,
+                })
+                .collect()
+        })
+    }
+
+    /// Where datagrams for `peer` go now (`None`: no path yet, or relayed without a bound channel: then use
+    /// [`Agent::wrap`]).
+    pub fn route(&self, peer: &PeerKey) -> Option<Route> {
+        let p = self.peers.get(peer)?.selected_pair()?;
+        match p.base {
+            Base::Socket => Some(Route {
+                dst: p.remote,
+                channel: None,
+            }),
+            Base::Relay => {
+                let t = self.turn.as_ref()?;
+                Some(Route {
+                    dst: t.server(),
+                    channel: Some(t.channel(p.remote)?),
+                })
+            }
+        }
+    }
+
+    /// Frames `payload` (a WireGuard datagram) for the selected path to `peer`.
+    pub fn wrap(&mut self, peer: &PeerKey, payload: &[u8]) -> Option<Transmit> {
+        let p = self.peers.get(peer)?.selected_pair()?;
+        let (base, remote) = (p.base, p.remote);
+        self.wrap_via(base, remote, payload)
+    }
+
+    fn wrap_via(&mut self, base: Base, remote: SocketAddr, payload: &[u8]) -> Option<Transmit> {
+        match base {
+            Base::Socket => Some(Transmit {
+                dst: remote,
+                payload: payload.to_vec(),
+            }),
+            Base::Relay => self.turn.as_mut()?.wrap(remote, payload),
+        }
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        if let Some(t) = self.out.pop_front() {
+            return Some(t);
+        }
+        self.turn.as_mut()?.poll_transmit()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Agent::handle_timeout`] must run next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut t: Option<Instant> = None;
+        let mut min = |x: Instant| t = Some(t.map_or(x, |y| y.min(x)));
+        for s in &self.stun {
+            min(s.inflight.as_ref().map_or(s.next, |(_, p)| p.next));
+        }
+        if let Some(x) = self.turn.as_ref().and_then(TurnClient::poll_timeout) {
+            min(x);
+        }
+        for peer in self.peers.values() {
+            for p in &peer.pairs {
+                min(p.inflight.as_ref().map_or(p.next_check, |(_, x)| x.next));
+            }
+        }
+        t
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        // STUN servers.
+        for i in 0..self.stun.len() {
+            let s = &mut self.stun[i];
+            match &mut s.inflight {
+                Some((_, p)) => match p.on_timer(now) {
+                    Step::Wait => {}
+                    Step::Resend => self.out.push_back(Transmit {
+                        dst: p.dst,
+                        payload: p.bytes.clone(),
+                    }),
+                    Step::GiveUp => {
+                        tracing::debug!(server = %s.addr, "STUN server does not answer");
+                        s.inflight = None;
+                        s.next = now + self.cfg.timers.stun_refresh;
+                    }
+                },
+                None if now >= s.next => {
+                    let tid = TransactionId(self.rng.random());
+                    let bytes = Builder::new(Class::Request, method::BINDING, tid).fingerprint();
+                    let s = &mut self.stun[i];
+                    self.out.push_back(Transmit {
+                        dst: s.addr,
+                        payload: bytes.clone(),
+                    });
+                    s.inflight = Some((tid, Pending::new(bytes, s.addr, now, Schedule::SERVER)));
+                }
+                None => {}
+            }
+        }
+        // TURN.
+        if let Some(t) = &mut self.turn {
+            t.handle_timeout(now);
+        }
+        self.drain_turn(now);
+        // Checks.
+        let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
+        for key in keys {
+            self.peer_timers(key, now);
+        }
+    }
+
+    fn peer_timers(&mut self, key: PeerKey, now: Instant) {
+        let Some(peer) = self.peers.get_mut(&key) else {
+            return;
+        };
+        let mut resend = Vec::new();
+        let mut start = Vec::new();
+        let mut failed = Vec::new();
+        for p in &mut peer.pairs {
+            match &mut p.inflight {
+                Some((_, pend)) => match pend.on_timer(now) {
+                    Step::Wait => {}
+                    Step::Resend => resend.push((p.base, p.remote, pend.bytes.clone())),
+                    Step::GiveUp => failed.push(p.id),
+                },
+                None if now >= p.next_check => start.push(p.id),
+                None => {}
+            }
+        }
+        for (base, remote, bytes) in resend {
+            self.send_check_bytes(base, remote, bytes);
+        }
+        let mut reselect = false;
+        for id in failed {
+            reselect |= self.on_check_failed(key, id, now);
+        }
+        for id in start {
+            self.start_check(key, id, now);
+        }
+        if reselect {
+            self.reselect(key, now);
+        }
+    }
+
+    /// Marks a pair failed; returns true if it was the selected one.
+    fn on_check_failed(&mut self, key: PeerKey, id: u64, now: Instant) -> bool {
+        let t = self.cfg.timers;
+        let Some(peer) = self.peers.get_mut(&key) else {
+            return false;
+        };
+        let has_direct = peer
+            .selected_pair()
+            .is_some_and(|p| p.kind() == PathKind::Direct);
+        let was_selected = peer.selected == Some(id);
+        let Some(p) = peer.pairs.iter_mut().find(|p| p.id == id) else {
+            return false;
+        };
+        if let Some((tid, _)) = p.inflight.take() {
+            self.checks.remove(&tid);
+        }
+        p.state = PairState::Failed;
+        p.fails += 1;
+        let backoff = t.recheck_failed * 2u32.saturating_pow(p.fails.min(8) - 1);
+        p.next_check = now
+            + if has_direct && !was_selected {
+                t.recheck_ok.max(backoff)
+            } else {
+                backoff.min(t.recheck_max)
+            };
+        let relay_base = p.base == Base::Relay;
+        if was_selected {
+            tracing::info!(peer = %hex(&key[..4]), remote = %p.remote, "path failed, re-checking every pair");
+            peer.selected = None;
+            for q in &mut peer.pairs {
+                if q.inflight.is_none() {
+                    q.next_check = now;
+                }
+            }
+            if relay_base && let Some(turn) = &mut self.turn {
+                // Maybe the allocation itself is gone (server restart, our mapping changed): ask.
+                turn.probe(now);
+            }
+        }
+        was_selected
+    }
+
+    fn start_check(&mut self, key: PeerKey, id: u64, now: Instant) {
+        let local = self.cfg.local_key;
+        let Some(peer) = self.peers.get_mut(&key) else {
+            return;
+        };
+        let check_key = peer.key;
+        let Some(p) = peer.pairs.iter_mut().find(|p| p.id == id) else {
+            return;
+        };
+        if p.base == Base::Relay && !self.turn.as_ref().is_some_and(|t| t.can_send(p.remote)) {
+            // The relay cannot reach this address yet (permission/channel pending): try a bit later.
+            p.next_check = now + Duration::from_millis(50);
+            return;
+        }
+        let tid = TransactionId(self.rng.random());
+        let bytes = Builder::new(Class::Request, method::BINDING, tid)
+            .attr(attr::USERNAME, hex(&local).as_bytes())
+            .integrity(&check_key)
+            .fingerprint();
+        p.inflight = Some((
+            tid,
+            Pending::new(bytes.clone(), p.remote, now, Schedule::CHECK),
+        ));
+        let (base, remote) = (p.base, p.remote);
+        self.checks.insert(tid, (key, id));
+        self.send_check_bytes(base, remote, bytes);
+    }
+
+    fn send_check_bytes(&mut self, base: Base, remote: SocketAddr, bytes: Vec<u8>) {
+        match base {
+            Base::Socket => self.out.push_back(Transmit {
+                dst: remote,
+                payload: bytes,
+            }),
+            Base::Relay => {
+                if let Some(t) = self.wrap_via(Base::Relay, remote, &bytes) {
+                    self.out.push_back(t);
+                }
+            }
+        }
+    }
+
+    /// Handles a datagram received on the shared socket from `from`.
+    pub fn handle_input<'a>(&mut self, from: SocketAddr, buf: &'a [u8], now: Instant) -> Input<'a> {
+        let kind = demux::classify(buf);
+        match kind {
+            Kind::WireGuard => {
+                let peer = self.index.get(&(Base::Socket, from)).copied();
+                return Input::Tunnel {
+                    peer,
+                    from: Source::Direct(from),
+                    payload: buf,
+                };
+            }
+            Kind::Unknown => return Input::Unknown,
+            Kind::ChannelData | Kind::Stun => {}
+        }
+        if let Some(t) = &mut self.turn {
+            match t.handle_input(from, buf, now) {
+                TurnInput::Data { peer, payload } => {
+                    let r = self.handle_relayed(peer, payload, now);
+                    self.drain_turn(now);
+                    return r;
+                }
+                TurnInput::Handled => {
+                    self.drain_turn(now);
+                    return Input::Handled;
+                }
+                TurnInput::NotForMe => {}
+            }
+        }
+        if kind == Kind::Stun
+            && let Ok(msg) = Message::decode(buf)
+        {
+            self.handle_stun(Base::Socket, from, &msg, now);
+            return Input::Handled;
+        }
+        Input::Unknown
+    }
+
+    fn handle_relayed<'a>(
+        &mut self,
+        peer_addr: SocketAddr,
+        payload: &'a [u8],
+        now: Instant,
+    ) -> Input<'a> {
+        match demux::classify(payload) {
+            Kind::WireGuard => {
+                let peer = self.index.get(&(Base::Relay, peer_addr)).copied();
+                Input::Tunnel {
+                    peer,
+                    from: Source::Relay(peer_addr),
+                    payload,
+                }
+            }
+            Kind::Stun => {
+                if let Ok(msg) = Message::decode(payload) {
+                    self.handle_stun(Base::Relay, peer_addr, &msg, now);
+                }
+                Input::Handled
+            }
+            _ => Input::Unknown,
+        }
+    }
+
+    fn handle_stun(&mut self, base: Base, from: SocketAddr, msg: &Message<'_>, now: Instant) {
+        match msg.class {
+            Class::Request if msg.method == method::BINDING => {
+                self.on_check_request(base, from, msg, now)
+            }
+            Class::Success | Class::Error => {
+                // A STUN server's answer?
+                if base == Base::Socket
+                    && let Some(s) = self
+                        .stun
+                        .iter_mut()
+                        .find(|s| s.inflight.as_ref().is_some_and(|(t, _)| *t == msg.tid))
+                {
+                    s.inflight = None;
+                    s.next = now + self.cfg.timers.stun_refresh;
+                    if msg.class == Class::Success
+                        && let Some(m) = msg
+                            .xor_addr(attr::XOR_MAPPED_ADDRESS)
+                            .or_else(|| msg.xor_addr(attr::MAPPED_ADDRESS))
+                    {
+                        if s.mapped != Some(m) {
+                            tracing::info!(server = %s.addr, mapped = %m, "server-reflexive candidate");
+                        }
+                        s.mapped = Some(m);
+                        self.publish_if_changed();
+                    }
+                    return;
+                }
+                self.on_check_response(base, from, msg, now);
+            }
+            _ => {}
+        }
+    }
+
+    fn on_check_request(&mut self, base: Base, from: SocketAddr, msg: &Message<'_>, now: Instant) {
+        let Some(sender) = msg.text(attr::USERNAME).and_then(unhex) else {
+            return;
+        };
+        let Some(peer) = self.peers.get(&sender) else {
+            tracing::debug!(%from, "check from an unknown node ignored");
+            return;
+        };
+        let key = peer.key;
+        if !msg.verify(&key) {
+            tracing::debug!(%from, "check with a bad MESSAGE-INTEGRITY ignored");
+            return;
+        }
+        let resp = Builder::new(Class::Success, method::BINDING, msg.tid)
+            .xor_addr(attr::XOR_MAPPED_ADDRESS, from)
+            .integrity(&key)
+            .fingerprint();
+        self.send_check_bytes(base, from, resp);
+        // Learn the address and check it back (triggered check).
+        let id = match self.find_pair(&sender, base, from) {
+            Some(id) => id,
+            None => {
+                let kind = self.classify_remote(&sender, from);
+                tracing::debug!(%from, ?base, ?kind, "peer-reflexive candidate");
+                if base == Base::Relay
+                    && let Some(t) = &mut self.turn
+                {
+                    t.want_channel(from, now);
+                }
+                let id = self.add_pair(sender, base, from, kind, now);
+                self.reindex();
+                id
+            }
+        };
+        let Some(p) = self
+            .peers
+            .get_mut(&sender)
+            .and_then(|p| p.pairs.iter_mut().find(|p| p.id == id))
+        else {
+            return;
+        };
+        if p.inflight.is_none()
+            && (p.state != PairState::Succeeded || p.next_check > now + Duration::from_secs(1))
+        {
+            p.next_check = now;
+            self.peer_timers(sender, now);
+        }
+    }
+
+    fn on_check_response(&mut self, base: Base, from: SocketAddr, msg: &Message<'_>, now: Instant) {
+        let Some(&(key, id)) = self.checks.get(&msg.tid) else {
+            return;
+        };
+        let Some(peer) = self.peers.get_mut(&key) else {
+            return;
+        };
+        if !msg.verify(&peer.key) {
+            tracing::debug!(%from, "check response with a bad MESSAGE-INTEGRITY ignored");
+            return;
+        }
+        let Some(p) = peer.pairs.iter_mut().find(|p| p.id == id) else {
+            return;
+        };
+        // Only a response over the same base from the address we sent to counts (symmetric paths).
+        if p.base != base || p.remote != from {
+            return;
+        }
+        self.checks.remove(&msg.tid);
+        if msg.class == Class::Error {
+            return;
+        }
+        let Some((_, pend)) = p.inflight.take() else {
+            return;
+        };
+        p.rtt = Some(now.saturating_duration_since(pend.first_sent));
+        p.state = PairState::Succeeded;
+        p.fails = 0;
+        let selected = peer.selected == Some(id);
+        p.next_check = now
+            + if selected {
+                self.cfg.timers.keepalive
+            } else {
+                self.cfg.timers.recheck_ok
+            };
+        if base == Base::Socket
+            && let Some(m) = msg.xor_addr(attr::XOR_MAPPED_ADDRESS)
+        {
+            self.reflexive = Some(m);
+        }
+        self.reselect(key, now);
+    }
+
+    /// Chooses the best succeeded pair; moves only to a strictly better class (no flapping).
+    fn reselect(&mut self, key: PeerKey, now: Instant) {
+        let keepalive = self.cfg.timers.keepalive;
+        let Some(peer) = self.peers.get_mut(&key) else {
+            return;
+        };
+        let current = peer
+            .selected_pair()
+            .filter(|p| p.state == PairState::Succeeded);
+        let best = peer
+            .pairs
+            .iter()
+            .filter(|p| p.state == PairState::Succeeded)
+            .max_by(|a, b| a.rank().cmp(&b.rank()).then(b.rtt.cmp(&a.rtt)));
+        let new = match (current, best) {
+            (Some(c), Some(b)) if b.rank() > c.rank() => Some(b.id),
+            (Some(c), _) => Some(c.id),
+            (None, Some(b)) => Some(b.id),
+            (None, None) => None,
+        };
+        if new == peer.selected {
+            return;
+        }
+        let old = peer.selected;
+        peer.selected = new;
+        let path = new.and_then(|id| peer.pair(id)).map(Pair::path);
+        // Keepalives on the new selected pair; the old one falls back to the slower schedule.
+        for p in &mut peer.pairs {
+            if Some(p.id) == new && p.inflight.is_none() {
+                p.next_check = p.next_check.min(now + keepalive);
+            }
+        }
+        tracing::info!(peer = %hex(&key[..4]), ?path, had = old.is_some(), "path changed");
+        // Datagrams via our relay need a channel (cheaper framing than Send indications).
+        if let Some(p) = path
+            && p.base == Base::Relay
+            && let Some(t) = &mut self.turn
+        {
+            t.want_channel(p.remote, now);
+        }
+        self.events
+            .push_back(Event::PathChanged { peer: key, path });
+    }
+
+    fn find_pair(&self, key: &PeerKey, base: Base, remote: SocketAddr) -> Option<u64> {
+        self.peers
+            .get(key)?
+            .pairs
+            .iter()
+            .find(|p| p.base == base && p.remote == remote)
+            .map(|p| p.id)
+    }
+
+    /// The kind of an address a peer's check came from: a known candidate's kind, else peer-reflexive;
+    /// an unknown address on a relay (the peer's allocation moved) counts as relayed.
+    fn classify_remote(&self, key: &PeerKey, addr: SocketAddr) -> CandidateKind {
+        let Some(peer) = self.peers.get(key) else {
+            return CandidateKind::PeerReflexive;
+        };
+        if let Some(c) = peer.remote.iter().find(|c| c.addr == addr) {
+            return c.kind;
+        }
+        let relay_ips: Vec<IpAddr> = peer
+            .remote
+            .iter()
+            .filter(|c| c.kind == CandidateKind::Relayed)
+            .map(|c| c.addr.ip())
+            .chain(self.cfg.turn.iter().map(|t| t.server.ip()))
+            .collect();
+        if relay_ips.contains(&addr.ip()) {
+            CandidateKind::Relayed
+        } else {
+            CandidateKind::PeerReflexive
+        }
+    }
+
+    fn add_pairs_for(&mut self, key: PeerKey, c: Candidate, now: Instant) {
+        if self.cfg.host_candidates.contains(&c.addr) {
+            return;
+        }
+        if self.find_pair(&key, Base::Socket, c.addr).is_none() {
+            self.add_pair(key, Base::Socket, c.addr, c.kind, now);
+        }
+        let relay_ok = !(c.kind == CandidateKind::Host && is_private(c.addr.ip()));
+        let missing = self.find_pair(&key, Base::Relay, c.addr).is_none();
+        if relay_ok && let Some(t) = &mut self.turn {
+            t.want_permission(c.addr.ip(), now);
+            if t.relayed().is_some() && missing {
+                t.want_channel(c.addr, now);
+                self.add_pair(key, Base::Relay, c.addr, c.kind, now);
+            }
+        }
+    }
+
+    fn add_pair(
+        &mut self,
+        key: PeerKey,
+        base: Base,
+        remote: SocketAddr,
+        kind: CandidateKind,
+        now: Instant,
+    ) -> u64 {
+        let id = self.next_pair;
+        self.next_pair += 1;
+        if let Some(peer) = self.peers.get_mut(&key) {
+            peer.pairs.push(Pair {
+                id,
+                base,
+                remote,
+                remote_kind: kind,
+                state: PairState::Waiting,
+                inflight: None,
+                next_check: now,
+                fails: 0,
+                rtt: None,
+            });
+        }
+        id
+    }
+
+    fn reindex(&mut self) {
+        self.index.clear();
+        for (k, peer) in &self.peers {
+            for p in &peer.pairs {
+                self.index.insert((p.base, p.remote), *k);
+            }
+        }
+    }
+
+    fn drain_turn(&mut self, now: Instant) {
+        let mut evs = Vec::new();
+        if let Some(t) = &mut self.turn {
+            while let Some(e) = t.poll_event() {
+                evs.push(e);
+            }
+        }
+        for e in evs {
+            match e {
+                TurnEvent::Allocated { .. } => {
+                    let all: Vec<(PeerKey, Vec<Candidate>)> = self
+                        .peers
+                        .iter()
+                        .map(|(k, p)| (*k, p.remote.clone()))
+                        .collect();
+                    for (k, cands) in all {
+                        for c in cands {
+                            self.add_pairs_for(k, c, now);
+                        }
+                    }
+                    self.reindex();
+                }
+                TurnEvent::Lost { .. } => {
+                    let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
+                    for k in keys {
+                        let Some(peer) = self.peers.get_mut(&k) else {
+                            continue;
+                        };
+                        for p in peer.pairs.iter().filter(|p| p.base == Base::Relay) {
+                            if let Some((tid, _)) = &p.inflight {
+                                self.checks.remove(tid);
+                            }
+                        }
+                        peer.pairs.retain(|p| p.base != Base::Relay);
+                        if peer.selected.is_some_and(|id| peer.pair(id).is_none()) {
+                            peer.selected = None;
+                            for q in &mut peer.pairs {
+                                if q.inflight.is_none() {
+                                    q.next_check = now;
+                                }
+                            }
+                            self.events.push_back(Event::PathChanged {
+                                peer: k,
+                                path: None,
+                            });
+                        }
+                        self.reselect(k, now);
+                    }
+                    self.reindex();
+                }
+            }
+            self.publish_if_changed();
+        }
+    }
+
+    fn publish_if_changed(&mut self) {
+        let now = self.local_candidates();
+        if now != self.published {
+            self.published = now.clone();
+            self.events.push_back(Event::LocalCandidates(now));
+        }
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<PeerKey> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut k = [0u8; 32];
+    for (i, out) in k.iter_mut().enumerate() {
+        *out = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(k)
+}

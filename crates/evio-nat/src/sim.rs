@@ -1,0 +1,686 @@
+//! A simulated network for the agent: a fake clock, hosts with [`Agent`]s, NATs (endpoint-independent
+//! port-preserving or symmetric, both with port-restricted filtering and idle timeouts, like Linux
+//! `masquerade` / `masquerade random`), a STUN/TURN server model, latency and packet loss. Used by the unit
+//! tests; public so the tunnel's tests can reuse it.
+//!
+//! The TURN server model follows RFC 8656 closely enough to exercise the client (401 + realm/nonce,
+//! long-term MESSAGE-INTEGRITY, 437 on a second Allocate, permissions by IP, channels, Send/Data
+//! indications, ChannelData), but it is a test model: the integration tests run the real coturn.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+use crate::agent::{Agent, AgentConfig, Event, Input, PeerKey, Source, Timers, check_key};
+use crate::candidate::Candidate;
+use crate::demux;
+use crate::stun::{self, Builder, Class, Message, attr, method};
+use crate::turn::TurnConfig;
+
+/// How a simulated NAT maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NatType {
+    /// Endpoint-independent, port-preserving mapping (`masquerade`).
+    Easy,
+    /// A new random port per destination (`masquerade random`).
+    Symmetric,
+}
+
+#[derive(Debug)]
+struct Mapping {
+    internal: SocketAddr,
+    /// Remote endpoints the inside has sent to through this mapping (port-restricted filtering).
+    contacted: HashSet<SocketAddr>,
+    last: Instant,
+}
+
+/// A simulated NAT.
+#[derive(Debug)]
+pub struct Nat {
+    pub kind: NatType,
+    pub public_ip: IpAddr,
+    /// Idle timeout of a mapping.
+    pub timeout: Duration,
+    out: HashMap<(SocketAddr, Option<SocketAddr>), u16>,
+    ports: HashMap<u16, Mapping>,
+}
+
+impl Nat {
+    fn outbound(
+        &mut self,
+        src: SocketAddr,
+        dst: SocketAddr,
+        now: Instant,
+        rng: &mut StdRng,
+    ) -> SocketAddr {
+        self.expire(now);
+        let key = (
+            src,
+            if self.kind == NatType::Symmetric {
+                Some(dst)
+            } else {
+                None
+            },
+        );
+        let port = match self.out.get(&key) {
+            Some(p) => *p,
+            None => {
+                let mut p = if self.kind == NatType::Easy {
+                    src.port()
+                } else {
+                    rng.random_range(1024..65535)
+                };
+                while self.ports.contains_key(&p) {
+                    p = rng.random_range(1024..65535);
+                }
+                self.out.insert(key, p);
+                self.ports.insert(
+                    p,
+                    Mapping {
+                        internal: src,
+                        contacted: HashSet::new(),
+                        last: now,
+                    },
+                );
+                p
+            }
+        };
+        let m = self.ports.get_mut(&port).expect("mapping");
+        m.contacted.insert(dst);
+        m.last = now;
+        SocketAddr::new(self.public_ip, port)
+    }
+
+    fn inbound(&mut self, src: SocketAddr, port: u16, now: Instant) -> Option<SocketAddr> {
+        self.expire(now);
+        let m = self.ports.get_mut(&port)?;
+        if !m.contacted.contains(&src) {
+            return None;
+        }
+        m.last = now;
+        Some(m.internal)
+    }
+
+    fn expire(&mut self, now: Instant) {
+        let timeout = self.timeout;
+        let dead: Vec<u16> = self
+            .ports
+            .iter()
+            .filter(|(_, m)| now.duration_since(m.last) > timeout)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in dead {
+            self.ports.remove(&p);
+            self.out.retain(|_, v| *v != p);
+        }
+    }
+
+    /// Drops every mapping (`conntrack -F`).
+    pub fn flush(&mut self) {
+        self.out.clear();
+        self.ports.clear();
+    }
+}
+
+#[derive(Debug)]
+struct Alloc {
+    relayed: SocketAddr,
+    perms: HashSet<IpAddr>,
+    channels: HashMap<u16, SocketAddr>,
+}
+
+/// A STUN + TURN server model.
+#[derive(Debug)]
+pub struct TurnModel {
+    pub addr: SocketAddr,
+    pub user: String,
+    pub password: String,
+    pub realm: String,
+    pub up: bool,
+    nonce: String,
+    allocs: HashMap<SocketAddr, Alloc>,
+    by_relayed: HashMap<SocketAddr, SocketAddr>,
+    next_port: u16,
+    /// Datagrams relayed (both directions), for assertions.
+    pub relayed_datagrams: u64,
+}
+
+impl TurnModel {
+    fn key(&self) -> [u8; 16] {
+        stun::long_term_key(&self.user, &self.realm, &self.password)
+    }
+
+    /// Forgets every allocation (a server restart).
+    pub fn reset(&mut self) {
+        self.allocs.clear();
+        self.by_relayed.clear();
+    }
+
+    fn owns(&self, dst: SocketAddr) -> bool {
+        dst == self.addr || self.by_relayed.contains_key(&dst)
+    }
+
+    fn handle(&mut self, src: SocketAddr, dst: SocketAddr, data: &[u8]) -> Vec<Packet> {
+        if !self.up {
+            return vec![];
+        }
+        if dst != self.addr {
+            // From a peer to a relayed address.
+            let Some(client) = self.by_relayed.get(&dst).copied() else {
+                return vec![];
+            };
+            let a = &self.allocs[&client];
+            if !a.perms.contains(&src.ip()) {
+                return vec![];
+            }
+            self.relayed_datagrams += 1;
+            let payload = match a.channels.iter().find(|(_, p)| **p == src) {
+                Some((n, _)) => {
+                    let mut out = Vec::new();
+                    demux::encode_channel_data(*n, data, &mut out);
+                    out
+                }
+                None => Builder::new(
+                    Class::Indication,
+                    method::DATA,
+                    stun::TransactionId([9; 12]),
+                )
+                .xor_addr(attr::XOR_PEER_ADDRESS, src)
+                .attr(attr::DATA, data)
+                .finish(),
+            };
+            return vec![Packet {
+                src: self.addr,
+                dst: client,
+                payload,
+            }];
+        }
+        if let Some((n, payload)) = demux::channel_data(data) {
+            let Some(a) = self.allocs.get(&src) else {
+                return vec![];
+            };
+            let Some(peer) = a.channels.get(&n).copied() else {
+                return vec![];
+            };
+            self.relayed_datagrams += 1;
+            return vec![Packet {
+                src: a.relayed,
+                dst: peer,
+                payload: payload.to_vec(),
+            }];
+        }
+        let Ok(msg) = Message::decode(data) else {
+            return vec![];
+        };
+        let reply = |b: Builder| {
+            vec![Packet {
+                src: self.addr,
+                dst: src,
+                payload: b.fingerprint(),
+            }]
+        };
+        if msg.method == method::BINDING && msg.class == Class::Request {
+            return reply(
+                Builder::new(Class::Success, method::BINDING, msg.tid)
+                    .xor_addr(attr::XOR_MAPPED_ADDRESS, src),
+            );
+        }
+        if msg.class == Class::Indication && msg.method == method::SEND {
+            let (Some(peer), Some(d)) =
+                (msg.xor_addr(attr::XOR_PEER_ADDRESS), msg.attr(attr::DATA))
+            else {
+                return vec![];
+            };
+            let Some(a) = self.allocs.get(&src) else {
+                return vec![];
+            };
+            if !a.perms.contains(&peer.ip()) {
+                return vec![];
+            }
+            self.relayed_datagrams += 1;
+            return vec![Packet {
+                src: a.relayed,
+                dst: peer,
+                payload: d.to_vec(),
+            }];
+        }
+        if msg.class != Class::Request {
+            return vec![];
+        }
+        let key = self.key();
+        let err = |code: u16, with_nonce: bool| {
+            let mut b = Builder::new(Class::Error, msg.method, msg.tid).error(code, "error");
+            if with_nonce {
+                b = b
+                    .attr(attr::REALM, self.realm.as_bytes())
+                    .attr(attr::NONCE, self.nonce.as_bytes());
+            }
+            reply(b)
+        };
+        if msg.text(attr::USERNAME) != Some(self.user.as_str()) || !msg.verify(&key) {
+            return err(401, true);
+        }
+        if msg.text(attr::NONCE) != Some(self.nonce.as_str()) {
+            return err(438, true);
+        }
+        let ok = |b: Builder| {
+            vec![Packet {
+                src: self.addr,
+                dst: src,
+                payload: b.integrity(&key).fingerprint(),
+            }]
+        };
+        match msg.method {
+            method::ALLOCATE => {
+                if self.allocs.contains_key(&src) {
+                    return err(437, false);
+                }
+                let relayed = SocketAddr::new(self.addr.ip(), self.next_port);
+                self.next_port += 1;
+                self.allocs.insert(
+                    src,
+                    Alloc {
+                        relayed,
+                        perms: HashSet::new(),
+                        channels: HashMap::new(),
+                    },
+                );
+                self.by_relayed.insert(relayed, src);
+                ok(Builder::new(Class::Success, method::ALLOCATE, msg.tid)
+                    .xor_addr(attr::XOR_RELAYED_ADDRESS, relayed)
+                    .xor_addr(attr::XOR_MAPPED_ADDRESS, src)
+                    .u32_attr(attr::LIFETIME, 600))
+            }
+            method::REFRESH => {
+                if !self.allocs.contains_key(&src) {
+                    return err(437, false);
+                }
+                if msg.u32_attr(attr::LIFETIME) == Some(0) {
+                    let a = self.allocs.remove(&src).expect("alloc");
+                    self.by_relayed.remove(&a.relayed);
+                }
+                ok(Builder::new(Class::Success, method::REFRESH, msg.tid)
+                    .u32_attr(attr::LIFETIME, 600))
+            }
+            method::CREATE_PERMISSION => {
+                let Some(a) = self.allocs.get_mut(&src) else {
+                    return err(437, false);
+                };
+                let peers = msg.xor_addrs(attr::XOR_PEER_ADDRESS);
+                for p in peers {
+                    a.perms.insert(p.ip());
+                }
+                ok(Builder::new(
+                    Class::Success,
+                    method::CREATE_PERMISSION,
+                    msg.tid,
+                ))
+            }
+            method::CHANNEL_BIND => {
+                let Some(a) = self.allocs.get_mut(&src) else {
+                    return err(437, false);
+                };
+                let (Some(n), Some(peer)) = (
+                    msg.u32_attr(attr::CHANNEL_NUMBER),
+                    msg.xor_addr(attr::XOR_PEER_ADDRESS),
+                ) else {
+                    return err(400, false);
+                };
+                a.channels.insert((n >> 16) as u16, peer);
+                a.perms.insert(peer.ip());
+                ok(Builder::new(Class::Success, method::CHANNEL_BIND, msg.tid))
+            }
+            _ => err(400, false),
+        }
+    }
+}
+
+/// A datagram in flight.
+#[derive(Clone, Debug)]
+pub struct Packet {
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub payload: Vec<u8>,
+}
+
+/// A simulated host running an agent.
+#[derive(Debug)]
+pub struct Node {
+    pub key: PeerKey,
+    /// The socket's address (private behind a NAT).
+    pub addr: SocketAddr,
+    pub nat: Option<usize>,
+    pub agent: Agent,
+    /// Tunnel datagrams received: (identified peer, source, payload).
+    pub tunnel_rx: Vec<(Option<PeerKey>, Source, Vec<u8>)>,
+    /// Path changes seen, with the time.
+    pub path_events: Vec<(Duration, PeerKey, Option<crate::Path>)>,
+    /// Candidate lists published.
+    pub published: Vec<Vec<Candidate>>,
+}
+
+/// The simulated world.
+pub struct Sim {
+    pub start: Instant,
+    pub now: Instant,
+    pub nodes: Vec<Node>,
+    pub nats: Vec<Nat>,
+    pub turn: Option<TurnModel>,
+    /// One-way latency of every hop.
+    pub latency: Duration,
+    /// Probability of losing a datagram (0.0..1.0).
+    pub loss: f64,
+    /// Datagrams dropped by NAT filtering or routing (not by `loss`).
+    pub dropped: u64,
+    queue: BinaryHeap<Reverse<(Instant, u64, usize)>>,
+    packets: HashMap<usize, (Packet, Hop)>,
+    seq: u64,
+    rng: StdRng,
+    /// Exchange candidates automatically when a node publishes them (the etcd watch).
+    pub auto_introduce: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Hop {
+    /// Sent by node i (before its NAT).
+    FromNode(usize),
+    /// On the internet, with a public source.
+    Internet,
+}
+
+impl Sim {
+    pub fn new(seed: u64) -> Sim {
+        let now = Instant::now();
+        Sim {
+            start: now,
+            now,
+            nodes: Vec::new(),
+            nats: Vec::new(),
+            turn: None,
+            latency: Duration::from_millis(10),
+            loss: 0.0,
+            dropped: 0,
+            queue: BinaryHeap::new(),
+            packets: HashMap::new(),
+            seq: 0,
+            rng: StdRng::seed_from_u64(seed),
+            auto_introduce: true,
+        }
+    }
+
+    /// Adds the STUN/TURN server at `addr`.
+    pub fn add_turn(&mut self, addr: &str) {
+        self.turn = Some(TurnModel {
+            addr: addr.parse().expect("addr"),
+            user: "evio".into(),
+            password: "secret".into(),
+            realm: "evio".into(),
+            up: true,
+            nonce: "n0".into(),
+            allocs: HashMap::new(),
+            by_relayed: HashMap::new(),
+            next_port: 50000,
+            relayed_datagrams: 0,
+        });
+    }
+
+    /// Adds a NAT with public address `ip`; returns its index.
+    pub fn add_nat(&mut self, kind: NatType, ip: &str) -> usize {
+        self.nats.push(Nat {
+            kind,
+            public_ip: ip.parse().expect("ip"),
+            timeout: Duration::from_secs(30),
+            out: HashMap::new(),
+            ports: HashMap::new(),
+        });
+        self.nats.len() - 1
+    }
+
+    /// Adds a host with socket `addr` behind `nat` (or public), using the server for STUN and, if
+    /// `use_turn`, TURN. Returns its index.
+    pub fn add_node(&mut self, addr: &str, nat: Option<usize>, use_turn: bool) -> usize {
+        let addr: SocketAddr = addr.parse().expect("addr");
+        let mut key = [0u8; 32];
+        self.rng.fill(&mut key);
+        let (stun_servers, turn) = match &self.turn {
+            Some(t) => (
+                vec![t.addr],
+                use_turn.then(|| TurnConfig {
+                    server: t.addr,
+                    user: t.user.clone(),
+                    password: t.password.clone(),
+                }),
+            ),
+            None => (vec![], None),
+        };
+        let cfg = AgentConfig {
+            local_key: key,
+            host_candidates: vec![addr],
+            stun_servers,
+            turn,
+            timers: Timers::default(),
+        };
+        let seed = self.rng.random();
+        let agent = Agent::new(cfg, seed, self.now);
+        self.nodes.push(Node {
+            key,
+            addr,
+            nat,
+            agent,
+            tunnel_rx: Vec::new(),
+            path_events: Vec::new(),
+            published: Vec::new(),
+        });
+        let i = self.nodes.len() - 1;
+        self.flush_node(i);
+        i
+    }
+
+    /// The check key two simulated nodes share (a stand-in for their X25519 shared secret).
+    pub fn pair_key(a: &PeerKey, b: &PeerKey) -> [u8; 32] {
+        let mut secret = [0u8; 32];
+        for (i, s) in secret.iter_mut().enumerate() {
+            *s = a[i] ^ b[i];
+        }
+        check_key(&secret, a, b, None)
+    }
+
+    /// Tells every node about every other node's current candidates (what etcd does).
+    pub fn introduce_all(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.introduce(i);
+        }
+    }
+
+    /// Tells every other node about node `i`'s candidates.
+    pub fn introduce(&mut self, i: usize) {
+        let cands = self.nodes[i].agent.local_candidates();
+        let key = self.nodes[i].key;
+        for j in 0..self.nodes.len() {
+            if j != i {
+                let k = Self::pair_key(&key, &self.nodes[j].key);
+                let now = self.now;
+                self.nodes[j].agent.set_peer(key, k, cands.clone(), now);
+                self.flush_node(j);
+            }
+        }
+    }
+
+    fn enqueue(&mut self, p: Packet, hop: Hop) {
+        if self.loss > 0.0 && self.rng.random_bool(self.loss) {
+            return;
+        }
+        self.seq += 1;
+        let id = self.seq as usize;
+        self.packets.insert(id, (p, hop));
+        self.queue
+            .push(Reverse((self.now + self.latency, self.seq, id)));
+    }
+
+    /// Collects a node's datagrams and events.
+    fn flush_node(&mut self, i: usize) {
+        while let Some(t) = self.nodes[i].agent.poll_transmit() {
+            let src = self.nodes[i].addr;
+            self.enqueue(
+                Packet {
+                    src,
+                    dst: t.dst,
+                    payload: t.payload,
+                },
+                Hop::FromNode(i),
+            );
+        }
+        let mut republish = false;
+        while let Some(e) = self.nodes[i].agent.poll_event() {
+            let at = self.now - self.start;
+            match e {
+                Event::LocalCandidates(c) => {
+                    self.nodes[i].published.push(c);
+                    republish = true;
+                }
+                Event::PathChanged { peer, path } => {
+                    self.nodes[i].path_events.push((at, peer, path))
+                }
+            }
+        }
+        if republish && self.auto_introduce && self.nodes.len() > 1 {
+            self.introduce(i);
+        }
+    }
+
+    /// Sends a tunnel datagram from node `i` to node `j` along `i`'s selected path; false if none.
+    pub fn send_tunnel(&mut self, i: usize, j: usize, payload: &[u8]) -> bool {
+        let peer = self.nodes[j].key;
+        let Some(t) = self.nodes[i].agent.wrap(&peer, payload) else {
+            return false;
+        };
+        let src = self.nodes[i].addr;
+        self.enqueue(
+            Packet {
+                src,
+                dst: t.dst,
+                payload: t.payload,
+            },
+            Hop::FromNode(i),
+        );
+        true
+    }
+
+    fn node_by_addr(&self, a: SocketAddr, nat: Option<usize>) -> Option<usize> {
+        self.nodes.iter().position(|n| n.addr == a && n.nat == nat)
+    }
+
+    fn route(&mut self, p: Packet, hop: Hop) {
+        let now = self.now;
+        match hop {
+            Hop::FromNode(i) => {
+                let nat = self.nodes[i].nat;
+                // Same LAN (or same public segment): straight to the node.
+                if let Some(j) = self.node_by_addr(p.dst, nat) {
+                    return self.deliver(j, p);
+                }
+                match nat {
+                    Some(n) => {
+                        if p.dst.ip() == self.nats[n].public_ip
+                            || crate::candidate::is_private(p.dst.ip())
+                        {
+                            self.dropped += 1; // no hairpinning; private addresses do not route
+                            return;
+                        }
+                        let src = self.nats[n].outbound(p.src, p.dst, now, &mut self.rng);
+                        self.route(Packet { src, ..p }, Hop::Internet);
+                    }
+                    None => self.route(p, Hop::Internet),
+                }
+            }
+            Hop::Internet => {
+                if let Some(t) = &mut self.turn
+                    && t.owns(p.dst)
+                {
+                    for out in t.handle(p.src, p.dst, &p.payload) {
+                        self.enqueue(out, Hop::Internet);
+                    }
+                    return;
+                }
+                if let Some(n) = self.nats.iter().position(|n| n.public_ip == p.dst.ip()) {
+                    match self.nats[n].inbound(p.src, p.dst.port(), now) {
+                        Some(internal) => match self.node_by_addr(internal, Some(n)) {
+                            Some(j) => self.deliver(j, Packet { dst: internal, ..p }),
+                            None => self.dropped += 1,
+                        },
+                        None => self.dropped += 1,
+                    }
+                    return;
+                }
+                match self.node_by_addr(p.dst, None) {
+                    Some(j) => self.deliver(j, p),
+                    None => self.dropped += 1,
+                }
+            }
+        }
+    }
+
+    fn deliver(&mut self, j: usize, p: Packet) {
+        let now = self.now;
+        let node = &mut self.nodes[j];
+        match node.agent.handle_input(p.src, &p.payload, now) {
+            Input::Tunnel {
+                peer,
+                from,
+                payload,
+            } => node.tunnel_rx.push((peer, from, payload.to_vec())),
+            Input::Handled | Input::Unknown => {}
+        }
+        self.flush_node(j);
+    }
+
+    /// Runs the world until `self.now + d`.
+    pub fn run_for(&mut self, d: Duration) {
+        let end = self.now + d;
+        loop {
+            let next_pkt = self.queue.peek().map(|Reverse((t, _, _))| *t);
+            let next_timer = self
+                .nodes
+                .iter()
+                .filter_map(|n| n.agent.poll_timeout())
+                .min();
+            let next = [next_pkt, next_timer].into_iter().flatten().min();
+            let Some(next) = next.filter(|t| *t <= end) else {
+                self.now = end;
+                return;
+            };
+            self.now = self.now.max(next);
+            if next_pkt == Some(next) {
+                let Reverse((_, _, id)) = self.queue.pop().expect("peeked");
+                let (p, hop) = self.packets.remove(&id).expect("packet");
+                self.route(p, hop);
+            } else {
+                let now = self.now;
+                for i in 0..self.nodes.len() {
+                    if self.nodes[i].agent.poll_timeout().is_some_and(|t| t <= now) {
+                        self.nodes[i].agent.handle_timeout(now);
+                        self.flush_node(i);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The selected path of node `i` towards node `j`.
+    pub fn path(&self, i: usize, j: usize) -> Option<crate::Path> {
+        self.nodes[i].agent.path(&self.nodes[j].key)
+    }
+
+    /// Elapsed simulated time.
+    pub fn elapsed(&self) -> Duration {
+        self.now - self.start
+    }
+
+    /// A throw-away public address for tests.
+    pub fn ip(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+    }
+}

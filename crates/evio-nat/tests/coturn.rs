@@ -1,0 +1,484 @@
+//! The sans-IO client and agent over real UDP sockets in lab namespaces, against a real coturn.
+//! Run as root: `cargo test -p evio-nat --test coturn -- --nocapture` (prints the measured times).
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use evio_lab::{Host, Lab, NatKind, unique_prefix};
+use evio_nat::{
+    Agent, AgentConfig, Candidate, CandidateKind, Event, Input, PathKind, PeerKey, Source, Timers,
+    TurnClient, TurnConfig, TurnEvent, check_key,
+};
+use x25519_dalek::{PublicKey, StaticSecret};
+
+const WG: &[u8] = &[4, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
+
+/// One node: a real socket in a host namespace, driven by an agent.
+struct Node {
+    name: String,
+    sock: UdpSocket,
+    secret: StaticSecret,
+    key: PeerKey,
+    agent: Agent,
+    candidates: Vec<Candidate>,
+    started: Instant,
+    srflx_at: Option<Duration>,
+    relay_at: Option<Duration>,
+    tunnel_rx: Vec<(Option<PeerKey>, Source, Vec<u8>)>,
+}
+
+impl Node {
+    fn new(name: &str, host: &Host, lab: &Lab, turn: bool) -> Node {
+        let sock = host.udp_socket(0).unwrap();
+        sock.set_nonblocking(true).unwrap();
+        let port = sock.local_addr().unwrap().port();
+        let secret = StaticSecret::from(rand::random::<[u8; 32]>());
+        let key = PublicKey::from(&secret).to_bytes();
+        let t = lab.turn().unwrap();
+        let cfg = AgentConfig {
+            local_key: key,
+            host_candidates: vec![SocketAddr::from((host.ip, port))],
+            stun_servers: vec![t.addr],
+            turn: turn.then(|| TurnConfig {
+                server: t.addr,
+                user: t.user.clone(),
+                password: t.password.clone(),
+            }),
+            timers: Timers::default(),
+        };
+        let now = Instant::now();
+        let agent = Agent::new(cfg, rand::random(), now);
+        let candidates = agent.local_candidates();
+        Node {
+            name: name.to_string(),
+            sock,
+            secret,
+            key,
+            agent,
+            candidates,
+            started: now,
+            srflx_at: None,
+            relay_at: None,
+            tunnel_rx: Vec::new(),
+        }
+    }
+
+    /// One round of I/O: receive what is there, fire timers, send what the agent wants.
+    fn poll(&mut self) {
+        let mut buf = [0u8; 2048];
+        loop {
+            match self.sock.recv_from(&mut buf) {
+                Ok((n, from)) => {
+                    let now = Instant::now();
+                    if let Input::Tunnel {
+                        peer,
+                        from,
+                        payload,
+                    } = self.agent.handle_input(from, &buf[..n], now)
+                    {
+                        self.tunnel_rx.push((peer, from, payload.to_vec()));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{}: recv: {e}", self.name),
+            }
+        }
+        let now = Instant::now();
+        if self.agent.poll_timeout().is_some_and(|t| t <= now) {
+            self.agent.handle_timeout(now);
+        }
+        while let Some(t) = self.agent.poll_transmit() {
+            // A destination the namespace cannot route to (a peer's private host candidate) is fine.
+            let _ = self.sock.send_to(&t.payload, t.dst);
+        }
+        while let Some(e) = self.agent.poll_event() {
+            if let Event::LocalCandidates(c) = e {
+                let at = self.started.elapsed();
+                if self.srflx_at.is_none()
+                    && c.iter().any(|c| c.kind == CandidateKind::ServerReflexive)
+                {
+                    self.srflx_at = Some(at);
+                }
+                if self.relay_at.is_none() && c.iter().any(|c| c.kind == CandidateKind::Relayed) {
+                    self.relay_at = Some(at);
+                }
+                self.candidates = c;
+            }
+        }
+    }
+
+    fn send_tunnel(&mut self, to: &PeerKey) -> bool {
+        match self.agent.wrap(to, WG) {
+            Some(t) => self.sock.send_to(&t.payload, t.dst).is_ok(),
+            None => false,
+        }
+    }
+}
+
+/// Drives all nodes for `d`, re-introducing nodes whose candidates changed (what etcd would do).
+fn drive(nodes: &mut [Node], d: Duration, mut until: impl FnMut(&[Node]) -> bool) -> bool {
+    let end = Instant::now() + d;
+    let mut seen: HashMap<PeerKey, Vec<Candidate>> = HashMap::new();
+    while Instant::now() < end {
+        for n in nodes.iter_mut() {
+            n.poll();
+        }
+        introduce_changed(nodes, &mut seen);
+        if until(nodes) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    false
+}
+
+fn introduce_changed(nodes: &mut [Node], seen: &mut HashMap<PeerKey, Vec<Candidate>>) {
+    let now = Instant::now();
+    for i in 0..nodes.len() {
+        if seen.get(&nodes[i].key) == Some(&nodes[i].candidates) {
+            continue;
+        }
+        seen.insert(nodes[i].key, nodes[i].candidates.clone());
+        let (key, cands) = (nodes[i].key, nodes[i].candidates.clone());
+        for (j, n) in nodes.iter_mut().enumerate() {
+            if i != j {
+                let shared = n.secret.diffie_hellman(&PublicKey::from(key)).to_bytes();
+                let ck = check_key(&shared, &n.key, &key, None);
+                n.agent.set_peer(key, ck, cands.clone(), now);
+            }
+        }
+    }
+}
+
+fn path_kind(nodes: &[Node], a: usize, b: usize) -> Option<PathKind> {
+    nodes[a].agent.path(&nodes[b].key).map(|p| p.kind)
+}
+
+/// Sends a tunnel datagram each way (a few tries) and checks it arrives attributed to the sender.
+fn tunnel_works(nodes: &mut [Node], a: usize, b: usize) -> bool {
+    for (x, y) in [(a, b), (b, a)] {
+        let to = nodes[y].key;
+        let from = nodes[x].key;
+        let before = nodes[y].tunnel_rx.len();
+        let mut ok = false;
+        for _ in 0..10 {
+            nodes[x].send_tunnel(&to);
+            ok = drive(nodes, Duration::from_millis(100), |n| {
+                n[y].tunnel_rx[before..]
+                    .iter()
+                    .any(|(p, _, d)| d == WG && *p == Some(from))
+            });
+            if ok {
+                break;
+            }
+        }
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+#[test]
+fn stun_binding_behind_easy_nat_returns_the_nat_address() {
+    let lab = Lab::builder(&unique_prefix("nt"))
+        .turn(true)
+        .site(NatKind::EasyNat, 1)
+        .build()
+        .unwrap();
+    let host = lab.site_host(0, 0);
+    let mut nodes = vec![Node::new("a", host, &lab, false)];
+    let port = nodes[0].sock.local_addr().unwrap().port();
+    assert!(
+        drive(&mut nodes, Duration::from_secs(10), |n| n[0]
+            .srflx_at
+            .is_some()),
+        "no srflx"
+    );
+    let srflx: Vec<_> = nodes[0]
+        .candidates
+        .iter()
+        .filter(|c| c.kind == CandidateKind::ServerReflexive)
+        .collect();
+    assert_eq!(srflx.len(), 1);
+    assert_eq!(
+        srflx[0].addr,
+        SocketAddr::from((lab.site(0).wan_ip, port)),
+        "port-preserving NAT mapping"
+    );
+    eprintln!(
+        "BENCH time to srflx (easy NAT, coturn): {:?}",
+        nodes[0].srflx_at.unwrap()
+    );
+}
+
+/// A bare TURN client over a real socket: allocate, permission, channel, data both ways.
+#[test]
+fn turn_relays_between_symmetric_nat_host_and_public_host() {
+    let lab = Lab::builder(&unique_prefix("nt"))
+        .turn(true)
+        .site(NatKind::Symmetric, 1)
+        .public_hosts(1)
+        .build()
+        .unwrap();
+    let t = lab.turn().unwrap();
+    let a = lab.site_host(0, 0).udp_socket(0).unwrap();
+    let p = lab.public_hosts()[0].udp_socket(7000).unwrap();
+    let p_addr = SocketAddr::from((lab.public_hosts()[0].ip, 7000));
+    a.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
+    p.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
+    let cfg = TurnConfig {
+        server: t.addr,
+        user: t.user.clone(),
+        password: t.password.clone(),
+    };
+    let t0 = Instant::now();
+    let mut c = TurnClient::new(cfg, rand::random(), t0);
+    let mut buf = [0u8; 2048];
+    let mut data_in = Vec::new();
+    let mut events = Vec::new();
+    let step = |c: &mut TurnClient,
+                data_in: &mut Vec<(SocketAddr, Vec<u8>)>,
+                events: &mut Vec<TurnEvent>| {
+        while let Some(tx) = c.poll_transmit() {
+            a.send_to(&tx.payload, tx.dst).unwrap();
+        }
+        let mut rbuf = [0u8; 2048];
+        if let Ok((n, from)) = a.recv_from(&mut rbuf)
+            && let evio_nat::turn::TurnInput::Data { peer, payload } =
+                c.handle_input(from, &rbuf[..n], Instant::now())
+        {
+            data_in.push((peer, payload.to_vec()));
+        }
+        let now = Instant::now();
+        if c.poll_timeout().is_some_and(|x| x <= now) {
+            c.handle_timeout(now);
+        }
+        while let Some(e) = c.poll_event() {
+            events.push(e);
+        }
+    };
+    let end = Instant::now() + Duration::from_secs(10);
+    while c.relayed().is_none() && Instant::now() < end {
+        step(&mut c, &mut data_in, &mut events);
+    }
+    let relayed = c
+        .relayed()
+        .unwrap_or_else(|| panic!("no allocation; coturn log:\n{}", t.log()));
+    let alloc_time = t0.elapsed();
+    assert_eq!(relayed.ip(), t.addr.ip());
+    let mapped = c.mapped().unwrap();
+    assert_eq!(mapped.ip(), std::net::IpAddr::V4(lab.site(0).wan_ip));
+    assert!(matches!(events[0], TurnEvent::Allocated { .. }));
+
+    // Permission first: a Send indication reaches the public host from the relayed address.
+    c.want_permission(p_addr.ip(), Instant::now());
+    let end = Instant::now() + Duration::from_secs(5);
+    while !c.can_send(p_addr) && Instant::now() < end {
+        step(&mut c, &mut data_in, &mut events);
+    }
+    let tx = c
+        .wrap(p_addr, b"via send indication")
+        .expect("permission installed");
+    assert!(evio_nat::stun::is_stun(&tx.payload));
+    a.send_to(&tx.payload, tx.dst).unwrap();
+    p.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let (n, from) = p.recv_from(&mut buf).expect("relayed datagram");
+    assert_eq!((&buf[..n], from), (&b"via send indication"[..], relayed));
+
+    // A reply to the relayed address comes back as a Data indication.
+    p.send_to(b"reply 1", relayed).unwrap();
+    let end = Instant::now() + Duration::from_secs(3);
+    while data_in.is_empty() && Instant::now() < end {
+        step(&mut c, &mut data_in, &mut events);
+    }
+    assert_eq!(data_in.first(), Some(&(p_addr, b"reply 1".to_vec())));
+
+    // Channel: ChannelData both ways.
+    let t1 = Instant::now();
+    c.want_channel(p_addr, Instant::now());
+    let end = Instant::now() + Duration::from_secs(5);
+    while c.channel(p_addr).is_none() && Instant::now() < end {
+        step(&mut c, &mut data_in, &mut events);
+    }
+    let ch = c.channel(p_addr).expect("channel bound");
+    let channel_time = t1.elapsed();
+    let tx = c.wrap(p_addr, b"via channel").unwrap();
+    assert_eq!(
+        evio_nat::demux::channel_data(&tx.payload),
+        Some((ch, &b"via channel"[..]))
+    );
+    a.send_to(&tx.payload, tx.dst).unwrap();
+    let (n, from) = p.recv_from(&mut buf).expect("relayed datagram");
+    assert_eq!((&buf[..n], from), (&b"via channel"[..], relayed));
+    p.send_to(b"reply 2", relayed).unwrap();
+    let end = Instant::now() + Duration::from_secs(3);
+    while data_in.len() < 2 && Instant::now() < end {
+        step(&mut c, &mut data_in, &mut events);
+    }
+    assert_eq!(data_in.get(1), Some(&(p_addr, b"reply 2".to_vec())));
+
+    // Refresh is accepted (authenticated with the current nonce) and the allocation stays.
+    c.probe(Instant::now());
+    let end = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < end {
+        step(&mut c, &mut data_in, &mut events);
+    }
+    assert_eq!(c.relayed(), Some(relayed));
+    assert_eq!(events.len(), 1, "{events:?}");
+    eprintln!(
+        "BENCH time to TURN allocation (symmetric NAT, coturn): {alloc_time:?}; channel bind: {channel_time:?}"
+    );
+
+    // A wrong password gets no allocation.
+    let bad = TurnConfig {
+        server: t.addr,
+        user: t.user.clone(),
+        password: "wrong".into(),
+    };
+    let mut c2 = TurnClient::new(bad, rand::random(), Instant::now());
+    let end = Instant::now() + Duration::from_secs(2);
+    let mut ev2 = Vec::new();
+    while Instant::now() < end {
+        step(&mut c2, &mut data_in, &mut ev2);
+    }
+    assert!(c2.relayed().is_none());
+}
+
+#[test]
+fn hole_punching_between_easy_nats_not_between_symmetric_nats() {
+    let lab = Lab::builder(&unique_prefix("nt"))
+        .turn(true)
+        .site(NatKind::EasyNat, 1)
+        .site(NatKind::EasyNat, 1)
+        .site(NatKind::Symmetric, 1)
+        .site(NatKind::Symmetric, 1)
+        .build()
+        .unwrap();
+    // No TURN: only direct paths are possible.
+    let mut nodes: Vec<Node> = (0..4)
+        .map(|i| Node::new(&format!("n{i}"), lab.site_host(i, 0), &lab, false))
+        .collect();
+    // Wait for the srflx candidates before introducing (as eviod publishes after gathering).
+    assert!(drive(&mut nodes, Duration::from_secs(10), |n| n
+        .iter()
+        .all(|x| x.srflx_at.is_some())));
+    let t0 = Instant::now();
+    let direct = drive(&mut nodes, Duration::from_secs(10), |n| {
+        path_kind(n, 0, 1) == Some(PathKind::Direct) && path_kind(n, 1, 0) == Some(PathKind::Direct)
+    });
+    assert!(direct, "easy <-> easy: no direct path");
+    let punch = t0.elapsed();
+    assert!(tunnel_works(&mut nodes, 0, 1));
+    // Symmetric <-> symmetric never gets a path without a relay (and neither does symmetric <-> easy with
+    // port-restricted filtering).
+    drive(&mut nodes, Duration::from_secs(8), |_| false);
+    assert_eq!(path_kind(&nodes, 2, 3), None);
+    assert_eq!(path_kind(&nodes, 3, 2), None);
+    assert_eq!(path_kind(&nodes, 0, 2), None);
+    eprintln!("BENCH time to direct path (easy <-> easy, hole punching): {punch:?}");
+}
+
+/// The matrix of issue 5 at the NAT layer, with the relay: same-NAT, easy/easy, symmetric, public.
+#[test]
+fn matrix_relay_flush_and_turn_loss() {
+    let mut lab = Lab::builder(&unique_prefix("nt"))
+        .turn(true)
+        .site(NatKind::EasyNat, 2)
+        .site(NatKind::EasyNat, 1)
+        .site(NatKind::Symmetric, 1)
+        .public_hosts(1)
+        .build()
+        .unwrap();
+    let hosts = [
+        lab.site_host(0, 0),
+        lab.site_host(0, 1),
+        lab.site_host(1, 0),
+        lab.site_host(2, 0),
+        &lab.public_hosts()[0],
+    ];
+    let mut nodes: Vec<Node> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| Node::new(&format!("n{i}"), h, &lab, true))
+        .collect();
+    // (a, b, expected): 0,1 same NAT; 0,2 easy-easy; 2,3 easy-symmetric; 3,4 symmetric-public; 0,4 easy-public.
+    let expect = [
+        (0, 1, PathKind::Direct),
+        (0, 2, PathKind::Direct),
+        (1, 2, PathKind::Direct),
+        (2, 3, PathKind::Relay),
+        (0, 3, PathKind::Relay),
+        (3, 4, PathKind::Direct),
+        (0, 4, PathKind::Direct),
+        (2, 4, PathKind::Direct),
+    ];
+    let t0 = Instant::now();
+    let ok = drive(&mut nodes, Duration::from_secs(20), |n| {
+        expect
+            .iter()
+            .all(|&(a, b, k)| path_kind(n, a, b) == Some(k) && path_kind(n, b, a) == Some(k))
+    });
+    let got: Vec<_> = expect
+        .iter()
+        .map(|&(a, b, _)| (a, b, path_kind(&nodes, a, b), path_kind(&nodes, b, a)))
+        .collect();
+    assert!(ok, "paths: {got:?}");
+    let all_paths = t0.elapsed();
+    // Give relayed pairs a moment to settle, then check every expected pair carries tunnel datagrams.
+    drive(&mut nodes, Duration::from_secs(1), |_| false);
+    for &(a, b, _) in &expect {
+        assert!(tunnel_works(&mut nodes, a, b), "tunnel {a} <-> {b}");
+    }
+    let same_nat = nodes[0].agent.path(&nodes[1].key).unwrap();
+    assert_eq!(same_nat.remote_kind, CandidateKind::Host);
+    eprintln!(
+        "BENCH matrix: srflx {:?}, relay {:?}, all paths {all_paths:?}",
+        // The public host's reflexive address is its host address: no separate srflx candidate.
+        nodes.iter().filter_map(|n| n.srflx_at).max(),
+        nodes.iter().filter_map(|n| n.relay_at).max()
+    );
+
+    // Flush the symmetric NAT: every mapping of node 3 changes, its relayed paths heal.
+    lab.site(2).flush_conntrack().unwrap();
+    let t1 = Instant::now();
+    let healed = (0..30).any(|_| tunnel_works(&mut nodes, 2, 3) && tunnel_works(&mut nodes, 3, 4));
+    assert!(healed, "symmetric NAT flush did not heal");
+    eprintln!(
+        "BENCH heal after conntrack flush of the symmetric NAT: {:?}",
+        t1.elapsed()
+    );
+    // Flush an easy NAT too.
+    lab.site(1).flush_conntrack().unwrap();
+    let t2 = Instant::now();
+    assert!(
+        (0..30).any(|_| tunnel_works(&mut nodes, 0, 2)),
+        "easy NAT flush did not heal"
+    );
+    eprintln!(
+        "BENCH heal after conntrack flush of an easy NAT: {:?}",
+        t2.elapsed()
+    );
+
+    // Kill coturn: direct paths keep working, on the same path.
+    let before: Vec<_> = [(0, 2), (3, 4), (0, 1)]
+        .iter()
+        .map(|&(a, b)| nodes[a].agent.path(&nodes[b].key))
+        .collect();
+    lab.turn_mut().unwrap().kill();
+    drive(&mut nodes, Duration::from_secs(12), |_| false);
+    for (i, &(a, b)) in [(0, 2), (3, 4), (0, 1)].iter().enumerate() {
+        assert_eq!(
+            nodes[a]
+                .agent
+                .path(&nodes[b].key)
+                .map(|p| (p.kind, p.remote)),
+            before[i].map(|p| (p.kind, p.remote))
+        );
+        assert!(
+            tunnel_works(&mut nodes, a, b),
+            "direct {a} <-> {b} broke with the relay down"
+        );
+    }
+}

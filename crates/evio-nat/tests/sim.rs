@@ -1,0 +1,325 @@
+//! The traversal logic in a simulated network with a fake clock: modelled NATs (easy, symmetric), a
+//! STUN/TURN server model, packet loss. `cargo test -p evio-nat --test sim` (no root needed).
+
+use std::time::Duration;
+
+use evio_nat::sim::{NatType, Sim};
+use evio_nat::{Base, CandidateKind, PairState, PathKind, Source};
+
+const WG: &[u8] = &[4, 0, 0, 0, 0xAB, 0xCD, 0xEF, 0x01, 0x23];
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+/// Runs until both directions have a path of `kind` (or `limit` passes); returns the time it took.
+fn until_paths(
+    sim: &mut Sim,
+    a: usize,
+    b: usize,
+    kind: PathKind,
+    limit: Duration,
+) -> Option<Duration> {
+    let t0 = sim.elapsed();
+    while sim.elapsed() - t0 < limit {
+        sim.run_for(Duration::from_millis(50));
+        let ok = |p: Option<evio_nat::Path>| p.is_some_and(|p| p.kind == kind);
+        if ok(sim.path(a, b)) && ok(sim.path(b, a)) {
+            return Some(sim.elapsed() - t0);
+        }
+    }
+    None
+}
+
+/// Sends a tunnel datagram each way and checks it arrives, attributed to the right peer.
+fn assert_tunnel(sim: &mut Sim, a: usize, b: usize) {
+    for (x, y) in [(a, b), (b, a)] {
+        let before = sim.nodes[y].tunnel_rx.len();
+        assert!(sim.send_tunnel(x, y, WG), "node {x} has no path to {y}");
+        sim.run_for(Duration::from_millis(200));
+        let rx = &sim.nodes[y].tunnel_rx[before..];
+        assert!(
+            rx.iter()
+                .any(|(peer, _, p)| p == WG && *peer == Some(sim.nodes[x].key)),
+            "datagram {x}->{y} lost or not attributed: {rx:?}"
+        );
+    }
+}
+
+/// Time until tunnel datagrams get through both ways again (tried every 250 ms), or `None` after `limit`.
+fn heal_time(sim: &mut Sim, a: usize, b: usize, limit: Duration) -> Option<Duration> {
+    let t0 = sim.elapsed();
+    let mut ok = [false, false];
+    while sim.elapsed() - t0 < limit {
+        for (k, (x, y)) in [(a, b), (b, a)].into_iter().enumerate() {
+            let before = sim.nodes[y].tunnel_rx.len();
+            if !ok[k] && sim.send_tunnel(x, y, WG) {
+                sim.run_for(Duration::from_millis(100));
+                ok[k] = sim.nodes[y].tunnel_rx.len() > before;
+            }
+        }
+        if ok == [true, true] {
+            return Some(sim.elapsed() - t0);
+        }
+        sim.run_for(Duration::from_millis(150));
+    }
+    None
+}
+
+fn world(seed: u64) -> Sim {
+    let mut sim = Sim::new(seed);
+    sim.add_turn("198.18.0.1:3478");
+    sim
+}
+
+#[test]
+fn two_easy_nats_go_direct() {
+    let mut sim = world(1);
+    let na = sim.add_nat(NatType::Easy, "198.18.1.1");
+    let nb = sim.add_nat(NatType::Easy, "198.18.1.2");
+    let a = sim.add_node("192.168.1.2:51820", Some(na), true);
+    let b = sim.add_node("192.168.2.2:51820", Some(nb), true);
+    sim.run_for(secs(1));
+    sim.introduce_all();
+    let t = until_paths(&mut sim, a, b, PathKind::Direct, secs(10)).expect("direct path");
+    assert!(t < secs(3), "took {t:?}");
+    let p = sim.path(a, b).unwrap();
+    assert_eq!(
+        p.remote.ip(),
+        "198.18.1.2".parse::<std::net::IpAddr>().unwrap()
+    );
+    // Relay pairs worked too: direct was chosen over them.
+    sim.run_for(secs(3));
+    let pairs = sim.nodes[a].agent.pairs(&sim.nodes[b].key);
+    assert!(
+        pairs
+            .iter()
+            .any(|p| p.base == Base::Relay && p.state == PairState::Succeeded),
+        "{pairs:#?}"
+    );
+    assert_tunnel(&mut sim, a, b);
+    // Stays direct, with keepalives, for a minute (longer than the NAT timeout).
+    sim.run_for(secs(60));
+    assert_eq!(sim.path(a, b).unwrap().kind, PathKind::Direct);
+    assert_tunnel(&mut sim, a, b);
+}
+
+#[test]
+fn symmetric_and_easy_use_the_relay() {
+    let mut sim = world(2);
+    let na = sim.add_nat(NatType::Symmetric, "198.18.1.1");
+    let nb = sim.add_nat(NatType::Easy, "198.18.1.2");
+    let a = sim.add_node("192.168.1.2:51820", Some(na), true);
+    let b = sim.add_node("192.168.2.2:51820", Some(nb), true);
+    sim.run_for(secs(1));
+    sim.introduce_all();
+    until_paths(&mut sim, a, b, PathKind::Relay, secs(10)).expect("relay path");
+    let before = sim.turn.as_ref().unwrap().relayed_datagrams;
+    assert_tunnel(&mut sim, a, b);
+    assert!(
+        sim.turn.as_ref().unwrap().relayed_datagrams > before,
+        "tunnel traffic did not use the relay"
+    );
+    // Port-restricted filtering against a symmetric mapping: direct never works; stays relayed.
+    sim.run_for(secs(60));
+    let pairs = sim.nodes[a].agent.pairs(&sim.nodes[b].key);
+    let direct: Vec<_> = pairs
+        .iter()
+        .filter(|p| p.base == Base::Socket && p.remote_kind != CandidateKind::Relayed)
+        .collect();
+    assert!(
+        !direct.is_empty() && direct.iter().all(|p| p.state != PairState::Succeeded),
+        "{pairs:#?}"
+    );
+    assert!(sim.dropped > 0);
+    assert_eq!(sim.path(a, b).unwrap().kind, PathKind::Relay);
+    assert_eq!(sim.path(b, a).unwrap().kind, PathKind::Relay);
+}
+
+#[test]
+fn symmetric_to_symmetric_needs_the_relay_and_fails_without() {
+    let mut sim = world(3);
+    let na = sim.add_nat(NatType::Symmetric, "198.18.1.1");
+    let nb = sim.add_nat(NatType::Symmetric, "198.18.1.2");
+    let a = sim.add_node("192.168.1.2:51820", Some(na), true);
+    let b = sim.add_node("192.168.2.2:51820", Some(nb), true);
+    sim.run_for(secs(1));
+    sim.introduce_all();
+    until_paths(&mut sim, a, b, PathKind::Relay, secs(10)).expect("relay path");
+    assert_tunnel(&mut sim, a, b);
+
+    // The same without TURN: no path at all.
+    let mut sim = world(4);
+    let na = sim.add_nat(NatType::Symmetric, "198.18.1.1");
+    let nb = sim.add_nat(NatType::Symmetric, "198.18.1.2");
+    let a = sim.add_node("192.168.1.2:51820", Some(na), false);
+    let b = sim.add_node("192.168.2.2:51820", Some(nb), false);
+    sim.run_for(secs(1));
+    sim.introduce_all();
+    sim.run_for(secs(20));
+    assert_eq!(sim.path(a, b), None);
+    assert_eq!(sim.path(b, a), None);
+}
+
+#[test]
+fn public_host_reaches_natted_hosts_directly() {
+    let mut sim = world(5);
+    let ns = sim.add_nat(NatType::Symmetric, "198.18.1.1");
+    let ne = sim.add_nat(NatType::Easy, "198.18.1.2");
+    let s = sim.add_node("192.168.1.2:51820", Some(ns), true);
+    let e = sim.add_node("192.168.2.2:51820", Some(ne), true);
+    let p = sim.add_node("198.18.2.1:51820", None, true);
+    sim.run_for(secs(1));
+    sim.introduce_all();
+    until_paths(&mut sim, p, s, PathKind::Direct, secs(10)).expect("public <-> symmetric direct");
+    until_paths(&mut sim, p, e, PathKind::Direct, secs(10)).expect("public <-> easy direct");
+    // The public host learned the symmetric NAT's per-destination port as a peer-reflexive address.
+    assert_eq!(
+        sim.path(p, s).unwrap().remote_kind,
+        CandidateKind::PeerReflexive
+    );
+    assert_tunnel(&mut sim, p, s);
+    assert_tunnel(&mut sim, p, e);
+}
+
+#[test]
+fn hosts_behind_one_nat_talk_over_the_lan() {
+    let mut sim = world(6);
+    let n = sim.add_nat(NatType::Easy, "198.18.1.1");
+    let a = sim.add_node("192.168.1.2:51820", Some(n), true);
+    let b = sim.add_node("192.168.1.3:51820", Some(n), true);
+    sim.run_for(secs(1));
+    sim.introduce_all();
+    until_paths(&mut sim, a, b, PathKind::Direct, secs(10)).expect("direct");
+    sim.run_for(secs(3));
+    let p = sim.path(a, b).unwrap();
+    assert_eq!(
+        (p.remote_kind, p.remote),
+        (CandidateKind::Host, "192.168.1.3:51820".parse().unwrap())
+    );
+    assert_tunnel(&mut sim, a, b);
+    assert!(
+        matches!(sim.nodes[b].tunnel_rx.last().unwrap().1, Source::Direct(x) if x == sim.nodes[a].addr)
+    );
+}
+
+#[test]
+fn direct_path_survives_nat_flush() {
+    let mut sim = world(7);
+    let na = sim.add_nat(NatType::Easy, "198.18.1.1");
+    let nb = sim.add_nat(NatType::Easy, "198.18.1.2");
+    let a = sim.add_node("192.168.1.2:51820", Some(na), true);
+    let b = sim.add_node("192.168.2.2:51820", Some(nb), true);
+    sim.run_for(secs(1));
+    sim.introduce_all();
+    until_paths(&mut sim, a, b, PathKind::Direct, secs(10)).expect("direct");
+    sim.run_for(secs(5));
+    sim.nats[na].flush();
+    sim.nats[nb].flush();
+    // Both mappings gone at once: the next keepalives open them again.
+    let t = heal_time(&mut sim, a, b, secs(20)).expect("healed");
+    assert!(t < secs(10), "took {t:?}");
+    sim.run_for(secs(10));
+    assert_eq!(sim.path(a, b).unwrap().kind, PathKind::Direct);
+    assert_tunnel(&mut sim, a, b);
+    eprintln!("direct path after a double flush: {t:?}");
+}
+
+#[test]
+fn relayed_path_heals_after_symmetric_nat_flush() {
+    let mut sim = world(8);
+    let na = sim.add_nat(NatType::Symmetric, "198.18.1.1");
+    let nb = sim.add_nat(NatType::Symmetric, "198.18.1.2");
+    let a = sim.add_node("192.168.1.2:51820", Some(na), true);
+    let b = sim.add_node("192.168.2.2:51820", Some(nb), true);
+    sim.run_for(secs(1));
+    sim.introduce_all();
+    until_paths(&mut sim, a, b, PathKind::Relay, secs(10)).expect("relay");
+    sim.run_for(secs(5));
+    sim.nats[na].flush();
+    // New random ports for everything of A, including its TURN allocation's 5-tuple.
+    let relayed = sim.nodes[a].agent.turn().unwrap().relayed().unwrap();
+    let t = heal_time(&mut sim, a, b, secs(30)).expect("relay path healed");
+    eprintln!("relayed path after a symmetric NAT flush: {t:?}");
+    assert!(t < secs(20), "took {t:?}");
+    sim.run_for(secs(20));
+    // A noticed its mapping towards the server changed and allocated again.
+    assert_ne!(sim.nodes[a].agent.turn().unwrap().relayed(), Some(relayed));
+    assert!(sim.nodes[a].agent.turn().unwrap().relayed().is_some());
+    assert_tunnel(&mut sim, a, b);
+}
+
+#[test]
+fn relay_server_loss_leaves_direct_paths_alone() {
+    let mut sim = world(9);
+    let na = sim.add_nat(NatType::Easy, "198.18.1.1");
+    let nb = sim.add_nat(NatType::Easy, "198.18.1.2");
+    let nc = sim.add_nat(NatType::Symmetric, "198.18.1.3");
+    let a = sim.add_node("192.168.1.2:51820", Some(na), true);
+    let b = sim.add_node("192.168.2.2:51820", Some(nb), true);
+    let c = sim.add_node("192.168.3.2:51820", Some(nc), true);
+    sim.run_for(secs(1));
+    sim.introduce_all();
+    until_paths(&mut sim, a, b, PathKind::Direct, secs(10)).expect("direct");
+    until_paths(&mut sim, a, c, PathKind::Relay, secs(10)).expect("relay");
+    let changes = sim.nodes[a]
+        .path_events
+        .iter()
+        .filter(|e| e.1 == sim.nodes[b].key)
+        .count();
+    sim.turn.as_mut().unwrap().up = false;
+    sim.run_for(secs(60));
+    assert_eq!(sim.path(a, b).unwrap().kind, PathKind::Direct);
+    let after = sim.nodes[a]
+        .path_events
+        .iter()
+        .filter(|e| e.1 == sim.nodes[b].key)
+        .count();
+    assert_eq!(
+        changes, after,
+        "the direct path changed while the relay died"
+    );
+    assert_tunnel(&mut sim, a, b);
+    // The relayed peer has no path now; it comes back with the server (new allocations).
+    assert_eq!(sim.path(a, c), None);
+    let t = sim.turn.as_mut().unwrap();
+    t.up = true;
+    t.reset();
+    until_paths(&mut sim, a, c, PathKind::Relay, secs(60)).expect("relay back");
+    assert_tunnel(&mut sim, a, c);
+}
+
+#[test]
+fn packet_loss_still_finds_the_direct_path() {
+    let mut sim = world(10);
+    sim.loss = 0.2;
+    let na = sim.add_nat(NatType::Easy, "198.18.1.1");
+    let nb = sim.add_nat(NatType::Easy, "198.18.1.2");
+    let a = sim.add_node("192.168.1.2:51820", Some(na), true);
+    let b = sim.add_node("192.168.2.2:51820", Some(nb), true);
+    sim.run_for(secs(2));
+    sim.introduce_all();
+    until_paths(&mut sim, a, b, PathKind::Direct, secs(20)).expect("direct despite loss");
+    sim.run_for(secs(60));
+    assert_eq!(sim.path(a, b).unwrap().kind, PathKind::Direct);
+    sim.loss = 0.0;
+    assert_tunnel(&mut sim, a, b);
+}
+
+#[test]
+fn relayed_peer_moves_to_direct_when_it_opens() {
+    let mut sim = world(11);
+    let na = sim.add_nat(NatType::Symmetric, "198.18.1.1");
+    let nb = sim.add_nat(NatType::Easy, "198.18.1.2");
+    let a = sim.add_node("192.168.1.2:51820", Some(na), true);
+    let b = sim.add_node("192.168.2.2:51820", Some(nb), true);
+    sim.run_for(secs(1));
+    sim.introduce_all();
+    until_paths(&mut sim, a, b, PathKind::Relay, secs(10)).expect("relay");
+    // The site replaces its NAT by a port-preserving one (mappings lost too).
+    sim.nats[na].kind = NatType::Easy;
+    sim.nats[na].flush();
+    let t = until_paths(&mut sim, a, b, PathKind::Direct, secs(60)).expect("moved to direct");
+    assert_tunnel(&mut sim, a, b);
+    eprintln!("relay -> direct after {t:?}");
+}
