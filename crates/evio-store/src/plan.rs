@@ -191,6 +191,14 @@ impl SubnetPlan {
         (0..self.len()).find(|i| !taken.contains(i))
     }
 
+    /// Up to `window` of the lowest indices not in `taken`, lowest first.
+    pub fn lowest_free_n(&self, taken: &std::collections::HashSet<u64>, window: usize) -> Vec<u64> {
+        (0..self.len())
+            .filter(|i| !taken.contains(i))
+            .take(window)
+            .collect()
+    }
+
     /// All node subnets, lowest first.
     pub fn iter(&self) -> impl Iterator<Item = NodeSubnet> + '_ {
         (0..self.len()).filter_map(|i| self.subnet(i))

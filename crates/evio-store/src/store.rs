@@ -22,6 +22,25 @@ use crate::records::{AddressClaim, NodeRecord, SubnetClaim, unix_now};
 /// this bounds nothing in practice with a few thousand nodes; it only stops a livelock.
 const MAX_ATTEMPTS: u32 = 10_000;
 
+/// How many of the lowest free subnets a claimer that lost a race chooses from.
+const CONTENTION_WINDOW: usize = 64;
+
+/// A pseudo-random number from the node name, the attempt and the clock (no cryptographic need: it only
+/// spreads concurrent claimers over different subnets).
+fn spread(node: &str, attempt: u32) -> usize {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write(node.as_bytes());
+    h.write_u32(attempt);
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish() as usize
+}
+
 /// How to reach etcd.
 #[derive(Debug, Clone)]
 pub struct EtcdOptions {
@@ -294,7 +313,15 @@ impl Store {
                 }
                 return Ok(claim);
             }
-            let Some(index) = plan.lowest_free(&taken) else {
+            // Lowest free first. A claimer that just lost a race picks at random among the lowest free
+            // subnets instead, so hundreds of simultaneous claimers do not all retry on the same one (each
+            // round costs an etcd commit); the pool still fills from the bottom.
+            let free = plan.lowest_free_n(&taken, if attempt == 0 { 1 } else { CONTENTION_WINDOW });
+            let Some(&index) = free.get(if free.is_empty() {
+                0
+            } else {
+                spread(node, attempt) % free.len()
+            }) else {
                 let held = self
                     .subnet_claims()
                     .await

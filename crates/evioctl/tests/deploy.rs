@@ -24,11 +24,17 @@ fn validate(path: &Path) -> Output {
         .arg("--strict")
         .arg(path)
         .output()
-        .expect("kubernetes-validate is missing: run scripts/deps.sh (pip install kubernetes-validate)")
+        .expect(
+            "kubernetes-validate is missing: run scripts/deps.sh (pip install kubernetes-validate)",
+        )
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 /// The manifest's documents as JSON (through python's yaml module, which kubernetes-validate depends on).
@@ -47,15 +53,39 @@ fn manifest_validates_strictly_and_an_invalid_one_does_not() {
     let o = validate(&manifest());
     assert!(o.status.success(), "{}", text(&o));
     let out = text(&o);
-    for r in ["namespace/", "serviceaccount/", "role/", "rolebinding/", "configmap/", "secret/", "daemonset/"] {
-        assert!(out.contains(&format!("passed for resource {r}")), "{r} not validated: {out}");
+    for r in [
+        "namespace/",
+        "serviceaccount/",
+        "role/",
+        "rolebinding/",
+        "configmap/",
+        "secret/",
+        "daemonset/",
+    ] {
+        assert!(
+            out.contains(&format!("passed for resource {r}")),
+            "{r} not validated: {out}"
+        );
     }
     let good = std::fs::read_to_string(manifest()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     for (what, bad) in [
-        ("unknown field", good.replacen("hostNetwork: true", "hostNetwork: true\n      hostNetwrk: true", 1)),
-        ("wrong type", good.replacen("maxUnavailable: 1", "maxUnavailable: [1]", 1)),
-        ("missing required field", good.replacen("- name: pause\n          image:", "- image:", 1)),
+        (
+            "unknown field",
+            good.replacen(
+                "hostNetwork: true",
+                "hostNetwork: true\n      hostNetwrk: true",
+                1,
+            ),
+        ),
+        (
+            "wrong type",
+            good.replacen("maxUnavailable: 1", "maxUnavailable: [1]", 1),
+        ),
+        (
+            "missing required field",
+            good.replacen("- name: pause\n          image:", "- image:", 1),
+        ),
     ] {
         assert_ne!(bad, good, "{what}: the mutation did not apply");
         let p = dir.path().join("bad.yaml");
@@ -73,11 +103,21 @@ fn daemonset_is_what_the_design_asks_for() {
     let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
     let spec = &ds["spec"]["template"]["spec"];
     assert_eq!(spec["hostNetwork"], true);
-    assert_eq!(spec["tolerations"], serde_json::json!([{"operator": "Exists"}]));
+    assert_eq!(
+        spec["tolerations"],
+        serde_json::json!([{"operator": "Exists"}])
+    );
     let init = &spec["initContainers"][0];
-    assert_eq!(init["env"][0]["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
-    let host_paths: Vec<&str> =
-        spec["volumes"].as_array().unwrap().iter().filter_map(|v| v["hostPath"]["path"].as_str()).collect();
+    assert_eq!(
+        init["env"][0]["valueFrom"]["fieldRef"]["fieldPath"],
+        "spec.nodeName"
+    );
+    let host_paths: Vec<&str> = spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["hostPath"]["path"].as_str())
+        .collect();
     assert_eq!(host_paths, ["/etc/cni/net.d", "/opt/cni/bin"]);
     // RBAC grants nothing beyond reading evio's own ConfigMap.
     let role = docs.iter().find(|d| d["kind"] == "Role").unwrap();
@@ -101,14 +141,22 @@ fn init_container_script_runs_cni_config_with_etcd_auth() {
     ctl(&["user", "add", "root:rootpw"]);
     ctl(&["user", "grant-role", "root", "root"]);
     ctl(&["role", "add", "evio"]);
-    ctl(&["role", "grant-permission", "evio", "--prefix=true", "readwrite", "/evio/"]);
+    ctl(&[
+        "role",
+        "grant-permission",
+        "evio",
+        "--prefix=true",
+        "readwrite",
+        "/evio/",
+    ]);
     ctl(&["user", "add", "evio:s3cret"]);
     ctl(&["user", "grant-role", "evio", "evio"]);
     ctl(&["auth", "enable"]);
 
     let docs = documents();
     let cm = docs.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
-    let mut net_conf: Value = serde_json::from_str(cm["data"]["net-conf.json"].as_str().unwrap()).unwrap();
+    let mut net_conf: Value =
+        serde_json::from_str(cm["data"]["net-conf.json"].as_str().unwrap()).unwrap();
     net_conf["dataStore"] = Value::String(ep.clone()); // never the manifest's address: loopback only
     let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
     let init = &ds["spec"]["template"]["spec"]["initContainers"][0];
@@ -118,7 +166,12 @@ fn init_container_script_runs_cni_config_with_etcd_auth() {
     let t = tempfile::tempdir().unwrap();
     let root = t.path();
     let bin = root.join("usr-local-bin");
-    for d in ["etc-evio/etcd", "host/etc/cni/net.d", "host/opt/cni/bin", "usr-local-bin"] {
+    for d in [
+        "etc-evio/etcd",
+        "host/etc/cni/net.d",
+        "host/opt/cni/bin",
+        "usr-local-bin",
+    ] {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
     // The image has evioctl and evio-cni side by side in /usr/local/bin.
@@ -126,22 +179,39 @@ fn init_container_script_runs_cni_config_with_etcd_auth() {
     std::fs::write(bin.join("evio-cni"), b"#!/bin/sh\n").unwrap();
     std::fs::set_permissions(bin.join("evio-cni"), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::write(root.join("etc-evio/net-conf.json"), net_conf.to_string()).unwrap();
-    for (k, v) in [("username", "evio"), ("password", "s3cret\n"), ("ca.crt", ""), ("tls.crt", ""), ("tls.key", "")] {
+    for (k, v) in [
+        ("username", "evio"),
+        ("password", "s3cret\n"),
+        ("ca.crt", ""),
+        ("tls.crt", ""),
+        ("tls.key", ""),
+    ] {
         std::fs::write(root.join("etc-evio/etcd").join(k), v).unwrap();
     }
     let moved = script
-        .replace("/usr/local/bin/evioctl", &bin.join("evioctl").to_string_lossy())
+        .replace(
+            "/usr/local/bin/evioctl",
+            &bin.join("evioctl").to_string_lossy(),
+        )
         .replace("/etc/evio", &root.join("etc-evio").to_string_lossy())
         .replace("/host/", &format!("{}/host/", root.display()));
-    let run = || Command::new("/bin/sh").args(["-c", &moved]).env("NODE_NAME", "worker-1").output().unwrap();
+    let run = || {
+        Command::new("/bin/sh")
+            .args(["-c", &moved])
+            .env("NODE_NAME", "worker-1")
+            .output()
+            .unwrap()
+    };
 
     let o = run();
     assert!(o.status.success(), "{}", text(&o));
     let line: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(line["node"], "worker-1");
     assert_eq!(line["subnet"], "10.244.0.0/24");
-    let l: Value =
-        serde_json::from_slice(&std::fs::read(root.join("host/etc/cni/net.d/10-evio.conflist")).unwrap()).unwrap();
+    let l: Value = serde_json::from_slice(
+        &std::fs::read(root.join("host/etc/cni/net.d/10-evio.conflist")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(l["plugins"][0]["mtu"], 1420);
     assert!(root.join("host/opt/cni/bin/evio-cni").exists());
 
@@ -151,7 +221,10 @@ fn init_container_script_runs_cni_config_with_etcd_auth() {
     let o = run();
     assert!(!o.status.success());
     let err = text(&o);
-    assert!(err.contains("authentication failed") || err.contains("invalid"), "{err}");
+    assert!(
+        err.contains("authentication failed") || err.contains("invalid"),
+        "{err}"
+    );
     assert!(!root.join("host/etc/cni/net.d/10-evio.conflist").exists());
 }
 
@@ -166,15 +239,28 @@ fn systemd_unit_uses_eviod_flags() {
         .take_while(|l| !l.is_empty() && !l.starts_with("Restart"))
         .collect::<Vec<_>>()
         .join(" ");
-    let flags: Vec<&str> = exec.split_whitespace().filter(|w| w.starts_with("--")).collect();
-    for f in ["--node-name", "--etcd-endpoints", "--state-dir", "--overlay-cidr", "--interface", "--listen-port"] {
+    let flags: Vec<&str> = exec
+        .split_whitespace()
+        .filter(|w| w.starts_with("--"))
+        .collect();
+    for f in [
+        "--node-name",
+        "--etcd-endpoints",
+        "--state-dir",
+        "--overlay-cidr",
+        "--interface",
+        "--listen-port",
+    ] {
         assert!(flags.contains(&f), "{f} missing from {exec}");
     }
     assert!(unit.contains("Before=containerd.service crio.service kubelet.service"));
     assert!(unit.contains("WantedBy=multi-user.target"));
     let eviod = evio_testbed::bin_dir().join("eviod");
     if !eviod.exists() {
-        eprintln!("eviod is not built here ({}); its --help was not compared with the unit", eviod.display());
+        eprintln!(
+            "eviod is not built here ({}); its --help was not compared with the unit",
+            eviod.display()
+        );
         return;
     }
     let help = Command::new(&eviod).arg("--help").output().unwrap();
