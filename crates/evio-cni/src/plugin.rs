@@ -191,6 +191,7 @@ struct Rollback<'a> {
     child: Option<Child>,
     host_veth: Option<String>,
     masq_ips: Vec<IpAddr>,
+    masq_pending: Option<evio_firewall::Pending>,
     state: bool,
     env: &'a Env,
 }
@@ -199,6 +200,9 @@ impl Rollback<'_> {
     fn run(&mut self) {
         if let Some(c) = self.child.take() {
             let _ = c.wait_with_output();
+        }
+        if let Some(p) = self.masq_pending.take() {
+            let _ = p.wait();
         }
         if !self.masq_ips.is_empty()
             && let Err(e) = evio_firewall::remove(&self.masq_ips)
@@ -237,8 +241,11 @@ fn add(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
     validate_ipam(&ipam.raw)?;
     let bridge = bridge_backend(conf)?;
     let podns = open_netns(&env.netns)?;
-    let mut pnl = Netlink::in_netns(Path::new(&env.netns))
-        .map_err(|e| io_err("open netlink in the pod netns", e))?;
+    let (pnl, arp) = netns::run_in(Path::new(&env.netns), || {
+        (Netlink::new(), arp::ArpSocket::open())
+    })
+    .map_err(|e| io_err("enter the pod netns", e))?;
+    let mut pnl = pnl.map_err(|e| io_err("open netlink in the pod netns", e))?;
     if pnl
         .link_by_name(&env.ifname)
         .map_err(|e| io_err("look up CNI_IFNAME", e))?
@@ -258,11 +265,20 @@ fn add(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
         child: None,
         host_veth: None,
         masq_ips: Vec::new(),
+        masq_pending: None,
         state: false,
         env,
     };
     let r = add_steps(
-        env, conf, &*bridge, &podns, &mut pnl, &dlg, &ipam_conf, &mut rb,
+        env,
+        conf,
+        &*bridge,
+        &podns,
+        &mut pnl,
+        arp.ok(),
+        &dlg,
+        &ipam_conf,
+        &mut rb,
     );
     if let Err(e) = &r {
         info!("ADD failed, rolling back: {e}");
@@ -278,6 +294,7 @@ fn add_steps<'a>(
     bridge: &dyn Bridge,
     podns: &File,
     pnl: &mut Netlink,
+    arp: Option<arp::ArpSocket>,
     dlg: &'a Delegate,
     ipam_conf: &'a [u8],
     rb: &mut Rollback<'a>,
@@ -381,6 +398,19 @@ fn add_steps<'a>(
     }
     fail_point("gateway")?;
 
+    // The masquerade transaction (an nft run) proceeds while we configure the pod.
+    let pod_ips: Vec<IpAddr> = ips.iter().map(|i| i.address.addr()).collect();
+    if conf.ip_masq {
+        let key = evio_firewall::attachment_key(&conf.name, &env.container_id, &env.ifname);
+        let mut no_masq: Vec<IpNet> = ips.iter().map(|i| i.address.trunc()).collect();
+        no_masq.extend(conf.no_masq.iter().copied());
+        rb.masq_ips = pod_ips.clone();
+        rb.masq_pending = Some(
+            evio_firewall::start_add(&key, &pod_ips, &no_masq)
+                .map_err(|e| io_err("IP masquerade", e))?,
+        );
+    }
+
     for ip in &ips {
         pnl.add_address(pod_link.index, &ip.address)
             .map_err(|e| io_err("add the pod address", e))?;
@@ -418,37 +448,18 @@ fn add_steps<'a>(
     }
     fail_point("routes")?;
 
-    if let Some(mac) = pod_link.mac {
-        let v4: Vec<_> = ips
-            .iter()
-            .filter_map(|i| {
-                if let IpAddr::V4(a) = i.address.addr() {
-                    Some(a)
-                } else {
-                    None
-                }
-            })
-            .collect();
-        let idx = pod_link.index;
-        let garp = netns::run_in(Path::new(&env.netns), || {
-            v4.iter()
-                .try_for_each(|a| arp::send_gratuitous(idx, mac, *a))
-        });
-        if let Err(e) = garp
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()))
-        {
-            warn!("gratuitous ARP: {e}");
+    if let (Some(mac), Some(arp)) = (pod_link.mac, &arp) {
+        for ip in &ips {
+            if let IpAddr::V4(a) = ip.address.addr()
+                && let Err(e) = arp.send_gratuitous(pod_link.index, mac, a)
+            {
+                warn!("gratuitous ARP: {e}");
+            }
         }
     }
 
-    let pod_ips: Vec<IpAddr> = ips.iter().map(|i| i.address.addr()).collect();
-    if conf.ip_masq {
-        let key = evio_firewall::attachment_key(&conf.name, &env.container_id, &env.ifname);
-        let mut no_masq: Vec<IpNet> = ips.iter().map(|i| i.address.trunc()).collect();
-        no_masq.extend(conf.no_masq.iter().copied());
-        rb.masq_ips = pod_ips.clone();
-        evio_firewall::add(&key, &pod_ips, &no_masq).map_err(|e| io_err("IP masquerade", e))?;
+    if let Some(p) = rb.masq_pending.take() {
+        p.wait().map_err(|e| io_err("IP masquerade", e))?;
     }
     fail_point("masq")?;
 
@@ -541,21 +552,20 @@ fn del(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
     let ipam_conf = dlg.as_ref().map(|d| conf.for_delegate(&d.version, None));
     let needs_fw = st.as_ref().map(|s| s.masq).unwrap_or(conf.ip_masq);
     // The address is released only after its masquerade entry is gone, so a new pod that gets it next is
-    // never hit by our removal. Without masquerade, IPAM DEL runs alongside the veth removal.
-    let mut ipam_child = match (&dlg, &ipam_conf, needs_fw) {
-        (Some(d), Some(c), false) => Some(d.spawn("DEL", c, None)?),
-        _ => None,
-    };
-    let (fw, links) = std::thread::scope(|s| {
-        let fw = s.spawn(|| -> Result<(), CniError> {
-            if !needs_fw {
-                return Ok(());
+    // never hit by our removal; both run alongside the veth removal.
+    let (fw_ipam, links) = std::thread::scope(|s| {
+        let fw_ipam = s.spawn(|| -> Result<(), CniError> {
+            if needs_fw {
+                match &st {
+                    Some(st) => evio_firewall::remove(&st.ips),
+                    None => evio_firewall::remove_key(&key).map(|_| ()),
+                }
+                .map_err(|e| io_err("remove IP masquerade", e))?;
             }
-            match &st {
-                Some(st) => evio_firewall::remove(&st.ips),
-                None => evio_firewall::remove_key(&key).map(|_| ()),
+            if let (Some(d), Some(c)) = (&dlg, &ipam_conf) {
+                d.run("DEL", c, None)?;
             }
-            .map_err(|e| io_err("remove IP masquerade", e))
+            Ok(())
         });
         let links = (|| -> Result<(), CniError> {
             match bridge_backend(conf) {
@@ -576,22 +586,12 @@ fn del(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
             }
             Ok(())
         })();
-        (fw.join(), links)
+        (fw_ipam.join(), links)
     });
-    let fw = fw.unwrap_or_else(|_| Err(CniError::new(ErrorCode::Io, "firewall thread panicked")));
-    if let (Some(d), Some(c)) = (&dlg, &ipam_conf)
-        && ipam_child.is_none()
-        && fw.is_ok()
-    {
-        ipam_child = Some(d.spawn("DEL", c, None)?);
-    }
-    let ipam_r = match (&dlg, ipam_child) {
-        (Some(d), Some(child)) => d.finish(child, "DEL").map(|_| ()),
-        _ => Ok(()),
-    };
-    fw?;
+    let fw_ipam =
+        fw_ipam.unwrap_or_else(|_| Err(CniError::new(ErrorCode::Io, "DEL thread panicked")));
+    fw_ipam?;
     links?;
-    ipam_r?;
     State::remove(&conf.state_dir, &conf.name, &env.container_id, &env.ifname);
     info!(container = %env.container_id, "DEL done");
     Ok(Output::Nothing)

@@ -125,8 +125,29 @@ fn quote(comment: &str) -> String {
         .collect()
 }
 
-/// Runs `nft -f -` with `script` as one transaction.
-fn run_script(script: &str) -> Result<()> {
+/// An `nft` run in progress (so the caller can do other work meanwhile).
+pub struct Pending {
+    child: std::process::Child,
+}
+
+impl Pending {
+    /// Waits for the transaction; its error text when it failed.
+    pub fn wait(self) -> Result<()> {
+        let out = self
+            .child
+            .wait_with_output()
+            .map_err(|e| Error::Nft(e.to_string()))?;
+        if !out.status.success() {
+            return Err(Error::Nft(
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Starts `nft -f -` with `script` as one transaction.
+fn spawn_script(script: &str) -> Result<Pending> {
     let path = nft_path();
     let mut child = Command::new(&path)
         .args(["-f", "-"])
@@ -143,15 +164,12 @@ fn run_script(script: &str) -> Result<()> {
             .write_all(script.as_bytes())
             .map_err(|e| Error::Nft(e.to_string()))?;
     }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| Error::Nft(e.to_string()))?;
-    if !out.status.success() {
-        return Err(Error::Nft(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
-    }
-    Ok(())
+    Ok(Pending { child })
+}
+
+/// Runs `nft -f -` with `script` as one transaction.
+fn run_script(script: &str) -> Result<()> {
+    spawn_script(script)?.wait()
 }
 
 /// The script that adds masquerade entries for `ips` of attachment `key`, with `no_masq` destinations.
@@ -181,6 +199,11 @@ pub fn add_script(key: &str, ips: &[IpAddr], no_masq: &[IpNet]) -> String {
 /// broadcast. One `nft` run.
 pub fn add(key: &str, ips: &[IpAddr], no_masq: &[IpNet]) -> Result<()> {
     run_script(&add_script(key, ips, no_masq))
+}
+
+/// Like [`add`], returning while `nft` runs.
+pub fn start_add(key: &str, ips: &[IpAddr], no_masq: &[IpNet]) -> Result<Pending> {
+    spawn_script(&add_script(key, ips, no_masq))
 }
 
 fn remove_script(ips: &[IpAddr]) -> String {
