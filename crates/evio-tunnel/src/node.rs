@@ -473,9 +473,20 @@ impl Node {
         self.routes.lookup(ip)
     }
 
+    /// The endpoint a packet from the TUN device would be sent to (its destination's peer), if any.
+    #[inline]
+    pub fn endpoint_for(&self, packet: &[u8]) -> Option<SocketAddr> {
+        let (_, dst) = packet_addrs(packet)?;
+        self.peers.get(&self.routes.lookup(dst)?)?.endpoint
+    }
+
     /// Encrypts a packet read from the TUN device for the peer owning its destination, into `out`
     /// (at least `packet.len() + 32` and [`MIN_BUFFER`] bytes).
     pub fn encapsulate(&mut self, _now: Instant, packet: &[u8], out: &mut [u8]) -> Outbound {
+        if out.len() < MIN_BUFFER || out.len() < packet.len() + 32 {
+            self.drops.add(DropReason::Other);
+            return Outbound::Dropped(DropReason::Other);
+        }
         let Some((_, dst)) = packet_addrs(packet) else {
             self.drops.add(DropReason::Malformed);
             return Outbound::Dropped(DropReason::Malformed);
@@ -521,6 +532,10 @@ impl Node {
         datagram: &[u8],
         out: &mut [u8],
     ) -> Inbound {
+        if out.len() < MIN_BUFFER || out.len() < datagram.len() {
+            // Larger than anything a peer sends into our MTU: not ours to decrypt (and boringtun would panic).
+            return self.drop(DropReason::Malformed);
+        }
         // Check MAC1 (and cookies under load) before any expensive work, for the whole node.
         let mut cookie = [0u8; 64];
         let packet = match self

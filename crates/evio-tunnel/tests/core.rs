@@ -294,3 +294,17 @@ fn data_for_a_forgotten_session_triggers_a_new_handshake() {
     sim.run();
     assert_eq!(sim.nodes[b].inbox, vec![q]);
 }
+
+#[test]
+fn buffers_too_small_are_refused_not_panicking() {
+    let mut sim = Sim::mesh(2, None);
+    sim.run();
+    let now = sim.now();
+    let big = vec![4u8; 3000];
+    let mut small = vec![0u8; 1500];
+    let from = sim.nodes[0].addr;
+    assert_eq!(sim.nodes[1].node.decapsulate(now, from, &big, &mut small), Inbound::Dropped(DropReason::Malformed));
+    let p = ipv4([10, 10, 0, 1], [10, 10, 0, 2], &[0u8; 1480]);
+    assert!(matches!(sim.nodes[0].node.encapsulate(now, &p, &mut small), Outbound::Dropped(_)));
+    assert_eq!(sim.nodes[0].node.endpoint_for(&p), Some(sim.nodes[1].addr));
+}

@@ -1,133 +1,185 @@
 //! The data plane threads: TUN -> encrypt -> UDP, UDP -> decrypt -> TUN, and the protocol timers. They share
 //! the tunnel core behind one mutex held per packet; control-plane work never runs on these threads.
+//!
+//! Packet I/O is `evio-io`: TUN reads come as TSO super-packets cut into MTU-sized packets, TUN writes
+//! coalesce TCP segments back into super-packets, UDP goes out in GSO runs and comes in with GRO and
+//! `recvmmsg`. Every buffer is allocated once per thread.
 
-use std::net::UdpSocket;
+use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use evio_io::{GRO_BUF, PacketBatch, RecvBatch, SendBatch, Tun, UdpBatch, wait_readable};
 use evio_tunnel::{Event, Inbound, Outbound};
 
-use crate::io::{BUF_SIZE, Tun, UdpBatch, wait_fd};
 use crate::state::Shared;
 
-/// Datagrams per `recvmmsg`/`sendmmsg`.
-const BATCH: usize = 64;
+/// Smallest slot size of packet batches (an MTU-sized packet plus the tunnel header fits).
+const MIN_SLOT: usize = 2048;
+/// Packets per batch.
+const BATCH: usize = 128;
 /// Timer tick period.
 const TICK: Duration = Duration::from_millis(100);
 
-pub fn start(shared: Arc<Shared>, tun: Arc<Tun>, sock: Arc<UdpSocket>) -> std::io::Result<Vec<JoinHandle<()>>> {
+pub fn start(shared: Arc<Shared>, tun: Tun, udp: UdpBatch, mtu: u32) -> io::Result<Vec<JoinHandle<()>>> {
+    let slot = MIN_SLOT.max(mtu as usize + 256);
     let mut hs = Vec::new();
+    let tun_w = tun.try_clone()?;
+    let udp_rx = udp.try_clone()?;
+    let udp_timers = udp.try_clone()?;
     {
-        let (s, t, u) = (shared.clone(), tun.clone(), sock.clone());
-        hs.push(std::thread::Builder::new().name("evio-tun-rx".into()).spawn(move || tun_to_udp(&s, &t, &u))?);
+        let s = shared.clone();
+        hs.push(std::thread::Builder::new().name("evio-tun-rx".into()).spawn(move || tun_to_udp(&s, tun, udp, slot))?);
     }
     {
-        let (s, t, u) = (shared.clone(), tun.clone(), sock.clone());
-        hs.push(std::thread::Builder::new().name("evio-udp-rx".into()).spawn(move || udp_to_tun(&s, &t, &u))?);
+        let s = shared.clone();
+        hs.push(std::thread::Builder::new().name("evio-udp-rx".into()).spawn(move || udp_to_tun(&s, tun_w, udp_rx, slot))?);
     }
     {
-        let (s, u) = (shared.clone(), sock.clone());
-        hs.push(std::thread::Builder::new().name("evio-timers".into()).spawn(move || timers(&s, &u))?);
+        let s = shared.clone();
+        hs.push(std::thread::Builder::new().name("evio-timers".into()).spawn(move || timers(&s, udp_timers))?);
     }
     Ok(hs)
 }
 
-fn drain_transmits(shared: &Shared, out: &mut UdpBatch, sock: &UdpSocket) {
+/// Sends the batch and empties it.
+fn flush(shared: &Shared, udp: &mut UdpBatch, out: &mut SendBatch) {
+    if out.is_empty() {
+        return;
+    }
+    match udp.send_batch(out) {
+        Ok(n) => {
+            shared.counters.udp_tx_datagrams.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Err(e) => tracing::debug!("sending datagrams: {e}"),
+    }
+    out.clear();
+}
+
+/// Queues the core's pending control datagrams (handshakes, cookies, queued packets).
+fn drain_transmits(shared: &Shared, udp: &mut UdpBatch, out: &mut SendBatch) {
     loop {
         let t = shared.node().poll_transmit();
         let Some(t) = t else { break };
-        if out.is_full() {
-            flush(shared, out, sock);
+        if out.remaining() == 0 || out.remaining_bytes() < t.data.len() {
+            flush(shared, udp, out);
         }
-        out.push_copy(t.to, &t.data);
+        out.push(t.to, &t.data);
     }
 }
 
-fn flush(shared: &Shared, out: &mut UdpBatch, sock: &UdpSocket) {
-    if out.count > 0 {
-        let n = out.send(sock);
-        shared.counters.udp_tx_datagrams.fetch_add(n as u64, Ordering::Relaxed);
+fn tun_to_udp(shared: &Shared, mut tun: Tun, mut udp: UdpBatch, slot: usize) {
+    if let Err(e) = tun.set_nonblocking(true) {
+        tracing::error!("TUN non-blocking mode: {e}");
+        return;
     }
-}
-
-fn tun_to_udp(shared: &Shared, tun: &Tun, sock: &UdpSocket) {
-    let mut inbuf = vec![0u8; BUF_SIZE];
-    let mut out = UdpBatch::new(BATCH, BUF_SIZE + 64);
+    let fd = tun.as_raw_fd();
+    let mut pkts = PacketBatch::new(BATCH, slot);
+    let mut out = SendBatch::new(BATCH, BATCH * slot);
+    let mut scratch = vec![0u8; slot + 64];
     while !shared.stopping() {
-        if !wait_fd(tun.fd(), libc::POLLIN, 500) {
+        if !matches!(wait_readable(&[fd], 500), Ok(m) if m != 0) {
             continue;
         }
-        let mut packets = 0u64;
         loop {
-            let n = match tun.read(&mut inbuf) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            pkts.clear();
+            match tun.read_batch(&mut pkts) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     tracing::error!("reading the TUN device: {e}");
                     std::thread::sleep(Duration::from_millis(100));
                     break;
                 }
-            };
-            packets += 1;
-            let r = shared.node().encapsulate(Instant::now(), &inbuf[..n], out.next_buf());
-            if let Outbound::Send { to, len, .. } = r {
-                out.push(to, len);
-                if out.is_full() {
-                    flush(shared, &mut out, sock);
-                }
             }
+            shared.counters.tun_rx_packets.fetch_add(pkts.len() as u64, Ordering::Relaxed);
+            let now = Instant::now();
+            for p in pkts.iter() {
+                if out.remaining() == 0 || out.remaining_bytes() < slot {
+                    flush(shared, &mut udp, &mut out);
+                }
+                let mut node = shared.node();
+                let Some(to) = node.endpoint_for(p) else {
+                    // No route or no endpoint: let the core count the drop.
+                    let _ = node.encapsulate(now, p, &mut scratch);
+                    continue;
+                };
+                out.push_with(to, slot, |buf| match node.encapsulate(now, p, buf) {
+                    Outbound::Send { len, .. } => Some(len),
+                    _ => None,
+                });
+            }
+            flush(shared, &mut udp, &mut out);
         }
-        shared.counters.tun_rx_packets.fetch_add(packets, Ordering::Relaxed);
-        flush(shared, &mut out, sock);
-        drain_transmits(shared, &mut out, sock);
-        flush(shared, &mut out, sock);
+        drain_transmits(shared, &mut udp, &mut out);
+        flush(shared, &mut udp, &mut out);
     }
 }
 
-fn udp_to_tun(shared: &Shared, tun: &Tun, sock: &UdpSocket) {
-    let mut inb = UdpBatch::new(BATCH, BUF_SIZE);
-    let mut out = UdpBatch::new(8, 256);
-    let mut dec = vec![0u8; BUF_SIZE];
-    let mut tun_out = 0u64;
+fn udp_to_tun(shared: &Shared, mut tun: Tun, mut udp: UdpBatch, slot: usize) {
+    let fd = udp.as_raw_fd();
+    let mut recv = RecvBatch::new(32, GRO_BUF);
+    let mut pkts = PacketBatch::new(BATCH, slot);
+    let mut out = SendBatch::new(16, 16 * 256);
     while !shared.stopping() {
-        match inb.recv(sock) {
+        match udp.recv_batch(&mut recv) {
             Ok(_) => {}
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let _ = wait_readable(&[fd], 500);
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 tracing::warn!("receiving datagrams: {e}");
                 std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
         }
-        shared.counters.udp_rx_datagrams.fetch_add(inb.count as u64, Ordering::Relaxed);
+        shared.counters.udp_rx_datagrams.fetch_add(recv.len() as u64, Ordering::Relaxed);
+        let now = Instant::now();
         let mut control = false;
-        for i in 0..inb.count {
-            let r = shared.node().decapsulate(Instant::now(), inb.addrs[i], &inb.bufs[i][..inb.lens[i]], &mut dec);
-            match r {
-                Inbound::WriteTun { len, .. } => {
-                    if let Err(e) = tun.write(&dec[..len]) {
-                        tracing::debug!("writing to the TUN device: {e}");
-                    } else {
-                        tun_out += 1;
-                    }
-                }
-                Inbound::Done => control = true,
-                Inbound::Dropped(_) => {}
+        for (from, data) in recv.iter() {
+            if pkts.remaining() == 0 {
+                write_tun(shared, &mut tun, &mut pkts);
             }
+            let mut node = shared.node();
+            pkts.push_with(|slot| match node.decapsulate(now, from, data, slot) {
+                Inbound::WriteTun { len, .. } => Some(len),
+                Inbound::Done => {
+                    control = true;
+                    None
+                }
+                Inbound::Dropped(_) => None,
+            });
         }
-        shared.counters.tun_tx_packets.store(tun_out, Ordering::Relaxed);
+        write_tun(shared, &mut tun, &mut pkts);
         if control {
-            drain_transmits(shared, &mut out, sock);
-            flush(shared, &mut out, sock);
+            drain_transmits(shared, &mut udp, &mut out);
+            flush(shared, &mut udp, &mut out);
         }
     }
 }
 
-fn timers(shared: &Shared, sock: &UdpSocket) {
-    let mut out = UdpBatch::new(16, 2048);
+fn write_tun(shared: &Shared, tun: &mut Tun, pkts: &mut PacketBatch) {
+    if pkts.is_empty() {
+        return;
+    }
+    match tun.write_batch(pkts) {
+        Ok(n) => {
+            shared.counters.tun_tx_packets.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Err(e) => tracing::debug!("writing to the TUN device: {e}"),
+    }
+    pkts.clear();
+}
+
+fn timers(shared: &Shared, mut udp: UdpBatch) {
+    let mut out = SendBatch::new(64, 64 * 256);
     while !shared.stopping() {
         std::thread::sleep(TICK);
         let events: Vec<Event> = {
@@ -135,8 +187,8 @@ fn timers(shared: &Shared, sock: &UdpSocket) {
             n.tick(Instant::now());
             std::iter::from_fn(|| n.poll_event()).collect()
         };
-        drain_transmits(shared, &mut out, sock);
-        flush(shared, &mut out, sock);
+        drain_transmits(shared, &mut udp, &mut out);
+        flush(shared, &mut udp, &mut out);
         for e in events {
             log_event(shared, &e);
         }

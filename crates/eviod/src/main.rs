@@ -7,13 +7,12 @@
 //!
 //! Dependencies: `evio-tunnel` (the sans-IO protocol core over boringtun), `evio-store` (etcd), `clap`,
 //! `tokio` (only for the etcd client), `tracing`, `serde_json`, `base64` (key files in `wg` format),
-//! `nix` (getifaddrs), `libc` (TUN ioctl, recvmmsg/sendmmsg).
+//! `nix` (getifaddrs), `evio-io` (TUN with offloads, batched UDP with GSO/GRO).
 
 mod config;
 mod control;
 mod ctl;
 mod dataplane;
-mod io;
 mod keys;
 mod metrics;
 mod netcfg;
@@ -96,11 +95,19 @@ fn run(cfg: Config) -> Result<()> {
     tracing::info!(node = %cfg.node_name, %address, public_key = %keys::encode(&public_key), "overlay address");
 
     // The data plane.
-    let tun = io::Tun::create(&cfg.interface).with_context(|| format!("cannot create TUN device {}", cfg.interface))?;
     let host = netcfg::host_addresses(&cfg.interface, &[ipnet::IpNet::V4(cfg.overlay_cidr)]);
     let mtu = cfg.mtu.unwrap_or_else(|| netcfg::underlay_mtu(&host).saturating_sub(evio_tunnel::OVERHEAD as u32).max(1280));
+    let tun = evio_io::Tun::create(&cfg.interface, mtu, true)
+        .with_context(|| format!("cannot create TUN device {}", cfg.interface))?;
+    tracing::info!(offloads = tun.offload_flags(), vnet_hdr = tun.has_vnet_hdr(), "TUN device");
     netcfg::configure_tun(&cfg.interface, address, cfg.overlay_cidr, mtu)?;
-    let sock = io::bind_udp(cfg.listen_port).with_context(|| format!("cannot bind UDP port {}", cfg.listen_port))?;
+    let sock = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, cfg.listen_port))
+        .with_context(|| format!("cannot bind UDP port {}", cfg.listen_port))?;
+    let udp = evio_io::UdpBatch::new(sock)?;
+    if let Err(e) = udp.set_buffer_sizes(8 << 20) {
+        tracing::warn!("socket buffer sizes: {e}");
+    }
+    tracing::info!(gso_segments = udp.max_gso_segments(), gro_segments = udp.gro_segments(), "UDP socket");
     let node = Node::new(NodeConfig { private_key: secret, preshared_key: psk, persistent_keepalive: Some(25) });
     let shared = Arc::new(Shared::new(
         node,
@@ -111,7 +118,7 @@ fn run(cfg: Config) -> Result<()> {
             public_key: keys::encode(&public_key),
         },
     ));
-    let threads = dataplane::start(shared.clone(), Arc::new(tun), Arc::new(sock))?;
+    let threads = dataplane::start(shared.clone(), tun, udp, mtu)?;
     ctl::serve(shared.clone(), &cfg.state_dir)?;
     if let Some(addr) = cfg.metrics_addr {
         let local = metrics::serve(shared.clone(), addr).with_context(|| format!("cannot serve metrics on {addr}"))?;

@@ -56,13 +56,14 @@ fn pods_reach_each_other_encrypted_with_real_addresses() {
         c.hosts[0].tun_routes(),
         c.logs()
     );
+    // Pods plugged in by the real evio-cni with the conflist of `evioctl cni-config`.
     let mut pods = Vec::new();
     for (i, h) in c.hosts.iter().enumerate() {
         h.enable_forwarding();
-        let gw = nets[i]["gateway"].as_str().unwrap();
+        let pod = h.add_pod_cni(&dir);
         let subnet: ipnet::Ipv4Net = nets[i]["subnet"].as_str().unwrap().parse().unwrap();
-        let ip = std::net::Ipv4Addr::from(u32::from(subnet.network()) + 10).to_string();
-        pods.push(h.add_pod(&ip, gw, subnet.prefix_len()));
+        assert!(subnet.contains(&pod.ip.parse::<std::net::Ipv4Addr>().unwrap()), "{} not in {subnet}", pod.ip);
+        pods.push(pod);
     }
     // Status shows our pod subnet and the peers'.
     let st = c.hosts[0].status().unwrap();

@@ -227,7 +227,15 @@ impl Host {
         std::fs::create_dir_all(d.join("net.d")).unwrap();
         std::fs::create_dir_all(d.join("bin")).unwrap();
         let conf = d.join("net-conf.json");
-        std::fs::write(&conf, r#"{"podCIDR":"10.244.0.0/16","nodeBits":8}"#).unwrap();
+        let net_conf = serde_json::json!({
+            "podCIDR": "10.244.0.0/16",
+            "nodeBits": 8,
+            "stateDir": d.join("state"),
+            "logFile": d.join("plugin.log"),
+            "logLevel": "debug",
+            "ipam": {"dataDir": d.join("ipam")},
+        });
+        std::fs::write(&conf, net_conf.to_string()).unwrap();
         let plugin = plugin_binary();
         let out = self.ns.exec(&[
             evioctl().to_str().unwrap(),
@@ -247,6 +255,52 @@ impl Host {
         ]);
         assert!(out.status.success(), "cni-config: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).expect("cni-config JSON")
+    }
+
+    /// Plugs a new pod in with the real `evio-cni` (ADD with the first plugin of the conflist that
+    /// `cni_config` wrote, host-local IPAM); returns it with its address.
+    pub fn add_pod_cni(&self, dir: &std::path::Path) -> Pod {
+        let d = dir.join(format!("{}-cni", self.name));
+        let list: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(d.join("net.d").join("10-evio.conflist")).unwrap()).unwrap();
+        let mut conf = list["plugins"][0].clone();
+        conf["cniVersion"] = list["cniVersion"].clone();
+        conf["name"] = list["name"].clone();
+        let plugin = evio_testbed::bin_dir().join("evio-cni");
+        assert!(plugin.exists(), "{} missing: build the workspace binaries first", plugin.display());
+        let path = d.join("cni-path");
+        if !path.exists() {
+            std::fs::create_dir_all(&path).unwrap();
+            std::os::unix::fs::symlink(&plugin, path.join("evio-cni")).unwrap();
+            std::os::unix::fs::symlink("/usr/lib/cni/host-local", path.join("host-local")).unwrap();
+        }
+        let pod = Netns::new("ep");
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", self.ns.name()])
+            .arg(&plugin)
+            .env("CNI_COMMAND", "ADD")
+            .env("CNI_CONTAINERID", pod.name())
+            .env("CNI_NETNS", pod.path())
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", &path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(conf.to_string().as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "CNI ADD: {}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(d.join("plugin.log")).unwrap_or_default()
+        );
+        let res: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let addr = res["ips"][0]["address"].as_str().unwrap();
+        let ip = addr.split('/').next().unwrap().to_string();
+        Pod { ns: pod, ip }
     }
 
     /// Plugs a pod into bridge `eviobr0` (created with `gateway/prefix` on first use) with address `ip`.
