@@ -7,6 +7,7 @@ pub mod ovs;
 use std::path::PathBuf;
 
 pub use linux::LinuxBridge;
+pub use ovs::OvsBridge;
 
 /// Which kind of bridge holds the pods' veths.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,11 +74,9 @@ impl PortOwner {
 }
 
 /// The backend for `kind`. Each backend connects lazily, so building one is cheap.
-/// OVS: until the OVSDB backend lands this returns an error saying so (the plugin turns it into a CNI
-/// error), so a config asking for OVS fails clearly instead of silently using a Linux bridge.
 pub fn backend(kind: BridgeType, spec: BridgeSpec) -> Result<Box<dyn Bridge>, BridgeError> {
     match kind {
         BridgeType::Linux => Ok(Box::new(LinuxBridge::new(spec))),
-        BridgeType::Ovs => Err(BridgeError::Other("OVS backend not built".into())),
+        BridgeType::Ovs => Ok(Box::new(OvsBridge::new(spec))),
     }
 }

@@ -14,6 +14,11 @@
 //!   deletes what it inserted and fails.
 //! * `detach` removes the ports tagged with that owner; `gc` removes our tagged ports on this bridge whose
 //!   owner is not valid. Untagged ports are never touched.
+//!
+//! Dependencies: no maintained synchronous OVSDB client crate exists for Rust, and the plugin needs only
+//! `transact` with `wait`, so `ovsdb` here is a ~200-line client on `serde_json` (the de-facto JSON crate,
+//! whose `StreamDeserializer` parses the unframed message stream) over std's `UnixStream`/`TcpStream`.
+//! `libc` gives `if_nametoindex`, `getrandom` and the SIOCSIFFLAGS ioctl to set the device up.
 
 mod ovsdb;
 mod vsctl;
@@ -190,7 +195,11 @@ impl OvsBridge {
                 vec![
                     select("Open_vSwitch", json!([]), &["_uuid"]),
                     select("Bridge", eq("name", br), &["_uuid", "datapath_type"]),
-                    select("Interface", eq("name", br), &["mtu_request"]),
+                    select(
+                        "Interface",
+                        eq("name", br),
+                        &["mtu_request", "ofport", "error"],
+                    ),
                 ],
                 self.timeout,
             )
@@ -216,19 +225,32 @@ impl OvsBridge {
                     "exists with datapath_type {have:?} but the configuration asks for {dp:?}"
                 ))));
             }
-            if let Some(mtu) = self.spec.mtu {
-                let cur = rows(&state[2])
-                    .first()
-                    .and_then(|r| opt_int(&r["mtu_request"]));
-                if cur != Some(i64::from(mtu)) {
-                    let mut ops = vec![
-                        json!({"op": "update", "table": "Interface", "where": eq("name", br),
+            let iface = rows(&state[2])
+                .first()
+                .map(|r| (*r).clone())
+                .unwrap_or(Value::Null);
+            let mtu_ok = self
+                .spec
+                .mtu
+                .is_none_or(|m| opt_int(&iface["mtu_request"]) == Some(i64::from(m)));
+            let healthy = matches!(opt_int(&iface["ofport"]), Some(p) if p >= 0)
+                && opt_str(&iface["error"]).is_none();
+            if mtu_ok && healthy && netdev::index(br).is_some() {
+                // Applied by ovs-vswitchd earlier and present here: no need to wait for a new round.
+                return netdev::set_up(br).map_err(|e| {
+                    Fail::Final(self.bridge_err(format!("cannot set the device up: {e}")))
+                });
+            }
+            if let Some(mtu) = self.spec.mtu
+                && !mtu_ok
+            {
+                let mut ops = vec![
+                    json!({"op": "update", "table": "Interface", "where": eq("name", br),
                                               "row": {"mtu_request": mtu}}),
-                    ];
-                    ops.extend(bump_cfg());
-                    let r = db.transact(ops, self.timeout).map_err(|e| self.fail(e))?;
-                    cfg = next_cfg(&r[2]);
-                }
+                ];
+                ops.extend(bump_cfg());
+                let r = db.transact(ops, self.timeout).map_err(|e| self.fail(e))?;
+                cfg = next_cfg(&r[2]);
             }
         } else {
             let mut iface = json!({"name": br, "type": "internal"});
@@ -328,7 +350,7 @@ impl OvsBridge {
                 ))));
             }
         }
-        crate::ovs::netdev::wait_and_up(br, deadline).map_err(|m| Fail::Final(self.bridge_err(m)))
+        netdev::wait_and_up(br, deadline).map_err(|m| Fail::Final(self.bridge_err(m)))
     }
 
     /// Waits (server side, bounded by `deadline`) until `cur_cfg >= cfg`, then returns the Interface
@@ -468,7 +490,7 @@ impl OvsBridge {
         }
     }
 
-    fn detach_json(&self, db: &mut Ovsdb, owner: &PortOwner) -> Result<(), Fail> {
+    fn detach_json(&self, db: &mut Ovsdb, owner: &PortOwner) -> Result<Vec<String>, Fail> {
         let r = db
             .transact(
                 vec![select(
@@ -479,20 +501,22 @@ impl OvsBridge {
                 self.timeout,
             )
             .map_err(|e| self.fail(e))?;
-        let uuids: Vec<String> = rows(&r[0])
-            .iter()
-            .filter_map(|p| uuid_str(&p["_uuid"]).map(str::to_string))
-            .collect();
-        self.remove_ports(db, &uuids)
+        let ports: Vec<(String, String)> = rows(&r[0]).into_iter().filter_map(port_id).collect();
+        self.remove_ports(db, &ports)
     }
 
-    /// Removes ports by uuid in one transaction (their interfaces go with them: they are not root rows).
-    fn remove_ports(&self, db: &mut Ovsdb, uuids: &[String]) -> Result<(), Fail> {
-        if uuids.is_empty() {
-            return Ok(());
+    /// Removes ports (uuid, name) in one transaction (their interfaces go with them: they are not root
+    /// rows). Returns the names.
+    fn remove_ports(
+        &self,
+        db: &mut Ovsdb,
+        ports: &[(String, String)],
+    ) -> Result<Vec<String>, Fail> {
+        if ports.is_empty() {
+            return Ok(Vec::new());
         }
         let mut ops = Vec::new();
-        for u in uuids {
+        for (u, _) in ports {
             ops.push(
                 json!({"op": "mutate", "table": "Bridge", "where": [["ports", "includes", uuid(u)]],
                             "mutations": [["ports", "delete", uuid(u)]]}),
@@ -501,11 +525,11 @@ impl OvsBridge {
         }
         ops.extend(bump_cfg());
         db.transact(ops, self.timeout).map_err(|e| self.fail(e))?;
-        tracing::debug!(bridge = %self.spec.name, count = uuids.len(), "removed OVS ports");
-        Ok(())
+        tracing::debug!(bridge = %self.spec.name, count = ports.len(), "removed OVS ports");
+        Ok(ports.iter().map(|(_, n)| n.clone()).collect())
     }
 
-    fn gc_json(&self, db: &mut Ovsdb, valid: &[PortOwner]) -> Result<(), Fail> {
+    fn gc_json(&self, db: &mut Ovsdb, valid: &[PortOwner]) -> Result<Vec<String>, Fail> {
         let r = db
             .transact(
                 vec![
@@ -513,26 +537,26 @@ impl OvsBridge {
                     select(
                         "Port",
                         json!([["external_ids", "includes", map([(OWNER_KEY, OWNER_VALUE)])]]),
-                        &["_uuid", "external_ids"],
+                        &["_uuid", "name", "external_ids"],
                     ),
                 ],
                 self.timeout,
             )
             .map_err(|e| self.fail(e))?;
         let Some(b) = rows(&r[0]).first().map(|b| (*b).clone()) else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         let on_bridge: Vec<&str> = set_members(&b["ports"])
             .into_iter()
             .filter_map(uuid_str)
             .collect();
-        let stale: Vec<String> = rows(&r[1])
+        let stale: Vec<(String, String)> = rows(&r[1])
             .into_iter()
-            .filter_map(|p| {
-                let u = uuid_str(&p["_uuid"])?;
-                let ids = map_pairs(&p["external_ids"]);
-                (on_bridge.contains(&u) && !is_valid(&ids, valid)).then(|| u.to_string())
+            .filter(|p| {
+                uuid_str(&p["_uuid"]).is_some_and(|u| on_bridge.contains(&u))
+                    && !is_valid(&map_pairs(&p["external_ids"]), valid)
             })
+            .filter_map(port_id)
             .collect();
         self.remove_ports(db, &stale)
     }
@@ -548,6 +572,8 @@ impl Bridge for OvsBridge {
     }
 
     fn attach(&self, port: &str, owner: &PortOwner) -> Result<(), BridgeError> {
+        netdev::prepare_port(port, owner, self.spec.mtu)
+            .map_err(|e| self.port_err(port, format!("cannot be attached: {e}")))?;
         self.dispatch(
             "attach",
             |s, db| s.attach_json(db, port, owner),
@@ -555,21 +581,46 @@ impl Bridge for OvsBridge {
         )
     }
 
+    /// Removes the owner's OVS ports, then the owner's host veth(s) (found by their `ifalias` tag, as
+    /// the Linux bridge backend does), so DEL works without plugin state.
     fn detach(&self, owner: &PortOwner) -> Result<(), BridgeError> {
         self.dispatch(
             "detach",
             |s, db| s.detach_json(db, owner),
             || self.vsctl().detach(owner),
-        )
+        )?;
+        let tag = owner.tag();
+        netdev::delete_tagged_veths(|a| a == tag).map_err(|e| self.bridge_err(e))
     }
 
+    /// Removes our stale ports on this bridge, and their host veths when they still carry a stale tag.
     fn gc(&self, valid: &[PortOwner]) -> Result<(), BridgeError> {
-        self.dispatch(
+        let removed = self.dispatch(
             "gc",
             |s, db| s.gc_json(db, valid),
             || self.vsctl().gc(valid),
-        )
+        )?;
+        let keep: Vec<String> = valid.iter().map(PortOwner::tag).collect();
+        let mut errors = Vec::new();
+        for name in removed {
+            if let Err(e) = netdev::delete_tagged_veth(&name, |a| !keep.iter().any(|k| k == a)) {
+                errors.push(e);
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(self.bridge_err(errors.join("; ")))
+        }
     }
+}
+
+/// (uuid, name) of a Port row.
+fn port_id(row: &Value) -> Option<(String, String)> {
+    Some((
+        uuid_str(&row["_uuid"])?.to_string(),
+        row["name"].as_str()?.to_string(),
+    ))
 }
 
 /// The `external_ids` tags of an owner's port.
@@ -633,17 +684,23 @@ fn random_mac() -> Result<String, String> {
         .join(":"))
 }
 
-/// The bridge's network device in the caller's network namespace.
+/// Network devices in the caller's (node's) network namespace, over netlink.
 mod netdev {
-    use std::ffi::CString;
+    use crate::PortOwner;
+    use evio_netlink::{LinkChange, Netlink};
     use std::time::{Duration, Instant};
+
+    fn nl() -> Result<Netlink, String> {
+        Netlink::new().map_err(|e| format!("netlink: {e}"))
+    }
 
     /// The interface index of `name` in this network namespace, if it exists.
     pub fn index(name: &str) -> Option<u32> {
-        let c = CString::new(name).ok()?;
-        // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
-        let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-        (i != 0).then_some(i)
+        nl().ok()?
+            .link_by_name(name)
+            .ok()
+            .flatten()
+            .map(|l| l.index)
     }
 
     /// Waits (until `deadline`) for device `name` to exist, then sets it up.
@@ -660,39 +717,85 @@ mod netdev {
         set_up(name).map_err(|e| format!("cannot set device {name} up: {e}"))
     }
 
-    /// Sets IFF_UP on `name` (SIOCGIFFLAGS/SIOCSIFFLAGS).
-    pub fn set_up(name: &str) -> std::io::Result<()> {
-        if name.len() >= libc::IFNAMSIZ {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "interface name too long",
+    /// Sets `name` up (if it is not already).
+    pub fn set_up(name: &str) -> Result<(), String> {
+        let mut nl = nl()?;
+        let l = nl
+            .link_by_name(name)
+            .map_err(|e| e.to_string())?
+            .ok_or("no such device")?;
+        if l.up {
+            return Ok(());
+        }
+        nl.set_link(
+            l.index,
+            &LinkChange {
+                up: true,
+                ..Default::default()
+            },
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    /// Prepares the host veth before it becomes a port: up, the configured MTU, and the owner tag in its
+    /// `ifalias` (as the Linux bridge backend does, so DEL can find it without state).
+    pub fn prepare_port(port: &str, owner: &PortOwner, mtu: Option<u32>) -> Result<(), String> {
+        let mut nl = nl()?;
+        let l = nl
+            .link_by_name(port)
+            .map_err(|e| e.to_string())?
+            .ok_or("no such device in this network namespace")?;
+        let tag = owner.tag();
+        if let Some(other) = l
+            .alias
+            .as_deref()
+            .filter(|a| a.starts_with("evio ") && *a != tag)
+        {
+            return Err(format!(
+                "the device already belongs to another attachment ({other:?})"
             ));
         }
-        // SAFETY: plain socket(2) call; the fd is closed below.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: ifreq is plain old data; all-zero is a valid value.
-        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-        for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
-            *d = s as libc::c_char;
-        }
-        // SAFETY: `req` is a valid ifreq with a NUL-terminated name; SIOCGIFFLAGS fills ifru_flags.
-        let mut r = unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) };
-        if r == 0 {
-            // SAFETY: reading/writing the flags member of the union the kernel just filled.
-            unsafe {
-                if req.ifr_ifru.ifru_flags & libc::IFF_UP as libc::c_short == 0 {
-                    req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-                    r = libc::ioctl(fd, libc::SIOCSIFFLAGS, &req);
-                }
+        let change = LinkChange {
+            up: true,
+            mtu: mtu.filter(|m| *m != l.mtu),
+            alias: Some(tag),
+            ..Default::default()
+        };
+        nl.set_link(l.index, &change).map_err(|e| e.to_string())
+    }
+
+    /// Deletes every veth whose `ifalias` is an evio owner tag accepted by `ours`.
+    pub fn delete_tagged_veths(ours: impl Fn(&str) -> bool) -> Result<(), String> {
+        let mut nl = nl()?;
+        for l in nl.links().map_err(|e| e.to_string())? {
+            if l.kind.as_deref() == Some("veth")
+                && l.alias
+                    .as_deref()
+                    .is_some_and(|a| a.starts_with("evio ") && ours(a))
+            {
+                nl.delete_link(l.index)
+                    .map_err(|e| format!("delete {}: {e}", l.name))?;
             }
         }
-        let err = std::io::Error::last_os_error();
-        // SAFETY: closing the fd we opened above, exactly once.
-        unsafe { libc::close(fd) };
-        if r == 0 { Ok(()) } else { Err(err) }
+        Ok(())
+    }
+
+    /// Deletes veth `name` if its `ifalias` carries an evio owner tag accepted by `ours` (never a
+    /// device somebody else owns). Missing devices are fine.
+    pub fn delete_tagged_veth(name: &str, ours: impl Fn(&str) -> bool) -> Result<(), String> {
+        let mut nl = nl()?;
+        let Some(l) = nl.link_by_name(name).map_err(|e| e.to_string())? else {
+            return Ok(());
+        };
+        if l.kind.as_deref() == Some("veth")
+            && l.alias
+                .as_deref()
+                .is_some_and(|a| a.starts_with("evio ") && ours(a))
+        {
+            nl.delete_link(l.index)
+                .map_err(|e| format!("delete {name}: {e}"))?;
+        }
+        Ok(())
     }
 }
 

@@ -188,6 +188,11 @@ fn attach_tags_the_port_and_detach_removes_it() {
         .parse()
         .unwrap();
     assert!(ofport >= 1);
+    let link = node.exec_ok(&["ip", "-d", "link", "show", "ovh1"]);
+    assert!(
+        link.contains("alias evio cid-1 eth0") && link.contains(",UP"),
+        "{link}"
+    );
 
     // Attaching the same device again fails and does not remove the existing port.
     let o3 = owner("cid-other", "eth0");
@@ -195,7 +200,21 @@ fn attach_tags_the_port_and_detach_removes_it() {
         b.attach("ovh1", &o3)
     })
     .unwrap_err();
+    assert!(e.to_string().contains("another attachment"), "{e}");
+    let link = node.exec_ok(&["ip", "-d", "link", "show", "ovh1"]);
+    assert!(
+        link.contains("alias evio cid-1 eth0"),
+        "the owner tag was overwritten: {link}"
+    );
+    // A port name clash in OVSDB (an untagged port of the same name) fails without touching it.
+    veth(&node, "ovh9", "ovh9p", None);
+    ovs.vsctl_ok(&["add-port", &br, "ovh9"]);
+    let e = with(&node, &s, OvsClient::JsonRpc, |b| {
+        b.attach("ovh9", &owner("c9", "eth0"))
+    })
+    .unwrap_err();
     assert!(e.to_string().contains("already exists"), "{e}");
+    ovs.vsctl_ok(&["del-port", &br, "ovh9"]);
     assert_eq!(ovs.ports(&br), ["ovh1"]);
 
     // Another owner's detach removes nothing; ours removes the port; repeating is fine.
@@ -208,6 +227,11 @@ fn attach_tags_the_port_and_detach_removes_it() {
     with(&node, &s, OvsClient::JsonRpc, move |b| b.detach(&o4)).expect("detach");
     assert!(ovs.ports(&br).is_empty());
     assert_eq!(ovs.names("Interface"), vec![br.clone()]);
+    assert!(
+        !node.links().contains(&"ovh1".to_string()),
+        "the owner's host veth was left"
+    );
+    assert!(!pod.links().contains(&"eth0".to_string()));
     with(&node, &s, OvsClient::JsonRpc, move |b| b.detach(&o)).expect("detach again");
 }
 
@@ -216,7 +240,7 @@ fn attach_of_a_missing_device_or_to_a_missing_bridge_fails_and_leaves_no_row() {
     let (node, ovs) = setup();
     let br = unique("ob");
     let s = spec(&ovs.socket(), &br, "netdev", None);
-
+    veth(&node, "ovh2", "ovh2p", None);
     let e = with(&node, &s, OvsClient::JsonRpc, |b| {
         b.attach("ovh2", &owner("c", "eth0"))
     })
@@ -230,7 +254,7 @@ fn attach_of_a_missing_device_or_to_a_missing_bridge_fails_and_leaves_no_row() {
     })
     .unwrap_err();
     assert!(matches!(e, BridgeError::Port { .. }), "{e:?}");
-    assert!(e.to_string().contains("No such device"), "{e}");
+    assert!(e.to_string().contains("no such device"), "{e}");
     assert_eq!(ovs.names("Port"), vec![br.clone()]);
     assert_eq!(ovs.names("Interface"), vec![br.clone()]);
 }
@@ -274,6 +298,14 @@ fn gc_removes_only_our_stale_ports_on_this_bridge() {
     p.sort();
     assert_eq!(p, ["gva", "gvc"]);
     assert_eq!(ovs.ports(&br2), ["gvd"]);
+    let links = node.links();
+    assert!(
+        !links.contains(&"gvb".to_string()),
+        "the stale port's veth was left"
+    );
+    for kept in ["gva", "gvc", "gvd"] {
+        assert!(links.contains(&kept.to_string()), "{kept} was removed");
+    }
     // An empty valid list removes all of ours on this bridge, still not the untagged one.
     with(&node, &s, OvsClient::JsonRpc, |b| b.gc(&[])).expect("gc all");
     assert_eq!(ovs.ports(&br), ["gvc"]);
@@ -346,7 +378,7 @@ fn vsctl_fallback_client_does_the_same() {
         b.attach("nosuchdev1", &owner("x", "eth0"))
     })
     .unwrap_err();
-    assert!(e.to_string().contains("No such device"), "{e}");
+    assert!(e.to_string().contains("no such device"), "{e}");
     let mut p = ovs.ports(&br);
     p.sort();
     assert_eq!(p, ["vsa", "vsb"]);
@@ -409,4 +441,71 @@ fn without_vswitchd_calls_fail_in_bounded_time_and_roll_back() {
     let e = in_netns(node.name(), move || short(&s3).ensure()).unwrap_err();
     assert!(matches!(e, BridgeError::Ovsdb { .. }), "{e:?}");
     assert!(e.to_string().contains("/nonexistent/db.sock"), "{e}");
+}
+
+#[test]
+fn concurrent_attaches_and_detaches_of_different_owners() {
+    let (node, ovs) = setup();
+    let br = unique("ob");
+    let s = spec(&ovs.socket(), &br, "netdev", None);
+    with(&node, &s, OvsClient::JsonRpc, |b| b.ensure()).expect("ensure");
+    let n = 16;
+    for i in 0..n {
+        veth(&node, &format!("cc{i}"), &format!("cc{i}p"), None);
+    }
+    let run = |detach: bool| {
+        let hs: Vec<_> = (0..n)
+            .map(|i| {
+                let s = s.clone();
+                let ns = node.name().to_string();
+                std::thread::spawn(move || {
+                    in_netns(&ns, move || {
+                        let b = OvsBridge::new(s).with_client(OvsClient::JsonRpc);
+                        let o = owner(&format!("c{i}"), "eth0");
+                        if detach {
+                            b.detach(&o)
+                        } else {
+                            b.attach(&format!("cc{i}"), &o)
+                        }
+                    })
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().unwrap().expect("concurrent call");
+        }
+    };
+    run(false);
+    assert_eq!(ovs.ports(&br).len(), n);
+    let ofports = ovs.vsctl_ok(&["--bare", "--columns=ofport", "list", "Interface"]);
+    assert!(!ofports.contains("-1"), "{ofports}");
+    run(true);
+    assert!(ovs.ports(&br).is_empty());
+    assert_eq!(ovs.names("Interface"), vec![br.clone()]);
+}
+
+#[test]
+fn attach_that_vswitchd_cannot_open_is_rolled_back() {
+    // The caller sees the device, ovs-vswitchd (in the node netns) does not: it reports the error after
+    // the transaction committed, and attach must delete the rows it added.
+    let (node, ovs) = setup();
+    let br = unique("ob");
+    let s = spec(&ovs.socket(), &br, "netdev", None);
+    with(&node, &s, OvsClient::JsonRpc, |b| b.ensure()).expect("ensure");
+    let elsewhere = Netns::new("ove");
+    elsewhere.exec_ok(&[
+        "ip", "link", "add", "xdev0", "type", "veth", "peer", "name", "xdev0p",
+    ]);
+    let e = with(&elsewhere, &s, OvsClient::JsonRpc, |b| {
+        b.attach("xdev0", &owner("c", "eth0"))
+    })
+    .unwrap_err();
+    assert!(matches!(e, BridgeError::Port { .. }), "{e:?}");
+    assert!(e.to_string().contains("No such device"), "{e}");
+    assert_eq!(
+        ovs.names("Port"),
+        vec![br.clone()],
+        "the port of a failed attach was left"
+    );
+    assert_eq!(ovs.names("Interface"), vec![br.clone()]);
 }

@@ -190,6 +190,8 @@ struct Rollback<'a> {
     ipam: Option<(&'a Delegate, Vec<u8>)>,
     child: Option<Child>,
     host_veth: Option<String>,
+    /// Set once the veth is a bridge port (OVS keeps a database row for it that must go too).
+    port_owner: Option<PortOwner>,
     masq_ips: Vec<IpAddr>,
     masq_pending: Option<evio_firewall::Pending>,
     state: bool,
@@ -197,7 +199,7 @@ struct Rollback<'a> {
 }
 
 impl Rollback<'_> {
-    fn run(&mut self) {
+    fn run(&mut self, bridge: &dyn Bridge) {
         if let Some(c) = self.child.take() {
             let _ = c.wait_with_output();
         }
@@ -208,6 +210,11 @@ impl Rollback<'_> {
             && let Err(e) = evio_firewall::remove(&self.masq_ips)
         {
             warn!("rollback: masquerade entries: {e}");
+        }
+        if let Some(o) = self.port_owner.take()
+            && let Err(e) = bridge.detach(&o)
+        {
+            warn!("rollback: detach from the bridge: {e}");
         }
         if let Some(v) = self.host_veth.take() {
             match Netlink::new().and_then(|mut nl| nl.delete_link_by_name(&v)) {
@@ -264,6 +271,7 @@ fn add(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
         ipam: None,
         child: None,
         host_veth: None,
+        port_owner: None,
         masq_ips: Vec::new(),
         masq_pending: None,
         state: false,
@@ -282,7 +290,7 @@ fn add(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
     );
     if let Err(e) = &r {
         info!("ADD failed, rolling back: {e}");
-        rb.run();
+        rb.run(&*bridge);
     }
     r
 }
@@ -355,6 +363,7 @@ fn add_steps<'a>(
     bridge
         .attach(&host, &owner)
         .map_err(|e| io_err("attach the veth to the bridge", e))?;
+    rb.port_owner = Some(owner.clone());
     let host_link = nl
         .link_by_name(&host)
         .map_err(|e| io_err("look up the host veth", e))?

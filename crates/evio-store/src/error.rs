@@ -21,6 +21,15 @@ pub enum StoreError {
         timeout: Duration,
         detail: String,
     },
+    #[error(
+        "TLS with etcd at {endpoints} failed ({what}): {detail}; check the CA (--etcd-ca), the client certificate \
+         and key (--etcd-cert, --etcd-key) and that the endpoints are https"
+    )]
+    Tls {
+        endpoints: String,
+        what: &'static str,
+        detail: String,
+    },
     #[error("etcd {what} failed: {source}")]
     Etcd {
         what: &'static str,

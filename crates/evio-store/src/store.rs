@@ -746,12 +746,28 @@ pub(crate) fn classify(
         }
         _ => false,
     };
-    if unreachable {
+    let detail = e.to_string();
+    let tls_words = [
+        "Certificate",
+        "certificate",
+        "handshake",
+        "alert",
+        "UnknownIssuer",
+        "TLS",
+        "tls",
+    ];
+    if unreachable && tls_words.iter().any(|w| detail.contains(w)) {
+        StoreError::Tls {
+            endpoints: endpoints.to_string(),
+            what,
+            detail,
+        }
+    } else if unreachable {
         StoreError::Unreachable {
             endpoints: endpoints.to_string(),
             what,
             timeout,
-            detail: e.to_string(),
+            detail,
         }
     } else {
         StoreError::Etcd { what, source: e }

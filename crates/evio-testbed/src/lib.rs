@@ -4,9 +4,9 @@
 //! them on `Drop`, so a failing test still cleans up. Tests must run as root; [`require_root`] fails loudly
 //! instead of silently skipping.
 
+pub mod cni;
 pub mod ovs;
 pub mod runtimes;
-pub mod cni;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

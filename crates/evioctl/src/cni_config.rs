@@ -108,6 +108,9 @@ pub struct Args {
 #[derive(Debug)]
 pub struct NetConf {
     pub name: String,
+    /// The conflist's cniVersion: 1.1.0 unless the net-conf asks for an older one (runtimes and chained
+    /// plugins that predate CNI 1.1, e.g. Debian 12's containerd 1.6 and reference plugins 1.1.1).
+    pub cni_version: String,
     pub plan: SubnetPlan,
     pub data_store: Option<Vec<String>>,
     /// The evio-cni plugin keys copied into the conflist (already checked).
@@ -115,6 +118,9 @@ pub struct NetConf {
     /// Extra host-local keys (e.g. `dataDir`), from the net-conf's optional `ipam` object.
     pub ipam_extra: Map<String, Value>,
 }
+
+/// The versions evio-cni speaks.
+const CNI_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
 const COPIED_KEYS: &[&str] = &[
     "bridge",
@@ -128,6 +134,8 @@ const COPIED_KEYS: &[&str] = &[
     "hairpinMode",
     "logFile",
     "logLevel",
+    "stateDir",
+    "clusterCIDRs",
 ];
 
 impl NetConf {
@@ -171,6 +179,14 @@ impl NetConf {
                 bail!("dataStore must be a comma-separated string or a list of URLs, not {other}")
             }
         };
+        let cni_version = match o.get("cniVersion") {
+            None => "1.1.0".to_string(),
+            Some(Value::String(s)) if CNI_VERSIONS.contains(&s.as_str()) => s.clone(),
+            Some(other) => bail!(
+                "cniVersion {other} is not one of {}",
+                CNI_VERSIONS.join(", ")
+            ),
+        };
         let mut plugin = Map::new();
         for k in COPIED_KEYS {
             if let Some(v) = o.get(*k) {
@@ -203,6 +219,7 @@ impl NetConf {
         }
         Ok(NetConf {
             name,
+            cni_version,
             plan,
             data_store,
             plugin,
@@ -216,6 +233,8 @@ impl NetConf {
         plugin.insert("type".into(), json!(PLUGIN));
         plugin.extend(self.plugin.clone());
         plugin.entry("mtu").or_insert(json!(DEFAULT_MTU));
+        // Pod to pod traffic across nodes stays unmasqueraded: the plugin exempts podCIDR from ipMasq.
+        plugin.insert("podCIDR".into(), json!(self.plan.pool().to_string()));
         let mut ipam = Map::new();
         ipam.insert("type".into(), json!("host-local"));
         ipam.insert(
@@ -239,7 +258,7 @@ impl NetConf {
         ipam.extend(self.ipam_extra.clone());
         plugin.insert("ipam".into(), Value::Object(ipam));
         json!({
-            "cniVersion": "1.1.0",
+            "cniVersion": self.cni_version,
             "name": self.name,
             "plugins": [
                 Value::Object(plugin),
@@ -285,7 +304,7 @@ fn check_plugin_keys(p: &mut Map<String, Value>) -> Result<()> {
                     bail!("ovsDatapathType {s:?} is not one of system, netdev");
                 }
             }
-            "ovsdbSocket" | "logFile" | "logLevel" if !v.is_string() => {
+            "ovsdbSocket" | "logFile" | "logLevel" | "stateDir" if !v.is_string() => {
                 bail!("{k} must be a string")
             }
             "isGateway" | "isDefaultGateway" | "ipMasq" | "hairpinMode" => {
@@ -306,6 +325,17 @@ fn check_plugin_keys(p: &mut Map<String, Value>) -> Result<()> {
                 match n {
                     Some(n) if (576..=65535).contains(&n) => *v = json!(n),
                     _ => bail!("mtu must be a whole number between 576 and 65535, not {v}"),
+                }
+            }
+            "clusterCIDRs" => {
+                let ok = v.as_array().is_some_and(|a| {
+                    a.iter().all(|x| {
+                        x.as_str()
+                            .is_some_and(|s| s.parse::<ipnet::IpNet>().is_ok())
+                    })
+                });
+                if !ok {
+                    bail!("clusterCIDRs must be a list of CIDRs, not {v}");
                 }
             }
             _ => {}

@@ -243,15 +243,20 @@ impl<'a> Vsctl<'a> {
         self.run_ok(&args).map(|_| ())
     }
 
-    pub fn detach(&self, owner: &PortOwner) -> Result<(), BridgeError> {
-        let ports = self.find_ports(tag_args(owner))?;
-        self.del_ports(&ports.into_iter().map(|(n, _)| n).collect::<Vec<_>>())
+    pub fn detach(&self, owner: &PortOwner) -> Result<Vec<String>, BridgeError> {
+        let ports: Vec<String> = self
+            .find_ports(tag_args(owner))?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        self.del_ports(&ports)?;
+        Ok(ports)
     }
 
-    pub fn gc(&self, valid: &[PortOwner]) -> Result<(), BridgeError> {
+    pub fn gc(&self, valid: &[PortOwner]) -> Result<Vec<String>, BridgeError> {
         let br = self.b.spec.name.as_str();
         if let Err((2, _)) = self.run(&Self::s(&["br-exists", br]))? {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let on_bridge: Vec<String> = self
             .run_ok(&Self::s(&["list-ports", br]))?
@@ -267,7 +272,8 @@ impl<'a> Vsctl<'a> {
             .filter(|(n, ids)| on_bridge.contains(n) && !is_valid(ids, valid))
             .map(|(n, _)| n)
             .collect();
-        self.del_ports(&stale)
+        self.del_ports(&stale)?;
+        Ok(stale)
     }
 }
 
