@@ -47,8 +47,12 @@ pub struct Peer {
 
 fn query(args: &Args) -> Result<Status> {
     let path = args.state_dir.join("eviod.sock");
-    let mut s = UnixStream::connect(&path)
-        .with_context(|| format!("cannot reach the agent at {} (is eviod running with this --state-dir?)", path.display()))?;
+    let mut s = UnixStream::connect(&path).with_context(|| {
+        format!(
+            "cannot reach the agent at {} (is eviod running with this --state-dir?)",
+            path.display()
+        )
+    })?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.write_all(b"status\n")?;
     let mut body = String::new();
@@ -71,7 +75,11 @@ fn bytes(n: u64) -> String {
         v /= 1024.0;
         i += 1;
     }
-    if i == 0 { format!("{n} B") } else { format!("{v:.1} {}", U[i]) }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
 }
 
 pub fn render(st: &Status, now: u64) -> String {
@@ -98,7 +106,16 @@ pub fn render(st: &Status, now: u64) -> String {
             ]
         })
         .collect();
-    let head = ["PEER", "ADDRESS", "POD SUBNET", "PATH", "ENDPOINT", "HANDSHAKE", "RX", "TX"];
+    let head = [
+        "PEER",
+        "ADDRESS",
+        "POD SUBNET",
+        "PATH",
+        "ENDPOINT",
+        "HANDSHAKE",
+        "RX",
+        "TX",
+    ];
     let mut w: Vec<usize> = head.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (i, c) in r.iter().enumerate() {
@@ -127,7 +144,10 @@ pub fn run(args: Args) -> Result<()> {
     if args.json {
         println!("{}", serde_json::to_string(&st)?);
     } else {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         print!("{}", render(&st, now));
     }
     Ok(())
@@ -142,7 +162,10 @@ mod tests {
         let text = r#"{"node":"a","address":"10.10.0.1","podSubnet":"10.244.1.0/24","publicKey":"k","peers":[{"node":"b","address":"10.10.0.2","podSubnet":null,"path":"direct","endpoint":"192.0.2.2:51820","lastHandshake":100,"rxBytes":5,"txBytes":2048}]}"#;
         let st: Status = serde_json::from_str(text).unwrap();
         let back: serde_json::Value = serde_json::to_value(&st).unwrap();
-        assert_eq!(back, serde_json::from_str::<serde_json::Value>(text).unwrap());
+        assert_eq!(
+            back,
+            serde_json::from_str::<serde_json::Value>(text).unwrap()
+        );
         let table = render(&st, 130);
         assert!(table.contains("PEER"), "{table}");
         assert!(table.contains("b  "), "{table}");
