@@ -296,10 +296,10 @@ fn hold(c: &Cluster) {
         c.lab().internet_ns(),
         c.etcd_url()
     );
-    if let Some((_, nat_ns, _)) = &n0.nat {
+    if let Some(nat) = &n0.nat {
         println!(
-            "  ip netns exec {nat_ns} conntrack -L -p udp   # NAT mappings of {}",
-            n0.name
+            "  ip netns exec {} conntrack -L -p udp   # NAT mappings of {}",
+            nat.ns, n0.name
         );
     }
     println!("  logs and state: {}", c.dir().display());

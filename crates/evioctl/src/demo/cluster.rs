@@ -36,12 +36,22 @@ pub struct Pod {
     pub ip: String,
 }
 
+/// A site's NAT.
+#[derive(Clone)]
+pub struct Nat {
+    pub kind: NatKind,
+    /// Its network namespace.
+    pub ns: String,
+    /// Its public address.
+    pub wan: Ipv4Addr,
+}
+
 pub struct Node {
     /// `edge1`, `edge2`, ... (the node name in etcd).
     pub name: String,
     pub host: Host,
-    /// The NAT in front of the host: kind, namespace, public address (None: a public host).
-    pub nat: Option<(NatKind, String, Ipv4Addr)>,
+    /// The NAT in front of the host (None: a public host).
+    pub nat: Option<Nat>,
     /// This node's temp dir: conflist, plugin bin dir, agent state dir, logs.
     pub dir: PathBuf,
     pub subnet: Option<String>,
@@ -137,14 +147,16 @@ impl Cluster {
             b = b.site(kind, 1);
         }
         let lab = b.public_hosts(public).build().map_err(|e| anyhow!("{e}"))?;
-        let mut hosts: Vec<(Host, Option<(NatKind, String, Ipv4Addr)>)> = lab
+        let mut hosts: Vec<(Host, Option<Nat>)> = lab
             .sites()
             .iter()
             .map(|s| {
-                (
-                    s.hosts[0].clone(),
-                    Some((s.kind, s.nat_ns.clone(), s.wan_ip)),
-                )
+                let nat = Nat {
+                    kind: s.kind,
+                    ns: s.nat_ns.clone(),
+                    wan: s.wan_ip,
+                };
+                (s.hosts[0].clone(), Some(nat))
             })
             .collect();
         hosts.extend(lab.public_hosts().iter().map(|h| (h.clone(), None)));

@@ -51,10 +51,10 @@ pub fn wait_paths(c: &Cluster, bins: &Bins, limit: Duration) -> (usize, usize) {
 /// The host's public UDP mappings as its NAT's conntrack table shows them (the agent's port, translated).
 pub fn public_mappings(c: &Cluster, i: usize) -> Vec<String> {
     let n = &c.nodes[i];
-    let Some((_, nat_ns, _)) = &n.nat else {
+    let Some(nat) = &n.nat else {
         return Vec::new();
     };
-    let Ok(out) = evio_lab::netns_exec(nat_ns, &["conntrack", "-L", "-p", "udp"]) else {
+    let Ok(out) = evio_lab::netns_exec(&nat.ns, &["conntrack", "-L", "-p", "udp"]) else {
         return Vec::new();
     };
     let host = n.host.ip.to_string();
@@ -119,10 +119,10 @@ pub fn nodes_table(c: &Cluster) -> String {
                 "none (public host)".to_string(),
                 format!("{}:{LISTEN_PORT}", n.host.ip),
             ),
-            Some((kind, _, wan)) => (
-                format!("{kind} {wan}"),
+            Some(nat) => (
+                format!("{} {}", nat.kind, nat.wan),
                 match maps.len() {
-                    0 => format!("{wan} (none yet)"),
+                    0 => format!("{} (none yet)", nat.wan),
                     1..=3 => maps.join(" "),
                     k => format!("{} {} ... ({k} mappings)", maps[0], maps[1]),
                 },
