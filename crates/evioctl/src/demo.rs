@@ -20,6 +20,7 @@
 
 mod cluster;
 mod cni;
+mod leftovers;
 mod report;
 mod signals;
 
@@ -98,7 +99,10 @@ pub fn run(args: Args) -> Result<()> {
         bail!("a cluster needs at least two hosts (--nodes plus --public-nodes)");
     }
     let bins = preflight()?;
-    let prefix = evio_lab::unique_prefix("evdemo");
+    for line in leftovers::remove_stale() {
+        println!("cleaning up after a demo that was killed: {line}");
+    }
+    let prefix = evio_lab::unique_prefix(leftovers::BASE);
     let mut cluster = Cluster::new(&prefix)?;
     let outcome = demo(&args, &bins, &mut cluster);
     let code = match &outcome {
@@ -194,13 +198,20 @@ fn demo(args: &Args, bins: &Bins, c: &mut Cluster) -> Result<i32> {
         || c.add_pods(k),
     )?;
     stop_if_interrupted!();
-    let (up, total) = p.step("tunnels between every pair of hosts", || {
-        Ok(report::wait_paths(c, bins, Duration::from_secs(20)))
-    })?;
+    print!("  tunnels between every pair of hosts (direct or relayed) ...");
+    let _ = std::io::stdout().flush();
+    let t = Instant::now();
+    let (up, total) = report::wait_paths(c, bins, Duration::from_secs(20));
     stop_if_interrupted!();
-    if up < total {
-        println!("  only {up} of {total} peer paths are up; the matrix will show what that means");
-    }
+    println!(
+        " {up}/{total} peer paths up ({:.2} s){}",
+        t.elapsed().as_secs_f64(),
+        if up < total {
+            "; the matrix shows what that means"
+        } else {
+            ""
+        }
+    );
     println!("\nnodes:");
     print!("{}", report::nodes_table(c));
     let st = report::statuses(c, bins);

@@ -27,16 +27,21 @@ fn evioctl() -> PathBuf {
 struct Demo {
     child: Child,
     out: Arc<Mutex<String>>,
-    tmp: tempfile::TempDir,
+    tmp: Arc<tempfile::TempDir>,
 }
 
 impl Demo {
     fn start(args: &[&str]) -> Demo {
-        evio_testbed::require_root();
         let tmp = tempfile::Builder::new()
             .prefix("evioctl-demo-test")
             .tempdir()
             .unwrap();
+        Demo::start_in(Arc::new(tmp), args)
+    }
+
+    /// A demo with TMPDIR `tmp`.
+    fn start_in(tmp: Arc<tempfile::TempDir>, args: &[&str]) -> Demo {
+        evio_testbed::require_root();
         let mut child = Command::new(evioctl())
             .arg("demo")
             .args(args)
@@ -302,4 +307,57 @@ fn demo_stays_up_until_sigint() {
     d.signal(libc::SIGINT);
     assert_eq!(d.wait(Duration::from_secs(30)), Some(0), "{}", d.output());
     d.assert_nothing_left();
+}
+
+/// A demo killed with SIGKILL cannot clean up: its agents die with it (PR_SET_PDEATHSIG) and the next demo
+/// removes its namespaces, etcd, coturn and temp dirs.
+#[test]
+fn killed_demo_is_cleaned_up_by_the_next_one() {
+    let public = [
+        "--nodes",
+        "0",
+        "--symmetric-nat",
+        "0",
+        "--public-nodes",
+        "2",
+        "--pods-per-node",
+        "1",
+    ];
+    let mut d = Demo::start(&public);
+    wait_for_output(&d, "pods through the CNI chain", Duration::from_secs(60));
+    d.signal(libc::SIGKILL);
+    assert_eq!(d.wait(Duration::from_secs(10)), None, "{}", d.output());
+    let prefix = d.prefix();
+    let left = || {
+        std::fs::read_dir("/run/netns")
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .count()
+    };
+    assert!(
+        left() > 0,
+        "a killed demo left nothing to clean up?\n{}",
+        d.output()
+    );
+    // The agents died with the demo.
+    let agents = || {
+        processes_mentioning(&d.tmp.path().to_string_lossy())
+            .into_iter()
+            .filter(|p| p.contains("eviod"))
+            .count()
+    };
+    assert!(
+        evio_testbed::wait_until(Duration::from_secs(5), || agents() == 0),
+        "agents outlived the demo: {:?}",
+        processes_mentioning(&d.tmp.path().to_string_lossy())
+    );
+    let mut next = Demo::start_in(d.tmp.clone(), &[&public[..], &["--check"]].concat());
+    let code = next.wait(Duration::from_secs(120));
+    let out = next.output();
+    assert_eq!(code, Some(0), "{out}");
+    // Unless a demo of a parallel test got there first.
+    assert!(left() == 0, "{out}");
+    d.assert_nothing_left();
+    next.assert_nothing_left();
 }
