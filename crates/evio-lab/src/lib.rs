@@ -160,6 +160,36 @@ fn kill_netns_pids(ns: &str) {
     }
 }
 
+/// Removes the namespaces of a lab named `prefix` whose process died without running `Drop` (SIGKILL):
+/// kills what runs in them and deletes them. Only names the lab itself would make are touched
+/// (`<prefix>-inet`, `<prefix>-natN`, `<prefix>-sNhK`, `<prefix>-pubN`). Returns the names removed.
+pub fn remove_leftovers(prefix: &str) -> Result<Vec<String>> {
+    let list = run(Command::new("ip").args(["netns", "list"]))?;
+    let ours = |rest: &str| -> bool {
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        rest == "inet"
+            || rest.strip_prefix("nat").is_some_and(digits)
+            || rest.strip_prefix("pub").is_some_and(digits)
+            || rest
+                .strip_prefix('s')
+                .and_then(|r| r.split_once('h'))
+                .is_some_and(|(a, b)| digits(a) && digits(b))
+    };
+    let mut removed = Vec::new();
+    for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+        if name
+            .strip_prefix(prefix)
+            .and_then(|r| r.strip_prefix('-'))
+            .is_some_and(ours)
+        {
+            kill_netns_pids(name);
+            run(Command::new("ip").args(["netns", "del", name]))?;
+            removed.push(name.to_string());
+        }
+    }
+    Ok(removed)
+}
+
 /// Polls `f` every 10 ms until it returns true or `limit` passes; returns whether it did.
 pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
@@ -356,11 +386,18 @@ pub struct LabBuilder {
     prefix: String,
     etcd: bool,
     turn: bool,
+    stale_nonce: Option<u32>,
     sites: Vec<(NatKind, usize)>,
     public_hosts: usize,
 }
 
 impl LabBuilder {
+    /// Makes coturn's nonces expire after `secs` (`stale-nonce`), to exercise 438 handling quickly.
+    pub fn turn_stale_nonce(mut self, secs: u32) -> Self {
+        self.stale_nonce = Some(secs);
+        self
+    }
+
     /// Starts a real etcd in the internet namespace.
     pub fn etcd(mut self, on: bool) -> Self {
         self.etcd = on;
@@ -438,7 +475,7 @@ impl LabBuilder {
             lab.start_etcd()?;
         }
         if self.turn {
-            lab.start_turn()?;
+            lab.start_turn(self.stale_nonce)?;
         }
         tracing::debug!(prefix = %self.prefix, elapsed = ?t0.elapsed(), "lab built");
         Ok(lab)
@@ -465,6 +502,7 @@ impl Lab {
             prefix: prefix.to_string(),
             etcd: false,
             turn: false,
+            stale_nonce: None,
             sites: Vec::new(),
             public_hosts: 0,
         }
@@ -632,7 +670,7 @@ impl Lab {
         Ok(())
     }
 
-    fn start_turn(&mut self) -> Result<()> {
+    fn start_turn(&mut self, stale_nonce: Option<u32>) -> Result<()> {
         let password = random_hex(16)?;
         let password_file = self.dir.path().join("turn-password");
         write_secret(&password_file, &password)?;
@@ -646,6 +684,10 @@ impl Lab {
              pidfile={}\nlog-file=stdout\nsimple-log\n",
             pid.display()
         );
+        let text = match stale_nonce {
+            Some(s) => format!("{text}stale-nonce={s}\n"),
+            None => text,
+        };
         write_secret(&conf, &text)?;
         let mut t = TurnServer {
             child: None,

@@ -290,3 +290,27 @@ fn failed_build_and_panic_clean_up() {
         netns_list()
     );
 }
+
+#[test]
+fn leftovers_of_a_killed_lab_are_removed() {
+    let prefix = unique_prefix("lb");
+    let lab = Lab::builder(&prefix)
+        .site(NatKind::EasyNat, 1)
+        .public_hosts(1)
+        .build()
+        .unwrap();
+    let names = lab.namespaces().to_vec();
+    // Simulate a SIGKILLed owner: the namespaces outlive the value.
+    std::mem::forget(lab);
+    // A namespace that merely shares the prefix is not ours and stays.
+    let other = format!("{prefix}-mine");
+    evio_lab::run(std::process::Command::new("ip").args(["netns", "add", &other])).unwrap();
+    let mut removed = evio_lab::remove_leftovers(&prefix).unwrap();
+    removed.sort();
+    let mut want = names.clone();
+    want.sort();
+    assert_eq!(removed, want);
+    assert!(exists(&other));
+    evio_lab::run(std::process::Command::new("ip").args(["netns", "del", &other])).unwrap();
+    assert!(names.iter().all(|n| !exists(n)));
+}

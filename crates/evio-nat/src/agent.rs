@@ -191,6 +191,8 @@ struct Pair {
     next_check: Instant,
     fails: u32,
     rtt: Option<Duration>,
+    /// When the last check of this pair succeeded.
+    last_ok: Option<Instant>,
 }
 
 impl Pair {
@@ -383,6 +385,50 @@ impl Agent {
         self.reindex();
     }
 
+    /// Tells the agent that an authenticated tunnel datagram of `peer` arrived from `from`: call it after
+    /// the tunnel decrypted the datagram, never before. An address the agent did not know becomes a
+    /// peer-reflexive pair, checked at once, and the selected pair is probed: a NAT rebinding on the peer's
+    /// side heals as soon as the peer sends anything, not only at its next keepalive. Known addresses cost
+    /// one hash lookup.
+    pub fn tunnel_from(&mut self, peer: &PeerKey, from: Source, now: Instant) {
+        let (base, addr) = match from {
+            Source::Direct(a) => (Base::Socket, a),
+            Source::Relay(a) => (Base::Relay, a),
+        };
+        if self.index.get(&(base, addr)) == Some(peer) || !self.peers.contains_key(peer) {
+            return;
+        }
+        if self.find_pair(peer, base, addr).is_none() {
+            self.learn(*peer, base, addr, now);
+        }
+        self.peer_timers(*peer, now);
+    }
+
+    /// Adds a pair for an address of `peer` seen on `base`, and probes the selected pair.
+    fn learn(&mut self, peer: PeerKey, base: Base, from: SocketAddr, now: Instant) -> u64 {
+        let kind = self.classify_remote(&peer, from);
+        tracing::debug!(%from, ?base, ?kind, "peer-reflexive candidate");
+        if base == Base::Relay
+            && let Some(t) = &mut self.turn
+        {
+            t.want_channel(from, now);
+        }
+        let id = self.add_pair(peer, base, from, kind, now);
+        self.reindex();
+        // A new address of the peer on this base: maybe its NAT rebound. Probe the selected pair at once
+        // so a dead one is noticed quickly (see `fail_over_early`).
+        if let Some(p) = self.peers.get_mut(&peer)
+            && let Some(sel) = p.selected
+            && let Some(p) = p
+                .pairs
+                .iter_mut()
+                .find(|p| p.id == sel && p.inflight.is_none())
+        {
+            p.next_check = now;
+        }
+        id
+    }
+
     /// Forgets a peer.
     pub fn remove_peer(&mut self, peer: &PeerKey) {
         self.peers.remove(peer);
@@ -525,11 +571,17 @@ impl Agent {
         let mut resend = Vec::new();
         let mut start = Vec::new();
         let mut failed = Vec::new();
+        let mut suspect = false;
+        let selected = peer.selected;
         for p in &mut peer.pairs {
             match &mut p.inflight {
                 Some((_, pend)) => match pend.on_timer(now) {
                     Step::Wait => {}
-                    Step::Resend => resend.push((p.base, p.remote, pend.bytes.clone())),
+                    Step::Resend => {
+                        // The selected pair has not answered 3 sends (300 ms): suspect it.
+                        suspect |= Some(p.id) == selected && pend.sends() == 3;
+                        resend.push((p.base, p.remote, pend.bytes.clone()))
+                    }
                     Step::GiveUp => failed.push(p.id),
                 },
                 None if now >= p.next_check => start.push(p.id),
@@ -546,9 +598,57 @@ impl Agent {
         for id in start {
             self.start_check(key, id, now);
         }
+        if suspect && !reselect {
+            // Re-check every other pair now, so a live alternative is known fresh within one RTT.
+            if let Some(peer) = self.peers.get_mut(&key) {
+                for p in peer.pairs.iter_mut().filter(|p| p.inflight.is_none()) {
+                    p.next_check = now;
+                }
+            }
+            self.fail_over_early(key, now);
+            self.peer_timers(key, now);
+        }
         if reselect {
             self.reselect(key, now);
         }
+    }
+
+    /// The selected pair stopped answering: if another pair of at least the same class answered within
+    /// the last keepalive interval, move to it now rather than after the full give-up (3.1 s). This is
+    /// what heals a NAT rebinding quickly: the peer's checks from its new mapping already made that pair.
+    fn fail_over_early(&mut self, key: PeerKey, now: Instant) {
+        let fresh = self.cfg.timers.keepalive;
+        let Some(peer) = self.peers.get_mut(&key) else {
+            return;
+        };
+        let Some(cur) = peer.selected_pair() else {
+            return;
+        };
+        let (cur_id, cur_rank) = (cur.id, cur.rank());
+        let alt = peer
+            .pairs
+            .iter()
+            .filter(|p| p.id != cur_id && p.state == PairState::Succeeded && p.rank() >= cur_rank)
+            .filter(|p| {
+                p.last_ok
+                    .is_some_and(|t| now.saturating_duration_since(t) < fresh)
+            })
+            .max_by(|a, b| a.rank().cmp(&b.rank()).then(a.last_ok.cmp(&b.last_ok)))
+            .map(|p| p.id);
+        let Some(alt) = alt else {
+            return;
+        };
+        peer.selected = Some(alt);
+        let path = peer.pair(alt).map(Pair::path);
+        tracing::info!(peer = %hex(&key[..4]), ?path, "selected path does not answer, moved to a fresh one");
+        if let Some(p) = path
+            && p.base == Base::Relay
+            && let Some(t) = &mut self.turn
+        {
+            t.want_channel(p.remote, now);
+        }
+        self.events
+            .push_back(Event::PathChanged { peer: key, path });
     }
 
     /// Marks a pair failed; returns true if it was the selected one.
@@ -604,7 +704,7 @@ impl Agent {
         };
         if p.base == Base::Relay && !self.turn.as_ref().is_some_and(|t| t.can_send(p.remote)) {
             // The relay cannot reach this address yet (permission/channel pending): try a bit later.
-            p.next_check = now + Duration::from_millis(50);
+            p.next_check = now + Duration::from_millis(200);
             return;
         }
         let tid = TransactionId(self.rng.random());
@@ -753,18 +853,7 @@ impl Agent {
         // Learn the address and check it back (triggered check).
         let id = match self.find_pair(&sender, base, from) {
             Some(id) => id,
-            None => {
-                let kind = self.classify_remote(&sender, from);
-                tracing::debug!(%from, ?base, ?kind, "peer-reflexive candidate");
-                if base == Base::Relay
-                    && let Some(t) = &mut self.turn
-                {
-                    t.want_channel(from, now);
-                }
-                let id = self.add_pair(sender, base, from, kind, now);
-                self.reindex();
-                id
-            }
+            None => self.learn(sender, base, from, now),
         };
         let Some(p) = self
             .peers
@@ -809,6 +898,7 @@ impl Agent {
         p.rtt = Some(now.saturating_duration_since(pend.first_sent));
         p.state = PairState::Succeeded;
         p.fails = 0;
+        p.last_ok = Some(now);
         let selected = peer.selected == Some(id);
         p.next_check = now
             + if selected {
@@ -822,6 +912,9 @@ impl Agent {
             self.reflexive = Some(m);
         }
         self.reselect(key, now);
+        if self.selected_suspect(&key) {
+            self.fail_over_early(key, now);
+        }
     }
 
     /// Chooses the best succeeded pair; moves only to a strictly better class (no flapping).
@@ -866,6 +959,15 @@ impl Agent {
         }
         self.events
             .push_back(Event::PathChanged { peer: key, path });
+    }
+
+    /// True if the selected pair of `peer` has an unanswered check sent 3 times or more.
+    fn selected_suspect(&self, key: &PeerKey) -> bool {
+        self.peers
+            .get(key)
+            .and_then(Peer::selected_pair)
+            .and_then(|p| p.inflight.as_ref())
+            .is_some_and(|(_, pend)| pend.sends() >= 3)
     }
 
     fn find_pair(&self, key: &PeerKey, base: Base, remote: SocketAddr) -> Option<u64> {
@@ -939,6 +1041,7 @@ impl Agent {
                 next_check: now,
                 fails: 0,
                 rtt: None,
+                last_ok: None,
             });
         }
         id

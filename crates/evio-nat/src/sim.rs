@@ -128,9 +128,27 @@ impl Nat {
 #[derive(Debug)]
 struct Alloc {
     relayed: SocketAddr,
-    perms: HashSet<IpAddr>,
-    channels: HashMap<u16, SocketAddr>,
+    /// Permission expiry per peer IP (5 minutes, RFC 8656 §9).
+    perms: HashMap<IpAddr, Instant>,
+    /// Channel binding and its expiry (10 minutes, RFC 8656 §12).
+    channels: HashMap<u16, (SocketAddr, Instant)>,
+    expires: Instant,
 }
+
+impl Alloc {
+    fn permits(&self, ip: IpAddr, now: Instant) -> bool {
+        self.perms.get(&ip).is_some_and(|t| now < *t)
+    }
+    fn channel_of(&self, peer: SocketAddr, now: Instant) -> Option<u16> {
+        self.channels
+            .iter()
+            .find(|(_, (p, t))| *p == peer && now < *t)
+            .map(|(n, _)| *n)
+    }
+}
+
+const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
+const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
 
 /// A STUN + TURN server model.
 #[derive(Debug)]
@@ -153,6 +171,11 @@ impl TurnModel {
         stun::long_term_key(&self.user, &self.realm, &self.password)
     }
 
+    /// Starts a new nonce: requests with the old one get 438 (stale nonce).
+    pub fn rotate_nonce(&mut self) {
+        self.nonce = format!("{}x", self.nonce);
+    }
+
     /// Forgets every allocation (a server restart).
     pub fn reset(&mut self) {
         self.allocs.clear();
@@ -163,9 +186,27 @@ impl TurnModel {
         dst == self.addr || self.by_relayed.contains_key(&dst)
     }
 
-    fn handle(&mut self, src: SocketAddr, dst: SocketAddr, data: &[u8]) -> Vec<Packet> {
+    fn handle(
+        &mut self,
+        src: SocketAddr,
+        dst: SocketAddr,
+        data: &[u8],
+        now: Instant,
+    ) -> Vec<Packet> {
         if !self.up {
             return vec![];
+        }
+        // Allocations that were not refreshed in time are gone.
+        let dead: Vec<SocketAddr> = self
+            .allocs
+            .iter()
+            .filter(|(_, a)| now >= a.expires)
+            .map(|(c, _)| *c)
+            .collect();
+        for c in dead {
+            if let Some(a) = self.allocs.remove(&c) {
+                self.by_relayed.remove(&a.relayed);
+            }
         }
         if dst != self.addr {
             // From a peer to a relayed address.
@@ -173,14 +214,14 @@ impl TurnModel {
                 return vec![];
             };
             let a = &self.allocs[&client];
-            if !a.perms.contains(&src.ip()) {
+            if !a.permits(src.ip(), now) {
                 return vec![];
             }
             self.relayed_datagrams += 1;
-            let payload = match a.channels.iter().find(|(_, p)| **p == src) {
-                Some((n, _)) => {
+            let payload = match a.channel_of(src, now) {
+                Some(n) => {
                     let mut out = Vec::new();
-                    demux::encode_channel_data(*n, data, &mut out);
+                    demux::encode_channel_data(n, data, &mut out);
                     out
                 }
                 None => Builder::new(
@@ -202,9 +243,12 @@ impl TurnModel {
             let Some(a) = self.allocs.get(&src) else {
                 return vec![];
             };
-            let Some(peer) = a.channels.get(&n).copied() else {
+            let Some((peer, until)) = a.channels.get(&n).copied() else {
                 return vec![];
             };
+            if now >= until || !a.permits(peer.ip(), now) {
+                return vec![];
+            }
             self.relayed_datagrams += 1;
             return vec![Packet {
                 src: a.relayed,
@@ -237,7 +281,7 @@ impl TurnModel {
             let Some(a) = self.allocs.get(&src) else {
                 return vec![];
             };
-            if !a.perms.contains(&peer.ip()) {
+            if !a.permits(peer.ip(), now) {
                 return vec![];
             }
             self.relayed_datagrams += 1;
@@ -284,8 +328,9 @@ impl TurnModel {
                     src,
                     Alloc {
                         relayed,
-                        perms: HashSet::new(),
+                        perms: HashMap::new(),
                         channels: HashMap::new(),
+                        expires: now + Duration::from_secs(600),
                     },
                 );
                 self.by_relayed.insert(relayed, src);
@@ -301,6 +346,8 @@ impl TurnModel {
                 if msg.u32_attr(attr::LIFETIME) == Some(0) {
                     let a = self.allocs.remove(&src).expect("alloc");
                     self.by_relayed.remove(&a.relayed);
+                } else if let Some(a) = self.allocs.get_mut(&src) {
+                    a.expires = now + Duration::from_secs(600);
                 }
                 ok(Builder::new(Class::Success, method::REFRESH, msg.tid)
                     .u32_attr(attr::LIFETIME, 600))
@@ -311,7 +358,7 @@ impl TurnModel {
                 };
                 let peers = msg.xor_addrs(attr::XOR_PEER_ADDRESS);
                 for p in peers {
-                    a.perms.insert(p.ip());
+                    a.perms.insert(p.ip(), now + PERMISSION_LIFETIME);
                 }
                 ok(Builder::new(
                     Class::Success,
@@ -329,8 +376,9 @@ impl TurnModel {
                 ) else {
                     return err(400, false);
                 };
-                a.channels.insert((n >> 16) as u16, peer);
-                a.perms.insert(peer.ip());
+                a.channels
+                    .insert((n >> 16) as u16, (peer, now + CHANNEL_LIFETIME));
+                a.perms.insert(peer.ip(), now + PERMISSION_LIFETIME);
                 ok(Builder::new(Class::Success, method::CHANNEL_BIND, msg.tid))
             }
             _ => err(400, false),
@@ -552,9 +600,15 @@ impl Sim {
     }
 
     /// Sends a tunnel datagram from node `i` to node `j` along `i`'s selected path; false if none.
+    ///
+    /// The datagram is a stand-in for a WireGuard message: type 4, then the sender's key (which plays the
+    /// part of the tunnel's authentication: the receiver then calls [`Agent::tunnel_from`]), then `payload`.
     pub fn send_tunnel(&mut self, i: usize, j: usize, payload: &[u8]) -> bool {
         let peer = self.nodes[j].key;
-        let Some(t) = self.nodes[i].agent.wrap(&peer, payload) else {
+        let mut wg = vec![4, 0, 0, 0];
+        wg.extend_from_slice(&self.nodes[i].key);
+        wg.extend_from_slice(payload);
+        let Some(t) = self.nodes[i].agent.wrap(&peer, &wg) else {
             return false;
         };
         let src = self.nodes[i].addr;
@@ -600,7 +654,7 @@ impl Sim {
                 if let Some(t) = &mut self.turn
                     && t.owns(p.dst)
                 {
-                    for out in t.handle(p.src, p.dst, &p.payload) {
+                    for out in t.handle(p.src, p.dst, &p.payload, now) {
                         self.enqueue(out, Hop::Internet);
                     }
                     return;
@@ -626,13 +680,22 @@ impl Sim {
     fn deliver(&mut self, j: usize, p: Packet) {
         let now = self.now;
         let node = &mut self.nodes[j];
+        let mut authenticated = None;
         match node.agent.handle_input(p.src, &p.payload, now) {
             Input::Tunnel {
                 peer,
                 from,
                 payload,
-            } => node.tunnel_rx.push((peer, from, payload.to_vec())),
-            Input::Handled | Input::Unknown => {}
+            } if payload.len() >= 36 => {
+                let mut sender = [0u8; 32];
+                sender.copy_from_slice(&payload[4..36]);
+                node.tunnel_rx.push((peer, from, payload[36..].to_vec()));
+                authenticated = Some((sender, from));
+            }
+            Input::Tunnel { .. } | Input::Handled | Input::Unknown => {}
+        }
+        if let Some((sender, from)) = authenticated {
+            node.agent.tunnel_from(&sender, from, now);
         }
         self.flush_node(j);
     }
@@ -640,6 +703,7 @@ impl Sim {
     /// Runs the world until `self.now + d`.
     pub fn run_for(&mut self, d: Duration) {
         let end = self.now + d;
+        let (mut last_timer_at, mut spins) = (None, 0u32);
         loop {
             let next_pkt = self.queue.peek().map(|Reverse((t, _, _))| *t);
             let next_timer = self
@@ -659,6 +723,16 @@ impl Sim {
                 self.route(p, hop);
             } else {
                 let now = self.now;
+                if Some(now) == last_timer_at {
+                    spins += 1;
+                    assert!(
+                        spins < 10_000,
+                        "an agent's timer does not advance at {:?}",
+                        self.elapsed()
+                    );
+                } else {
+                    (last_timer_at, spins) = (Some(now), 0);
+                }
                 for i in 0..self.nodes.len() {
                     if self.nodes[i].agent.poll_timeout().is_some_and(|t| t <= now) {
                         self.nodes[i].agent.handle_timeout(now);

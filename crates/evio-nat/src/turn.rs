@@ -121,6 +121,8 @@ pub struct TurnClient {
     keepalive_at: Option<Instant>,
     backoff: Duration,
     rng: StdRng,
+    stale_nonces: u64,
+    allocations: u64,
 }
 
 impl TurnClient {
@@ -142,6 +144,8 @@ impl TurnClient {
             keepalive_at: None,
             backoff: Duration::from_secs(1),
             rng: StdRng::seed_from_u64(seed),
+            stale_nonces: 0,
+            allocations: 0,
         };
         c.allocate(now);
         c
@@ -165,6 +169,16 @@ impl TurnClient {
             State::Allocated { mapped, .. } => Some(mapped),
             _ => None,
         }
+    }
+
+    /// How many 438 (stale nonce) answers were handled.
+    pub fn stale_nonces(&self) -> u64 {
+        self.stale_nonces
+    }
+
+    /// How many allocations succeeded so far (1 unless one was lost and made again).
+    pub fn allocations(&self) -> u64 {
+        self.allocations
     }
 
     /// True if `tid` is one of our requests in flight.
@@ -276,15 +290,26 @@ impl TurnClient {
         }
         match self.state {
             State::Allocated { refresh_at, .. } => {
-                min(refresh_at);
+                // Timers whose request is already in flight wait for its answer (or give-up) instead.
+                if !self
+                    .txns
+                    .values()
+                    .any(|t| matches!(t.kind, Kind::Refresh { .. }))
+                {
+                    min(refresh_at);
+                }
                 if let Some(k) = self.keepalive_at {
                     min(k);
                 }
-                for p in self.perms.values().filter_map(|p| p.refresh_at) {
-                    min(p);
+                for p in self.perms.values().filter(|p| !p.pending) {
+                    if let Some(r) = p.refresh_at {
+                        min(r);
+                    }
                 }
-                for c in self.chans.values().filter_map(|c| c.refresh_at) {
-                    min(c);
+                for c in self.chans.values().filter(|c| !c.pending) {
+                    if let Some(r) = c.refresh_at {
+                        min(r);
+                    }
                 }
             }
             State::Waiting { retry_at } => min(retry_at),
@@ -527,6 +552,9 @@ impl TurnClient {
         if msg.class == Class::Error {
             let code = msg.error_code().unwrap_or(0);
             if (code == 401 || code == 438) && txn.auth_tries < 3 {
+                if code == 438 {
+                    self.stale_nonces += 1;
+                }
                 if let Some(realm) = msg.text(attr::REALM) {
                     self.realm = Some(realm.to_string());
                 }
@@ -600,6 +628,7 @@ impl TurnClient {
                 };
                 self.keepalive_at = Some(now + KEEPALIVE);
                 self.backoff = Duration::from_secs(1);
+                self.allocations += 1;
                 tracing::info!(%relayed, %mapped, lifetime, "TURN allocation");
                 self.events
                     .push_back(TurnEvent::Allocated { relayed, mapped });

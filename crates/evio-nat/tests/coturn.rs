@@ -1,185 +1,14 @@
 //! The sans-IO client and agent over real UDP sockets in lab namespaces, against a real coturn.
 //! Run as root: `cargo test -p evio-nat --test coturn -- --nocapture` (prints the measured times).
 
-use std::collections::HashMap;
-use std::net::{SocketAddr, UdpSocket};
+mod common;
+
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use evio_lab::{Host, Lab, NatKind, unique_prefix};
-use evio_nat::{
-    Agent, AgentConfig, Candidate, CandidateKind, Event, Input, PathKind, PeerKey, Source, Timers,
-    TurnClient, TurnConfig, TurnEvent, check_key,
-};
-use x25519_dalek::{PublicKey, StaticSecret};
-
-const WG: &[u8] = &[4, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
-
-/// One node: a real socket in a host namespace, driven by an agent.
-struct Node {
-    name: String,
-    sock: UdpSocket,
-    secret: StaticSecret,
-    key: PeerKey,
-    agent: Agent,
-    candidates: Vec<Candidate>,
-    started: Instant,
-    srflx_at: Option<Duration>,
-    relay_at: Option<Duration>,
-    tunnel_rx: Vec<(Option<PeerKey>, Source, Vec<u8>)>,
-}
-
-impl Node {
-    fn new(name: &str, host: &Host, lab: &Lab, turn: bool) -> Node {
-        let sock = host.udp_socket(0).unwrap();
-        sock.set_nonblocking(true).unwrap();
-        let port = sock.local_addr().unwrap().port();
-        let secret = StaticSecret::from(rand::random::<[u8; 32]>());
-        let key = PublicKey::from(&secret).to_bytes();
-        let t = lab.turn().unwrap();
-        let cfg = AgentConfig {
-            local_key: key,
-            host_candidates: vec![SocketAddr::from((host.ip, port))],
-            stun_servers: vec![t.addr],
-            turn: turn.then(|| TurnConfig {
-                server: t.addr,
-                user: t.user.clone(),
-                password: t.password.clone(),
-            }),
-            timers: Timers::default(),
-        };
-        let now = Instant::now();
-        let agent = Agent::new(cfg, rand::random(), now);
-        let candidates = agent.local_candidates();
-        Node {
-            name: name.to_string(),
-            sock,
-            secret,
-            key,
-            agent,
-            candidates,
-            started: now,
-            srflx_at: None,
-            relay_at: None,
-            tunnel_rx: Vec::new(),
-        }
-    }
-
-    /// One round of I/O: receive what is there, fire timers, send what the agent wants.
-    fn poll(&mut self) {
-        let mut buf = [0u8; 2048];
-        loop {
-            match self.sock.recv_from(&mut buf) {
-                Ok((n, from)) => {
-                    let now = Instant::now();
-                    if let Input::Tunnel {
-                        peer,
-                        from,
-                        payload,
-                    } = self.agent.handle_input(from, &buf[..n], now)
-                    {
-                        self.tunnel_rx.push((peer, from, payload.to_vec()));
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => panic!("{}: recv: {e}", self.name),
-            }
-        }
-        let now = Instant::now();
-        if self.agent.poll_timeout().is_some_and(|t| t <= now) {
-            self.agent.handle_timeout(now);
-        }
-        while let Some(t) = self.agent.poll_transmit() {
-            // A destination the namespace cannot route to (a peer's private host candidate) is fine.
-            let _ = self.sock.send_to(&t.payload, t.dst);
-        }
-        while let Some(e) = self.agent.poll_event() {
-            if let Event::LocalCandidates(c) = e {
-                let at = self.started.elapsed();
-                if self.srflx_at.is_none()
-                    && c.iter().any(|c| c.kind == CandidateKind::ServerReflexive)
-                {
-                    self.srflx_at = Some(at);
-                }
-                if self.relay_at.is_none() && c.iter().any(|c| c.kind == CandidateKind::Relayed) {
-                    self.relay_at = Some(at);
-                }
-                self.candidates = c;
-            }
-        }
-    }
-
-    fn send_tunnel(&mut self, to: &PeerKey) -> bool {
-        match self.agent.wrap(to, WG) {
-            Some(t) => self.sock.send_to(&t.payload, t.dst).is_ok(),
-            None => false,
-        }
-    }
-}
-
-/// Drives all nodes for `d`, re-introducing nodes whose candidates changed (what etcd would do).
-fn drive(nodes: &mut [Node], d: Duration, mut until: impl FnMut(&[Node]) -> bool) -> bool {
-    let end = Instant::now() + d;
-    let mut seen: HashMap<PeerKey, Vec<Candidate>> = HashMap::new();
-    while Instant::now() < end {
-        for n in nodes.iter_mut() {
-            n.poll();
-        }
-        introduce_changed(nodes, &mut seen);
-        if until(nodes) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    false
-}
-
-fn introduce_changed(nodes: &mut [Node], seen: &mut HashMap<PeerKey, Vec<Candidate>>) {
-    let now = Instant::now();
-    for i in 0..nodes.len() {
-        if seen.get(&nodes[i].key) == Some(&nodes[i].candidates) {
-            continue;
-        }
-        seen.insert(nodes[i].key, nodes[i].candidates.clone());
-        let (key, cands) = (nodes[i].key, nodes[i].candidates.clone());
-        for (j, n) in nodes.iter_mut().enumerate() {
-            if i != j {
-                let shared = n.secret.diffie_hellman(&PublicKey::from(key)).to_bytes();
-                let ck = check_key(&shared, &n.key, &key, None);
-                n.agent.set_peer(key, ck, cands.clone(), now);
-            }
-        }
-    }
-}
-
-fn path_kind(nodes: &[Node], a: usize, b: usize) -> Option<PathKind> {
-    nodes[a].agent.path(&nodes[b].key).map(|p| p.kind)
-}
-
-/// Sends a tunnel datagram each way (a few tries) and checks it arrives attributed to the sender.
-fn tunnel_works(nodes: &mut [Node], a: usize, b: usize) -> bool {
-    for (x, y) in [(a, b), (b, a)] {
-        let to = nodes[y].key;
-        let from = nodes[x].key;
-        let before = nodes[y].tunnel_rx.len();
-        let mut ok = false;
-        for _ in 0..10 {
-            nodes[x].send_tunnel(&to);
-            ok = drive(nodes, Duration::from_millis(100), |n| {
-                n[y].tunnel_rx[before..]
-                    .iter()
-                    .any(|(p, _, d)| d == WG && *p == Some(from))
-            });
-            if ok {
-                break;
-            }
-        }
-        if !ok {
-            return false;
-        }
-    }
-    true
-}
-
+use common::{Node, drive, path_kind, tunnel_works};
+use evio_lab::{Lab, NatKind, unique_prefix};
+use evio_nat::{CandidateKind, PathKind, TurnClient, TurnConfig, TurnEvent};
 #[test]
 fn stun_binding_behind_easy_nat_returns_the_nat_address() {
     let lab = Lab::builder(&unique_prefix("nt"))
@@ -481,4 +310,56 @@ fn matrix_relay_flush_and_turn_loss() {
             "direct {a} <-> {b} broke with the relay down"
         );
     }
+}
+
+/// coturn with 1-second nonces: requests after that get 438 and the client retries with the new nonce.
+#[test]
+fn turn_stale_nonce_is_renewed() {
+    let lab = Lab::builder(&unique_prefix("nt"))
+        .turn(true)
+        .turn_stale_nonce(1)
+        .site(NatKind::EasyNat, 1)
+        .build()
+        .unwrap();
+    let t = lab.turn().unwrap();
+    let a = lab.site_host(0, 0).udp_socket(0).unwrap();
+    a.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
+    let cfg = TurnConfig {
+        server: t.addr,
+        user: t.user.clone(),
+        password: t.password.clone(),
+    };
+    let mut c = TurnClient::new(cfg, rand::random(), Instant::now());
+    let mut buf = [0u8; 2048];
+    let mut run = |c: &mut TurnClient, d: Duration| {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            while let Some(tx) = c.poll_transmit() {
+                a.send_to(&tx.payload, tx.dst).unwrap();
+            }
+            if let Ok((n, from)) = a.recv_from(&mut buf) {
+                c.handle_input(from, &buf[..n], Instant::now());
+            }
+            let now = Instant::now();
+            if c.poll_timeout().is_some_and(|x| x <= now) {
+                c.handle_timeout(now);
+            }
+        }
+    };
+    run(&mut c, Duration::from_millis(500));
+    let relayed = c.relayed().expect("allocated");
+    std::thread::sleep(Duration::from_millis(2500));
+    c.probe(Instant::now());
+    c.want_permission("198.18.2.1".parse().unwrap(), Instant::now());
+    run(&mut c, Duration::from_secs(1));
+    assert!(
+        c.stale_nonces() >= 1,
+        "coturn did not answer 438; log:\n{}",
+        t.log()
+    );
+    assert!(
+        c.can_send("198.18.2.1:9".parse().unwrap()),
+        "permission after a stale nonce"
+    );
+    assert_eq!((c.relayed(), c.allocations()), (Some(relayed), 1));
 }
