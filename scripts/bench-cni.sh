@@ -5,6 +5,7 @@
 # Usage: scripts/bench-cni.sh [N] [BURST] > docs/bench/cni.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
+LOAD0=$(cut -d" " -f1-3 /proc/loadavg)
 N=${1:-30}
 BURST=${2:-30}
 PLUGIN=$PWD/target/release/evio-cni
@@ -128,7 +129,7 @@ cat <<MD
 # CNI plugin latency: evio-cni vs the reference bridge plugin
 
 Produced by \`scripts/bench-cni.sh $N $BURST\` (release build of evio-cni) on $(date -u +%Y-%m-%d), kernel $kernel,
-$(nproc) cores (shared with other work; numbers vary by a few ms between runs).
+$(nproc) cores shared with other work (load average at the start: $LOAD0; at the end: $(cut -d" " -f1-3 /proc/loadavg)).
 
 Setup: one throw-away node netns; each plugin gets the same config shape (\`cniVersion\` 1.0.0, \`isGateway\`,
 \`isDefaultGateway\`, host-local IPAM with a /16 and its \`dataDir\` in a temp dir), its own bridge and

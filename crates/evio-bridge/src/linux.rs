@@ -133,6 +133,7 @@ impl Bridge for LinuxBridge {
                 mtu: self.spec.mtu,
                 master: Some(br.index),
                 alias: Some(owner.tag()),
+                mac: None,
             },
         )
         .map_err(|e| perr(&e))

@@ -12,7 +12,7 @@ use evio_cni_types::env::{Command, Env};
 use evio_cni_types::result::{CniResult, Interface, IpConfig, Route};
 use evio_cni_types::version::Version;
 use evio_cni_types::{CniError, ErrorCode};
-use evio_netlink::{LinkChange, Netlink, RouteSpec, arp, netns, sysctl};
+use evio_netlink::{LinkChange, Netlink, RouteSpec, netns, sysctl};
 use ipnet::IpNet;
 use serde_json::Value;
 use tracing::{debug, info, warn};
@@ -248,11 +248,8 @@ fn add(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
     validate_ipam(&ipam.raw)?;
     let bridge = bridge_backend(conf)?;
     let podns = open_netns(&env.netns)?;
-    let (pnl, arp) = netns::run_in(Path::new(&env.netns), || {
-        (Netlink::new(), arp::ArpSocket::open())
-    })
-    .map_err(|e| io_err("enter the pod netns", e))?;
-    let mut pnl = pnl.map_err(|e| io_err("open netlink in the pod netns", e))?;
+    let mut pnl = Netlink::in_netns(Path::new(&env.netns))
+        .map_err(|e| io_err("open netlink in the pod netns", e))?;
     if pnl
         .link_by_name(&env.ifname)
         .map_err(|e| io_err("look up CNI_IFNAME", e))?
@@ -278,15 +275,7 @@ fn add(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
         env,
     };
     let r = add_steps(
-        env,
-        conf,
-        &*bridge,
-        &podns,
-        &mut pnl,
-        arp.ok(),
-        &dlg,
-        &ipam_conf,
-        &mut rb,
+        env, conf, &*bridge, &podns, &mut pnl, &dlg, &ipam_conf, &mut rb,
     );
     if let Err(e) = &r {
         info!("ADD failed, rolling back: {e}");
@@ -302,7 +291,6 @@ fn add_steps<'a>(
     bridge: &dyn Bridge,
     podns: &File,
     pnl: &mut Netlink,
-    arp: Option<arp::ArpSocket>,
     dlg: &'a Delegate,
     ipam_conf: &'a [u8],
     rb: &mut Rollback<'a>,
@@ -334,14 +322,31 @@ fn add_steps<'a>(
         .link_by_name(&env.ifname)
         .map_err(|e| io_err("look up the pod interface", e))?
         .ok_or_else(|| CniError::new(ErrorCode::Io, "the pod interface vanished"))?;
-    pnl.set_link(
-        pod_link.index,
-        &LinkChange {
-            up: true,
-            ..Default::default()
-        },
-    )
-    .map_err(|e| io_err("bring the pod interface up", e))?;
+    // Gratuitous ARP without an AF_PACKET socket (closing one costs a synchronize_net(), milliseconds):
+    // with arp_notify on, re-setting the interface's own MAC once it has its addresses makes the kernel
+    // announce them (done after the routes, below).
+    let key = format!("net/ipv4/conf/{}/arp_notify", env.ifname);
+    let notify = netns::run_in(Path::new(&env.netns), || sysctl::set(&key, "1"))
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    if let Err(e) = &notify {
+        warn!("arp_notify on {}: {e}", env.ifname);
+    }
+
+    // Both ends up now, so their queues are active (linkwatch) long before the gratuitous ARP below.
+    let up = LinkChange {
+        up: true,
+        ..Default::default()
+    };
+    pnl.set_link(pod_link.index, &up)
+        .map_err(|e| io_err("bring the pod interface up", e))?;
+    if let Some(h) = nl
+        .link_by_name(&host)
+        .map_err(|e| io_err("look up the host veth", e))?
+    {
+        nl.set_link(h.index, &up)
+            .map_err(|e| io_err("bring the host veth up", e))?;
+    }
 
     let child = rb.child.take().expect("IPAM started");
     let out = dlg.finish(child, "ADD")?;
@@ -407,7 +412,8 @@ fn add_steps<'a>(
     }
     fail_point("gateway")?;
 
-    // The masquerade transaction (an nft run) proceeds while we configure the pod.
+    // Masquerade: one nfnetlink batch once our table is set up, else an nft run that proceeds while we
+    // configure the pod.
     let pod_ips: Vec<IpAddr> = ips.iter().map(|i| i.address.addr()).collect();
     if conf.ip_masq {
         let key = evio_firewall::attachment_key(&conf.name, &env.container_id, &env.ifname);
@@ -415,7 +421,7 @@ fn add_steps<'a>(
         no_masq.extend(conf.no_masq.iter().copied());
         rb.masq_ips = pod_ips.clone();
         rb.masq_pending = Some(
-            evio_firewall::start_add(&key, &pod_ips, &no_masq)
+            evio_firewall::start_add(&conf.state_dir, &key, &pod_ips, &no_masq)
                 .map_err(|e| io_err("IP masquerade", e))?,
         );
     }
@@ -457,13 +463,28 @@ fn add_steps<'a>(
     }
     fail_point("routes")?;
 
-    if let (Some(mac), Some(arp)) = (pod_link.mac, &arp) {
-        for ip in &ips {
-            if let IpAddr::V4(a) = ip.address.addr()
-                && let Err(e) = arp.send_gratuitous(pod_link.index, mac, a)
-            {
-                warn!("gratuitous ARP: {e}");
+    if notify.is_ok()
+        && let Some(mac) = pod_link.mac
+        && ips.iter().any(|i| i.address.addr().is_ipv4())
+    {
+        // Until the kernel has activated the interface's queues (linkwatch, asynchronous after the carrier
+        // comes up) it drops what it sends: wait for that, briefly.
+        for _ in 0..100 {
+            match pnl.link_by_index(pod_link.index) {
+                Ok(Some(l)) if l.qdisc.as_deref() == Some("noop") => {
+                    std::thread::sleep(std::time::Duration::from_micros(500))
+                }
+                _ => break,
             }
+        }
+        if let Err(e) = pnl.set_link(
+            pod_link.index,
+            &LinkChange {
+                mac: Some(mac),
+                ..Default::default()
+            },
+        ) {
+            warn!("gratuitous ARP: {e}");
         }
     }
 
@@ -532,19 +553,21 @@ fn first_host(n: &IpNet) -> Option<IpAddr> {
 }
 
 /// Removes the host veth recorded in `st` (only if it still carries the owner tag).
-fn delete_host_veth(nl: &mut Netlink, name: &str, owner: &PortOwner) -> Result<(), CniError> {
+/// Returns whether it deleted it.
+fn delete_host_veth(nl: &mut Netlink, name: &str, owner: &PortOwner) -> Result<bool, CniError> {
     if name.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
     if let Some(l) = nl
         .link_by_name(name)
         .map_err(|e| io_err("look up the host veth", e))?
         && l.alias.as_deref() == Some(owner.tag().as_str())
     {
-        nl.delete_link(l.index)
-            .map_err(|e| io_err("delete the host veth", e))?;
+        return nl
+            .delete_link(l.index)
+            .map_err(|e| io_err("delete the host veth", e));
     }
-    Ok(())
+    Ok(false)
 }
 
 fn del(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
@@ -577,17 +600,22 @@ fn del(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
             Ok(())
         });
         let links = (|| -> Result<(), CniError> {
-            match bridge_backend(conf) {
-                Ok(b) => b
-                    .detach(&owner)
-                    .map_err(|e| io_err("detach from the bridge", e))?,
-                Err(e) => warn!("DEL without bridge backend: {e}"),
-            }
+            // The recorded host veth (checked by its owner tag) is the quick way; the backend's detach
+            // finds ports by tag (a link dump for Linux) and removes OVS port records.
             let mut nl = Netlink::new().map_err(|e| io_err("open netlink", e))?;
-            if let Some(st) = &st {
-                delete_host_veth(&mut nl, &st.host_veth, &owner)?;
+            let deleted = match &st {
+                Some(st) => delete_host_veth(&mut nl, &st.host_veth, &owner)?,
+                None => false,
+            };
+            if !deleted || conf.bridge_kind != BridgeKind::Linux {
+                match bridge_backend(conf) {
+                    Ok(b) => b
+                        .detach(&owner)
+                        .map_err(|e| io_err("detach from the bridge", e))?,
+                    Err(e) => warn!("DEL without bridge backend: {e}"),
+                }
             }
-            if !env.netns.is_empty() && netns::exists(Path::new(&env.netns)) {
+            if !deleted && !env.netns.is_empty() && netns::exists(Path::new(&env.netns)) {
                 let mut pnl = Netlink::in_netns(Path::new(&env.netns))
                     .map_err(|e| io_err("open netlink in the pod netns", e))?;
                 pnl.delete_link_by_name(&env.ifname)
@@ -786,7 +814,11 @@ fn gc(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
             errors.push(format!("masquerade of {}: {e}", st.container_id));
             continue;
         }
-        if let Err(e) = delete_host_veth(&mut nl, &st.host_veth, &owner) {
+        if let Err(e) = delete_host_veth(&mut nl, &st.host_veth, &owner).and_then(|_| {
+            bridge_backend(conf)?
+                .detach(&owner)
+                .map_err(|e| io_err("detach from the bridge", e))
+        }) {
             errors.push(e.to_string());
         }
         if let Some(d) = &dlg

@@ -551,3 +551,43 @@ fn ovs_without_ovsdb_fails_cleanly() {
     assert!(!out.ok, "{out:?}");
     sb.assert_clean();
 }
+
+#[test]
+fn gratuitous_arp_updates_a_stale_neighbour() {
+    let sb = sandbox(json!({}));
+    let a = sb.pod();
+    let ra = sb.add(&a, &sb.cid(), "1.0.0");
+    assert_eq!(pod_ip(&ra), "10.244.3.2");
+    // The node remembers 10.244.3.3 at an old MAC (a pod that had the address before).
+    sb.node.exec_ok(&[
+        "ip",
+        "neigh",
+        "replace",
+        "10.244.3.3",
+        "lladdr",
+        "02:00:00:00:00:99",
+        "dev",
+        "eviobr0",
+        "nud",
+        "stale",
+    ]);
+    let b = sb.pod();
+    let rb = sb.add(&b, &sb.cid(), "1.0.0");
+    assert_eq!(pod_ip(&rb), "10.244.3.3");
+    let mac = rb["interfaces"][2]["mac"].as_str().unwrap().to_string();
+    let updated = evio_testbed::wait_until(std::time::Duration::from_secs(3), || {
+        sb.node
+            .exec_ok(&["ip", "neigh", "show", "10.244.3.3", "dev", "eviobr0"])
+            .contains(&mac)
+    });
+    assert!(
+        updated,
+        "{}",
+        sb.node.exec_ok(&["ip", "neigh", "show", "dev", "eviobr0"])
+    );
+    assert_eq!(
+        b.exec_ok(&["sysctl", "-n", "net.ipv4.conf.eth0.arp_notify"])
+            .trim(),
+        "1"
+    );
+}

@@ -23,10 +23,12 @@
 //! `nft` binary is used rather than a netlink encoder crate: it is the stable, documented interface and one
 //! run costs a few milliseconds (see docs/bench/cni.md).
 
+mod nfnl;
+
 use std::collections::HashSet;
 use std::io::Write;
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use ipnet::IpNet;
@@ -125,16 +127,26 @@ fn quote(comment: &str) -> String {
         .collect()
 }
 
-/// An `nft` run in progress (so the caller can do other work meanwhile).
+/// A masquerade change in progress (an `nft` run, so the caller can do other work meanwhile), or already
+/// done (the netlink fast path).
 pub struct Pending {
-    child: std::process::Child,
+    child: Option<std::process::Child>,
+    /// After a successful full run: record the no-masquerade CIDRs now in the table (`cache_dir`, CIDRs).
+    marker: Option<(PathBuf, Vec<IpNet>)>,
 }
 
 impl Pending {
+    /// True when the change was already made through netlink (no `nft` run).
+    pub fn is_done(&self) -> bool {
+        self.child.is_none()
+    }
+
     /// Waits for the transaction; its error text when it failed.
     pub fn wait(self) -> Result<()> {
-        let out = self
-            .child
+        let Some(child) = self.child else {
+            return Ok(());
+        };
+        let out = child
             .wait_with_output()
             .map_err(|e| Error::Nft(e.to_string()))?;
         if !out.status.success() {
@@ -142,7 +154,59 @@ impl Pending {
                 String::from_utf8_lossy(&out.stderr).trim().to_string(),
             ));
         }
+        if let Some((dir, cidrs)) = self.marker
+            && let Ok(mut nl) = nfnl::Nfnl::open()
+            && let Ok(Some(h)) = nl.table_handle(TABLE)
+        {
+            record_marker(&dir, h, &cidrs);
+        }
         Ok(())
+    }
+}
+
+/// The marker naming what a given incarnation of our table holds: keyed by boot, network namespace and the
+/// table's handle (new each time the table is created), so a recreated or flushed-and-recreated table is
+/// never mistaken for ours.
+fn marker_path(dir: &Path, handle: u64) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let ns = std::fs::metadata("/proc/thread-self/ns/net").ok()?.ino();
+    Some(dir.join(format!("nft-{}-{ns}-{handle}", boot.trim())))
+}
+
+fn marker_has(dir: &Path, handle: u64, cidrs: &[IpNet]) -> bool {
+    let Some(p) = marker_path(dir, handle) else {
+        return false;
+    };
+    let Ok(text) = std::fs::read_to_string(p) else {
+        return false;
+    };
+    cidrs
+        .iter()
+        .all(|c| text.lines().any(|l| l == c.trunc().to_string()))
+}
+
+fn record_marker(dir: &Path, handle: u64, cidrs: &[IpNet]) {
+    let Some(p) = marker_path(dir, handle) else {
+        return;
+    };
+    let mut lines: Vec<String> = std::fs::read_to_string(&p)
+        .map(|t| t.lines().map(str::to_string).collect())
+        .unwrap_or_default();
+    for c in cidrs {
+        let c = c.trunc().to_string();
+        if !lines.contains(&c) {
+            lines.push(c);
+        }
+    }
+    let _ = std::fs::create_dir_all(dir);
+    let tmp = dir.join(format!(
+        ".nft-marker.{}.{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    if std::fs::write(&tmp, lines.join("\n") + "\n").is_ok() {
+        let _ = std::fs::rename(&tmp, &p);
     }
 }
 
@@ -164,7 +228,10 @@ fn spawn_script(script: &str) -> Result<Pending> {
             .write_all(script.as_bytes())
             .map_err(|e| Error::Nft(e.to_string()))?;
     }
-    Ok(Pending { child })
+    Ok(Pending {
+        child: Some(child),
+        marker: None,
+    })
 }
 
 /// Runs `nft -f -` with `script` as one transaction.
@@ -201,9 +268,60 @@ pub fn add(key: &str, ips: &[IpAddr], no_masq: &[IpNet]) -> Result<()> {
     run_script(&add_script(key, ips, no_masq))
 }
 
-/// Like [`add`], returning while `nft` runs.
-pub fn start_add(key: &str, ips: &[IpAddr], no_masq: &[IpNet]) -> Result<Pending> {
-    spawn_script(&add_script(key, ips, no_masq))
+/// Like [`add`], fast: when our table already holds every CIDR of `no_masq` (a marker in `cache_dir`
+/// says so for this incarnation of the table) the pod entries are changed with one nfnetlink batch (well
+/// under a millisecond); otherwise the full `nft` transaction starts and this returns while it runs.
+pub fn start_add(
+    cache_dir: &Path,
+    key: &str,
+    ips: &[IpAddr],
+    no_masq: &[IpNet],
+) -> Result<Pending> {
+    let mut all: Vec<IpNet> = no_masq.iter().map(IpNet::trunc).collect();
+    all.sort();
+    all.dedup();
+    if let Ok(mut nl) = nfnl::Nfnl::open()
+        && let Ok(Some(h)) = nl.table_handle(TABLE)
+        && marker_has(cache_dir, h, &all)
+    {
+        let mut ops = Vec::new();
+        for ip in ips {
+            let (set, _) = set_names(ip);
+            ops.push((
+                nfnl::Elem {
+                    set,
+                    ip: *ip,
+                    comment: None,
+                },
+                true,
+            ));
+            ops.push((
+                nfnl::Elem {
+                    set,
+                    ip: *ip,
+                    comment: None,
+                },
+                false,
+            ));
+            ops.push((
+                nfnl::Elem {
+                    set,
+                    ip: *ip,
+                    comment: Some(key),
+                },
+                true,
+            ));
+        }
+        if nl.batch(TABLE, &ops).is_ok() {
+            return Ok(Pending {
+                child: None,
+                marker: None,
+            });
+        }
+    }
+    let mut p = spawn_script(&add_script(key, ips, &all))?;
+    p.marker = Some((cache_dir.to_path_buf(), all));
+    Ok(p)
 }
 
 fn remove_script(ips: &[IpAddr]) -> String {
@@ -225,6 +343,35 @@ fn remove_script(ips: &[IpAddr]) -> String {
 pub fn remove(ips: &[IpAddr]) -> Result<()> {
     if ips.is_empty() {
         return Ok(());
+    }
+    // Fast path: one nfnetlink batch (add + delete of each element, so a missing one is fine); a missing
+    // table or set (ENOENT) means there is nothing to remove.
+    if let Ok(mut nl) = nfnl::Nfnl::open() {
+        let mut ops = Vec::new();
+        for ip in ips {
+            let (set, _) = set_names(ip);
+            ops.push((
+                nfnl::Elem {
+                    set,
+                    ip: *ip,
+                    comment: None,
+                },
+                true,
+            ));
+            ops.push((
+                nfnl::Elem {
+                    set,
+                    ip: *ip,
+                    comment: None,
+                },
+                false,
+            ));
+        }
+        match nl.batch(TABLE, &ops) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+            Err(_) => {}
+        }
     }
     run_script(&remove_script(ips))
 }

@@ -95,3 +95,70 @@ fn removal_without_table_and_concurrent_adds() {
         "concurrent adds keep one rule pair: {rules}"
     );
 }
+
+#[test]
+fn fast_path_after_the_first_full_run() {
+    let ns = Netns::new("fw");
+    let cache = tempfile::tempdir().unwrap();
+    let sub: Vec<ipnet::IpNet> = vec![
+        "10.8.0.0/24".parse().unwrap(),
+        "10.0.0.0/8".parse().unwrap(),
+    ];
+    in_ns(&ns, || {
+        let k = |i: u32| evio_firewall::attachment_key("n", &format!("c{i}"), "eth0");
+        // First: full nft run (creates the table), which records the marker.
+        evio_firewall::start_add(cache.path(), &k(1), &[ip("10.8.0.2")], &sub)
+            .unwrap()
+            .wait()
+            .unwrap();
+        assert_eq!(
+            std::fs::read_dir(cache.path()).unwrap().count(),
+            1,
+            "marker written"
+        );
+        // Then netlink batches: comment visible to nft, re-add with another key takes the address over.
+        let p =
+            evio_firewall::start_add(cache.path(), &k(2), &[ip("10.8.0.3"), ip("fd08::3")], &sub)
+                .unwrap();
+        assert!(p.is_done(), "netlink fast path");
+        p.wait().unwrap();
+        evio_firewall::start_add(cache.path(), &k(3), &[ip("10.8.0.3")], &sub)
+            .unwrap()
+            .wait()
+            .unwrap();
+        let mut l = evio_firewall::list().unwrap();
+        l.sort();
+        assert_eq!(
+            l,
+            vec![
+                (ip("10.8.0.2"), k(1)),
+                (ip("10.8.0.3"), k(3)),
+                (ip("fd08::3"), k(2))
+            ],
+        );
+        evio_firewall::remove(&[ip("10.8.0.3"), ip("fd08::3"), ip("10.8.0.99")]).unwrap();
+        assert_eq!(evio_firewall::list().unwrap(), vec![(ip("10.8.0.2"), k(1))]);
+        // A CIDR not recorded yet forces a full run, which adds it.
+        let more = vec!["10.9.0.0/24".parse().unwrap()];
+        evio_firewall::start_add(cache.path(), &k(4), &[ip("10.9.0.2")], &more)
+            .unwrap()
+            .wait()
+            .unwrap();
+    });
+    let set = ns.exec_ok(&["nft", "list", "set", "inet", "evio_cni", "nomasq4"]);
+    assert!(set.contains("10.0.0.0/8"), "{set}");
+    // The table recreated by someone else: the old marker no longer matches, the full run restores it.
+    ns.exec_ok(&["nft", "delete", "table", "inet", "evio_cni"]);
+    in_ns(&ns, || {
+        evio_firewall::remove(&[ip("10.8.0.2")]).unwrap(); // no table: nothing to do
+        evio_firewall::start_add(cache.path(), "evio n c5 eth0", &[ip("10.8.0.5")], &sub)
+            .unwrap()
+            .wait()
+            .unwrap();
+    });
+    let rules = ns.exec_ok(&["nft", "list", "table", "inet", "evio_cni"]);
+    assert!(
+        rules.contains("masquerade") && rules.contains("10.0.0.0/8") && rules.contains("10.8.0.5"),
+        "{rules}"
+    );
+}

@@ -25,6 +25,8 @@ pub struct Link {
     pub master: Option<u32>,
     pub alias: Option<String>,
     pub up: bool,
+    /// The queueing discipline (`noop` until the kernel has activated the link's queues).
+    pub qdisc: Option<String>,
 }
 
 impl Link {
@@ -48,6 +50,7 @@ impl Link {
             master: None,
             alias: None,
             up: m.header.flags.contains(LinkFlags::Up),
+            qdisc: None,
         };
         for a in &m.attributes {
             match a {
@@ -55,6 +58,7 @@ impl Link {
                 LinkAttribute::Mtu(v) => l.mtu = *v,
                 LinkAttribute::Controller(v) => l.master = Some(*v),
                 LinkAttribute::IfAlias(s) => l.alias = Some(s.clone()),
+                LinkAttribute::Qdisc(s) => l.qdisc = Some(s.clone()),
                 LinkAttribute::Address(b) if b.len() == 6 => {
                     let mut mac = [0u8; 6];
                     mac.copy_from_slice(b);
@@ -93,6 +97,9 @@ pub struct LinkChange {
     /// Make the link a port of this bridge (index).
     pub master: Option<u32>,
     pub alias: Option<String>,
+    /// Set the Ethernet address (setting the current one again makes the kernel announce the link's
+    /// IPv4 addresses with a gratuitous ARP when `arp_notify` is on).
+    pub mac: Option<[u8; 6]>,
 }
 
 impl Netlink {
@@ -214,6 +221,9 @@ impl Netlink {
         }
         if let Some(a) = &c.alias {
             m.attributes.push(LinkAttribute::IfAlias(a.clone()));
+        }
+        if let Some(mac) = c.mac {
+            m.attributes.push(LinkAttribute::Address(mac.to_vec()));
         }
         self.request(
             &format!("set link #{index}"),

@@ -4,9 +4,10 @@ use std::path::Path;
 
 use crate::{Error, Result};
 
-/// Writes `value` to `/proc/sys/<key>` (dots or slashes) unless it already holds it.
+/// Writes `value` to `/proc/sys/<key>` (`key` separated by slashes, e.g. `net/ipv4/ip_forward`, so that
+/// interface names with dots work) unless it already holds it.
 pub fn set(key: &str, value: &str) -> Result<()> {
-    let path = Path::new("/proc/sys").join(key.replace('.', "/"));
+    let path = Path::new("/proc/sys").join(key);
     if let Ok(cur) = std::fs::read_to_string(&path)
         && cur.trim() == value
     {

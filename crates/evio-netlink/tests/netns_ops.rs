@@ -38,6 +38,7 @@ fn bridge_veth_address_route_lifecycle() {
             mtu: Some(1400),
             master: Some(b.index),
             alias: Some("k/eth0".into()),
+            mac: None,
         },
     )
     .unwrap();
