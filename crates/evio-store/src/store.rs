@@ -89,11 +89,14 @@ impl EtcdOptions {
     fn connect_options(&self) -> Result<ConnectOptions, StoreError> {
         let mut o = ConnectOptions::new()
             .with_connect_timeout(self.timeout)
+            // HTTP/2 pings find a dead or frozen etcd under long-lived streams (watch, lease keep-alive).
+            // Not more often than every 10 s and not while idle: etcd (grpc-go) answers pings more frequent
+            // than its --grpc-keepalive-min-time (5 s), or without streams, with GOAWAY "too many pings".
             .with_keep_alive(
-                Duration::from_secs(2),
+                Duration::from_secs(10),
                 self.timeout.max(Duration::from_secs(1)),
             )
-            .with_keep_alive_while_idle(true);
+            .with_keep_alive_while_idle(false);
         let password = match (&self.password, &self.password_file) {
             (Some(p), _) => Some(p.clone()),
             (None, Some(f)) => {
@@ -192,37 +195,44 @@ impl Store {
         }
         let co = opts.connect_options()?;
         let endpoints = opts.endpoints.join(",");
-        let client =
-            match tokio::time::timeout(opts.timeout, Client::connect(&opts.endpoints, Some(co)))
-                .await
-            {
-                Err(_) => {
-                    return Err(StoreError::Unreachable {
-                        endpoints,
-                        what: "connect",
+        // Keep trying until the bound while etcd refuses connections (starting, restarting): only the
+        // deadline, a TLS failure or a refusal by etcd itself (e.g. authentication) ends the loop.
+        let deadline = tokio::time::Instant::now() + opts.timeout;
+        let mut last = String::from("timed out");
+        loop {
+            let attempt = async {
+                let mut client = Client::connect(&opts.endpoints, Some(co.clone())).await?;
+                let probe = GetOptions::new().with_keys_only().with_limit(1);
+                client.get(keys::PREFIX, Some(probe)).await?;
+                Ok::<_, etcd_client::Error>(client)
+            };
+            let unreachable = |detail: String| StoreError::Unreachable {
+                endpoints: endpoints.clone(),
+                what: "connect",
+                timeout: opts.timeout,
+                detail,
+            };
+            match tokio::time::timeout_at(deadline, attempt).await {
+                Err(_) => return Err(unreachable(last)),
+                Ok(Ok(client)) => {
+                    return Ok(Store {
+                        client,
                         timeout: opts.timeout,
-                        detail: "timed out".into(),
+                        endpoints,
                     });
                 }
-                Ok(Err(e)) => return Err(classify(&endpoints, "connect", opts.timeout, e)),
-                Ok(Ok(c)) => c,
-            };
-        let store = Store {
-            client,
-            timeout: opts.timeout,
-            endpoints,
-        };
-        let mut c = store.client.clone();
-        store
-            .op(
-                "connect",
-                c.get(
-                    keys::PREFIX,
-                    Some(GetOptions::new().with_keys_only().with_limit(1)),
-                ),
-            )
-            .await?;
-        Ok(store)
+                Ok(Err(e)) => match classify(&endpoints, "connect", opts.timeout, e) {
+                    StoreError::Unreachable { detail, .. } => {
+                        if tokio::time::Instant::now() + Duration::from_millis(100) >= deadline {
+                            return Err(unreachable(detail));
+                        }
+                        last = detail;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    other => return Err(other),
+                },
+            }
+        }
     }
 
     /// The bound applied to every request.

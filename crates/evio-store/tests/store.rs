@@ -228,6 +228,27 @@ fn watch_sees_changes_after_its_snapshot() {
                 subnet: Some(c.subnet)
             }
         );
+        let pool = "10.10.0.0/16".parse().unwrap();
+        let a = store.claim_address(&pool, "after", None).await.unwrap();
+        store.release_address("after").await.unwrap();
+        let e = tokio::time::timeout(Duration::from_secs(5), w.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(e, StoreEvent::AddressClaimed(a.clone()));
+        let e = tokio::time::timeout(Duration::from_secs(5), w.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            e,
+            StoreEvent::AddressReleased {
+                node: "after".into(),
+                address: Some(a.address)
+            }
+        );
+        // Nothing else: the by-subnet/by-address index keys produce no events of their own.
+        assert!(w.try_next().is_none());
     });
 }
 
@@ -364,5 +385,27 @@ fn address_claims() {
         assert_eq!(all.len(), 6);
         let set: HashSet<_> = all.iter().map(|c| c.address).collect();
         assert_eq!(set.len(), 6);
+    });
+}
+
+#[test]
+fn a_changed_plan_is_detected_and_old_claims_stay_taken() {
+    let etcd = Etcd::start();
+    rt().block_on(async {
+        let store = connect(&etcd).await;
+        let old = SubnetPlan::parse("10.80.0.0/16", 7).unwrap(); // /23 subnets
+        let a = store.claim_subnet(&old, "old-a").await.unwrap();
+        assert_eq!(a.subnet.to_string(), "10.80.0.0/23");
+        let new = SubnetPlan::parse("10.80.0.0/16", 8).unwrap(); // /24 subnets
+        // old-a's /23 is not a subnet of the new plan: refused with advice, not silently replaced.
+        let e = store.claim_subnet(&new, "old-a").await.unwrap_err();
+        assert!(matches!(e, StoreError::OutsidePlan { .. }), "{e}");
+        assert!(e.to_string().contains("evioctl release old-a"), "{e}");
+        // A new node does not get a /24 inside old-a's /23.
+        let b = store.claim_subnet(&new, "new-b").await.unwrap();
+        assert_eq!(b.subnet.to_string(), "10.80.2.0/24");
+        // Bad node names never become keys.
+        let e = store.claim_subnet(&new, "../evil").await.unwrap_err();
+        assert!(matches!(e, StoreError::InvalidNodeName(_)), "{e}");
     });
 }

@@ -371,9 +371,6 @@ pub fn run(args: Args) -> Result<()> {
     if !meta.is_file() {
         bail!("the {PLUGIN} binary {} is not a file", plugin.display());
     }
-    for d in [&args.cni_conf_dir, &args.cni_bin_dir] {
-        fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
-    }
 
     // 2. The claim (one etcd transaction).
     let claim = runtime()?.block_on(async {
@@ -383,6 +380,9 @@ pub fn run(args: Args) -> Result<()> {
     let subnet = NodeSubnet::of(claim.subnet)?;
 
     // 3. Files: conflist, stale configs, plugin.
+    for d in [&args.cni_conf_dir, &args.cni_bin_dir] {
+        fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+    }
     let conflist = serde_json::to_vec_pretty(&conf.conflist(&subnet))?;
     write_atomic(&args.cni_conf_dir, CONFLIST, &conflist, 0o644)?;
     remove_stale(&args.cni_conf_dir)?;

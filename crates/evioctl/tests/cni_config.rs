@@ -330,7 +330,9 @@ fn bad_configs_and_unreachable_etcd_write_nothing() {
     );
     assert!(n.written().is_empty());
 
-    // Unreachable etcd (nothing listening): a clear error within the bound.
+    // Unreachable etcd (nothing listening): a clear error within the bound; not even the directories appear.
+    std::fs::remove_dir(n.conf_dir()).unwrap();
+    std::fs::remove_dir(n.bin_dir()).unwrap();
     let dead = format!("http://127.0.0.1:{}", evio_testbed::free_port());
     let t = Instant::now();
     let o = n
@@ -349,6 +351,9 @@ fn bad_configs_and_unreachable_etcd_write_nothing() {
         "{}",
         out_text(&o)
     );
+    assert!(!n.conf_dir().exists() && !n.bin_dir().exists());
+    std::fs::create_dir(n.conf_dir()).unwrap();
+    std::fs::create_dir(n.bin_dir()).unwrap();
     // A frozen etcd (accepts nothing, answers nothing): the same.
     etcd.freeze();
     let t = Instant::now();
