@@ -341,11 +341,10 @@ pub fn throughput(c: &mut Cluster, i: usize, j: usize, secs: u32) -> Result<f64,
         .spawn()
         .map_err(|e| format!("cannot run iperf3: {e}"))?;
     c.extra.push(server);
-    let end = Instant::now() + Duration::from_secs(3);
-    let mut last = String::new();
-    let out = loop {
+    let end = Instant::now() + Duration::from_secs(3 + u64::from(secs));
+    let result = loop {
         if signals::interrupted() {
-            return Err("interrupted".into());
+            break Err("interrupted".to_string());
         }
         let out = Command::new("ip")
             .args(["netns", "exec", &src_ns, "iperf3", "-J", "-c", &dst_ip])
@@ -354,13 +353,17 @@ pub fn throughput(c: &mut Cluster, i: usize, j: usize, secs: u32) -> Result<f64,
             .stderr(Stdio::null())
             .output()
             .map_err(|e| format!("cannot run iperf3: {e}"))?;
-        if out.status.success() {
-            break out;
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        if let Some(bps) = v["end"]["sum_received"]["bits_per_second"].as_f64() {
+            break Ok(bps / 1e6);
         }
-        last = String::from_utf8_lossy(&out.stdout).into_owned();
+        // Keep the raw output next to the logs for a look later.
+        let _ = std::fs::write(c.dir().join("iperf3-failed.json"), &out.stdout);
         if Instant::now() >= end {
-            let v: Value = serde_json::from_str(&last).unwrap_or(Value::Null);
-            return Err(v["error"].as_str().unwrap_or("iperf3 failed").to_string());
+            break Err(v["error"]
+                .as_str()
+                .unwrap_or("iperf3 gave no result")
+                .to_string());
         }
         std::thread::sleep(Duration::from_millis(200));
     };
@@ -368,10 +371,5 @@ pub fn throughput(c: &mut Cluster, i: usize, j: usize, secs: u32) -> Result<f64,
         let _ = s.kill();
         let _ = s.wait();
     }
-    let v: Value =
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("iperf3 output: {e}"))?;
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .map(|b| b / 1e6)
-        .ok_or_else(|| format!("no result in iperf3 output {last}"))
+    result
 }
