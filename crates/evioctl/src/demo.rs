@@ -222,7 +222,7 @@ fn demo(args: &Args, bins: &Bins, c: &mut Cluster) -> Result<i32> {
     let (vips, pods) = report::matrices(c, Duration::from_secs(args.probe_timeout));
     stop_if_interrupted!();
     println!(
-        "\nconnectivity (ping -c1 -W1, retried until answered, {:.1} s in all):",
+        "\nconnectivity (ping -c1 -W1, retried until answered, {:.2} s in all):",
         t.elapsed().as_secs_f64()
     );
     print!("{}", vips.render(c));
