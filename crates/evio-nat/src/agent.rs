@@ -483,6 +483,12 @@ impl Agent {
         self.wrap_via(base, remote, payload)
     }
 
+    /// Frames `payload` for `remote` through our TURN allocation (ChannelData once a channel is bound, a
+    /// Send indication before); `None` without an allocation or permission.
+    pub fn turn_wrap(&mut self, remote: SocketAddr, payload: &[u8]) -> Option<Transmit> {
+        self.wrap_via(Base::Relay, remote, payload)
+    }
+
     fn wrap_via(&mut self, base: Base, remote: SocketAddr, payload: &[u8]) -> Option<Transmit> {
         match base {
             Base::Socket => Some(Transmit {

@@ -232,6 +232,8 @@ struct Peer {
     endpoint: Option<SocketAddr>,
     candidate_idx: usize,
     path: PathKind,
+    /// Set by [`Node::set_path`]: NAT traversal owns the endpoint (no roaming, no candidate rotation).
+    managed: Option<PathKind>,
     last_handshake: Option<Instant>,
     last_nudge: Option<Instant>,
     handshakes: u64,
@@ -355,7 +357,7 @@ impl Node {
                 let candidates_changed = p.cfg.candidates != cfg.candidates;
                 let routes_changed = p.cfg.allowed != cfg.allowed;
                 p.cfg = cfg;
-                if candidates_changed && p.path == PathKind::Connecting {
+                if candidates_changed && p.path == PathKind::Connecting && p.managed.is_none() {
                     p.candidate_idx = 0;
                     p.endpoint = p.cfg.candidates.first().copied();
                 }
@@ -388,6 +390,7 @@ impl Node {
                 endpoint,
                 candidate_idx: 0,
                 path: PathKind::Connecting,
+                managed: None,
                 last_handshake: None,
                 last_nudge: None,
                 handshakes: 0,
@@ -433,15 +436,30 @@ impl Node {
         true
     }
 
-    /// Sets the path chosen by NAT traversal: where to send and how it is reached.
+    /// Sets the path chosen by NAT traversal: where to send and how it is reached. From then on NAT
+    /// traversal owns this peer's endpoint: authenticated packets from elsewhere no longer move it
+    /// (roaming) and handshake retries no longer rotate through the candidates. The path shows `kind` while
+    /// a session exists (`connecting` otherwise). A peer without a session gets a handshake at once on the
+    /// new endpoint (from the side with the larger key, as in [`Node::upsert_peer`]).
     pub fn set_path(&mut self, id: PeerId, endpoint: SocketAddr, kind: PathKind) {
-        if let Some(p) = self.peers.get_mut(&id) {
-            if p.endpoint != Some(endpoint) {
-                self.events
-                    .push_back(Event::EndpointChanged { peer: id, endpoint });
-            }
-            p.endpoint = Some(endpoint);
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let changed = p.endpoint != Some(endpoint);
+        if changed {
+            self.events
+                .push_back(Event::EndpointChanged { peer: id, endpoint });
+        }
+        p.endpoint = Some(endpoint);
+        p.managed = Some(kind);
+        if p.path != PathKind::Connecting {
             p.path = kind;
+        }
+        let start = changed
+            && p.path == PathKind::Connecting
+            && self.public_key.as_bytes() > &p.cfg.public_key;
+        if start {
+            self.initiate(Instant::now(), id);
         }
     }
 
@@ -601,7 +619,9 @@ impl Node {
                 if handshake {
                     p.handshakes += 1;
                     p.last_handshake = Some(now);
-                    if p.path != PathKind::Relay {
+                    if let Some(kind) = p.managed {
+                        p.path = kind;
+                    } else if p.path != PathKind::Relay {
                         p.path = PathKind::Direct;
                         if p.endpoint != Some(from) {
                             p.endpoint = Some(from);
@@ -639,7 +659,12 @@ impl Node {
             TunnResult::Err(e) => {
                 let r = DropReason::from_wg(&e);
                 self.drops.add(r);
-                if is_data && matches!(e, WireGuardError::NoCurrentSession | WireGuardError::WrongIndex) {
+                if is_data
+                    && matches!(
+                        e,
+                        WireGuardError::NoCurrentSession | WireGuardError::WrongIndex
+                    )
+                {
                     self.nudge(now, from);
                 }
                 Inbound::Dropped(r)
@@ -651,10 +676,16 @@ impl Node {
     /// restarted. Start a handshake at once (at most once a second per peer) instead of letting it wait
     /// for its own rekey timeout (15 s).
     fn nudge(&mut self, now: Instant, from: SocketAddr) {
-        let Some(p) = self.peers.values_mut().find(|p| p.endpoint == Some(from) || p.cfg.candidates.contains(&from)) else {
+        let Some(p) = self
+            .peers
+            .values_mut()
+            .find(|p| p.endpoint == Some(from) || p.cfg.candidates.contains(&from))
+        else {
             return;
         };
-        if p.last_nudge.is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1)) {
+        if p.last_nudge
+            .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1))
+        {
             return;
         }
         p.last_nudge = Some(now);
@@ -662,8 +693,13 @@ impl Node {
             p.endpoint = Some(from);
         }
         let to = p.endpoint.unwrap_or(from);
-        if let TunnResult::WriteToNetwork(b) = p.tunn.format_handshake_initiation(&mut self.scratch, false) {
-            self.transmits.push_back(Transmit { to, data: b.to_vec() });
+        if let TunnResult::WriteToNetwork(b) =
+            p.tunn.format_handshake_initiation(&mut self.scratch, false)
+        {
+            self.transmits.push_back(Transmit {
+                to,
+                data: b.to_vec(),
+            });
         }
     }
 
@@ -684,7 +720,7 @@ impl Node {
         p.rx_bytes += len as u64;
         p.rx_packets += 1;
         // Roaming: an authenticated packet tells where the peer is now (not for relayed paths).
-        if p.path == PathKind::Direct && p.endpoint != Some(from) {
+        if p.managed.is_none() && p.path == PathKind::Direct && p.endpoint != Some(from) {
             p.endpoint = Some(from);
             events.push_back(Event::EndpointChanged {
                 peer: p.id,
@@ -714,6 +750,7 @@ impl Node {
                 TunnResult::WriteToNetwork(b) => {
                     if is_handshake(b)
                         && p.path == PathKind::Connecting
+                        && p.managed.is_none()
                         && p.cfg.candidates.len() > 1
                     {
                         // A retry: the previous candidate did not answer, try the next one.

@@ -271,7 +271,11 @@ fn data_for_a_forgotten_session_triggers_a_new_handshake() {
     let mut sim = Sim::mesh(2, None);
     sim.run();
     // Node 0 has the larger key or not: restart whichever does not initiate eagerly, so only the nudge helps.
-    let (a, b) = if sim.nodes[0].node.public_key() > sim.nodes[1].node.public_key() { (0, 1) } else { (1, 0) };
+    let (a, b) = if sim.nodes[0].node.public_key() > sim.nodes[1].node.public_key() {
+        (0, 1)
+    } else {
+        (1, 0)
+    };
     // `b` restarts (same key, no sessions) and does not initiate by itself; `a` keeps its old session.
     sim.nodes[b].node = evio_tunnel::Node::new(evio_tunnel::NodeConfig {
         private_key: common::key(b as u8 + 1),
@@ -282,7 +286,10 @@ fn data_for_a_forgotten_session_triggers_a_new_handshake() {
     let now = sim.now();
     sim.nodes[b].node.upsert_peer(now, cfg);
     sim.flush_transmits();
-    assert!(sim.wire.is_empty(), "the smaller key does not initiate eagerly");
+    assert!(
+        sim.wire.is_empty(),
+        "the smaller key does not initiate eagerly"
+    );
     let va = sim.nodes[a].vip;
     let vb = sim.nodes[b].vip;
     let p = ipv4(va, vb, b"stale session");
@@ -303,8 +310,14 @@ fn buffers_too_small_are_refused_not_panicking() {
     let big = vec![4u8; 3000];
     let mut small = vec![0u8; 1500];
     let from = sim.nodes[0].addr;
-    assert_eq!(sim.nodes[1].node.decapsulate(now, from, &big, &mut small), Inbound::Dropped(DropReason::Malformed));
+    assert_eq!(
+        sim.nodes[1].node.decapsulate(now, from, &big, &mut small),
+        Inbound::Dropped(DropReason::Malformed)
+    );
     let p = ipv4([10, 10, 0, 1], [10, 10, 0, 2], &[0u8; 1480]);
-    assert!(matches!(sim.nodes[0].node.encapsulate(now, &p, &mut small), Outbound::Dropped(_)));
+    assert!(matches!(
+        sim.nodes[0].node.encapsulate(now, &p, &mut small),
+        Outbound::Dropped(_)
+    ));
     assert_eq!(sim.nodes[0].node.endpoint_for(&p), Some(sim.nodes[1].addr));
 }

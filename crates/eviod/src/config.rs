@@ -11,7 +11,11 @@ use ipnet::Ipv4Net;
 use serde::Deserialize;
 
 #[derive(Parser, Debug, Default, Deserialize, Clone)]
-#[command(name = "eviod", version, about = "evio node agent: host and pod overlay over encrypted tunnels")]
+#[command(
+    name = "eviod",
+    version,
+    about = "evio node agent: host and pod overlay over encrypted tunnels"
+)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Args {
     /// This node's name (unique in the cluster; the Kubernetes node name).
@@ -114,31 +118,65 @@ macro_rules! merge {
 impl Args {
     pub fn resolve(mut self) -> Result<Config> {
         if let Some(path) = &self.config {
-            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-            let f: Args = serde_json::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?;
-            merge!(self, f, node_name, etcd_endpoints, etcd_user, etcd_password_file, etcd_ca, etcd_cert, etcd_key,
-                state_dir, overlay_cidr, address, interface, listen_port, mtu, turn, turn_user, turn_password_file,
-                psk_file, metrics_addr, lease_ttl);
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let f: Args = serde_json::from_str(&text)
+                .with_context(|| format!("invalid config file {}", path.display()))?;
+            merge!(
+                self,
+                f,
+                node_name,
+                etcd_endpoints,
+                etcd_user,
+                etcd_password_file,
+                etcd_ca,
+                etcd_cert,
+                etcd_key,
+                state_dir,
+                overlay_cidr,
+                address,
+                interface,
+                listen_port,
+                mtu,
+                turn,
+                turn_user,
+                turn_password_file,
+                psk_file,
+                metrics_addr,
+                lease_ttl
+            );
             if self.stun.is_empty() {
                 self.stun = f.stun.clone();
             }
         }
-        let Some(node_name) = self.node_name else { bail!("--node-name is required") };
-        let Some(endpoints) = self.etcd_endpoints else { bail!("--etcd-endpoints is required") };
-        let Some(state_dir) = self.state_dir else { bail!("--state-dir is required") };
-        let overlay_cidr = self.overlay_cidr.unwrap_or_else(|| "10.10.0.0/16".parse().expect("valid")).trunc();
+        let Some(node_name) = self.node_name else {
+            bail!("--node-name is required")
+        };
+        let Some(endpoints) = self.etcd_endpoints else {
+            bail!("--etcd-endpoints is required")
+        };
+        let Some(state_dir) = self.state_dir else {
+            bail!("--state-dir is required")
+        };
+        let overlay_cidr = self
+            .overlay_cidr
+            .unwrap_or_else(|| "10.10.0.0/16".parse().expect("valid"))
+            .trunc();
         if overlay_cidr.prefix_len() > 30 {
             bail!("--overlay-cidr {overlay_cidr} is too small");
         }
-        if let Some(a) = self.address {
-            if !overlay_cidr.contains(&a) {
-                bail!("--address {a} is not inside --overlay-cidr {overlay_cidr}");
-            }
+        if let Some(a) = self.address
+            && !overlay_cidr.contains(&a)
+        {
+            bail!("--address {a} is not inside --overlay-cidr {overlay_cidr}");
         }
-        if self.turn.is_some() != self.turn_user.is_some() || self.turn_user.is_some() != self.turn_password_file.is_some() {
+        if self.turn.is_some() != self.turn_user.is_some()
+            || self.turn_user.is_some() != self.turn_password_file.is_some()
+        {
             bail!("--turn needs --turn-user and --turn-password-file");
         }
-        let mut etcd = evio_store::EtcdOptions::new(evio_store::EtcdOptions::split_endpoints(&endpoints));
+        let mut etcd =
+            evio_store::EtcdOptions::new(evio_store::EtcdOptions::split_endpoints(&endpoints));
         etcd.user = self.etcd_user;
         etcd.password_file = self.etcd_password_file;
         etcd.ca = self.etcd_ca;
@@ -183,7 +221,13 @@ mod tests {
             r#"{"node-name":"file","etcd-endpoints":"http://127.0.0.1:1","state-dir":"/tmp/x","listen-port":4000,"stun":["192.0.2.1:3478"]}"#,
         )
         .unwrap();
-        let a = Args::parse_from(["eviod", "--config", d.to_str().unwrap(), "--node-name", "flag"]);
+        let a = Args::parse_from([
+            "eviod",
+            "--config",
+            d.to_str().unwrap(),
+            "--node-name",
+            "flag",
+        ]);
         let c = a.resolve().unwrap();
         assert_eq!(c.node_name, "flag");
         assert_eq!(c.listen_port, 4000);
@@ -191,14 +235,26 @@ mod tests {
         assert_eq!(c.overlay_cidr.to_string(), "10.10.0.0/16");
         assert_eq!(c.lease_ttl, DEFAULT_LEASE_TTL);
         std::fs::write(&d, r#"{"node-nme":"typo"}"#).unwrap();
-        assert!(Args::parse_from(["eviod", "--config", d.to_str().unwrap()]).resolve().is_err());
+        assert!(
+            Args::parse_from(["eviod", "--config", d.to_str().unwrap()])
+                .resolve()
+                .is_err()
+        );
         std::fs::remove_file(&d).unwrap();
     }
 
     #[test]
     fn address_must_be_in_the_overlay() {
         let a = Args::parse_from([
-            "eviod", "--node-name", "n", "--etcd-endpoints", "x", "--state-dir", "/tmp", "--address", "10.11.0.1",
+            "eviod",
+            "--node-name",
+            "n",
+            "--etcd-endpoints",
+            "x",
+            "--state-dir",
+            "/tmp",
+            "--address",
+            "10.11.0.1",
         ]);
         assert!(a.resolve().unwrap_err().to_string().contains("not inside"));
     }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use evio_store::{Candidate, CandidateKind, NodeRecord, Snapshot, Store, StoreEvent, unix_now};
+use evio_store::{NodeRecord, Snapshot, Store, StoreEvent, unix_now};
 use evio_tunnel::PeerConfig;
 use ipnet::{IpNet, Ipv4Net};
 use serde::{Deserialize, Serialize};
@@ -43,10 +43,10 @@ impl Cache {
 
     pub fn save(&self, dir: &Path) {
         let tmp = dir.join(".state.json.tmp");
-        if let Ok(b) = serde_json::to_vec_pretty(self) {
-            if std::fs::write(&tmp, b).is_ok() {
-                let _ = std::fs::rename(&tmp, dir.join("state.json"));
-            }
+        if let Ok(b) = serde_json::to_vec_pretty(self)
+            && std::fs::write(&tmp, b).is_ok()
+        {
+            let _ = std::fs::rename(&tmp, dir.join("state.json"));
         }
     }
 }
@@ -67,7 +67,13 @@ pub struct Control {
 }
 
 impl Control {
-    pub fn new(cfg: Config, shared: Arc<Shared>, public_key: [u8; 32], address: Ipv4Addr, pod_subnet: Option<Ipv4Net>) -> Control {
+    pub fn new(
+        cfg: Config,
+        shared: Arc<Shared>,
+        public_key: [u8; 32],
+        address: Ipv4Addr,
+        pod_subnet: Option<Ipv4Net>,
+    ) -> Control {
         Control {
             cfg,
             shared,
@@ -95,8 +101,14 @@ impl Control {
         r.public_key = keys::encode(&self.public_key);
         r.address = self.address;
         r.pod_subnet = self.pod_subnet;
-        r.endpoints = addrs.iter().map(|a| SocketAddr::new(a.addr, port)).collect();
-        r.candidates = r.endpoints.iter().map(|a| Candidate { kind: CandidateKind::Host, addr: *a }).collect();
+        r.endpoints = addrs
+            .iter()
+            .map(|a| SocketAddr::new(a.addr, port))
+            .collect();
+        self.shared
+            .nat
+            .set_host_addresses(&addrs.iter().map(|a| a.addr).collect::<Vec<_>>());
+        r.candidates = crate::nat::to_records(&self.shared.nat.candidates().1);
         r.listen_port = port;
         r.updated = unix_now();
         r
@@ -134,8 +146,16 @@ impl Control {
                 self.records.insert(r.node.clone(), r.clone());
             }
         }
-        self.subnets = snap.subnets.iter().map(|c| (c.node.clone(), c.subnet)).collect();
-        self.addresses = snap.addresses.iter().map(|c| (c.node.clone(), c.address)).collect();
+        self.subnets = snap
+            .subnets
+            .iter()
+            .map(|c| (c.node.clone(), c.subnet))
+            .collect();
+        self.addresses = snap
+            .addresses
+            .iter()
+            .map(|c| (c.node.clone(), c.address))
+            .collect();
         if let Some(s) = self.subnets.get(me) {
             self.pod_subnet = Some(*s);
         }
@@ -181,11 +201,20 @@ impl Control {
     /// Peers as they should be: one per live record with a valid key, prefixes from the claims.
     fn desired(&self) -> Vec<(PeerConfig, PeerMeta)> {
         let now = Instant::now();
-        let subnet_owner: HashMap<Ipv4Net, &str> = self.subnets.iter().map(|(n, s)| (*s, n.as_str())).collect();
-        let addr_owner: HashMap<Ipv4Addr, &str> = self.addresses.iter().map(|(n, a)| (*a, n.as_str())).collect();
+        let subnet_owner: HashMap<Ipv4Net, &str> =
+            self.subnets.iter().map(|(n, s)| (*s, n.as_str())).collect();
+        let addr_owner: HashMap<Ipv4Addr, &str> = self
+            .addresses
+            .iter()
+            .map(|(n, a)| (*a, n.as_str()))
+            .collect();
         let mut out = Vec::new();
         for (name, r) in &self.records {
-            if self.down_since.get(name).is_some_and(|t| now.duration_since(*t) >= DOWN_GRACE) {
+            if self
+                .down_since
+                .get(name)
+                .is_some_and(|t| now.duration_since(*t) >= DOWN_GRACE)
+            {
                 continue;
             }
             let Ok(pk) = keys::decode32(&r.public_key) else {
@@ -198,29 +227,37 @@ impl Control {
             // VIP: the address claim of that node; a record's own address only if nobody else claimed it.
             let address = match self.addresses.get(name) {
                 Some(a) => *a,
-                None if !r.address.is_unspecified() && addr_owner.get(&r.address).is_none_or(|o| o == name) => r.address,
+                None if !r.address.is_unspecified()
+                    && addr_owner.get(&r.address).is_none_or(|o| o == name) =>
+                {
+                    r.address
+                }
                 None => continue,
             };
             let pod = match self.subnets.get(name) {
                 Some(s) => Some(*s),
-                None => r.pod_subnet.filter(|s| subnet_owner.get(s).is_none_or(|o| o == name)),
+                None => r
+                    .pod_subnet
+                    .filter(|s| subnet_owner.get(s).is_none_or(|o| o == name)),
             };
             let pod = pod.filter(|s| Some(*s) != self.pod_subnet);
             let mut allowed = vec![IpNet::V4(Ipv4Net::new(address, 32).expect("valid /32"))];
             if let Some(p) = pod {
                 allowed.push(IpNet::V4(p));
             }
-            let mut candidates: Vec<SocketAddr> = Vec::new();
-            for c in r.endpoints.iter().chain(
-                r.candidates.iter().filter(|c| matches!(c.kind, CandidateKind::Host | CandidateKind::Srflx)).map(|c| &c.addr),
-            ) {
-                if c.is_ipv4() && !candidates.contains(c) {
-                    candidates.push(*c);
-                }
-            }
+            // Endpoints are NAT traversal's to choose (crate::nat): the core gets none of its own.
             out.push((
-                PeerConfig { name: name.clone(), public_key: pk, allowed, candidates },
-                PeerMeta { node: name.clone(), address, pod_subnet: pod },
+                PeerConfig {
+                    name: name.clone(),
+                    public_key: pk,
+                    allowed,
+                    candidates: Vec::new(),
+                },
+                PeerMeta {
+                    node: name.clone(),
+                    address,
+                    pod_subnet: pod,
+                },
             ));
         }
         out
@@ -253,6 +290,16 @@ impl Control {
                 node.upsert_peer(now, cfg.clone());
             }
         }
+        let nat_peers: Vec<([u8; 32], Vec<evio_nat::Candidate>)> = desired
+            .iter()
+            .filter_map(|(p, m)| {
+                self.records
+                    .get(&m.node)
+                    .map(|r| (p.public_key, crate::nat::from_record(r)))
+            })
+            .collect();
+        self.shared.nat.set_peers(&nat_peers);
+        crate::nat::sync_paths(&self.shared);
         {
             let mut meta = self.shared.meta.lock().unwrap_or_else(|e| e.into_inner());
             meta.clear();
@@ -283,13 +330,21 @@ impl Control {
                 Err(e) => tracing::warn!("removing route {n}: {e:#}"),
             }
         }
-        self.shared.counters.peer_updates.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .counters
+            .peer_updates
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     fn save_cache(&self) {
         let mut peers: Vec<NodeRecord> = self.records.values().cloned().collect();
         peers.sort_by(|a, b| a.node.cmp(&b.node));
-        Cache { address: Some(self.address), pod_subnet: self.pod_subnet, peers }.save(&self.cfg.state_dir);
+        Cache {
+            address: Some(self.address),
+            pod_subnet: self.pod_subnet,
+            peers,
+        }
+        .save(&self.cfg.state_dir);
     }
 
     /// Seeds the peers from the cache (etcd unreachable at start).
@@ -328,25 +383,40 @@ impl Control {
     }
 
     fn etcd_down(&self, e: &dyn std::fmt::Display) {
-        self.shared.counters.etcd_errors.fetch_add(1, Ordering::Relaxed);
-        self.shared.counters.etcd_connected.store(false, Ordering::Relaxed);
+        self.shared
+            .counters
+            .etcd_errors
+            .fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .counters
+            .etcd_connected
+            .store(false, Ordering::Relaxed);
         tracing::warn!("etcd: {e}; keeping the last known peers");
     }
 
     async fn session(&mut self, store: &Store) -> Result<(), evio_store::StoreError> {
         let (snap, mut watch) = store.watch().await?;
-        self.shared.counters.etcd_connected.store(true, Ordering::Relaxed);
+        self.shared
+            .counters
+            .etcd_connected
+            .store(true, Ordering::Relaxed);
         self.load_snapshot(&snap);
         if self.pod_subnet.is_none() {
-            self.pod_subnet = store.subnet_of(&self.cfg.node_name).await?.map(|c| c.subnet);
+            self.pod_subnet = store
+                .subnet_of(&self.cfg.node_name)
+                .await?
+                .map(|c| c.subnet);
         }
+        let mut published_candidates = self.shared.nat.candidates_version();
         let record = self.own_record();
-        let reg = store.register(record.clone(), Duration::from_secs(self.cfg.lease_ttl)).await?;
+        let reg = store
+            .register(record.clone(), Duration::from_secs(self.cfg.lease_ttl))
+            .await?;
         self.published = Some(record);
         tracing::info!(node = %self.cfg.node_name, address = %self.address, pod_subnet = ?self.pod_subnet, ttl = self.cfg.lease_ttl, "registered");
         self.reconcile();
         self.save_cache();
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
         let mut last_addr_check = Instant::now();
         loop {
             tokio::select! {
@@ -376,17 +446,22 @@ impl Control {
                         }
                     }
                     let check = self.published.as_ref().map(|p| p.pod_subnet) != Some(self.pod_subnet)
-                        || last_addr_check.elapsed() >= Duration::from_secs(10);
+                        || last_addr_check.elapsed() >= Duration::from_secs(10)
+                        || self.shared.nat.candidates_version() != published_candidates;
                     if check {
                         last_addr_check = Instant::now();
+                        let version = self.shared.nat.candidates_version();
                         if let Some(r) = self.own_record_changed() {
                             match reg.update(r.clone()).await {
                                 Ok(()) => {
-                                    tracing::info!(pod_subnet = ?r.pod_subnet, endpoints = ?r.endpoints, "registration updated");
+                                    tracing::info!(pod_subnet = ?r.pod_subnet, endpoints = ?r.endpoints, candidates = r.candidates.len(), "registration updated");
                                     self.published = Some(r);
+                                    published_candidates = version;
                                 }
                                 Err(e) => self.etcd_down(&e),
                             }
+                        } else {
+                            published_candidates = version;
                         }
                     }
                     if self.shared.stopping() {

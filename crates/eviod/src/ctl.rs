@@ -18,22 +18,25 @@ pub fn serve(shared: Arc<Shared>, state_dir: &Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&path);
     let l = UnixListener::bind(&path)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    std::thread::Builder::new().name("evio-ctl".into()).spawn(move || {
-        for conn in l.incoming() {
-            let Ok(mut c) = conn else { continue };
-            let _ = c.set_read_timeout(Some(Duration::from_millis(200)));
-            let _ = c.set_write_timeout(Some(Duration::from_secs(2)));
-            // The command is optional: a client that only reads gets the status.
-            let mut line = String::new();
-            let _ = BufReader::new(&c).read_line(&mut line);
-            let body = match line.trim() {
-                "" | "status" => serde_json::to_string(&shared.status()).unwrap_or_default(),
-                "metrics" => serde_json::to_string(&shared.metrics()).unwrap_or_default(),
-                other => serde_json::json!({ "error": format!("unknown command {other:?}") }).to_string(),
-            };
-            let _ = c.write_all(body.as_bytes());
-            let _ = c.write_all(b"\n");
-        }
-    })?;
+    std::thread::Builder::new()
+        .name("evio-ctl".into())
+        .spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut c) = conn else { continue };
+                let _ = c.set_read_timeout(Some(Duration::from_millis(200)));
+                let _ = c.set_write_timeout(Some(Duration::from_secs(2)));
+                // The command is optional: a client that only reads gets the status.
+                let mut line = String::new();
+                let _ = BufReader::new(&c).read_line(&mut line);
+                let body = match line.trim() {
+                    "" | "status" => serde_json::to_string(&shared.status()).unwrap_or_default(),
+                    "metrics" => serde_json::to_string(&shared.metrics()).unwrap_or_default(),
+                    other => serde_json::json!({ "error": format!("unknown command {other:?}") })
+                        .to_string(),
+                };
+                let _ = c.write_all(body.as_bytes());
+                let _ = c.write_all(b"\n");
+            }
+        })?;
     Ok(())
 }

@@ -22,7 +22,8 @@ pub fn load_or_create(state_dir: &Path) -> Result<StaticSecret> {
                 tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "private key readable by others: fixing to 0600");
                 std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
             }
-            let bytes = decode32(s.trim()).with_context(|| format!("invalid private key in {}", path.display()))?;
+            let bytes = decode32(s.trim())
+                .with_context(|| format!("invalid private key in {}", path.display()))?;
             Ok(StaticSecret::from(bytes))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -50,10 +51,14 @@ pub fn load_or_create(state_dir: &Path) -> Result<StaticSecret> {
 /// Reads a pre-shared key file (base64 of 32 bytes, like `wg genpsk`). Refuses a file readable by group or
 /// others.
 pub fn read_psk(path: &Path) -> Result<[u8; 32]> {
-    let meta = std::fs::metadata(path).with_context(|| format!("cannot read the PSK file {}", path.display()))?;
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("cannot read the PSK file {}", path.display()))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        bail!("the PSK file {} has mode {mode:o}: make it 0600 (chmod 600)", path.display());
+        bail!(
+            "the PSK file {} has mode {mode:o}: make it 0600 (chmod 600)",
+            path.display()
+        );
     }
     let s = std::fs::read_to_string(path)?;
     decode32(s.trim()).with_context(|| format!("invalid PSK in {}", path.display()))
@@ -61,7 +66,8 @@ pub fn read_psk(path: &Path) -> Result<[u8; 32]> {
 
 pub fn decode32(s: &str) -> Result<[u8; 32]> {
     let v = B64.decode(s).context("not base64")?;
-    v.try_into().map_err(|v: Vec<u8>| anyhow::anyhow!("{} bytes instead of 32", v.len()))
+    v.try_into()
+        .map_err(|v: Vec<u8>| anyhow::anyhow!("{} bytes instead of 32", v.len()))
 }
 
 pub fn encode(b: &[u8]) -> String {
@@ -80,7 +86,11 @@ mod tests {
     fn key_is_created_once_with_mode_0600_and_reused() {
         let d = tempfile_dir();
         let a = load_or_create(&d).unwrap();
-        let mode = std::fs::metadata(d.join(KEY_FILE)).unwrap().permissions().mode() & 0o777;
+        let mode = std::fs::metadata(d.join(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600);
         let b = load_or_create(&d).unwrap();
         assert_eq!(a.to_bytes(), b.to_bytes());
@@ -102,7 +112,11 @@ mod tests {
     }
 
     fn tempfile_dir() -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("eviod-keys-{}-{}", std::process::id(), rand::random::<u32>()));
+        let d = std::env::temp_dir().join(format!(
+            "eviod-keys-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
         std::fs::create_dir(&d).unwrap();
         d
     }

@@ -15,6 +15,7 @@ mod ctl;
 mod dataplane;
 mod keys;
 mod metrics;
+mod nat;
 mod netcfg;
 mod state;
 
@@ -37,7 +38,8 @@ fn main() {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("EVIO_LOG").unwrap_or_else(|_| "info,boringtun=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("EVIO_LOG")
+                .unwrap_or_else(|_| "info,boringtun=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -55,21 +57,31 @@ async fn claim_address(cfg: &Config, cache: Option<&Cache>) -> Result<(Option<St
     loop {
         let r = async {
             let s = Store::connect(&cfg.etcd).await?;
-            let c = s.claim_address(&cfg.overlay_cidr, &cfg.node_name, cfg.address).await?;
+            let c = s
+                .claim_address(&cfg.overlay_cidr, &cfg.node_name, cfg.address)
+                .await?;
             Ok::<_, StoreError>((s, c))
         }
         .await;
         match r {
             Ok((s, c)) => return Ok((Some(s), c.address)),
-            Err(e @ (StoreError::Conflict { .. } | StoreError::BadAddress { .. } | StoreError::AddressesExhausted { .. })) => {
+            Err(
+                e @ (StoreError::Conflict { .. }
+                | StoreError::BadAddress { .. }
+                | StoreError::AddressesExhausted { .. }),
+            ) => {
                 bail!("cannot claim the overlay address: {e}")
             }
             Err(e) if e.is_unreachable() => {
-                if let Some(a) = cache.and_then(|c| c.address).filter(|a| cfg.address.is_none_or(|r| r == *a)) {
-                    if waited >= Duration::from_secs(3) {
-                        tracing::warn!("etcd unreachable ({e}); starting with the cached address {a} and peers");
-                        return Ok((None, a));
-                    }
+                if let Some(a) = cache
+                    .and_then(|c| c.address)
+                    .filter(|a| cfg.address.is_none_or(|r| r == *a))
+                    && waited >= Duration::from_secs(3)
+                {
+                    tracing::warn!(
+                        "etcd unreachable ({e}); starting with the cached address {a} and peers"
+                    );
+                    return Ok((None, a));
                 }
                 tracing::warn!("etcd unreachable, retrying: {e}");
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -81,25 +93,34 @@ async fn claim_address(cfg: &Config, cache: Option<&Cache>) -> Result<(Option<St
 }
 
 fn run(cfg: Config) -> Result<()> {
-    std::fs::create_dir_all(&cfg.state_dir).with_context(|| format!("cannot create {}", cfg.state_dir.display()))?;
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("cannot create {}", cfg.state_dir.display()))?;
     std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))?;
     let secret = keys::load_or_create(&cfg.state_dir)?;
     let public_key = keys::public_of(&secret);
     let psk = cfg.psk_file.as_deref().map(keys::read_psk).transpose()?;
-    if !cfg.nat.stun.is_empty() || cfg.nat.turn.is_some() {
-        tracing::warn!(stun = ?cfg.nat.stun, turn = ?cfg.nat.turn, "NAT traversal settings accepted; STUN/TURN are not used by this build yet");
-    }
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (stun, turn) = nat::agent_settings(&cfg.nat)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let cache = Cache::load(&cfg.state_dir);
     let (store, address) = rt.block_on(claim_address(&cfg, cache.as_ref()))?;
     tracing::info!(node = %cfg.node_name, %address, public_key = %keys::encode(&public_key), "overlay address");
 
     // The data plane.
     let host = netcfg::host_addresses(&cfg.interface, &[ipnet::IpNet::V4(cfg.overlay_cidr)]);
-    let mtu = cfg.mtu.unwrap_or_else(|| netcfg::underlay_mtu(&host).saturating_sub(evio_tunnel::OVERHEAD as u32).max(1280));
+    let mtu = cfg.mtu.unwrap_or_else(|| {
+        netcfg::underlay_mtu(&host)
+            .saturating_sub(evio_tunnel::OVERHEAD as u32)
+            .max(1280)
+    });
     let tun = evio_io::Tun::create(&cfg.interface, mtu, true)
         .with_context(|| format!("cannot create TUN device {}", cfg.interface))?;
-    tracing::info!(offloads = tun.offload_flags(), vnet_hdr = tun.has_vnet_hdr(), "TUN device");
+    tracing::info!(
+        offloads = tun.offload_flags(),
+        vnet_hdr = tun.has_vnet_hdr(),
+        "TUN device"
+    );
     netcfg::configure_tun(&cfg.interface, address, cfg.overlay_cidr, mtu)?;
     let sock = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, cfg.listen_port))
         .with_context(|| format!("cannot bind UDP port {}", cfg.listen_port))?;
@@ -107,8 +128,26 @@ fn run(cfg: Config) -> Result<()> {
     if let Err(e) = udp.set_buffer_sizes(8 << 20) {
         tracing::warn!("socket buffer sizes: {e}");
     }
-    tracing::info!(gso_segments = udp.max_gso_segments(), gro_segments = udp.gro_segments(), "UDP socket");
-    let node = Node::new(NodeConfig { private_key: secret, preshared_key: psk, persistent_keepalive: Some(25) });
+    let port = udp.local_addr()?.port();
+    let nat = nat::Nat::new(
+        secret.clone(),
+        psk,
+        port,
+        &host.iter().map(|a| a.addr).collect::<Vec<_>>(),
+        stun.clone(),
+        turn.clone(),
+    );
+    tracing::info!(?stun, turn = ?turn.as_ref().map(|t| t.server), "NAT traversal");
+    tracing::info!(
+        gso_segments = udp.max_gso_segments(),
+        gro_segments = udp.gro_segments(),
+        "UDP socket"
+    );
+    let node = Node::new(NodeConfig {
+        private_key: secret,
+        preshared_key: psk,
+        persistent_keepalive: Some(25),
+    });
     let shared = Arc::new(Shared::new(
         node,
         SelfInfo {
@@ -117,21 +156,29 @@ fn run(cfg: Config) -> Result<()> {
             pod_subnet: cache.as_ref().and_then(|c| c.pod_subnet),
             public_key: keys::encode(&public_key),
         },
+        nat,
     ));
     let threads = dataplane::start(shared.clone(), tun, udp, mtu)?;
     ctl::serve(shared.clone(), &cfg.state_dir)?;
     if let Some(addr) = cfg.metrics_addr {
-        let local = metrics::serve(shared.clone(), addr).with_context(|| format!("cannot serve metrics on {addr}"))?;
+        let local = metrics::serve(shared.clone(), addr)
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
         tracing::info!(%local, "metrics");
     }
     tracing::info!(interface = %cfg.interface, mtu, port = cfg.listen_port, "data plane up");
 
-    let mut control = Control::new(cfg.clone(), shared.clone(), public_key, address, cache.as_ref().and_then(|c| c.pod_subnet));
-    if store.is_none() {
-        if let Some(c) = &cache {
-            control.load_cache(c);
-            control.reconcile();
-        }
+    let mut control = Control::new(
+        cfg.clone(),
+        shared.clone(),
+        public_key,
+        address,
+        cache.as_ref().and_then(|c| c.pod_subnet),
+    );
+    if store.is_none()
+        && let Some(c) = &cache
+    {
+        control.load_cache(c);
+        control.reconcile();
     }
     rt.block_on(async {
         let task = tokio::spawn(control.run(store));

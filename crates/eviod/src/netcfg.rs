@@ -10,9 +10,16 @@ use anyhow::{Context, Result, bail};
 use ipnet::{IpNet, Ipv4Net};
 
 fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip").args(args).output().context("cannot run ip (iproute2)")?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("cannot run ip (iproute2)")?;
     if !out.status.success() {
-        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -21,7 +28,13 @@ fn ip(args: &[&str]) -> Result<()> {
 /// route through it), sets the MTU and brings it up.
 pub fn configure_tun(dev: &str, vip: Ipv4Addr, overlay: Ipv4Net, mtu: u32) -> Result<()> {
     ip(&["link", "set", "dev", dev, "mtu", &mtu.to_string()])?;
-    ip(&["addr", "replace", &format!("{vip}/{}", overlay.prefix_len()), "dev", dev])?;
+    ip(&[
+        "addr",
+        "replace",
+        &format!("{vip}/{}", overlay.prefix_len()),
+        "dev",
+        dev,
+    ])?;
     ip(&["link", "set", "dev", dev, "up"])?;
     Ok(())
 }
@@ -39,25 +52,6 @@ pub fn del_route(dev: &str, net: &IpNet) -> Result<()> {
     }
 }
 
-/// Prefixes routed through `dev` (besides its connected route), from `ip -j route`.
-pub fn routes_via(dev: &str) -> Result<Vec<IpNet>> {
-    let out = Command::new("ip").args(["-j", "route", "show", "dev", dev]).output()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-    let mut nets = Vec::new();
-    for r in v.as_array().into_iter().flatten() {
-        if r.get("protocol").and_then(|p| p.as_str()) == Some("kernel") {
-            continue;
-        }
-        if let Some(d) = r.get("dst").and_then(|d| d.as_str()) {
-            let d = if d.contains('/') { d.to_string() } else { format!("{d}/32") };
-            if let Ok(n) = d.parse() {
-                nets.push(n);
-            }
-        }
-    }
-    Ok(nets)
-}
-
 /// An address of a local interface.
 #[derive(Debug, Clone)]
 pub struct HostAddr {
@@ -69,28 +63,46 @@ pub struct HostAddr {
 /// `skip_nets` (overlay CIDR, own pod subnet).
 pub fn host_addresses(skip_if: &str, skip_nets: &[IpNet]) -> Vec<HostAddr> {
     let mut v = Vec::new();
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return v };
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return v;
+    };
     for a in addrs {
         use nix::net::if_::InterfaceFlags as F;
-        if !a.flags.contains(F::IFF_UP) || a.flags.contains(F::IFF_LOOPBACK) || a.interface_name == skip_if {
+        if !a.flags.contains(F::IFF_UP)
+            || a.flags.contains(F::IFF_LOOPBACK)
+            || a.interface_name == skip_if
+        {
             continue;
         }
-        let Some(sa) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()) else { continue };
+        let Some(sa) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()) else {
+            continue;
+        };
         let ip = IpAddr::V4(sa.ip());
         if skip_nets.iter().any(|n| n.contains(&ip)) || ip.is_unspecified() {
             continue;
         }
-        v.push(HostAddr { ifname: a.interface_name.clone(), addr: ip });
+        v.push(HostAddr {
+            ifname: a.interface_name.clone(),
+            addr: ip,
+        });
     }
     v
 }
 
 /// MTU of interface `name` (from sysfs).
 pub fn mtu_of(name: &str) -> Option<u32> {
-    std::fs::read_to_string(format!("/sys/class/net/{name}/mtu")).ok()?.trim().parse().ok()
+    std::fs::read_to_string(format!("/sys/class/net/{name}/mtu"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// The underlay MTU: the smallest MTU among the interfaces carrying the host's addresses (1500 if none).
 pub fn underlay_mtu(addrs: &[HostAddr]) -> u32 {
-    addrs.iter().filter_map(|a| mtu_of(&a.ifname)).min().unwrap_or(1500)
+    addrs
+        .iter()
+        .filter_map(|a| mtu_of(&a.ifname))
+        .min()
+        .unwrap_or(1500)
 }

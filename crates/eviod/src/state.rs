@@ -45,6 +45,8 @@ pub struct Shared {
     pub me: Mutex<SelfInfo>,
     pub meta: Mutex<HashMap<[u8; 32], PeerMeta>>,
     pub counters: Counters,
+    /// NAT traversal (candidates, checks, path selection, TURN relay).
+    pub nat: crate::nat::Nat,
     pub stop: AtomicBool,
     /// A monotonic instant and the wall clock at the same moment, to turn instants into Unix time.
     epoch: (Instant, SystemTime),
@@ -75,8 +77,9 @@ pub struct PeerJson {
 }
 
 impl Shared {
-    pub fn new(node: Node, me: SelfInfo) -> Shared {
+    pub fn new(node: Node, me: SelfInfo, nat: crate::nat::Nat) -> Shared {
         Shared {
+            nat,
             node: Mutex::new(node),
             me: Mutex::new(me),
             meta: Mutex::new(HashMap::new()),
@@ -97,8 +100,14 @@ impl Shared {
     }
 
     pub fn unix_secs(&self, t: Instant) -> u64 {
-        let wall = if t >= self.epoch.0 { self.epoch.1 + (t - self.epoch.0) } else { self.epoch.1 - (self.epoch.0 - t) };
-        wall.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+        let wall = if t >= self.epoch.0 {
+            self.epoch.1 + (t - self.epoch.0)
+        } else {
+            self.epoch.1 - (self.epoch.0 - t)
+        };
+        wall.duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
     }
 
     pub fn status(&self) -> StatusJson {
@@ -113,8 +122,8 @@ impl Shared {
                     node: m.map(|m| m.node.clone()).unwrap_or_else(|| p.name.clone()),
                     address: m.map(|m| m.address.to_string()).unwrap_or_default(),
                     pod_subnet: m.and_then(|m| m.pod_subnet).map(|s| s.to_string()),
-                    path: p.path.as_str(),
-                    endpoint: p.endpoint.map(|e| e.to_string()),
+                    path: self.path_of(p),
+                    endpoint: p.endpoint.map(|e| self.nat.display_endpoint(e).to_string()),
                     last_handshake: p.last_handshake.map(|t| self.unix_secs(t)),
                     rx_bytes: p.rx_bytes,
                     tx_bytes: p.tx_bytes,
@@ -131,6 +140,18 @@ impl Shared {
         }
     }
 
+    /// A peer's path for status: the tunnel core's (`connecting` until a session exists), and `connecting`
+    /// also while NAT traversal has no working path to it.
+    fn path_of(&self, p: &PeerStatus) -> &'static str {
+        if p.path == evio_tunnel::PathKind::Connecting {
+            return "connecting";
+        }
+        match self.nat.peer_view(&p.public_key) {
+            Some(v) if v.path.is_none() => "connecting",
+            _ => p.path.as_str(),
+        }
+    }
+
     /// Prometheus text exposition of the agent's metrics.
     pub fn metrics(&self) -> String {
         use std::fmt::Write;
@@ -141,43 +162,115 @@ impl Shared {
         };
         let meta = self.meta.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut s = String::new();
-        let up = peers.iter().filter(|p| p.path != evio_tunnel::PathKind::Connecting).count();
-        let _ = writeln!(s, "# HELP evio_peers Peers known from the control plane.\n# TYPE evio_peers gauge\nevio_peers {}", peers.len());
-        let _ = writeln!(s, "# HELP evio_peers_connected Peers with a session.\n# TYPE evio_peers_connected gauge\nevio_peers_connected {up}");
-        let _ = writeln!(s, "# HELP evio_handshakes_total Completed handshakes.\n# TYPE evio_handshakes_total counter\nevio_handshakes_total {}", c.handshakes.load(Ordering::Relaxed));
-        let _ = writeln!(s, "# HELP evio_drops_total Dropped packets and datagrams by reason.\n# TYPE evio_drops_total counter");
+        let up = peers
+            .iter()
+            .filter(|p| p.path != evio_tunnel::PathKind::Connecting)
+            .count();
+        let _ = writeln!(
+            s,
+            "# HELP evio_peers Peers known from the control plane.\n# TYPE evio_peers gauge\nevio_peers {}",
+            peers.len()
+        );
+        let _ = writeln!(
+            s,
+            "# HELP evio_peers_connected Peers with a session.\n# TYPE evio_peers_connected gauge\nevio_peers_connected {up}"
+        );
+        let _ = writeln!(
+            s,
+            "# HELP evio_handshakes_total Completed handshakes.\n# TYPE evio_handshakes_total counter\nevio_handshakes_total {}",
+            c.handshakes.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            s,
+            "# HELP evio_drops_total Dropped packets and datagrams by reason.\n# TYPE evio_drops_total counter"
+        );
         for (r, n) in drops.iter() {
             let _ = writeln!(s, "evio_drops_total{{reason=\"{}\"}} {n}", r.as_str());
         }
-        let _ = writeln!(s, "# HELP evio_peer_rx_bytes_total Inner bytes received from a peer.\n# TYPE evio_peer_rx_bytes_total counter");
+        let _ = writeln!(
+            s,
+            "# HELP evio_peer_rx_bytes_total Inner bytes received from a peer.\n# TYPE evio_peer_rx_bytes_total counter"
+        );
         for p in &peers {
-            let name = meta.get(&p.public_key).map(|m| m.node.as_str()).unwrap_or(&p.name);
-            let _ = writeln!(s, "evio_peer_rx_bytes_total{{peer=\"{name}\"}} {}", p.rx_bytes);
+            let name = meta
+                .get(&p.public_key)
+                .map(|m| m.node.as_str())
+                .unwrap_or(&p.name);
+            let _ = writeln!(
+                s,
+                "evio_peer_rx_bytes_total{{peer=\"{name}\"}} {}",
+                p.rx_bytes
+            );
         }
-        let _ = writeln!(s, "# HELP evio_peer_tx_bytes_total Inner bytes sent to a peer.\n# TYPE evio_peer_tx_bytes_total counter");
+        let _ = writeln!(
+            s,
+            "# HELP evio_peer_tx_bytes_total Inner bytes sent to a peer.\n# TYPE evio_peer_tx_bytes_total counter"
+        );
         for p in &peers {
-            let name = meta.get(&p.public_key).map(|m| m.node.as_str()).unwrap_or(&p.name);
-            let _ = writeln!(s, "evio_peer_tx_bytes_total{{peer=\"{name}\"}} {}", p.tx_bytes);
+            let name = meta
+                .get(&p.public_key)
+                .map(|m| m.node.as_str())
+                .unwrap_or(&p.name);
+            let _ = writeln!(
+                s,
+                "evio_peer_tx_bytes_total{{peer=\"{name}\"}} {}",
+                p.tx_bytes
+            );
         }
-        let _ = writeln!(s, "# HELP evio_peer_handshakes_total Completed handshakes with a peer.\n# TYPE evio_peer_handshakes_total counter");
+        let _ = writeln!(
+            s,
+            "# HELP evio_peer_handshakes_total Completed handshakes with a peer.\n# TYPE evio_peer_handshakes_total counter"
+        );
         for p in &peers {
-            let name = meta.get(&p.public_key).map(|m| m.node.as_str()).unwrap_or(&p.name);
-            let _ = writeln!(s, "evio_peer_handshakes_total{{peer=\"{name}\"}} {}", p.handshakes);
+            let name = meta
+                .get(&p.public_key)
+                .map(|m| m.node.as_str())
+                .unwrap_or(&p.name);
+            let _ = writeln!(
+                s,
+                "evio_peer_handshakes_total{{peer=\"{name}\"}} {}",
+                p.handshakes
+            );
         }
         for (name, help, v) in [
-            ("evio_tun_rx_packets_total", "Packets read from the TUN device.", &c.tun_rx_packets),
-            ("evio_tun_tx_packets_total", "Packets written to the TUN device.", &c.tun_tx_packets),
-            ("evio_udp_rx_datagrams_total", "Datagrams received.", &c.udp_rx_datagrams),
-            ("evio_udp_tx_datagrams_total", "Datagrams sent.", &c.udp_tx_datagrams),
-            ("evio_etcd_errors_total", "Failed etcd operations.", &c.etcd_errors),
+            (
+                "evio_tun_rx_packets_total",
+                "Packets read from the TUN device.",
+                &c.tun_rx_packets,
+            ),
+            (
+                "evio_tun_tx_packets_total",
+                "Packets written to the TUN device.",
+                &c.tun_tx_packets,
+            ),
+            (
+                "evio_udp_rx_datagrams_total",
+                "Datagrams received.",
+                &c.udp_rx_datagrams,
+            ),
+            (
+                "evio_udp_tx_datagrams_total",
+                "Datagrams sent.",
+                &c.udp_tx_datagrams,
+            ),
+            (
+                "evio_etcd_errors_total",
+                "Failed etcd operations.",
+                &c.etcd_errors,
+            ),
         ] {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
+            let _ = writeln!(
+                s,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
         }
         let _ = writeln!(
             s,
             "# HELP evio_etcd_connected Whether the control plane reaches etcd.\n# TYPE evio_etcd_connected gauge\nevio_etcd_connected {}",
             c.etcd_connected.load(Ordering::Relaxed) as u8
         );
+        self.nat.metrics(&mut s);
         s
     }
 }

@@ -11,7 +11,11 @@ use evio_testbed::run_ok;
 fn three_hosts_reach_each_others_vips() {
     let mut c = Cluster::new(3);
     c.start_all();
-    assert!(c.wait_mesh(Duration::from_secs(20)), "no full mesh:\n{}", c.logs());
+    assert!(
+        c.wait_mesh(Duration::from_secs(20)),
+        "no full mesh:\n{}",
+        c.logs()
+    );
     let vips: Vec<String> = c.hosts.iter().map(|h| h.vip()).collect();
     for v in &vips {
         assert!(v.starts_with("10.10."), "{vips:?}");
@@ -19,7 +23,12 @@ fn three_hosts_reach_each_others_vips() {
     for (i, h) in c.hosts.iter().enumerate() {
         for (j, v) in vips.iter().enumerate() {
             if i != j {
-                assert!(h.ping_until(v, Duration::from_secs(5)), "{} cannot reach {v}:\n{}", h.name, c.logs());
+                assert!(
+                    h.ping_until(v, Duration::from_secs(5)),
+                    "{} cannot reach {v}:\n{}",
+                    h.name,
+                    c.logs()
+                );
             }
         }
     }
@@ -46,44 +55,82 @@ fn pods_reach_each_other_encrypted_with_real_addresses() {
         nets.push(h.cni_config(&etcd, &dir));
     }
     c.start_all();
-    assert!(c.wait_mesh(Duration::from_secs(20)), "no full mesh:\n{}", c.logs());
+    assert!(
+        c.wait_mesh(Duration::from_secs(20)),
+        "no full mesh:\n{}",
+        c.logs()
+    );
     // Host 3 claims its subnet only now: the others route it within seconds.
     nets.push(c.hosts[2].cni_config(&etcd, &dir));
     let sub3 = nets[2]["subnet"].as_str().unwrap().to_string();
     assert!(
-        evio_testbed::wait_until(Duration::from_secs(5), || c.hosts[0].tun_routes().contains(&sub3)),
+        evio_testbed::wait_until(Duration::from_secs(5), || c.hosts[0]
+            .tun_routes()
+            .contains(&sub3)),
         "host-1 has no route to {sub3}: {}\n{}",
         c.hosts[0].tun_routes(),
         c.logs()
     );
     // Pods plugged in by the real evio-cni with the conflist of `evioctl cni-config`.
+    let mut bg: Vec<std::process::Child> = Vec::new();
     let mut pods = Vec::new();
     for (i, h) in c.hosts.iter().enumerate() {
         h.enable_forwarding();
         let pod = h.add_pod_cni(&dir);
         let subnet: ipnet::Ipv4Net = nets[i]["subnet"].as_str().unwrap().parse().unwrap();
-        assert!(subnet.contains(&pod.ip.parse::<std::net::Ipv4Addr>().unwrap()), "{} not in {subnet}", pod.ip);
+        assert!(
+            subnet.contains(&pod.ip.parse::<std::net::Ipv4Addr>().unwrap()),
+            "{} not in {subnet}",
+            pod.ip
+        );
         pods.push(pod);
     }
     // Status shows our pod subnet and the peers'.
     let st = c.hosts[0].status().unwrap();
     assert_eq!(st["podSubnet"], nets[0]["subnet"]);
-    let p2 = st["peers"].as_array().unwrap().iter().find(|p| p["node"] == "host-2").unwrap().clone();
+    let p2 = st["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["node"] == "host-2")
+        .unwrap()
+        .clone();
     assert_eq!(p2["podSubnet"], nets[1]["subnet"]);
 
     // Pod to pod, every pair; node to pod.
     for (i, a) in pods.iter().enumerate() {
         for (j, b) in pods.iter().enumerate() {
             if i != j {
-                assert!(a.ping_until(&b.ip, Duration::from_secs(5)), "pod {i} -> pod {j} ({}):\n{}", b.ip, c.logs());
+                assert!(
+                    a.ping_until(&b.ip, Duration::from_secs(5)),
+                    "pod {i} -> pod {j} ({}):\n{}",
+                    b.ip,
+                    c.logs()
+                );
             }
         }
     }
-    assert!(c.hosts[0].ping_until(&pods[1].ip, Duration::from_secs(5)), "host-1 -> pod on host-2");
-    assert!(c.hosts[2].ping_until(&pods[0].ip, Duration::from_secs(5)), "host-3 -> pod on host-1");
+    assert!(
+        c.hosts[0].ping_until(&pods[1].ip, Duration::from_secs(5)),
+        "host-1 -> pod on host-2"
+    );
+    assert!(
+        c.hosts[2].ping_until(&pods[0].ip, Duration::from_secs(5)),
+        "host-3 -> pod on host-1"
+    );
 
     // The server sees the client's real pod address (no masquerade inside the cluster).
-    pods[1].ns.command("socat").args(["TCP-LISTEN:7000,reuseaddr,fork", "SYSTEM:echo $SOCAT_PEERADDR"]).spawn().unwrap();
+    bg.push(
+        pods[1]
+            .ns
+            .command("socat")
+            .args([
+                "TCP-LISTEN:7000,reuseaddr,fork",
+                "SYSTEM:echo $SOCAT_PEERADDR",
+            ])
+            .spawn()
+            .unwrap(),
+    );
     let seen = evio_testbed::wait_until(Duration::from_secs(5), || {
         let out = pods[0].exec(&["socat", "-T", "2", "-", &format!("TCP:{}:7000", pods[1].ip)]);
         String::from_utf8_lossy(&out.stdout).trim() == pods[0].ip
@@ -95,61 +142,134 @@ fn pods_reach_each_other_encrypted_with_real_addresses() {
     let mut dump = c
         .underlay
         .command("tcpdump")
-        .args(["-i", "br0", "-U", "-s", "0", "-w", pcap.to_str().unwrap(), "udp"])
+        .args([
+            "-i",
+            "br0",
+            "-U",
+            "-s",
+            "0",
+            "-w",
+            pcap.to_str().unwrap(),
+            "udp",
+        ])
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(700));
     let marker = "EVIO-SECRET-MARKER-7f3a";
-    pods[2].ns.command("socat").args(["-u", "TCP-LISTEN:7001,reuseaddr", "OPEN:/dev/null"]).spawn().unwrap();
+    bg.push(
+        pods[2]
+            .ns
+            .command("socat")
+            .args(["-u", "TCP-LISTEN:7001,reuseaddr", "OPEN:/dev/null"])
+            .spawn()
+            .unwrap(),
+    );
     std::thread::sleep(Duration::from_millis(200));
     let payload = marker.repeat(200);
-    let out = pods[0].exec(&["sh", "-c", &format!("echo {payload} | socat -u - TCP:{}:7001", pods[2].ip)]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = pods[0].exec(&[
+        "sh",
+        "-c",
+        &format!("echo {payload} | socat -u - TCP:{}:7001", pods[2].ip),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Control: the same marker sent in clear over the underlay must show up in the capture.
-    c.hosts[0].ns.exec(&["sh", "-c", &format!("echo CLEAR-{marker} | socat -u - UDP-SENDTO:{}:9", c.hosts[1].ip)]);
+    c.hosts[0].ns.exec(&[
+        "sh",
+        "-c",
+        &format!(
+            "echo CLEAR-{marker} | socat -u - UDP-SENDTO:{}:9",
+            c.hosts[1].ip
+        ),
+    ]);
     std::thread::sleep(Duration::from_millis(700));
     // SAFETY: SIGINT to our tcpdump child so it flushes the capture file.
     unsafe { libc::kill(dump.id() as i32, libc::SIGINT) };
     let _ = dump.wait();
     let cap = std::fs::read(&pcap).unwrap();
     let count = |needle: &[u8]| cap.windows(needle.len()).filter(|w| *w == needle).count();
-    assert!(count(format!("CLEAR-{marker}").as_bytes()) >= 1, "the capture does not work ({} bytes)", cap.len());
-    assert_eq!(count(marker.as_bytes()), 1, "pod payload seen in clear on the underlay");
-    assert!(cap.len() > 200 * marker.len(), "too little traffic captured");
+    assert!(
+        count(format!("CLEAR-{marker}").as_bytes()) >= 1,
+        "the capture does not work ({} bytes)",
+        cap.len()
+    );
+    assert_eq!(
+        count(marker.as_bytes()),
+        1,
+        "pod payload seen in clear on the underlay"
+    );
+    assert!(
+        cap.len() > 200 * marker.len(),
+        "too little traffic captured"
+    );
 
     // A 30 MB TCP transfer pod to pod, checked byte for byte.
     let src = dir.join("transfer.bin");
     let dst = dir.join("transfer.out");
-    run_ok(&["sh", "-c", &format!("head -c 31457280 /dev/urandom > {}", src.display())]);
+    run_ok(&[
+        "sh",
+        "-c",
+        &format!("head -c 31457280 /dev/urandom > {}", src.display()),
+    ]);
     let mut server = pods[1]
         .ns
         .command("socat")
-        .args(["-u", "TCP-LISTEN:7003,reuseaddr", &format!("OPEN:{},creat,trunc", dst.display())])
+        .args([
+            "-u",
+            "TCP-LISTEN:7003,reuseaddr",
+            &format!("OPEN:{},creat,trunc", dst.display()),
+        ])
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let t0 = std::time::Instant::now();
-    let out = pods[0].exec(&["socat", "-u", &format!("OPEN:{}", src.display()), &format!("TCP:{}:7003", pods[1].ip)]);
-    assert!(out.status.success(), "transfer: {}", String::from_utf8_lossy(&out.stderr));
+    let out = pods[0].exec(&[
+        "socat",
+        "-u",
+        &format!("OPEN:{}", src.display()),
+        &format!("TCP:{}:7003", pods[1].ip),
+    ]);
+    assert!(
+        out.status.success(),
+        "transfer: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let _ = server.wait();
     eprintln!("30 MiB pod to pod in {:?}", t0.elapsed());
-    assert!(std::fs::read(&src).unwrap() == std::fs::read(&dst).unwrap(), "transferred data differs");
+    assert!(
+        std::fs::read(&src).unwrap() == std::fs::read(&dst).unwrap(),
+        "transferred data differs"
+    );
 
     // A pod on host-1 sending with an address of host-2's subnet is not delivered to host-3's pod.
     for k in ["all", "default", "eviobr0", "eth0"] {
-        c.hosts[0].ns.exec(&["sysctl", "-q", "-w", &format!("net.ipv4.conf.{k}.rp_filter=0")]);
+        c.hosts[0].ns.exec(&[
+            "sysctl",
+            "-q",
+            "-w",
+            &format!("net.ipv4.conf.{k}.rp_filter=0"),
+        ]);
     }
     let sub2: ipnet::Ipv4Net = nets[1]["subnet"].as_str().unwrap().parse().unwrap();
     let spoof = std::net::Ipv4Addr::from(u32::from(sub2.network()) + 77).to_string();
     pods[0].exec(&["ip", "addr", "add", &format!("{spoof}/32"), "dev", "eth0"]);
     let got_file = dir.join("udp-received");
-    pods[2]
-        .ns
-        .command("socat")
-        .args(["-u", "UDP-RECV:7002", &format!("OPEN:{},creat,append", got_file.display())])
-        .spawn()
-        .unwrap();
+    bg.push(
+        pods[2]
+            .ns
+            .command("socat")
+            .args([
+                "-u",
+                "UDP-RECV:7002",
+                &format!("OPEN:{},creat,append", got_file.display()),
+            ])
+            .spawn()
+            .unwrap(),
+    );
     std::thread::sleep(Duration::from_millis(300));
     let before = c.hosts[2].metric("evio_drops_total{reason=\"spoofed_source\"}");
     for (msg, bind) in [("SPOOFED", Some(spoof.as_str())), ("GENUINE", None)] {
@@ -158,15 +278,31 @@ fn pods_reach_each_other_encrypted_with_real_addresses() {
             None => format!("UDP-SENDTO:{}:7002", pods[2].ip),
         };
         let out = pods[0].exec(&["sh", "-c", &format!("echo {msg} | socat -u - {target}")]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         std::thread::sleep(Duration::from_millis(300));
     }
     let ok = evio_testbed::wait_until(Duration::from_secs(3), || {
-        std::fs::read_to_string(&got_file).unwrap_or_default().contains("GENUINE")
+        std::fs::read_to_string(&got_file)
+            .unwrap_or_default()
+            .contains("GENUINE")
     });
     let received = std::fs::read_to_string(&got_file).unwrap_or_default();
     assert!(ok, "the genuine datagram did not arrive");
-    assert!(!received.contains("SPOOFED"), "spoofed datagram delivered: {received}");
+    assert!(
+        !received.contains("SPOOFED"),
+        "spoofed datagram delivered: {received}"
+    );
     let after = c.hosts[2].metric("evio_drops_total{reason=\"spoofed_source\"}");
-    assert!(after > before, "host-3 did not count the spoofed packet ({before} -> {after})");
+    assert!(
+        after > before,
+        "host-3 did not count the spoofed packet ({before} -> {after})"
+    );
+    for mut b in bg {
+        let _ = b.kill();
+        let _ = b.wait();
+    }
 }

@@ -25,7 +25,11 @@ for i in range({n}):
 "#
     );
     let out = c.underlay.exec(&["python3", "-c", &script]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -36,15 +40,27 @@ fn survives_garbage_etcd_freeze_kill9_and_peers_leaving() {
     let net3 = c.hosts[2].cni_config(&etcd, &dir);
     let sub3 = net3["subnet"].as_str().unwrap().to_string();
     c.start_all();
-    assert!(c.wait_mesh(Duration::from_secs(20)), "no full mesh:\n{}", c.logs());
+    assert!(
+        c.wait_mesh(Duration::from_secs(20)),
+        "no full mesh:\n{}",
+        c.logs()
+    );
     let vips: Vec<String> = c.hosts.iter().map(|h| h.vip()).collect();
     let key2 = c.hosts[1].status().unwrap()["publicKey"].clone();
     assert!(c.hosts[0].ping_until(&vips[1], Duration::from_secs(5)));
 
     // Garbage datagrams: counted and dropped, the agent and its tunnels carry on.
     garbage(&c, &c.hosts[0].ip, 2000);
-    assert!(c.hosts[0].ping(&vips[1]), "tunnel broken by garbage:\n{}", c.logs());
-    assert!(c.hosts[1].ping(&vips[0]), "tunnel broken by garbage:\n{}", c.logs());
+    assert!(
+        c.hosts[0].ping(&vips[1]),
+        "tunnel broken by garbage:\n{}",
+        c.logs()
+    );
+    assert!(
+        c.hosts[1].ping(&vips[0]),
+        "tunnel broken by garbage:\n{}",
+        c.logs()
+    );
     let m = c.hosts[0].metrics();
     let dropped: u64 = m
         .lines()
@@ -72,31 +88,61 @@ fn survives_garbage_etcd_freeze_kill9_and_peers_leaving() {
     c.start(1);
     let t0 = Instant::now();
     assert_eq!(c.hosts[1].vip(), vips[1], "VIP changed after restart");
-    assert_eq!(c.hosts[1].status().unwrap()["publicKey"], key2, "key changed after restart");
-    assert!(c.hosts[0].ping_until(&vips[1], Duration::from_secs(10)), "host-1 cannot reach restarted host-2:\n{}", c.logs());
-    assert!(c.hosts[1].ping_until(&vips[2], Duration::from_secs(5)), "restarted host-2 cannot reach host-3");
+    assert_eq!(
+        c.hosts[1].status().unwrap()["publicKey"],
+        key2,
+        "key changed after restart"
+    );
+    assert!(
+        c.hosts[0].ping_until(&vips[1], Duration::from_secs(10)),
+        "host-1 cannot reach restarted host-2:\n{}",
+        c.logs()
+    );
+    assert!(
+        c.hosts[1].ping_until(&vips[2], Duration::from_secs(5)),
+        "restarted host-2 cannot reach host-3"
+    );
     eprintln!("tunnels back {:?} after restart", t0.elapsed());
 
     // host-3 dies (kill -9: its lease is not revoked): its peers drop it and its pod route after the TTL.
-    assert!(c.hosts[0].tun_routes().contains(&sub3), "no route to {sub3}");
+    assert!(
+        c.hosts[0].tun_routes().contains(&sub3),
+        "no route to {sub3}"
+    );
     c.hosts[2].kill9();
     let t0 = Instant::now();
     let gone = wait_until(Duration::from_secs(25), || {
         let st = c.hosts[0].status().unwrap();
-        let listed = st["peers"].as_array().unwrap().iter().any(|p| p["node"] == "host-3");
+        let listed = st["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["node"] == "host-3");
         !listed && !c.hosts[0].tun_routes().contains(&sub3)
     });
-    assert!(gone, "host-3 still a peer of host-1 after 25 s:\n{}", c.logs());
+    assert!(
+        gone,
+        "host-3 still a peer of host-1 after 25 s:\n{}",
+        c.logs()
+    );
     let took = t0.elapsed();
     eprintln!("dead peer removed after {took:?}");
-    assert!(took >= Duration::from_secs(5), "removed before its lease could expire ({took:?})");
+    assert!(
+        took >= Duration::from_secs(5),
+        "removed before its lease could expire ({took:?})"
+    );
     // The others are untouched.
     assert!(c.hosts[0].ping(&vips[1]));
 
     // A clean stop (SIGTERM) revokes the lease: host-2 disappears from host-1 at once.
     c.hosts[1].stop();
     assert!(
-        wait_until(Duration::from_secs(6), || c.hosts[0].status().unwrap()["peers"].as_array().unwrap().is_empty()),
+        wait_until(Duration::from_secs(6), || {
+            c.hosts[0].status().unwrap()["peers"]
+                .as_array()
+                .unwrap()
+                .is_empty()
+        }),
         "stopped host-2 still listed:\n{}",
         c.logs()
     );
@@ -114,20 +160,32 @@ fn a_vip_held_by_another_node_is_refused() {
     let etcd = c.etcd_url();
     let h = &mut c.hosts[1];
     let log = std::fs::File::create(&h.log).unwrap();
-    let out = h
-        .ns
-        .command(common::eviod())
-        .args(["--node-name", &h.name, "--etcd-endpoints", &etcd, "--state-dir"])
-        .arg(&h.state_dir)
-        .args(["--address", "10.10.3.3"])
-        .stderr(log)
-        .status()
-        .unwrap();
+    let out =
+        h.ns.command(common::eviod())
+            .args([
+                "--node-name",
+                &h.name,
+                "--etcd-endpoints",
+                &etcd,
+                "--state-dir",
+            ])
+            .arg(&h.state_dir)
+            .args(["--address", "10.10.3.3"])
+            .stderr(log)
+            .status()
+            .unwrap();
     assert!(!out.success());
     let text = h.log_text();
-    assert!(text.contains("10.10.3.3 is already held by node host-1"), "{text}");
+    assert!(
+        text.contains("10.10.3.3 is already held by node host-1"),
+        "{text}"
+    );
     // The key file exists with mode 0600 (created before the claim).
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(h.state_dir.join("private.key")).unwrap().permissions().mode() & 0o777;
+    let mode = std::fs::metadata(h.state_dir.join("private.key"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600);
 }

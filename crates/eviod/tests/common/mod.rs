@@ -33,7 +33,11 @@ pub fn eviod() -> &'static str {
 
 pub fn evioctl() -> PathBuf {
     let p = evio_testbed::bin_dir().join("evioctl");
-    assert!(p.exists(), "{} missing: build the workspace binaries first (cargo build --bins)", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: build the workspace binaries first (cargo build --bins)",
+        p.display()
+    );
     p
 }
 
@@ -45,7 +49,10 @@ impl Cluster {
         underlay.exec_ok(&["ip", "link", "set", "br0", "up"]);
         underlay.exec_ok(&["ip", "addr", "add", &format!("{ETCD_IP}/24"), "dev", "br0"]);
         let etcd = Etcd::start_in(Some(&underlay), ETCD_IP);
-        let dir = tempfile::Builder::new().prefix("eviod-test").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("eviod-test")
+            .tempdir()
+            .expect("tempdir");
         let mut hosts = Vec::new();
         for i in 0..n {
             let ns = Netns::new("eh");
@@ -56,9 +63,22 @@ impl Cluster {
             ns.exec_ok(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
             let name = format!("host-{}", i + 1);
             let state_dir = dir.path().join(&name);
-            hosts.push(Host { log: dir.path().join(format!("{name}.log")), name, ns, ip, state_dir, agent: None, extra: vec![] });
+            hosts.push(Host {
+                log: dir.path().join(format!("{name}.log")),
+                name,
+                ns,
+                ip,
+                state_dir,
+                agent: None,
+                extra: vec![],
+            });
         }
-        Cluster { hosts, etcd, underlay, dir }
+        Cluster {
+            hosts,
+            etcd,
+            underlay,
+            dir,
+        }
     }
 
     pub fn etcd_url(&self) -> String {
@@ -79,7 +99,11 @@ impl Cluster {
     /// Waits until every agent has every other as a peer with a session.
     pub fn wait_mesh(&self, limit: Duration) -> bool {
         let n = self.hosts.len();
-        wait_until(limit, || self.hosts.iter().all(|h| h.agent.is_none() || h.peers_with_path("direct") >= n - 1))
+        wait_until(limit, || {
+            self.hosts
+                .iter()
+                .all(|h| h.agent.is_none() || h.peers_with_path("direct") >= n - 1)
+        })
     }
 
     /// Runs `etcdctl` against the test's etcd (from the underlay namespace).
@@ -92,25 +116,38 @@ impl Cluster {
     }
 
     pub fn logs(&self) -> String {
-        self.hosts.iter().map(|h| format!("=== {} ===\n{}\n", h.name, h.log_text())).collect()
+        self.hosts
+            .iter()
+            .map(|h| format!("=== {} ===\n{}\n", h.name, h.log_text()))
+            .collect()
     }
 }
 
 impl Host {
     pub fn start(&mut self, etcd: &str) {
         assert!(self.agent.is_none(), "agent already running");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
         // A socket left by a killed agent is not a sign of life.
         let _ = std::fs::remove_file(self.state_dir.join("eviod.sock"));
         let mut c = self.ns.command(eviod());
-        c.args(["--node-name", &self.name, "--etcd-endpoints", etcd, "--state-dir"])
-            .arg(&self.state_dir)
-            .args(["--listen-port", "51820"])
-            .args(&self.extra)
-            .env("EVIO_LOG", "info,eviod=debug")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log);
+        c.args([
+            "--node-name",
+            &self.name,
+            "--etcd-endpoints",
+            etcd,
+            "--state-dir",
+        ])
+        .arg(&self.state_dir)
+        .args(["--listen-port", "51820"])
+        .args(&self.extra)
+        .env("EVIO_LOG", "info,eviod=debug")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
         self.agent = Some(c.spawn().expect("start eviod"));
         let sock = self.state_dir.join("eviod.sock");
         assert!(
@@ -119,7 +156,12 @@ impl Host {
             self.name,
             self.log_text()
         );
-        assert!(!self.exited(), "eviod on {} exited: {}", self.name, self.log_text());
+        assert!(
+            !self.exited(),
+            "eviod on {} exited: {}",
+            self.name,
+            self.log_text()
+        );
     }
 
     fn exited(&self) -> bool {
@@ -142,7 +184,9 @@ impl Host {
         if let Some(mut c) = self.agent.take() {
             // SAFETY: signal to our own child process.
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let ok = wait_until(Duration::from_secs(10), || matches!(c.try_wait(), Ok(Some(_))));
+            let ok = wait_until(Duration::from_secs(10), || {
+                matches!(c.try_wait(), Ok(Some(_)))
+            });
             if !ok {
                 let _ = c.kill();
             }
@@ -157,7 +201,8 @@ impl Host {
     /// The agent's status document, read from its control socket.
     pub fn status(&self) -> Option<serde_json::Value> {
         use std::io::{Read, Write};
-        let mut s = std::os::unix::net::UnixStream::connect(self.state_dir.join("eviod.sock")).ok()?;
+        let mut s =
+            std::os::unix::net::UnixStream::connect(self.state_dir.join("eviod.sock")).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
         s.write_all(b"status\n").ok()?;
         let mut body = String::new();
@@ -167,17 +212,26 @@ impl Host {
 
     pub fn peers_with_path(&self, path: &str) -> usize {
         self.status()
-            .and_then(|s| s["peers"].as_array().map(|p| p.iter().filter(|p| p["path"] == path).count()))
+            .and_then(|s| {
+                s["peers"]
+                    .as_array()
+                    .map(|p| p.iter().filter(|p| p["path"] == path).count())
+            })
             .unwrap_or(0)
     }
 
     pub fn vip(&self) -> String {
-        self.status().and_then(|s| s["address"].as_str().map(String::from)).unwrap_or_default()
+        self.status()
+            .and_then(|s| s["address"].as_str().map(String::from))
+            .unwrap_or_default()
     }
 
     /// One ping from this host to `ip`; true if answered.
     pub fn ping(&self, ip: &str) -> bool {
-        self.ns.exec(&["ping", "-c", "1", "-W", "1", ip]).status.success()
+        self.ns
+            .exec(&["ping", "-c", "1", "-W", "1", ip])
+            .status
+            .success()
     }
 
     pub fn ping_until(&self, ip: &str, limit: Duration) -> bool {
@@ -193,7 +247,11 @@ impl Drop for Host {
 
 /// Silences an unused import warning in test crates that do not use every helper.
 pub fn _unused() {
-    let _ = (run_ok as fn(&[&str]) -> String, unique as fn(&str) -> String, Command::new("true"));
+    let _ = (
+        run_ok as fn(&[&str]) -> String,
+        unique as fn(&str) -> String,
+        Command::new("true"),
+    );
 }
 
 /// A pod: a network namespace plugged into its host's pod bridge.
@@ -207,7 +265,10 @@ impl Pod {
         self.ns.exec(cmd)
     }
     pub fn ping(&self, ip: &str) -> bool {
-        self.ns.exec(&["ping", "-c", "1", "-W", "1", ip]).status.success()
+        self.ns
+            .exec(&["ping", "-c", "1", "-W", "1", ip])
+            .status
+            .success()
     }
     pub fn ping_until(&self, ip: &str, limit: Duration) -> bool {
         wait_until(limit, || self.ping(ip))
@@ -217,7 +278,8 @@ impl Pod {
 impl Host {
     /// Turns on forwarding in the host namespace (pods route through it).
     pub fn enable_forwarding(&self) {
-        self.ns.exec_ok(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+        self.ns
+            .exec_ok(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
     }
 
     /// Claims this host's pod subnet with `evioctl cni-config`; returns its JSON line
@@ -253,7 +315,11 @@ impl Host {
             "--plugin-binary",
             plugin.to_str().unwrap(),
         ]);
-        assert!(out.status.success(), "cni-config: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "cni-config: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("cni-config JSON")
     }
 
@@ -261,13 +327,19 @@ impl Host {
     /// `cni_config` wrote, host-local IPAM); returns it with its address.
     pub fn add_pod_cni(&self, dir: &std::path::Path) -> Pod {
         let d = dir.join(format!("{}-cni", self.name));
-        let list: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(d.join("net.d").join("10-evio.conflist")).unwrap()).unwrap();
+        let list: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(d.join("net.d").join("10-evio.conflist")).unwrap(),
+        )
+        .unwrap();
         let mut conf = list["plugins"][0].clone();
         conf["cniVersion"] = list["cniVersion"].clone();
         conf["name"] = list["name"].clone();
         let plugin = evio_testbed::bin_dir().join("evio-cni");
-        assert!(plugin.exists(), "{} missing: build the workspace binaries first", plugin.display());
+        assert!(
+            plugin.exists(),
+            "{} missing: build the workspace binaries first",
+            plugin.display()
+        );
         let path = d.join("cni-path");
         if !path.exists() {
             std::fs::create_dir_all(&path).unwrap();
@@ -288,7 +360,12 @@ impl Host {
             .stderr(Stdio::piped());
         let mut child = c.spawn().unwrap();
         use std::io::Write;
-        child.stdin.take().unwrap().write_all(conf.to_string().as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(conf.to_string().as_bytes())
+            .unwrap();
         let out = child.wait_with_output().unwrap();
         assert!(
             out.status.success(),
@@ -306,23 +383,43 @@ impl Host {
     /// Plugs a pod into bridge `eviobr0` (created with `gateway/prefix` on first use) with address `ip`.
     pub fn add_pod(&self, ip: &str, gateway: &str, prefix: u8) -> Pod {
         if !self.ns.links().iter().any(|l| l == "eviobr0") {
-            self.ns.exec_ok(&["ip", "link", "add", "eviobr0", "type", "bridge"]);
-            self.ns.exec_ok(&["ip", "addr", "add", &format!("{gateway}/{prefix}"), "dev", "eviobr0"]);
+            self.ns
+                .exec_ok(&["ip", "link", "add", "eviobr0", "type", "bridge"]);
+            self.ns.exec_ok(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("{gateway}/{prefix}"),
+                "dev",
+                "eviobr0",
+            ]);
             self.ns.exec_ok(&["ip", "link", "set", "eviobr0", "up"]);
         }
         let pod = Netns::new("ep");
         let hv = unique("vp");
         pod.veth_to("eth0", &self.ns, &hv);
-        self.ns.exec_ok(&["ip", "link", "set", &hv, "master", "eviobr0"]);
-        pod.exec_ok(&["ip", "addr", "add", &format!("{ip}/{prefix}"), "dev", "eth0"]);
+        self.ns
+            .exec_ok(&["ip", "link", "set", &hv, "master", "eviobr0"]);
+        pod.exec_ok(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{ip}/{prefix}"),
+            "dev",
+            "eth0",
+        ]);
         pod.exec_ok(&["ip", "route", "add", "default", "via", gateway]);
-        Pod { ns: pod, ip: ip.to_string() }
+        Pod {
+            ns: pod,
+            ip: ip.to_string(),
+        }
     }
 
     /// The agent's metrics (Prometheus text) through its control socket.
     pub fn metrics(&self) -> String {
         use std::io::{Read, Write};
-        let Ok(mut s) = std::os::unix::net::UnixStream::connect(self.state_dir.join("eviod.sock")) else {
+        let Ok(mut s) = std::os::unix::net::UnixStream::connect(self.state_dir.join("eviod.sock"))
+        else {
             return String::new();
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
@@ -343,7 +440,13 @@ impl Host {
 
     /// Prefixes routed through the agent's TUN device.
     pub fn tun_routes(&self) -> String {
-        String::from_utf8_lossy(&self.ns.exec(&["ip", "route", "show", "dev", "evio0"]).stdout).into_owned()
+        String::from_utf8_lossy(
+            &self
+                .ns
+                .exec(&["ip", "route", "show", "dev", "evio0"])
+                .stdout,
+        )
+        .into_owned()
     }
 }
 

@@ -1,0 +1,583 @@
+//! NAT traversal in eviod: the `evio-nat` agent on the tunnel's one UDP socket.
+//!
+//! - Demultiplexing: the receive thread hands WireGuard datagrams straight to the tunnel core; everything
+//!   else (STUN checks and answers, TURN responses, ChannelData and Data indications from our TURN
+//!   allocation) goes through [`Nat::input`]. A WireGuard datagram that arrived through our relay comes back
+//!   unwrapped, with a *relay endpoint* as its source.
+//! - Relay endpoints: a peer reached through our own TURN allocation gets the endpoint `[100::1]:SLOT` in
+//!   the tunnel core (`100::/64` is the discard-only prefix of RFC 6666, never a real destination). The
+//!   slot names the peer's address as the relay sees it. Whatever the core sends there (data, handshakes,
+//!   keepalives) is framed as ChannelData towards the TURN server by [`Nat::push`] or the send thread's
+//!   zero-copy path ([`Nat::relay_route`]); replies to a relayed handshake go back the way it came.
+//! - Path selection is the agent's: each `PathChanged` event becomes [`evio_tunnel::Node::set_path`]; the
+//!   core then stops roaming on its own for that peer.
+//! - Candidates (host, server-reflexive, relayed) are published by the control plane in the node's etcd
+//!   record whenever [`Nat::candidates`] changes version; peers' records come back through
+//!   [`Nat::set_peers`].
+//!
+//! Lock order: never hold this module's lock and the tunnel core's lock at once.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use evio_io::{SendBatch, UdpBatch};
+use evio_nat::demux::{self, Kind};
+use evio_nat::{
+    Agent, AgentConfig, Base, Candidate, CandidateKind, Event, Input, Path, PathKind, PeerKey,
+    Source, Timers, TurnConfig, check_key,
+};
+use evio_tunnel::{PublicKey, StaticSecret};
+
+use crate::config::NatConfig;
+use crate::state::Shared;
+
+/// The address of relay endpoints (see the module docs).
+const RELAY_IP: Ipv6Addr = Ipv6Addr::new(0x100, 0, 0, 0, 0, 0, 0, 1);
+/// ChannelData header length.
+pub const CHANNEL_HEADER: usize = 4;
+
+/// True if `a` is a relay endpoint (a peer reached through our TURN allocation).
+#[inline]
+pub fn is_relay(a: &SocketAddr) -> bool {
+    matches!(a, SocketAddr::V6(v) if *v.ip() == RELAY_IP)
+}
+
+fn relay_endpoint(slot: u16) -> SocketAddr {
+    SocketAddr::V6(SocketAddrV6::new(RELAY_IP, slot, 0, 0))
+}
+
+/// How to send to a relay endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelayRoute {
+    /// Prepend a ChannelData header for `channel` and send to `server`.
+    Channel { server: SocketAddr, channel: u16 },
+    /// No channel bound yet: wrap in a Send indication ([`Nat::wrap`]).
+    Indication { remote: SocketAddr },
+}
+
+/// What a non-WireGuard datagram turned out to be.
+pub enum Rx<'a> {
+    /// A WireGuard datagram (unwrapped) and the endpoint to attribute it to.
+    Tunnel {
+        from: SocketAddr,
+        payload: &'a [u8],
+    },
+    /// STUN/TURN traffic consumed by the agent (call [`pump`] soon).
+    Handled,
+    Unknown,
+}
+
+/// What status shows for a peer.
+pub struct PeerView {
+    pub path: Option<Path>,
+}
+
+struct PeerEntry {
+    candidates: Vec<Candidate>,
+    path: Option<Path>,
+}
+
+struct Inner {
+    agent: Agent,
+    /// Relay endpoint slot -> the peer's address as our relay sees it.
+    slots: Vec<SocketAddr>,
+    slot_of: HashMap<SocketAddr, u16>,
+    peers: HashMap<PeerKey, PeerEntry>,
+    candidates: Vec<Candidate>,
+}
+
+impl Inner {
+    fn slot(&mut self, remote: SocketAddr) -> SocketAddr {
+        if let Some(s) = self.slot_of.get(&remote) {
+            return relay_endpoint(*s);
+        }
+        let s = self.slots.len() as u16;
+        self.slots.push(remote);
+        self.slot_of.insert(remote, s);
+        relay_endpoint(s)
+    }
+
+    fn remote_of(&self, ep: &SocketAddr) -> Option<SocketAddr> {
+        if !is_relay(ep) {
+            return None;
+        }
+        self.slots.get(ep.port() as usize).copied()
+    }
+}
+
+/// NAT traversal state of the agent.
+pub struct Nat {
+    inner: Mutex<Inner>,
+    secret: StaticSecret,
+    public: PeerKey,
+    psk: Option<[u8; 32]>,
+    port: u16,
+    version: AtomicU64,
+    pub relay_tx_bytes: AtomicU64,
+    pub relay_rx_bytes: AtomicU64,
+    pub path_changes: AtomicU64,
+    pub checks_rx: AtomicU64,
+}
+
+/// Resolves `HOST:PORT` to an IPv4 socket address (the tunnel socket is IPv4).
+pub fn resolve(s: &str) -> Result<SocketAddr> {
+    let addrs: Vec<SocketAddr> = s
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve {s:?} (want HOST:PORT)"))?
+        .collect();
+    match addrs.iter().find(|a| a.is_ipv4()) {
+        Some(a) => Ok(*a),
+        None => bail!("{s:?} has no IPv4 address"),
+    }
+}
+
+/// The agent configuration from the command line: STUN servers, TURN server and credentials.
+pub fn agent_settings(cfg: &NatConfig) -> Result<(Vec<SocketAddr>, Option<TurnConfig>)> {
+    let stun = cfg
+        .stun
+        .iter()
+        .map(|s| resolve(s))
+        .collect::<Result<Vec<_>>>()?;
+    let turn = match (&cfg.turn, &cfg.turn_user, &cfg.turn_password_file) {
+        (Some(server), Some(user), Some(file)) => {
+            let password = std::fs::read_to_string(file).with_context(|| {
+                format!("cannot read the TURN password file {}", file.display())
+            })?;
+            Some(TurnConfig {
+                server: resolve(server)?,
+                user: user.clone(),
+                password: password.trim_end_matches(['\n', '\r']).to_string(),
+            })
+        }
+        _ => None,
+    };
+    Ok((stun, turn))
+}
+
+impl Nat {
+    pub fn new(
+        secret: StaticSecret,
+        psk: Option<[u8; 32]>,
+        port: u16,
+        hosts: &[IpAddr],
+        stun: Vec<SocketAddr>,
+        turn: Option<TurnConfig>,
+    ) -> Nat {
+        let public = PublicKey::from(&secret).to_bytes();
+        let cfg = AgentConfig {
+            local_key: public,
+            host_candidates: hosts.iter().map(|ip| SocketAddr::new(*ip, port)).collect(),
+            stun_servers: stun,
+            turn,
+            timers: Timers::default(),
+        };
+        let agent = Agent::new(cfg, rand::random(), Instant::now());
+        let candidates = agent.local_candidates();
+        Nat {
+            inner: Mutex::new(Inner {
+                agent,
+                slots: Vec::new(),
+                slot_of: HashMap::new(),
+                peers: HashMap::new(),
+                candidates,
+            }),
+            secret,
+            public,
+            psk,
+            port,
+            version: AtomicU64::new(1),
+            relay_tx_bytes: AtomicU64::new(0),
+            relay_rx_bytes: AtomicU64::new(0),
+            path_changes: AtomicU64::new(0),
+            checks_rx: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Our candidates and their version (bumped on every change).
+    pub fn candidates(&self) -> (u64, Vec<Candidate>) {
+        let v = self.version.load(Ordering::Acquire);
+        (v, self.lock().candidates.clone())
+    }
+
+    pub fn candidates_version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    /// Local addresses changed.
+    pub fn set_host_addresses(&self, hosts: &[IpAddr]) {
+        let hosts: Vec<SocketAddr> = hosts
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, self.port))
+            .collect();
+        let mut g = self.lock();
+        if g.agent
+            .local_candidates()
+            .iter()
+            .filter(|c| c.kind == CandidateKind::Host)
+            .map(|c| c.addr)
+            .ne(hosts.iter().copied())
+        {
+            g.agent.set_host_candidates(hosts);
+        }
+    }
+
+    /// The peers and their candidates as the control plane knows them; others are forgotten.
+    pub fn set_peers(&self, peers: &[(PeerKey, Vec<Candidate>)]) {
+        let now = Instant::now();
+        let mut g = self.lock();
+        let gone: Vec<PeerKey> = g
+            .peers
+            .keys()
+            .filter(|k| !peers.iter().any(|(p, _)| p == *k))
+            .copied()
+            .collect();
+        for k in gone {
+            g.peers.remove(&k);
+            g.agent.remove_peer(&k);
+        }
+        for (k, cands) in peers {
+            if g.peers.get(k).is_some_and(|e| &e.candidates == cands) {
+                continue;
+            }
+            let shared = self.secret.diffie_hellman(&PublicKey::from(*k)).to_bytes();
+            let ck = check_key(&shared, &self.public, k, self.psk.as_ref());
+            g.agent.set_peer(*k, ck, cands.clone(), now);
+            let path = g.agent.path(k);
+            g.peers
+                .entry(*k)
+                .or_insert(PeerEntry {
+                    candidates: Vec::new(),
+                    path,
+                })
+                .candidates = cands.clone();
+        }
+    }
+
+    /// Handles a datagram that is not plain WireGuard (see the module docs).
+    pub fn input<'a>(&self, from: SocketAddr, data: &'a [u8], now: Instant) -> Rx<'a> {
+        let mut g = self.lock();
+        match g.agent.handle_input(from, data, now) {
+            Input::Tunnel {
+                from: Source::Direct(a),
+                payload,
+                ..
+            } => Rx::Tunnel { from: a, payload },
+            Input::Tunnel {
+                from: Source::Relay(remote),
+                payload,
+                ..
+            } => {
+                self.relay_rx_bytes
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                Rx::Tunnel {
+                    from: g.slot(remote),
+                    payload,
+                }
+            }
+            Input::Handled => {
+                self.checks_rx.fetch_add(1, Ordering::Relaxed);
+                Rx::Handled
+            }
+            Input::Unknown => Rx::Unknown,
+        }
+    }
+
+    /// How to reach a relay endpoint now (`None`: unknown slot or no allocation).
+    pub fn relay_route(&self, ep: &SocketAddr) -> Option<RelayRoute> {
+        let g = self.lock();
+        let remote = g.remote_of(ep)?;
+        let turn = g.agent.turn()?;
+        turn.relayed()?;
+        Some(match turn.channel(remote) {
+            Some(channel) => RelayRoute::Channel {
+                server: turn.server(),
+                channel,
+            },
+            None => RelayRoute::Indication { remote },
+        })
+    }
+
+    /// Wraps `payload` for `remote` through our relay (Send indication or ChannelData; allocates: only for
+    /// the first datagrams before a channel is bound).
+    pub fn wrap(&self, remote: SocketAddr, payload: &[u8]) -> Option<evio_nat::Transmit> {
+        let mut g = self.lock();
+        let t = g.agent.turn_wrap(remote, payload)?;
+        self.relay_tx_bytes
+            .fetch_add(t.payload.len() as u64, Ordering::Relaxed);
+        Some(t)
+    }
+
+    /// Queues a datagram of the tunnel core for `to`, framing it for the relay if `to` is a relay endpoint.
+    /// Returns false if it does not fit (flush and retry) or cannot be sent.
+    pub fn push(&self, out: &mut SendBatch, to: SocketAddr, data: &[u8]) -> bool {
+        if !is_relay(&to) {
+            return out.push(to, data);
+        }
+        match self.relay_route(&to) {
+            Some(RelayRoute::Channel { server, channel }) => {
+                let n = data.len() + CHANNEL_HEADER;
+                let r = out.push_with(server, n, |buf| {
+                    channel_header(buf, channel, data.len());
+                    buf[CHANNEL_HEADER..n].copy_from_slice(data);
+                    Some(n)
+                });
+                if r.is_some() {
+                    self.relay_tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                r.is_some()
+            }
+            Some(RelayRoute::Indication { remote }) => match self.wrap(remote, data) {
+                Some(t) => out.push(t.dst, &t.payload),
+                None => true,
+            },
+            None => true,
+        }
+    }
+
+    /// Counts relayed bytes sent by the zero-copy path.
+    #[inline]
+    pub fn count_relay_tx(&self, n: usize) {
+        self.relay_tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Runs the agent's timers if due; returns its datagrams and the path changes to apply.
+    fn poll(
+        &self,
+        now: Instant,
+    ) -> (
+        Vec<evio_nat::Transmit>,
+        Vec<(PeerKey, Option<(SocketAddr, evio_tunnel::PathKind)>)>,
+    ) {
+        let mut g = self.lock();
+        if g.agent.poll_timeout().is_some_and(|t| t <= now) {
+            g.agent.handle_timeout(now);
+        }
+        let mut tx = Vec::new();
+        while let Some(t) = g.agent.poll_transmit() {
+            tx.push(t);
+        }
+        let mut changes = Vec::new();
+        while let Some(e) = g.agent.poll_event() {
+            match e {
+                Event::LocalCandidates(c) => {
+                    tracing::info!(candidates = ?c.iter().map(|c| c.to_string()).collect::<Vec<_>>(), "local candidates");
+                    g.candidates = c;
+                    self.version.fetch_add(1, Ordering::AcqRel);
+                }
+                Event::PathChanged { peer, path } => {
+                    self.path_changes.fetch_add(1, Ordering::Relaxed);
+                    if let Some(e) = g.peers.get_mut(&peer) {
+                        e.path = path;
+                    }
+                    let target = path.map(|p| target(&mut g, &p));
+                    changes.push((peer, target));
+                }
+            }
+        }
+        (tx, changes)
+    }
+
+    /// The selected path to `peer`, for status.
+    pub fn peer_view(&self, peer: &PeerKey) -> Option<PeerView> {
+        let g = self.lock();
+        g.peers.get(peer).map(|e| PeerView { path: e.path })
+    }
+
+    /// The endpoint to show: where datagrams go, so the TURN server for a peer reached through our relay.
+    pub fn display_endpoint(&self, ep: SocketAddr) -> SocketAddr {
+        if is_relay(&ep) {
+            return self.lock().agent.turn().map(|t| t.server()).unwrap_or(ep);
+        }
+        ep
+    }
+
+    /// Appends the NAT traversal metrics (Prometheus text).
+    pub fn metrics(&self, s: &mut String) {
+        let (cands, relayed) = {
+            let g = self.lock();
+            (
+                g.candidates.clone(),
+                g.agent.turn().and_then(|t| t.relayed()).is_some(),
+            )
+        };
+        for (name, help, v) in [
+            (
+                "evio_path_changes_total",
+                "Path changes chosen by NAT traversal (direct, relay, none).",
+                &self.path_changes,
+            ),
+            (
+                "evio_relay_tx_bytes_total",
+                "Bytes sent through our TURN allocation (framing included).",
+                &self.relay_tx_bytes,
+            ),
+            (
+                "evio_relay_rx_bytes_total",
+                "Bytes received through our TURN allocation (framing included).",
+                &self.relay_rx_bytes,
+            ),
+            (
+                "evio_nat_stun_rx_total",
+                "STUN/TURN datagrams handled by NAT traversal.",
+                &self.checks_rx,
+            ),
+        ] {
+            let _ = writeln!(
+                s,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            s,
+            "# HELP evio_candidates Local candidates by kind.\n# TYPE evio_candidates gauge"
+        );
+        for k in [
+            CandidateKind::Host,
+            CandidateKind::ServerReflexive,
+            CandidateKind::Relayed,
+        ] {
+            let n = cands.iter().filter(|c| c.kind == k).count();
+            let _ = writeln!(s, "evio_candidates{{kind=\"{}\"}} {n}", k.as_str());
+        }
+        let _ = writeln!(
+            s,
+            "# HELP evio_turn_allocated Whether a TURN allocation exists.\n# TYPE evio_turn_allocated gauge\nevio_turn_allocated {}",
+            relayed as u8
+        );
+    }
+}
+
+/// The tunnel core's endpoint and path kind for a selected path.
+fn target(g: &mut Inner, p: &Path) -> (SocketAddr, evio_tunnel::PathKind) {
+    match (p.base, p.kind) {
+        (Base::Relay, _) => (g.slot(p.remote), evio_tunnel::PathKind::Relay),
+        (Base::Socket, PathKind::Relay) => (p.remote, evio_tunnel::PathKind::Relay),
+        (Base::Socket, PathKind::Direct) => (p.remote, evio_tunnel::PathKind::Direct),
+    }
+}
+
+/// Writes a ChannelData header for `len` payload bytes into `buf[..4]`.
+#[inline]
+pub fn channel_header(buf: &mut [u8], channel: u16, len: usize) {
+    buf[..2].copy_from_slice(&channel.to_be_bytes());
+    buf[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+}
+
+/// True if the receive thread must hand `data` to [`Nat::input`] instead of the tunnel core.
+#[inline]
+pub fn needs_nat(data: &[u8]) -> bool {
+    demux::classify(data) != Kind::WireGuard
+}
+
+/// Drives NAT traversal: timers, datagrams to send, path changes into the tunnel core. Call on every timer
+/// tick and after [`Nat::input`] handled something.
+pub fn pump(shared: &Shared, udp: &mut UdpBatch, out: &mut SendBatch) {
+    let (tx, changes) = shared.nat.poll(Instant::now());
+    if !changes.is_empty() {
+        let mut node = shared.node();
+        for (peer, target) in changes {
+            let Some(id) = node.peer_id(&peer) else {
+                continue;
+            };
+            match target {
+                Some((ep, kind)) => {
+                    tracing::info!(peer = %node.peer(id).map(|p| p.name).unwrap_or_default(), endpoint = %ep, ?kind, "path selected");
+                    node.set_path(id, ep, kind);
+                }
+                None => {
+                    tracing::info!(peer = %node.peer(id).map(|p| p.name).unwrap_or_default(), "no working path; re-checking")
+                }
+            }
+        }
+    }
+    for t in tx {
+        if t.dst.ip() == IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED) {
+            continue;
+        }
+        if !out.push(t.dst, &t.payload) {
+            crate::dataplane::flush(shared, udp, out);
+            out.push(t.dst, &t.payload);
+        }
+    }
+}
+
+/// Our candidates as published in the NodeRecord (peer-reflexive ones are learned, never published).
+pub fn to_records(c: &[Candidate]) -> Vec<evio_store::Candidate> {
+    c.iter()
+        .filter_map(|c| {
+            let kind = match c.kind {
+                CandidateKind::Host => evio_store::CandidateKind::Host,
+                CandidateKind::ServerReflexive => evio_store::CandidateKind::Srflx,
+                CandidateKind::Relayed => evio_store::CandidateKind::Relay,
+                CandidateKind::PeerReflexive => return None,
+            };
+            Some(evio_store::Candidate { kind, addr: c.addr })
+        })
+        .collect()
+}
+
+/// A peer's candidates from its NodeRecord: its candidates, and its endpoints as host candidates (records
+/// of agents that publish no candidates). IPv4 only (the tunnel socket is IPv4).
+pub fn from_record(r: &evio_store::NodeRecord) -> Vec<Candidate> {
+    let mut v: Vec<Candidate> = Vec::new();
+    let mut add = |c: Candidate| {
+        if c.addr.is_ipv4()
+            && !c.addr.ip().is_unspecified()
+            && c.addr.port() != 0
+            && !v.iter().any(|x| x.addr == c.addr)
+        {
+            v.push(c);
+        }
+    };
+    for c in &r.candidates {
+        let kind = match c.kind {
+            evio_store::CandidateKind::Host => CandidateKind::Host,
+            evio_store::CandidateKind::Srflx => CandidateKind::ServerReflexive,
+            evio_store::CandidateKind::Relay => CandidateKind::Relayed,
+            evio_store::CandidateKind::Unknown => continue,
+        };
+        add(Candidate::new(kind, c.addr));
+    }
+    for e in &r.endpoints {
+        add(Candidate::new(CandidateKind::Host, *e));
+    }
+    v
+}
+
+/// Gives the tunnel core the selected path of every peer whose endpoint differs (peers the core added
+/// after NAT traversal had already chosen their path).
+pub fn sync_paths(shared: &Shared) {
+    let want: Vec<(PeerKey, SocketAddr, evio_tunnel::PathKind)> = {
+        let mut g = shared.nat.lock();
+        let paths: Vec<(PeerKey, Path)> = g
+            .peers
+            .iter()
+            .filter_map(|(k, e)| e.path.map(|p| (*k, p)))
+            .collect();
+        paths
+            .into_iter()
+            .map(|(k, p)| {
+                let (ep, kind) = target(&mut g, &p);
+                (k, ep, kind)
+            })
+            .collect()
+    };
+    let mut node = shared.node();
+    for (k, ep, kind) in want {
+        if let Some(id) = node.peer_id(&k)
+            && node.peer(id).is_some_and(|p| p.endpoint != Some(ep))
+        {
+            node.set_path(id, ep, kind);
+        }
+    }
+}
