@@ -269,52 +269,65 @@ fn demo(args: &Args, bins: &Bins, c: &mut Cluster) -> Result<i32> {
     if args.check {
         return Ok(if all_ok { 0 } else { 1 });
     }
-    hold(c);
+    hold(c, bins);
     Ok(0)
 }
 
 /// Prints how to look around and waits for Ctrl-C.
-fn hold(c: &Cluster) {
+fn hold(c: &Cluster, bins: &Bins) {
     let n0 = &c.nodes[0];
-    println!("\nThe cluster stays up until Ctrl-C. Look around (as root):");
+    let mut hints: Vec<(String, String)> = Vec::new();
     if let Some(pod) = n0.pods.first() {
-        println!(
-            "  ip netns exec {} sh                 # a shell in {}/{} ({})",
-            pod.ns, n0.name, pod.name, pod.ip
-        );
-        if let Some(other) = c.nodes.get(1).and_then(|x| x.pods.first()) {
-            println!(
-                "  ip netns exec {} ping {}     # a pod on {}",
-                pod.ns, other.ip, c.nodes[1].name
-            );
+        hints.push((
+            format!("ip netns exec {} sh", pod.ns),
+            format!("a shell in pod {}/{} ({})", n0.name, pod.name, pod.ip),
+        ));
+        if let Some((other, node)) = c.nodes.get(1).and_then(|x| x.pods.first().map(|p| (p, x))) {
+            hints.push((
+                format!("ip netns exec {} ping {}", pod.ns, other.ip),
+                format!("from it to a pod on {}", node.name),
+            ));
         }
     }
-    println!(
-        "  ip netns exec {} sh                # a shell on host {}",
-        n0.host.ns, n0.name
-    );
-    println!(
-        "  ip netns exec {} ip route           # routes into the tunnel device evio0",
-        n0.host.ns
-    );
-    println!(
-        "  evioctl status --state-dir {}   # {}'s peers and paths",
-        n0.state_dir().display(),
-        n0.name
-    );
-    println!(
-        "  ip netns exec {} etcdctl --endpoints {} get --prefix /evio --keys-only",
-        c.lab().internet_ns(),
-        c.etcd_url()
-    );
+    hints.push((
+        format!("ip netns exec {} sh", n0.host.ns),
+        format!("a shell on host {}", n0.name),
+    ));
+    hints.push((
+        format!("ip netns exec {} ip route", n0.host.ns),
+        "its routes into the tunnel device evio0".into(),
+    ));
+    hints.push((
+        format!(
+            "{} status --state-dir {}",
+            bins.evioctl.display(),
+            n0.state_dir().display()
+        ),
+        format!("{}'s peers and paths", n0.name),
+    ));
+    hints.push((
+        format!(
+            "ip netns exec {} etcdctl --endpoints {} get --prefix /evio/v1/ --keys-only",
+            c.lab().internet_ns(),
+            c.etcd_url()
+        ),
+        "the claims and node records".into(),
+    ));
     if let Some(nat) = &n0.nat {
-        println!(
-            "  ip netns exec {} conntrack -L -p udp   # NAT mappings of {}",
-            nat.ns, n0.name
-        );
+        hints.push((
+            format!("ip netns exec {} conntrack -L -p udp", nat.ns),
+            format!("the mappings of {}'s NAT", n0.name),
+        ));
     }
-    println!("  logs and state: {}", c.dir().display());
-    println!("  namespaces: ip netns list | grep {}", c.prefix);
+    println!("\nThe cluster stays up until Ctrl-C. Look around (as root, in another terminal):");
+    for (cmd, what) in &hints {
+        println!("  # {what}\n  {cmd}");
+    }
+    println!("  # logs and state: {}", c.dir().display());
+    println!(
+        "  # every namespace of the demo\n  ip netns list | grep {}",
+        c.prefix
+    );
     while signals::sleep(Duration::from_secs(1)) {}
     println!();
 }

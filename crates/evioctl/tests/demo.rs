@@ -286,11 +286,12 @@ fn demo_stays_up_until_sigint() {
         "--pods-per-node",
         "1",
     ]);
-    wait_for_output(&d, "stays up until Ctrl-C", Duration::from_secs(120));
+    wait_for_output(&d, "ip netns list | grep", Duration::from_secs(120));
     let out = d.output();
     let pod_ns = out
         .lines()
-        .find(|l| l.contains("# a shell in edge1/pod1"))
+        .skip_while(|l| !l.contains("# a shell in pod edge1/pod1"))
+        .nth(1)
         .and_then(|l| l.split_whitespace().nth(3))
         .map(str::to_string)
         .unwrap_or_else(|| panic!("no pod shell hint:\n{out}"));
