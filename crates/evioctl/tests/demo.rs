@@ -41,8 +41,13 @@ impl Demo {
 
     /// A demo with TMPDIR `tmp`.
     fn start_in(tmp: Arc<tempfile::TempDir>, args: &[&str]) -> Demo {
+        Demo::spawn(&evioctl(), tmp, args)
+    }
+
+    /// `exe demo ARGS` with TMPDIR `tmp`.
+    fn spawn(exe: &Path, tmp: Arc<tempfile::TempDir>, args: &[&str]) -> Demo {
         evio_testbed::require_root();
-        let mut child = Command::new(evioctl())
+        let mut child = Command::new(exe)
             .arg("demo")
             .args(args)
             .env("TMPDIR", tmp.path())
@@ -361,4 +366,49 @@ fn killed_demo_is_cleaned_up_by_the_next_one() {
     assert!(left() == 0, "{out}");
     d.assert_nothing_left();
     next.assert_nothing_left();
+}
+
+/// An error half way (here: an agent that exits at once, injected by placing a failing `eviod` next to a
+/// copy of evioctl and the real evio-cni): the demo reports it, exits 1 and leaves nothing behind.
+#[test]
+fn error_half_way_leaves_nothing() {
+    let real = evioctl();
+    let bins = tempfile::Builder::new()
+        .prefix("evioctl-demo-bins")
+        .tempdir()
+        .unwrap();
+    std::fs::copy(&real, bins.path().join("evioctl")).unwrap();
+    std::fs::copy(
+        real.parent().unwrap().join("evio-cni"),
+        bins.path().join("evio-cni"),
+    )
+    .unwrap();
+    let fake = bins.path().join("eviod");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'eviod: injected failure' >&2\nexit 3\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let tmp = Arc::new(
+        tempfile::Builder::new()
+            .prefix("evioctl-demo-test")
+            .tempdir()
+            .unwrap(),
+    );
+    let mut d = Demo::spawn(
+        &bins.path().join("evioctl"),
+        tmp,
+        &["--nodes", "2", "--symmetric-nat", "1", "--check"],
+    );
+    let code = d.wait(Duration::from_secs(60));
+    let out = d.output();
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("injected failure"),
+        "the agent's log is not shown:\n{out}"
+    );
+    assert!(out.contains("FAILED"), "{out}");
+    d.assert_nothing_left();
 }
