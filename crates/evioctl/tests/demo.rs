@@ -412,3 +412,26 @@ fn error_half_way_leaves_nothing() {
     assert!(out.contains("FAILED"), "{out}");
     d.assert_nothing_left();
 }
+
+/// A missing package is named before anything is created.
+#[test]
+fn missing_packages_are_named() {
+    evio_testbed::require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(evioctl())
+        .args(["demo", "--check"])
+        .env("PATH", tmp.path().join("empty"))
+        .env("TMPDIR", tmp.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    for pkg in ["etcd-server", "coturn", "iproute2", "nftables"] {
+        assert!(err.contains(pkg), "{pkg} not named: {err}");
+    }
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "created files"
+    );
+}
