@@ -150,6 +150,7 @@ fn validate_ipam(ipam: &Value) -> Result<(), CniError> {
 
 /// The testing hook: fail right after `step` when `EVIO_CNI_FAIL_AFTER` names it.
 fn fail_point(step: &str) -> Result<(), CniError> {
+    debug!(step, "step done");
     if std::env::var("EVIO_CNI_FAIL_AFTER").is_ok_and(|s| s == step) {
         return Err(CniError::with_details(
             ErrorCode::Io,
@@ -297,6 +298,7 @@ fn add_steps<'a>(
 ) -> Result<Output, CniError> {
     // IPAM runs while we build the veth pair.
     rb.child = Some(dlg.spawn("ADD", ipam_conf, None)?);
+    debug!("IPAM started");
     rb.ipam = Some((dlg, ipam_conf.to_vec()));
 
     let mut nl = Netlink::new().map_err(|e| io_err("open netlink", e))?;
@@ -469,6 +471,7 @@ fn add_steps<'a>(
     {
         // Until the kernel has activated the interface's queues (linkwatch, asynchronous after the carrier
         // comes up) it drops what it sends: wait for that, briefly.
+        let t0 = std::time::Instant::now();
         for _ in 0..100 {
             match pnl.link_by_index(pod_link.index) {
                 Ok(Some(l)) if l.qdisc.as_deref() == Some("noop") => {
@@ -477,6 +480,7 @@ fn add_steps<'a>(
                 _ => break,
             }
         }
+        debug!(waited_us = t0.elapsed().as_micros() as u64, "queues active");
         if let Err(e) = pnl.set_link(
             pod_link.index,
             &LinkChange {
@@ -596,6 +600,7 @@ fn del(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
             }
             if let (Some(d), Some(c)) = (&dlg, &ipam_conf) {
                 d.run("DEL", c, None)?;
+                debug!("IPAM DEL done");
             }
             Ok(())
         });
@@ -607,6 +612,7 @@ fn del(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
                 Some(st) => delete_host_veth(&mut nl, &st.host_veth, &owner)?,
                 None => false,
             };
+            debug!(deleted, "host veth");
             if !deleted || conf.bridge_kind != BridgeKind::Linux {
                 match bridge_backend(conf) {
                     Ok(b) => b

@@ -591,3 +591,116 @@ fn gratuitous_arp_updates_a_stale_neighbour() {
         "1"
     );
 }
+
+#[test]
+fn dual_stack() {
+    let sb = sandbox(json!({"ipMasq": true}));
+    let mut conf = sb.conf("1.1.0");
+    conf["ipam"] = json!({
+        "type": "host-local",
+        "dataDir": sb.ipam_dir(),
+        "ranges": [[{"subnet": "10.244.3.0/24"}], [{"subnet": "fd00:3::/64"}]],
+    });
+    let pod = sb.pod();
+    let netns = pod.path().display().to_string();
+    let out = sb.run("ADD", "ds1", &netns, "eth0", &conf, &[]);
+    assert!(out.ok, "{out:?}\n{}", sb.log());
+    let r = out.json();
+    let ips: Vec<&str> = r["ips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["address"].as_str().unwrap())
+        .collect();
+    assert_eq!(ips, vec!["10.244.3.2/24", "fd00:3::2/64"], "{r}");
+    let routes: Vec<&str> = r["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["dst"].as_str().unwrap())
+        .collect();
+    assert!(
+        routes.contains(&"0.0.0.0/0") && routes.contains(&"::/0"),
+        "{r}"
+    );
+    assert!(ping(&pod, "10.244.3.1"));
+    let out = pod.exec(&["ping", "-6", "-c1", "-W3", "fd00:3::1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(sb.nft_pod_entries().len(), 2);
+    let mut cconf = conf.clone();
+    cconf["prevResult"] = r.clone();
+    let c = sb.run("CHECK", "ds1", &netns, "eth0", &cconf, &[]);
+    assert!(c.ok, "{c:?}\n{}", sb.log());
+    let d = sb.run("DEL", "ds1", &netns, "eth0", &conf, &[]);
+    assert!(d.ok, "{d:?}");
+    sb.assert_clean();
+}
+
+#[test]
+fn status_and_gc_errors() {
+    let sb = sandbox(json!({}));
+    let mut conf = sb.conf("1.1.0");
+    conf["ipam"]["type"] = json!("no-such-ipam");
+    let out = sb.run("STATUS", "", "", "", &conf, &[]);
+    assert_eq!(out.code(), 50, "{out:?}");
+    // GC without the list of valid attachments would remove everything: refused.
+    let out = sb.run("GC", "", "", "", &sb.conf("1.1.0"), &[]);
+    assert_eq!(out.code(), 7, "{out:?}");
+    // CHECK without prevResult.
+    let pod = sb.pod();
+    let out = sb.run(
+        "CHECK",
+        "x",
+        &pod.path().display().to_string(),
+        "eth0",
+        &sb.conf("1.0.0"),
+        &[],
+    );
+    assert_eq!(out.code(), 7, "{out:?}");
+}
+
+#[test]
+fn concurrent_adds_while_others_are_deleted() {
+    const N: usize = 10;
+    let sb = sandbox(json!({"ipMasq": true}));
+    let old: Vec<(Netns, String)> = (0..N).map(|_| (sb.pod(), sb.cid())).collect();
+    for (p, c) in &old {
+        sb.add(p, c, "1.1.0");
+    }
+    let new: Vec<(Netns, String)> = (0..N).map(|_| (sb.pod(), sb.cid())).collect();
+    let results: Vec<Value> = thread::scope(|s| {
+        for (p, c) in &old {
+            let netns = p.path().display().to_string();
+            let sb = &sb;
+            s.spawn(move || sb.del(&netns, c, "1.1.0"));
+        }
+        let hs: Vec<_> = new
+            .iter()
+            .map(|(p, c)| s.spawn(|| sb.add(p, c, "1.1.0")))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(sb.reservations().len(), N);
+    assert_eq!(sb.veths().len(), N);
+    assert_eq!(sb.nft_pod_entries().len(), N);
+    assert_eq!(sb.state_files().len(), N);
+    let entries = sb.nft_pod_entries();
+    for (r, (_, c)) in results.iter().zip(&new) {
+        assert!(ping(&sb.node, &pod_ip(r)), "{r}");
+        let ip = format!("\"{}\"", pod_ip(r));
+        assert!(
+            entries
+                .iter()
+                .any(|e| e.contains(&ip) && e.contains(c.as_str())),
+            "{ip} {c}: {entries:?}"
+        );
+    }
+    for (p, c) in &new {
+        sb.del(&p.path().display().to_string(), c, "1.1.0");
+    }
+    sb.assert_clean();
+}

@@ -200,6 +200,24 @@ fn record_marker(dir: &Path, handle: u64, cidrs: &[IpNet]) {
         }
     }
     let _ = std::fs::create_dir_all(dir);
+    // Markers of earlier boots, or of earlier incarnations of the table in this namespace, are stale.
+    if let (Some(name), Ok(rd)) = (
+        p.file_name().and_then(|n| n.to_str()),
+        std::fs::read_dir(dir),
+    ) {
+        let parts: Vec<&str> = name.split('-').collect();
+        let boot = parts.iter().take(6).copied().collect::<Vec<_>>().join("-");
+        let boot_ns = parts.iter().take(7).copied().collect::<Vec<_>>().join("-") + "-";
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with("nft-")
+                && n != name
+                && (!n.starts_with(&boot) || n.starts_with(&boot_ns))
+            {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     let tmp = dir.join(format!(
         ".nft-marker.{}.{:?}",
         std::process::id(),
@@ -284,35 +302,58 @@ pub fn start_add(
         && let Ok(Some(h)) = nl.table_handle(TABLE)
         && marker_has(cache_dir, h, &all)
     {
-        let mut ops = Vec::new();
-        for ip in ips {
-            let (set, _) = set_names(ip);
-            ops.push((
-                nfnl::Elem {
-                    set,
-                    ip: *ip,
-                    comment: None,
-                },
-                true,
-            ));
-            ops.push((
-                nfnl::Elem {
-                    set,
-                    ip: *ip,
-                    comment: None,
-                },
-                false,
-            ));
-            ops.push((
-                nfnl::Elem {
-                    set,
-                    ip: *ip,
-                    comment: Some(key),
-                },
-                true,
-            ));
-        }
-        if nl.batch(TABLE, &ops).is_ok() {
+        use nfnl::{Elem, Op};
+        // Usually the address is new: one exclusive add. If a stale element holds it (a leak, another key),
+        // replace it: add + delete + add in one batch.
+        let excl: Vec<_> = ips
+            .iter()
+            .map(|ip| {
+                (
+                    Elem {
+                        set: set_names(ip).0,
+                        ip: *ip,
+                        comment: Some(key),
+                    },
+                    Op::AddExcl,
+                )
+            })
+            .collect();
+        let done = match nl.batch(TABLE, &excl) {
+            Ok(()) => true,
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                let mut ops = Vec::new();
+                for ip in ips {
+                    let set = set_names(ip).0;
+                    ops.push((
+                        Elem {
+                            set,
+                            ip: *ip,
+                            comment: None,
+                        },
+                        Op::Add,
+                    ));
+                    ops.push((
+                        Elem {
+                            set,
+                            ip: *ip,
+                            comment: None,
+                        },
+                        Op::Delete,
+                    ));
+                    ops.push((
+                        Elem {
+                            set,
+                            ip: *ip,
+                            comment: Some(key),
+                        },
+                        Op::Add,
+                    ));
+                }
+                nl.batch(TABLE, &ops).is_ok()
+            }
+            Err(_) => false,
+        };
+        if done {
             return Ok(Pending {
                 child: None,
                 marker: None,
@@ -347,28 +388,34 @@ pub fn remove(ips: &[IpAddr]) -> Result<()> {
     // Fast path: one nfnetlink batch (add + delete of each element, so a missing one is fine); a missing
     // table or set (ENOENT) means there is nothing to remove.
     if let Ok(mut nl) = nfnl::Nfnl::open() {
+        use nfnl::{Elem, Op};
         let mut ops = Vec::new();
         for ip in ips {
-            let (set, _) = set_names(ip);
+            let set = set_names(ip).0;
             ops.push((
-                nfnl::Elem {
+                Elem {
                     set,
                     ip: *ip,
                     comment: None,
                 },
-                true,
+                Op::Add,
             ));
             ops.push((
-                nfnl::Elem {
+                Elem {
                     set,
                     ip: *ip,
                     comment: None,
                 },
-                false,
+                Op::Delete,
             ));
         }
         match nl.batch(TABLE, &ops) {
-            Ok(()) => return Ok(()),
+            Ok(()) => {
+                // Closing the socket waits for the kernel to destroy the deleted elements (an RCU grace
+                // period): let a helper thread do that so the caller goes on at once.
+                std::thread::spawn(move || drop(nl));
+                return Ok(());
+            }
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
             Err(_) => {}
         }

@@ -30,6 +30,7 @@ const NLA_F_NESTED: u16 = 0x8000;
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_ACK: u16 = 4;
 const NLM_F_CREATE: u16 = 0x400;
+const NLM_F_EXCL: u16 = 0x200;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 /// libnftnl: NFTNL_UDATA_SET_ELEM_COMMENT.
@@ -60,6 +61,16 @@ fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
         IpAddr::V4(a) => a.octets().to_vec(),
         IpAddr::V6(a) => a.octets().to_vec(),
     }
+}
+
+/// What to do with an element.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Add; no error when it is already there (then it is left as it is).
+    Add,
+    /// Add; EEXIST when it is already there.
+    AddExcl,
+    Delete,
 }
 
 /// One element of a set, with an optional comment.
@@ -236,7 +247,7 @@ impl Nfnl {
         Ok(handle)
     }
 
-    fn setelem(&mut self, table: &str, e: &Elem<'_>, new: bool) -> Vec<u8> {
+    fn setelem(&mut self, table: &str, e: &Elem<'_>, op: Op) -> Vec<u8> {
         let mut elem = nested(NFTA_SET_ELEM_KEY, &attr(NFTA_DATA_VALUE, &ip_bytes(&e.ip)));
         if let Some(c) = e.comment {
             let c = cstr(c);
@@ -250,10 +261,13 @@ impl Nfnl {
             NFTA_SET_ELEM_LIST_ELEMENTS,
             &nested(NFTA_LIST_ELEM, &elem),
         ));
-        let (ty, flags) = if new {
-            (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE)
-        } else {
-            (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK)
+        let (ty, flags) = match op {
+            Op::Add => (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE),
+            Op::AddExcl => (
+                NFT_MSG_NEWSETELEM,
+                NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+            ),
+            Op::Delete => (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK),
         };
         self.msg(
             (NFNL_SUBSYS_NFTABLES << 8) | ty,
@@ -265,9 +279,10 @@ impl Nfnl {
         .1
     }
 
-    /// One atomic transaction: for each `(elem, add)`, add (without failing when present) or delete it.
-    /// The first kernel error aborts the whole batch and is returned.
-    pub fn batch(&mut self, table: &str, ops: &[(Elem<'_>, bool)]) -> io::Result<()> {
+    /// One atomic transaction applying `ops` in order. The first kernel error aborts the whole batch and is
+    /// returned. (A batch that deletes elements makes the kernel defer their destruction past an RCU grace
+    /// period, which closing this socket then waits for: milliseconds; adding alone does not.)
+    pub fn batch(&mut self, table: &str, ops: &[(Elem<'_>, Op)]) -> io::Result<()> {
         let mut buf = self
             .msg(
                 NFNL_MSG_BATCH_BEGIN,
@@ -277,8 +292,8 @@ impl Nfnl {
                 &[],
             )
             .1;
-        for (e, add) in ops {
-            buf.extend(self.setelem(table, e, *add));
+        for (e, op) in ops {
+            buf.extend(self.setelem(table, e, *op));
         }
         buf.extend(
             self.msg(

@@ -156,6 +156,11 @@ fn fast_path_after_the_first_full_run() {
             .wait()
             .unwrap();
     });
+    assert_eq!(
+        std::fs::read_dir(cache.path()).unwrap().count(),
+        1,
+        "the old table's marker was removed"
+    );
     let rules = ns.exec_ok(&["nft", "list", "table", "inet", "evio_cni"]);
     assert!(
         rules.contains("masquerade") && rules.contains("10.0.0.0/8") && rules.contains("10.8.0.5"),

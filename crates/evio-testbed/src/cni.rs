@@ -50,6 +50,7 @@ pub struct CniSandbox {
     pub subnet: String,
     /// Extra keys merged into every config.
     pub extra: Value,
+    bin: std::sync::OnceLock<String>,
 }
 
 impl CniSandbox {
@@ -68,22 +69,26 @@ impl CniSandbox {
             bridge: "eviobr0".into(),
             subnet: "10.244.3.0/24".into(),
             extra,
+            bin: std::sync::OnceLock::new(),
         }
     }
 
     /// A directory for CNI_PATH holding the plugin and host-local (symlinks), so the plugin's own
     /// directory (target/...) need not be on CNI_PATH.
     pub fn cni_path(&self) -> String {
-        let d = self.dir.path().join("bin");
-        if !d.exists() {
-            std::fs::create_dir_all(&d).unwrap();
-            for p in ["host-local", "bridge", "loopback"] {
-                let _ = std::os::unix::fs::symlink(Path::new(REFERENCE_PLUGINS).join(p), d.join(p));
-            }
-            let name = self.plugin.file_name().unwrap();
-            std::os::unix::fs::symlink(&self.plugin, d.join(name)).unwrap();
-        }
-        d.display().to_string()
+        self.bin
+            .get_or_init(|| {
+                let d = self.dir.path().join("bin");
+                std::fs::create_dir_all(&d).unwrap();
+                for p in ["host-local", "bridge", "loopback"] {
+                    let _ =
+                        std::os::unix::fs::symlink(Path::new(REFERENCE_PLUGINS).join(p), d.join(p));
+                }
+                let name = self.plugin.file_name().unwrap();
+                std::os::unix::fs::symlink(&self.plugin, d.join(name)).unwrap();
+                d.display().to_string()
+            })
+            .clone()
     }
 
     pub fn ipam_dir(&self) -> PathBuf {
