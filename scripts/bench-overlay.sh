@@ -7,27 +7,33 @@
 # Usage: scripts/bench-overlay.sh [ROUNDS] [SECONDS]
 #   EVIOD=path (default target/release/eviod), BORINGTUN=path (default: boringtun-cli on PATH or
 #   /tmp/evio-bench-boringtun/bin/boringtun-cli; install with
-#   `cargo install boringtun-cli --root /tmp/evio-bench-boringtun`), SYSTEMS="underlay evio wggo boringtun".
+#   `cargo install boringtun-cli --root /tmp/evio-bench-boringtun`), SYSTEMS="underlay evio evio-pod wggo boringtun" (evio-pod: pod to pod
+#   over evio, pods on a bridge, subnets claimed with EVIOCTL=path cni-config).
 set -euo pipefail
 ROUNDS=${1:-5}
 SECS=${2:-5}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 EVIOD=${EVIOD:-$ROOT/target/release/eviod}
 BORINGTUN=${BORINGTUN:-$(command -v boringtun-cli || echo /tmp/evio-bench-boringtun/bin/boringtun-cli)}
-SYSTEMS=${SYSTEMS:-"underlay evio wggo boringtun"}
+EVIOCTL=${EVIOCTL:-$ROOT/target/release/evioctl}
+[[ -x $EVIOCTL ]] || EVIOCTL=$ROOT/target/debug/evioctl
+SYSTEMS=${SYSTEMS:-"underlay evio evio-pod wggo boringtun"}
 export WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1
 S=$(( $$ % 100000 ))
-H1=evb1-$S H2=evb2-$S
-WG=wgg$S BT=btn$S
+H1=evb1-$S H2=evb2-$S P1=evp1-$S P2=evp2-$S
+# wireguard-go and boringtun keep their control sockets in /var/run/wireguard, shared by all namespaces:
+# every instance needs its own interface name.
+WG1=wga$S WG2=wgb$S BT1=bta$S BT2=btb$S
 D=$(mktemp -d /tmp/evio-bench.XXXXXX)
 
 cleanup() {
-  for ns in $H1 $H2; do
+  exec 2>/dev/null   # job-control "Killed" notices of the agents
+  for ns in $H1 $H2 $P1 $P2; do
     for p in $(ip netns pids $ns 2>/dev/null); do kill -9 $p 2>/dev/null || true; done
     ip netns del $ns 2>/dev/null || true
   done
-  rm -f /var/run/wireguard/$WG.sock /var/run/wireguard/$BT.sock
-  rm -rf "$D"
+  rm -f /var/run/wireguard/{$WG1,$WG2,$BT1,$BT2}.sock
+  if [[ -n "${KEEP:-}" ]]; then echo "kept $D"; else rm -rf "$D"; fi
 }
 trap cleanup EXIT
 in1() { ip netns exec $H1 "$@"; }
@@ -59,34 +65,58 @@ for t in wg bt; do
   wg pubkey < $D/$t.k1 > $D/$t.p1; wg pubkey < $D/$t.k2 > $D/$t.p2
 done
 if [[ " $SYSTEMS " == *" wggo "* ]]; then
-  in1 wireguard-go -f $WG > $D/wg1.log 2>&1 &
-  in2 wireguard-go -f $WG > $D/wg2.log 2>&1 &
+  in1 wireguard-go -f $WG1 > $D/wg1.log 2>&1 &
+  in2 wireguard-go -f $WG2 > $D/wg2.log 2>&1 &
 fi
 if [[ " $SYSTEMS " == *" boringtun "* ]]; then
-  in1 "$BORINGTUN" -f --disable-drop-privileges $BT > $D/bt1.log 2>&1 &
-  in2 "$BORINGTUN" -f --disable-drop-privileges $BT > $D/bt2.log 2>&1 &
+  in1 "$BORINGTUN" -f --disable-drop-privileges $BT1 > $D/bt1.log 2>&1 &
+  in2 "$BORINGTUN" -f --disable-drop-privileges $BT2 > $D/bt2.log 2>&1 &
 fi
-sleep 1
-setup_wg() { # dev net port type
-  local dev=$1 net=$2 port=$3 t=$4
-  in1 wg set $dev private-key $D/$t.k1 listen-port $port peer $(cat $D/$t.p2) allowed-ips $net.2/32 endpoint 10.98.0.2:$port
-  in2 wg set $dev private-key $D/$t.k2 listen-port $port peer $(cat $D/$t.p1) allowed-ips $net.1/32 endpoint 10.98.0.1:$port
-  in1 ip addr add $net.1/24 dev $dev; in2 ip addr add $net.2/24 dev $dev
-  for ns in $H1 $H2; do ip -n $ns link set $dev mtu 1420 up; done
+for pair in "$WG1 $WG2" "$BT1 $BT2"; do
+  set -- $pair
+  for i in $(seq 100); do ip -n $H1 link show $1 >/dev/null 2>&1 && ip -n $H2 link show $2 >/dev/null 2>&1 && break; sleep 0.1; done
+done
+setup_wg() { # dev1 dev2 net port type
+  local d1=$1 d2=$2 net=$3 port=$4 t=$5
+  in1 wg set $d1 private-key $D/$t.k1 listen-port $port peer $(cat $D/$t.p2) allowed-ips $net.2/32 endpoint 10.98.0.2:$port
+  in2 wg set $d2 private-key $D/$t.k2 listen-port $port peer $(cat $D/$t.p1) allowed-ips $net.1/32 endpoint 10.98.0.1:$port
+  in1 ip addr add $net.1/24 dev $d1; in2 ip addr add $net.2/24 dev $d2
+  ip -n $H1 link set $d1 mtu 1420 up; ip -n $H2 link set $d2 mtu 1420 up
 }
-[[ " $SYSTEMS " == *" wggo "* ]] && setup_wg $WG 10.97.0 51821 wg
-[[ " $SYSTEMS " == *" boringtun "* ]] && setup_wg $BT 10.96.0 51822 bt
+if [[ " $SYSTEMS " == *" wggo "* ]]; then setup_wg $WG1 $WG2 10.97.0 51821 wg; fi
+if [[ " $SYSTEMS " == *" boringtun "* ]]; then setup_wg $BT1 $BT2 10.96.0 51822 bt; fi
 
 # evio VIPs (from the agents' status)
 vip() { python3 -c 'import json,socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]+"/eviod.sock"); s.sendall(b"status\n"); print(json.loads(s.makefile().read())["address"])' "$1"; }
 for i in $(seq 100); do [[ -S $D/evio1/eviod.sock && -S $D/evio2/eviod.sock ]] && break; sleep 0.1; done
 V2=$(vip $D/evio2)
-declare -A DST=([underlay]=10.98.0.2 [evio]=$V2 [wggo]=10.97.0.2 [boringtun]=10.96.0.2)
-for sys in $SYSTEMS; do
-  for i in $(seq 100); do in1 ping -c1 -W1 ${DST[$sys]} >/dev/null 2>&1 && break; sleep 0.2; done
+
+# Pods (evio-pod): subnets claimed with `evioctl cni-config`, one pod netns per host on a bridge.
+echo '{"podCIDR":"10.244.0.0/16","nodeBits":8}' > $D/net-conf.json
+for i in 1 2; do
+  mkdir -p $D/cni$i/net.d $D/cni$i/bin
+  ip netns exec evb$i-$S "$EVIOCTL" cni-config --net-conf $D/net-conf.json --node-name bench-$i \
+    --etcd-endpoints $ETCD --cni-conf-dir $D/cni$i/net.d --cni-bin-dir $D/cni$i/bin \
+    --plugin-binary "$EVIOCTL" > $D/cni$i.json 2> $D/cni$i.err
+  gw=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["gateway"])' $D/cni$i.json)
+  sub=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["subnet"])' $D/cni$i.json)
+  pip=${gw%.1}.10
+  h=evb$i-$S; p=evp$i-$S
+  ip netns add $p; ip -n $p link set lo up
+  ip -n $h link add eviobr0 type bridge; ip -n $h addr add $gw/${sub#*/} dev eviobr0; ip -n $h link set eviobr0 up
+  ip -n $h link add vpod type veth peer name eth0 netns $p
+  ip -n $h link set vpod master eviobr0; ip -n $h link set vpod up
+  ip -n $p addr add $pip/${sub#*/} dev eth0; ip -n $p link set eth0 mtu 1420 up; ip -n $p route add default via $gw
+  ip netns exec $h sysctl -qw net.ipv4.ip_forward=1
+  eval POD$i=$pip
 done
-in2 iperf3 -s -D -1 >/dev/null 2>&1 || true
+declare -A DST=([underlay]=10.98.0.2 [evio]=$V2 [evio-pod]=$POD2 [wggo]=10.97.0.2 [boringtun]=10.96.0.2)
+declare -A SRC=([underlay]=$H1 [evio]=$H1 [evio-pod]=$P1 [wggo]=$H1 [boringtun]=$H1)
+for sys in $SYSTEMS; do
+  for i in $(seq 100); do ip netns exec ${SRC[$sys]} ping -c1 -W1 ${DST[$sys]} >/dev/null 2>&1 && break; sleep 0.2; done
+done
 in2 iperf3 -s -D >/dev/null 2>&1
+ip netns exec $P2 iperf3 -s -D >/dev/null 2>&1
 
 # CPU seconds (utime+stime, all threads) of every process in both namespaces.
 cpu() { python3 - "$@" <<'PY'
@@ -103,20 +133,21 @@ PY
 echo "system round gbps busy_cores rtt_p50_ms" > $D/results
 for r in $(seq $ROUNDS); do
   for sys in $SYSTEMS; do
-    c0=$(cpu $H1 $H2)
-    out=$(in1 /usr/bin/time -f "%U %S" iperf3 -c ${DST[$sys]} -t $SECS -J 2>$D/time)
-    c1=$(cpu $H1 $H2)
+    c0=$(cpu $H1 $H2 $P1 $P2)
+    out=$(ip netns exec ${SRC[$sys]} /usr/bin/time -f "%U %S" iperf3 -c ${DST[$sys]} -t $SECS -J 2>$D/time) || { echo "$sys: iperf3 failed: $out" >&2; tail -5 $D/eviod*.log >&2; continue; }
+    c1=$(cpu $H1 $H2 $P1 $P2)
     gbps=$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9)')
     busy=$(python3 -c "u,s=open('$D/time').read().split()[-2:]; print(($c1-$c0+float(u)+float(s))/$SECS)")
-    rtt=$(in1 ping -c 50 -i 0.01 ${DST[$sys]} | python3 -c 'import sys,statistics,re; v=[float(m) for m in re.findall(r"time=([0-9.]+)",sys.stdin.read())]; print(statistics.median(v))')
+    rtt=$(ip netns exec ${SRC[$sys]} ping -c 50 -i 0.01 ${DST[$sys]} | python3 -c 'import sys,statistics,re; v=[float(m) for m in re.findall(r"time=([0-9.]+)",sys.stdin.read())]; print(statistics.median(v))')
     echo "$sys $r $gbps $busy $rtt" | tee -a $D/results
   done
 done
 
 # eviod memory: 1 peer, then 50 (49 more registrations with fresh keys and unreachable endpoints).
-pid1=$(for p in $(ip netns pids $H1); do [[ $(cat /proc/$p/comm) == eviod ]] && echo $p; done)
+pid1=$(for p in $(ip netns pids $H1); do [[ "$(cat /proc/$p/comm 2>/dev/null)" == eviod ]] && echo $p; done || true)
 rss() { awk '/VmRSS/ {print $2}' /proc/$pid1/status; }
 RSS1=$(rss)
+echo "eviod pid $pid1 rss ${RSS1} kB (1 peer)"
 LEASE=$(in1 etcdctl --endpoints $ETCD lease grant 120 | awk '{print $2}')
 for n in $(seq 3 51); do
   pk=$(wg genkey | wg pubkey)

@@ -72,6 +72,9 @@ pub enum Rx<'a> {
     Unknown,
 }
 
+/// A path change for the tunnel core: the peer, and its endpoint and path kind (`None`: no working path).
+type PathUpdate = (PeerKey, Option<(SocketAddr, evio_tunnel::PathKind)>);
+
 /// What status shows for a peer.
 pub struct PeerView {
     pub path: Option<Path>,
@@ -95,6 +98,13 @@ impl Inner {
     fn slot(&mut self, remote: SocketAddr) -> SocketAddr {
         if let Some(s) = self.slot_of.get(&remote) {
             return relay_endpoint(*s);
+        }
+        if self.slots.len() > u16::MAX as usize {
+            // 65536 different relayed addresses since start: start over (endpoints of peers relayed
+            // right now are given again by the next path change or `sync_paths`).
+            tracing::warn!("relay endpoint table full; starting over");
+            self.slots.clear();
+            self.slot_of.clear();
         }
         let s = self.slots.len() as u16;
         self.slots.push(remote);
@@ -350,13 +360,7 @@ impl Nat {
     }
 
     /// Runs the agent's timers if due; returns its datagrams and the path changes to apply.
-    fn poll(
-        &self,
-        now: Instant,
-    ) -> (
-        Vec<evio_nat::Transmit>,
-        Vec<(PeerKey, Option<(SocketAddr, evio_tunnel::PathKind)>)>,
-    ) {
+    fn poll(&self, now: Instant) -> (Vec<evio_nat::Transmit>, Vec<PathUpdate>) {
         let mut g = self.lock();
         if g.agent.poll_timeout().is_some_and(|t| t <= now) {
             g.agent.handle_timeout(now);
@@ -579,5 +583,104 @@ pub fn sync_paths(shared: &Shared) {
         {
             node.set_path(id, ep, kind);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_endpoints_are_recognised_and_never_real() {
+        let ep = relay_endpoint(7);
+        assert!(is_relay(&ep));
+        assert_eq!(ep.port(), 7);
+        assert!(!is_relay(&"198.18.0.1:3478".parse().unwrap()));
+        assert!(!is_relay(&"[2001:db8::1]:7".parse().unwrap()));
+    }
+
+    #[test]
+    fn channel_header_frames_in_place() {
+        let mut buf = [0u8; 10];
+        channel_header(&mut buf, 0x4001, 6);
+        buf[4..].copy_from_slice(b"\x04\0\0\0ab");
+        assert_eq!(
+            demux::channel_data(&buf),
+            Some((0x4001, &b"\x04\0\0\0ab"[..]))
+        );
+        assert_eq!(demux::classify(&buf), Kind::ChannelData);
+        assert!(needs_nat(&buf));
+        assert!(!needs_nat(b"\x04\0\0\0abcdefgh"));
+        assert!(needs_nat(b""));
+    }
+
+    #[test]
+    fn candidates_round_trip_through_the_record() {
+        let ours = vec![
+            Candidate::new(CandidateKind::Host, "192.168.1.2:51820".parse().unwrap()),
+            Candidate::new(
+                CandidateKind::ServerReflexive,
+                "198.18.1.1:51820".parse().unwrap(),
+            ),
+            Candidate::new(
+                CandidateKind::PeerReflexive,
+                "198.18.1.1:4000".parse().unwrap(),
+            ),
+            Candidate::new(CandidateKind::Relayed, "198.18.0.1:50000".parse().unwrap()),
+        ];
+        let mut r = evio_store::NodeRecord::new("n");
+        r.candidates = to_records(&ours);
+        assert_eq!(
+            r.candidates.len(),
+            3,
+            "peer-reflexive candidates are not published"
+        );
+        // Endpoints of older records count as host candidates; duplicates and IPv6 are dropped.
+        r.endpoints = vec![
+            "192.168.1.2:51820".parse().unwrap(),
+            "10.0.0.5:51820".parse().unwrap(),
+            "[2001:db8::1]:1".parse().unwrap(),
+        ];
+        let back = from_record(&r);
+        let want: Vec<Candidate> = ours
+            .iter()
+            .filter(|c| c.kind != CandidateKind::PeerReflexive)
+            .copied()
+            .chain([Candidate::new(
+                CandidateKind::Host,
+                "10.0.0.5:51820".parse().unwrap(),
+            )])
+            .collect();
+        assert_eq!(back, want);
+    }
+
+    #[test]
+    fn turn_settings_need_a_readable_password_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pw");
+        std::fs::write(&f, "s3cret\n").unwrap();
+        let cfg = NatConfig {
+            stun: vec!["127.0.0.1:3478".into()],
+            turn: Some("127.0.0.1:3478".into()),
+            turn_user: Some("u".into()),
+            turn_password_file: Some(f.clone()),
+        };
+        let (stun, turn) = agent_settings(&cfg).unwrap();
+        assert_eq!(stun, vec!["127.0.0.1:3478".parse().unwrap()]);
+        let turn = turn.unwrap();
+        assert_eq!(
+            (turn.user.as_str(), turn.password.as_str()),
+            ("u", "s3cret")
+        );
+        let missing = NatConfig {
+            turn_password_file: Some(dir.path().join("nope")),
+            ..cfg.clone()
+        };
+        assert!(agent_settings(&missing).is_err());
+        let bad = NatConfig {
+            stun: vec!["no-port".into()],
+            ..cfg
+        };
+        assert!(agent_settings(&bad).is_err());
     }
 }

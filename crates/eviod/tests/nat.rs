@@ -120,6 +120,109 @@ impl Drop for Agent {
     }
 }
 
+/// A pod: a network namespace plugged into its host's pod bridge by the real evio-cni.
+struct Pod {
+    ns: evio_testbed::Netns,
+    ip: String,
+}
+
+impl Agent {
+    /// Claims the host's pod subnet with `evioctl cni-config` (the conflist goes to `<state>.cni/net.d`).
+    fn cni_config(&self, lab: &Lab) {
+        let d = self.state_dir.with_extension("cni");
+        std::fs::create_dir_all(d.join("net.d")).unwrap();
+        std::fs::create_dir_all(d.join("bin")).unwrap();
+        let conf = d.join("net-conf.json");
+        let net_conf = serde_json::json!({
+            "podCIDR": "10.244.0.0/16", "nodeBits": 8, "stateDir": d.join("state"),
+            "logFile": d.join("plugin.log"), "ipam": {"dataDir": d.join("ipam")},
+        });
+        std::fs::write(&conf, net_conf.to_string()).unwrap();
+        let evioctl = evio_testbed::bin_dir().join("evioctl");
+        let plugin = evio_testbed::bin_dir().join("evio-cni");
+        assert!(
+            evioctl.exists() && plugin.exists(),
+            "build the workspace binaries first (cargo build --bins)"
+        );
+        self.host
+            .exec(&[
+                evioctl.to_str().unwrap(),
+                "cni-config",
+                "--net-conf",
+                conf.to_str().unwrap(),
+                "--node-name",
+                &self.name,
+                "--etcd-endpoints",
+                &lab.etcd_endpoint().unwrap(),
+                "--cni-conf-dir",
+                d.join("net.d").to_str().unwrap(),
+                "--cni-bin-dir",
+                d.join("bin").to_str().unwrap(),
+                "--plugin-binary",
+                plugin.to_str().unwrap(),
+            ])
+            .expect("evioctl cni-config");
+    }
+
+    /// One pod through a real CNI ADD with the conflist of `cni_config`.
+    fn add_pod(&self) -> Pod {
+        let d = self.state_dir.with_extension("cni");
+        let list: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(d.join("net.d").join("10-evio.conflist")).unwrap(),
+        )
+        .unwrap();
+        let mut conf = list["plugins"][0].clone();
+        conf["cniVersion"] = list["cniVersion"].clone();
+        conf["name"] = list["name"].clone();
+        let plugin = evio_testbed::bin_dir().join("evio-cni");
+        let path = d.join("cni-path");
+        if !path.exists() {
+            std::fs::create_dir_all(&path).unwrap();
+            std::os::unix::fs::symlink(&plugin, path.join("evio-cni")).unwrap();
+            std::os::unix::fs::symlink("/usr/lib/cni/host-local", path.join("host-local")).unwrap();
+        }
+        self.host
+            .exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            .unwrap();
+        let ns = evio_testbed::Netns::new("enp");
+        let mut child = self
+            .host
+            .command(plugin.to_str().unwrap())
+            .env("CNI_COMMAND", "ADD")
+            .env("CNI_CONTAINERID", ns.name())
+            .env("CNI_NETNS", ns.path())
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", &path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(conf.to_string().as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "CNI ADD: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let res: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let ip = res["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string();
+        Pod { ns, ip }
+    }
+}
+
 struct Matrix {
     agents: Vec<Agent>,
     lab: Lab,
@@ -258,6 +361,10 @@ fn lost_pings(a: &Agent, vip: &str, d: Duration) -> usize {
 #[test]
 fn matrix_direct_relay_lan_then_flush_and_turn_loss() {
     let mut m = Matrix::build();
+    // Pod subnets claimed before the agents start (what the DaemonSet's init container does).
+    for a in &m.agents {
+        a.cni_config(&m.lab);
+    }
     let t0 = Instant::now();
     for i in 0..m.agents.len() {
         let lab = &m.lab;
@@ -288,6 +395,40 @@ fn matrix_direct_relay_lan_then_flush_and_turn_loss() {
     let t_paths = t0.elapsed();
     println!(
         "time to full connectivity (all 20 ordered pairs ping): {t_full:?}; to every path as expected: {t_paths:?}"
+    );
+
+    // Pods on every host reach the pods on every other host (through the same tunnels).
+    let pods: Vec<Pod> = m.agents.iter().map(Agent::add_pod).collect();
+    let mut bad = Vec::new();
+    let ok = wait_until(Duration::from_secs(15), || {
+        bad = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..pods.len())
+                .flat_map(|i| {
+                    (0..pods.len())
+                        .filter(move |j| *j != i)
+                        .map(move |j| (i, j))
+                })
+                .map(|(i, j)| {
+                    let (a, b) = (&pods[i], &pods[j]);
+                    s.spawn(move || {
+                        (!a.ns
+                            .exec(&["ping", "-c", "1", "-W", "1", &b.ip])
+                            .status
+                            .success())
+                        .then_some((i, j))
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .filter_map(|h| h.join().unwrap())
+                .collect::<Vec<_>>()
+        });
+        bad.is_empty()
+    });
+    assert!(ok, "pod pairs without connectivity: {bad:?}\n{}", m.logs());
+    println!(
+        "pods: all 20 ordered pod pairs ping after {:?}",
+        t0.elapsed()
     );
 
     // Where each path goes: LAN for the same-NAT pair, the NAT's public address across sites.
@@ -390,5 +531,287 @@ fn matrix_direct_relay_lan_then_flush_and_turn_loss() {
     println!(
         "TURN restart: full connectivity again after {:?}",
         t.elapsed()
+    );
+}
+
+/// Drops all traffic between two NATs' public addresses (in `site`'s NAT), as a firewall between them would.
+fn block_between(lab: &Lab, site: usize, other: std::net::Ipv4Addr) {
+    let rules = format!(
+        "table ip evioblock {{\n  chain blk {{\n    type filter hook forward priority -10;\n    ip daddr {other} drop\n    ip saddr {other} drop\n  }}\n}}\n"
+    );
+    let file = lab.dir().join(format!("block{site}.nft"));
+    std::fs::write(&file, rules).unwrap();
+    evio_lab::netns_exec(
+        &lab.site(site).nat_ns,
+        &["nft", "-f", file.to_str().unwrap()],
+    )
+    .unwrap();
+}
+
+fn unblock(lab: &Lab, site: usize) {
+    evio_lab::netns_exec(
+        &lab.site(site).nat_ns,
+        &["nft", "delete", "table", "ip", "evioblock"],
+    )
+    .unwrap();
+}
+
+/// Two easy-NAT sites and a public host. The direct path between the sites is blocked (relay takes over,
+/// nothing but the path changes), opened again (back to direct); then site 0's NAT gets a new public
+/// address and its tunnels heal.
+#[test]
+fn relay_fallback_back_to_direct_and_public_address_change() {
+    let lab = Lab::builder(&unique_prefix("eb"))
+        .etcd(true)
+        .turn(true)
+        .site(NatKind::EasyNat, 1)
+        .site(NatKind::EasyNat, 1)
+        .public_hosts(1)
+        .build()
+        .expect("lab");
+    let dir = tempfile::Builder::new()
+        .prefix("eviod-nat")
+        .tempdir()
+        .unwrap();
+    let mut agents: Vec<Agent> = [
+        ("a", lab.site_host(0, 0).clone()),
+        ("b", lab.site_host(1, 0).clone()),
+        ("p", lab.public_hosts()[0].clone()),
+    ]
+    .into_iter()
+    .map(|(name, host)| Agent {
+        name: name.into(),
+        host,
+        state_dir: dir.path().join(name),
+        log: dir.path().join(format!("{name}.log")),
+        child: None,
+    })
+    .collect();
+    for a in &mut agents {
+        a.start(&lab);
+    }
+    let logs = |agents: &[Agent]| -> String {
+        agents
+            .iter()
+            .map(|a| {
+                format!(
+                    "=== {} ===\n{}\n{}\n",
+                    a.name,
+                    tail(&a.log_text(), 50),
+                    a.status().map(|s| s.to_string()).unwrap_or_default()
+                )
+            })
+            .collect()
+    };
+    let path = |x: usize, y: &str| agents[x].path_to(y).map(|p| p.0).unwrap_or_default();
+    assert!(
+        wait_until(Duration::from_secs(30), || path(0, "b") == "direct"
+            && path(1, "a") == "direct"
+            && path(0, "p") == "direct"
+            && path(2, "a") == "direct"),
+        "not direct:\n{}",
+        logs(&agents)
+    );
+    let vb = agents[1].vip().unwrap();
+    let va = agents[0].vip().unwrap();
+    let vp = agents[2].vip().unwrap();
+    assert!(agents[0].ping(&vb) && agents[1].ping(&va));
+
+    // A firewall between the two sites: the agents fall back to the relay.
+    block_between(&lab, 1, lab.site(0).wan_ip);
+    let t = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(20), || path(0, "b") == "relay"
+            && path(1, "a") == "relay"
+            && agents[0].ping(&vb)),
+        "no relay fallback:\n{}",
+        logs(&agents)
+    );
+    println!(
+        "direct path blocked: relayed and working after {:?}",
+        t.elapsed()
+    );
+    assert!(agents[1].ping(&va));
+    // The relay carries the tunnel steadily while the firewall stays (no flapping back to a dead path).
+    let lost = lost_pings(&agents[0], &vb, Duration::from_secs(5));
+    assert_eq!(lost, 0, "pings lost over the relay:\n{}", logs(&agents));
+    assert_eq!(
+        (path(0, "b"), path(1, "a")),
+        ("relay".to_string(), "relay".to_string())
+    );
+    // The firewall goes away: back to direct.
+    unblock(&lab, 1);
+    let t = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(40), || path(0, "b") == "direct"
+            && path(1, "a") == "direct"),
+        "not back to direct:\n{}",
+        logs(&agents)
+    );
+    println!("direct path open again: direct after {:?}", t.elapsed());
+    assert!(agents[0].ping(&vb) && agents[1].ping(&va));
+
+    // Site 0's NAT gets a new public address (its mappings go with the old one).
+    let nat0 = &lab.site(0).nat_ns;
+    let old = format!("{}/{}", lab.site(0).wan_ip, evio_lab::INTERNET_PREFIX);
+    let new = format!("198.18.1.201/{}", evio_lab::INTERNET_PREFIX);
+    // (Deleting the old address first: a second address in the same subnet would be a secondary one,
+    // deleted along with the primary.)
+    evio_lab::netns_exec(nat0, &["ip", "addr", "del", &old, "dev", "wan"]).unwrap();
+    evio_lab::netns_exec(nat0, &["ip", "addr", "add", &new, "dev", "wan"]).unwrap();
+    evio_lab::netns_exec(nat0, &["conntrack", "-F"]).unwrap();
+    let t = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(20), || agents[2].ping(&va)
+            && agents[0].ping(&vp)),
+        "public host <-> a did not heal after the address change:\n{}",
+        logs(&agents)
+    );
+    println!(
+        "public address change: a <-> public healed after {:?}",
+        t.elapsed()
+    );
+    assert!(
+        wait_until(Duration::from_secs(45), || agents[1].ping(&va)
+            && agents[0].ping(&vb)),
+        "a <-> b did not heal after the address change:\n{}",
+        logs(&agents)
+    );
+    println!(
+        "public address change: a <-> b healed after {:?} (path {})",
+        t.elapsed(),
+        path(0, "b")
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || agents[2]
+            .path_to("a")
+            .is_some_and(
+                |(p, e)| p == "direct" && e.starts_with("198.18.1.201:")
+            )),
+        "the public host does not use the new address:\n{}",
+        logs(&agents)
+    );
+}
+
+/// iperf3 from `a` to `b`'s VIP for `secs` seconds; received bits per second.
+fn iperf(a: &Agent, b: &Agent, secs: u32) -> f64 {
+    let vip = b.vip().unwrap();
+    let mut server = b
+        .host
+        .command("iperf3")
+        .args(["-s", "-1", "-B", &vip])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = a
+        .host
+        .exec(&["iperf3", "-c", &vip, "-t", &secs.to_string(), "-J"])
+        .expect("iperf3 client");
+    let _ = server.kill();
+    let _ = server.wait();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap()
+}
+
+/// The numbers of docs/bench/nat.md. Run as root with release binaries:
+/// `cargo test --release -p eviod --test nat bench -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn bench_connectivity_time_and_relay_throughput() {
+    let runs = 5;
+    let mut full = Vec::new();
+    let mut paths = Vec::new();
+    for _ in 0..runs {
+        let mut m = Matrix::build();
+        let t0 = Instant::now();
+        for i in 0..m.agents.len() {
+            let lab = &m.lab;
+            m.agents[i].start(lab);
+        }
+        assert!(wait_until(Duration::from_secs(20), || m
+            .agents
+            .iter()
+            .all(|a| a.vip().is_some())));
+        let vips = m.vips();
+        assert!(
+            wait_until(Duration::from_secs(30), || m
+                .failing_pairs(&vips)
+                .is_empty()),
+            "{}",
+            m.logs()
+        );
+        full.push(t0.elapsed());
+        assert!(
+            wait_until(Duration::from_secs(30), || m.paths_as_expected()),
+            "{}",
+            m.logs()
+        );
+        paths.push(t0.elapsed());
+    }
+    full.sort();
+    paths.sort();
+    println!(
+        "matrix (5 agents, 20 ordered pairs), {runs} runs: agent start -> every pair pings: median {:?} (min {:?}, max {:?}); -> every path as expected: median {:?}",
+        full[runs / 2],
+        full[0],
+        full[runs - 1],
+        paths[runs / 2]
+    );
+
+    // Throughput between the same two hosts, direct and then relayed (direct path blocked).
+    let lab = Lab::builder(&unique_prefix("ebn"))
+        .etcd(true)
+        .turn(true)
+        .site(NatKind::EasyNat, 1)
+        .site(NatKind::EasyNat, 1)
+        .build()
+        .unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("eviod-nat")
+        .tempdir()
+        .unwrap();
+    let mut agents: Vec<Agent> = [
+        ("a", lab.site_host(0, 0).clone()),
+        ("b", lab.site_host(1, 0).clone()),
+    ]
+    .into_iter()
+    .map(|(name, host)| Agent {
+        name: name.into(),
+        host,
+        state_dir: dir.path().join(name),
+        log: dir.path().join(format!("{name}.log")),
+        child: None,
+    })
+    .collect();
+    for a in &mut agents {
+        a.start(&lab);
+    }
+    let path = |x: usize, y: &str| agents[x].path_to(y).map(|p| p.0).unwrap_or_default();
+    assert!(wait_until(Duration::from_secs(30), || path(0, "b")
+        == "direct"
+        && path(1, "a") == "direct"));
+    let direct = iperf(&agents[0], &agents[1], 5);
+    block_between(&lab, 1, lab.site(0).wan_ip);
+    assert!(wait_until(Duration::from_secs(20), || path(0, "b")
+        == "relay"
+        && path(1, "a") == "relay"
+        && agents[0].ping(&agents[1].vip().unwrap())));
+    let relayed = iperf(&agents[0], &agents[1], 5);
+    println!(
+        "iperf3 a -> b (TCP, 5 s): direct {:.2} Gbit/s, through coturn {:.2} Gbit/s",
+        direct / 1e9,
+        relayed / 1e9
+    );
+    let m = agents[0].metrics();
+    println!(
+        "{}",
+        m.lines()
+            .filter(|l| l.starts_with("evio_relay") || l.starts_with("evio_path_changes"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }
