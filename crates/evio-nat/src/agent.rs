@@ -723,9 +723,8 @@ impl Agent {
                 // Whatever made this path fail may have killed the others too: only pairs confirmed
                 // within the last keepalive interval stay selectable; the rest must answer again first.
                 if q.state == PairState::Succeeded
-                    && !q
-                        .last_ok
-                        .is_some_and(|ok| now.saturating_duration_since(ok) < keepalive)
+                    && q.last_ok
+                        .is_none_or(|ok| now.saturating_duration_since(ok) >= keepalive)
                 {
                     q.state = PairState::Waiting;
                 }
