@@ -27,6 +27,9 @@ use crate::stun::{Builder, Class, Message, TransactionId, attr, method};
 use crate::turn::{TurnClient, TurnConfig, TurnEvent, TurnInput};
 use crate::txn::{Pending, Schedule, Step};
 
+/// Longest re-check interval of a failed pair while the peer has a direct path.
+const RECHECK_IDLE_MAX: Duration = Duration::from_secs(60);
+
 /// A pair that succeeded this recently is not re-checked when the peer's check arrives on it.
 const TRIGGER_FRESH: Duration = Duration::from_secs(2);
 
@@ -707,7 +710,8 @@ impl Agent {
         let backoff = t.recheck_failed * 2u32.saturating_pow(p.fails.min(8) - 1);
         p.next_check = now
             + if has_direct && !was_selected {
-                t.recheck_ok.max(backoff)
+                // A direct path works: failed alternatives need not be probed often.
+                t.recheck_ok.max(backoff).min(RECHECK_IDLE_MAX)
             } else {
                 backoff.min(t.recheck_max)
             };
