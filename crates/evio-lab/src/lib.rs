@@ -12,9 +12,9 @@
 //! - public host `j`: `198.18.2.(j+1)`
 //!
 //! Nothing is ever created in the root namespace: every link is created with `ip -n NS` directly in its
-//! namespace, every sysctl and nft rule is applied with `ip netns exec NS`. Dropping the [`Lab`] kills its
-//! processes, kills anything else still running in its namespaces, deletes the namespaces (which deletes
-//! their links) and removes its temp dir. A build that fails half way drops the partial lab, so it cleans
+//! namespace, nft rules are applied with `ip netns exec NS`, sysctls by a thread that entered the
+//! namespace. Dropping the [`Lab`] kills its processes, kills anything else still running in its
+//! namespaces, deletes the namespaces (which deletes their links) and removes its temp dir. A build that fails half way drops the partial lab, so it cleans
 //! up as well; a panic while a `Lab` is alive unwinds through the same `Drop`.
 //!
 //! Dependencies: only `libc` (for `setns`/`kill`), `tempfile`, `thiserror`, `tracing`; the lab drives the
@@ -149,6 +149,22 @@ pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
     })
 }
 
+/// Writes `/proc/sys/<key>` (e.g. `net/ipv4/ip_forward`) as seen from namespace `ns`: a thread that entered
+/// `ns` opens the file, so the per-namespace value is changed, never the root namespace's.
+pub fn sysctl_write(ns: &str, key: &str, value: &str) -> Result<()> {
+    let path = Path::new("/proc/sys").join(key);
+    in_netns(ns, || std::fs::write(&path, value))?
+        .map_err(|e| LabError::Setup(format!("sysctl {key}={value} in {ns}: {e}")))
+}
+
+/// Reads `/proc/sys/<key>` as seen from namespace `ns`.
+pub fn sysctl_read(ns: &str, key: &str) -> Result<String> {
+    let path = Path::new("/proc/sys").join(key);
+    Ok(in_netns(ns, || std::fs::read_to_string(&path))??
+        .trim()
+        .to_string())
+}
+
 fn kill_netns_pids(ns: &str) {
     if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
         for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
@@ -268,23 +284,12 @@ impl Site {
     /// Sets the NAT's UDP conntrack timeouts (unreplied and stream) to `secs`, so mappings expire fast.
     pub fn set_udp_timeout(&self, secs: u32) -> Result<()> {
         let v = secs.to_string();
-        netns_exec(
+        sysctl_write(&self.nat_ns, "net/netfilter/nf_conntrack_udp_timeout", &v)?;
+        sysctl_write(
             &self.nat_ns,
-            &[
-                "sysctl",
-                "-qw",
-                &format!("net.netfilter.nf_conntrack_udp_timeout={v}"),
-            ],
-        )?;
-        netns_exec(
-            &self.nat_ns,
-            &[
-                "sysctl",
-                "-qw",
-                &format!("net.netfilter.nf_conntrack_udp_timeout_stream={v}"),
-            ],
-        )?;
-        Ok(())
+            "net/netfilter/nf_conntrack_udp_timeout_stream",
+            &v,
+        )
     }
 }
 
@@ -430,6 +435,20 @@ impl LabBuilder {
                 "at most 250 sites, 250 hosts a site and 250 public hosts".into(),
             ));
         }
+        let mut tools = vec![("ip", "iproute2"), ("nft", "nftables"), ("ss", "iproute2")];
+        if self.etcd {
+            tools.extend([("etcd", "etcd-server"), ("curl", "curl")]);
+        }
+        if self.turn {
+            tools.push(("turnserver", "coturn"));
+        }
+        for (tool, package) in tools {
+            if find_tool(tool).is_none() {
+                return Err(LabError::Setup(format!(
+                    "`{tool}` not found on PATH: install the Debian package {package} (scripts/deps.sh does)"
+                )));
+            }
+        }
         let dir = tempfile::Builder::new().prefix("evio-lab").tempdir()?;
         let mut lab = Lab {
             turn: None,
@@ -562,14 +581,11 @@ impl Lab {
             &["addr", "add", &format!("{lan_ip}/24"), "dev", "lan"],
         )?;
         ip(&nat, &["link", "set", "lan", "up"])?;
-        netns_exec(&nat, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        sysctl_write(&nat, "net/ipv4/ip_forward", "1")?;
         // Where br_netfilter is loaded, bridged LAN frames would go through the NAT's forward chain (policy
         // drop); a real site switch doesn't do that. Absent module: no such sysctl and nothing to turn off.
         if Path::new("/proc/sys/net/bridge").exists() {
-            netns_exec(
-                &nat,
-                &["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0"],
-            )?;
+            sysctl_write(&nat, "net/bridge/bridge-nf-call-iptables", "0")?;
         }
         let masq = match kind {
             NatKind::EasyNat => "masquerade",
@@ -789,6 +805,15 @@ impl Drop for Lab {
             }
         }
     }
+}
+
+/// The path of `tool` on `PATH` (also looking in the sbin directories, which a non-login PATH may lack).
+pub fn find_tool(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
 }
 
 fn random_hex(n: usize) -> Result<String> {

@@ -120,12 +120,20 @@ fn easy_nat_preserves_ports_symmetric_nat_does_not() {
         "mappings survived the flush: {ct:?}"
     );
     sym.set_udp_timeout(2).unwrap();
-    let v = evio_lab::netns_exec(
-        &sym.nat_ns,
-        &["sysctl", "-n", "net.netfilter.nf_conntrack_udp_timeout"],
-    )
-    .unwrap();
-    assert_eq!(v.trim(), "2");
+    let v = evio_lab::sysctl_read(&sym.nat_ns, "net/netfilter/nf_conntrack_udp_timeout").unwrap();
+    assert_eq!(v, "2");
+    assert_eq!(
+        evio_lab::sysctl_read(&sym.nat_ns, "net/ipv4/ip_forward").unwrap(),
+        "1"
+    );
+    // The root namespace's values are untouched (ours are per namespace).
+    let root_timeout = std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_udp_timeout")
+        .unwrap_or_default();
+    assert_ne!(
+        root_timeout.trim(),
+        "2",
+        "the root namespace's conntrack timeout changed"
+    );
 }
 
 #[test]
@@ -313,4 +321,12 @@ fn leftovers_of_a_killed_lab_are_removed() {
     assert!(exists(&other));
     evio_lab::run(std::process::Command::new("ip").args(["netns", "del", &other])).unwrap();
     assert!(names.iter().all(|n| !exists(n)));
+}
+
+#[test]
+fn tools_are_found() {
+    for t in ["ip", "nft", "turnserver", "etcd", "conntrack"] {
+        assert!(evio_lab::find_tool(t).is_some(), "{t} missing");
+    }
+    assert!(evio_lab::find_tool("no-such-tool-evio").is_none());
 }

@@ -27,6 +27,12 @@ use crate::stun::{Builder, Class, Message, TransactionId, attr, method};
 use crate::turn::{TurnClient, TurnConfig, TurnEvent, TurnInput};
 use crate::txn::{Pending, Schedule, Step};
 
+/// Longest re-check interval of a failed pair while the peer has a direct path.
+const RECHECK_IDLE_MAX: Duration = Duration::from_secs(60);
+
+/// A pair that succeeded this recently is not re-checked when the peer's check arrives on it.
+const TRIGGER_FRESH: Duration = Duration::from_secs(2);
+
 /// A node's identity: its X25519 (WireGuard) public key.
 pub type PeerKey = [u8; 32];
 
@@ -193,6 +199,8 @@ struct Pair {
     rtt: Option<Duration>,
     /// When the last check of this pair succeeded.
     last_ok: Option<Instant>,
+    /// Learned from traffic (peer-reflexive), not from the peer's published candidates.
+    learned: bool,
 }
 
 impl Pair {
@@ -268,6 +276,7 @@ pub struct Agent {
     next_pair: u64,
     /// How peers see us (from check responses), for status.
     reflexive: Option<SocketAddr>,
+    path_changes: u64,
 }
 
 impl Agent {
@@ -302,6 +311,7 @@ impl Agent {
             published: Vec::new(),
             next_pair: 1,
             reflexive: None,
+            path_changes: 0,
         };
         a.handle_timeout(now);
         a
@@ -347,6 +357,11 @@ impl Agent {
         self.reflexive
     }
 
+    /// How many `PathChanged` events the agent emitted (a metric).
+    pub fn path_changes(&self) -> u64 {
+        self.path_changes
+    }
+
     /// The TURN client, if configured (for status and tests).
     pub fn turn(&self) -> Option<&TurnClient> {
         self.turn.as_ref()
@@ -374,10 +389,17 @@ impl Agent {
         // Drop pairs whose remote address is no longer announced (learned peer-reflexive pairs stay while
         // they work).
         let remote = entry.remote.clone();
-        entry.pairs.retain(|p| {
-            remote.iter().any(|c| c.addr == p.remote)
-                || (p.remote_kind == CandidateKind::PeerReflexive && p.state != PairState::Failed)
-        });
+        let kept = |p: &Pair| {
+            remote.iter().any(|c| c.addr == p.remote) || (p.learned && p.state != PairState::Failed)
+        };
+        for p in &entry.pairs {
+            if !kept(p)
+                && let Some((tid, _)) = &p.inflight
+            {
+                self.checks.remove(tid);
+            }
+        }
+        entry.pairs.retain(kept);
         for c in remote {
             self.add_pairs_for(peer, c, now);
         }
@@ -414,6 +436,13 @@ impl Agent {
             t.want_channel(from, now);
         }
         let id = self.add_pair(peer, base, from, kind, now);
+        if let Some(p) = self
+            .peers
+            .get_mut(&peer)
+            .and_then(|p| p.pairs.iter_mut().find(|p| p.id == id))
+        {
+            p.learned = true;
+        }
         self.reindex();
         // A new address of the peer on this base: maybe its NAT rebound. Probe the selected pair at once
         // so a dead one is noticed quickly (see `fail_over_early`).
@@ -645,6 +674,14 @@ impl Agent {
             return;
         };
         peer.selected = Some(alt);
+        let keepalive = self.cfg.timers.keepalive;
+        if let Some(p) = peer
+            .pairs
+            .iter_mut()
+            .find(|p| p.id == alt && p.inflight.is_none())
+        {
+            p.next_check = p.next_check.min(now + keepalive);
+        }
         let path = peer.pair(alt).map(Pair::path);
         tracing::info!(peer = %hex(&key[..4]), ?path, "selected path does not answer, moved to a fresh one");
         if let Some(p) = path
@@ -653,6 +690,7 @@ impl Agent {
         {
             t.want_channel(p.remote, now);
         }
+        self.path_changes += 1;
         self.events
             .push_back(Event::PathChanged { peer: key, path });
     }
@@ -678,7 +716,8 @@ impl Agent {
         let backoff = t.recheck_failed * 2u32.saturating_pow(p.fails.min(8) - 1);
         p.next_check = now
             + if has_direct && !was_selected {
-                t.recheck_ok.max(backoff)
+                // A direct path works: failed alternatives need not be probed often.
+                t.recheck_ok.max(backoff).min(RECHECK_IDLE_MAX)
             } else {
                 backoff.min(t.recheck_max)
             };
@@ -686,9 +725,18 @@ impl Agent {
         if was_selected {
             tracing::info!(peer = %hex(&key[..4]), remote = %p.remote, "path failed, re-checking every pair");
             peer.selected = None;
+            let keepalive = t.keepalive;
             for q in &mut peer.pairs {
                 if q.inflight.is_none() {
                     q.next_check = now;
+                }
+                // Whatever made this path fail may have killed the others too: only pairs confirmed
+                // within the last keepalive interval stay selectable; the rest must answer again first.
+                if q.state == PairState::Succeeded
+                    && q.last_ok
+                        .is_none_or(|ok| now.saturating_duration_since(ok) >= keepalive)
+                {
+                    q.state = PairState::Waiting;
                 }
             }
             if relay_base && let Some(turn) = &mut self.turn {
@@ -868,9 +916,12 @@ impl Agent {
         else {
             return;
         };
-        if p.inflight.is_none()
-            && (p.state != PairState::Succeeded || p.next_check > now + Duration::from_secs(1))
-        {
+        // Triggered check, unless this pair answered us recently: two peers must not keep triggering each
+        // other's checks (each success is fresh when the other side's request arrives, which ends it).
+        let fresh = p
+            .last_ok
+            .is_some_and(|t| now.saturating_duration_since(t) < TRIGGER_FRESH);
+        if p.inflight.is_none() && (p.state != PairState::Succeeded || !fresh) {
             p.next_check = now;
             self.peer_timers(sender, now);
         }
@@ -963,6 +1014,7 @@ impl Agent {
         {
             t.want_channel(p.remote, now);
         }
+        self.path_changes += 1;
         self.events
             .push_back(Event::PathChanged { peer: key, path });
     }
@@ -1048,6 +1100,7 @@ impl Agent {
                 fails: 0,
                 rtt: None,
                 last_ok: None,
+                learned: false,
             });
         }
         id
@@ -1103,6 +1156,7 @@ impl Agent {
                                     q.next_check = now;
                                 }
                             }
+                            self.path_changes += 1;
                             self.events.push_back(Event::PathChanged {
                                 peer: k,
                                 path: None,

@@ -572,6 +572,14 @@ impl TurnClient {
                 }
             }
             tracing::debug!(code, kind = ?txn.kind, "TURN error response");
+            if code == 437
+                && matches!(self.state, State::Allocated { .. })
+                && matches!(txn.kind, Kind::Permission(_) | Kind::ChannelBind { .. })
+            {
+                // The server no longer knows our allocation (it restarted, or it expired).
+                self.lose(format!("allocation mismatch on {:?}", txn.kind), now, true);
+                return;
+            }
             match txn.kind {
                 Kind::Allocate if code == 437 => {
                     // An allocation of ours from before still holds this 5-tuple: delete it, then allocate.

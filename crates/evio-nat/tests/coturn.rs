@@ -310,6 +310,33 @@ fn matrix_relay_flush_and_turn_loss() {
             "direct {a} <-> {b} broke with the relay down"
         );
     }
+
+    // coturn comes back (empty: every allocation lost): the relayed pairs come back by themselves, with
+    // new allocations (a 437 or a failed keepalive tells each client to allocate again).
+    assert_eq!(
+        path_kind(&nodes, 2, 3),
+        None,
+        "a relayed path survived the relay's death? {:?} {:#?}",
+        nodes[2].agent.path(&nodes[3].key),
+        nodes[2].agent.pairs(&nodes[3].key)
+    );
+    lab.turn_mut().unwrap().restart().unwrap();
+    let t3 = Instant::now();
+    let back = drive(&mut nodes, Duration::from_secs(60), |n| {
+        path_kind(n, 2, 3) == Some(PathKind::Relay) && path_kind(n, 3, 2) == Some(PathKind::Relay)
+    });
+    assert!(
+        back,
+        "relayed paths did not come back after the TURN server restarted"
+    );
+    assert!(
+        (0..50).any(|_| tunnel_works(&mut nodes, 2, 3)),
+        "relayed tunnel after TURN restart"
+    );
+    eprintln!(
+        "BENCH relayed path back after a TURN server restart: {:?}",
+        t3.elapsed()
+    );
 }
 
 /// coturn with 1-second nonces: requests after that get 438 and the client retries with the new nonce.

@@ -102,6 +102,10 @@ fn two_easy_nats_go_direct() {
     sim.run_for(secs(60));
     assert_eq!(sim.path(a, b).unwrap().kind, PathKind::Direct);
     assert_tunnel(&mut sim, a, b);
+    // The metric counts the events; the path did not flap (one selection, maybe one upgrade).
+    let n = sim.nodes[a].agent.path_changes();
+    assert_eq!(n as usize, sim.nodes[a].path_events.len());
+    assert!((1..=2).contains(&n), "{:?}", sim.nodes[a].path_events);
 }
 
 #[test]
@@ -365,4 +369,187 @@ fn relay_lives_on_through_refreshes_and_stale_nonces() {
         t.stale_nonces()
     );
     assert_eq!(sim.path(a, b).unwrap().kind, PathKind::Relay);
+}
+
+/// Garbage and mutated STUN/TURN/ChannelData never panic the agent, and never make it select a path.
+#[test]
+fn garbage_input_is_harmless() {
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+    let mut sim = world(13);
+    let na = sim.add_nat(NatType::Easy, "198.18.1.1");
+    let a = sim.add_node("192.168.1.2:51820", Some(na), true);
+    let b = sim.add_node("198.18.2.1:51820", None, true);
+    sim.run_for(secs(1));
+    sim.introduce_all();
+    sim.run_for(secs(2));
+    // Collect real datagrams a receives (checks, responses, TURN answers) to mutate.
+    let key_a = sim.nodes[a].key;
+    let check = evio_nat::stun::Builder::new(
+        evio_nat::stun::Class::Request,
+        evio_nat::stun::method::BINDING,
+        evio_nat::stun::TransactionId([3; 12]),
+    )
+    .attr(evio_nat::stun::attr::USERNAME, b"00".repeat(32).as_slice())
+    .integrity(&[0u8; 32])
+    .fingerprint();
+    let mut rng = StdRng::seed_from_u64(7);
+    let turn: std::net::SocketAddr = "198.18.0.1:3478".parse().unwrap();
+    let other: std::net::SocketAddr = "198.18.9.9:9999".parse().unwrap();
+    let now = sim.now;
+    let node = &mut sim.nodes[b];
+    let before = node.agent.path(&key_a);
+    for i in 0..20_000 {
+        let mut d = match i % 4 {
+            0 => check.clone(),
+            1 => {
+                let mut v = vec![0x40, 0x00, 0x00, 0x10];
+                v.extend_from_slice(&[4, 0, 0, 0]);
+                v.extend_from_slice(&[0u8; 12]);
+                v
+            }
+            2 => (0..rng.random_range(0..64)).map(|_| rng.random()).collect(),
+            _ => {
+                let mut v = check.clone();
+                v[1] = 0x17; // Data indication
+                v
+            }
+        };
+        for _ in 0..rng.random_range(0..4) {
+            if !d.is_empty() {
+                let k = rng.random_range(0..d.len());
+                d[k] = rng.random();
+            }
+        }
+        if rng.random_bool(0.2) && !d.is_empty() {
+            let n = rng.random_range(0..d.len());
+            d.truncate(n);
+        }
+        let from = if i % 2 == 0 { turn } else { other };
+        let _ = node.agent.handle_input(from, &d, now);
+    }
+    // A forged check (wrong key) created no pair that is used.
+    assert_eq!(node.agent.path(&key_a), before);
+    while node.agent.poll_transmit().is_some() {}
+}
+
+/// Only one side has TURN credentials: the other reaches it through the first one's allocation.
+#[test]
+fn one_sided_turn_is_enough() {
+    let mut sim = world(14);
+    let na = sim.add_nat(NatType::Symmetric, "198.18.1.1");
+    let nb = sim.add_nat(NatType::Symmetric, "198.18.1.2");
+    let a = sim.add_node("192.168.1.2:51820", Some(na), false);
+    let b = sim.add_node("192.168.2.2:51820", Some(nb), true);
+    sim.run_for(secs(1));
+    sim.introduce_all();
+    until_paths(&mut sim, a, b, PathKind::Relay, secs(10)).expect("relay through b's allocation");
+    let pa = sim.path(a, b).unwrap();
+    assert_eq!(
+        (pa.base, pa.remote_kind),
+        (Base::Socket, CandidateKind::Relayed)
+    );
+    assert_eq!(sim.path(b, a).unwrap().base, Base::Relay);
+    assert_tunnel(&mut sim, a, b);
+}
+
+/// The control plane may hand the same candidates again and again (every etcd event): nothing moves.
+#[test]
+fn repeated_candidate_updates_change_nothing() {
+    let mut sim = world(15);
+    sim.auto_introduce = false;
+    let ns = sim.add_nat(NatType::Symmetric, "198.18.1.1");
+    let s = sim.add_node("192.168.1.2:51820", Some(ns), true);
+    let p = sim.add_node("198.18.2.1:51820", None, true);
+    let n2 = sim.add_nat(NatType::Symmetric, "198.18.1.2");
+    let r = sim.add_node("192.168.2.2:51820", Some(n2), true);
+    sim.run_for(secs(1));
+    sim.introduce_all();
+    until_paths(&mut sim, p, s, PathKind::Direct, secs(10)).expect("direct");
+    until_paths(&mut sim, s, r, PathKind::Relay, secs(10)).expect("relay");
+    sim.run_for(secs(2));
+    let before: Vec<_> = (0..3).map(|i| sim.nodes[i].agent.path_changes()).collect();
+    let paths: Vec<_> = [(p, s), (s, p), (s, r), (r, s)]
+        .iter()
+        .map(|&(a, b)| sim.path(a, b))
+        .collect();
+    for _ in 0..20 {
+        sim.introduce_all();
+        sim.run_for(secs(1));
+    }
+    let after: Vec<_> = (0..3).map(|i| sim.nodes[i].agent.path_changes()).collect();
+    assert_eq!(before, after);
+    let now: Vec<_> = [(p, s), (s, p), (s, r), (r, s)]
+        .iter()
+        .map(|&(a, b)| sim.path(a, b))
+        .collect();
+    assert_eq!(
+        paths
+            .iter()
+            .map(|p| p.map(|p| (p.base, p.remote)))
+            .collect::<Vec<_>>(),
+        now.iter()
+            .map(|p| p.map(|p| (p.base, p.remote)))
+            .collect::<Vec<_>>()
+    );
+    assert_tunnel(&mut sim, p, s);
+    assert_tunnel(&mut sim, s, r);
+}
+
+/// Steady state costs a few datagrams a second, not a storm (two peers must not keep triggering each
+/// other's checks).
+#[test]
+fn steady_state_traffic_is_small() {
+    for (kind, path) in [
+        (NatType::Symmetric, PathKind::Relay),
+        (NatType::Easy, PathKind::Direct),
+    ] {
+        let mut sim = world(16);
+        let na = sim.add_nat(kind, "198.18.1.1");
+        let nb = sim.add_nat(kind, "198.18.1.2");
+        let a = sim.add_node("192.168.1.2:51820", Some(na), true);
+        let b = sim.add_node("192.168.2.2:51820", Some(nb), true);
+        sim.run_for(secs(1));
+        sim.introduce_all();
+        until_paths(&mut sim, a, b, path, secs(10)).expect("path");
+        sim.run_for(secs(60));
+        let before = sim.datagrams;
+        sim.run_for(secs(60));
+        let per_minute = sim.datagrams - before;
+        // Keepalives of the selected pair (every 4 s), re-checks of the others, TURN/STUN keepalives,
+        // server relaying: a few hundred a minute for the whole world.
+        assert!(
+            per_minute < 600,
+            "{kind:?}: {per_minute} datagrams a minute"
+        );
+        eprintln!("{kind:?}: {per_minute} datagrams a minute");
+    }
+}
+
+/// The same budget in a mixed world: two hosts behind one NAT, a symmetric NAT, a public host.
+#[test]
+fn steady_state_traffic_is_small_in_a_mixed_world() {
+    let mut sim = world(17);
+    let ne = sim.add_nat(NatType::Easy, "198.18.1.1");
+    let ns = sim.add_nat(NatType::Symmetric, "198.18.1.2");
+    let nodes = [
+        sim.add_node("192.168.1.2:51820", Some(ne), true),
+        sim.add_node("192.168.1.3:51820", Some(ne), true),
+        sim.add_node("192.168.2.2:51820", Some(ns), true),
+        sim.add_node("198.18.2.1:51820", None, true),
+    ];
+    sim.run_for(secs(1));
+    sim.introduce_all();
+    sim.run_for(secs(60));
+    for &a in &nodes {
+        for &b in &nodes {
+            if a != b {
+                assert!(sim.path(a, b).is_some(), "no path {a} -> {b}");
+            }
+        }
+    }
+    let before = sim.datagrams;
+    sim.run_for(secs(60));
+    let per_minute = sim.datagrams - before;
+    eprintln!("mixed world, 6 peer pairs: {per_minute} datagrams a minute");
+    assert!(per_minute < 6 * 500, "{per_minute} datagrams a minute");
 }
