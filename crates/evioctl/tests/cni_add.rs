@@ -210,34 +210,32 @@ fn generated_conflist_with_cni_1_0_0_chains_portmap() {
     add_and_del(Some("1.0.0"));
 }
 
-/// `ctr run --cni` (containerd 1.6, the first conflist in its CNI dir) starts a container with the conflist
-/// and plugin that `evioctl cni-config` installed. containerd 1.6's libcni and Debian's reference plugins
-/// predate CNI 1.1.0, so this net-conf asks for cniVersion 1.0.0 (docs/deploy.md).
-#[test]
-fn ctr_run_cni_uses_the_installed_conflist() {
-    use evio_testbed::runtimes::{CniDirs, Containerd, busybox_rootfs, files_under};
-    let etcd = Etcd::start();
-    let node = Netns::new("ctn");
-    let dirs = CniDirs::new();
-    let t = tempfile::tempdir().unwrap();
+/// Runs `evioctl cni-config` into a runtime's private CNI directories; returns its JSON line.
+fn cni_config_into(
+    dirs: &evio_testbed::runtimes::CniDirs,
+    etcd: &Etcd,
+    name: &str,
+    pod_cidr: &str,
+    t: &Path,
+) -> Value {
     let net_conf = json!({
-        "name": "evio-ctr",
+        "name": name,
         "cniVersion": "1.0.0",
-        "podCIDR": "10.124.0.0/16",
+        "podCIDR": pod_cidr,
         "nodeBits": 8,
         "bridge": "eviobr0",
-        "logFile": t.path().join("cni.log"),
-        "stateDir": t.path().join("state"),
+        "logFile": t.join("cni.log"),
+        "stateDir": t.join("state"),
         "ipam": {"dataDir": dirs.ipam()},
     });
-    std::fs::write(t.path().join("net-conf.json"), net_conf.to_string()).unwrap();
+    std::fs::write(t.join("net-conf.json"), net_conf.to_string()).unwrap();
     let o = Command::new(EVIOCTL)
         .arg("cni-config")
         .arg("--net-conf")
-        .arg(t.path().join("net-conf.json"))
+        .arg(t.join("net-conf.json"))
         .args([
             "--node-name",
-            "ctr-node",
+            "rt-node",
             "--etcd-endpoints",
             &etcd.endpoint(),
         ])
@@ -250,7 +248,20 @@ fn ctr_run_cni_uses_the_installed_conflist() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
-    let line: Value = serde_json::from_slice(&o.stdout).unwrap();
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// `ctr run --cni` (containerd 1.6, the first conflist in its CNI dir) starts a container with the conflist
+/// and plugin that `evioctl cni-config` installed. containerd 1.6's libcni and Debian's reference plugins
+/// predate CNI 1.1.0, so the net-conf asks for cniVersion 1.0.0 (docs/deploy.md).
+#[test]
+fn ctr_run_cni_uses_the_installed_conflist() {
+    use evio_testbed::runtimes::{CniDirs, Containerd, busybox_rootfs, files_under};
+    let etcd = Etcd::start();
+    let node = Netns::new("ctn");
+    let dirs = CniDirs::new();
+    let t = tempfile::tempdir().unwrap();
+    let line = cni_config_into(&dirs, &etcd, "evio-ctr", "10.124.0.0/16", t.path());
     let gw = line["gateway"].as_str().unwrap();
     let rootfs = tempfile::tempdir().unwrap();
     busybox_rootfs(rootfs.path());
@@ -279,6 +290,51 @@ fn ctr_run_cni_uses_the_installed_conflist() {
     let left: Vec<_> = files_under(&dirs.ipam())
         .into_iter()
         .filter(|p| p.to_string_lossy().contains("10.124."))
+        .collect();
+    assert!(left.is_empty(), "IP reservation left: {left:?}");
+}
+
+/// `podman run` with its CNI backend and the installed conflist (network name = the conflist's name).
+#[test]
+fn podman_runs_with_the_installed_conflist() {
+    use evio_testbed::runtimes::{CniDirs, Podman, busybox_rootfs, files_under};
+    let etcd = Etcd::start();
+    let node = Netns::new("pmn");
+    let dirs = CniDirs::new();
+    let t = tempfile::tempdir().unwrap();
+    let net = evio_testbed::unique("evpm");
+    let line = cni_config_into(&dirs, &etcd, &net, "10.125.0.0/16", t.path());
+    let gw = line["gateway"].as_str().unwrap();
+    let rootfs = tempfile::tempdir().unwrap();
+    busybox_rootfs(rootfs.path());
+    let pm = Podman::new(&dirs);
+    let out = pm.run(
+        &node,
+        &dirs,
+        &net,
+        rootfs.path(),
+        &format!("ip -4 addr show eth0; ping -c1 -W2 {gw}"),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "podman run: {}\ncni log: {}",
+        text(&out),
+        std::fs::read_to_string(t.path().join("cni.log")).unwrap_or_default()
+    );
+    let want = format!("{}/24", line["rangeStart"].as_str().unwrap());
+    assert!(
+        stdout.contains(&want) && stdout.contains("1 packets received"),
+        "{stdout}"
+    );
+    assert!(
+        node.links().iter().all(|l| !l.starts_with("veth")),
+        "veth left: {:?}",
+        node.links()
+    );
+    let left: Vec<_> = files_under(&dirs.ipam())
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains("10.125."))
         .collect();
     assert!(left.is_empty(), "IP reservation left: {left:?}");
 }
