@@ -27,6 +27,12 @@ use crate::stun::{Builder, Class, Message, TransactionId, attr, method};
 use crate::turn::{TurnClient, TurnConfig, TurnEvent, TurnInput};
 use crate::txn::{Pending, Schedule, Step};
 
+/// Longest re-check interval of a failed pair while the peer has a direct path.
+const RECHECK_IDLE_MAX: Duration = Duration::from_secs(60);
+
+/// A pair that succeeded this recently is not re-checked when the peer's check arrives on it.
+const TRIGGER_FRESH: Duration = Duration::from_secs(2);
+
 /// A node's identity: its X25519 (WireGuard) public key.
 pub type PeerKey = [u8; 32];
 
@@ -668,6 +674,14 @@ impl Agent {
             return;
         };
         peer.selected = Some(alt);
+        let keepalive = self.cfg.timers.keepalive;
+        if let Some(p) = peer
+            .pairs
+            .iter_mut()
+            .find(|p| p.id == alt && p.inflight.is_none())
+        {
+            p.next_check = p.next_check.min(now + keepalive);
+        }
         let path = peer.pair(alt).map(Pair::path);
         tracing::info!(peer = %hex(&key[..4]), ?path, "selected path does not answer, moved to a fresh one");
         if let Some(p) = path
@@ -702,7 +716,8 @@ impl Agent {
         let backoff = t.recheck_failed * 2u32.saturating_pow(p.fails.min(8) - 1);
         p.next_check = now
             + if has_direct && !was_selected {
-                t.recheck_ok.max(backoff)
+                // A direct path works: failed alternatives need not be probed often.
+                t.recheck_ok.max(backoff).min(RECHECK_IDLE_MAX)
             } else {
                 backoff.min(t.recheck_max)
             };
@@ -710,9 +725,18 @@ impl Agent {
         if was_selected {
             tracing::info!(peer = %hex(&key[..4]), remote = %p.remote, "path failed, re-checking every pair");
             peer.selected = None;
+            let keepalive = t.keepalive;
             for q in &mut peer.pairs {
                 if q.inflight.is_none() {
                     q.next_check = now;
+                }
+                // Whatever made this path fail may have killed the others too: only pairs confirmed
+                // within the last keepalive interval stay selectable; the rest must answer again first.
+                if q.state == PairState::Succeeded
+                    && q.last_ok
+                        .is_none_or(|ok| now.saturating_duration_since(ok) >= keepalive)
+                {
+                    q.state = PairState::Waiting;
                 }
             }
             if relay_base && let Some(turn) = &mut self.turn {
@@ -892,9 +916,12 @@ impl Agent {
         else {
             return;
         };
-        if p.inflight.is_none()
-            && (p.state != PairState::Succeeded || p.next_check > now + Duration::from_secs(1))
-        {
+        // Triggered check, unless this pair answered us recently: two peers must not keep triggering each
+        // other's checks (each success is fresh when the other side's request arrives, which ends it).
+        let fresh = p
+            .last_ok
+            .is_some_and(|t| now.saturating_duration_since(t) < TRIGGER_FRESH);
+        if p.inflight.is_none() && (p.state != PairState::Succeeded || !fresh) {
             p.next_check = now;
             self.peer_timers(sender, now);
         }

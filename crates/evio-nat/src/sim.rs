@@ -423,6 +423,8 @@ pub struct Sim {
     pub loss: f64,
     /// Datagrams dropped by NAT filtering or routing (not by `loss`).
     pub dropped: u64,
+    /// Datagrams sent by anyone (nodes and the server), for traffic budgets.
+    pub datagrams: u64,
     queue: BinaryHeap<Reverse<(Instant, u64, usize)>>,
     packets: HashMap<usize, (Packet, Hop)>,
     seq: u64,
@@ -451,6 +453,7 @@ impl Sim {
             latency: Duration::from_millis(10),
             loss: 0.0,
             dropped: 0,
+            datagrams: 0,
             queue: BinaryHeap::new(),
             packets: HashMap::new(),
             seq: 0,
@@ -558,6 +561,7 @@ impl Sim {
     }
 
     fn enqueue(&mut self, p: Packet, hop: Hop) {
+        self.datagrams += 1;
         if self.loss > 0.0 && self.rng.random_bool(self.loss) {
             return;
         }

@@ -316,7 +316,9 @@ fn matrix_relay_flush_and_turn_loss() {
     assert_eq!(
         path_kind(&nodes, 2, 3),
         None,
-        "a relayed path survived the relay's death?"
+        "a relayed path survived the relay's death? {:?} {:#?}",
+        nodes[2].agent.path(&nodes[3].key),
+        nodes[2].agent.pairs(&nodes[3].key)
     );
     lab.turn_mut().unwrap().restart().unwrap();
     let t3 = Instant::now();

@@ -494,3 +494,62 @@ fn repeated_candidate_updates_change_nothing() {
     assert_tunnel(&mut sim, p, s);
     assert_tunnel(&mut sim, s, r);
 }
+
+/// Steady state costs a few datagrams a second, not a storm (two peers must not keep triggering each
+/// other's checks).
+#[test]
+fn steady_state_traffic_is_small() {
+    for (kind, path) in [
+        (NatType::Symmetric, PathKind::Relay),
+        (NatType::Easy, PathKind::Direct),
+    ] {
+        let mut sim = world(16);
+        let na = sim.add_nat(kind, "198.18.1.1");
+        let nb = sim.add_nat(kind, "198.18.1.2");
+        let a = sim.add_node("192.168.1.2:51820", Some(na), true);
+        let b = sim.add_node("192.168.2.2:51820", Some(nb), true);
+        sim.run_for(secs(1));
+        sim.introduce_all();
+        until_paths(&mut sim, a, b, path, secs(10)).expect("path");
+        sim.run_for(secs(60));
+        let before = sim.datagrams;
+        sim.run_for(secs(60));
+        let per_minute = sim.datagrams - before;
+        // Keepalives of the selected pair (every 4 s), re-checks of the others, TURN/STUN keepalives,
+        // server relaying: a few hundred a minute for the whole world.
+        assert!(
+            per_minute < 600,
+            "{kind:?}: {per_minute} datagrams a minute"
+        );
+        eprintln!("{kind:?}: {per_minute} datagrams a minute");
+    }
+}
+
+/// The same budget in a mixed world: two hosts behind one NAT, a symmetric NAT, a public host.
+#[test]
+fn steady_state_traffic_is_small_in_a_mixed_world() {
+    let mut sim = world(17);
+    let ne = sim.add_nat(NatType::Easy, "198.18.1.1");
+    let ns = sim.add_nat(NatType::Symmetric, "198.18.1.2");
+    let nodes = [
+        sim.add_node("192.168.1.2:51820", Some(ne), true),
+        sim.add_node("192.168.1.3:51820", Some(ne), true),
+        sim.add_node("192.168.2.2:51820", Some(ns), true),
+        sim.add_node("198.18.2.1:51820", None, true),
+    ];
+    sim.run_for(secs(1));
+    sim.introduce_all();
+    sim.run_for(secs(60));
+    for &a in &nodes {
+        for &b in &nodes {
+            if a != b {
+                assert!(sim.path(a, b).is_some(), "no path {a} -> {b}");
+            }
+        }
+    }
+    let before = sim.datagrams;
+    sim.run_for(secs(60));
+    let per_minute = sim.datagrams - before;
+    eprintln!("mixed world, 6 peer pairs: {per_minute} datagrams a minute");
+    assert!(per_minute < 6 * 500, "{per_minute} datagrams a minute");
+}

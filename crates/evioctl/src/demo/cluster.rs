@@ -1,0 +1,516 @@
+//! The demo cluster: the evio-lab topology plus, per host, the config gen, the agent and the pods. Every
+//! resource is recorded the moment it exists, and [`Cluster::teardown`] (also run on `Drop`) removes them
+//! in reverse order: agents (SIGTERM, then SIGKILL), processes in pod namespaces, pod namespaces, the lab
+//! (etcd, coturn, its namespaces and temp dir), the demo's temp dir. Teardown is idempotent.
+
+use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use evio_lab::{Host, Lab, NatKind, netns_command};
+use serde_json::Value;
+
+use super::cni;
+use super::signals;
+
+/// The UDP port of every agent (each in its own namespace).
+pub const LISTEN_PORT: u16 = 51820;
+/// The pod CIDR of the demo (DESIGN.md default).
+pub const POD_CIDR: &str = "10.244.0.0/16";
+
+/// Where the demo finds its programs.
+pub struct Bins {
+    pub evioctl: PathBuf,
+    pub eviod: PathBuf,
+    pub evio_cni: PathBuf,
+}
+
+pub struct Pod {
+    /// `pod1`, `pod2`, ...
+    pub name: String,
+    /// The pod's network namespace.
+    pub ns: String,
+    pub ip: String,
+}
+
+/// A site's NAT.
+#[derive(Clone)]
+pub struct Nat {
+    pub kind: NatKind,
+    /// Its network namespace.
+    pub ns: String,
+    /// Its public address.
+    pub wan: Ipv4Addr,
+}
+
+pub struct Node {
+    /// `edge1`, `edge2`, ... (the node name in etcd).
+    pub name: String,
+    pub host: Host,
+    /// The NAT in front of the host (None: a public host).
+    pub nat: Option<Nat>,
+    /// This node's temp dir: conflist, plugin bin dir, agent state dir, logs.
+    pub dir: PathBuf,
+    pub subnet: Option<String>,
+    pub gateway: Option<String>,
+    pub vip: Option<String>,
+    pub agent: Option<Child>,
+    pub pods: Vec<Pod>,
+}
+
+impl Node {
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+    pub fn net_d(&self) -> PathBuf {
+        self.dir.join("net.d")
+    }
+    pub fn bin_dir(&self) -> PathBuf {
+        self.dir.join("bin")
+    }
+    pub fn agent_log(&self) -> PathBuf {
+        self.dir.join("eviod.log")
+    }
+    /// CNI_PATH: evio-cni as installed by `cni-config`, host-local and portmap from the distribution.
+    pub fn cni_path(&self) -> String {
+        format!("{}:{}", self.bin_dir().display(), super::REFERENCE_PLUGINS)
+    }
+
+    /// True if the agent process has exited (or was never started).
+    pub fn agent_exited(&mut self) -> bool {
+        match &mut self.agent {
+            None => true,
+            Some(c) => !matches!(c.try_wait(), Ok(None)),
+        }
+    }
+
+    pub fn agent_log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(self.agent_log()).unwrap_or_default();
+        let v: Vec<&str> = text.lines().collect();
+        v[v.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+pub struct Cluster {
+    pub prefix: String,
+    pub nodes: Vec<Node>,
+    /// Pod namespaces created so far (deleted on teardown).
+    pod_namespaces: Vec<String>,
+    /// Other processes started in the namespaces (iperf3 servers...), killed on teardown.
+    pub extra: Vec<Child>,
+    lab: Option<Lab>,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Cluster {
+    /// An empty cluster owning the demo's temp dir (`$TMPDIR/evio-demo-<prefix>*`).
+    pub fn new(prefix: &str) -> Result<Cluster> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("evio-demo-{prefix}-"))
+            .tempdir()
+            .context("cannot create the demo's temp dir")?;
+        Ok(Cluster {
+            prefix: prefix.to_string(),
+            nodes: Vec::new(),
+            pod_namespaces: Vec::new(),
+            extra: Vec::new(),
+            lab: None,
+            dir: Some(dir),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir
+            .as_ref()
+            .map(|d| d.path())
+            .unwrap_or(Path::new("/nonexistent"))
+    }
+
+    pub fn lab(&self) -> &Lab {
+        self.lab.as_ref().expect("lab built")
+    }
+
+    /// Builds the topology: the internet with etcd and coturn, one site per node behind its own NAT
+    /// (the last `symmetric` of them symmetric), one host per site, then `public` hosts with public
+    /// addresses directly on the internet.
+    pub fn build_lab(&mut self, nodes: usize, symmetric: usize, public: usize) -> Result<()> {
+        let mut b = Lab::builder(&self.prefix).etcd(true).turn(true);
+        for i in 0..nodes {
+            let kind = if i >= nodes - symmetric {
+                NatKind::Symmetric
+            } else {
+                NatKind::EasyNat
+            };
+            b = b.site(kind, 1);
+        }
+        let lab = b.public_hosts(public).build().map_err(|e| anyhow!("{e}"))?;
+        let mut hosts: Vec<(Host, Option<Nat>)> = lab
+            .sites()
+            .iter()
+            .map(|s| {
+                let nat = Nat {
+                    kind: s.kind,
+                    ns: s.nat_ns.clone(),
+                    wan: s.wan_ip,
+                };
+                (s.hosts[0].clone(), Some(nat))
+            })
+            .collect();
+        hosts.extend(lab.public_hosts().iter().map(|h| (h.clone(), None)));
+        for (i, (host, nat)) in hosts.into_iter().enumerate() {
+            let name = format!("edge{}", i + 1);
+            let dir = self.dir().join(&name);
+            for d in ["net.d", "bin", "state", "ipam", "cni-state"] {
+                std::fs::create_dir_all(dir.join(d))?;
+            }
+            self.nodes.push(Node {
+                name,
+                host,
+                nat,
+                dir,
+                subnet: None,
+                gateway: None,
+                vip: None,
+                agent: None,
+                pods: Vec::new(),
+            });
+        }
+        self.lab = Some(lab);
+        Ok(())
+    }
+
+    pub fn etcd_url(&self) -> String {
+        self.lab().etcd_endpoint().unwrap_or_default()
+    }
+
+    /// `evioctl cni-config` on every host (real processes in the host namespaces, in parallel).
+    pub fn cni_config(&mut self, bins: &Bins) -> Result<()> {
+        let etcd = self.etcd_url();
+        let results: Vec<Result<Value>> = std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .nodes
+                .iter()
+                .map(|n| {
+                    let etcd = etcd.clone();
+                    s.spawn(move || cni_config_one(n, bins, &etcd))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow!("cni-config thread panicked")))
+                })
+                .collect()
+        });
+        for (n, r) in self.nodes.iter_mut().zip(results) {
+            let v = r?;
+            n.subnet = v["subnet"].as_str().map(str::to_string);
+            n.gateway = v["gateway"].as_str().map(str::to_string);
+            if n.subnet.is_none() {
+                bail!("cni-config on {} printed no subnet: {v}", n.name);
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts `eviod` on every host. Children are spawned from this (the main) thread because they get
+    /// PR_SET_PDEATHSIG: should the demo itself be killed with SIGKILL, the agents die with it.
+    pub fn start_agents(&mut self, bins: &Bins, nat_flags: bool) -> Result<()> {
+        let etcd = self.etcd_url();
+        let turn = self
+            .lab()
+            .turn()
+            .map(|t| (t.addr.to_string(), t.user.clone(), t.password_file.clone()));
+        for n in &mut self.nodes {
+            if signals::interrupted() {
+                return Ok(());
+            }
+            // Only on the host: pods route through it (a Kubernetes node has this on).
+            n.host
+                .exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+                .map_err(|e| anyhow!("{e}"))?;
+            let log = std::fs::File::create(n.agent_log())?;
+            let mut c = netns_command(&n.host.ns, &bins.eviod.to_string_lossy());
+            c.args([
+                "--node-name",
+                &n.name,
+                "--etcd-endpoints",
+                &etcd,
+                "--state-dir",
+            ])
+            .arg(n.state_dir())
+            .args(["--listen-port", &LISTEN_PORT.to_string()]);
+            if nat_flags && let Some((addr, user, pw)) = &turn {
+                c.args(["--stun", addr, "--turn", addr, "--turn-user", user])
+                    .arg("--turn-password-file")
+                    .arg(pw);
+            }
+            c.env("EVIO_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log);
+            // SAFETY: the closure runs in the forked child before exec and only calls prctl, which is
+            // async-signal-safe; it touches no memory of the parent.
+            unsafe {
+                c.pre_exec(|| {
+                    libc::prctl(
+                        libc::PR_SET_PDEATHSIG,
+                        libc::SIGKILL as libc::c_ulong,
+                        0,
+                        0,
+                        0,
+                    );
+                    Ok(())
+                });
+            }
+            n.agent = Some(
+                c.spawn()
+                    .with_context(|| format!("cannot start {}", bins.eviod.display()))?,
+            );
+        }
+        Ok(())
+    }
+
+    /// Waits until every agent answers with its VIP.
+    pub fn wait_agents(&mut self, bins: &Bins, limit: Duration) -> Result<()> {
+        let end = Instant::now() + limit;
+        loop {
+            let mut pending = Vec::new();
+            for n in &mut self.nodes {
+                if n.vip.is_some() {
+                    continue;
+                }
+                if n.agent_exited() {
+                    bail!(
+                        "eviod on {} exited; its log ({}):\n{}",
+                        n.name,
+                        n.agent_log().display(),
+                        n.agent_log_tail(20)
+                    );
+                }
+                match status(bins, &n.state_dir()) {
+                    Some(st) if st["address"].is_string() => {
+                        n.vip = st["address"].as_str().map(str::to_string);
+                    }
+                    _ => pending.push(n.name.clone()),
+                }
+            }
+            if pending.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= end {
+                bail!(
+                    "no answer from eviod on {} within {limit:?}",
+                    pending.join(", ")
+                );
+            }
+            if !signals::sleep(Duration::from_millis(100)) {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Plugs `k` pods into every host through the CNI chain of its conflist (hosts in parallel).
+    pub fn add_pods(&mut self, k: usize) -> Result<()> {
+        // Namespaces first, from this thread, so each is recorded for teardown before it is used.
+        let mut plan: Vec<Vec<(String, String)>> = Vec::new();
+        for i in 0..self.nodes.len() {
+            let mut v = Vec::new();
+            for p in 1..=k {
+                if signals::interrupted() {
+                    return Ok(());
+                }
+                let ns = format!("{}-e{}p{p}", self.prefix, i + 1);
+                evio_lab::run(Command::new("ip").args(["netns", "add", &ns]))
+                    .map_err(|e| anyhow!("{e}"))?;
+                self.pod_namespaces.push(ns.clone());
+                evio_lab::run(Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"]))
+                    .map_err(|e| anyhow!("{e}"))?;
+                v.push((format!("pod{p}"), ns));
+            }
+            plan.push(v);
+        }
+        let results: Vec<Result<Vec<Pod>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .nodes
+                .iter()
+                .zip(plan)
+                .map(|(n, pods)| s.spawn(move || add_pods_one(n, pods)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow!("CNI thread panicked")))
+                })
+                .collect()
+        });
+        for (n, r) in self.nodes.iter_mut().zip(results) {
+            n.pods = r?;
+        }
+        Ok(())
+    }
+
+    /// Stops everything and removes every trace; safe to call more than once.
+    pub fn teardown(&mut self) -> Vec<String> {
+        let mut problems = Vec::new();
+        // 1. Agents: SIGTERM (they revoke their registration), then SIGKILL after a short grace.
+        let mut agents: Vec<(String, Child)> = self
+            .nodes
+            .iter_mut()
+            .filter_map(|n| n.agent.take().map(|c| (n.name.clone(), c)))
+            .collect();
+        for (_, c) in &agents {
+            // SAFETY: a signal to our own child process; no memory is involved.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        }
+        let end = Instant::now() + Duration::from_secs(3);
+        for (name, c) in &mut agents {
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if matches!(c.try_wait(), Ok(None)) {
+                problems.push(format!("eviod on {name} ignored SIGTERM; killed"));
+                let _ = c.kill();
+            }
+            let _ = c.wait();
+        }
+        for mut c in self.extra.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // 2. Pod namespaces: whatever runs in them, then the namespaces (their veths go with them).
+        for ns in self.pod_namespaces.iter().rev() {
+            kill_netns_pids(ns);
+        }
+        for ns in self.pod_namespaces.drain(..).rev() {
+            if let Err(e) = evio_lab::run(Command::new("ip").args(["netns", "del", &ns])) {
+                problems.push(format!("cannot delete namespace {ns}: {e}"));
+            }
+        }
+        // 3. The lab: etcd, coturn, everything in its namespaces, the namespaces, its temp dir.
+        self.lab.take();
+        // 4. Our temp dir (state dirs, conflists, logs).
+        if let Some(d) = self.dir.take() {
+            let path = d.path().to_path_buf();
+            if let Err(e) = d.close() {
+                problems.push(format!("cannot remove {}: {e}", path.display()));
+            }
+        }
+        problems
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for p in self.teardown() {
+            eprintln!("teardown: {p}");
+        }
+    }
+}
+
+fn kill_netns_pids(ns: &str) {
+    if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                // SAFETY: kill with a pid the kernel reported inside a namespace this demo created.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+fn cni_config_one(n: &Node, bins: &Bins, etcd: &str) -> Result<Value> {
+    let conf = n.dir.join("net-conf.json");
+    let net_conf = serde_json::json!({
+        "name": "evio",
+        // The Debian portmap (containernetworking-plugins 1.1) speaks up to 1.0.0.
+        "cniVersion": "1.0.0",
+        "podCIDR": POD_CIDR,
+        "nodeBits": 8,
+        "stateDir": n.dir.join("cni-state"),
+        "logFile": n.dir.join("evio-cni.log"),
+        "logLevel": "info",
+        "ipam": {"dataDir": n.dir.join("ipam")},
+    });
+    std::fs::write(&conf, net_conf.to_string())?;
+    let out = netns_command(&n.host.ns, &bins.evioctl.to_string_lossy())
+        .arg("cni-config")
+        .arg("--net-conf")
+        .arg(&conf)
+        .args(["--node-name", &n.name, "--etcd-endpoints", etcd])
+        .arg("--cni-conf-dir")
+        .arg(n.net_d())
+        .arg("--cni-bin-dir")
+        .arg(n.bin_dir())
+        .arg("--plugin-binary")
+        .arg(&bins.evio_cni)
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot run evioctl cni-config")?;
+    if !out.status.success() {
+        bail!(
+            "evioctl cni-config on {} failed: {}",
+            n.name,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let line = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(line.trim())
+        .with_context(|| format!("cni-config on {} printed {line:?}", n.name))
+}
+
+fn add_pods_one(n: &Node, pods: Vec<(String, String)>) -> Result<Vec<Pod>> {
+    let path = n.net_d().join(crate::cni_config::CONFLIST);
+    let conflist: Value = serde_json::from_slice(
+        &std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?,
+    )
+    .with_context(|| format!("{} is not JSON", path.display()))?;
+    let cni_path = n.cni_path();
+    let mut out = Vec::new();
+    for (name, ns) in pods {
+        if signals::interrupted() {
+            break;
+        }
+        let netns_path = Path::new("/run/netns").join(&ns);
+        let res = cni::add(
+            &conflist,
+            &cni_path,
+            &cni::Attach {
+                node_ns: &n.host.ns,
+                container_id: &ns,
+                netns_path: &netns_path,
+                ifname: "eth0",
+                pod_name: &format!("{}-{name}", n.name),
+            },
+        )
+        .with_context(|| format!("CNI ADD of {}/{name}", n.name))?;
+        let ip = cni::first_ipv4(&res).ok_or_else(|| {
+            anyhow!(
+                "CNI result for {}/{name} has no IPv4 address: {res}",
+                n.name
+            )
+        })?;
+        out.push(Pod { name, ns, ip });
+    }
+    Ok(out)
+}
+
+/// `evioctl status --json --state-dir DIR` (the real command), parsed; None if the agent does not answer.
+pub fn status(bins: &Bins, state_dir: &Path) -> Option<Value> {
+    let out = Command::new(&bins.evioctl)
+        .args(["status", "--json", "--state-dir"])
+        .arg(state_dir)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}

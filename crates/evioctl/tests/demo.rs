@@ -1,0 +1,437 @@
+//! `evioctl demo` end to end (root): the real binaries, etcd, coturn, NATs in network namespaces.
+//!
+//! Every run gets its own TMPDIR, so "nothing left behind" is checked exactly: no namespace with the
+//! demo's prefix (derived from its pid), no process whose command line mentions the run's TMPDIR (eviod's
+//! state dir, etcd's data dir and coturn's config all live there), and an empty TMPDIR.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn evioctl() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_BIN_EXE_evioctl"));
+    let dir = p.parent().unwrap();
+    for b in ["eviod", "evio-cni"] {
+        assert!(
+            dir.join(b).is_file(),
+            "{}/{b} missing: build the workspace binaries first (cargo build --workspace --bins)",
+            dir.display()
+        );
+    }
+    p
+}
+
+/// A demo process with its stdout and stderr collected in the background.
+struct Demo {
+    child: Child,
+    out: Arc<Mutex<String>>,
+    tmp: Arc<tempfile::TempDir>,
+}
+
+impl Demo {
+    fn start(args: &[&str]) -> Demo {
+        let tmp = tempfile::Builder::new()
+            .prefix("evioctl-demo-test")
+            .tempdir()
+            .unwrap();
+        Demo::start_in(Arc::new(tmp), args)
+    }
+
+    /// A demo with TMPDIR `tmp`.
+    fn start_in(tmp: Arc<tempfile::TempDir>, args: &[&str]) -> Demo {
+        Demo::spawn(&evioctl(), tmp, args)
+    }
+
+    /// `exe demo ARGS` with TMPDIR `tmp`.
+    fn spawn(exe: &Path, tmp: Arc<tempfile::TempDir>, args: &[&str]) -> Demo {
+        evio_testbed::require_root();
+        let mut child = Command::new(exe)
+            .arg("demo")
+            .args(args)
+            .env("TMPDIR", tmp.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start evioctl demo");
+        let out = Arc::new(Mutex::new(String::new()));
+        for mut r in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let out = out.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = r.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    out.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+        Demo { child, out, tmp }
+    }
+
+    fn output(&self) -> String {
+        self.out.lock().unwrap().clone()
+    }
+
+    /// The namespace prefix of this demo (`evio_lab::unique_prefix("evdemo")` in the demo process).
+    fn prefix(&self) -> String {
+        format!("evdemo{:x}x", self.child.id())
+    }
+
+    /// Waits for the exit status (kills the demo after `limit`).
+    fn wait(&mut self, limit: Duration) -> Option<i32> {
+        let end = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                // Let the reader threads drain the pipes.
+                std::thread::sleep(Duration::from_millis(100));
+                return st.code();
+            }
+            if Instant::now() >= end {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("demo did not finish within {limit:?}:\n{}", self.output());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: a signal to our own child process.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Asserts that nothing of this demo is left on the machine.
+    fn assert_nothing_left(&self) {
+        let prefix = self.prefix();
+        let netns: Vec<String> = std::fs::read_dir("/run/netns")
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with(&prefix))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(
+            netns.is_empty(),
+            "namespaces left: {netns:?}\n{}",
+            self.output()
+        );
+        let tmp = self.tmp.path().to_string_lossy().into_owned();
+        let procs = processes_mentioning(&tmp);
+        assert!(
+            procs.is_empty(),
+            "processes left: {procs:?}\n{}",
+            self.output()
+        );
+        let left: Vec<_> = std::fs::read_dir(self.tmp.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .collect();
+        assert!(
+            left.is_empty(),
+            "temp files left: {left:?}\n{}",
+            self.output()
+        );
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            // A failed assertion while the demo runs: let it clean up, then make sure it is gone.
+            self.signal(libc::SIGTERM);
+            let end = Instant::now() + Duration::from_secs(20);
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()) {
+        let p = e.path();
+        if !p
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .chars()
+            .all(|c| c.is_ascii_digit())
+        {
+            continue;
+        }
+        if let Ok(cmd) = std::fs::read(p.join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) {
+                found.push(format!("{}: {cmd}", p.display()));
+            }
+        }
+    }
+    found
+}
+
+fn wait_for_output(d: &Demo, needle: &str, limit: Duration) {
+    let end = Instant::now() + limit;
+    while !d.output().contains(needle) {
+        assert!(
+            Instant::now() < end,
+            "no {needle:?} within {limit:?}:\n{}",
+            d.output()
+        );
+        assert!(
+            d.output().is_empty() || !d.output().contains("tearing down"),
+            "demo ended early:\n{}",
+            d.output()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The README's main command with --check: three edge hosts behind NATs (one symmetric), two pods
+/// each; every host VIP and every pod must reach every other.
+#[test]
+fn demo_check_three_nodes_one_symmetric_nat() {
+    let mut d = Demo::start(&["--nodes", "3", "--symmetric-nat", "1", "--check"]);
+    let t = Instant::now();
+    let code = d.wait(Duration::from_secs(180));
+    let out = d.output();
+    println!("{out}");
+    assert_eq!(
+        code,
+        Some(0),
+        "demo --check failed after {:?}:\n{out}",
+        t.elapsed()
+    );
+    for s in [
+        "every pair reaches every other",
+        "host VIPs: 6/6 reached, pods: 12/12 reached",
+        "no namespaces, processes or files left",
+    ] {
+        assert!(out.contains(s), "output lacks {s:?}:\n{out}");
+    }
+    // Three subnets, three VIPs in the table.
+    assert!(out.matches("10.10.0.").count() >= 3, "{out}");
+    d.assert_nothing_left();
+}
+
+/// A public-address cluster exercises the whole demo (matrix, direct throughput) without NAT traversal.
+#[test]
+fn demo_check_public_hosts() {
+    let mut d = Demo::start(&[
+        "--nodes",
+        "0",
+        "--symmetric-nat",
+        "0",
+        "--public-nodes",
+        "2",
+        "--pods-per-node",
+        "1",
+        "--check",
+    ]);
+    let code = d.wait(Duration::from_secs(120));
+    let out = d.output();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("host VIPs: 2/2 reached, pods: 2/2 reached"),
+        "{out}"
+    );
+    assert!(out.contains("direct via 198.18.2."), "{out}");
+    assert!(out.contains("Mbit/s"), "no throughput sample:\n{out}");
+    d.assert_nothing_left();
+}
+
+/// SIGINT (and SIGTERM) at several points of the start-up: the demo stops, tears down and exits 130,
+/// leaving no namespace, process or file behind.
+#[test]
+fn demo_interrupted_during_start_up_leaves_nothing() {
+    for (at, sig) in [
+        ("internet with etcd", libc::SIGINT),
+        ("eviod on every host", libc::SIGINT),
+        ("pods through the CNI chain", libc::SIGTERM),
+    ] {
+        let mut d = Demo::start(&["--nodes", "3", "--symmetric-nat", "1"]);
+        wait_for_output(&d, at, Duration::from_secs(60));
+        d.signal(sig);
+        let code = d.wait(Duration::from_secs(60));
+        let out = d.output();
+        assert_eq!(
+            code,
+            Some(130),
+            "signal {sig} at {at:?}: exit {code:?}\n{out}"
+        );
+        assert!(out.contains("tearing down"), "{out}");
+        assert!(!out.contains("stays up until Ctrl-C"), "{out}");
+        d.assert_nothing_left();
+    }
+}
+
+/// Without --check the demo stays up (it prints how to look around) until SIGINT, then cleans up.
+#[test]
+fn demo_stays_up_until_sigint() {
+    let mut d = Demo::start(&[
+        "--nodes",
+        "0",
+        "--symmetric-nat",
+        "0",
+        "--public-nodes",
+        "2",
+        "--pods-per-node",
+        "1",
+    ]);
+    wait_for_output(&d, "ip netns list | grep", Duration::from_secs(120));
+    let out = d.output();
+    let pod_ns = out
+        .lines()
+        .skip_while(|l| !l.contains("# a shell in pod edge1/pod1"))
+        .nth(1)
+        .and_then(|l| l.split_whitespace().nth(3))
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("no pod shell hint:\n{out}"));
+    assert!(
+        Path::new("/run/netns").join(&pod_ns).exists(),
+        "{pod_ns} does not exist:\n{out}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        matches!(d.child.try_wait(), Ok(None)),
+        "demo exited on its own:\n{}",
+        d.output()
+    );
+    d.signal(libc::SIGINT);
+    assert_eq!(d.wait(Duration::from_secs(30)), Some(0), "{}", d.output());
+    d.assert_nothing_left();
+}
+
+/// A demo killed with SIGKILL cannot clean up: its agents die with it (PR_SET_PDEATHSIG) and the next demo
+/// removes its namespaces, etcd, coturn and temp dirs.
+#[test]
+fn killed_demo_is_cleaned_up_by_the_next_one() {
+    let public = [
+        "--nodes",
+        "0",
+        "--symmetric-nat",
+        "0",
+        "--public-nodes",
+        "2",
+        "--pods-per-node",
+        "1",
+    ];
+    let mut d = Demo::start(&public);
+    wait_for_output(&d, "pods through the CNI chain", Duration::from_secs(60));
+    d.signal(libc::SIGKILL);
+    assert_eq!(d.wait(Duration::from_secs(10)), None, "{}", d.output());
+    let prefix = d.prefix();
+    let left = || {
+        std::fs::read_dir("/run/netns")
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .count()
+    };
+    assert!(
+        left() > 0,
+        "a killed demo left nothing to clean up?\n{}",
+        d.output()
+    );
+    // The agents died with the demo.
+    let agents = || {
+        processes_mentioning(&d.tmp.path().to_string_lossy())
+            .into_iter()
+            .filter(|p| p.contains("eviod"))
+            .count()
+    };
+    assert!(
+        evio_testbed::wait_until(Duration::from_secs(5), || agents() == 0),
+        "agents outlived the demo: {:?}",
+        processes_mentioning(&d.tmp.path().to_string_lossy())
+    );
+    let mut next = Demo::start_in(d.tmp.clone(), &[&public[..], &["--check"]].concat());
+    let code = next.wait(Duration::from_secs(120));
+    let out = next.output();
+    assert_eq!(code, Some(0), "{out}");
+    // Unless a demo of a parallel test got there first.
+    assert!(left() == 0, "{out}");
+    d.assert_nothing_left();
+    next.assert_nothing_left();
+}
+
+/// An error half way (here: an agent that exits at once, injected by placing a failing `eviod` next to a
+/// copy of evioctl and the real evio-cni): the demo reports it, exits 1 and leaves nothing behind.
+#[test]
+fn error_half_way_leaves_nothing() {
+    let real = evioctl();
+    let bins = tempfile::Builder::new()
+        .prefix("evioctl-demo-bins")
+        .tempdir()
+        .unwrap();
+    std::fs::copy(&real, bins.path().join("evioctl")).unwrap();
+    std::fs::copy(
+        real.parent().unwrap().join("evio-cni"),
+        bins.path().join("evio-cni"),
+    )
+    .unwrap();
+    let fake = bins.path().join("eviod");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'eviod: injected failure' >&2\nexit 3\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let tmp = Arc::new(
+        tempfile::Builder::new()
+            .prefix("evioctl-demo-test")
+            .tempdir()
+            .unwrap(),
+    );
+    let mut d = Demo::spawn(
+        &bins.path().join("evioctl"),
+        tmp,
+        &["--nodes", "2", "--symmetric-nat", "1", "--check"],
+    );
+    let code = d.wait(Duration::from_secs(60));
+    let out = d.output();
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("injected failure"),
+        "the agent's log is not shown:\n{out}"
+    );
+    assert!(out.contains("FAILED"), "{out}");
+    d.assert_nothing_left();
+}
+
+/// A missing package is named before anything is created.
+#[test]
+fn missing_packages_are_named() {
+    evio_testbed::require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(evioctl())
+        .args(["demo", "--check"])
+        .env("PATH", tmp.path().join("empty"))
+        .env("TMPDIR", tmp.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    for pkg in ["etcd-server", "coturn", "iproute2", "nftables"] {
+        assert!(err.contains(pkg), "{pkg} not named: {err}");
+    }
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "created files"
+    );
+}
