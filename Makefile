@@ -24,6 +24,6 @@ lint: deps
 # All tests: unit, simulation and integration (root, network namespaces, real etcd/OVS/coturn/containerd/podman).
 test: deps lint
 	cargo build --workspace --bins
-	cargo test --workspace -- --test-threads=4
+	cargo test --workspace --no-fail-fast -- --test-threads=4
 	# the tunnel core's simulation runs boringtun on a fake clock: a feature never enabled in a workspace build
 	cargo test -p evio-tunnel --features mock-time --test sim
