@@ -22,7 +22,7 @@ use crate::records::{AddressClaim, NodeRecord, SubnetClaim, unix_now};
 /// this bounds nothing in practice with a few thousand nodes; it only stops a livelock.
 const MAX_ATTEMPTS: u32 = 10_000;
 
-/// How many of the lowest free subnets a claimer that lost a race chooses from.
+/// The most of the lowest free subnets a claimer that lost races chooses from (a power of two).
 const CONTENTION_WINDOW: usize = 64;
 
 /// A pseudo-random number from the node name, the attempt and the clock (no cryptographic need: it only
@@ -323,10 +323,12 @@ impl Store {
                 }
                 return Ok(claim);
             }
-            // Lowest free first. A claimer that just lost a race picks at random among the lowest free
-            // subnets instead, so hundreds of simultaneous claimers do not all retry on the same one (each
-            // round costs an etcd commit); the pool still fills from the bottom.
-            let free = plan.lowest_free_n(&taken, if attempt == 0 { 1 } else { CONTENTION_WINDOW });
+            // Lowest free first. A claimer that lost a race picks at random among the lowest free subnets
+            // instead, in a window that doubles with every lost race (2, 4, ... up to CONTENTION_WINDOW):
+            // a few simultaneous claimers still get the lowest subnets, while hundreds do not all retry on
+            // the same one (each round costs an etcd commit). The pool fills from the bottom.
+            let window = 1usize << attempt.min(CONTENTION_WINDOW.trailing_zeros());
+            let free = plan.lowest_free_n(&taken, window);
             let Some(&index) = free.get(if free.is_empty() {
                 0
             } else {
