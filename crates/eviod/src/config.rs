@@ -27,14 +27,16 @@ pub struct Args {
     /// etcd user (with --etcd-password-file).
     #[arg(long)]
     pub etcd_user: Option<String>,
+    /// File holding the etcd user's password (a trailing newline is ignored).
     #[arg(long)]
     pub etcd_password_file: Option<PathBuf>,
     /// CA bundle (PEM) to verify etcd's certificate; enables TLS.
     #[arg(long)]
     pub etcd_ca: Option<PathBuf>,
-    /// Client certificate and key (PEM) for etcd mutual TLS.
+    /// Client certificate (PEM) for etcd mutual TLS.
     #[arg(long)]
     pub etcd_cert: Option<PathBuf>,
+    /// Client key (PEM) for etcd mutual TLS.
     #[arg(long)]
     pub etcd_key: Option<PathBuf>,
     /// Directory for the key, the control socket and cached state (one per agent).
@@ -62,8 +64,10 @@ pub struct Args {
     /// TURN server (HOST:PORT), for relayed paths.
     #[arg(long)]
     pub turn: Option<String>,
+    /// TURN user (long-term credentials).
     #[arg(long)]
     pub turn_user: Option<String>,
+    /// File holding the TURN password (a trailing newline is ignored; keep it mode 0600).
     #[arg(long)]
     pub turn_password_file: Option<PathBuf>,
     /// Cluster pre-shared key file (base64 of 32 bytes, mode 0600).
