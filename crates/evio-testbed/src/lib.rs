@@ -344,19 +344,8 @@ impl Drop for Etcd {
     }
 }
 
-/// Polls `f` every 20 ms until it returns true or `limit` passes; returns whether it did.
-pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    loop {
-        if f() {
-            return true;
-        }
-        if start.elapsed() >= limit {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+/// Polls `f` until it returns true or `limit` passes; returns whether it did.
+pub use evio_lab::wait_until;
 
 /// The directory holding the workspace's built binaries (`target/debug` or `target/release`), found from the
 /// test executable's own path (`target/<profile>/deps/test-xxxx`).

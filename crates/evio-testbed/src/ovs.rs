@@ -284,25 +284,8 @@ impl Drop for Ovs {
 }
 
 /// Runs `f` on a new thread that entered network namespace `ns` (namespaces are per thread).
-pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = PathBuf::from("/run/netns").join(ns);
-    std::thread::spawn(move || {
-        let file =
-            std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-        use std::os::fd::AsRawFd;
-        // SAFETY: setns with a valid namespace fd; it only changes this (fresh, short-lived) thread.
-        let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(
-            r,
-            0,
-            "setns {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        );
-        f()
-    })
-    .join()
-    .expect("thread in netns panicked")
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    evio_lab::in_netns(ns, f).unwrap_or_else(|e| panic!("cannot enter netns {ns}: {e}"))
 }
 
 /// Sends `bytes` bytes of a known pattern over TCP from netns `client` to `server_ip` in netns `server`
