@@ -225,6 +225,7 @@ pub struct Containerd {
     dir: tempfile::TempDir,
     child: Option<Child>,
     namespace: String,
+    shim_sockets_before: std::collections::HashSet<PathBuf>,
 }
 
 impl Containerd {
@@ -273,6 +274,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
             dir,
             child: Some(child),
             namespace,
+            shim_sockets_before: shim_sockets(),
         };
         let start = Instant::now();
         while !c.socket().exists() {
@@ -379,7 +381,27 @@ impl Drop for Containerd {
             let _ = c.wait();
         }
         remove_cgroups(&self.namespace);
+        // containerd 1.6 keeps the runc shim's state under a fixed /run/containerd: runc's root per
+        // namespace (ours is unique), and one socket per shim in /run/containerd/s. Remove ours: the
+        // namespace dir, and the sockets that appeared while we ran and no longer answer (a live one belongs
+        // to another containerd, e.g. a test running in parallel).
+        let _ = std::fs::remove_dir_all(Path::new(SHIM_STATE).join("runc").join(&self.namespace));
+        for sock in shim_sockets().difference(&self.shim_sockets_before) {
+            if std::os::unix::net::UnixStream::connect(sock).is_err() {
+                let _ = std::fs::remove_file(sock);
+            }
+        }
     }
+}
+
+/// containerd 1.6's fixed state directory for shims (not configurable for `ctr run`).
+const SHIM_STATE: &str = "/run/containerd";
+
+/// The shim sockets currently in `/run/containerd/s`.
+fn shim_sockets() -> std::collections::HashSet<PathBuf> {
+    std::fs::read_dir(Path::new(SHIM_STATE).join("s"))
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default()
 }
 
 /// Podman 4.3 with the CNI backend and its own root, runroot, tmp dir, containers.conf and cgroup parent.
