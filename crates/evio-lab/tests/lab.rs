@@ -308,6 +308,7 @@ fn leftovers_of_a_killed_lab_are_removed() {
         .build()
         .unwrap();
     let names = lab.namespaces().to_vec();
+    let dir = lab.dir().to_path_buf();
     // Simulate a SIGKILLed owner: the namespaces outlive the value.
     std::mem::forget(lab);
     // A namespace that merely shares the prefix is not ours and stays.
@@ -321,6 +322,8 @@ fn leftovers_of_a_killed_lab_are_removed() {
     assert!(exists(&other));
     evio_lab::run(std::process::Command::new("ip").args(["netns", "del", &other])).unwrap();
     assert!(names.iter().all(|n| !exists(n)));
+    // The forgotten value's temp dir (processes in the lab were killed with its namespaces).
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
