@@ -185,7 +185,7 @@ impl Shared {
     }
 }
 
-/// Renews the lease every TTL/3 over a keep-alive stream; reopens the stream after errors, re-puts the
+/// Renews the lease every TTL/3 over a keep-alive stream (at once when the stream is new); reopens the stream after errors, re-puts the
 /// record after a reconnection, and registers again when the lease is gone.
 async fn keeper(sh: Arc<Shared>) {
     let period = Duration::from_millis((sh.ttl as u64 * 1000) / 3).max(Duration::from_millis(300));
@@ -221,8 +221,14 @@ async fn keeper(sh: Arc<Shared>) {
         if reput && sh.put(lease).await.is_ok() {
             reput = false;
         }
+        // Renew at once on a fresh stream (after an outage the lease may have little time left), then every
+        // period.
+        let mut first = true;
         loop {
-            tokio::time::sleep(period).await;
+            if !first {
+                tokio::time::sleep(period).await;
+            }
+            first = false;
             if keeper.keep_alive().await.is_err() {
                 reput = true;
                 break;

@@ -288,6 +288,24 @@ impl Etcd {
         format!("http://{}:{}", self.listen_ip, self.client_port)
     }
 
+    /// The network namespace etcd runs in, if not the caller's.
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
+    }
+
+    /// Runs `etcdctl <args>` against this server (inside its namespace) and panics unless it succeeds;
+    /// returns stdout.
+    pub fn etcdctl(&self, args: &[&str]) -> String {
+        let endpoint = self.endpoint();
+        let mut cmd: Vec<&str> = match &self.netns {
+            Some(ns) => vec!["ip", "netns", "exec", ns],
+            None => vec![],
+        };
+        cmd.extend(["etcdctl", "--endpoints", &endpoint]);
+        cmd.extend_from_slice(args);
+        run_ok(&cmd)
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
