@@ -185,50 +185,33 @@ impl Shared {
         for (r, n) in drops.iter() {
             let _ = writeln!(s, "evio_drops_total{{reason=\"{}\"}} {n}", r.as_str());
         }
-        let _ = writeln!(
-            s,
-            "# HELP evio_peer_rx_bytes_total Inner bytes received from a peer.\n# TYPE evio_peer_rx_bytes_total counter"
-        );
-        for p in &peers {
-            let name = meta
-                .get(&p.public_key)
-                .map(|m| m.node.as_str())
-                .unwrap_or(&p.name);
-            let _ = writeln!(
-                s,
-                "evio_peer_rx_bytes_total{{peer=\"{name}\"}} {}",
-                p.rx_bytes
-            );
-        }
-        let _ = writeln!(
-            s,
-            "# HELP evio_peer_tx_bytes_total Inner bytes sent to a peer.\n# TYPE evio_peer_tx_bytes_total counter"
-        );
-        for p in &peers {
-            let name = meta
-                .get(&p.public_key)
-                .map(|m| m.node.as_str())
-                .unwrap_or(&p.name);
-            let _ = writeln!(
-                s,
-                "evio_peer_tx_bytes_total{{peer=\"{name}\"}} {}",
-                p.tx_bytes
-            );
-        }
-        let _ = writeln!(
-            s,
-            "# HELP evio_peer_handshakes_total Completed handshakes with a peer.\n# TYPE evio_peer_handshakes_total counter"
-        );
-        for p in &peers {
-            let name = meta
-                .get(&p.public_key)
-                .map(|m| m.node.as_str())
-                .unwrap_or(&p.name);
-            let _ = writeln!(
-                s,
-                "evio_peer_handshakes_total{{peer=\"{name}\"}} {}",
-                p.handshakes
-            );
+        type PeerCounter = (&'static str, &'static str, fn(&PeerStatus) -> u64);
+        let per_peer: [PeerCounter; 3] = [
+            (
+                "evio_peer_rx_bytes_total",
+                "Inner bytes received from a peer.",
+                |p| p.rx_bytes,
+            ),
+            (
+                "evio_peer_tx_bytes_total",
+                "Inner bytes sent to a peer.",
+                |p| p.tx_bytes,
+            ),
+            (
+                "evio_peer_handshakes_total",
+                "Completed handshakes with a peer.",
+                |p| p.handshakes,
+            ),
+        ];
+        for (metric, help, value) in per_peer {
+            let _ = writeln!(s, "# HELP {metric} {help}\n# TYPE {metric} counter");
+            for p in &peers {
+                let name = meta
+                    .get(&p.public_key)
+                    .map(|m| m.node.as_str())
+                    .unwrap_or(&p.name);
+                let _ = writeln!(s, "{metric}{{peer=\"{name}\"}} {}", value(p));
+            }
         }
         for (name, help, v) in [
             (
