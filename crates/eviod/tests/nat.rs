@@ -12,6 +12,9 @@ use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::Pod;
 use evio_lab::{Host, Lab, NatKind, unique_prefix, wait_until};
 
 fn eviod() -> &'static str {
@@ -120,106 +123,23 @@ impl Drop for Agent {
     }
 }
 
-/// A pod: a network namespace plugged into its host's pod bridge by the real evio-cni.
-struct Pod {
-    ns: evio_testbed::Netns,
-    ip: String,
-}
-
 impl Agent {
-    /// Claims the host's pod subnet with `evioctl cni-config` (the conflist goes to `<state>.cni/net.d`).
+    /// Claims the host's pod subnet with `evioctl cni-config` (everything under `<state>.cni`).
     fn cni_config(&self, lab: &Lab) {
-        let d = self.state_dir.with_extension("cni");
-        std::fs::create_dir_all(d.join("net.d")).unwrap();
-        std::fs::create_dir_all(d.join("bin")).unwrap();
-        let conf = d.join("net-conf.json");
-        let net_conf = serde_json::json!({
-            "podCIDR": "10.244.0.0/16", "nodeBits": 8, "stateDir": d.join("state"),
-            "logFile": d.join("plugin.log"), "ipam": {"dataDir": d.join("ipam")},
-        });
-        std::fs::write(&conf, net_conf.to_string()).unwrap();
-        let evioctl = evio_testbed::bin_dir().join("evioctl");
-        let plugin = evio_testbed::bin_dir().join("evio-cni");
-        assert!(
-            evioctl.exists() && plugin.exists(),
-            "build the workspace binaries first (cargo build --bins)"
+        common::cni_config_in(
+            &self.host.ns,
+            &self.name,
+            &lab.etcd_endpoint().unwrap(),
+            &self.state_dir.with_extension("cni"),
         );
-        self.host
-            .exec(&[
-                evioctl.to_str().unwrap(),
-                "cni-config",
-                "--net-conf",
-                conf.to_str().unwrap(),
-                "--node-name",
-                &self.name,
-                "--etcd-endpoints",
-                &lab.etcd_endpoint().unwrap(),
-                "--cni-conf-dir",
-                d.join("net.d").to_str().unwrap(),
-                "--cni-bin-dir",
-                d.join("bin").to_str().unwrap(),
-                "--plugin-binary",
-                plugin.to_str().unwrap(),
-            ])
-            .expect("evioctl cni-config");
     }
 
     /// One pod through a real CNI ADD with the conflist of `cni_config`.
     fn add_pod(&self) -> Pod {
-        let d = self.state_dir.with_extension("cni");
-        let list: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(d.join("net.d").join("10-evio.conflist")).unwrap(),
-        )
-        .unwrap();
-        let mut conf = list["plugins"][0].clone();
-        conf["cniVersion"] = list["cniVersion"].clone();
-        conf["name"] = list["name"].clone();
-        let plugin = evio_testbed::bin_dir().join("evio-cni");
-        let path = d.join("cni-path");
-        if !path.exists() {
-            std::fs::create_dir_all(&path).unwrap();
-            std::os::unix::fs::symlink(&plugin, path.join("evio-cni")).unwrap();
-            std::os::unix::fs::symlink("/usr/lib/cni/host-local", path.join("host-local")).unwrap();
-        }
         self.host
             .exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])
             .unwrap();
-        let ns = evio_testbed::Netns::new("enp");
-        let mut child = self
-            .host
-            .command(plugin.to_str().unwrap())
-            .env("CNI_COMMAND", "ADD")
-            .env("CNI_CONTAINERID", ns.name())
-            .env("CNI_NETNS", ns.path())
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", &path)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(conf.to_string().as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "CNI ADD: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let res: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let ip = res["ips"][0]["address"]
-            .as_str()
-            .unwrap()
-            .split('/')
-            .next()
-            .unwrap()
-            .to_string();
-        Pod { ns, ip }
+        common::add_pod_in(&self.host.ns, &self.state_dir.with_extension("cni"))
     }
 }
 

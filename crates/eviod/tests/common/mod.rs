@@ -285,99 +285,18 @@ impl Host {
     /// Claims this host's pod subnet with `evioctl cni-config`; returns its JSON line
     /// (`node`, `subnet`, `gateway`, ...).
     pub fn cni_config(&self, etcd: &str, dir: &std::path::Path) -> serde_json::Value {
-        let d = dir.join(format!("{}-cni", self.name));
-        std::fs::create_dir_all(d.join("net.d")).unwrap();
-        std::fs::create_dir_all(d.join("bin")).unwrap();
-        let conf = d.join("net-conf.json");
-        let net_conf = serde_json::json!({
-            "podCIDR": "10.244.0.0/16",
-            "nodeBits": 8,
-            "stateDir": d.join("state"),
-            "logFile": d.join("plugin.log"),
-            "logLevel": "debug",
-            "ipam": {"dataDir": d.join("ipam")},
-        });
-        std::fs::write(&conf, net_conf.to_string()).unwrap();
-        let plugin = plugin_binary();
-        let out = self.ns.exec(&[
-            evioctl().to_str().unwrap(),
-            "cni-config",
-            "--net-conf",
-            conf.to_str().unwrap(),
-            "--node-name",
+        cni_config_in(
+            self.ns.name(),
             &self.name,
-            "--etcd-endpoints",
             etcd,
-            "--cni-conf-dir",
-            d.join("net.d").to_str().unwrap(),
-            "--cni-bin-dir",
-            d.join("bin").to_str().unwrap(),
-            "--plugin-binary",
-            plugin.to_str().unwrap(),
-        ]);
-        assert!(
-            out.status.success(),
-            "cni-config: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("cni-config JSON")
+            &dir.join(format!("{}-cni", self.name)),
+        )
     }
 
     /// Plugs a new pod in with the real `evio-cni` (ADD with the first plugin of the conflist that
     /// `cni_config` wrote, host-local IPAM); returns it with its address.
     pub fn add_pod_cni(&self, dir: &std::path::Path) -> Pod {
-        let d = dir.join(format!("{}-cni", self.name));
-        let list: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(d.join("net.d").join("10-evio.conflist")).unwrap(),
-        )
-        .unwrap();
-        let mut conf = list["plugins"][0].clone();
-        conf["cniVersion"] = list["cniVersion"].clone();
-        conf["name"] = list["name"].clone();
-        let plugin = evio_testbed::bin_dir().join("evio-cni");
-        assert!(
-            plugin.exists(),
-            "{} missing: build the workspace binaries first",
-            plugin.display()
-        );
-        let path = d.join("cni-path");
-        if !path.exists() {
-            std::fs::create_dir_all(&path).unwrap();
-            std::os::unix::fs::symlink(&plugin, path.join("evio-cni")).unwrap();
-            std::os::unix::fs::symlink("/usr/lib/cni/host-local", path.join("host-local")).unwrap();
-        }
-        let pod = Netns::new("ep");
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", self.ns.name()])
-            .arg(&plugin)
-            .env("CNI_COMMAND", "ADD")
-            .env("CNI_CONTAINERID", pod.name())
-            .env("CNI_NETNS", pod.path())
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", &path)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = c.spawn().unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(conf.to_string().as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "CNI ADD: {}{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            std::fs::read_to_string(d.join("plugin.log")).unwrap_or_default()
-        );
-        let res: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let addr = res["ips"][0]["address"].as_str().unwrap();
-        let ip = addr.split('/').next().unwrap().to_string();
-        Pod { ns: pod, ip }
+        add_pod_in(self.ns.name(), &dir.join(format!("{}-cni", self.name)))
     }
 
     /// Plugs a pod into bridge `eviobr0` (created with `gateway/prefix` on first use) with address `ip`.
@@ -476,4 +395,98 @@ pub fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 's
     })
     .join()
     .expect("netns thread")
+}
+
+/// Runs `evioctl cni-config` in network namespace `ns` for node `node` against `etcd`, with everything
+/// (net-conf, conflist, plugin, plugin state, IPAM data, log) under `d`; returns its JSON line.
+pub fn cni_config_in(ns: &str, node: &str, etcd: &str, d: &std::path::Path) -> serde_json::Value {
+    std::fs::create_dir_all(d.join("net.d")).unwrap();
+    std::fs::create_dir_all(d.join("bin")).unwrap();
+    let conf = d.join("net-conf.json");
+    let net_conf = serde_json::json!({
+        "podCIDR": "10.244.0.0/16",
+        "nodeBits": 8,
+        "stateDir": d.join("state"),
+        "logFile": d.join("plugin.log"),
+        "logLevel": "debug",
+        "ipam": {"dataDir": d.join("ipam")},
+    });
+    std::fs::write(&conf, net_conf.to_string()).unwrap();
+    let plugin = plugin_binary();
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(evioctl())
+        .arg("cni-config")
+        .arg("--net-conf")
+        .arg(&conf)
+        .args(["--node-name", node, "--etcd-endpoints", etcd])
+        .arg("--cni-conf-dir")
+        .arg(d.join("net.d"))
+        .arg("--cni-bin-dir")
+        .arg(d.join("bin"))
+        .arg("--plugin-binary")
+        .arg(&plugin)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cni-config: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("cni-config JSON")
+}
+
+/// Plugs a new pod in from network namespace `ns` with the real `evio-cni` (ADD with the first plugin of
+/// the conflist `cni_config_in` wrote under `d`, host-local IPAM); returns it with its address.
+pub fn add_pod_in(ns: &str, d: &std::path::Path) -> Pod {
+    let list: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("net.d").join("10-evio.conflist")).unwrap())
+            .unwrap();
+    let mut conf = list["plugins"][0].clone();
+    conf["cniVersion"] = list["cniVersion"].clone();
+    conf["name"] = list["name"].clone();
+    let plugin = evio_testbed::bin_dir().join("evio-cni");
+    assert!(
+        plugin.exists(),
+        "{} missing: build the workspace binaries first",
+        plugin.display()
+    );
+    let path = d.join("cni-path");
+    if !path.exists() {
+        std::fs::create_dir_all(&path).unwrap();
+        std::os::unix::fs::symlink(&plugin, path.join("evio-cni")).unwrap();
+        std::os::unix::fs::symlink("/usr/lib/cni/host-local", path.join("host-local")).unwrap();
+    }
+    let pod = Netns::new("ep");
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns])
+        .arg(&plugin)
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", pod.name())
+        .env("CNI_NETNS", pod.path())
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", &path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "CNI ADD: {}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(d.join("plugin.log")).unwrap_or_default()
+    );
+    let res: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let addr = res["ips"][0]["address"].as_str().unwrap();
+    let ip = addr.split('/').next().unwrap().to_string();
+    Pod { ns: pod, ip }
 }
