@@ -321,34 +321,16 @@ pub fn start_add(
         let done = match nl.batch(TABLE, &excl) {
             Ok(()) => true,
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                let mut ops = Vec::new();
-                for ip in ips {
-                    let set = set_names(ip).0;
-                    ops.push((
-                        Elem {
-                            set,
-                            ip: *ip,
-                            comment: None,
-                        },
-                        Op::Add,
-                    ));
-                    ops.push((
-                        Elem {
-                            set,
-                            ip: *ip,
-                            comment: None,
-                        },
-                        Op::Delete,
-                    ));
-                    ops.push((
-                        Elem {
-                            set,
-                            ip: *ip,
-                            comment: Some(key),
-                        },
-                        Op::Add,
-                    ));
-                }
+                // An element of that address exists (a stale entry): replace it with ours.
+                let mut ops = remove_ops(ips);
+                ops.extend(ips.iter().map(|ip| {
+                    let elem = Elem {
+                        set: set_names(ip).0,
+                        ip: *ip,
+                        comment: Some(key),
+                    };
+                    (elem, Op::Add)
+                }));
                 nl.batch(TABLE, &ops).is_ok()
             }
             Err(_) => false,
@@ -363,6 +345,23 @@ pub fn start_add(
     let mut p = spawn_script(&add_script(key, ips, &all))?;
     p.marker = Some((cache_dir.to_path_buf(), all));
     Ok(p)
+}
+
+/// nfnetlink operations that remove the elements of `ips` whether they exist or not: an add, then a delete
+/// of each.
+fn remove_ops(ips: &[IpAddr]) -> Vec<(nfnl::Elem<'static>, nfnl::Op)> {
+    let mut ops = Vec::with_capacity(2 * ips.len());
+    for ip in ips {
+        for op in [nfnl::Op::Add, nfnl::Op::Delete] {
+            let elem = nfnl::Elem {
+                set: set_names(ip).0,
+                ip: *ip,
+                comment: None,
+            };
+            ops.push((elem, op));
+        }
+    }
+    ops
 }
 
 fn remove_script(ips: &[IpAddr]) -> String {
@@ -388,28 +387,7 @@ pub fn remove(ips: &[IpAddr]) -> Result<()> {
     // Fast path: one nfnetlink batch (add + delete of each element, so a missing one is fine); a missing
     // table or set (ENOENT) means there is nothing to remove.
     if let Ok(mut nl) = nfnl::Nfnl::open() {
-        use nfnl::{Elem, Op};
-        let mut ops = Vec::new();
-        for ip in ips {
-            let set = set_names(ip).0;
-            ops.push((
-                Elem {
-                    set,
-                    ip: *ip,
-                    comment: None,
-                },
-                Op::Add,
-            ));
-            ops.push((
-                Elem {
-                    set,
-                    ip: *ip,
-                    comment: None,
-                },
-                Op::Delete,
-            ));
-        }
-        match nl.batch(TABLE, &ops) {
+        match nl.batch(TABLE, &remove_ops(ips)) {
             Ok(()) => {
                 // Closing the socket waits for the kernel to destroy the deleted elements (an RCU grace
                 // period): let a helper thread do that so the caller goes on at once.
