@@ -6,23 +6,6 @@ use std::net::IpAddr;
 use evio_testbed::Netns;
 
 /// Runs `f` inside `ns` on a helper thread (nft runs in the caller's netns).
-fn in_ns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
-    let file = std::fs::File::open(ns.path()).unwrap();
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            use std::os::fd::AsRawFd;
-            // SAFETY: valid fd kept open by `file`; only this helper thread changes namespace.
-            assert_eq!(
-                unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
-                0
-            );
-            f()
-        })
-        .join()
-        .unwrap()
-    })
-}
-
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
@@ -30,7 +13,7 @@ fn ip(s: &str) -> IpAddr {
 #[test]
 fn add_remove_gc() {
     let ns = Netns::new("fw");
-    in_ns(&ns, || {
+    ns.run(|| {
         let k1 = evio_firewall::attachment_key("net1", "c1", "eth0");
         let k2 = evio_firewall::attachment_key("net1", "c2", "eth0");
         let k3 = evio_firewall::attachment_key("net2", "c3", "eth0");
@@ -70,7 +53,7 @@ fn add_remove_gc() {
 #[test]
 fn removal_without_table_and_concurrent_adds() {
     let ns = Netns::new("fw");
-    in_ns(&ns, || {
+    ns.run(|| {
         evio_firewall::remove(&[ip("10.7.0.9")]).unwrap();
         assert_eq!(evio_firewall::remove_key("evio x y eth0").unwrap(), 0);
         std::thread::scope(|s| {
@@ -104,7 +87,7 @@ fn fast_path_after_the_first_full_run() {
         "10.8.0.0/24".parse().unwrap(),
         "10.0.0.0/8".parse().unwrap(),
     ];
-    in_ns(&ns, || {
+    ns.run(|| {
         let k = |i: u32| evio_firewall::attachment_key("n", &format!("c{i}"), "eth0");
         // First: full nft run (creates the table), which records the marker.
         evio_firewall::start_add(cache.path(), &k(1), &[ip("10.8.0.2")], &sub)
@@ -149,7 +132,7 @@ fn fast_path_after_the_first_full_run() {
     assert!(set.contains("10.0.0.0/8"), "{set}");
     // The table recreated by someone else: the old marker no longer matches, the full run restores it.
     ns.exec_ok(&["nft", "delete", "table", "inet", "evio_cni"]);
-    in_ns(&ns, || {
+    ns.run(|| {
         evio_firewall::remove(&[ip("10.8.0.2")]).unwrap(); // no table: nothing to do
         evio_firewall::start_add(cache.path(), "evio n c5 eth0", &[ip("10.8.0.5")], &sub)
             .unwrap()

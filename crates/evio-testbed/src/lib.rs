@@ -76,6 +76,13 @@ impl Netns {
         &self.name
     }
 
+    /// Runs `f` on a new thread that entered this namespace (sockets it opens stay here), returning its
+    /// result.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        evio_lab::in_netns(&self.name, f)
+            .unwrap_or_else(|e| panic!("cannot enter netns {}: {e}", self.name))
+    }
+
     /// `/run/netns/<name>`, usable as `CNI_NETNS`.
     pub fn path(&self) -> PathBuf {
         Path::new("/run/netns").join(&self.name)

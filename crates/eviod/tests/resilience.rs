@@ -11,7 +11,7 @@ use evio_testbed::wait_until;
 /// Sends `n` datagrams of junk and of well-formed-looking WireGuard headers to `ip:51820` from the underlay.
 fn garbage(c: &Cluster, ip: &str, n: usize) {
     let to: std::net::SocketAddr = format!("{ip}:51820").parse().unwrap();
-    common::in_netns(&c.underlay, move || {
+    c.underlay.run(move || {
         let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut rnd = |buf: &mut [u8]| {

@@ -382,21 +382,6 @@ pub fn plugin_binary() -> PathBuf {
     f
 }
 
-/// Runs `f` on a thread that entered network namespace `ns` (sockets it opens live there).
-pub fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
-    use std::os::fd::AsRawFd;
-    let path = ns.path();
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).expect("open netns");
-        // SAFETY: setns on a valid namespace fd; only this thread's namespace changes.
-        let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .expect("netns thread")
-}
-
 /// Runs `evioctl cni-config` in network namespace `ns` for node `node` against `etcd`, with everything
 /// (net-conf, conflist, plugin, plugin state, IPAM data, log) under `d`; returns its JSON line.
 pub fn cni_config_in(ns: &str, node: &str, etcd: &str, d: &std::path::Path) -> serde_json::Value {
