@@ -179,35 +179,17 @@ mod tests {
         );
         assert_eq!(env(&[]).unwrap_err().code, 4);
         assert_eq!(env(&[("CNI_COMMAND", "FROB")]).unwrap_err().code, 4);
-        let bad: Vec<_> = full
-            .iter()
-            .copied()
-            .map(|(k, v)| {
-                if k == "CNI_IFNAME" {
-                    (k, "x/y")
-                } else {
-                    (k, v)
-                }
-            })
-            .collect();
-        assert_eq!(env(&bad).unwrap_err().code, 4);
-        let bad: Vec<_> = full
-            .iter()
-            .copied()
-            .map(|(k, v)| {
-                if k == "CNI_CONTAINERID" {
-                    (k, "a b")
-                } else {
-                    (k, v)
-                }
-            })
-            .collect();
-        assert_eq!(env(&bad).unwrap_err().code, 4);
-        let bad: Vec<_> = full
-            .iter()
-            .copied()
-            .map(|(k, v)| if k == "CNI_ARGS" { (k, "x") } else { (k, v) })
-            .collect();
-        assert_eq!(env(&bad).unwrap_err().code, 4);
+        // One bad variable in an otherwise complete environment: code 4.
+        for (key, value) in [
+            ("CNI_IFNAME", "x/y"),
+            ("CNI_CONTAINERID", "a b"),
+            ("CNI_ARGS", "x"),
+        ] {
+            let bad: Vec<_> = full
+                .iter()
+                .map(|&(k, v)| if k == key { (k, value) } else { (k, v) })
+                .collect();
+            assert_eq!(env(&bad).unwrap_err().code, 4, "{key}={value}");
+        }
     }
 }
