@@ -115,12 +115,7 @@ impl Setup {
 
     /// What a finished container must not leave behind.
     fn assert_clean(&self) {
-        let veths: Vec<String> = self
-            .node
-            .links()
-            .into_iter()
-            .filter(|l| l.starts_with("veth"))
-            .collect();
+        let veths = self.node.settled_veths();
         assert!(veths.is_empty(), "veths left: {veths:?}\n{}", self.log());
         let reserved: Vec<_> = files_under(&self.dirs.ipam())
             .into_iter()

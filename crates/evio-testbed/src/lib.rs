@@ -118,6 +118,21 @@ impl Netns {
             .collect()
     }
 
+    /// The `veth*` links left in the namespace once they stop disappearing (up to 5 s). When a runtime
+    /// tears a container down, the kernel destroys the container's netns asynchronously (a workqueue), and
+    /// the host end of a veth whose pod end lived there goes away only then, a moment after the runtime
+    /// exited. An empty result means nothing leaked.
+    pub fn settled_veths(&self) -> Vec<String> {
+        let veths = || -> Vec<String> {
+            self.links()
+                .into_iter()
+                .filter(|l| l.starts_with("veth"))
+                .collect()
+        };
+        wait_until(Duration::from_secs(5), || veths().is_empty());
+        veths()
+    }
+
     /// Connects this namespace to `other` with a veth pair named `a` (here) and `b` (there).
     pub fn veth_to(&self, a: &str, other: &Netns, b: &str) {
         self.exec_ok(&[

@@ -46,11 +46,8 @@ fn ctr_run_cni_with_the_reference_bridge_plugin() {
         stdout.contains("10.234.1.2/24") && stdout.contains("1 packets received"),
         "{stdout}"
     );
-    assert!(
-        node.links().iter().all(|l| !l.starts_with("veth")),
-        "veth left: {:?}",
-        node.links()
-    );
+    let veths = node.settled_veths();
+    assert!(veths.is_empty(), "veth left: {veths:?}");
     assert!(
         dirs.cache_files().is_empty(),
         "libcni cache left: {:?}",
@@ -91,11 +88,8 @@ fn podman_with_cni_backend_and_the_reference_bridge_plugin() {
         stdout.contains("10.234.2.2/24") && stdout.contains("1 packets received"),
         "{stdout}"
     );
-    assert!(
-        node.links().iter().all(|l| !l.starts_with("veth")),
-        "veth left: {:?}",
-        node.links()
-    );
+    let veths = node.settled_veths();
+    assert!(veths.is_empty(), "veth left: {veths:?}");
     assert!(
         dirs.cache_files().is_empty(),
         "libcni cache left: {:?}",

@@ -327,11 +327,8 @@ fn podman_runs_with_the_installed_conflist() {
         stdout.contains(&want) && stdout.contains("1 packets received"),
         "{stdout}"
     );
-    assert!(
-        node.links().iter().all(|l| !l.starts_with("veth")),
-        "veth left: {:?}",
-        node.links()
-    );
+    let veths = node.settled_veths();
+    assert!(veths.is_empty(), "veth left: {veths:?}");
     let left: Vec<_> = files_under(&dirs.ipam())
         .into_iter()
         .filter(|p| p.to_string_lossy().contains("10.125."))
