@@ -227,6 +227,33 @@ fn demo_check_three_nodes_one_symmetric_nat() {
     d.assert_nothing_left();
 }
 
+/// Two sites behind symmetric NATs: no direct path is possible between them (each NAT maps every
+/// destination to a new port and filters by endpoint), nor between them and the easy site, so every
+/// pair must go through the TURN relay, symmetric to symmetric included.
+#[test]
+fn demo_check_two_symmetric_nats_relay_everything() {
+    let mut d = Demo::start(&[
+        "--nodes",
+        "3",
+        "--symmetric-nat",
+        "2",
+        "--pods-per-node",
+        "1",
+        "--check",
+    ]);
+    let code = d.wait(Duration::from_secs(180));
+    let out = d.output();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("host VIPs: 6/6 reached, pods: 6/6 reached"),
+        "{out}"
+    );
+    // Six peer paths (3 nodes, both directions), every one relayed.
+    assert_eq!(out.matches("relay via ").count(), 6, "{out}");
+    assert!(!out.contains("direct via "), "{out}");
+    d.assert_nothing_left();
+}
+
 /// A public-address cluster exercises the whole demo (matrix, direct throughput) without NAT traversal.
 #[test]
 fn demo_check_public_hosts() {
