@@ -224,26 +224,7 @@ fn ovs_rollback_after_each_step() {
     let (sb, ovs) = sandbox(json!({"ipMasq": true}));
     let pod = sb.pod();
     let netns = pod.path().display().to_string();
-    for step in [
-        "veth", "ipam", "bridge", "attach", "gateway", "address", "routes", "masq", "state",
-    ] {
-        let cid = sb.cid();
-        let out = sb.run(
-            "ADD",
-            &cid,
-            &netns,
-            "eth0",
-            &sb.conf("1.1.0"),
-            &[("EVIO_CNI_FAIL_AFTER", step)],
-        );
-        assert!(!out.ok, "{step}: {out:?}");
-        assert_eq!(out.code(), 5, "{step}");
-        assert_clean(&sb, &ovs);
-        assert!(
-            !pod.links().contains(&"eth0".to_string()),
-            "{step}: pod interface left"
-        );
-    }
+    sb.fail_add_after_each_step(&pod, || assert_clean(&sb, &ovs));
     let cid = sb.cid();
     sb.add(&pod, &cid, "1.1.0");
     assert!(ping(&pod, "10.244.3.1"));

@@ -222,27 +222,7 @@ fn rollback_after_each_step() {
     let sb = sandbox(json!({"ipMasq": true, "hairpinMode": true}));
     let pod = sb.pod();
     let netns = pod.path().display().to_string();
-    for step in [
-        "veth", "ipam", "bridge", "attach", "gateway", "address", "routes", "masq", "state",
-    ] {
-        let cid = sb.cid();
-        let out = sb.run(
-            "ADD",
-            &cid,
-            &netns,
-            "eth0",
-            &sb.conf("1.1.0"),
-            &[("EVIO_CNI_FAIL_AFTER", step)],
-        );
-        assert!(!out.ok, "{step}: {out:?}");
-        assert_eq!(out.code(), 5, "{step}");
-        assert!(out.json()["msg"].as_str().unwrap().contains(step));
-        sb.assert_clean();
-        assert!(
-            !pod.links().contains(&"eth0".to_string()),
-            "{step}: pod interface left"
-        );
-    }
+    sb.fail_add_after_each_step(&pod, || sb.assert_clean());
     // And a real ADD still works afterwards.
     let cid = sb.cid();
     let r = sb.add(&pod, &cid, "1.1.0");

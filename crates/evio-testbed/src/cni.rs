@@ -13,6 +13,11 @@ use crate::{Netns, unique};
 /// Where Debian's containernetworking-plugins live.
 pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
 
+/// The steps of an evio-cni ADD after which `EVIO_CNI_FAIL_AFTER=<step>` makes it fail (in order).
+pub const ADD_STEPS: &[&str] = &[
+    "veth", "ipam", "bridge", "attach", "gateway", "address", "routes", "masq", "state",
+];
+
 /// What one plugin run returned.
 #[derive(Debug, Clone)]
 pub struct CniOut {
@@ -196,6 +201,33 @@ impl CniSandbox {
         );
         assert!(out.ok, "ADD failed: {out:?}\nlog:\n{}", self.log());
         out.json()
+    }
+
+    /// Makes ADD fail right after each of its steps in turn (evio-cni's `EVIO_CNI_FAIL_AFTER` hook): every
+    /// failure must be an I/O error (code 5) naming the step, and leave no pod interface; `clean()` then
+    /// checks the node is as before (no veth, reservation, firewall entry, port, state).
+    pub fn fail_add_after_each_step(&self, pod: &Netns, clean: impl Fn()) {
+        let netns = pod.path().display().to_string();
+        for step in ADD_STEPS {
+            let out = self.run(
+                "ADD",
+                &self.cid(),
+                &netns,
+                "eth0",
+                &self.conf("1.1.0"),
+                &[("EVIO_CNI_FAIL_AFTER", step)],
+            );
+            assert!(!out.ok, "{step}: {out:?}");
+            assert_eq!(out.code(), 5, "{step}: {out:?}");
+            let msg = out.json()["msg"].as_str().unwrap_or_default().to_string();
+            assert!(msg.contains(step), "{step}: {msg}");
+            eprintln!("checking the rollback after {step}");
+            clean();
+            assert!(
+                !pod.links().contains(&"eth0".to_string()),
+                "{step}: pod interface left"
+            );
+        }
     }
 
     /// DEL that must succeed.
