@@ -206,6 +206,40 @@ pub fn remove_leftovers(prefix: &str) -> Result<Vec<String>> {
     Ok(removed)
 }
 
+/// The arguments of a single-member etcd (`etcd <these>`) named `name`, with its data in `data`, clients on
+/// `client_url`, the peer port on `peer_url`, and short Raft timers (a one-member cluster on one machine
+/// elects itself in ~100 ms instead of ~1 s). The lab and the test fixtures start etcd the same way.
+pub fn etcd_args(
+    name: &str,
+    data: &Path,
+    client_url: &str,
+    peer_url: &str,
+) -> Vec<std::ffi::OsString> {
+    let mut v: Vec<std::ffi::OsString> = vec!["--name".into(), name.into(), "--data-dir".into()];
+    v.push(data.into());
+    for a in [
+        "--listen-client-urls",
+        client_url,
+        "--advertise-client-urls",
+        client_url,
+        "--listen-peer-urls",
+        peer_url,
+        "--initial-advertise-peer-urls",
+        peer_url,
+        "--initial-cluster",
+        &format!("{name}={peer_url}"),
+        "--heartbeat-interval",
+        "10",
+        "--election-timeout",
+        "100",
+        "--log-level",
+        "warn",
+    ] {
+        v.push(a.into());
+    }
+    v
+}
+
 /// Polls `f` every 10 ms until it returns true or `limit` passes; returns whether it did.
 pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
@@ -648,19 +682,7 @@ impl Lab {
         let c = format!("http://{SERVICES_IP}:{ETCD_PORT}");
         let p = "http://127.0.0.1:2380";
         let child = netns_command(&self.internet, "etcd")
-            .args(["--name", "lab", "--data-dir"])
-            .arg(&data)
-            .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
-            .args(["--listen-peer-urls", p, "--initial-advertise-peer-urls", p])
-            .args(["--initial-cluster", &format!("lab={p}")])
-            .args([
-                "--heartbeat-interval",
-                "10",
-                "--election-timeout",
-                "100",
-                "--log-level",
-                "warn",
-            ])
+            .args(etcd_args("lab", &data, &c, p))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -237,27 +237,15 @@ impl Etcd {
             }
             None => Command::new("etcd"),
         };
-        cmd.args(["--name", "t", "--data-dir"])
-            .arg(self.dir.path().join("data"))
-            .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
-            .args([
-                "--listen-peer-urls",
-                &p,
-                "--initial-advertise-peer-urls",
-                &p,
-            ])
-            .args(["--initial-cluster", &format!("t={p}")])
-            .args([
-                "--heartbeat-interval",
-                "10",
-                "--election-timeout",
-                "100",
-                "--log-level",
-                "warn",
-            ])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log);
+        cmd.args(evio_lab::etcd_args(
+            "t",
+            &self.dir.path().join("data"),
+            &c,
+            &p,
+        ))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
         self.child = Some(cmd.spawn().expect("start etcd (is etcd-server installed?)"));
         self.wait_healthy(Duration::from_secs(20));
     }
