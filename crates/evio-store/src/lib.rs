@@ -14,6 +14,7 @@ pub mod keys;
 pub mod plan;
 pub mod records;
 mod register;
+mod secret;
 mod store;
 mod watch;
 
@@ -23,5 +24,6 @@ pub use etcd_client;
 pub use plan::{NodeSubnet, PlanError, SubnetPlan, host_range, node_bits_from_json, parse_cidr};
 pub use records::{AddressClaim, Candidate, CandidateKind, NodeRecord, SubnetClaim, unix_now};
 pub use register::Registration;
+pub use secret::read_secret_file;
 pub use store::{EtcdOptions, Snapshot, Store, subnets_by_node};
 pub use watch::{StoreEvent, Watch};

@@ -100,13 +100,13 @@ impl EtcdOptions {
         let password = match (&self.password, &self.password_file) {
             (Some(p), _) => Some(p.clone()),
             (None, Some(f)) => {
-                let p = std::fs::read_to_string(f).map_err(|e| {
+                let p = crate::read_secret_file(f, "etcd password").map_err(|e| {
                     StoreError::Config(format!(
                         "cannot read the etcd password file {}: {e}",
                         f.display()
                     ))
                 })?;
-                Some(p.trim_end_matches(['\n', '\r']).to_string())
+                Some(p)
             }
             (None, None) => None,
         };

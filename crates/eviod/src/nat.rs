@@ -159,13 +159,14 @@ pub fn agent_settings(cfg: &NatConfig) -> Result<(Vec<SocketAddr>, Option<TurnCo
         .collect::<Result<Vec<_>>>()?;
     let turn = match (&cfg.turn, &cfg.turn_user, &cfg.turn_password_file) {
         (Some(server), Some(user), Some(file)) => {
-            let password = std::fs::read_to_string(file).with_context(|| {
-                format!("cannot read the TURN password file {}", file.display())
-            })?;
+            let password =
+                evio_store::read_secret_file(file, "TURN password").with_context(|| {
+                    format!("cannot read the TURN password file {}", file.display())
+                })?;
             Some(TurnConfig {
                 server: resolve(server)?,
                 user: user.clone(),
-                password: password.trim_end_matches(['\n', '\r']).to_string(),
+                password,
             })
         }
         _ => None,
