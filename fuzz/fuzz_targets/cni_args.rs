@@ -9,11 +9,20 @@ fuzz_target!(|data: &[u8]| {
         let _ = a.ignore_unknown();
     }
     let mut parts = s.splitn(6, '\n');
-    let vals: Vec<String> = (0..6).map(|_| parts.next().unwrap_or("").to_string()).collect();
+    let vals: Vec<String> = (0..6)
+        .map(|_| parts.next().unwrap_or("").to_string())
+        .collect();
     let _ = Env::from_lookup(|k| {
-        let i = ["CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH"]
-            .iter()
-            .position(|x| *x == k)?;
+        let i = [
+            "CNI_COMMAND",
+            "CNI_CONTAINERID",
+            "CNI_NETNS",
+            "CNI_IFNAME",
+            "CNI_ARGS",
+            "CNI_PATH",
+        ]
+        .iter()
+        .position(|x| *x == k)?;
         Some(vals[i].clone())
     });
 });

@@ -1,7 +1,11 @@
-//! Parsing arbitrary bytes never panics: config, conflist, CNI_ARGS, results, VERSION answers, env.
+//! Parsing arbitrary bytes never panics: config, conflist, CNI_ARGS, results, VERSION answers, env; and a
+//! parsed prevResult converts to every supported version and reads back (the properties the `cni_config`
+//! and `cni_args` fuzz targets check, here on stable with proptest, the committed fuzz seeds and mutations
+//! of them; docs/fuzz.md).
 
 use evio_cni_types::{args::CniArgs, config, env::Env, result::CniResult, version};
 use proptest::prelude::*;
+use proptest::test_runner::TestRng;
 
 fn check_all(bytes: &[u8]) {
     let _ = config::NetConf::parse(bytes);
@@ -23,7 +27,8 @@ fn check_all(bytes: &[u8]) {
             && let Ok(r) = CniResult::from_value(p)
         {
             for v in version::SUPPORTED {
-                let _ = r.to_value(v);
+                let out = r.to_value(v).expect("supported version");
+                CniResult::from_value(&out).expect("our own output reads back");
             }
         }
     }
@@ -53,5 +58,44 @@ proptest! {
     ) {
         let doc = format!(r#"{{"cniVersion":"{ver}","name":"n","{key}":{val}}}"#);
         check_all(doc.as_bytes());
+    }
+}
+
+/// The committed seeds of the two CNI fuzz targets, and mutations of them (byte flips, insertions,
+/// deletions, cuts), from a fixed seed.
+#[test]
+fn fuzz_seeds_and_mutations() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds");
+    let mut seeds = Vec::new();
+    for target in ["cni_config", "cni_args"] {
+        let mut files: Vec<_> = std::fs::read_dir(root.join(target))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        seeds.extend(files.iter().map(|p| std::fs::read(p).unwrap()));
+    }
+    assert!(seeds.len() >= 5, "seeds found: {}", seeds.len());
+    let mut rng = TestRng::deterministic_rng(proptest::test_runner::RngAlgorithm::ChaCha);
+    for s in &seeds {
+        check_all(s);
+        for _ in 0..200 {
+            let mut v = s.clone();
+            for _ in 0..1 + rng.random_range(0..4) {
+                let at = rng.random_range(0..=v.len());
+                match rng.random_range(0..4) {
+                    0 if at < v.len() => v[at] ^= 1 << rng.random_range(0..8),
+                    1 => {
+                        let tokens = b"{}[]\":,0aZ";
+                        v.insert(at, tokens[rng.random_range(0..tokens.len())])
+                    }
+                    2 if at < v.len() => {
+                        v.remove(at);
+                    }
+                    _ => v.truncate(at),
+                }
+            }
+            check_all(&v);
+        }
     }
 }
