@@ -1,21 +1,117 @@
-//! Benchmark: N nodes claim a pod subnet at once against one real etcd (started here on loopback).
+//! Benchmark: N nodes claim a pod subnet, or a host overlay address (VIP), at once against one real etcd
+//! (started here on loopback, a fresh one per mode).
 //!
 //!   cargo run --release -p evio-store --example claim_bench -- [NODES] [PATH/TO/evioctl]
 //!
-//! Mode "tasks": N concurrent tokio tasks in this process sharing one etcd connection.
+//! Mode "tasks": N concurrent tokio tasks in this process sharing one etcd connection, each claiming a pod
+//! subnet in a pool of exactly N subnets.
+//! Mode "vip-full": N concurrent tasks claim an address in the smallest overlay CIDR that holds N, whose
+//! surplus addresses (every other one from the bottom) were claimed explicitly beforehand, so that exactly N
+//! are free and the pool fills; one more claim must be refused.
+//! Mode "vip-wide": N concurrent tasks claim an address in the default overlay CIDR 10.10.0.0/16.
 //! Mode "processes" (when an evioctl path is given): N concurrent `evioctl cni-config` processes, each with
 //! its own connection and conf dir, as N nodes' init containers would run.
 
 use std::collections::HashSet;
+use std::fmt::Debug;
+use std::future::Future;
+use std::hash::Hash;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use evio_store::{EtcdOptions, Store, SubnetPlan};
+use std::net::Ipv4Addr;
+
+use evio_store::{EtcdOptions, Store, StoreError, SubnetPlan, host_range};
 use evio_testbed::Etcd;
+use ipnet::Ipv4Net;
 
 fn pct(v: &mut [Duration], p: f64) -> Duration {
     v.sort();
     v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn report(mode: &str, n: usize, total: Duration, lat: &mut [Duration]) {
+    println!(
+        "{mode}: {n} concurrent claims in {:.3} s; per claim p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        total.as_secs_f64(),
+        pct(lat, 0.5).as_secs_f64() * 1e3,
+        pct(lat, 0.99).as_secs_f64() * 1e3,
+        pct(lat, 1.0).as_secs_f64() * 1e3
+    );
+}
+
+/// Runs `claim(i)` for every i below n as concurrent tasks; returns the time they took together, what they
+/// claimed (checked distinct) and each one's latency.
+async fn concurrently<T, F, Fut>(n: usize, claim: F) -> (Duration, HashSet<T>, Vec<Duration>)
+where
+    T: Eq + Hash + Debug + Send + 'static,
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = T> + Send + 'static,
+{
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let c = claim(i);
+            tokio::spawn(async move {
+                let t = Instant::now();
+                (c.await, t.elapsed())
+            })
+        })
+        .collect();
+    let (mut set, mut lat) = (HashSet::new(), Vec::new());
+    for t in tasks {
+        let (item, d) = t.await.unwrap();
+        lat.push(d);
+        assert!(set.insert(item));
+    }
+    (start.elapsed(), set, lat)
+}
+
+/// N concurrent VIP claims in `pool` after `held` addresses were claimed explicitly; returns the time of the
+/// N claims and each claim's latency; checks that all addresses are distinct and that a full pool refuses
+/// one more.
+fn vip_mode(
+    rt: &tokio::runtime::Runtime,
+    n: usize,
+    pool: Ipv4Net,
+    held: Vec<Ipv4Addr>,
+) -> (Duration, Vec<Duration>) {
+    let etcd = Etcd::start();
+    rt.block_on(async {
+        let store = Store::connect(&EtcdOptions::new([etcd.endpoint()]))
+            .await
+            .unwrap();
+        let (_, fixed, _) = concurrently(held.len(), |i| {
+            let (s, a) = (store.clone(), held[i]);
+            async move {
+                s.claim_address(&pool, &format!("held{i}"), Some(a))
+                    .await
+                    .unwrap()
+                    .address
+            }
+        })
+        .await;
+        let (total, free, lat) = concurrently(n, |i| {
+            let s = store.clone();
+            async move {
+                s.claim_address(&pool, &format!("v{i}"), None)
+                    .await
+                    .unwrap()
+                    .address
+            }
+        })
+        .await;
+        assert!(fixed.is_disjoint(&free));
+        let (first, last) = host_range(&pool);
+        if (fixed.len() + free.len()) as u32 == last - first + 1 {
+            let e = store.claim_address(&pool, "one-more", None).await;
+            assert!(
+                matches!(e, Err(StoreError::AddressesExhausted { .. })),
+                "{e:?}"
+            );
+        }
+        (total, lat)
+    })
 }
 
 fn main() {
@@ -34,37 +130,42 @@ fn main() {
 
     let etcd = Etcd::start();
     let plan = SubnetPlan::parse("10.244.0.0/16", bits.max(1)).unwrap();
-    let (total, mut lat) = rt.block_on(async {
+    let (total, _, mut lat) = rt.block_on(async {
         let store = Store::connect(&EtcdOptions::new([etcd.endpoint()]))
             .await
             .unwrap();
-        let start = Instant::now();
-        let mut tasks = Vec::new();
-        for i in 0..n {
+        concurrently(n, |i| {
             let s = store.clone();
-            tasks.push(tokio::spawn(async move {
-                let t = Instant::now();
-                let c = s.claim_subnet(&plan, &format!("t{i}")).await.unwrap();
-                (c.subnet, t.elapsed())
-            }));
-        }
-        let mut set = HashSet::new();
-        let mut lat = Vec::new();
-        for t in tasks {
-            let (s, d) = t.await.unwrap();
-            assert!(set.insert(s));
-            lat.push(d);
-        }
-        (start.elapsed(), lat)
+            async move {
+                s.claim_subnet(&plan, &format!("t{i}"))
+                    .await
+                    .unwrap()
+                    .subnet
+            }
+        })
+        .await
     });
-    println!(
-        "tasks: {n} concurrent claims in {:.3} s; per claim p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        total.as_secs_f64(),
-        pct(&mut lat, 0.5).as_secs_f64() * 1e3,
-        pct(&mut lat, 0.99).as_secs_f64() * 1e3,
-        pct(&mut lat, 1.0).as_secs_f64() * 1e3
-    );
+    report("tasks", n, total, &mut lat);
     drop(etcd);
+
+    // The smallest overlay CIDR with at least n host addresses; its surplus held by explicit claims.
+    let host_bits = (1..=30u8).find(|b| (1u64 << b) - 2 >= n as u64).unwrap();
+    let pool = Ipv4Net::new(Ipv4Addr::new(10, 77, 0, 0), 32 - host_bits).unwrap();
+    let (first, last) = host_range(&pool);
+    let surplus = (last - first + 1) as usize - n;
+    let held = (0..surplus as u32)
+        .map(|i| Ipv4Addr::from(first + 2 * i + 1))
+        .collect();
+    let (total, mut lat) = vip_mode(&rt, n, pool, held);
+    report(
+        &format!("vip-full ({pool}, {surplus} held)"),
+        n,
+        total,
+        &mut lat,
+    );
+    let wide = "10.10.0.0/16".parse().unwrap();
+    let (total, mut lat) = vip_mode(&rt, n, wide, Vec::new());
+    report("vip-wide (10.10.0.0/16)", n, total, &mut lat);
 
     let Some(evioctl) = evioctl else { return };
     let etcd = Etcd::start();

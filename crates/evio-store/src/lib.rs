@@ -1,9 +1,10 @@
 //! evio's etcd store: per-node pod subnet claims, host overlay address (VIP) claims, node registrations
 //! kept alive by leases, and a watch over all of it. The key layout is in [`keys`] and docs/store.md.
 //!
-//! Correctness rests on etcd transactions, never on etcd locks: a claim is one compare-and-swap
-//! transaction that creates both index keys (`by-subnet` and `by-node`) only if neither exists, so two
-//! nodes never hold one subnet and a node never holds two, whatever runs concurrently or dies half way.
+//! Correctness rests on etcd transactions, never on etcd locks: a claim (of a pod subnet or of an address,
+//! one generic algorithm over a pool of candidates) is one compare-and-swap transaction that creates both
+//! index keys (`by-subnet`/`by-address` and `by-node`) only if neither exists, so two nodes never hold one
+//! item and a node never holds two, whatever runs concurrently or dies half way.
 //!
 //! Dependencies: `etcd-client` (the maintained async etcd v3 client on tonic; TLS through rustls/ring, no
 //! OpenSSL needed in the image), `ipnet` (CIDR types used across the workspace), `tokio`, `serde_json`
@@ -12,6 +13,7 @@
 pub mod error;
 pub mod keys;
 pub mod plan;
+mod pool;
 pub mod records;
 mod register;
 mod secret;

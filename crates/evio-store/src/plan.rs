@@ -186,19 +186,6 @@ impl SubnetPlan {
         (s - ps) / size..(e - ps) / size + 1
     }
 
-    /// The lowest index not in `taken` (a sorted or unsorted set of indices), if any.
-    pub fn lowest_free(&self, taken: &std::collections::HashSet<u64>) -> Option<u64> {
-        (0..self.len()).find(|i| !taken.contains(i))
-    }
-
-    /// Up to `window` of the lowest indices not in `taken`, lowest first.
-    pub fn lowest_free_n(&self, taken: &std::collections::HashSet<u64>, window: usize) -> Vec<u64> {
-        (0..self.len())
-            .filter(|i| !taken.contains(i))
-            .take(window)
-            .collect()
-    }
-
     /// All node subnets, lowest first.
     pub fn iter(&self) -> impl Iterator<Item = NodeSubnet> + '_ {
         (0..self.len()).filter_map(|i| self.subnet(i))

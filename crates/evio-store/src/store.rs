@@ -1,45 +1,22 @@
 //! The connection to etcd and the claim operations (subnets and host overlay addresses).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KeyValue,
-    TlsOptions, Txn, TxnOp, TxnOpResponse,
+    Certificate, Client, ConnectOptions, GetOptions, Identity, KeyValue, TlsOptions,
 };
 use ipnet::Ipv4Net;
-use tracing::{debug, warn};
+use tracing::warn;
 
 use crate::error::StoreError;
 use crate::keys;
-use crate::plan::{SubnetPlan, host_range};
-use crate::records::{AddressClaim, NodeRecord, SubnetClaim, unix_now};
-
-/// How many lost races a claim tolerates before giving up. Every lost race means another claim succeeded, so
-/// this bounds nothing in practice with a few thousand nodes; it only stops a livelock.
-const MAX_ATTEMPTS: u32 = 10_000;
-
-/// The most of the lowest free subnets a claimer that lost races chooses from (a power of two).
-const CONTENTION_WINDOW: usize = 64;
-
-/// A pseudo-random number from the node name, the attempt and the clock (no cryptographic need: it only
-/// spreads concurrent claimers over different subnets).
-fn spread(node: &str, attempt: u32) -> usize {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write(node.as_bytes());
-    h.write_u32(attempt);
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.finish() as usize
-}
+use crate::plan::SubnetPlan;
+use crate::pool::{Addresses, Subnets};
+use crate::records::{AddressClaim, NodeRecord, SubnetClaim};
 
 /// How to reach etcd.
 #[derive(Debug, Clone)]
@@ -263,13 +240,17 @@ impl Store {
         }
     }
 
-    async fn get_one(&self, what: &'static str, key: &str) -> Result<Option<KeyValue>, StoreError> {
+    pub(crate) async fn get_one(
+        &self,
+        what: &'static str,
+        key: &str,
+    ) -> Result<Option<KeyValue>, StoreError> {
         let mut c = self.client.clone();
         let mut r = self.op(what, c.get(key, None)).await?;
         Ok(r.take_kvs().into_iter().next())
     }
 
-    async fn list(
+    pub(crate) async fn list(
         &self,
         what: &'static str,
         prefix: &str,
@@ -285,153 +266,29 @@ impl Store {
     // ---------------------------------------------------------------- pod subnets
 
     /// Claims a pod subnet for `node`: its existing claim if it has one, else the lowest free subnet of
-    /// `plan`, with one compare-and-swap transaction that creates both index keys or nothing.
+    /// `plan`, with one compare-and-swap transaction that creates both index keys or nothing. A claim the
+    /// node holds outside `plan` (the pool or nodeBits changed) is [`StoreError::OutsidePlan`].
     pub async fn claim_subnet(
         &self,
         plan: &SubnetPlan,
         node: &str,
     ) -> Result<SubnetClaim, StoreError> {
-        check_node(node)?;
-        let by_node = keys::subnet_by_node(node);
-        let state_ops = || {
-            vec![
-                TxnOp::get(by_node.clone(), None),
-                TxnOp::get(
-                    keys::SUBNETS_BY_SUBNET,
-                    Some(GetOptions::new().with_prefix().with_keys_only()),
-                ),
-            ]
-        };
-        // Read the node's own claim and the taken subnets in one consistent read.
-        let mut c = self.client.clone();
-        let r = self
-            .op(
-                "claim subnet (read)",
-                c.txn(Txn::new().and_then(state_ops())),
-            )
-            .await?;
-        let (mut own, mut taken) = subnet_state(plan, &r.op_responses())?;
-        for attempt in 0..MAX_ATTEMPTS {
-            if let Some(kv) = own {
-                let claim: SubnetClaim = parse_kv(&kv)?;
-                if plan.index_of(&claim.subnet).is_none() {
-                    return Err(StoreError::OutsidePlan {
-                        node: node.to_string(),
-                        held: claim.subnet.to_string(),
-                        pool: plan.pool(),
-                    });
-                }
-                return Ok(claim);
-            }
-            // Lowest free first. A claimer that lost a race picks at random among the lowest free subnets
-            // instead, in a window that doubles with every lost race (2, 4, ... up to CONTENTION_WINDOW):
-            // a few simultaneous claimers still get the lowest subnets, while hundreds do not all retry on
-            // the same one (each round costs an etcd commit). The pool fills from the bottom.
-            let window = 1usize << attempt.min(CONTENTION_WINDOW.trailing_zeros());
-            let free = plan.lowest_free_n(&taken, window);
-            let Some(&index) = free.get(if free.is_empty() {
-                0
-            } else {
-                spread(node, attempt) % free.len()
-            }) else {
-                let held = self
-                    .subnet_claims()
-                    .await
-                    .map(|v| v.len())
-                    .unwrap_or(taken.len());
-                return Err(StoreError::Exhausted {
-                    pool: plan.pool(),
-                    capacity: plan.len(),
-                    held,
-                });
-            };
-            let subnet = plan.subnet(index).expect("index below len").subnet;
-            let claim = SubnetClaim {
-                node: node.to_string(),
-                subnet,
-                since: unix_now(),
-            };
-            let value = serde_json::to_string(&claim).expect("claim serializes");
-            let by_subnet = keys::subnet_by_subnet(&subnet);
-            let txn = Txn::new()
-                .when([
-                    Compare::create_revision(by_subnet.clone(), CompareOp::Equal, 0),
-                    Compare::create_revision(by_node.clone(), CompareOp::Equal, 0),
-                ])
-                .and_then([
-                    TxnOp::put(by_subnet, value.clone(), None),
-                    TxnOp::put(by_node.clone(), value, None),
-                ])
-                .or_else(state_ops());
-            let r = self.op("claim subnet", c.txn(txn)).await?;
-            if r.succeeded() {
-                debug!(node, %subnet, attempt, "claimed pod subnet");
-                return Ok(claim);
-            }
-            (own, taken) = subnet_state(plan, &r.op_responses())?;
-        }
-        Err(StoreError::Contention {
-            what: "claim subnet",
-            attempts: MAX_ATTEMPTS,
-        })
+        self.claim(&Subnets(plan), node, None).await
     }
 
     /// The node's subnet claim, if any.
     pub async fn subnet_of(&self, node: &str) -> Result<Option<SubnetClaim>, StoreError> {
-        check_node(node)?;
-        self.get_one("read subnet claim", &keys::subnet_by_node(node))
-            .await?
-            .map(|kv| parse_kv(&kv))
-            .transpose()
+        self.claim_of(node).await
     }
 
     /// All subnet claims, lowest subnet first.
     pub async fn subnet_claims(&self) -> Result<Vec<SubnetClaim>, StoreError> {
-        let (_, kvs) = self
-            .list("list subnet claims", keys::SUBNETS_BY_NODE)
-            .await?;
-        let mut v: Vec<SubnetClaim> = kvs.iter().filter_map(parse_or_warn).collect();
-        v.sort_by_key(|c| (u32::from(c.subnet.network()), c.subnet.prefix_len()));
-        Ok(v)
+        self.claims().await
     }
 
     /// Frees the node's subnet claim (both keys in one transaction). Returns the claim that was freed.
     pub async fn release_subnet(&self, node: &str) -> Result<Option<SubnetClaim>, StoreError> {
-        check_node(node)?;
-        let by_node = keys::subnet_by_node(node);
-        for _ in 0..100 {
-            let Some(kv) = self.get_one("release subnet (read)", &by_node).await? else {
-                return Ok(None);
-            };
-            let claim: SubnetClaim = parse_kv(&kv)?;
-            let by_subnet = keys::subnet_by_subnet(&claim.subnet);
-            let mut c = self.client.clone();
-            // Delete the by-subnet key only if it still names this node (it always should).
-            let owner_is_us = Txn::new()
-                .when([Compare::mod_revision(
-                    by_subnet.clone(),
-                    CompareOp::Equal,
-                    kv.mod_revision(),
-                )])
-                .and_then([TxnOp::delete(by_subnet.clone(), None)]);
-            let txn = Txn::new()
-                .when([Compare::mod_revision(
-                    by_node.clone(),
-                    CompareOp::Equal,
-                    kv.mod_revision(),
-                )])
-                .and_then([
-                    TxnOp::delete(by_node.clone(), None),
-                    TxnOp::txn(owner_is_us),
-                ]);
-            if self.op("release subnet", c.txn(txn)).await?.succeeded() {
-                return Ok(Some(claim));
-            }
-        }
-        Err(StoreError::Contention {
-            what: "release subnet",
-            attempts: 100,
-        })
+        self.release(node).await
     }
 
     // ---------------------------------------------------------------- host overlay addresses
@@ -439,181 +296,29 @@ impl Store {
     /// Claims a host overlay address (VIP) in `pool` for `node`. Stable: a node that holds one gets it back.
     /// With `requested`, the node gets exactly that address (moving its claim if it held another), or
     /// [`StoreError::Conflict`] when another node holds it. Network and broadcast addresses are never handed
-    /// out.
+    /// out. A claim the node holds outside `pool` (the overlay CIDR changed) is moved into it.
     pub async fn claim_address(
         &self,
         pool: &Ipv4Net,
         node: &str,
         requested: Option<Ipv4Addr>,
     ) -> Result<AddressClaim, StoreError> {
-        check_node(node)?;
-        let pool = pool.trunc();
-        let (first, last) = host_range(&pool);
-        if let Some(a) = requested {
-            let n = u32::from(a);
-            if n < first || n > last {
-                return Err(StoreError::BadAddress { address: a, pool });
-            }
-        }
-        let by_node = keys::address_by_node(node);
-        let state_ops = |target: Option<Ipv4Addr>| {
-            let mut v = vec![
-                TxnOp::get(by_node.clone(), None),
-                TxnOp::get(
-                    keys::ADDRESSES_BY_ADDRESS,
-                    Some(GetOptions::new().with_prefix().with_keys_only()),
-                ),
-            ];
-            if let Some(t) = target {
-                v.push(TxnOp::get(keys::address_by_address(t), None));
-            }
-            v
-        };
-        let mut c = self.client.clone();
-        let r = self
-            .op(
-                "claim address (read)",
-                c.txn(Txn::new().and_then(state_ops(requested))),
-            )
-            .await?;
-        let mut state = address_state(&r.op_responses())?;
-        for _ in 0..MAX_ATTEMPTS {
-            let own: Option<AddressClaim> = state.own.as_ref().map(parse_kv).transpose()?;
-            if let Some(o) = &own {
-                let inside = (first..=last).contains(&u32::from(o.address));
-                if (requested.is_none() || requested == Some(o.address)) && inside {
-                    return Ok(o.clone());
-                }
-            }
-            let target = match requested {
-                Some(a) => {
-                    if let Some(holder) = state.holder.as_ref() {
-                        let h: AddressClaim = parse_kv(holder)?;
-                        if h.node != node {
-                            return Err(StoreError::Conflict {
-                                address: a,
-                                holder: h.node,
-                            });
-                        }
-                    }
-                    a
-                }
-                None => match (first..=last).find(|n| !state.taken.contains(n)) {
-                    Some(n) => Ipv4Addr::from(n),
-                    None => {
-                        return Err(StoreError::AddressesExhausted {
-                            pool,
-                            held: state.taken.len(),
-                        });
-                    }
-                },
-            };
-            let claim = AddressClaim {
-                node: node.to_string(),
-                address: target,
-                since: unix_now(),
-            };
-            let value = serde_json::to_string(&claim).expect("claim serializes");
-            let by_addr = keys::address_by_address(target);
-            let mut when = vec![Compare::create_revision(
-                by_addr.clone(),
-                CompareOp::Equal,
-                0,
-            )];
-            let mut then = vec![
-                TxnOp::put(by_addr, value.clone(), None),
-                TxnOp::put(by_node.clone(), value, None),
-            ];
-            match (&state.own, &own) {
-                (Some(kv), Some(o)) => {
-                    // Moving (requested another address, or the old one is outside the pool): free the old one.
-                    when.push(Compare::mod_revision(
-                        by_node.clone(),
-                        CompareOp::Equal,
-                        kv.mod_revision(),
-                    ));
-                    then.push(TxnOp::delete(keys::address_by_address(o.address), None));
-                }
-                _ => when.push(Compare::create_revision(
-                    by_node.clone(),
-                    CompareOp::Equal,
-                    0,
-                )),
-            }
-            let txn = Txn::new()
-                .when(when)
-                .and_then(then)
-                .or_else(state_ops(Some(target)));
-            let r = self.op("claim address", c.txn(txn)).await?;
-            if r.succeeded() {
-                return Ok(claim);
-            }
-            state = address_state(&r.op_responses())?;
-            if requested.is_none() {
-                state.holder = None;
-            }
-        }
-        Err(StoreError::Contention {
-            what: "claim address",
-            attempts: MAX_ATTEMPTS,
-        })
+        self.claim(&Addresses::new(pool), node, requested).await
     }
 
     /// The node's address claim, if any.
     pub async fn address_of(&self, node: &str) -> Result<Option<AddressClaim>, StoreError> {
-        check_node(node)?;
-        self.get_one("read address claim", &keys::address_by_node(node))
-            .await?
-            .map(|kv| parse_kv(&kv))
-            .transpose()
+        self.claim_of(node).await
     }
 
     /// All address claims, lowest address first.
     pub async fn address_claims(&self) -> Result<Vec<AddressClaim>, StoreError> {
-        let (_, kvs) = self
-            .list("list address claims", keys::ADDRESSES_BY_NODE)
-            .await?;
-        let mut v: Vec<AddressClaim> = kvs.iter().filter_map(parse_or_warn).collect();
-        v.sort_by_key(|c| u32::from(c.address));
-        Ok(v)
+        self.claims().await
     }
 
-    /// Frees the node's address claim (both keys in one transaction).
+    /// Frees the node's address claim (both keys in one transaction). Returns the claim that was freed.
     pub async fn release_address(&self, node: &str) -> Result<Option<AddressClaim>, StoreError> {
-        check_node(node)?;
-        let by_node = keys::address_by_node(node);
-        for _ in 0..100 {
-            let Some(kv) = self.get_one("release address (read)", &by_node).await? else {
-                return Ok(None);
-            };
-            let claim: AddressClaim = parse_kv(&kv)?;
-            let by_addr = keys::address_by_address(claim.address);
-            let owner_is_us = Txn::new()
-                .when([Compare::value(
-                    by_addr.clone(),
-                    CompareOp::Equal,
-                    kv.value().to_vec(),
-                )])
-                .and_then([TxnOp::delete(by_addr, None)]);
-            let txn = Txn::new()
-                .when([Compare::mod_revision(
-                    by_node.clone(),
-                    CompareOp::Equal,
-                    kv.mod_revision(),
-                )])
-                .and_then([
-                    TxnOp::delete(by_node.clone(), None),
-                    TxnOp::txn(owner_is_us),
-                ]);
-            let mut c = self.client.clone();
-            if self.op("release address", c.txn(txn)).await?.succeeded() {
-                return Ok(Some(claim));
-            }
-        }
-        Err(StoreError::Contention {
-            what: "release address",
-            attempts: 100,
-        })
+        self.release(node).await
     }
 
     // ---------------------------------------------------------------- nodes
@@ -659,63 +364,7 @@ impl Store {
     }
 }
 
-/// The first op response of a txn as a plain list of key-values.
-fn kvs_of(r: &TxnOpResponse) -> &[KeyValue] {
-    match r {
-        TxnOpResponse::Get(g) => g.kvs(),
-        _ => &[],
-    }
-}
-
-fn subnet_state(
-    plan: &SubnetPlan,
-    rs: &[TxnOpResponse],
-) -> Result<(Option<KeyValue>, HashSet<u64>), StoreError> {
-    let own = rs.first().and_then(|r| kvs_of(r).first().cloned());
-    let mut taken = HashSet::new();
-    if let Some(r) = rs.get(1) {
-        for kv in kvs_of(r) {
-            let key = kv.key_str().unwrap_or_default();
-            let seg = key
-                .strip_prefix(keys::SUBNETS_BY_SUBNET)
-                .unwrap_or_default();
-            match keys::parse_subnet_segment(seg) {
-                Some(net) => taken.extend(plan.overlapping(&net)),
-                None => warn!(key, "ignoring an unparsable subnet claim key"),
-            }
-        }
-    }
-    Ok((own, taken))
-}
-
-struct AddressState {
-    own: Option<KeyValue>,
-    taken: HashSet<u32>,
-    holder: Option<KeyValue>,
-}
-
-fn address_state(rs: &[TxnOpResponse]) -> Result<AddressState, StoreError> {
-    let own = rs.first().and_then(|r| kvs_of(r).first().cloned());
-    let mut taken = HashSet::new();
-    if let Some(r) = rs.get(1) {
-        for kv in kvs_of(r) {
-            let key = kv.key_str().unwrap_or_default();
-            match key
-                .strip_prefix(keys::ADDRESSES_BY_ADDRESS)
-                .and_then(|s| s.parse::<Ipv4Addr>().ok())
-            {
-                Some(a) => {
-                    taken.insert(u32::from(a));
-                }
-                None => warn!(key, "ignoring an unparsable address claim key"),
-            }
-        }
-    }
-    let holder = rs.get(2).and_then(|r| kvs_of(r).first().cloned());
-    Ok(AddressState { own, taken, holder })
-}
-
-fn check_node(node: &str) -> Result<(), StoreError> {
+pub(crate) fn check_node(node: &str) -> Result<(), StoreError> {
     if keys::valid_node_name(node) {
         Ok(())
     } else {

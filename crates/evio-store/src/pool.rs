@@ -1,0 +1,570 @@
+//! The one claim algorithm behind both per-node claims: pod subnets and host overlay addresses (VIPs).
+//!
+//! A [`Pool`] is a numbered list of candidates (index 0 is the lowest) that nodes claim one each. A claim is
+//! one JSON record (a [`Claim`]) stored under two keys, `<by-item prefix><item>` and `<by-node prefix><node>`,
+//! written and deleted together in one transaction. [`Store::claim`] is the compare-and-swap loop that both
+//! `claim_subnet` and `claim_address` use (docs/store.md).
+
+use std::collections::HashSet;
+use std::fmt::Display;
+use std::net::Ipv4Addr;
+use std::ops::Range;
+
+use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse};
+use ipnet::Ipv4Net;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tracing::{debug, warn};
+
+use crate::error::StoreError;
+use crate::keys;
+use crate::plan::{SubnetPlan, host_range};
+use crate::records::{AddressClaim, SubnetClaim, unix_now};
+use crate::store::{Store, check_node, parse_kv, parse_or_warn};
+
+/// How many lost races a claim tolerates before giving up. Every lost race means another claim succeeded, so
+/// this bounds nothing in practice with a few thousand nodes; it only stops a livelock.
+const MAX_ATTEMPTS: u32 = 10_000;
+
+/// The most of the lowest free candidates a claimer that lost races chooses from (a power of two).
+const CONTENTION_WINDOW: usize = 64;
+
+/// The names of a claim's etcd operations, as errors report them.
+pub(crate) struct OpNames {
+    pub claim_read: &'static str,
+    pub claim: &'static str,
+    pub read: &'static str,
+    pub list: &'static str,
+    pub release_read: &'static str,
+    pub release: &'static str,
+}
+
+/// The operation names for claims of `$what` ("claim subnet", "release subnet (read)", ...).
+macro_rules! op_names {
+    ($what:literal) => {
+        OpNames {
+            claim_read: concat!("claim ", $what, " (read)"),
+            claim: concat!("claim ", $what),
+            read: concat!("read ", $what, " claim"),
+            list: concat!("list ", $what, " claims"),
+            release_read: concat!("release ", $what, " (read)"),
+            release: concat!("release ", $what),
+        }
+    };
+}
+
+/// A claim record and where it lives: the same JSON value under both index keys.
+pub(crate) trait Claim: Serialize + DeserializeOwned + Clone {
+    /// What is claimed (a subnet, an address).
+    type Item: Copy + PartialEq + Display;
+    /// Prefix of the keys indexed by item (`.../by-subnet/`, `.../by-address/`).
+    const BY_ITEM: &'static str;
+    /// Prefix of the keys indexed by node (`.../by-node/`).
+    const BY_NODE: &'static str;
+    const OPS: OpNames;
+    /// A new claim of `item` by `node`, made now.
+    fn new(node: &str, item: Self::Item) -> Self;
+    fn node(&self) -> &str;
+    fn item(&self) -> Self::Item;
+    /// The item as one key segment (no `/`).
+    fn segment(item: Self::Item) -> String;
+    /// Sort key of a listing (lowest item first).
+    fn order(&self) -> (u32, u8);
+
+    fn by_item(item: Self::Item) -> String {
+        format!("{}{}", Self::BY_ITEM, Self::segment(item))
+    }
+
+    fn by_node(node: &str) -> String {
+        format!("{}{node}", Self::BY_NODE)
+    }
+}
+
+impl Claim for SubnetClaim {
+    type Item = Ipv4Net;
+    const BY_ITEM: &'static str = keys::SUBNETS_BY_SUBNET;
+    const BY_NODE: &'static str = keys::SUBNETS_BY_NODE;
+    const OPS: OpNames = op_names!("subnet");
+
+    fn new(node: &str, subnet: Ipv4Net) -> Self {
+        SubnetClaim {
+            node: node.to_string(),
+            subnet,
+            since: unix_now(),
+        }
+    }
+
+    fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn item(&self) -> Ipv4Net {
+        self.subnet
+    }
+
+    fn segment(subnet: Ipv4Net) -> String {
+        keys::subnet_segment(&subnet)
+    }
+
+    fn order(&self) -> (u32, u8) {
+        (u32::from(self.subnet.network()), self.subnet.prefix_len())
+    }
+}
+
+impl Claim for AddressClaim {
+    type Item = Ipv4Addr;
+    const BY_ITEM: &'static str = keys::ADDRESSES_BY_ADDRESS;
+    const BY_NODE: &'static str = keys::ADDRESSES_BY_NODE;
+    const OPS: OpNames = op_names!("address");
+
+    fn new(node: &str, address: Ipv4Addr) -> Self {
+        AddressClaim {
+            node: node.to_string(),
+            address,
+            since: unix_now(),
+        }
+    }
+
+    fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn item(&self) -> Ipv4Addr {
+        self.address
+    }
+
+    fn segment(address: Ipv4Addr) -> String {
+        address.to_string()
+    }
+
+    fn order(&self) -> (u32, u8) {
+        (u32::from(self.address), 32)
+    }
+}
+
+/// What nodes claim one each: candidates `0..len()`, lowest first, and the errors that name them.
+pub(crate) trait Pool {
+    type Claim: Claim;
+
+    /// How many candidates there are.
+    fn len(&self) -> u64;
+    /// The candidate at `index` (below `len()`).
+    fn candidate(&self, index: u64) -> Item<Self>;
+    /// The index of `item` when it is one of the candidates.
+    fn index_of(&self, item: Item<Self>) -> Option<u64>;
+    /// The candidates that a claim stored under the by-item key segment `segment` makes unavailable (it
+    /// may be a claim made under another pool, e.g. an older plan), or None when the segment is unparsable.
+    fn blocked_by(&self, segment: &str) -> Option<Range<u64>>;
+    /// For a claim the node holds that is not a candidate (the pool changed): the error that refuses it,
+    /// or None to move the claim to a candidate in the same transaction.
+    fn refuse_foreign(&self, held: &Self::Claim) -> Option<StoreError>;
+    /// A requested item that is not a candidate (only pools whose items can be requested are asked).
+    fn not_a_candidate(&self, item: Item<Self>) -> StoreError;
+    /// A requested item that another node holds (likewise).
+    fn conflict(&self, item: Item<Self>, holder: String) -> StoreError;
+    /// No candidate is free; `held` claims exist.
+    fn exhausted(&self, held: usize) -> StoreError;
+}
+
+type Item<P> = <<P as Pool>::Claim as Claim>::Item;
+
+/// The pod subnets of a plan.
+pub(crate) struct Subnets<'a>(pub &'a SubnetPlan);
+
+impl Pool for Subnets<'_> {
+    type Claim = SubnetClaim;
+
+    fn len(&self) -> u64 {
+        self.0.len()
+    }
+
+    fn candidate(&self, index: u64) -> Ipv4Net {
+        self.0.subnet(index).expect("index below len").subnet
+    }
+
+    fn index_of(&self, subnet: Ipv4Net) -> Option<u64> {
+        self.0.index_of(&subnet)
+    }
+
+    fn blocked_by(&self, segment: &str) -> Option<Range<u64>> {
+        // By overlap, not equality: claims of an older plan may have another prefix length.
+        keys::parse_subnet_segment(segment).map(|net| self.0.overlapping(&net))
+    }
+
+    fn refuse_foreign(&self, held: &SubnetClaim) -> Option<StoreError> {
+        Some(StoreError::OutsidePlan {
+            node: held.node.clone(),
+            held: held.subnet.to_string(),
+            pool: self.0.pool(),
+        })
+    }
+
+    fn not_a_candidate(&self, _: Ipv4Net) -> StoreError {
+        unreachable!("claim_subnet never requests a subnet")
+    }
+
+    fn conflict(&self, _: Ipv4Net, _: String) -> StoreError {
+        unreachable!("claim_subnet never requests a subnet")
+    }
+
+    fn exhausted(&self, held: usize) -> StoreError {
+        StoreError::Exhausted {
+            pool: self.0.pool(),
+            capacity: self.0.len(),
+            held,
+        }
+    }
+}
+
+/// The usable host addresses of an overlay CIDR (all but network and broadcast, except in /31 and /32).
+pub(crate) struct Addresses {
+    pool: Ipv4Net,
+    first: u32,
+    last: u32,
+}
+
+impl Addresses {
+    pub(crate) fn new(pool: &Ipv4Net) -> Addresses {
+        let pool = pool.trunc();
+        let (first, last) = host_range(&pool);
+        Addresses { pool, first, last }
+    }
+}
+
+impl Pool for Addresses {
+    type Claim = AddressClaim;
+
+    fn len(&self) -> u64 {
+        u64::from(self.last - self.first) + 1
+    }
+
+    fn candidate(&self, index: u64) -> Ipv4Addr {
+        Ipv4Addr::from(self.first + index as u32)
+    }
+
+    fn index_of(&self, address: Ipv4Addr) -> Option<u64> {
+        let n = u32::from(address);
+        (self.first..=self.last)
+            .contains(&n)
+            .then(|| u64::from(n - self.first))
+    }
+
+    fn blocked_by(&self, segment: &str) -> Option<Range<u64>> {
+        let a: Ipv4Addr = segment.parse().ok()?;
+        Some(self.index_of(a).map_or(0..0, |i| i..i + 1))
+    }
+
+    fn refuse_foreign(&self, _held: &AddressClaim) -> Option<StoreError> {
+        None
+    }
+
+    fn not_a_candidate(&self, address: Ipv4Addr) -> StoreError {
+        StoreError::BadAddress {
+            address,
+            pool: self.pool,
+        }
+    }
+
+    fn conflict(&self, address: Ipv4Addr, holder: String) -> StoreError {
+        StoreError::Conflict { address, holder }
+    }
+
+    fn exhausted(&self, held: usize) -> StoreError {
+        StoreError::AddressesExhausted {
+            pool: self.pool,
+            held,
+        }
+    }
+}
+
+/// Up to `window` of the lowest candidate indices of `pool` not in `taken`, lowest first.
+fn lowest_free<P: Pool>(pool: &P, taken: &HashSet<u64>, window: usize) -> Vec<u64> {
+    (0..pool.len())
+        .filter(|i| !taken.contains(i))
+        .take(window)
+        .collect()
+}
+
+/// A pseudo-random number from the node name, the attempt and the clock (no cryptographic need: it only
+/// spreads concurrent claimers over different candidates).
+fn spread(node: &str, attempt: u32) -> usize {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write(node.as_bytes());
+    h.write_u32(attempt);
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish() as usize
+}
+
+/// What one consistent read says: the node's own claim, the candidates taken, how many claims exist, and
+/// (when an item was requested) who holds it.
+struct State {
+    own: Option<KeyValue>,
+    taken: HashSet<u64>,
+    held: usize,
+    holder: Option<KeyValue>,
+}
+
+/// The ops that read [`State`]: by-node key, by-item keys (keys only), and the requested item's key.
+fn state_ops<C: Claim>(by_node: &str, requested: Option<C::Item>) -> Vec<TxnOp> {
+    let mut v = vec![
+        TxnOp::get(by_node, None),
+        TxnOp::get(
+            C::BY_ITEM,
+            Some(GetOptions::new().with_prefix().with_keys_only()),
+        ),
+    ];
+    if let Some(item) = requested {
+        v.push(TxnOp::get(C::by_item(item), None));
+    }
+    v
+}
+
+fn state_of<P: Pool>(pool: &P, rs: &[TxnOpResponse]) -> State {
+    let kvs = |i: usize| match rs.get(i) {
+        Some(TxnOpResponse::Get(g)) => g.kvs(),
+        _ => &[],
+    };
+    let mut taken = HashSet::new();
+    let items = kvs(1);
+    for kv in items {
+        let key = kv.key_str().unwrap_or_default();
+        match pool.blocked_by(key.strip_prefix(P::Claim::BY_ITEM).unwrap_or_default()) {
+            Some(r) => taken.extend(r),
+            None => warn!(key, "ignoring an unparsable claim key"),
+        }
+    }
+    State {
+        own: kvs(0).first().cloned(),
+        taken,
+        held: items.len(),
+        holder: kvs(2).first().cloned(),
+    }
+}
+
+impl Store {
+    /// Claims a candidate of `pool` for `node`: its existing claim if it has one, `requested` if given, else
+    /// the lowest free candidate, with one compare-and-swap transaction that writes both index keys or nothing.
+    pub(crate) async fn claim<P: Pool>(
+        &self,
+        pool: &P,
+        node: &str,
+        requested: Option<Item<P>>,
+    ) -> Result<P::Claim, StoreError> {
+        let ops = &P::Claim::OPS;
+        check_node(node)?;
+        if let Some(item) = requested
+            && pool.index_of(item).is_none()
+        {
+            return Err(pool.not_a_candidate(item));
+        }
+        let by_node = P::Claim::by_node(node);
+        let mut c = self.client.clone();
+        // The node's own claim, the taken candidates (and the requested one's holder) in one consistent read.
+        let read = Txn::new().and_then(state_ops::<P::Claim>(&by_node, requested));
+        let r = self.op(ops.claim_read, c.txn(read)).await?;
+        let mut state = state_of(pool, r.op_responses().as_slice());
+        for attempt in 0..MAX_ATTEMPTS {
+            let own: Option<(KeyValue, P::Claim)> = match state.own.take() {
+                Some(kv) => {
+                    let claim = parse_kv(&kv)?;
+                    Some((kv, claim))
+                }
+                None => None,
+            };
+            if let Some((_, o)) = &own {
+                let item = o.item();
+                if pool.index_of(item).is_none() {
+                    if let Some(e) = pool.refuse_foreign(o) {
+                        return Err(e);
+                    }
+                } else if requested.is_none_or(|r| r == item) {
+                    return Ok(o.clone());
+                }
+                // Otherwise move the claim (to the requested item, or into the pool) in one transaction.
+            }
+            let target = match requested {
+                Some(item) => {
+                    if let Some(kv) = &state.holder {
+                        let h: P::Claim = parse_kv(kv)?;
+                        if h.node() != node {
+                            return Err(pool.conflict(item, h.node().to_string()));
+                        }
+                    }
+                    item
+                }
+                None => {
+                    // Lowest free first. A claimer that lost a race picks at random among the lowest free
+                    // candidates instead, in a window that doubles with every lost race (2, 4, ... up to
+                    // CONTENTION_WINDOW): a few simultaneous claimers still get the lowest ones, while
+                    // hundreds do not all retry on the same one (each round costs an etcd commit). The pool
+                    // fills from the bottom.
+                    let window = 1usize << attempt.min(CONTENTION_WINDOW.trailing_zeros());
+                    let free = lowest_free(pool, &state.taken, window);
+                    if free.is_empty() {
+                        return Err(pool.exhausted(state.held));
+                    }
+                    pool.candidate(free[spread(node, attempt) % free.len()])
+                }
+            };
+            let claim = P::Claim::new(node, target);
+            let value = serde_json::to_string(&claim).expect("claim serializes");
+            let by_item = P::Claim::by_item(target);
+            let mut when = vec![Compare::create_revision(
+                by_item.clone(),
+                CompareOp::Equal,
+                0,
+            )];
+            let mut then = vec![
+                TxnOp::put(by_item, value.clone(), None),
+                TxnOp::put(by_node.clone(), value, None),
+            ];
+            match &own {
+                Some((kv, o)) => {
+                    // Moving: the node's claim must be the one read, and its old item is freed with it.
+                    when.push(Compare::mod_revision(
+                        by_node.clone(),
+                        CompareOp::Equal,
+                        kv.mod_revision(),
+                    ));
+                    then.push(TxnOp::delete(P::Claim::by_item(o.item()), None));
+                }
+                None => when.push(Compare::create_revision(
+                    by_node.clone(),
+                    CompareOp::Equal,
+                    0,
+                )),
+            }
+            let txn = Txn::new()
+                .when(when)
+                .and_then(then)
+                .or_else(state_ops::<P::Claim>(&by_node, requested));
+            let r = self.op(ops.claim, c.txn(txn)).await?;
+            if r.succeeded() {
+                debug!(node, item = %target, attempt, "{}", ops.claim);
+                return Ok(claim);
+            }
+            state = state_of(pool, r.op_responses().as_slice());
+        }
+        Err(StoreError::Contention {
+            what: ops.claim,
+            attempts: MAX_ATTEMPTS,
+        })
+    }
+
+    /// The node's claim of kind `C`, if any.
+    pub(crate) async fn claim_of<C: Claim>(&self, node: &str) -> Result<Option<C>, StoreError> {
+        check_node(node)?;
+        self.get_one(C::OPS.read, &C::by_node(node))
+            .await?
+            .map(|kv| parse_kv(&kv))
+            .transpose()
+    }
+
+    /// All claims of kind `C`, lowest item first.
+    pub(crate) async fn claims<C: Claim>(&self) -> Result<Vec<C>, StoreError> {
+        let (_, kvs) = self.list(C::OPS.list, C::BY_NODE).await?;
+        let mut v: Vec<C> = kvs.iter().filter_map(parse_or_warn).collect();
+        v.sort_by_key(C::order);
+        Ok(v)
+    }
+
+    /// Frees the node's claim of kind `C` (both keys in one transaction). Returns the claim that was freed.
+    pub(crate) async fn release<C: Claim>(&self, node: &str) -> Result<Option<C>, StoreError> {
+        check_node(node)?;
+        let by_node = C::by_node(node);
+        for _ in 0..100 {
+            let Some(kv) = self.get_one(C::OPS.release_read, &by_node).await? else {
+                return Ok(None);
+            };
+            let claim: C = parse_kv(&kv)?;
+            let by_item = C::by_item(claim.item());
+            // Delete the by-item key only if it still holds this very claim (it always should).
+            let owner_is_us = Txn::new()
+                .when([Compare::value(
+                    by_item.clone(),
+                    CompareOp::Equal,
+                    kv.value().to_vec(),
+                )])
+                .and_then([TxnOp::delete(by_item, None)]);
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    by_node.clone(),
+                    CompareOp::Equal,
+                    kv.mod_revision(),
+                )])
+                .and_then([
+                    TxnOp::delete(by_node.clone(), None),
+                    TxnOp::txn(owner_is_us),
+                ]);
+            let mut c = self.client.clone();
+            if self.op(C::OPS.release, c.txn(txn)).await?.succeeded() {
+                return Ok(Some(claim));
+            }
+        }
+        Err(StoreError::Contention {
+            what: C::OPS.release,
+            attempts: 100,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn address_candidates_skip_network_and_broadcast() {
+        let p = Addresses::new(&"10.10.0.0/29".parse().unwrap());
+        assert_eq!(p.len(), 6);
+        assert_eq!(p.candidate(0).to_string(), "10.10.0.1");
+        assert_eq!(p.candidate(5).to_string(), "10.10.0.6");
+        assert_eq!(p.index_of("10.10.0.6".parse().unwrap()), Some(5));
+        for outside in ["10.10.0.0", "10.10.0.7", "10.10.1.1"] {
+            assert_eq!(p.index_of(outside.parse().unwrap()), None, "{outside}");
+        }
+        assert_eq!(p.blocked_by("10.10.0.3"), Some(2..3));
+        assert_eq!(p.blocked_by("10.99.0.3"), Some(0..0));
+        assert_eq!(p.blocked_by("10.10.0.3-32"), None);
+        // /31 and /32: every address is usable.
+        assert_eq!(Addresses::new(&"10.10.0.0/31".parse().unwrap()).len(), 2);
+        let one = Addresses::new(&"10.10.0.9/32".parse().unwrap());
+        assert_eq!(
+            (one.len(), one.candidate(0).to_string()),
+            (1, "10.10.0.9".into())
+        );
+    }
+
+    #[test]
+    fn subnet_candidates_are_blocked_by_overlap() {
+        let plan = SubnetPlan::parse("10.244.0.0/16", 8).unwrap();
+        let p = Subnets(&plan);
+        assert_eq!(p.candidate(3).to_string(), "10.244.3.0/24");
+        assert_eq!(p.blocked_by("10.244.2.0-23"), Some(2..4));
+        assert_eq!(p.blocked_by("10.244.2.0"), None);
+        assert_eq!(
+            SubnetClaim::by_item("10.244.3.0/24".parse().unwrap()),
+            "/evio/v1/subnets/by-subnet/10.244.3.0-24"
+        );
+        assert_eq!(
+            AddressClaim::by_item("10.10.0.3".parse().unwrap()),
+            "/evio/v1/addresses/by-address/10.10.0.3"
+        );
+        assert_eq!(AddressClaim::by_node("n1"), "/evio/v1/addresses/by-node/n1");
+    }
+
+    #[test]
+    fn lowest_free_in_a_window() {
+        let p = Addresses::new(&"10.10.0.0/28".parse().unwrap());
+        let taken: HashSet<u64> = [0, 2, 3].into();
+        assert_eq!(lowest_free(&p, &taken, 1), [1]);
+        assert_eq!(lowest_free(&p, &taken, 4), [1, 4, 5, 6]);
+        let all: HashSet<u64> = (0..p.len()).collect();
+        assert!(lowest_free(&p, &all, 64).is_empty());
+    }
+}
