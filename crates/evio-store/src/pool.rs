@@ -199,12 +199,13 @@ impl Pool for Subnets<'_> {
         })
     }
 
-    fn not_a_candidate(&self, _: Ipv4Net) -> StoreError {
-        unreachable!("claim_subnet never requests a subnet")
+    // `claim_subnet` never requests a particular subnet; should a caller ever do, these are its errors.
+    fn not_a_candidate(&self, subnet: Ipv4Net) -> StoreError {
+        StoreError::Config(format!("{subnet} is not a subnet of {}", self.0.pool()))
     }
 
-    fn conflict(&self, _: Ipv4Net, _: String) -> StoreError {
-        unreachable!("claim_subnet never requests a subnet")
+    fn conflict(&self, subnet: Ipv4Net, holder: String) -> StoreError {
+        StoreError::Config(format!("subnet {subnet} is held by node {holder}"))
     }
 
     fn exhausted(&self, held: usize) -> StoreError {
