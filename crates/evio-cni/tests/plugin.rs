@@ -118,7 +118,22 @@ fn all_verbs(version: &str) {
             "GC released only the stale address"
         );
         assert_eq!(sb.veths(), vec![veth.clone()]);
-        assert_eq!(sb.nft_pod_entries().len(), 1);
+        let entries = sb.nft_pod_entries();
+        assert!(
+            entries.len() == 1
+                && entries[0].contains(&format!("\"{ip}\""))
+                && entries[0].contains(cid.as_str()),
+            "only the valid attachment's masquerade entry is left: {entries:?}"
+        );
+        assert_eq!(
+            sb.state_files(),
+            vec![format!("{cid}-eth0.json")],
+            "GC removed only the stale attachment's state"
+        );
+        assert!(
+            !pod2.links().contains(&"eth0".to_string()),
+            "the stale pod interface went with its host veth"
+        );
         assert!(
             ping(&pod, "10.244.3.1"),
             "the valid attachment still works after GC"
@@ -262,7 +277,10 @@ fn concurrent_adds_and_dels() {
     for ip in &ips {
         assert!(ping(&sb.node, ip), "node reaches {ip}");
     }
-    assert!(ping(&pods[0], &ips[N - 1]) || ping(&pods[0], &ips[0]));
+    // Pod to pod across the bridge (results are in the order of `pods`, so this is never a self-ping).
+    let (ip0, ip_last) = (pod_ip(&results[0]), pod_ip(&results[N - 1]));
+    assert_ne!(ip0, ip_last);
+    assert!(ping(&pods[0], &ip_last), "pod {ip0} reaches pod {ip_last}");
     thread::scope(|s| {
         for (p, c) in pods.iter().zip(&cids) {
             let netns = p.path().display().to_string();
