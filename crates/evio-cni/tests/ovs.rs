@@ -318,6 +318,16 @@ fn ovs_gc_keeps_only_valid_attachments() {
     let veth1 = r1["interfaces"][1]["name"].as_str().unwrap().to_string();
     assert_eq!(sb.reservations(), vec![pod_ip(&r1)]);
     assert_eq!(sb.veths(), vec![veth1.clone()]);
+    let entries = sb.nft_pod_entries();
+    assert!(
+        entries.len() == 1 && entries[0].contains(c1.as_str()),
+        "only the valid attachment's masquerade entry is left: {entries:?}"
+    );
+    assert_eq!(sb.state_files(), vec![format!("{c1}-eth0.json")]);
+    assert!(
+        !p2.links().contains(&"eth0".to_string()),
+        "the stale pod interface went with its host veth"
+    );
     let mut ports = ovs.ports(BR);
     ports.sort();
     let mut want = vec![veth1, "other0".to_string()];

@@ -160,10 +160,20 @@ impl Ovs {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// Port names on `bridge` (empty when the bridge does not exist).
+    /// Port names on `bridge` (empty when the bridge does not exist). Panics when ovs-vsctl fails for
+    /// any other reason (OVSDB down, timeout), so an empty list always means "no ports".
     pub fn ports(&self, bridge: &str) -> Vec<String> {
-        let out = self.vsctl(&["list-ports", bridge]);
-        String::from_utf8_lossy(&out.stdout)
+        let exists = self.vsctl(&["br-exists", bridge]);
+        match exists.status.code() {
+            Some(0) => {}
+            Some(2) => return Vec::new(),
+            _ => panic!(
+                "ovs-vsctl br-exists {bridge} failed: {}\n{}",
+                String::from_utf8_lossy(&exists.stderr),
+                self.log()
+            ),
+        }
+        self.vsctl_ok(&["list-ports", bridge])
             .lines()
             .map(str::to_string)
             .collect()
