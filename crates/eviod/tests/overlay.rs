@@ -5,7 +5,17 @@ mod common;
 use std::time::Duration;
 
 use common::Cluster;
-use evio_testbed::run_ok;
+use evio_testbed::{Netns, run_ok, wait_until};
+
+/// Waits until a socket listens on `port` in `ns` (`kind`: `t` for TCP, `u` for UDP).
+fn listening(ns: &Netns, kind: &str, port: u16) -> bool {
+    let filter = format!("sport = :{port}");
+    wait_until(Duration::from_secs(5), || {
+        !ns.exec_ok(&["ss", &format!("-Hnl{kind}"), &filter])
+            .trim()
+            .is_empty()
+    })
+}
 
 #[test]
 fn three_hosts_reach_each_others_vips() {
@@ -228,10 +238,25 @@ fn pods_reach_each_other_encrypted_with_real_addresses() {
             pcap.to_str().unwrap(),
             "udp",
         ])
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(700));
+    // tcpdump says "listening on br0" once it captures; read its stderr until then.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = dump.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if line.contains("listening on") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_secs(10)).is_ok(),
+        "tcpdump did not start capturing"
+    );
     let marker = "EVIO-SECRET-MARKER-7f3a";
     bg.push(
         pods[2]
@@ -241,7 +266,7 @@ fn pods_reach_each_other_encrypted_with_real_addresses() {
             .spawn()
             .unwrap(),
     );
-    std::thread::sleep(Duration::from_millis(200));
+    assert!(listening(&pods[2].ns, "t", 7001), "no listener on 7001");
     let payload = marker.repeat(200);
     let out = pods[0].exec(&[
         "sh",
@@ -262,7 +287,13 @@ fn pods_reach_each_other_encrypted_with_real_addresses() {
             c.hosts[1].ip
         ),
     ]);
-    std::thread::sleep(Duration::from_millis(700));
+    // tcpdump -U writes each packet as it comes: wait for the control to be in the file.
+    let clear = format!("CLEAR-{marker}");
+    let captured = wait_until(Duration::from_secs(5), || {
+        let cap = std::fs::read(&pcap).unwrap_or_default();
+        cap.windows(clear.len()).any(|w| w == clear.as_bytes())
+    });
+    assert!(captured, "the capture does not work: no clear control");
     // SAFETY: SIGINT to our tcpdump child so it flushes the capture file.
     unsafe { libc::kill(dump.id() as i32, libc::SIGINT) };
     let _ = dump.wait();
@@ -301,7 +332,7 @@ fn pods_reach_each_other_encrypted_with_real_addresses() {
         ])
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    assert!(listening(&pods[1].ns, "t", 7003), "no listener on 7003");
     let t0 = std::time::Instant::now();
     let out = pods[0].exec(&[
         "socat",
@@ -346,7 +377,7 @@ fn pods_reach_each_other_encrypted_with_real_addresses() {
             .spawn()
             .unwrap(),
     );
-    std::thread::sleep(Duration::from_millis(300));
+    assert!(listening(&pods[2].ns, "u", 7002), "no receiver on 7002");
     let before = c.hosts[2].metric("evio_drops_total{reason=\"spoofed_source\"}");
     for (msg, bind) in [("SPOOFED", Some(spoof.as_str())), ("GENUINE", None)] {
         let target = match bind {
