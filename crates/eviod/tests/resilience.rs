@@ -165,7 +165,18 @@ fn survives_garbage_etcd_freeze_kill9_and_peers_leaving() {
     assert!(c.hosts[0].ping(&vips[1]));
 
     // A clean stop (SIGTERM) revokes the lease: host-2 disappears from host-1 at once.
+    let key = "/evio/v1/nodes/host-2";
+    assert!(
+        !c.etcd.etcdctl(&["get", key]).trim().is_empty(),
+        "host-2 not registered before its stop"
+    );
     c.hosts[1].stop();
+    // The registration went with the revoked lease at once, not with its expiry.
+    let reg = c.etcd.etcdctl(&["get", key]);
+    assert!(
+        reg.trim().is_empty(),
+        "host-2 still registered after a clean stop: {reg}"
+    );
     assert!(
         wait_until(Duration::from_secs(6), || {
             c.hosts[0].status().unwrap()["peers"]
