@@ -7,6 +7,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,8 @@ fn evioctl() -> PathBuf {
 struct Demo {
     child: Child,
     out: Arc<Mutex<String>>,
+    /// How many of the two reader threads saw the end of their pipe.
+    drained: Arc<AtomicUsize>,
     tmp: Arc<tempfile::TempDir>,
 }
 
@@ -57,11 +60,13 @@ impl Demo {
             .spawn()
             .expect("start evioctl demo");
         let out = Arc::new(Mutex::new(String::new()));
+        let drained = Arc::new(AtomicUsize::new(0));
         for mut r in [
             Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
             Box::new(child.stderr.take().unwrap()),
         ] {
             let out = out.clone();
+            let drained = drained.clone();
             std::thread::spawn(move || {
                 let mut buf = [0u8; 4096];
                 while let Ok(n) = r.read(&mut buf) {
@@ -72,9 +77,15 @@ impl Demo {
                         .unwrap()
                         .push_str(&String::from_utf8_lossy(&buf[..n]));
                 }
+                drained.fetch_add(1, Ordering::SeqCst);
             });
         }
-        Demo { child, out, tmp }
+        Demo {
+            child,
+            out,
+            drained,
+            tmp,
+        }
     }
 
     fn output(&self) -> String {
@@ -91,8 +102,11 @@ impl Demo {
         let end = Instant::now() + limit;
         loop {
             if let Some(st) = self.child.try_wait().unwrap() {
-                // Let the reader threads drain the pipes.
-                std::thread::sleep(Duration::from_millis(100));
+                // All output read: both pipes at their end (a generous bound in case a leftover
+                // process still holds one; assert_nothing_left reports such a process).
+                evio_testbed::wait_until(Duration::from_secs(10), || {
+                    self.drained.load(Ordering::SeqCst) == 2
+                });
                 return st.code();
             }
             if Instant::now() >= end {
