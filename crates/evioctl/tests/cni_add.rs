@@ -166,10 +166,13 @@ fn add_and_del(cni_version: Option<&str>) {
         node.exec_ok(&["ip", "-o", "-4", "addr", "show", "eviobr0"])
             .contains(&format!("{gw}/24"))
     );
-    let held = std::fs::read_dir(ipam_dir.join("evio-add"))
-        .unwrap()
-        .count();
-    assert!(held >= 2, "host-local holds no lease in its temp dataDir");
+    // host-local's reservation is a file named after the address (its lock and last_reserved_ip files
+    // do not count).
+    let bare_ip = ip.split('/').next().unwrap();
+    assert!(
+        ipam_dir.join("evio-add").join(bare_ip).is_file(),
+        "host-local holds no lease for {bare_ip} in its temp dataDir"
+    );
 
     // DEL in reverse order; host-local's lease is released.
     if portmap_ok {
@@ -198,6 +201,16 @@ fn add_and_del(cni_version: Option<&str>) {
         .filter(|n| n.starts_with("10."))
         .collect();
     assert!(leases.is_empty(), "address not released: {leases:?}");
+    let veths: Vec<String> = node
+        .links()
+        .into_iter()
+        .filter(|l| l.starts_with("veth"))
+        .collect();
+    assert!(veths.is_empty(), "veth left after DEL: {veths:?}");
+    assert!(
+        !pod.links().contains(&"eth0".to_string()),
+        "pod interface left after DEL"
+    );
 }
 
 #[test]
@@ -286,7 +299,9 @@ fn ctr_run_cni_uses_the_installed_conflist() {
         stdout.contains(&want) && stdout.contains("1 packets received"),
         "{stdout}"
     );
-    // containerd's DEL (empty CNI_NETNS) released the address.
+    // containerd's DEL (empty CNI_NETNS) removed the host veth and released the address.
+    let veths = node.settled_veths();
+    assert!(veths.is_empty(), "veth left: {veths:?}");
     let left: Vec<_> = files_under(&dirs.ipam())
         .into_iter()
         .filter(|p| p.to_string_lossy().contains("10.124."))
