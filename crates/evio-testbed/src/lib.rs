@@ -196,7 +196,9 @@ impl Etcd {
         Self::start_in(None, "127.0.0.1")
     }
 
-    /// Starts etcd inside network namespace `netns` (if given), listening on `ip`.
+    /// Starts etcd inside network namespace `netns` (if given), listening on `ip`. The ports are picked
+    /// free and bound by etcd a moment later: when another process took one in between, etcd exits with
+    /// "address already in use" and it starts again on new ports.
     pub fn start_in(netns: Option<&Netns>, ip: &str) -> Etcd {
         let dir = tempfile::Builder::new()
             .prefix("evio-etcd")
@@ -217,11 +219,29 @@ impl Etcd {
             std::fs::Permissions::from_mode(0o700),
         )
         .expect("chmod");
-        e.spawn();
+        for attempt in 1.. {
+            let _ = std::fs::remove_file(e.dir.path().join("etcd.log"));
+            match e.spawn() {
+                Ok(()) => break,
+                Err(log) if attempt < 5 && log.contains("address already in use") => {
+                    e.kill();
+                    // A fresh data dir, so nothing of the failed start is reused.
+                    let data = e.dir.path().join("data");
+                    std::fs::remove_dir_all(&data).expect("remove data dir");
+                    std::fs::create_dir(&data).expect("data dir");
+                    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700))
+                        .expect("chmod");
+                    e.client_port = free_port();
+                    e.peer_port = free_port();
+                }
+                Err(log) => panic!("etcd exited at start: {log}"),
+            }
+        }
         e
     }
 
-    fn spawn(&mut self) {
+    /// Starts etcd and waits until it is healthy; Err(its log) when it exits first.
+    fn spawn(&mut self) -> Result<(), String> {
         let c = format!("http://{}:{}", self.listen_ip, self.client_port);
         let p = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::OpenOptions::new()
@@ -247,14 +267,19 @@ impl Etcd {
         .stdout(log.try_clone().expect("log"))
         .stderr(log);
         self.child = Some(cmd.spawn().expect("start etcd (is etcd-server installed?)"));
-        self.wait_healthy(Duration::from_secs(20));
+        self.wait_healthy(Duration::from_secs(20))
     }
 
-    fn wait_healthy(&self, limit: Duration) {
+    fn wait_healthy(&mut self, limit: Duration) -> Result<(), String> {
         let start = Instant::now();
         while start.elapsed() < limit {
             if self.healthy() {
-                return;
+                return Ok(());
+            }
+            if let Some(c) = &mut self.child
+                && matches!(c.try_wait(), Ok(Some(_)))
+            {
+                return Err(self.log());
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -348,7 +373,9 @@ impl Etcd {
     /// Stops the server (kill -9) and starts it again on the same ports and data.
     pub fn restart(&mut self) {
         self.kill();
-        self.spawn();
+        if let Err(log) = self.spawn() {
+            panic!("etcd exited at restart: {log}");
+        }
     }
 
     /// Kills the server (kill -9) and waits for it.
