@@ -25,15 +25,14 @@ pub fn require_root() {
     );
 }
 
-/// A name unique to this process and call, at most 15 characters (the kernel's interface name limit)
-/// when `prefix` has at most 4.
+/// A name unique to this process and call: `prefix`, then the pid (6 hex digits: Linux pids fit in 22
+/// bits) and a per-process counter (4 hex digits), both fixed width so two (pid, counter) pairs never
+/// print alike. With a prefix of at most 5 characters it fits an interface name (15 characters).
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
     let pid = std::process::id();
-    let name = format!("{prefix}{:x}{:x}", pid & 0xfffff, n & 0xfff);
-    assert!(name.len() <= 15, "name {name} too long for an interface");
-    name
+    format!("{prefix}{:06x}{:04x}", pid & 0x3f_ffff, n & 0xffff)
 }
 
 /// Runs a command, returning its output; panics with stderr if it cannot be started.
