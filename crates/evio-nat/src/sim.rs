@@ -221,8 +221,7 @@ impl TurnModel {
             let payload = match a.channel_of(src, now) {
                 Some(n) => {
                     let mut out = Vec::new();
-                    demux::encode_channel_data(n, data, &mut out);
-                    out
+                    demux::encode_channel_data(n, data, &mut out).map(|()| out)
                 }
                 None => Builder::new(
                     Class::Indication,
@@ -232,6 +231,9 @@ impl TurnModel {
                 .xor_addr(attr::XOR_PEER_ADDRESS, src)
                 .attr(attr::DATA, data)
                 .finish(),
+            };
+            let Ok(payload) = payload else {
+                return vec![];
             };
             return vec![Packet {
                 src: self.addr,
@@ -260,11 +262,14 @@ impl TurnModel {
             return vec![];
         };
         let reply = |b: Builder| {
-            vec![Packet {
-                src: self.addr,
-                dst: src,
-                payload: b.fingerprint(),
-            }]
+            b.fingerprint()
+                .map(|payload| Packet {
+                    src: self.addr,
+                    dst: src,
+                    payload,
+                })
+                .into_iter()
+                .collect::<Vec<_>>()
         };
         if msg.method == method::BINDING && msg.class == Class::Request {
             return reply(
@@ -310,13 +315,7 @@ impl TurnModel {
         if msg.text(attr::NONCE) != Some(self.nonce.as_str()) {
             return err(438, true);
         }
-        let ok = |b: Builder| {
-            vec![Packet {
-                src: self.addr,
-                dst: src,
-                payload: b.integrity(&key).fingerprint(),
-            }]
-        };
+        let ok = |b: Builder| reply(b.integrity(&key));
         match msg.method {
             method::ALLOCATE => {
                 if self.allocs.contains_key(&src) {

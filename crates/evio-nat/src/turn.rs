@@ -33,6 +33,12 @@ pub const PERMISSION_REFRESH: Duration = Duration::from_secs(240);
 pub const CHANNEL_REFRESH: Duration = Duration::from_secs(300);
 pub const KEEPALIVE: Duration = Duration::from_secs(15);
 const REQUESTED_LIFETIME: u32 = 600;
+/// Peer addresses per CreatePermission: keeps the request well under a path MTU (24 bytes per IPv6
+/// address) however many peers sit behind the relay.
+const PERMISSIONS_PER_REQUEST: usize = 32;
+/// REALM and NONCE are shorter than 128 characters, at most 763 bytes (RFC 8489 §14.9, §14.10); longer
+/// ones are not echoed back.
+const MAX_REALM_NONCE: usize = 763;
 
 /// What the client reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -232,12 +238,16 @@ impl TurnClient {
     }
 
     /// Wraps `payload` for relaying to `peer`: ChannelData if a channel is bound, else a Send indication.
-    /// `None` if the relay cannot reach `peer` (yet).
+    /// `None` if the relay cannot reach `peer` (yet), or if `payload` does not fit the framing's 16-bit
+    /// length (65535 bytes for ChannelData, a little less for a Send indication).
     pub fn wrap(&mut self, peer: SocketAddr, payload: &[u8]) -> Option<Transmit> {
         self.relayed()?;
         if let Some(n) = self.channel(peer) {
-            let mut out = Vec::with_capacity(payload.len() + 4);
-            demux::encode_channel_data(n, payload, &mut out);
+            let mut out = Vec::with_capacity(payload.len() + demux::CHANNEL_HEADER);
+            if let Err(e) = demux::encode_channel_data(n, payload, &mut out) {
+                tracing::debug!(%peer, "not relayed: {e}");
+                return None;
+            }
             return Some(Transmit {
                 dst: self.cfg.server,
                 payload: out,
@@ -246,10 +256,17 @@ impl TurnClient {
         if !self.perms.get(&peer.ip()).is_some_and(|p| p.installed) {
             return None;
         }
-        let msg = Builder::new(Class::Indication, method::SEND, self.tid())
+        let msg = match Builder::new(Class::Indication, method::SEND, self.tid())
             .xor_addr(attr::XOR_PEER_ADDRESS, peer)
             .attr(attr::DATA, payload)
-            .finish();
+            .finish()
+        {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(%peer, "not relayed: {e}");
+                return None;
+            }
+        };
         Some(Transmit {
             dst: self.cfg.server,
             payload: msg,
@@ -413,7 +430,8 @@ impl TurnClient {
         self.request(Kind::Allocate, now);
     }
 
-    fn build(&mut self, kind: &Kind, tid: TransactionId) -> Vec<u8> {
+    /// The request for `kind`.
+    fn build(&mut self, kind: &Kind, tid: TransactionId) -> Result<Vec<u8>, stun::StunError> {
         let mut b = match kind {
             Kind::Allocate => Builder::new(Class::Request, method::ALLOCATE, tid)
                 .u32_attr(attr::REQUESTED_TRANSPORT, 17 << 24)
@@ -433,6 +451,7 @@ impl TurnClient {
                     .xor_addr(attr::XOR_PEER_ADDRESS, *peer)
             }
             Kind::Keepalive => {
+                // A plain Binding: coturn answers it without credentials (and so without integrity).
                 return Builder::new(Class::Request, method::BINDING, tid).fingerprint();
             }
         };
@@ -452,7 +471,16 @@ impl TurnClient {
 
     fn request_with(&mut self, kind: Kind, now: Instant, auth_tries: u8) {
         let tid = self.tid();
-        let bytes = self.build(&kind, tid);
+        let bytes = match self.build(&kind, tid) {
+            Ok(r) => r,
+            Err(e) => {
+                // Only a USERNAME of tens of kilobytes gets here (REALM and NONCE are bounded, peer
+                // addresses go 32 to a request): handle it as a refusal, which ends in a retry later.
+                tracing::error!(kind = ?kind, "TURN request not sent: {e}");
+                self.refused(kind, 0, now);
+                return;
+            }
+        };
         self.out.push_back(Transmit {
             dst: self.cfg.server,
             payload: bytes.clone(),
@@ -480,8 +508,8 @@ impl TurnClient {
                 ips.push(*ip);
             }
         }
-        if !ips.is_empty() {
-            self.request(Kind::Permission(ips), now);
+        for chunk in ips.chunks(PERMISSIONS_PER_REQUEST) {
+            self.request(Kind::Permission(chunk.to_vec()), now);
         }
         let mut binds = Vec::new();
         for (peer, c) in self.chans.iter_mut() {
@@ -548,17 +576,60 @@ impl TurnClient {
         }
     }
 
+    /// A request refused by the server with error `code` (0: could not be sent at all).
+    fn refused(&mut self, kind: Kind, code: u16, now: Instant) {
+        if code == 437
+            && matches!(self.state, State::Allocated { .. })
+            && matches!(kind, Kind::Permission(_) | Kind::ChannelBind { .. })
+        {
+            // The server no longer knows our allocation (it restarted, or it expired).
+            self.lose(format!("allocation mismatch on {kind:?}"), now, true);
+            return;
+        }
+        match kind {
+            Kind::Allocate if code == 437 => {
+                // An allocation of ours from before still holds this 5-tuple: delete it, then allocate.
+                self.state = State::Deleting;
+                self.request(Kind::Refresh { lifetime: 0 }, now);
+            }
+            Kind::Allocate => self.lose(format!("allocate refused ({code})"), now, false),
+            Kind::Refresh { lifetime: 0 } => self.allocate(now),
+            Kind::Refresh { .. } => {
+                self.lose(format!("refresh refused ({code})"), now, code == 437)
+            }
+            Kind::Permission(ips) => {
+                for ip in ips {
+                    if let Some(p) = self.perms.get_mut(&ip) {
+                        p.pending = false;
+                        p.refresh_at = Some(now + Duration::from_secs(30));
+                    }
+                }
+            }
+            Kind::ChannelBind { peer, .. } => {
+                if let Some(c) = self.chans.get_mut(&peer) {
+                    c.pending = false;
+                    c.refresh_at = Some(now + Duration::from_secs(30));
+                }
+            }
+            Kind::Keepalive => {}
+        }
+    }
+
     fn on_response(&mut self, txn: Txn, msg: &Message<'_>, now: Instant) {
-        if msg.class == Class::Error {
-            let code = msg.error_code().unwrap_or(0);
+        let code = (msg.class == Class::Error).then(|| msg.error_code().unwrap_or(0));
+        if let Some(code) = code {
             if (code == 401 || code == 438) && txn.auth_tries < 3 {
+                // A challenge: never authenticated, so only its REALM and NONCE are taken, and only if
+                // they are of a sane size (they are echoed in every later request).
+                let realm = msg.text(attr::REALM).filter(|r| r.len() <= MAX_REALM_NONCE);
+                let nonce = msg.text(attr::NONCE).filter(|n| n.len() <= MAX_REALM_NONCE);
                 if code == 438 {
                     self.stale_nonces += 1;
                 }
-                if let Some(realm) = msg.text(attr::REALM) {
+                if let Some(realm) = realm {
                     self.realm = Some(realm.to_string());
                 }
-                if let Some(nonce) = msg.text(attr::NONCE) {
+                if let Some(nonce) = nonce {
                     self.nonce = Some(nonce.to_string());
                 }
                 if let Some(realm) = &self.realm {
@@ -572,41 +643,7 @@ impl TurnClient {
                 }
             }
             tracing::debug!(code, kind = ?txn.kind, "TURN error response");
-            if code == 437
-                && matches!(self.state, State::Allocated { .. })
-                && matches!(txn.kind, Kind::Permission(_) | Kind::ChannelBind { .. })
-            {
-                // The server no longer knows our allocation (it restarted, or it expired).
-                self.lose(format!("allocation mismatch on {:?}", txn.kind), now, true);
-                return;
-            }
-            match txn.kind {
-                Kind::Allocate if code == 437 => {
-                    // An allocation of ours from before still holds this 5-tuple: delete it, then allocate.
-                    self.state = State::Deleting;
-                    self.request(Kind::Refresh { lifetime: 0 }, now);
-                }
-                Kind::Allocate => self.lose(format!("allocate refused ({code})"), now, false),
-                Kind::Refresh { lifetime: 0 } => self.allocate(now),
-                Kind::Refresh { .. } => {
-                    self.lose(format!("refresh refused ({code})"), now, code == 437)
-                }
-                Kind::Permission(ips) => {
-                    for ip in ips {
-                        if let Some(p) = self.perms.get_mut(&ip) {
-                            p.pending = false;
-                            p.refresh_at = Some(now + Duration::from_secs(30));
-                        }
-                    }
-                }
-                Kind::ChannelBind { peer, .. } => {
-                    if let Some(c) = self.chans.get_mut(&peer) {
-                        c.pending = false;
-                        c.refresh_at = Some(now + Duration::from_secs(30));
-                    }
-                }
-                Kind::Keepalive => {}
-            }
+            self.refused(txn.kind, code, now);
             return;
         }
         // Success. Responses to authenticated requests must carry a valid MESSAGE-INTEGRITY.
@@ -698,5 +735,263 @@ fn refresh_in(lifetime: u32) -> Duration {
         l - Duration::from_secs(60)
     } else {
         l / 2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const USER: &str = "evio";
+    const PASSWORD: &str = "secret";
+    const REALM: &str = "evio";
+
+    fn server() -> SocketAddr {
+        "198.18.0.1:3478".parse().unwrap()
+    }
+
+    fn key() -> [u8; 16] {
+        stun::long_term_key(USER, REALM, PASSWORD)
+    }
+
+    fn client(now: Instant) -> TurnClient {
+        let cfg = TurnConfig {
+            server: server(),
+            user: USER.into(),
+            password: PASSWORD.into(),
+        };
+        TurnClient::new(cfg, 1, now)
+    }
+
+    /// Everything the client wants to send.
+    fn sent(c: &mut TurnClient) -> Vec<Vec<u8>> {
+        std::iter::from_fn(|| c.poll_transmit())
+            .map(|t| {
+                assert_eq!(t.dst, server());
+                t.payload
+            })
+            .collect()
+    }
+
+    /// The one request the client just sent.
+    fn one(c: &mut TurnClient) -> Vec<u8> {
+        let mut s = sent(c);
+        assert_eq!(s.len(), 1, "one request expected");
+        s.pop().unwrap()
+    }
+
+    /// How the server answers: signed with the long-term key, or unsigned.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Sig {
+        Key,
+        None,
+    }
+
+    /// Feeds `c` an answer to `req`: a success with `attrs`, or an error `code`.
+    fn answer(
+        c: &mut TurnClient,
+        req: &[u8],
+        code: Option<u16>,
+        sig: Sig,
+        attrs: impl FnOnce(Builder) -> Builder,
+        now: Instant,
+    ) {
+        let m = Message::decode(req).unwrap();
+        let b = match code {
+            None => Builder::new(Class::Success, m.method, m.tid),
+            Some(code) => Builder::new(Class::Error, m.method, m.tid).error(code, "x"),
+        };
+        let b = attrs(b);
+        let b = match sig {
+            Sig::Key => b.integrity(&key()),
+            Sig::None => b,
+        };
+        let d = b.fingerprint().unwrap();
+        assert_eq!(c.handle_input(server(), &d, now), TurnInput::Handled);
+    }
+
+    fn challenge(b: Builder, nonce: &str) -> Builder {
+        b.attr(attr::REALM, REALM.as_bytes())
+            .attr(attr::NONCE, nonce.as_bytes())
+    }
+
+    fn allocation(b: Builder) -> Builder {
+        b.xor_addr(
+            attr::XOR_RELAYED_ADDRESS,
+            "198.18.0.1:50000".parse().unwrap(),
+        )
+        .xor_addr(
+            attr::XOR_MAPPED_ADDRESS,
+            "198.18.1.1:40000".parse().unwrap(),
+        )
+        .u32_attr(attr::LIFETIME, 600)
+    }
+
+    /// A client through the 401 challenge, with its signed Allocate in flight.
+    fn challenged(now: Instant) -> (TurnClient, Vec<u8>) {
+        let mut c = client(now);
+        let first = one(&mut c);
+        assert!(!Message::decode(&first).unwrap().has_integrity());
+        answer(
+            &mut c,
+            &first,
+            Some(401),
+            Sig::None,
+            |b| challenge(b, "n1"),
+            now,
+        );
+        let signed = one(&mut c);
+        let m = Message::decode(&signed).unwrap();
+        assert_eq!(m.method, method::ALLOCATE);
+        assert!(m.verify(&key()));
+        (c, signed)
+    }
+
+    fn allocated(now: Instant) -> TurnClient {
+        let (mut c, req) = challenged(now);
+        answer(&mut c, &req, None, Sig::Key, allocation, now);
+        assert!(c.relayed().is_some());
+        assert!(matches!(c.poll_event(), Some(TurnEvent::Allocated { .. })));
+        c
+    }
+
+    /// The challenges are unsigned by nature and keep working on signed requests: a 438 on a Refresh
+    /// is retried with the new nonce.
+    #[test]
+    fn stale_nonce_on_a_signed_request_is_retried() {
+        let t0 = Instant::now();
+        let mut c = allocated(t0);
+        c.probe(t0);
+        let req = one(&mut c);
+        answer(
+            &mut c,
+            &req,
+            Some(438),
+            Sig::None,
+            |b| challenge(b, "n2"),
+            t0,
+        );
+        assert_eq!(c.stale_nonces(), 1);
+        let retry = one(&mut c);
+        let m = Message::decode(&retry).unwrap();
+        assert_eq!(
+            (m.method, m.text(attr::NONCE)),
+            (method::REFRESH, Some("n2"))
+        );
+        assert!(m.verify(&key()));
+        answer(
+            &mut c,
+            &retry,
+            None,
+            Sig::Key,
+            |b| b.u32_attr(attr::LIFETIME, 600),
+            t0,
+        );
+        assert!(c.relayed().is_some());
+        assert_eq!(c.poll_event(), None);
+    }
+
+    /// The keepalive is a plain Binding, which coturn answers without integrity: that answer counts.
+    #[test]
+    fn unsigned_keepalive_answer_is_taken() {
+        let t0 = Instant::now();
+        let mut c = allocated(t0);
+        let t1 = t0 + KEEPALIVE;
+        c.handle_timeout(t1);
+        let req = one(&mut c);
+        let m = Message::decode(&req).unwrap();
+        assert_eq!((m.method, m.has_integrity()), (method::BINDING, false));
+        // A different mapping: the allocation's 5-tuple is gone.
+        answer(
+            &mut c,
+            &req,
+            None,
+            Sig::None,
+            |b| {
+                b.xor_addr(
+                    attr::XOR_MAPPED_ADDRESS,
+                    "198.18.1.1:40001".parse().unwrap(),
+                )
+            },
+            t1,
+        );
+        assert!(matches!(c.poll_event(), Some(TurnEvent::Lost { .. })));
+    }
+
+    /// A REALM or NONCE longer than RFC 8489 allows is not echoed in the next request.
+    #[test]
+    fn oversized_nonce_is_not_echoed() {
+        let t0 = Instant::now();
+        let mut c = client(t0);
+        let first = one(&mut c);
+        let huge = "n".repeat(MAX_REALM_NONCE + 1);
+        answer(
+            &mut c,
+            &first,
+            Some(401),
+            Sig::None,
+            |b| challenge(b, &huge),
+            t0,
+        );
+        let next = one(&mut c);
+        let m = Message::decode(&next).unwrap();
+        assert_eq!((m.text(attr::NONCE), m.has_integrity()), (None, false));
+        assert!(next.len() < 200);
+    }
+
+    /// However many permissions are due at once, each CreatePermission stays small.
+    #[test]
+    fn permissions_go_in_small_batches() {
+        let t0 = Instant::now();
+        let (mut c, req) = challenged(t0);
+        for i in 0..100u32 {
+            c.want_permission(IpAddr::V6((0x2001_0db8_u128 << 96 | i as u128).into()), t0);
+        }
+        assert!(sent(&mut c).is_empty(), "nothing before the allocation");
+        answer(&mut c, &req, None, Sig::Key, allocation, t0);
+        let reqs = sent(&mut c);
+        let counts: Vec<usize> = reqs
+            .iter()
+            .map(|r| {
+                let m = Message::decode(r).unwrap();
+                assert_eq!(m.method, method::CREATE_PERMISSION);
+                assert!(r.len() < 1000, "{} bytes", r.len());
+                m.xor_addrs(attr::XOR_PEER_ADDRESS).len()
+            })
+            .collect();
+        assert_eq!(counts.iter().sum::<usize>(), 100);
+        assert!(
+            counts.iter().all(|&n| n <= PERMISSIONS_PER_REQUEST),
+            "{counts:?}"
+        );
+    }
+
+    /// A payload that does not fit the framing's 16-bit length is not relayed (before, it went out with
+    /// its length wrapped modulo 65536).
+    #[test]
+    fn oversized_payloads_are_not_framed() {
+        let t0 = Instant::now();
+        let mut c = allocated(t0);
+        let peer: SocketAddr = "198.18.2.1:51820".parse().unwrap();
+        c.want_channel(peer, t0);
+        let reqs = sent(&mut c);
+        let perm = reqs
+            .iter()
+            .find(|r| Message::decode(r).unwrap().method == method::CREATE_PERMISSION)
+            .unwrap();
+        answer(&mut c, perm, None, Sig::Key, |b| b, t0);
+        // Send indications: the DATA attribute and the peer address share the 16-bit length.
+        assert!(c.wrap(peer, &vec![0; 65_000]).is_some());
+        assert_eq!(c.wrap(peer, &vec![0; 65_535]), None);
+        assert_eq!(c.wrap(peer, &vec![0; 65_536 + 8]), None);
+        let bind = reqs
+            .iter()
+            .find(|r| Message::decode(r).unwrap().method == method::CHANNEL_BIND)
+            .unwrap();
+        answer(&mut c, bind, None, Sig::Key, |b| b, t0);
+        assert!(c.channel(peer).is_some());
+        let t = c.wrap(peer, &vec![1; 65_535]).unwrap();
+        assert_eq!(t.payload.len(), 65_539);
+        assert_eq!(c.wrap(peer, &vec![1; 65_536]), None);
     }
 }

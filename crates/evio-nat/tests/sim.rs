@@ -391,7 +391,8 @@ fn garbage_input_is_harmless() {
     )
     .attr(evio_nat::stun::attr::USERNAME, b"00".repeat(32).as_slice())
     .integrity(&[0u8; 32])
-    .fingerprint();
+    .fingerprint()
+    .unwrap();
     let mut rng = StdRng::seed_from_u64(7);
     let turn: std::net::SocketAddr = "198.18.0.1:3478".parse().unwrap();
     let other: std::net::SocketAddr = "198.18.9.9:9999".parse().unwrap();
