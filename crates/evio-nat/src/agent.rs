@@ -1203,6 +1203,9 @@ fn unhex(s: &str) -> Option<PeerKey> {
 mod tests {
     use super::*;
 
+    const PEER: PeerKey = [2; 32];
+    const KEY: [u8; 32] = [9; 32];
+
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()
     }
@@ -1220,6 +1223,56 @@ mod tests {
 
     fn transmits(a: &mut Agent) -> Vec<Transmit> {
         std::iter::from_fn(|| a.poll_transmit()).collect()
+    }
+
+    /// Checks are answered with the pair's check key. A response without MESSAGE-INTEGRITY, with a wrong
+    /// one, or an unsigned error never moves a pair; the signed response does. (The agent already
+    /// required this before the TURN client was fixed; this keeps it that way.)
+    #[test]
+    fn check_responses_must_be_signed() {
+        let t0 = Instant::now();
+        let mut a = agent(vec![], t0);
+        let remote = sa("10.0.0.2:51820");
+        a.set_peer(
+            PEER,
+            KEY,
+            vec![Candidate::new(CandidateKind::Host, remote)],
+            t0,
+        );
+        a.handle_timeout(t0);
+        let check = transmits(&mut a)
+            .into_iter()
+            .find(|t| t.dst == remote)
+            .expect("a check");
+        let req = Message::decode(&check.payload).unwrap();
+        assert!(req.verify(&KEY));
+        let answer = |class: Class, key: Option<&[u8]>| {
+            let mut b = Builder::new(class, method::BINDING, req.tid)
+                .xor_addr(attr::XOR_MAPPED_ADDRESS, sa("10.0.0.1:51820"));
+            if class == Class::Error {
+                b = b.error(400, "x");
+            }
+            if let Some(k) = key {
+                b = b.integrity(k);
+            }
+            b.fingerprint().unwrap()
+        };
+        for bad in [
+            answer(Class::Success, None),
+            answer(Class::Success, Some(&[8; 32])),
+            answer(Class::Error, None),
+        ] {
+            assert_eq!(a.handle_input(remote, &bad, t0), Input::Handled);
+            assert_eq!(a.path(&PEER), None);
+            assert!(
+                a.checks.contains_key(&req.tid),
+                "the check is still waiting"
+            );
+        }
+        let good = answer(Class::Success, Some(&KEY));
+        a.handle_input(remote, &good, t0 + Duration::from_millis(3));
+        let p = a.path(&PEER).expect("a path");
+        assert_eq!((p.kind, p.remote), (PathKind::Direct, remote));
     }
 
     /// A STUN server that answers with MAPPED-ADDRESS only: the address is plain, not XOR-encoded (it

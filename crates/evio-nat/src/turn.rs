@@ -77,6 +77,8 @@ struct Txn {
     kind: Kind,
     pending: Pending,
     auth_tries: u8,
+    /// The long-term key the request was signed with; its response must be signed with it too.
+    key: Option<[u8; 16]>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -430,8 +432,12 @@ impl TurnClient {
         self.request(Kind::Allocate, now);
     }
 
-    /// The request for `kind`.
-    fn build(&mut self, kind: &Kind, tid: TransactionId) -> Result<Vec<u8>, stun::StunError> {
+    /// The request for `kind`, and the key it is signed with (none before the first 401).
+    fn build(
+        &mut self,
+        kind: &Kind,
+        tid: TransactionId,
+    ) -> Result<(Vec<u8>, Option<[u8; 16]>), stun::StunError> {
         let mut b = match kind {
             Kind::Allocate => Builder::new(Class::Request, method::ALLOCATE, tid)
                 .u32_attr(attr::REQUESTED_TRANSPORT, 17 << 24)
@@ -452,17 +458,22 @@ impl TurnClient {
             }
             Kind::Keepalive => {
                 // A plain Binding: coturn answers it without credentials (and so without integrity).
-                return Builder::new(Class::Request, method::BINDING, tid).fingerprint();
+                return Ok((
+                    Builder::new(Class::Request, method::BINDING, tid).fingerprint()?,
+                    None,
+                ));
             }
         };
+        let mut signed = None;
         if let (Some(realm), Some(nonce), Some(key)) = (&self.realm, &self.nonce, &self.key) {
             b = b
                 .attr(attr::USERNAME, self.cfg.user.as_bytes())
                 .attr(attr::REALM, realm.as_bytes())
                 .attr(attr::NONCE, nonce.as_bytes())
                 .integrity(key);
+            signed = Some(*key);
         }
-        b.fingerprint()
+        Ok((b.fingerprint()?, signed))
     }
 
     fn request(&mut self, kind: Kind, now: Instant) {
@@ -471,7 +482,7 @@ impl TurnClient {
 
     fn request_with(&mut self, kind: Kind, now: Instant, auth_tries: u8) {
         let tid = self.tid();
-        let bytes = match self.build(&kind, tid) {
+        let (bytes, key) = match self.build(&kind, tid) {
             Ok(r) => r,
             Err(e) => {
                 // Only a USERNAME of tens of kilobytes gets here (REALM and NONCE are bounded, peer
@@ -492,6 +503,7 @@ impl TurnClient {
                 kind,
                 pending,
                 auth_tries,
+                key,
             },
         );
     }
@@ -556,6 +568,17 @@ impl TurnClient {
         }
     }
 
+    /// Allocates again after the backoff, once a stale allocation was deleted. Not at once: coturn
+    /// answers 437 to an Allocate for about two more seconds after its Refresh(0) succeeded, and each
+    /// 437 would start another delete, a request loop at the speed of the round trip (seen in
+    /// `coturn_signs_what_the_client_requires`).
+    fn allocate_later(&mut self, now: Instant) {
+        self.state = State::Waiting {
+            retry_at: now + self.backoff,
+        };
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(30));
+    }
+
     fn on_give_up(&mut self, kind: Kind, now: Instant) {
         match kind {
             Kind::Allocate | Kind::Refresh { .. } | Kind::Keepalive => {
@@ -593,7 +616,7 @@ impl TurnClient {
                 self.request(Kind::Refresh { lifetime: 0 }, now);
             }
             Kind::Allocate => self.lose(format!("allocate refused ({code})"), now, false),
-            Kind::Refresh { lifetime: 0 } => self.allocate(now),
+            Kind::Refresh { lifetime: 0 } => self.allocate_later(now),
             Kind::Refresh { .. } => {
                 self.lose(format!("refresh refused ({code})"), now, code == 437)
             }
@@ -617,6 +640,22 @@ impl TurnClient {
 
     fn on_response(&mut self, txn: Txn, msg: &Message<'_>, now: Instant) {
         let code = (msg.class == Class::Error).then(|| msg.error_code().unwrap_or(0));
+        // A response that should be signed and is not (or not with our key) is discarded as if it had
+        // never arrived: the transaction stays pending and is retransmitted (RFC 8489 §9.2.5, over
+        // UDP). Forging a response takes only the 96-bit transaction id, which anyone on the path sees.
+        let authentic = match txn.key {
+            Some(key) => may_be_unsigned(&txn.kind, code) || msg.verify(&key),
+            // Sent before the first challenge, so there is no key to check with. Errors are taken
+            // (the 401 challenge, coturn's 437). A success is not: a TURN server authenticates every
+            // request (RFC 8656 §5), so it answers an unsigned one with 401, never with a success. The
+            // keepalive Binding is not a TURN request and is answered unsigned.
+            None => code.is_some() || matches!(txn.kind, Kind::Keepalive),
+        };
+        if !authentic {
+            tracing::debug!(kind = ?txn.kind, code, "TURN response without a valid MESSAGE-INTEGRITY discarded");
+            self.txns.insert(msg.tid, txn);
+            return;
+        }
         if let Some(code) = code {
             if (code == 401 || code == 438) && txn.auth_tries < 3 {
                 // A challenge: never authenticated, so only its REALM and NONCE are taken, and only if
@@ -646,16 +685,6 @@ impl TurnClient {
             self.refused(txn.kind, code, now);
             return;
         }
-        // Success. Responses to authenticated requests must carry a valid MESSAGE-INTEGRITY.
-        if let Some(key) = &self.key
-            && !matches!(txn.kind, Kind::Keepalive)
-            && msg.has_integrity()
-            && !msg.verify(key)
-        {
-            tracing::warn!("TURN response with a bad MESSAGE-INTEGRITY ignored");
-            self.txns.insert(msg.tid, txn);
-            return;
-        }
         match txn.kind {
             Kind::Allocate => {
                 let (Some(relayed), Some(mapped)) = (
@@ -678,7 +707,7 @@ impl TurnClient {
                 self.events
                     .push_back(TurnEvent::Allocated { relayed, mapped });
             }
-            Kind::Refresh { lifetime: 0 } => self.allocate(now),
+            Kind::Refresh { lifetime: 0 } => self.allocate_later(now),
             Kind::Refresh { .. } => {
                 let lifetime = msg.u32_attr(attr::LIFETIME).unwrap_or(REQUESTED_LIFETIME);
                 if let State::Allocated { refresh_at, .. } = &mut self.state {
@@ -726,6 +755,21 @@ impl TurnClient {
                 }
             }
         }
+    }
+}
+
+/// Which responses to a signed request are processed without a valid MESSAGE-INTEGRITY (`code`: the
+/// error code, `None` for a success). Everything else must be signed (RFC 8489 §9.2.5):
+/// - 401 and 438: the challenges, unsigned by nature; a forged one costs a resend (at most three in a
+///   row) with the REALM and NONCE it carries, never our password;
+/// - 437 to an Allocate: coturn checks the 5-tuple before the credentials and answers this one
+///   unsigned (RFC 8656 §7.2 would sign it). Its only effect is an authenticated Refresh(0) whose own
+///   answer must be signed, then a new Allocate.
+fn may_be_unsigned(kind: &Kind, code: Option<u16>) -> bool {
+    match code {
+        Some(401 | 438) => true,
+        Some(437) => matches!(kind, Kind::Allocate),
+        _ => false,
     }
 }
 
@@ -780,10 +824,11 @@ mod tests {
         s.pop().unwrap()
     }
 
-    /// How the server answers: signed with the long-term key, or unsigned.
+    /// How the server answers: signed with the long-term key, signed with another key, or unsigned.
     #[derive(Clone, Copy, Debug, PartialEq)]
     enum Sig {
         Key,
+        Wrong,
         None,
     }
 
@@ -804,6 +849,7 @@ mod tests {
         let b = attrs(b);
         let b = match sig {
             Sig::Key => b.integrity(&key()),
+            Sig::Wrong => b.integrity(&[7; 16]),
             Sig::None => b,
         };
         let d = b.fingerprint().unwrap();
@@ -855,6 +901,75 @@ mod tests {
         c
     }
 
+    /// RFC 8489 §9.2.5: over UDP, a response to a signed request without a valid MESSAGE-INTEGRITY is
+    /// discarded as if it had never arrived. Before, one without MESSAGE-INTEGRITY at all was accepted:
+    /// anyone who saw the transaction id could hand the client a relayed address of their choice.
+    #[test]
+    fn unsigned_success_to_a_signed_request_is_discarded() {
+        let t0 = Instant::now();
+        // Not even to the first, unsigned Allocate: the server must challenge it (RFC 8656 §5), so an
+        // unsigned success can only be forged (racing the real 401).
+        let mut c = client(t0);
+        let first = one(&mut c);
+        answer(&mut c, &first, None, Sig::None, allocation, t0);
+        assert_eq!(
+            c.relayed(),
+            None,
+            "unsigned success to the first Allocate accepted"
+        );
+        answer(
+            &mut c,
+            &first,
+            Some(401),
+            Sig::None,
+            |b| challenge(b, "n1"),
+            t0,
+        );
+        assert!(Message::decode(&one(&mut c)).unwrap().verify(&key()));
+        for sig in [Sig::None, Sig::Wrong] {
+            let (mut c, req) = challenged(t0);
+            let tid = Message::decode(&req).unwrap().tid;
+            answer(&mut c, &req, None, sig, allocation, t0);
+            assert_eq!(c.relayed(), None, "{sig:?} success accepted");
+            assert_eq!(c.poll_event(), None);
+            // Still pending: retransmitted unchanged when its timer fires.
+            assert!(c.owns(&tid));
+            let t1 = t0 + Duration::from_millis(250);
+            assert_eq!(c.poll_timeout(), Some(t1));
+            c.handle_timeout(t1);
+            assert_eq!(one(&mut c), req);
+            // The real, signed answer still counts.
+            answer(&mut c, &req, None, Sig::Key, allocation, t1);
+            assert_eq!(c.relayed(), Some("198.18.0.1:50000".parse().unwrap()));
+        }
+    }
+
+    /// Errors to signed requests must be signed too, except the challenges (401, 438) and coturn's
+    /// unsigned 437 to an Allocate. Before, an unsigned 437 to a CreatePermission made the client drop
+    /// its allocation.
+    #[test]
+    fn unsigned_errors_to_signed_requests_are_discarded() {
+        let t0 = Instant::now();
+        let mut c = allocated(t0);
+        let relayed = c.relayed();
+        c.want_permission("198.18.2.1".parse().unwrap(), t0);
+        let req = one(&mut c);
+        let tid = Message::decode(&req).unwrap().tid;
+        for code in [437, 403, 400, 508] {
+            for sig in [Sig::None, Sig::Wrong] {
+                answer(&mut c, &req, Some(code), sig, |b| b, t0);
+                assert!(c.owns(&tid), "{code} {sig:?} taken");
+                assert_eq!((c.relayed(), c.poll_event()), (relayed, None));
+            }
+        }
+        // Signed, the 437 means the server forgot the allocation: allocate again.
+        answer(&mut c, &req, Some(437), Sig::Key, |b| b, t0);
+        assert!(matches!(c.poll_event(), Some(TurnEvent::Lost { .. })));
+        assert_eq!(c.relayed(), None);
+        let again = one(&mut c);
+        assert_eq!(Message::decode(&again).unwrap().method, method::ALLOCATE);
+    }
+
     /// The challenges are unsigned by nature and keep working on signed requests: a 438 on a Refresh
     /// is retried with the new nonce.
     #[test]
@@ -889,6 +1004,44 @@ mod tests {
         );
         assert!(c.relayed().is_some());
         assert_eq!(c.poll_event(), None);
+    }
+
+    /// coturn answers an Allocate on a 5-tuple that already has an allocation with an unsigned 437 (it
+    /// checks this before the credentials): the client deletes the old allocation (signed Refresh 0)
+    /// and allocates again.
+    #[test]
+    fn unsigned_allocation_mismatch_on_allocate_is_taken() {
+        let t0 = Instant::now();
+        let (mut c, req) = challenged(t0);
+        answer(&mut c, &req, Some(437), Sig::None, |b| b, t0);
+        let delete = one(&mut c);
+        let m = Message::decode(&delete).unwrap();
+        assert_eq!(
+            (m.method, m.u32_attr(attr::LIFETIME)),
+            (method::REFRESH, Some(0))
+        );
+        assert!(m.verify(&key()));
+        // Its answer must be signed.
+        answer(&mut c, &delete, None, Sig::None, |b| b, t0);
+        assert!(sent(&mut c).is_empty());
+        answer(&mut c, &delete, None, Sig::Key, |b| b, t0);
+        // The next Allocate waits for the backoff: coturn keeps the deleted allocation for a moment, and
+        // another 437 would mean another delete, at once (a request loop before).
+        assert!(sent(&mut c).is_empty());
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(c.poll_timeout(), Some(t1));
+        c.handle_timeout(t1);
+        let alloc = one(&mut c);
+        assert_eq!(Message::decode(&alloc).unwrap().method, method::ALLOCATE);
+        answer(&mut c, &alloc, Some(437), Sig::None, |b| b, t1);
+        let delete = one(&mut c);
+        answer(&mut c, &delete, None, Sig::Key, |b| b, t1);
+        let t2 = t1 + Duration::from_secs(2);
+        assert_eq!(c.poll_timeout(), Some(t2), "the backoff doubles");
+        c.handle_timeout(t2);
+        let alloc = one(&mut c);
+        answer(&mut c, &alloc, None, Sig::Key, allocation, t2);
+        assert!(c.relayed().is_some());
     }
 
     /// The keepalive is a plain Binding, which coturn answers without integrity: that answer counts.
