@@ -31,7 +31,7 @@ fn blast(nodes: &mut [Node], a: usize, b: usize, n: usize, size: usize) -> (f64,
     payload[..4].copy_from_slice(&[4, 0, 0, 0]);
     let mut frame = Vec::with_capacity(size + 4);
     match route.channel {
-        Some(ch) => evio_nat::demux::encode_channel_data(ch, &payload, &mut frame),
+        Some(ch) => evio_nat::demux::encode_channel_data(ch, &payload, &mut frame).expect("fits"),
         None => frame.extend_from_slice(&payload),
     }
     // `written_off`: datagrams presumed lost, so the in-flight window does not stall on them.

@@ -576,7 +576,9 @@ impl Agent {
                 },
                 None if now >= s.next => {
                     let tid = TransactionId(self.rng.random());
-                    let bytes = Builder::new(Class::Request, method::BINDING, tid).fingerprint();
+                    let bytes = Builder::new(Class::Request, method::BINDING, tid)
+                        .fingerprint()
+                        .expect("a Binding request is 28 bytes");
                     let s = &mut self.stun[i];
                     self.out.push_back(Transmit {
                         dst: s.addr,
@@ -765,7 +767,8 @@ impl Agent {
         let bytes = Builder::new(Class::Request, method::BINDING, tid)
             .attr(attr::USERNAME, hex(&local).as_bytes())
             .integrity(&check_key)
-            .fingerprint();
+            .fingerprint()
+            .expect("a check is 120 bytes");
         p.inflight = Some((
             tid,
             Pending::new(bytes.clone(), p.remote, now, Schedule::CHECK),
@@ -870,7 +873,7 @@ impl Agent {
                     if msg.class == Class::Success
                         && let Some(m) = msg
                             .xor_addr(attr::XOR_MAPPED_ADDRESS)
-                            .or_else(|| msg.xor_addr(attr::MAPPED_ADDRESS))
+                            .or_else(|| msg.addr(attr::MAPPED_ADDRESS))
                     {
                         if s.mapped != Some(m) {
                             tracing::info!(server = %s.addr, mapped = %m, "server-reflexive candidate");
@@ -902,7 +905,8 @@ impl Agent {
         let resp = Builder::new(Class::Success, method::BINDING, msg.tid)
             .xor_addr(attr::XOR_MAPPED_ADDRESS, from)
             .integrity(&key)
-            .fingerprint();
+            .fingerprint()
+            .expect("a check response is at most 64 bytes");
         self.send_check_bytes(base, from, resp);
         // Learn the address and check it back (triggered check).
         let id = match self.find_pair(&sender, base, from) {
@@ -1193,4 +1197,108 @@ fn unhex(s: &str) -> Option<PeerKey> {
         *out = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
     }
     Some(k)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PEER: PeerKey = [2; 32];
+    const KEY: [u8; 32] = [9; 32];
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn agent(stun_servers: Vec<SocketAddr>, now: Instant) -> Agent {
+        let cfg = AgentConfig {
+            local_key: [1; 32],
+            host_candidates: vec![sa("10.0.0.1:51820")],
+            stun_servers,
+            turn: None,
+            timers: Timers::default(),
+        };
+        Agent::new(cfg, 5, now)
+    }
+
+    fn transmits(a: &mut Agent) -> Vec<Transmit> {
+        std::iter::from_fn(|| a.poll_transmit()).collect()
+    }
+
+    /// Checks are answered with the pair's check key. A response without MESSAGE-INTEGRITY, with a wrong
+    /// one, or an unsigned error never moves a pair; the signed response does. (The agent already
+    /// required this before the TURN client was fixed; this keeps it that way.)
+    #[test]
+    fn check_responses_must_be_signed() {
+        let t0 = Instant::now();
+        let mut a = agent(vec![], t0);
+        let remote = sa("10.0.0.2:51820");
+        a.set_peer(
+            PEER,
+            KEY,
+            vec![Candidate::new(CandidateKind::Host, remote)],
+            t0,
+        );
+        a.handle_timeout(t0);
+        let check = transmits(&mut a)
+            .into_iter()
+            .find(|t| t.dst == remote)
+            .expect("a check");
+        let req = Message::decode(&check.payload).unwrap();
+        assert!(req.verify(&KEY));
+        let answer = |class: Class, key: Option<&[u8]>| {
+            let mut b = Builder::new(class, method::BINDING, req.tid)
+                .xor_addr(attr::XOR_MAPPED_ADDRESS, sa("10.0.0.1:51820"));
+            if class == Class::Error {
+                b = b.error(400, "x");
+            }
+            if let Some(k) = key {
+                b = b.integrity(k);
+            }
+            b.fingerprint().unwrap()
+        };
+        for bad in [
+            answer(Class::Success, None),
+            answer(Class::Success, Some(&[8; 32])),
+            answer(Class::Error, None),
+        ] {
+            assert_eq!(a.handle_input(remote, &bad, t0), Input::Handled);
+            assert_eq!(a.path(&PEER), None);
+            assert!(
+                a.checks.contains_key(&req.tid),
+                "the check is still waiting"
+            );
+        }
+        let good = answer(Class::Success, Some(&KEY));
+        a.handle_input(remote, &good, t0 + Duration::from_millis(3));
+        let p = a.path(&PEER).expect("a path");
+        assert_eq!((p.kind, p.remote), (PathKind::Direct, remote));
+    }
+
+    /// A STUN server that answers with MAPPED-ADDRESS only: the address is plain, not XOR-encoded (it
+    /// used to be XOR-decoded into a wrong server-reflexive candidate).
+    #[test]
+    fn stun_server_mapped_address_is_plain() {
+        let t0 = Instant::now();
+        let server = sa("198.18.0.1:3478");
+        let mut a = agent(vec![server], t0);
+        let req = transmits(&mut a)
+            .into_iter()
+            .find(|t| t.dst == server)
+            .expect("a Binding request");
+        let tid = Message::decode(&req.payload).unwrap().tid;
+        let resp = Builder::new(Class::Success, method::BINDING, tid)
+            .attr(attr::MAPPED_ADDRESS, &[0, 1, 0xCA, 0x6C, 198, 18, 1, 1])
+            .fingerprint()
+            .unwrap();
+        a.handle_input(server, &resp, t0);
+        assert!(
+            a.local_candidates().contains(&Candidate::new(
+                CandidateKind::ServerReflexive,
+                sa("198.18.1.1:51820")
+            )),
+            "{:?}",
+            a.local_candidates()
+        );
+    }
 }

@@ -164,6 +164,8 @@ pub struct TurnModel {
     next_port: u16,
     /// Datagrams relayed (both directions), for assertions.
     pub relayed_datagrams: u64,
+    /// Allocates answered 437 because the 5-tuple already had an allocation.
+    pub allocate_mismatches: u64,
 }
 
 impl TurnModel {
@@ -221,8 +223,7 @@ impl TurnModel {
             let payload = match a.channel_of(src, now) {
                 Some(n) => {
                     let mut out = Vec::new();
-                    demux::encode_channel_data(n, data, &mut out);
-                    out
+                    demux::encode_channel_data(n, data, &mut out).map(|()| out)
                 }
                 None => Builder::new(
                     Class::Indication,
@@ -232,6 +233,9 @@ impl TurnModel {
                 .xor_addr(attr::XOR_PEER_ADDRESS, src)
                 .attr(attr::DATA, data)
                 .finish(),
+            };
+            let Ok(payload) = payload else {
+                return vec![];
             };
             return vec![Packet {
                 src: self.addr,
@@ -260,11 +264,14 @@ impl TurnModel {
             return vec![];
         };
         let reply = |b: Builder| {
-            vec![Packet {
-                src: self.addr,
-                dst: src,
-                payload: b.fingerprint(),
-            }]
+            b.fingerprint()
+                .map(|payload| Packet {
+                    src: self.addr,
+                    dst: src,
+                    payload,
+                })
+                .into_iter()
+                .collect::<Vec<_>>()
         };
         if msg.method == method::BINDING && msg.class == Class::Request {
             return reply(
@@ -295,33 +302,36 @@ impl TurnModel {
             return vec![];
         }
         let key = self.key();
-        let err = |code: u16, with_nonce: bool| {
-            let mut b = Builder::new(Class::Error, msg.method, msg.tid).error(code, "error");
-            if with_nonce {
-                b = b
+        // Like coturn: the challenges (401, 438) and a 437 to Allocate, which coturn decides before it
+        // checks the credentials, are unsigned; every other answer to an authenticated request is signed.
+        let challenge = |code: u16| {
+            reply(
+                Builder::new(Class::Error, msg.method, msg.tid)
+                    .error(code, "error")
                     .attr(attr::REALM, self.realm.as_bytes())
-                    .attr(attr::NONCE, self.nonce.as_bytes());
-            }
-            reply(b)
+                    .attr(attr::NONCE, self.nonce.as_bytes()),
+            )
         };
+        let err = |code: u16| {
+            reply(
+                Builder::new(Class::Error, msg.method, msg.tid)
+                    .error(code, "error")
+                    .integrity(&key),
+            )
+        };
+        if msg.method == method::ALLOCATE && self.allocs.contains_key(&src) {
+            self.allocate_mismatches += 1;
+            return reply(Builder::new(Class::Error, msg.method, msg.tid).error(437, "error"));
+        }
         if msg.text(attr::USERNAME) != Some(self.user.as_str()) || !msg.verify(&key) {
-            return err(401, true);
+            return challenge(401);
         }
         if msg.text(attr::NONCE) != Some(self.nonce.as_str()) {
-            return err(438, true);
+            return challenge(438);
         }
-        let ok = |b: Builder| {
-            vec![Packet {
-                src: self.addr,
-                dst: src,
-                payload: b.integrity(&key).fingerprint(),
-            }]
-        };
+        let ok = |b: Builder| reply(b.integrity(&key));
         match msg.method {
             method::ALLOCATE => {
-                if self.allocs.contains_key(&src) {
-                    return err(437, false);
-                }
                 let relayed = SocketAddr::new(self.addr.ip(), self.next_port);
                 self.next_port += 1;
                 self.allocs.insert(
@@ -341,7 +351,7 @@ impl TurnModel {
             }
             method::REFRESH => {
                 if !self.allocs.contains_key(&src) {
-                    return err(437, false);
+                    return err(437);
                 }
                 if msg.u32_attr(attr::LIFETIME) == Some(0) {
                     let a = self.allocs.remove(&src).expect("alloc");
@@ -354,7 +364,7 @@ impl TurnModel {
             }
             method::CREATE_PERMISSION => {
                 let Some(a) = self.allocs.get_mut(&src) else {
-                    return err(437, false);
+                    return err(437);
                 };
                 let peers = msg.xor_addrs(attr::XOR_PEER_ADDRESS);
                 for p in peers {
@@ -368,20 +378,20 @@ impl TurnModel {
             }
             method::CHANNEL_BIND => {
                 let Some(a) = self.allocs.get_mut(&src) else {
-                    return err(437, false);
+                    return err(437);
                 };
                 let (Some(n), Some(peer)) = (
                     msg.u32_attr(attr::CHANNEL_NUMBER),
                     msg.xor_addr(attr::XOR_PEER_ADDRESS),
                 ) else {
-                    return err(400, false);
+                    return err(400);
                 };
                 a.channels
                     .insert((n >> 16) as u16, (peer, now + CHANNEL_LIFETIME));
                 a.perms.insert(peer.ip(), now + PERMISSION_LIFETIME);
                 ok(Builder::new(Class::Success, method::CHANNEL_BIND, msg.tid))
             }
-            _ => err(400, false),
+            _ => err(400),
         }
     }
 }
@@ -475,6 +485,7 @@ impl Sim {
             by_relayed: HashMap::new(),
             next_port: 50000,
             relayed_datagrams: 0,
+            allocate_mismatches: 0,
         });
     }
 

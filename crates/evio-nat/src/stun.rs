@@ -11,7 +11,13 @@ use sha1::Sha1;
 
 /// The magic cookie at bytes 4..8 of every RFC 5389 message.
 pub const MAGIC_COOKIE: u32 = 0x2112_A442;
-const HEADER: usize = 20;
+/// The fixed header in front of the attributes.
+pub const HEADER: usize = 20;
+/// The longest attribute section: the length field is 16 bits and counts whole 4-byte words.
+pub const MAX_BODY: usize = 0xFFFC;
+/// Value lengths of the fixed-size attributes (RFC 8489 §14).
+const INTEGRITY_LEN: usize = 20;
+const FINGERPRINT_LEN: usize = 4;
 
 /// STUN methods used here.
 pub mod method {
@@ -67,7 +73,7 @@ impl Class {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TransactionId(pub [u8; 12]);
 
-/// Decoding errors.
+/// Decoding and encoding errors.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StunError {
     #[error("not a STUN message")]
@@ -76,14 +82,24 @@ pub enum StunError {
     Truncated,
     #[error("bad fingerprint")]
     Fingerprint,
+    #[error("MESSAGE-INTEGRITY of {0} bytes (must be 20)")]
+    IntegrityLength(usize),
+    /// Encoding: the message (or ChannelData payload) would not fit its 16-bit length field.
+    #[error("{0} bytes do not fit a 16-bit length field")]
+    TooLong(usize),
 }
 
-/// True if `buf` looks like a STUN message: first two bits 00, magic cookie at 4..8, length a multiple of 4.
+/// True if `buf` is framed as one STUN message: first two bits 00, magic cookie at 4..8, and a length
+/// field that is a multiple of 4 and exactly the rest of the datagram (over UDP a STUN message is the
+/// whole datagram). The exact length is what keeps STUN apart from WireGuard (see [`crate::demux`]).
 pub fn is_stun(buf: &[u8]) -> bool {
     buf.len() >= HEADER
         && buf[0] & 0xC0 == 0
         && u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]) == MAGIC_COOKIE
-        && u16::from_be_bytes([buf[2], buf[3]]).is_multiple_of(4)
+        && {
+            let len = u16::from_be_bytes([buf[2], buf[3]]) as usize;
+            len.is_multiple_of(4) && buf.len() == HEADER + len
+        }
 }
 
 /// A decoded message borrowing from the datagram.
@@ -99,16 +115,13 @@ pub struct Message<'a> {
 }
 
 impl<'a> Message<'a> {
-    /// Decodes one message (the whole datagram). A FINGERPRINT, if present, must be right.
+    /// Decodes one message (the whole datagram). A FINGERPRINT, if present, must be right and last; a
+    /// MESSAGE-INTEGRITY, if present, must be 20 bytes.
     pub fn decode(buf: &'a [u8]) -> Result<Message<'a>, StunError> {
         if !is_stun(buf) {
             return Err(StunError::NotStun);
         }
-        let len = u16::from_be_bytes([buf[2], buf[3]]) as usize;
-        if buf.len() < HEADER + len {
-            return Err(StunError::Truncated);
-        }
-        let raw = &buf[..HEADER + len];
+        let raw = buf;
         let ty = u16::from_be_bytes([buf[0], buf[1]]);
         let class = match ty & 0x110 {
             0x000 => Class::Request,
@@ -127,13 +140,21 @@ impl<'a> Message<'a> {
             let l = u16::from_be_bytes([raw[off + 2], raw[off + 3]]) as usize;
             let v = raw.get(off + 4..off + 4 + l).ok_or(StunError::Truncated)?;
             match t {
-                attr::MESSAGE_INTEGRITY if integrity_at.is_none() => integrity_at = Some(off),
+                attr::MESSAGE_INTEGRITY if integrity_at.is_none() => {
+                    // HMAC-SHA1 is 20 bytes; `verify` computes the HMAC over what precedes this header
+                    // with the length field pointing right after these 20 bytes, so any other length
+                    // would make the MAC cover a message that was not the one received.
+                    if l != INTEGRITY_LEN {
+                        return Err(StunError::IntegrityLength(l));
+                    }
+                    integrity_at = Some(off)
+                }
                 attr::FINGERPRINT => {
                     // The last attribute (RFC 8489 §14.7), checked before the CRC: one datagram costs at
                     // most one CRC. Accepting it anywhere let a 64 KiB datagram of 8000 valid
                     // FINGERPRINTs cost 8000 CRCs over its growing prefix (found writing the fuzz
                     // targets; docs/fuzz.md).
-                    if v.len() != 4 || off + 8 != raw.len() {
+                    if v.len() != FINGERPRINT_LEN || off + 4 + FINGERPRINT_LEN != raw.len() {
                         return Err(StunError::Fingerprint);
                     }
                     let want = crc32fast::hash(&raw[..off]) ^ 0x5354_554e;
@@ -172,9 +193,16 @@ impl<'a> Message<'a> {
             .map(|(_, v)| *v)
     }
 
-    /// An XOR-encoded address attribute (XOR-MAPPED-ADDRESS, XOR-PEER-ADDRESS, XOR-RELAYED-ADDRESS).
+    /// An XOR-encoded address attribute (XOR-MAPPED-ADDRESS, XOR-PEER-ADDRESS, XOR-RELAYED-ADDRESS);
+    /// `None` unless it is exactly 8 bytes (IPv4) or 20 bytes (IPv6).
     pub fn xor_addr(&self, t: u16) -> Option<SocketAddr> {
         decode_xor_addr(self.attr(t)?, &self.tid)
+    }
+
+    /// A plain address attribute (MAPPED-ADDRESS, which STUN servers may send besides or instead of
+    /// XOR-MAPPED-ADDRESS); same lengths as [`Message::xor_addr`].
+    pub fn addr(&self, t: u16) -> Option<SocketAddr> {
+        decode_addr(self.attr(t)?)
     }
 
     /// Every XOR-encoded address attribute of type `t` (several XOR-PEER-ADDRESS in CreatePermission).
@@ -224,17 +252,31 @@ impl<'a> Message<'a> {
     }
 }
 
-fn decode_xor_addr(v: &[u8], tid: &TransactionId) -> Option<SocketAddr> {
-    if v.len() < 8 {
-        return None;
+/// A plain address attribute value: a reserved byte, the family (1: IPv4, 8 bytes in all; 2: IPv6, 20
+/// bytes in all), the port and the address (RFC 8489 §14.1).
+fn decode_addr(v: &[u8]) -> Option<SocketAddr> {
+    let port = u16::from_be_bytes([*v.get(2)?, *v.get(3)?]);
+    match (v[1], v.len()) {
+        (1, 8) => {
+            let a: [u8; 4] = v[4..8].try_into().ok()?;
+            Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::from(a)), port))
+        }
+        (2, 20) => {
+            let a: [u8; 16] = v[4..20].try_into().ok()?;
+            Some(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(a)), port))
+        }
+        _ => None,
     }
-    let port = u16::from_be_bytes([v[2], v[3]]) ^ (MAGIC_COOKIE >> 16) as u16;
-    match v[1] {
-        1 => {
+}
+
+fn decode_xor_addr(v: &[u8], tid: &TransactionId) -> Option<SocketAddr> {
+    let port = u16::from_be_bytes([*v.get(2)?, *v.get(3)?]) ^ (MAGIC_COOKIE >> 16) as u16;
+    match (v[1], v.len()) {
+        (1, 8) => {
             let x = u32::from_be_bytes([v[4], v[5], v[6], v[7]]) ^ MAGIC_COOKIE;
             Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::from(x)), port))
         }
-        2 if v.len() >= 20 => {
+        (2, 20) => {
             let mut key = [0u8; 16];
             key[..4].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
             key[4..].copy_from_slice(&tid.0);
@@ -272,10 +314,17 @@ fn encode_xor_addr(addr: SocketAddr, tid: &TransactionId) -> Vec<u8> {
 }
 
 /// Builds one message.
+///
+/// The STUN length field is 16 bits: an attribute that would push the message past [`MAX_BODY`] is not
+/// appended, and [`Builder::finish`] / [`Builder::fingerprint`] then return [`StunError::TooLong`]
+/// instead of a datagram whose length field is wrong. Everything evio builds is small except a Send
+/// indication, whose DATA is the caller's payload.
 #[derive(Clone, Debug)]
 pub struct Builder {
     buf: Vec<u8>,
     tid: TransactionId,
+    /// The attribute section length that did not fit, once something did not.
+    too_long: Option<usize>,
 }
 
 impl Builder {
@@ -287,17 +336,38 @@ impl Builder {
         buf.extend_from_slice(&[0, 0]);
         buf.extend_from_slice(&MAGIC_COOKIE.to_be_bytes());
         buf.extend_from_slice(&tid.0);
-        Builder { buf, tid }
+        Builder {
+            buf,
+            tid,
+            too_long: None,
+        }
+    }
+
+    /// The attribute section length with `more` bytes appended, if it still fits the length field.
+    fn fits(&mut self, more: usize) -> Option<u16> {
+        if self.too_long.is_some() {
+            return None;
+        }
+        let body = self.buf.len() - HEADER + more;
+        if body > MAX_BODY {
+            self.too_long = Some(body);
+            return None;
+        }
+        Some(body as u16)
     }
 
     /// Appends an attribute (padded to 4 bytes).
     pub fn attr(mut self, t: u16, v: &[u8]) -> Self {
+        let padded = v.len().div_ceil(4) * 4;
+        let Some(body) = self.fits(4 + padded) else {
+            return self;
+        };
+        // `v.len() <= padded <= MAX_BODY`: the attribute's own length fits 16 bits too.
         self.buf.extend_from_slice(&t.to_be_bytes());
         self.buf.extend_from_slice(&(v.len() as u16).to_be_bytes());
         self.buf.extend_from_slice(v);
-        let pad = v.len().div_ceil(4) * 4 - v.len();
-        self.buf.extend(std::iter::repeat_n(0u8, pad));
-        self.set_len();
+        self.buf.extend(std::iter::repeat_n(0u8, padded - v.len()));
+        self.buf[2..4].copy_from_slice(&body.to_be_bytes());
         self
     }
 
@@ -316,15 +386,13 @@ impl Builder {
         self.attr(attr::ERROR_CODE, &v)
     }
 
-    fn set_len(&mut self) {
-        let len = (self.buf.len() - HEADER) as u16;
-        self.buf[2..4].copy_from_slice(&len.to_be_bytes());
-    }
-
     /// Appends MESSAGE-INTEGRITY computed with `key`.
     pub fn integrity(mut self, key: &[u8]) -> Self {
-        let len = (self.buf.len() + 24 - HEADER) as u16;
-        self.buf[2..4].copy_from_slice(&len.to_be_bytes());
+        // The MAC covers the header with the length already counting the MESSAGE-INTEGRITY attribute.
+        let Some(body) = self.fits(4 + INTEGRITY_LEN) else {
+            return self;
+        };
+        self.buf[2..4].copy_from_slice(&body.to_be_bytes());
         let mut m = <Hmac<Sha1> as Mac>::new_from_slice(key).expect("hmac takes any key length");
         m.update(&self.buf);
         let mac = m.finalize().into_bytes();
@@ -332,16 +400,21 @@ impl Builder {
     }
 
     /// Appends FINGERPRINT and returns the datagram.
-    pub fn fingerprint(mut self) -> Vec<u8> {
-        let len = (self.buf.len() + 8 - HEADER) as u16;
-        self.buf[2..4].copy_from_slice(&len.to_be_bytes());
-        let crc = crc32fast::hash(&self.buf) ^ 0x5354_554e;
-        self.attr(attr::FINGERPRINT, &crc.to_be_bytes()).buf
+    pub fn fingerprint(mut self) -> Result<Vec<u8>, StunError> {
+        if let Some(body) = self.fits(4 + FINGERPRINT_LEN) {
+            self.buf[2..4].copy_from_slice(&body.to_be_bytes());
+            let crc = crc32fast::hash(&self.buf) ^ 0x5354_554e;
+            self = self.attr(attr::FINGERPRINT, &crc.to_be_bytes());
+        }
+        self.finish()
     }
 
     /// Returns the datagram without a FINGERPRINT.
-    pub fn finish(self) -> Vec<u8> {
-        self.buf
+    pub fn finish(self) -> Result<Vec<u8>, StunError> {
+        match self.too_long {
+            Some(body) => Err(StunError::TooLong(HEADER + body)),
+            None => Ok(self.buf),
+        }
     }
 }
 
@@ -370,7 +443,8 @@ mod tests {
             .xor_addr(attr::XOR_PEER_ADDRESS, b)
             .attr(attr::USERNAME, b"abcde")
             .integrity(b"key")
-            .fingerprint();
+            .fingerprint()
+            .unwrap();
         assert!(is_stun(&m));
         let d = Message::decode(&m).unwrap();
         assert_eq!(
@@ -391,7 +465,9 @@ mod tests {
     /// the ~8000 valid FINGERPRINTs that fit one UDP datagram cost a CRC over the growing prefix.
     #[test]
     fn fingerprint_must_be_last() {
-        let one = Builder::new(Class::Request, method::BINDING, tid()).fingerprint();
+        let one = Builder::new(Class::Request, method::BINDING, tid())
+            .fingerprint()
+            .unwrap();
         assert!(Message::decode(&one).is_ok());
         // A valid FINGERPRINT followed by another attribute.
         let mut two = one.clone();
@@ -404,7 +480,9 @@ mod tests {
         assert_eq!(Message::decode(&two).unwrap_err(), StunError::Fingerprint);
         // The datagram that cost 8185 CRCs: as many valid FINGERPRINTs as fit 64 KiB.
         let n = (65507 - HEADER) / 8;
-        let mut m = Builder::new(Class::Request, method::BINDING, tid()).finish();
+        let mut m = Builder::new(Class::Request, method::BINDING, tid())
+            .finish()
+            .unwrap();
         m[2..4].copy_from_slice(&((n * 8) as u16).to_be_bytes());
         for _ in 0..n {
             let crc = crc32fast::hash(&m) ^ 0x5354_554e;
@@ -420,7 +498,8 @@ mod tests {
         // An Allocate error response is 0x0113, a Data indication 0x0017, ChannelBind success 0x0109.
         let m = Builder::new(Class::Error, method::ALLOCATE, tid())
             .error(401, "Unauthorized")
-            .finish();
+            .finish()
+            .unwrap();
         assert_eq!(&m[..2], &[0x01, 0x13]);
         let d = Message::decode(&m).unwrap();
         assert_eq!(
@@ -428,11 +507,15 @@ mod tests {
             (Class::Error, method::ALLOCATE, Some(401))
         );
         assert_eq!(
-            &Builder::new(Class::Indication, method::DATA, tid()).finish()[..2],
+            &Builder::new(Class::Indication, method::DATA, tid())
+                .finish()
+                .unwrap()[..2],
             &[0x00, 0x17]
         );
         assert_eq!(
-            &Builder::new(Class::Success, method::CHANNEL_BIND, tid()).finish()[..2],
+            &Builder::new(Class::Success, method::CHANNEL_BIND, tid())
+                .finish()
+                .unwrap()[..2],
             &[0x01, 0x09]
         );
     }
@@ -452,5 +535,155 @@ mod tests {
         let d = Message::decode(&bytes).unwrap();
         assert_eq!(d.text(attr::USERNAME), Some("evtj:h6vY"));
         assert!(d.verify(b"VOkJxbRl1RmTxUk/WvJxBt"));
+    }
+
+    /// Re-seals a hand-edited message: sets its length field to the rest of the datagram.
+    fn seal(m: &mut [u8]) {
+        let len = (m.len() - HEADER) as u16;
+        m[2..4].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// MESSAGE-INTEGRITY is an HMAC-SHA1, 20 bytes. Any other declared length is a decode error: before,
+    /// `verify` took the 20 bytes after the attribute header whatever the attribute said.
+    #[test]
+    fn integrity_must_be_20_bytes() {
+        let good = Builder::new(Class::Success, method::BINDING, tid())
+            .integrity(b"key")
+            .finish()
+            .unwrap();
+        assert!(Message::decode(&good).unwrap().verify(b"key"));
+        for l in [0usize, 16, 24, 32] {
+            // The MAC cut short, or followed by zeros.
+            let mut m = good[..HEADER + 4].to_vec();
+            m[HEADER + 2..HEADER + 4].copy_from_slice(&(l as u16).to_be_bytes());
+            let mut mac = good[HEADER + 4..].to_vec();
+            mac.resize(l.div_ceil(4) * 4, 0);
+            m.extend_from_slice(&mac);
+            seal(&mut m);
+            assert_eq!(
+                Message::decode(&m).unwrap_err(),
+                StunError::IntegrityLength(l)
+            );
+        }
+    }
+
+    /// FINGERPRINT is a CRC-32, 4 bytes: a longer one is rejected even when its first 4 bytes are right.
+    #[test]
+    fn fingerprint_must_be_4_bytes() {
+        let m = Builder::new(Class::Request, method::BINDING, tid())
+            .fingerprint()
+            .unwrap();
+        let mut long = m.clone();
+        long[HEADER + 3] = 8;
+        long.extend_from_slice(&[0; 4]);
+        seal(&mut long);
+        let crc = crc32fast::hash(&long[..HEADER]) ^ 0x5354_554e;
+        long[HEADER + 4..HEADER + 8].copy_from_slice(&crc.to_be_bytes());
+        assert_eq!(Message::decode(&long).unwrap_err(), StunError::Fingerprint);
+    }
+
+    /// Address attributes are exactly 8 (IPv4) or 20 (IPv6) bytes; anything else is not an address.
+    #[test]
+    fn address_attributes_have_exact_lengths() {
+        let v4: SocketAddr = "198.51.100.7:40000".parse().unwrap();
+        let v6: SocketAddr = "[2001:db8::7]:9".parse().unwrap();
+        let x4 = encode_xor_addr(v4, &tid());
+        let x6 = encode_xor_addr(v6, &tid());
+        let with = |v: &[u8]| {
+            Builder::new(Class::Success, method::BINDING, tid())
+                .attr(attr::XOR_MAPPED_ADDRESS, v)
+                .finish()
+                .unwrap()
+        };
+        let m = with(&x4);
+        assert_eq!(
+            Message::decode(&m)
+                .unwrap()
+                .xor_addr(attr::XOR_MAPPED_ADDRESS),
+            Some(v4)
+        );
+        let m = with(&x6);
+        assert_eq!(
+            Message::decode(&m)
+                .unwrap()
+                .xor_addr(attr::XOR_MAPPED_ADDRESS),
+            Some(v6)
+        );
+        // An IPv4 family with IPv6 length, an IPv6 family with trailing bytes, cut ones.
+        let mut v4_long = x4.clone();
+        v4_long.extend_from_slice(&[0; 12]);
+        let mut v6_long = x6.clone();
+        v6_long.extend_from_slice(&[0; 4]);
+        for v in [
+            &v4_long[..],
+            &v6_long[..],
+            &x6[..8],
+            &x4[..4],
+            &x4[..1],
+            &[][..],
+        ] {
+            let m = with(v);
+            let d = Message::decode(&m).unwrap();
+            assert_eq!(d.xor_addr(attr::XOR_MAPPED_ADDRESS), None, "{v:?}");
+            assert_eq!(d.addr(attr::XOR_MAPPED_ADDRESS), None, "{v:?}");
+        }
+    }
+
+    /// MAPPED-ADDRESS is not XOR-encoded.
+    #[test]
+    fn plain_mapped_address() {
+        let m = Builder::new(Class::Success, method::BINDING, tid())
+            .attr(attr::MAPPED_ADDRESS, &[0, 1, 0x9c, 0x40, 198, 51, 100, 7])
+            .finish()
+            .unwrap();
+        let d = Message::decode(&m).unwrap();
+        assert_eq!(
+            d.addr(attr::MAPPED_ADDRESS),
+            Some("198.51.100.7:40000".parse().unwrap())
+        );
+    }
+
+    /// Over UDP a STUN message is the whole datagram: bytes after the declared length make it not STUN
+    /// (this is what keeps a WireGuard datagram from ever looking like one, see `demux`).
+    #[test]
+    fn length_must_match_the_datagram() {
+        let m = Builder::new(Class::Request, method::BINDING, tid())
+            .fingerprint()
+            .unwrap();
+        assert!(is_stun(&m));
+        let mut longer = m.clone();
+        longer.extend_from_slice(&[0; 4]);
+        assert!(!is_stun(&longer));
+        assert_eq!(Message::decode(&longer).unwrap_err(), StunError::NotStun);
+        assert!(!is_stun(&m[..m.len() - 4]));
+    }
+
+    /// The length field is 16 bits: what does not fit is an error, never a datagram with a wrong length.
+    #[test]
+    fn builder_refuses_what_does_not_fit() {
+        // The largest DATA that fits: 4 bytes of attribute header, 65528 bytes of value.
+        let fits = vec![0xAB; MAX_BODY - 4];
+        let m = Builder::new(Class::Indication, method::SEND, tid())
+            .attr(attr::DATA, &fits)
+            .finish()
+            .unwrap();
+        assert_eq!(m.len(), HEADER + MAX_BODY);
+        let d = Message::decode(&m).unwrap();
+        assert_eq!(d.attr(attr::DATA), Some(&fits[..]));
+        // ... but not with a FINGERPRINT or MESSAGE-INTEGRITY after it.
+        let b = Builder::new(Class::Indication, method::SEND, tid()).attr(attr::DATA, &fits);
+        assert_eq!(
+            b.clone().fingerprint().unwrap_err(),
+            StunError::TooLong(HEADER + MAX_BODY + 8)
+        );
+        assert!(b.integrity(b"k").finish().is_err());
+        // A 64 KiB payload, and one that the old `as u16` cast would have framed as 4 bytes long.
+        for n in [65_536, 65_536 + 4, 70_000] {
+            let r = Builder::new(Class::Indication, method::SEND, tid())
+                .attr(attr::DATA, &vec![0; n])
+                .attr(attr::SOFTWARE, b"evio")
+                .fingerprint();
+            assert!(matches!(r, Err(StunError::TooLong(_))), "{n}: {r:?}");
+        }
     }
 }

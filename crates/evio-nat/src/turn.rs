@@ -33,6 +33,12 @@ pub const PERMISSION_REFRESH: Duration = Duration::from_secs(240);
 pub const CHANNEL_REFRESH: Duration = Duration::from_secs(300);
 pub const KEEPALIVE: Duration = Duration::from_secs(15);
 const REQUESTED_LIFETIME: u32 = 600;
+/// Peer addresses per CreatePermission: keeps the request well under a path MTU (24 bytes per IPv6
+/// address) however many peers sit behind the relay.
+const PERMISSIONS_PER_REQUEST: usize = 32;
+/// REALM and NONCE are shorter than 128 characters, at most 763 bytes (RFC 8489 §14.9, §14.10); longer
+/// ones are not echoed back.
+const MAX_REALM_NONCE: usize = 763;
 
 /// What the client reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,6 +77,8 @@ struct Txn {
     kind: Kind,
     pending: Pending,
     auth_tries: u8,
+    /// The long-term key the request was signed with; its response must be signed with it too.
+    key: Option<[u8; 16]>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -232,12 +240,16 @@ impl TurnClient {
     }
 
     /// Wraps `payload` for relaying to `peer`: ChannelData if a channel is bound, else a Send indication.
-    /// `None` if the relay cannot reach `peer` (yet).
+    /// `None` if the relay cannot reach `peer` (yet), or if `payload` does not fit the framing's 16-bit
+    /// length (65535 bytes for ChannelData, a little less for a Send indication).
     pub fn wrap(&mut self, peer: SocketAddr, payload: &[u8]) -> Option<Transmit> {
         self.relayed()?;
         if let Some(n) = self.channel(peer) {
-            let mut out = Vec::with_capacity(payload.len() + 4);
-            demux::encode_channel_data(n, payload, &mut out);
+            let mut out = Vec::with_capacity(payload.len() + demux::CHANNEL_HEADER);
+            if let Err(e) = demux::encode_channel_data(n, payload, &mut out) {
+                tracing::debug!(%peer, "not relayed: {e}");
+                return None;
+            }
             return Some(Transmit {
                 dst: self.cfg.server,
                 payload: out,
@@ -246,10 +258,17 @@ impl TurnClient {
         if !self.perms.get(&peer.ip()).is_some_and(|p| p.installed) {
             return None;
         }
-        let msg = Builder::new(Class::Indication, method::SEND, self.tid())
+        let msg = match Builder::new(Class::Indication, method::SEND, self.tid())
             .xor_addr(attr::XOR_PEER_ADDRESS, peer)
             .attr(attr::DATA, payload)
-            .finish();
+            .finish()
+        {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(%peer, "not relayed: {e}");
+                return None;
+            }
+        };
         Some(Transmit {
             dst: self.cfg.server,
             payload: msg,
@@ -413,7 +432,12 @@ impl TurnClient {
         self.request(Kind::Allocate, now);
     }
 
-    fn build(&mut self, kind: &Kind, tid: TransactionId) -> Vec<u8> {
+    /// The request for `kind`, and the key it is signed with (none before the first 401).
+    fn build(
+        &mut self,
+        kind: &Kind,
+        tid: TransactionId,
+    ) -> Result<(Vec<u8>, Option<[u8; 16]>), stun::StunError> {
         let mut b = match kind {
             Kind::Allocate => Builder::new(Class::Request, method::ALLOCATE, tid)
                 .u32_attr(attr::REQUESTED_TRANSPORT, 17 << 24)
@@ -433,17 +457,23 @@ impl TurnClient {
                     .xor_addr(attr::XOR_PEER_ADDRESS, *peer)
             }
             Kind::Keepalive => {
-                return Builder::new(Class::Request, method::BINDING, tid).fingerprint();
+                // A plain Binding: coturn answers it without credentials (and so without integrity).
+                return Ok((
+                    Builder::new(Class::Request, method::BINDING, tid).fingerprint()?,
+                    None,
+                ));
             }
         };
+        let mut signed = None;
         if let (Some(realm), Some(nonce), Some(key)) = (&self.realm, &self.nonce, &self.key) {
             b = b
                 .attr(attr::USERNAME, self.cfg.user.as_bytes())
                 .attr(attr::REALM, realm.as_bytes())
                 .attr(attr::NONCE, nonce.as_bytes())
                 .integrity(key);
+            signed = Some(*key);
         }
-        b.fingerprint()
+        Ok((b.fingerprint()?, signed))
     }
 
     fn request(&mut self, kind: Kind, now: Instant) {
@@ -452,7 +482,16 @@ impl TurnClient {
 
     fn request_with(&mut self, kind: Kind, now: Instant, auth_tries: u8) {
         let tid = self.tid();
-        let bytes = self.build(&kind, tid);
+        let (bytes, key) = match self.build(&kind, tid) {
+            Ok(r) => r,
+            Err(e) => {
+                // Only a USERNAME of tens of kilobytes gets here (REALM and NONCE are bounded, peer
+                // addresses go 32 to a request): handle it as a refusal, which ends in a retry later.
+                tracing::error!(kind = ?kind, "TURN request not sent: {e}");
+                self.refused(kind, 0, now);
+                return;
+            }
+        };
         self.out.push_back(Transmit {
             dst: self.cfg.server,
             payload: bytes.clone(),
@@ -464,6 +503,7 @@ impl TurnClient {
                 kind,
                 pending,
                 auth_tries,
+                key,
             },
         );
     }
@@ -480,8 +520,8 @@ impl TurnClient {
                 ips.push(*ip);
             }
         }
-        if !ips.is_empty() {
-            self.request(Kind::Permission(ips), now);
+        for chunk in ips.chunks(PERMISSIONS_PER_REQUEST) {
+            self.request(Kind::Permission(chunk.to_vec()), now);
         }
         let mut binds = Vec::new();
         for (peer, c) in self.chans.iter_mut() {
@@ -528,6 +568,17 @@ impl TurnClient {
         }
     }
 
+    /// Allocates again after the backoff, once a stale allocation was deleted. Not at once: coturn
+    /// answers 437 to an Allocate for about two more seconds after its Refresh(0) succeeded, and each
+    /// 437 would start another delete, a request loop at the speed of the round trip (seen in
+    /// `coturn_signs_what_the_client_requires`).
+    fn allocate_later(&mut self, now: Instant) {
+        self.state = State::Waiting {
+            retry_at: now + self.backoff,
+        };
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(30));
+    }
+
     fn on_give_up(&mut self, kind: Kind, now: Instant) {
         match kind {
             Kind::Allocate | Kind::Refresh { .. } | Kind::Keepalive => {
@@ -548,17 +599,76 @@ impl TurnClient {
         }
     }
 
+    /// A request refused by the server with error `code` (0: could not be sent at all).
+    fn refused(&mut self, kind: Kind, code: u16, now: Instant) {
+        if code == 437
+            && matches!(self.state, State::Allocated { .. })
+            && matches!(kind, Kind::Permission(_) | Kind::ChannelBind { .. })
+        {
+            // The server no longer knows our allocation (it restarted, or it expired).
+            self.lose(format!("allocation mismatch on {kind:?}"), now, true);
+            return;
+        }
+        match kind {
+            Kind::Allocate if code == 437 => {
+                // An allocation of ours from before still holds this 5-tuple: delete it, then allocate.
+                self.state = State::Deleting;
+                self.request(Kind::Refresh { lifetime: 0 }, now);
+            }
+            Kind::Allocate => self.lose(format!("allocate refused ({code})"), now, false),
+            Kind::Refresh { lifetime: 0 } => self.allocate_later(now),
+            Kind::Refresh { .. } => {
+                self.lose(format!("refresh refused ({code})"), now, code == 437)
+            }
+            Kind::Permission(ips) => {
+                for ip in ips {
+                    if let Some(p) = self.perms.get_mut(&ip) {
+                        p.pending = false;
+                        p.refresh_at = Some(now + Duration::from_secs(30));
+                    }
+                }
+            }
+            Kind::ChannelBind { peer, .. } => {
+                if let Some(c) = self.chans.get_mut(&peer) {
+                    c.pending = false;
+                    c.refresh_at = Some(now + Duration::from_secs(30));
+                }
+            }
+            Kind::Keepalive => {}
+        }
+    }
+
     fn on_response(&mut self, txn: Txn, msg: &Message<'_>, now: Instant) {
-        if msg.class == Class::Error {
-            let code = msg.error_code().unwrap_or(0);
+        let code = (msg.class == Class::Error).then(|| msg.error_code().unwrap_or(0));
+        // A response that should be signed and is not (or not with our key) is discarded as if it had
+        // never arrived: the transaction stays pending and is retransmitted (RFC 8489 §9.2.5, over
+        // UDP). Forging a response takes only the 96-bit transaction id, which anyone on the path sees.
+        let authentic = match txn.key {
+            Some(key) => may_be_unsigned(&txn.kind, code) || msg.verify(&key),
+            // Sent before the first challenge, so there is no key to check with. Errors are taken
+            // (the 401 challenge, coturn's 437). A success is not: a TURN server authenticates every
+            // request (RFC 8656 §5), so it answers an unsigned one with 401, never with a success. The
+            // keepalive Binding is not a TURN request and is answered unsigned.
+            None => code.is_some() || matches!(txn.kind, Kind::Keepalive),
+        };
+        if !authentic {
+            tracing::debug!(kind = ?txn.kind, code, "TURN response without a valid MESSAGE-INTEGRITY discarded");
+            self.txns.insert(msg.tid, txn);
+            return;
+        }
+        if let Some(code) = code {
             if (code == 401 || code == 438) && txn.auth_tries < 3 {
+                // A challenge: never authenticated, so only its REALM and NONCE are taken, and only if
+                // they are of a sane size (they are echoed in every later request).
+                let realm = msg.text(attr::REALM).filter(|r| r.len() <= MAX_REALM_NONCE);
+                let nonce = msg.text(attr::NONCE).filter(|n| n.len() <= MAX_REALM_NONCE);
                 if code == 438 {
                     self.stale_nonces += 1;
                 }
-                if let Some(realm) = msg.text(attr::REALM) {
+                if let Some(realm) = realm {
                     self.realm = Some(realm.to_string());
                 }
-                if let Some(nonce) = msg.text(attr::NONCE) {
+                if let Some(nonce) = nonce {
                     self.nonce = Some(nonce.to_string());
                 }
                 if let Some(realm) = &self.realm {
@@ -572,51 +682,7 @@ impl TurnClient {
                 }
             }
             tracing::debug!(code, kind = ?txn.kind, "TURN error response");
-            if code == 437
-                && matches!(self.state, State::Allocated { .. })
-                && matches!(txn.kind, Kind::Permission(_) | Kind::ChannelBind { .. })
-            {
-                // The server no longer knows our allocation (it restarted, or it expired).
-                self.lose(format!("allocation mismatch on {:?}", txn.kind), now, true);
-                return;
-            }
-            match txn.kind {
-                Kind::Allocate if code == 437 => {
-                    // An allocation of ours from before still holds this 5-tuple: delete it, then allocate.
-                    self.state = State::Deleting;
-                    self.request(Kind::Refresh { lifetime: 0 }, now);
-                }
-                Kind::Allocate => self.lose(format!("allocate refused ({code})"), now, false),
-                Kind::Refresh { lifetime: 0 } => self.allocate(now),
-                Kind::Refresh { .. } => {
-                    self.lose(format!("refresh refused ({code})"), now, code == 437)
-                }
-                Kind::Permission(ips) => {
-                    for ip in ips {
-                        if let Some(p) = self.perms.get_mut(&ip) {
-                            p.pending = false;
-                            p.refresh_at = Some(now + Duration::from_secs(30));
-                        }
-                    }
-                }
-                Kind::ChannelBind { peer, .. } => {
-                    if let Some(c) = self.chans.get_mut(&peer) {
-                        c.pending = false;
-                        c.refresh_at = Some(now + Duration::from_secs(30));
-                    }
-                }
-                Kind::Keepalive => {}
-            }
-            return;
-        }
-        // Success. Responses to authenticated requests must carry a valid MESSAGE-INTEGRITY.
-        if let Some(key) = &self.key
-            && !matches!(txn.kind, Kind::Keepalive)
-            && msg.has_integrity()
-            && !msg.verify(key)
-        {
-            tracing::warn!("TURN response with a bad MESSAGE-INTEGRITY ignored");
-            self.txns.insert(msg.tid, txn);
+            self.refused(txn.kind, code, now);
             return;
         }
         match txn.kind {
@@ -641,7 +707,7 @@ impl TurnClient {
                 self.events
                     .push_back(TurnEvent::Allocated { relayed, mapped });
             }
-            Kind::Refresh { lifetime: 0 } => self.allocate(now),
+            Kind::Refresh { lifetime: 0 } => self.allocate_later(now),
             Kind::Refresh { .. } => {
                 let lifetime = msg.u32_attr(attr::LIFETIME).unwrap_or(REQUESTED_LIFETIME);
                 if let State::Allocated { refresh_at, .. } = &mut self.state {
@@ -692,11 +758,393 @@ impl TurnClient {
     }
 }
 
+/// Which responses to a signed request are processed without a valid MESSAGE-INTEGRITY (`code`: the
+/// error code, `None` for a success). Everything else must be signed (RFC 8489 §9.2.5):
+/// - 401 and 438: the challenges, unsigned by nature; a forged one costs a resend (at most three in a
+///   row) with the REALM and NONCE it carries, never our password;
+/// - 437 to an Allocate: coturn checks the 5-tuple before the credentials and answers this one
+///   unsigned (RFC 8656 §7.2 would sign it). Its only effect is an authenticated Refresh(0) whose own
+///   answer must be signed, then a new Allocate.
+fn may_be_unsigned(kind: &Kind, code: Option<u16>) -> bool {
+    match code {
+        Some(401 | 438) => true,
+        Some(437) => matches!(kind, Kind::Allocate),
+        _ => false,
+    }
+}
+
 fn refresh_in(lifetime: u32) -> Duration {
     let l = Duration::from_secs(lifetime as u64);
     if l > Duration::from_secs(120) {
         l - Duration::from_secs(60)
     } else {
         l / 2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const USER: &str = "evio";
+    const PASSWORD: &str = "secret";
+    const REALM: &str = "evio";
+
+    fn server() -> SocketAddr {
+        "198.18.0.1:3478".parse().unwrap()
+    }
+
+    fn key() -> [u8; 16] {
+        stun::long_term_key(USER, REALM, PASSWORD)
+    }
+
+    fn client(now: Instant) -> TurnClient {
+        let cfg = TurnConfig {
+            server: server(),
+            user: USER.into(),
+            password: PASSWORD.into(),
+        };
+        TurnClient::new(cfg, 1, now)
+    }
+
+    /// Everything the client wants to send.
+    fn sent(c: &mut TurnClient) -> Vec<Vec<u8>> {
+        std::iter::from_fn(|| c.poll_transmit())
+            .map(|t| {
+                assert_eq!(t.dst, server());
+                t.payload
+            })
+            .collect()
+    }
+
+    /// The one request the client just sent.
+    fn one(c: &mut TurnClient) -> Vec<u8> {
+        let mut s = sent(c);
+        assert_eq!(s.len(), 1, "one request expected");
+        s.pop().unwrap()
+    }
+
+    /// How the server answers: signed with the long-term key, signed with another key, or unsigned.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Sig {
+        Key,
+        Wrong,
+        None,
+    }
+
+    /// Feeds `c` an answer to `req`: a success with `attrs`, or an error `code`.
+    fn answer(
+        c: &mut TurnClient,
+        req: &[u8],
+        code: Option<u16>,
+        sig: Sig,
+        attrs: impl FnOnce(Builder) -> Builder,
+        now: Instant,
+    ) {
+        let m = Message::decode(req).unwrap();
+        let b = match code {
+            None => Builder::new(Class::Success, m.method, m.tid),
+            Some(code) => Builder::new(Class::Error, m.method, m.tid).error(code, "x"),
+        };
+        let b = attrs(b);
+        let b = match sig {
+            Sig::Key => b.integrity(&key()),
+            Sig::Wrong => b.integrity(&[7; 16]),
+            Sig::None => b,
+        };
+        let d = b.fingerprint().unwrap();
+        assert_eq!(c.handle_input(server(), &d, now), TurnInput::Handled);
+    }
+
+    fn challenge(b: Builder, nonce: &str) -> Builder {
+        b.attr(attr::REALM, REALM.as_bytes())
+            .attr(attr::NONCE, nonce.as_bytes())
+    }
+
+    fn allocation(b: Builder) -> Builder {
+        b.xor_addr(
+            attr::XOR_RELAYED_ADDRESS,
+            "198.18.0.1:50000".parse().unwrap(),
+        )
+        .xor_addr(
+            attr::XOR_MAPPED_ADDRESS,
+            "198.18.1.1:40000".parse().unwrap(),
+        )
+        .u32_attr(attr::LIFETIME, 600)
+    }
+
+    /// A client through the 401 challenge, with its signed Allocate in flight.
+    fn challenged(now: Instant) -> (TurnClient, Vec<u8>) {
+        let mut c = client(now);
+        let first = one(&mut c);
+        assert!(!Message::decode(&first).unwrap().has_integrity());
+        answer(
+            &mut c,
+            &first,
+            Some(401),
+            Sig::None,
+            |b| challenge(b, "n1"),
+            now,
+        );
+        let signed = one(&mut c);
+        let m = Message::decode(&signed).unwrap();
+        assert_eq!(m.method, method::ALLOCATE);
+        assert!(m.verify(&key()));
+        (c, signed)
+    }
+
+    fn allocated(now: Instant) -> TurnClient {
+        let (mut c, req) = challenged(now);
+        answer(&mut c, &req, None, Sig::Key, allocation, now);
+        assert!(c.relayed().is_some());
+        assert!(matches!(c.poll_event(), Some(TurnEvent::Allocated { .. })));
+        c
+    }
+
+    /// RFC 8489 §9.2.5: over UDP, a response to a signed request without a valid MESSAGE-INTEGRITY is
+    /// discarded as if it had never arrived. Before, one without MESSAGE-INTEGRITY at all was accepted:
+    /// anyone who saw the transaction id could hand the client a relayed address of their choice.
+    #[test]
+    fn unsigned_success_to_a_signed_request_is_discarded() {
+        let t0 = Instant::now();
+        // Not even to the first, unsigned Allocate: the server must challenge it (RFC 8656 §5), so an
+        // unsigned success can only be forged (racing the real 401).
+        let mut c = client(t0);
+        let first = one(&mut c);
+        answer(&mut c, &first, None, Sig::None, allocation, t0);
+        assert_eq!(
+            c.relayed(),
+            None,
+            "unsigned success to the first Allocate accepted"
+        );
+        answer(
+            &mut c,
+            &first,
+            Some(401),
+            Sig::None,
+            |b| challenge(b, "n1"),
+            t0,
+        );
+        assert!(Message::decode(&one(&mut c)).unwrap().verify(&key()));
+        for sig in [Sig::None, Sig::Wrong] {
+            let (mut c, req) = challenged(t0);
+            let tid = Message::decode(&req).unwrap().tid;
+            answer(&mut c, &req, None, sig, allocation, t0);
+            assert_eq!(c.relayed(), None, "{sig:?} success accepted");
+            assert_eq!(c.poll_event(), None);
+            // Still pending: retransmitted unchanged when its timer fires.
+            assert!(c.owns(&tid));
+            let t1 = t0 + Duration::from_millis(250);
+            assert_eq!(c.poll_timeout(), Some(t1));
+            c.handle_timeout(t1);
+            assert_eq!(one(&mut c), req);
+            // The real, signed answer still counts.
+            answer(&mut c, &req, None, Sig::Key, allocation, t1);
+            assert_eq!(c.relayed(), Some("198.18.0.1:50000".parse().unwrap()));
+        }
+    }
+
+    /// Errors to signed requests must be signed too, except the challenges (401, 438) and coturn's
+    /// unsigned 437 to an Allocate. Before, an unsigned 437 to a CreatePermission made the client drop
+    /// its allocation.
+    #[test]
+    fn unsigned_errors_to_signed_requests_are_discarded() {
+        let t0 = Instant::now();
+        let mut c = allocated(t0);
+        let relayed = c.relayed();
+        c.want_permission("198.18.2.1".parse().unwrap(), t0);
+        let req = one(&mut c);
+        let tid = Message::decode(&req).unwrap().tid;
+        for code in [437, 403, 400, 508] {
+            for sig in [Sig::None, Sig::Wrong] {
+                answer(&mut c, &req, Some(code), sig, |b| b, t0);
+                assert!(c.owns(&tid), "{code} {sig:?} taken");
+                assert_eq!((c.relayed(), c.poll_event()), (relayed, None));
+            }
+        }
+        // Signed, the 437 means the server forgot the allocation: allocate again.
+        answer(&mut c, &req, Some(437), Sig::Key, |b| b, t0);
+        assert!(matches!(c.poll_event(), Some(TurnEvent::Lost { .. })));
+        assert_eq!(c.relayed(), None);
+        let again = one(&mut c);
+        assert_eq!(Message::decode(&again).unwrap().method, method::ALLOCATE);
+    }
+
+    /// The challenges are unsigned by nature and keep working on signed requests: a 438 on a Refresh
+    /// is retried with the new nonce.
+    #[test]
+    fn stale_nonce_on_a_signed_request_is_retried() {
+        let t0 = Instant::now();
+        let mut c = allocated(t0);
+        c.probe(t0);
+        let req = one(&mut c);
+        answer(
+            &mut c,
+            &req,
+            Some(438),
+            Sig::None,
+            |b| challenge(b, "n2"),
+            t0,
+        );
+        assert_eq!(c.stale_nonces(), 1);
+        let retry = one(&mut c);
+        let m = Message::decode(&retry).unwrap();
+        assert_eq!(
+            (m.method, m.text(attr::NONCE)),
+            (method::REFRESH, Some("n2"))
+        );
+        assert!(m.verify(&key()));
+        answer(
+            &mut c,
+            &retry,
+            None,
+            Sig::Key,
+            |b| b.u32_attr(attr::LIFETIME, 600),
+            t0,
+        );
+        assert!(c.relayed().is_some());
+        assert_eq!(c.poll_event(), None);
+    }
+
+    /// coturn answers an Allocate on a 5-tuple that already has an allocation with an unsigned 437 (it
+    /// checks this before the credentials): the client deletes the old allocation (signed Refresh 0)
+    /// and allocates again.
+    #[test]
+    fn unsigned_allocation_mismatch_on_allocate_is_taken() {
+        let t0 = Instant::now();
+        let (mut c, req) = challenged(t0);
+        answer(&mut c, &req, Some(437), Sig::None, |b| b, t0);
+        let delete = one(&mut c);
+        let m = Message::decode(&delete).unwrap();
+        assert_eq!(
+            (m.method, m.u32_attr(attr::LIFETIME)),
+            (method::REFRESH, Some(0))
+        );
+        assert!(m.verify(&key()));
+        // Its answer must be signed.
+        answer(&mut c, &delete, None, Sig::None, |b| b, t0);
+        assert!(sent(&mut c).is_empty());
+        answer(&mut c, &delete, None, Sig::Key, |b| b, t0);
+        // The next Allocate waits for the backoff: coturn keeps the deleted allocation for a moment, and
+        // another 437 would mean another delete, at once (a request loop before).
+        assert!(sent(&mut c).is_empty());
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(c.poll_timeout(), Some(t1));
+        c.handle_timeout(t1);
+        let alloc = one(&mut c);
+        assert_eq!(Message::decode(&alloc).unwrap().method, method::ALLOCATE);
+        answer(&mut c, &alloc, Some(437), Sig::None, |b| b, t1);
+        let delete = one(&mut c);
+        answer(&mut c, &delete, None, Sig::Key, |b| b, t1);
+        let t2 = t1 + Duration::from_secs(2);
+        assert_eq!(c.poll_timeout(), Some(t2), "the backoff doubles");
+        c.handle_timeout(t2);
+        let alloc = one(&mut c);
+        answer(&mut c, &alloc, None, Sig::Key, allocation, t2);
+        assert!(c.relayed().is_some());
+    }
+
+    /// The keepalive is a plain Binding, which coturn answers without integrity: that answer counts.
+    #[test]
+    fn unsigned_keepalive_answer_is_taken() {
+        let t0 = Instant::now();
+        let mut c = allocated(t0);
+        let t1 = t0 + KEEPALIVE;
+        c.handle_timeout(t1);
+        let req = one(&mut c);
+        let m = Message::decode(&req).unwrap();
+        assert_eq!((m.method, m.has_integrity()), (method::BINDING, false));
+        // A different mapping: the allocation's 5-tuple is gone.
+        answer(
+            &mut c,
+            &req,
+            None,
+            Sig::None,
+            |b| {
+                b.xor_addr(
+                    attr::XOR_MAPPED_ADDRESS,
+                    "198.18.1.1:40001".parse().unwrap(),
+                )
+            },
+            t1,
+        );
+        assert!(matches!(c.poll_event(), Some(TurnEvent::Lost { .. })));
+    }
+
+    /// A REALM or NONCE longer than RFC 8489 allows is not echoed in the next request.
+    #[test]
+    fn oversized_nonce_is_not_echoed() {
+        let t0 = Instant::now();
+        let mut c = client(t0);
+        let first = one(&mut c);
+        let huge = "n".repeat(MAX_REALM_NONCE + 1);
+        answer(
+            &mut c,
+            &first,
+            Some(401),
+            Sig::None,
+            |b| challenge(b, &huge),
+            t0,
+        );
+        let next = one(&mut c);
+        let m = Message::decode(&next).unwrap();
+        assert_eq!((m.text(attr::NONCE), m.has_integrity()), (None, false));
+        assert!(next.len() < 200);
+    }
+
+    /// However many permissions are due at once, each CreatePermission stays small.
+    #[test]
+    fn permissions_go_in_small_batches() {
+        let t0 = Instant::now();
+        let (mut c, req) = challenged(t0);
+        for i in 0..100u32 {
+            c.want_permission(IpAddr::V6((0x2001_0db8_u128 << 96 | i as u128).into()), t0);
+        }
+        assert!(sent(&mut c).is_empty(), "nothing before the allocation");
+        answer(&mut c, &req, None, Sig::Key, allocation, t0);
+        let reqs = sent(&mut c);
+        let counts: Vec<usize> = reqs
+            .iter()
+            .map(|r| {
+                let m = Message::decode(r).unwrap();
+                assert_eq!(m.method, method::CREATE_PERMISSION);
+                assert!(r.len() < 1000, "{} bytes", r.len());
+                m.xor_addrs(attr::XOR_PEER_ADDRESS).len()
+            })
+            .collect();
+        assert_eq!(counts.iter().sum::<usize>(), 100);
+        assert!(
+            counts.iter().all(|&n| n <= PERMISSIONS_PER_REQUEST),
+            "{counts:?}"
+        );
+    }
+
+    /// A payload that does not fit the framing's 16-bit length is not relayed (before, it went out with
+    /// its length wrapped modulo 65536).
+    #[test]
+    fn oversized_payloads_are_not_framed() {
+        let t0 = Instant::now();
+        let mut c = allocated(t0);
+        let peer: SocketAddr = "198.18.2.1:51820".parse().unwrap();
+        c.want_channel(peer, t0);
+        let reqs = sent(&mut c);
+        let perm = reqs
+            .iter()
+            .find(|r| Message::decode(r).unwrap().method == method::CREATE_PERMISSION)
+            .unwrap();
+        answer(&mut c, perm, None, Sig::Key, |b| b, t0);
+        // Send indications: the DATA attribute and the peer address share the 16-bit length.
+        assert!(c.wrap(peer, &vec![0; 65_000]).is_some());
+        assert_eq!(c.wrap(peer, &vec![0; 65_535]), None);
+        assert_eq!(c.wrap(peer, &vec![0; 65_536 + 8]), None);
+        let bind = reqs
+            .iter()
+            .find(|r| Message::decode(r).unwrap().method == method::CHANNEL_BIND)
+            .unwrap();
+        answer(&mut c, bind, None, Sig::Key, |b| b, t0);
+        assert!(c.channel(peer).is_some());
+        let t = c.wrap(peer, &vec![1; 65_535]).unwrap();
+        assert_eq!(t.payload.len(), 65_539);
+        assert_eq!(c.wrap(peer, &vec![1; 65_536]), None);
     }
 }

@@ -390,3 +390,135 @@ fn turn_stale_nonce_is_renewed() {
     );
     assert_eq!((c.relayed(), c.allocations()), (Some(relayed), 1));
 }
+
+/// Which of coturn's answers carry MESSAGE-INTEGRITY, the rule the TURN client enforces (RFC 8489
+/// §9.2.5): successes and errors to signed requests are signed, the challenges (401, 438) are not, and
+/// neither is the 437 to an Allocate on a 5-tuple that already has an allocation (coturn checks that
+/// before the credentials), which is why the client takes that one unsigned. Then a client on the same
+/// socket gets past the leftover allocation by itself.
+#[test]
+fn coturn_signs_what_the_client_requires() {
+    use evio_nat::stun::{self, Builder, Class, Message, TransactionId, attr, method};
+    let lab = Lab::builder(&unique_prefix("nt"))
+        .turn(true)
+        .public_hosts(1)
+        .build()
+        .unwrap();
+    let t = lab.turn().unwrap();
+    let s = lab.public_hosts()[0].udp_socket(0).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let peer = SocketAddr::from(([198, 18, 2, 99], 0));
+    let mut buf = [0u8; 2048];
+    // One request, its answer: (class, error code, has MESSAGE-INTEGRITY, verifies, REALM, NONCE).
+    let mut ask = |b: Builder| {
+        let req = b.fingerprint().unwrap();
+        let tid = Message::decode(&req).unwrap().tid;
+        s.send_to(&req, t.addr).unwrap();
+        loop {
+            let (n, _) = s
+                .recv_from(&mut buf)
+                .unwrap_or_else(|e| panic!("no answer ({e}); coturn log:\n{}", t.log()));
+            let m = Message::decode(&buf[..n]).unwrap();
+            if m.tid == tid {
+                return (buf[..n].to_vec(), m.class, m.error_code());
+            }
+        }
+    };
+    let tid = || TransactionId(rand::random());
+    let allocate = |tid| {
+        Builder::new(Class::Request, method::ALLOCATE, tid)
+            .u32_attr(attr::REQUESTED_TRANSPORT, 17 << 24)
+    };
+    let (r, class, code) = ask(allocate(tid()));
+    let m = Message::decode(&r).unwrap();
+    assert_eq!(
+        (class, code, m.has_integrity()),
+        (Class::Error, Some(401), false)
+    );
+    let realm = m.text(attr::REALM).unwrap().to_string();
+    let nonce = m.text(attr::NONCE).unwrap().to_string();
+    let key = stun::long_term_key(&t.user, &realm, &t.password);
+    let sign = |b: Builder, nonce: &str| {
+        b.attr(attr::USERNAME, t.user.as_bytes())
+            .attr(attr::REALM, realm.as_bytes())
+            .attr(attr::NONCE, nonce.as_bytes())
+            .integrity(&key)
+    };
+    let signed = |r: &[u8]| Message::decode(r).unwrap().verify(&key);
+    let unsigned = |r: &[u8]| !Message::decode(r).unwrap().has_integrity();
+
+    let (r, class, _) = ask(sign(allocate(tid()), &nonce));
+    assert_eq!(class, Class::Success);
+    assert!(signed(&r), "Allocate success unsigned");
+    // A second Allocate, another transaction, same 5-tuple: 437, unsigned.
+    let (r, _, code) = ask(sign(allocate(tid()), &nonce));
+    assert_eq!(code, Some(437));
+    assert!(unsigned(&r), "coturn now signs the 437 to Allocate");
+    let perm = |tid| {
+        Builder::new(Class::Request, method::CREATE_PERMISSION, tid)
+            .xor_addr(attr::XOR_PEER_ADDRESS, peer)
+    };
+    let (r, class, _) = ask(sign(perm(tid()), &nonce));
+    assert_eq!(class, Class::Success);
+    assert!(signed(&r), "CreatePermission success unsigned");
+    // A wrong nonce: 438, unsigned, with the right one.
+    let (r, _, code) = ask(sign(perm(tid()), "not-the-nonce"));
+    assert_eq!(code, Some(438));
+    assert!(unsigned(&r));
+    // Another socket, never allocated: a signed Refresh gets a signed 437.
+    let s2 = lab.public_hosts()[0].udp_socket(0).unwrap();
+    s2.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let refresh =
+        || Builder::new(Class::Request, method::REFRESH, tid()).u32_attr(attr::LIFETIME, 600);
+    let ask2 = |b: Builder| {
+        let req = b.fingerprint().unwrap();
+        s2.send_to(&req, t.addr).unwrap();
+        let mut buf = [0u8; 2048];
+        let (n, _) = s2.recv_from(&mut buf).expect("an answer");
+        let m = Message::decode(&buf[..n]).unwrap();
+        (buf[..n].to_vec(), m.error_code())
+    };
+    let (r, code) = ask2(refresh());
+    assert_eq!(code, Some(401));
+    let nonce2 = Message::decode(&r)
+        .unwrap()
+        .text(attr::NONCE)
+        .unwrap()
+        .to_string();
+    let (r, code) = ask2(sign(refresh(), &nonce2));
+    assert_eq!(code, Some(437));
+    assert!(signed(&r), "437 to an authenticated Refresh unsigned");
+
+    // The allocation left on the first socket's 5-tuple: a new client deletes it (Refresh 0) and
+    // allocates.
+    s.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
+    let cfg = TurnConfig {
+        server: t.addr,
+        user: t.user.clone(),
+        password: t.password.clone(),
+    };
+    let t0 = Instant::now();
+    let mut c = TurnClient::new(cfg, rand::random(), t0);
+    let end = Instant::now() + Duration::from_secs(10);
+    while c.relayed().is_none() && Instant::now() < end {
+        while let Some(tx) = c.poll_transmit() {
+            s.send_to(&tx.payload, tx.dst).unwrap();
+        }
+        if let Ok((n, from)) = s.recv_from(&mut buf) {
+            c.handle_input(from, &buf[..n], Instant::now());
+        }
+        let now = Instant::now();
+        if c.poll_timeout().is_some_and(|x| x <= now) {
+            c.handle_timeout(now);
+        }
+    }
+    assert!(
+        c.relayed().is_some(),
+        "no allocation over a leftover one; coturn log:\n{}",
+        t.log()
+    );
+    eprintln!(
+        "BENCH allocation over a leftover allocation of the same 5-tuple: {:?}",
+        t0.elapsed()
+    );
+}

@@ -303,6 +303,33 @@ fn relay_server_loss_leaves_direct_paths_alone() {
     assert_tunnel(&mut sim, a, c);
 }
 
+/// The relay unreachable for a minute but not restarted: the clients give their allocations up, and when
+/// the server answers again it still holds them. A client's Allocate (signed by now) gets the unsigned
+/// 437 coturn sends in this case; the client takes it, deletes the old allocation and allocates again,
+/// instead of waiting for the old one to expire (up to 10 minutes).
+#[test]
+fn relay_outage_without_restart_reallocates() {
+    let mut sim = world(15);
+    let na = sim.add_nat(NatType::Symmetric, "198.18.1.1");
+    let nb = sim.add_nat(NatType::Symmetric, "198.18.1.2");
+    let a = sim.add_node("192.168.1.2:51820", Some(na), true);
+    let b = sim.add_node("192.168.2.2:51820", Some(nb), true);
+    sim.run_for(secs(1));
+    sim.introduce_all();
+    until_paths(&mut sim, a, b, PathKind::Relay, secs(10)).expect("relay");
+    sim.turn.as_mut().unwrap().up = false;
+    sim.run_for(secs(60));
+    assert_eq!(sim.nodes[a].agent.turn().unwrap().relayed(), None);
+    sim.turn.as_mut().unwrap().up = true;
+    let t = until_paths(&mut sim, a, b, PathKind::Relay, secs(60)).expect("relay back");
+    assert_tunnel(&mut sim, a, b);
+    assert!(sim.turn.as_ref().unwrap().allocate_mismatches >= 1);
+    for n in [a, b] {
+        assert_eq!(sim.nodes[n].agent.turn().unwrap().allocations(), 2);
+    }
+    eprintln!("relay back {t:?} after the outage");
+}
+
 #[test]
 fn packet_loss_still_finds_the_direct_path() {
     let mut sim = world(10);
@@ -391,7 +418,8 @@ fn garbage_input_is_harmless() {
     )
     .attr(evio_nat::stun::attr::USERNAME, b"00".repeat(32).as_slice())
     .integrity(&[0u8; 32])
-    .fingerprint();
+    .fingerprint()
+    .unwrap();
     let mut rng = StdRng::seed_from_u64(7);
     let turn: std::net::SocketAddr = "198.18.0.1:3478".parse().unwrap();
     let other: std::net::SocketAddr = "198.18.9.9:9999".parse().unwrap();

@@ -168,7 +168,8 @@ fn send_relayed(
             let n = out.push_with(server, slot, |buf| {
                 match node.encapsulate(now, p, &mut buf[CHANNEL_HEADER..]) {
                     Outbound::Send { len, .. } => {
-                        channel_header(buf, channel, len);
+                        // A ciphertext over 65535 bytes (TUN MTU near 64 KiB) cannot be framed: dropped.
+                        channel_header(buf, channel, len).ok()?;
                         Some(len + CHANNEL_HEADER)
                     }
                     _ => None,

@@ -39,8 +39,8 @@ use crate::state::Shared;
 
 /// The address of relay endpoints (see the module docs).
 const RELAY_IP: Ipv6Addr = Ipv6Addr::new(0x100, 0, 0, 0, 0, 0, 0, 1);
-/// ChannelData header length.
-pub const CHANNEL_HEADER: usize = 4;
+/// ChannelData framing for the zero-copy relay path (length-checked: 16-bit length field).
+pub use evio_nat::demux::{CHANNEL_HEADER, channel_header};
 
 /// True if `a` is a relay endpoint (a peer reached through our TURN allocation).
 #[inline]
@@ -340,9 +340,14 @@ impl Nat {
         }
         match self.relay_route(&to) {
             Some(RelayRoute::Channel { server, channel }) => {
+                let mut head = [0u8; CHANNEL_HEADER];
+                if let Err(e) = channel_header(&mut head, channel, data.len()) {
+                    tracing::debug!("not relayed: {e}");
+                    return true;
+                }
                 let n = data.len() + CHANNEL_HEADER;
                 let r = out.push_with(server, n, |buf| {
-                    channel_header(buf, channel, data.len());
+                    buf[..CHANNEL_HEADER].copy_from_slice(&head);
                     buf[CHANNEL_HEADER..n].copy_from_slice(data);
                     Some(n)
                 });
@@ -476,13 +481,6 @@ fn target(g: &mut Inner, p: &Path) -> (SocketAddr, evio_tunnel::PathKind) {
     }
 }
 
-/// Writes a ChannelData header for `len` payload bytes into `buf[..4]`.
-#[inline]
-pub fn channel_header(buf: &mut [u8], channel: u16, len: usize) {
-    buf[..2].copy_from_slice(&channel.to_be_bytes());
-    buf[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-}
-
 /// True if the receive thread must hand `data` to [`Nat::input`] instead of the tunnel core.
 #[inline]
 pub fn needs_nat(data: &[u8]) -> bool {
@@ -611,7 +609,7 @@ mod tests {
     #[test]
     fn channel_header_frames_in_place() {
         let mut buf = [0u8; 10];
-        channel_header(&mut buf, 0x4001, 6);
+        channel_header(&mut buf, 0x4001, 6).unwrap();
         buf[4..].copy_from_slice(b"\x04\0\0\0ab");
         assert_eq!(
             demux::channel_data(&buf),
