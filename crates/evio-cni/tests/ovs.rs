@@ -361,7 +361,11 @@ fn ovs_concurrent_adds_and_dels() {
     assert_eq!(ips.len(), N, "distinct addresses");
     assert_eq!(sb.reservations(), ips, "one reservation per pod");
     assert_eq!(sb.veths().len(), N);
-    assert_eq!(sb.nft_pod_entries().len(), N, "one masquerade entry per pod");
+    assert_eq!(
+        sb.nft_pod_entries().len(),
+        N,
+        "one masquerade entry per pod"
+    );
     assert_eq!(ovs.ports(BR).len(), N);
     assert_eq!(ovs.names("Bridge"), vec![BR.to_string()]);
     let gw = sb.node.exec_ok(&["ip", "-br", "addr", "show", BR]);

@@ -5,59 +5,11 @@
 
 mod fuzz_harness;
 
-use std::path::PathBuf;
-
 use fuzz_harness::{agent, agent_seeds, stun, stun_seeds};
+use stable::{Rng, seed_files, write_seed_files};
 
-/// xorshift64*: deterministic, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    fn bytes(&mut self, max: usize) -> Vec<u8> {
-        let n = self.below(max + 1);
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-    /// A few byte flips, insertions, deletions and interesting values, as libFuzzer's mutators do.
-    fn mutate(&mut self, seed: &[u8]) -> Vec<u8> {
-        let mut v = seed.to_vec();
-        for _ in 0..1 + self.below(4) {
-            let at = self.below(v.len() + 1);
-            match self.below(5) {
-                0 if at < v.len() => v[at] ^= 1 << self.below(8),
-                1 => v.insert(at, self.next() as u8),
-                2 if at < v.len() => {
-                    v.remove(at);
-                }
-                3 if at < v.len() => v[at] = [0, 1, 0x7F, 0x80, 0xFF][self.below(5)],
-                _ if at + 1 < v.len() => v.truncate(at + 1),
-                _ => {}
-            }
-        }
-        v
-    }
-}
-
-/// The committed seed files of a fuzz target.
-fn seed_files(target: &str) -> Vec<Vec<u8>> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fuzz/seeds")
-        .join(target);
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort();
-    files.iter().map(|p| std::fs::read(p).unwrap()).collect()
-}
+#[path = "../../../fuzz/stable.rs"]
+mod stable;
 
 #[test]
 fn stun_codec_never_panics() {
@@ -129,12 +81,6 @@ fn agent_seeds_reach_allocation_and_paths() {
 #[test]
 #[ignore]
 fn write_seeds() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds");
-    for (target, seeds) in [("stun_decode", stun_seeds()), ("nat_agent", agent_seeds())] {
-        let dir = root.join(target);
-        std::fs::create_dir_all(&dir).unwrap();
-        for (i, s) in seeds.iter().enumerate() {
-            std::fs::write(dir.join(format!("seed-{i}")), s).unwrap();
-        }
-    }
+    write_seed_files("stun_decode", &stun_seeds());
+    write_seed_files("nat_agent", &agent_seeds());
 }
