@@ -17,15 +17,15 @@ use serde_json::{Map, Value, json};
 
 /// The conflist file this command owns.
 pub const CONFLIST: &str = "10-evio.conflist";
-/// The plugin's binary name (DESIGN.md contract: `"type": "evio-cni"`).
+/// The plugin's binary name (the conflist's `"type": "evio-cni"`).
 pub const PLUGIN: &str = "evio-cni";
-/// Overlay MTU: the tunnel's inner MTU (1500 minus WireGuard-over-UDP/IPv4 overhead, rounded as wg does).
+/// Overlay MTU: the tunnel's inner MTU (1500 minus the 80-byte WireGuard-over-UDP/IPv6 overhead, as wg does).
 pub const DEFAULT_MTU: u64 = 1420;
 
 /// etcd connection flags shared by `cni-config`, `nodes` and `release`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct EtcdArgs {
-    /// etcd client URLs, comma-separated (default: `dataStore` from the net-conf, if given).
+    /// etcd client URLs, comma-separated (cni-config: defaults to the net-conf's `dataStore`).
     #[arg(long, env = "EVIO_ETCD_ENDPOINTS")]
     pub etcd_endpoints: Option<String>,
     /// etcd user (etcd auth enabled).

@@ -19,9 +19,9 @@ struct Cli {
 enum Cmd {
     /// Claim this node's pod subnet in etcd and install the CNI configuration and plugin.
     CniConfig(cni_config::Args),
-    /// List the nodes' subnet claims.
+    /// List the nodes: pod subnet claims, host overlay addresses and whether each agent is alive.
     Nodes(nodes::Args),
-    /// Free a node's subnet claim.
+    /// Free a departed node's pod subnet and host overlay address claims.
     Release(release::Args),
     /// Show the local agent's overlay state and peers.
     Status(status::Args),

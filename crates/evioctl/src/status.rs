@@ -1,5 +1,5 @@
 //! `evioctl status --state-dir DIR [--json]`: asks the local agent over `<state-dir>/eviod.sock` and prints
-//! its overlay state: the JSON of DESIGN.md with `--json`, a table otherwise.
+//! its overlay state: the JSON of docs/overlay.md ("Status and metrics") with `--json`, a table otherwise.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;

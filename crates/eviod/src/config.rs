@@ -42,22 +42,22 @@ pub struct Args {
     /// Directory for the key, the control socket and cached state (one per agent).
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
-    /// The host overlay network; the VIP is claimed in it.
+    /// The host overlay network; the VIP is claimed in it (default 10.10.0.0/16).
     #[arg(long)]
     pub overlay_cidr: Option<Ipv4Net>,
     /// Ask for this VIP instead of any free one (refused if another node holds it).
     #[arg(long)]
     pub address: Option<Ipv4Addr>,
-    /// TUN device name.
+    /// TUN device name (default evio0).
     #[arg(long)]
     pub interface: Option<String>,
-    /// UDP port of the tunnels.
+    /// UDP port of the tunnels (default 51820).
     #[arg(long)]
     pub listen_port: Option<u16>,
     /// TUN MTU (default: underlay MTU minus 80).
     #[arg(long)]
     pub mtu: Option<u32>,
-    /// STUN servers (HOST:PORT), for NAT traversal.
+    /// STUN server (HOST:PORT), for NAT traversal; repeat the flag for several.
     #[arg(long)]
     #[serde(default)]
     pub stun: Vec<String>,
@@ -76,7 +76,7 @@ pub struct Args {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9101).
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
-    /// Lease TTL of the node registration in seconds.
+    /// Lease TTL of the node registration in seconds (default 10, at least 2).
     #[arg(long)]
     pub lease_ttl: Option<u64>,
     /// Read these settings from a JSON file (flags win).

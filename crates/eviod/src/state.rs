@@ -51,7 +51,7 @@ pub struct Shared {
     epoch: (Instant, SystemTime),
 }
 
-/// `evioctl status --json` as defined in DESIGN.md.
+/// `evioctl status --json` as documented in docs/overlay.md.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StatusJson {

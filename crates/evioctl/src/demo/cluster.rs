@@ -18,7 +18,7 @@ use super::signals;
 
 /// The UDP port of every agent (each in its own namespace).
 pub const LISTEN_PORT: u16 = 51820;
-/// The pod CIDR of the demo (DESIGN.md default).
+/// The pod CIDR of the demo (the default pod overlay, docs/architecture.md).
 pub const POD_CIDR: &str = "10.244.0.0/16";
 
 /// Where the demo finds its programs.
