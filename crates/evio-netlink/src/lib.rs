@@ -6,14 +6,12 @@
 //! - [`Netlink`]: one `NETLINK_ROUTE` socket; a socket keeps the namespace it was created in, so
 //!   [`Netlink::in_netns`] opens it inside the target namespace and returns it to the caller.
 //! - [`sysctl`]: `/proc/sys/net` knobs (IPv4 forwarding, IPv6 router advertisements).
-//! - [`arp`]: gratuitous ARP.
 //!
 //! Dependencies: `netlink-packet-route`/`netlink-packet-core` (rust-netlink's message types, the ones
 //! netavark and rtnetlink use: no hand-written attribute encoding) and `netlink-sys` (a plain blocking
 //! socket; without its async features). A synchronous socket keeps a plugin invocation to a few syscalls,
 //! with no runtime to start.
 
-pub mod arp;
 mod link;
 pub mod netns;
 mod route;

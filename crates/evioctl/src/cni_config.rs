@@ -49,14 +49,21 @@ pub struct EtcdArgs {
 }
 
 impl EtcdArgs {
-    /// The store options; `fallback` is the net-conf's `dataStore` (flags win).
-    pub fn options(&self, fallback: Option<Vec<String>>) -> Result<EtcdOptions> {
-        let endpoints = match &self.etcd_endpoints {
-            Some(list) => EtcdOptions::split_endpoints(list),
-            None => fallback.unwrap_or_default(),
+    /// The store options; `net_conf` is the net-conf of `cni-config`, whose `dataStore` is the fallback
+    /// (flags win). The other subcommands have no net-conf.
+    pub fn options(&self, net_conf: Option<&NetConf>) -> Result<EtcdOptions> {
+        let endpoints = match (&self.etcd_endpoints, net_conf) {
+            (Some(list), _) => EtcdOptions::split_endpoints(list),
+            (None, Some(conf)) => conf.data_store.clone().unwrap_or_default(),
+            (None, None) => Vec::new(),
         };
         if endpoints.is_empty() {
-            bail!("no etcd endpoints: give --etcd-endpoints (or dataStore in the net-conf)");
+            let or = if net_conf.is_some() {
+                " (or dataStore in the net-conf)"
+            } else {
+                ""
+            };
+            bail!("no etcd endpoints: give --etcd-endpoints{or}");
         }
         if !(self.etcd_timeout.is_finite()
             && self.etcd_timeout > 0.0
@@ -323,8 +330,9 @@ fn check_plugin_keys(p: &mut Map<String, Value>) -> Result<()> {
                     _ => None,
                 };
                 match n {
-                    Some(n) if (576..=65535).contains(&n) => *v = json!(n),
-                    _ => bail!("mtu must be a whole number between 576 and 65535, not {v}"),
+                    // the plugin's own range (evio-cni-types), so what is written is what it accepts
+                    Some(n) if (68..=65535).contains(&n) => *v = json!(n),
+                    _ => bail!("mtu must be a whole number between 68 and 65535, not {v}"),
                 }
             }
             "clusterCIDRs" => {
@@ -353,7 +361,7 @@ pub fn run(args: Args) -> Result<()> {
     if !evio_store::keys::valid_node_name(&args.node_name) {
         bail!("invalid node name {:?}", args.node_name);
     }
-    let opts = args.etcd.options(conf.data_store.clone())?;
+    let opts = args.etcd.options(Some(&conf))?;
     let plugin = match &args.plugin_binary {
         Some(p) => p.clone(),
         None => std::env::current_exe()

@@ -191,6 +191,10 @@ impl Args {
         if interface.is_empty() || interface.len() > 15 || interface.contains('/') {
             bail!("--interface {interface:?} is not a valid interface name");
         }
+        let lease_ttl = self.lease_ttl.unwrap_or(DEFAULT_LEASE_TTL);
+        if lease_ttl < 2 {
+            bail!("--lease-ttl {lease_ttl} is too short: at least 2 seconds (renewed every TTL/3)");
+        }
         Ok(Config {
             node_name,
             etcd,
@@ -208,7 +212,7 @@ impl Args {
             },
             psk_file: self.psk_file,
             metrics_addr: self.metrics_addr,
-            lease_ttl: self.lease_ttl.unwrap_or(DEFAULT_LEASE_TTL).max(2),
+            lease_ttl,
         })
     }
 }
@@ -245,6 +249,29 @@ mod tests {
                 .is_err()
         );
         std::fs::remove_file(&d).unwrap();
+    }
+
+    #[test]
+    fn lease_ttl_below_two_seconds_is_refused() {
+        let args = |ttl: &str| {
+            Args::parse_from([
+                "eviod",
+                "--node-name",
+                "n",
+                "--etcd-endpoints",
+                "x",
+                "--state-dir",
+                "/tmp",
+                "--lease-ttl",
+                ttl,
+            ])
+            .resolve()
+        };
+        for ttl in ["0", "1"] {
+            let e = args(ttl).unwrap_err().to_string();
+            assert!(e.contains("--lease-ttl"), "{e}");
+        }
+        assert_eq!(args("2").unwrap().lease_ttl, 2);
     }
 
     #[test]
