@@ -15,9 +15,17 @@ pub const SOCKET: &str = "eviod.sock";
 
 pub fn serve(shared: Arc<Shared>, state_dir: &Path) -> anyhow::Result<()> {
     let path = state_dir.join(SOCKET);
-    let _ = std::fs::remove_file(&path);
-    let l = UnixListener::bind(&path)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    // The socket appears at its path only once it listens and has its mode: clients (evioctl, scripts,
+    // tests) take its existence as "the agent is up". bind(2) creates the file before listen(2), and a
+    // connect in between is refused, so bind under a temporary name and rename(2) it into place.
+    let tmp = state_dir.join(format!(".{SOCKET}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    let l = UnixListener::bind(&tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    if let Err(e) = std::fs::rename(&tmp, &path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e.into());
+    }
     std::thread::Builder::new()
         .name("evio-ctl".into())
         .spawn(move || {

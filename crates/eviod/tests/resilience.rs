@@ -131,13 +131,28 @@ fn survives_garbage_etcd_freeze_kill9_and_peers_leaving() {
     );
 
     // host-3 dies (kill -9: its lease is not revoked): its peers drop it and its pod route after the TTL.
+    // etcd does not extend leases over a pause: a freeze longer than what a lease had left expires it as
+    // soon as etcd runs again, and its holder then registers again under a new lease. So wait until
+    // host-3 is registered (again) and host-1 routes to it before killing it.
     assert!(
-        c.hosts[0].tun_routes().contains(&sub3),
-        "no route to {sub3}"
+        wait_until(Duration::from_secs(15), || lease_seconds_left(
+            &c.etcd, "host-3"
+        )
+        .is_some()),
+        "host-3 not registered after etcd thawed:\n{}",
+        c.logs()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || c.hosts[0]
+            .tun_routes()
+            .contains(&sub3)),
+        "no route to {sub3}:\n{}",
+        c.logs()
     );
     // The etcd freezes above may have left host-3's lease with less than a full TTL: measure what it has
     // left, so the check below is "not removed before its lease expired", whatever the freezes did.
-    let left = lease_seconds_left(&c.etcd, "host-3");
+    let left = lease_seconds_left(&c.etcd, "host-3")
+        .unwrap_or_else(|| panic!("host-3 lost its registration again:\n{}", c.logs()));
     c.hosts[2].kill9();
     let t0 = Instant::now();
     let gone = wait_until(Duration::from_secs(25), || {
@@ -232,17 +247,27 @@ fn a_vip_held_by_another_node_is_refused() {
 }
 
 /// Seconds left on the lease of `node`'s registration, read with etcdctl (the etcd-client package).
-fn lease_seconds_left(etcd: &evio_testbed::Etcd, node: &str) -> u64 {
+fn lease_seconds_left(etcd: &evio_testbed::Etcd, node: &str) -> Option<u64> {
     let get = etcd.etcdctl(&["get", &format!("/evio/v1/nodes/{node}"), "-w", "json"]);
     let v: serde_json::Value = serde_json::from_str(&get).expect("etcdctl json");
-    let lease = v["kvs"][0]["lease"]
+    let kv = &v["kvs"][0];
+    if kv.is_null() {
+        return None;
+    }
+    let lease = kv["lease"]
         .as_i64()
-        .unwrap_or_else(|| panic!("{node} is not registered with a lease: {get}"));
+        .unwrap_or_else(|| panic!("{node} is registered without a lease: {get}"));
     let ttl = etcd.etcdctl(&["lease", "timetolive", &format!("{lease:x}")]);
-    // "lease 694d... granted with TTL(10s), remaining(8s)"
-    ttl.split("remaining(")
-        .nth(1)
-        .and_then(|r| r.split('s').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("cannot read the lease's TTL: {ttl}"))
+    // "lease 694d... granted with TTL(10s), remaining(8s)"; "lease 694d... already expired" when it went
+    // between the two calls.
+    if ttl.contains("expired") {
+        return None;
+    }
+    Some(
+        ttl.split("remaining(")
+            .nth(1)
+            .and_then(|r| r.split('s').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("cannot read the lease's TTL: {ttl}")),
+    )
 }

@@ -358,7 +358,10 @@ impl Cluster {
     /// Stops everything and removes every trace; safe to call more than once.
     pub fn teardown(&mut self) -> Vec<String> {
         let mut problems = Vec::new();
-        // 1. Agents: SIGTERM (they revoke their registration), then SIGKILL after a short grace.
+        // 1. Agents: SIGTERM (they revoke their registration), then SIGKILL after a grace. eviod's own
+        // shutdown allows its control plane up to 3 s for the revoke, then joins its data-plane threads
+        // (which see the stop within 0.5 s): the grace must be longer than that, or a busy machine turns
+        // a clean stop into "ignored SIGTERM". A healthy agent exits well before it.
         let mut agents: Vec<(String, Child)> = self
             .nodes
             .iter_mut()
@@ -368,7 +371,7 @@ impl Cluster {
             // SAFETY: a signal to our own child process; no memory is involved.
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
         }
-        let end = Instant::now() + Duration::from_secs(3);
+        let end = Instant::now() + Duration::from_secs(10);
         for (name, c) in &mut agents {
             while matches!(c.try_wait(), Ok(None)) && Instant::now() < end {
                 std::thread::sleep(Duration::from_millis(20));

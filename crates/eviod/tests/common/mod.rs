@@ -149,9 +149,10 @@ impl Host {
         .stdout(log.try_clone().expect("log"))
         .stderr(log);
         self.agent = Some(c.spawn().expect("start eviod"));
-        let sock = self.state_dir.join("eviod.sock");
+        // Up means answering on its control socket, not only its socket file existing.
         assert!(
-            wait_until(Duration::from_secs(20), || sock.exists() || self.exited()),
+            wait_until(Duration::from_secs(20), || self.status().is_some()
+                || self.exited()),
             "eviod on {} did not start: {}",
             self.name,
             self.log_text()
