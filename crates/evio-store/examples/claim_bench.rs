@@ -128,12 +128,28 @@ async fn preload(store: &Store, subnets: bool, held: usize) {
             let node = format!("held{i}");
             let (item_key, node_key, value) = if subnets {
                 let subnet = Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 + (i << 8)), 24).unwrap();
-                let v = serde_json::to_string(&SubnetClaim { node: node.clone(), subnet, since: 1 });
-                (keys::subnet_by_subnet(&subnet), keys::subnet_by_node(&node), v.unwrap())
+                let v = serde_json::to_string(&SubnetClaim {
+                    node: node.clone(),
+                    subnet,
+                    since: 1,
+                });
+                (
+                    keys::subnet_by_subnet(&subnet),
+                    keys::subnet_by_node(&node),
+                    v.unwrap(),
+                )
             } else {
                 let address = Ipv4Addr::from(0x0a0a_0001 + i);
-                let v = serde_json::to_string(&AddressClaim { node: node.clone(), address, since: 1 });
-                (keys::address_by_address(address), keys::address_by_node(&node), v.unwrap())
+                let v = serde_json::to_string(&AddressClaim {
+                    node: node.clone(),
+                    address,
+                    since: 1,
+                });
+                (
+                    keys::address_by_address(address),
+                    keys::address_by_node(&node),
+                    v.unwrap(),
+                )
             };
             ops.push(TxnOp::put(item_key, value.clone(), None));
             ops.push(TxnOp::put(node_key, value, None));
@@ -153,23 +169,40 @@ fn held_mode(rt: &tokio::runtime::Runtime, n: usize, subnets: bool, held: usize)
         let plan = SubnetPlan::parse("10.0.0.0/8", 16).unwrap();
         let wide: Ipv4Net = "10.10.0.0/16".parse().unwrap();
         let (total, got, lat) = concurrently(n, |i| {
-            let (s, plan) = (store.clone(), plan.clone());
+            let (s, plan) = (store.clone(), plan);
             async move {
                 if subnets {
-                    s.claim_subnet(&plan, &format!("t{i}")).await.unwrap().subnet
+                    s.claim_subnet(&plan, &format!("t{i}"))
+                        .await
+                        .unwrap()
+                        .subnet
                 } else {
-                    let a = s.claim_address(&wide, &format!("t{i}"), None).await.unwrap();
+                    let a = s
+                        .claim_address(&wide, &format!("t{i}"), None)
+                        .await
+                        .unwrap();
                     Ipv4Net::new(a.address, 32).unwrap()
                 }
             }
         })
         .await;
         // None of the new claims took a held item.
-        let first = if subnets { 0x0a00_0000 + ((held as u32) << 8) } else { 0x0a0a_0001 + held as u32 };
-        assert!(got.iter().all(|g| u32::from(g.network()) >= first), "a held item was handed out");
+        let first = if subnets {
+            0x0a00_0000 + ((held as u32) << 8)
+        } else {
+            0x0a0a_0001 + held as u32
+        };
+        assert!(
+            got.iter().all(|g| u32::from(g.network()) >= first),
+            "a held item was handed out"
+        );
         (total, lat)
     });
-    let what = if subnets { "subnets (10.0.0.0/8, nodeBits 16)" } else { "vip (10.10.0.0/16)" };
+    let what = if subnets {
+        "subnets (10.0.0.0/8, nodeBits 16)"
+    } else {
+        "vip (10.10.0.0/16)"
+    };
     report(&format!("held {held}: {what}"), n, total, &mut lat);
 }
 
