@@ -459,6 +459,7 @@ impl Read {
                     // Many claims: start looking where a pool filled from the bottom has its free
                     // candidates (at the bottom when there are more claims than candidates: they are
                     // not all in this pool); nothing is known free yet (a window read follows).
+                    k.complete = false;
                     k.start = if count < pool.len() { count } else { 0 };
                 }
             }
@@ -578,7 +579,15 @@ impl Store {
                     let window = 1usize << attempt.min(CONTENTION_WINDOW.trailing_zeros());
                     let choices = &seen.free[..window.min(seen.free.len())];
                     let target = choices[spread(node, attempt) % choices.len()];
-                    (pool.candidate(target), Read::Window(seen.free.clone()))
+                    // What a lost race reads back: while few claims are held (the last read saw them
+                    // all), all of them again in one small range, which also shows what others took
+                    // elsewhere; with many held, only whether the candidates chosen from are still free.
+                    let fresh = if k.complete && k.held < PROBE_KEYS as usize {
+                        Read::Probe
+                    } else {
+                        Read::Window(seen.free.clone())
+                    };
+                    (pool.candidate(target), fresh)
                 }
             };
             let claim = P::Claim::new(node, target);
