@@ -9,6 +9,9 @@
 //! surplus addresses (every other one from the bottom) were claimed explicitly beforehand, so that exactly N
 //! are free and the pool fills; one more claim must be refused.
 //! Mode "vip-wide": N concurrent tasks claim an address in the default overlay CIDR 10.10.0.0/16.
+//! Mode "held" (`claim_bench held N H1,H2,...`): for each H, N concurrent address claims in 10.10.0.0/16 and
+//! N concurrent subnet claims in 10.0.0.0/8 with nodeBits 16, after H claims of the lowest items were
+//! written directly (both keys, as a claim writes them), each kind with its own etcd.
 //! Mode "processes" (when an evioctl path is given): N concurrent `evioctl cni-config` processes, each with
 //! its own connection and conf dir, as N nodes' init containers would run.
 
@@ -114,8 +117,116 @@ fn vip_mode(
     })
 }
 
+/// Writes `held` claims of the lowest items directly (both index keys per claim), 64 claims per transaction.
+async fn preload(store: &Store, subnets: bool, held: usize) {
+    use evio_store::etcd_client::{Txn, TxnOp};
+    use evio_store::{AddressClaim, SubnetClaim, keys};
+    let mut c = store.client();
+    for chunk in (0..held as u32).collect::<Vec<_>>().chunks(64) {
+        let mut ops = Vec::new();
+        for &i in chunk {
+            let node = format!("held{i}");
+            let (item_key, node_key, value) = if subnets {
+                let subnet = Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 + (i << 8)), 24).unwrap();
+                let v = serde_json::to_string(&SubnetClaim {
+                    node: node.clone(),
+                    subnet,
+                    since: 1,
+                });
+                (
+                    keys::subnet_by_subnet(&subnet),
+                    keys::subnet_by_node(&node),
+                    v.unwrap(),
+                )
+            } else {
+                let address = Ipv4Addr::from(0x0a0a_0001 + i);
+                let v = serde_json::to_string(&AddressClaim {
+                    node: node.clone(),
+                    address,
+                    since: 1,
+                });
+                (
+                    keys::address_by_address(address),
+                    keys::address_by_node(&node),
+                    v.unwrap(),
+                )
+            };
+            ops.push(TxnOp::put(item_key, value.clone(), None));
+            ops.push(TxnOp::put(node_key, value, None));
+        }
+        c.txn(Txn::new().and_then(ops)).await.unwrap();
+    }
+}
+
+/// N concurrent claims (addresses in 10.10.0.0/16, or subnets of 10.0.0.0/8 nodeBits 16) after `held`.
+fn held_mode(rt: &tokio::runtime::Runtime, n: usize, subnets: bool, held: usize) {
+    let etcd = Etcd::start();
+    let (total, mut lat) = rt.block_on(async {
+        let store = Store::connect(&EtcdOptions::new([etcd.endpoint()]))
+            .await
+            .unwrap();
+        preload(&store, subnets, held).await;
+        let plan = SubnetPlan::parse("10.0.0.0/8", 16).unwrap();
+        let wide: Ipv4Net = "10.10.0.0/16".parse().unwrap();
+        let (total, got, lat) = concurrently(n, |i| {
+            let (s, plan) = (store.clone(), plan);
+            async move {
+                if subnets {
+                    s.claim_subnet(&plan, &format!("t{i}"))
+                        .await
+                        .unwrap()
+                        .subnet
+                } else {
+                    let a = s
+                        .claim_address(&wide, &format!("t{i}"), None)
+                        .await
+                        .unwrap();
+                    Ipv4Net::new(a.address, 32).unwrap()
+                }
+            }
+        })
+        .await;
+        // None of the new claims took a held item.
+        let first = if subnets {
+            0x0a00_0000 + ((held as u32) << 8)
+        } else {
+            0x0a0a_0001 + held as u32
+        };
+        assert!(
+            got.iter().all(|g| u32::from(g.network()) >= first),
+            "a held item was handed out"
+        );
+        (total, lat)
+    });
+    let what = if subnets {
+        "subnets (10.0.0.0/8, nodeBits 16)"
+    } else {
+        "vip (10.10.0.0/16)"
+    };
+    report(&format!("held {held}: {what}"), n, total, &mut lat);
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("held") {
+        let n: usize = args.get(2).map_or(256, |s| s.parse().expect("N"));
+        let helds: Vec<usize> = args
+            .get(3)
+            .map_or("0,1000", String::as_str)
+            .split(',')
+            .map(|h| h.parse().expect("H1,H2,..."))
+            .collect();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        for &h in &helds {
+            held_mode(&rt, n, false, h);
+            held_mode(&rt, n, true, h);
+        }
+        return;
+    }
     let n: usize = args
         .get(1)
         .map(|s| s.parse().expect("NODES"))

@@ -155,6 +155,9 @@ pub(crate) trait Pool {
     /// The candidates that a claim stored under the by-item key segment `segment` makes unavailable (it
     /// may be a claim made under another pool, e.g. an older plan), or None when the segment is unparsable.
     fn blocked_by(&self, segment: &str) -> Option<Range<u64>>;
+    /// Whether a candidate is taken exactly when its own by-item key exists (no other key blocks it), so
+    /// that a claim may read windows of candidate keys instead of all by-item keys.
+    fn exact_keys(&self) -> bool;
     /// For a claim the node holds that is not a candidate (the pool changed): the error that refuses it,
     /// or None to move the claim to a candidate in the same transaction.
     fn refuse_foreign(&self, held: &Self::Claim) -> Option<StoreError>;
@@ -189,6 +192,11 @@ impl Pool for Subnets<'_> {
     fn blocked_by(&self, segment: &str) -> Option<Range<u64>> {
         // By overlap, not equality: claims of an older plan may have another prefix length.
         keys::parse_subnet_segment(segment).map(|net| self.0.overlapping(&net))
+    }
+
+    fn exact_keys(&self) -> bool {
+        // A claim of an older plan blocks every candidate it overlaps: only a full read sees them all.
+        false
     }
 
     fn refuse_foreign(&self, held: &SubnetClaim) -> Option<StoreError> {
@@ -255,6 +263,10 @@ impl Pool for Addresses {
         Some(self.index_of(a).map_or(0..0, |i| i..i + 1))
     }
 
+    fn exact_keys(&self) -> bool {
+        true
+    }
+
     fn refuse_foreign(&self, _held: &AddressClaim) -> Option<StoreError> {
         None
     }
@@ -278,12 +290,51 @@ impl Pool for Addresses {
     }
 }
 
-/// Up to `window` of the lowest candidate indices of `pool` not in `taken`, lowest first.
-fn lowest_free<P: Pool>(pool: &P, taken: &HashSet<u64>, window: usize) -> Vec<u64> {
-    (0..pool.len())
-        .filter(|i| !taken.contains(i))
-        .take(window)
-        .collect()
+/// How many by-item keys the first read of an exact-key pool lists (keys only). With at most this many
+/// claims the read is complete; with more, a claim reads windows of candidates instead of all keys.
+const PROBE_KEYS: i64 = 128;
+
+/// How many candidates one window read checks (a count-only get per candidate key, one transaction; etcd
+/// allows 128 operations per transaction by default).
+const WINDOW: usize = 64;
+
+/// Window reads that found nothing free before a claim reads all by-item keys.
+const EMPTY_WINDOWS: u32 = 2;
+
+/// What a claim knows about the pool.
+struct Knowledge {
+    /// Candidates seen taken.
+    taken: HashSet<u64>,
+    /// Every candidate not in `taken` was free at the last full read (or seen free since).
+    complete: bool,
+    /// Where the search for free candidates starts (wrapping): 0 with complete knowledge (lowest first).
+    start: u64,
+    /// By-item keys in the last full read.
+    held: usize,
+    /// Window reads without a free candidate since the last full read.
+    empty_windows: u32,
+}
+
+impl Knowledge {
+    fn new() -> Knowledge {
+        Knowledge {
+            taken: HashSet::new(),
+            complete: false,
+            start: 0,
+            held: 0,
+            empty_windows: 0,
+        }
+    }
+
+    /// Up to `n` candidate indices not seen taken, from `start` upwards (wrapping).
+    fn next_free<P: Pool>(&self, pool: &P, n: usize) -> Vec<u64> {
+        let len = pool.len();
+        (0..len)
+            .map(|i| (self.start + i) % len)
+            .filter(|i| !self.taken.contains(i))
+            .take(n)
+            .collect()
+    }
 }
 
 /// A pseudo-random number from the node name, the attempt and the clock (no cryptographic need: it only
@@ -302,49 +353,127 @@ fn spread(node: &str, attempt: u32) -> usize {
     h.finish() as usize
 }
 
-/// What one consistent read says: the node's own claim, the candidates taken, how many claims exist, and
-/// (when an item was requested) who holds it.
-struct State {
+/// What one read (or the `else` branch of a lost compare-and-swap) asks for, besides the node's by-node key
+/// and the requested item's by-item key (when an item is requested).
+enum Read {
+    /// Nothing more (a requested item).
+    Owner,
+    /// All keys under the by-item prefix (keys only).
+    Full,
+    /// The first [`PROBE_KEYS`] by-item keys and how many there are.
+    Probe,
+    /// Whether these candidates' by-item keys exist (count only).
+    Window(Vec<u64>),
+}
+
+/// What a read says about the node's own claim and the requested item's holder.
+struct Seen {
     own: Option<KeyValue>,
-    taken: HashSet<u64>,
-    held: usize,
     holder: Option<KeyValue>,
+    /// The candidates of a `Full`, `Probe` or `Window` read seen free, in search order.
+    free: Vec<u64>,
 }
 
-/// The ops that read [`State`]: by-node key, by-item keys (keys only), and the requested item's key.
-fn state_ops<C: Claim>(by_node: &str, requested: Option<C::Item>) -> Vec<TxnOp> {
-    let mut v = vec![
-        TxnOp::get(by_node, None),
-        TxnOp::get(
-            C::BY_ITEM,
-            Some(GetOptions::new().with_prefix().with_keys_only()),
-        ),
-    ];
-    if let Some(item) = requested {
-        v.push(TxnOp::get(C::by_item(item), None));
-    }
-    v
-}
-
-fn state_of<P: Pool>(pool: &P, rs: &[TxnOpResponse]) -> State {
-    let kvs = |i: usize| match rs.get(i) {
-        Some(TxnOpResponse::Get(g)) => g.kvs(),
-        _ => &[],
-    };
-    let mut taken = HashSet::new();
-    let items = kvs(1);
-    for kv in items {
-        let key = kv.key_str().unwrap_or_default();
-        match pool.blocked_by(key.strip_prefix(P::Claim::BY_ITEM).unwrap_or_default()) {
-            Some(r) => taken.extend(r),
-            None => warn!(key, "ignoring an unparsable claim key"),
+impl Read {
+    fn ops<P: Pool>(&self, pool: &P, by_node: &str, requested: Option<Item<P>>) -> Vec<TxnOp> {
+        let mut v = vec![TxnOp::get(by_node, None)];
+        if let Some(item) = requested {
+            v.push(TxnOp::get(P::Claim::by_item(item), None));
         }
+        let keys = GetOptions::new().with_prefix().with_keys_only();
+        match self {
+            Read::Owner => {}
+            Read::Full => v.push(TxnOp::get(P::Claim::BY_ITEM, Some(keys))),
+            Read::Probe => v.push(TxnOp::get(
+                P::Claim::BY_ITEM,
+                Some(keys.with_limit(PROBE_KEYS)),
+            )),
+            Read::Window(cands) => v.extend(cands.iter().map(|&i| {
+                TxnOp::get(
+                    P::Claim::by_item(pool.candidate(i)),
+                    Some(GetOptions::new().with_count_only()),
+                )
+            })),
+        }
+        v
     }
-    State {
-        own: kvs(0).first().cloned(),
-        taken,
-        held: items.len(),
-        holder: kvs(2).first().cloned(),
+
+    /// Folds the responses to [`Read::ops`] into `k`.
+    fn apply<P: Pool>(
+        &self,
+        pool: &P,
+        requested: bool,
+        k: &mut Knowledge,
+        rs: &[TxnOpResponse],
+    ) -> Seen {
+        let get = |i: usize| match rs.get(i) {
+            Some(TxnOpResponse::Get(g)) => Some(g),
+            _ => None,
+        };
+        let kvs = |i: usize| get(i).map_or(&[][..], |g| g.kvs());
+        let rest = if requested { 2 } else { 1 };
+        let mut seen = Seen {
+            own: kvs(0).first().cloned(),
+            holder: if requested {
+                kvs(1).first().cloned()
+            } else {
+                None
+            },
+            free: Vec::new(),
+        };
+        let mark = |k: &mut Knowledge, items: &[KeyValue]| {
+            for kv in items {
+                let key = kv.key_str().unwrap_or_default();
+                match pool.blocked_by(key.strip_prefix(P::Claim::BY_ITEM).unwrap_or_default()) {
+                    Some(r) => k.taken.extend(r),
+                    None => warn!(key, "ignoring an unparsable claim key"),
+                }
+            }
+        };
+        match self {
+            Read::Owner => {}
+            Read::Full => {
+                let items = kvs(rest);
+                k.taken.clear();
+                mark(k, items);
+                *k = Knowledge {
+                    taken: std::mem::take(&mut k.taken),
+                    complete: true,
+                    start: 0,
+                    held: items.len(),
+                    empty_windows: 0,
+                };
+                seen.free = k.next_free(pool, WINDOW);
+            }
+            Read::Probe => {
+                let g = get(rest);
+                mark(k, g.map_or(&[][..], |g| g.kvs()));
+                let count = g.map_or(0, |g| g.count()).max(0) as u64;
+                if g.is_some_and(|g| !g.more()) {
+                    // Every claim fit: as good as a full read.
+                    k.complete = true;
+                    k.start = 0;
+                    k.held = count as usize;
+                    seen.free = k.next_free(pool, WINDOW);
+                } else {
+                    // Many claims: start looking where a pool filled from the bottom has its free
+                    // candidates (at the bottom when there are more claims than candidates: they are
+                    // not all in this pool); nothing is known free yet (a window read follows).
+                    k.complete = false;
+                    k.start = if count < pool.len() { count } else { 0 };
+                }
+            }
+            Read::Window(cands) => {
+                for (j, &i) in cands.iter().enumerate() {
+                    if get(rest + j).is_some_and(|g| g.count() > 0) {
+                        k.taken.insert(i);
+                    } else if !k.taken.contains(&i) {
+                        seen.free.push(i);
+                    }
+                }
+            }
+        }
+        seen
     }
 }
 
@@ -366,12 +495,38 @@ impl Store {
         }
         let by_node = P::Claim::by_node(node);
         let mut c = self.client.clone();
-        // The node's own claim, the taken candidates (and the requested one's holder) in one consistent read.
-        let read = Txn::new().and_then(state_ops::<P::Claim>(&by_node, requested));
-        let r = self.op(ops.claim_read, c.txn(read)).await?;
-        let mut state = state_of(pool, r.op_responses().as_slice());
-        for attempt in 0..MAX_ATTEMPTS {
-            let own: Option<(KeyValue, P::Claim)> = match state.own.take() {
+        let mut k = Knowledge::new();
+        // The node's own claim and (the requested item's holder, or what is free) in one consistent read.
+        let mut read = Some(match requested {
+            Some(_) => Read::Owner,
+            None if pool.exact_keys() => Read::Probe,
+            None => Read::Full,
+        });
+        let mut seen = Seen {
+            own: None,
+            holder: None,
+            free: Vec::new(),
+        };
+        // A full read found no free candidate: the pool is exhausted (unless the node holds one).
+        let mut full_empty = false;
+        // Every round trip counts: reads and compare-and-swap attempts.
+        let mut attempt = 0u32;
+        for _ in 0..MAX_ATTEMPTS {
+            if let Some(r) = read.take() {
+                let txn = Txn::new().and_then(r.ops(pool, &by_node, requested));
+                let resp = self.op(ops.claim_read, c.txn(txn)).await?;
+                seen = r.apply(
+                    pool,
+                    requested.is_some(),
+                    &mut k,
+                    resp.op_responses().as_slice(),
+                );
+                full_empty = matches!(r, Read::Full) && seen.free.is_empty();
+                if matches!(r, Read::Window(_)) && seen.free.is_empty() && !k.complete {
+                    k.empty_windows += 1;
+                }
+            }
+            let own: Option<(KeyValue, P::Claim)> = match seen.own.take() {
                 Some(kv) => {
                     let claim = parse_kv(&kv)?;
                     Some((kv, claim))
@@ -389,28 +544,50 @@ impl Store {
                 }
                 // Otherwise move the claim (to the requested item, or into the pool) in one transaction.
             }
-            let target = match requested {
+            let (target, fresh) = match requested {
                 Some(item) => {
-                    if let Some(kv) = &state.holder {
+                    if let Some(kv) = &seen.holder {
                         let h: P::Claim = parse_kv(kv)?;
                         if h.node() != node {
                             return Err(pool.conflict(item, h.node().to_string()));
                         }
                     }
-                    item
+                    (item, Read::Owner)
                 }
                 None => {
-                    // Lowest free first. A claimer that lost a race picks at random among the lowest free
-                    // candidates instead, in a window that doubles with every lost race (2, 4, ... up to
-                    // CONTENTION_WINDOW): a few simultaneous claimers still get the lowest ones, while
-                    // hundreds do not all retry on the same one (each round costs an etcd commit). The pool
-                    // fills from the bottom.
-                    let window = 1usize << attempt.min(CONTENTION_WINDOW.trailing_zeros());
-                    let free = lowest_free(pool, &state.taken, window);
-                    if free.is_empty() {
-                        return Err(pool.exhausted(state.held));
+                    seen.free.retain(|i| !k.taken.contains(i));
+                    if seen.free.is_empty() {
+                        if full_empty {
+                            return Err(pool.exhausted(k.held));
+                        }
+                        // Nothing known free: read the next window of candidates not seen taken, or all
+                        // keys when windows keep finding nothing (or none is left to look at).
+                        let next = k.next_free(pool, WINDOW);
+                        read = Some(if next.is_empty() || k.empty_windows >= EMPTY_WINDOWS {
+                            Read::Full
+                        } else {
+                            Read::Window(next)
+                        });
+                        seen.own = own.map(|(kv, _)| kv);
+                        continue;
                     }
-                    pool.candidate(free[spread(node, attempt) % free.len()])
+                    // The first free one in search order (the lowest, with complete knowledge). A
+                    // claimer that lost races picks at random among the first free candidates instead, in
+                    // a window that doubles with every lost race (2, 4, ... up to CONTENTION_WINDOW): a few
+                    // simultaneous claimers still get the lowest ones, while hundreds do not all retry on
+                    // the same one (each round costs an etcd commit). The pool fills from the bottom.
+                    let window = 1usize << attempt.min(CONTENTION_WINDOW.trailing_zeros());
+                    let choices = &seen.free[..window.min(seen.free.len())];
+                    let target = choices[spread(node, attempt) % choices.len()];
+                    // What a lost race reads back: while few claims are held (the last read saw them
+                    // all), all of them again in one small range, which also shows what others took
+                    // elsewhere; with many held, only whether the candidates chosen from are still free.
+                    let fresh = if k.complete && k.held < PROBE_KEYS as usize {
+                        Read::Probe
+                    } else {
+                        Read::Window(seen.free.clone())
+                    };
+                    (pool.candidate(target), fresh)
                 }
             };
             let claim = P::Claim::new(node, target);
@@ -441,16 +618,26 @@ impl Store {
                     0,
                 )),
             }
+            // A lost race returns fresh state in the same round trip: the node's claim, and whether the
+            // candidates this claimer chose from are still free (not all by-item keys: that read grew with
+            // every claim held).
             let txn = Txn::new()
                 .when(when)
                 .and_then(then)
-                .or_else(state_ops::<P::Claim>(&by_node, requested));
+                .or_else(fresh.ops(pool, &by_node, requested));
             let r = self.op(ops.claim, c.txn(txn)).await?;
             if r.succeeded() {
                 debug!(node, item = %target, attempt, "{}", ops.claim);
                 return Ok(claim);
             }
-            state = state_of(pool, r.op_responses().as_slice());
+            seen = fresh.apply(
+                pool,
+                requested.is_some(),
+                &mut k,
+                r.op_responses().as_slice(),
+            );
+            full_empty = false;
+            attempt += 1;
         }
         Err(StoreError::Contention {
             what: ops.claim,
@@ -560,12 +747,15 @@ mod tests {
     }
 
     #[test]
-    fn lowest_free_in_a_window() {
+    fn next_free_from_the_start_wrapping() {
         let p = Addresses::new(&"10.10.0.0/28".parse().unwrap());
-        let taken: HashSet<u64> = [0, 2, 3].into();
-        assert_eq!(lowest_free(&p, &taken, 1), [1]);
-        assert_eq!(lowest_free(&p, &taken, 4), [1, 4, 5, 6]);
-        let all: HashSet<u64> = (0..p.len()).collect();
-        assert!(lowest_free(&p, &all, 64).is_empty());
+        let mut k = Knowledge::new();
+        k.taken = [0, 2, 3].into();
+        assert_eq!(k.next_free(&p, 1), [1]);
+        assert_eq!(k.next_free(&p, 4), [1, 4, 5, 6]);
+        k.start = 12;
+        assert_eq!(k.next_free(&p, 4), [12, 13, 1, 4]);
+        k.taken = (0..p.len()).collect();
+        assert!(k.next_free(&p, 64).is_empty());
     }
 }
