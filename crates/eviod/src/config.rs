@@ -251,32 +251,9 @@ mod tests {
         std::fs::remove_file(&d).unwrap();
     }
 
-    #[test]
-    fn lease_ttl_below_two_seconds_is_refused() {
-        let args = |ttl: &str| {
-            Args::parse_from([
-                "eviod",
-                "--node-name",
-                "n",
-                "--etcd-endpoints",
-                "x",
-                "--state-dir",
-                "/tmp",
-                "--lease-ttl",
-                ttl,
-            ])
-            .resolve()
-        };
-        for ttl in ["0", "1"] {
-            let e = args(ttl).unwrap_err().to_string();
-            assert!(e.contains("--lease-ttl"), "{e}");
-        }
-        assert_eq!(args("2").unwrap().lease_ttl, 2);
-    }
-
-    #[test]
-    fn address_must_be_in_the_overlay() {
-        let a = Args::parse_from([
+    /// The required flags plus `extra`, resolved.
+    fn resolve_with(extra: &[&str]) -> anyhow::Result<Config> {
+        let required = [
             "eviod",
             "--node-name",
             "n",
@@ -284,9 +261,22 @@ mod tests {
             "x",
             "--state-dir",
             "/tmp",
-            "--address",
-            "10.11.0.1",
-        ]);
-        assert!(a.resolve().unwrap_err().to_string().contains("not inside"));
+        ];
+        Args::parse_from(required.iter().chain(extra)).resolve()
+    }
+
+    #[test]
+    fn lease_ttl_below_two_seconds_is_refused() {
+        for ttl in ["0", "1"] {
+            let e = resolve_with(&["--lease-ttl", ttl]).unwrap_err().to_string();
+            assert!(e.contains("--lease-ttl"), "{e}");
+        }
+        assert_eq!(resolve_with(&["--lease-ttl", "2"]).unwrap().lease_ttl, 2);
+    }
+
+    #[test]
+    fn address_must_be_in_the_overlay() {
+        let e = resolve_with(&["--address", "10.11.0.1"]).unwrap_err();
+        assert!(e.to_string().contains("not inside"));
     }
 }
