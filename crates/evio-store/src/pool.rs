@@ -309,7 +309,7 @@ struct Knowledge {
     complete: bool,
     /// Where the search for free candidates starts (wrapping): 0 with complete knowledge (lowest first).
     start: u64,
-    /// By-item keys in the last full read.
+    /// By-item keys at the last complete read (a full read, or a probe that saw them all).
     held: usize,
     /// Window reads without a free candidate since the last full read.
     empty_windows: u32,
