@@ -15,6 +15,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use evio_store::{EtcdOptions, NodeSubnet, Store, SubnetPlan, node_bits_from_json, parse_cidr};
 use serde_json::{Map, Value, json};
 
+mod version;
+
 /// The conflist file this command owns.
 pub const CONFLIST: &str = "10-evio.conflist";
 /// The plugin's binary name (the conflist's `"type": "evio-cni"`).
@@ -109,15 +111,19 @@ pub struct Args {
     /// The evio-cni binary to install (default: `evio-cni` next to this executable).
     #[arg(long)]
     pub plugin_binary: Option<PathBuf>,
+    /// Where the runtime finds the chained plugins (portmap, host-local), colon-separated; they are asked
+    /// which CNI versions they speak. Default: --cni-bin-dir.
+    #[arg(long)]
+    pub cni_path: Option<String>,
 }
 
 /// The parsed and checked net-conf.
 #[derive(Debug)]
 pub struct NetConf {
     pub name: String,
-    /// The conflist's cniVersion: 1.1.0 unless the net-conf asks for an older one (runtimes and chained
-    /// plugins that predate CNI 1.1, e.g. Debian 12's containerd 1.6 and reference plugins 1.1.1).
-    pub cni_version: String,
+    /// The cniVersion the net-conf names, if any. The conflist's version is chosen by [`version::choose`]:
+    /// this one if every plugin of the chain speaks it, else the newest they all speak up to 1.0.0.
+    pub cni_version: Option<String>,
     pub plan: SubnetPlan,
     pub data_store: Option<Vec<String>>,
     /// The evio-cni plugin keys copied into the conflist (already checked).
@@ -127,7 +133,7 @@ pub struct NetConf {
 }
 
 /// The versions evio-cni speaks.
-const CNI_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+const CNI_VERSIONS: &[&str] = evio_cni_types::version::SUPPORTED;
 
 const COPIED_KEYS: &[&str] = &[
     "bridge",
@@ -187,8 +193,8 @@ impl NetConf {
             }
         };
         let cni_version = match o.get("cniVersion") {
-            None => "1.1.0".to_string(),
-            Some(Value::String(s)) if CNI_VERSIONS.contains(&s.as_str()) => s.clone(),
+            None => None,
+            Some(Value::String(s)) if CNI_VERSIONS.contains(&s.as_str()) => Some(s.clone()),
             Some(other) => bail!(
                 "cniVersion {other} is not one of {}",
                 CNI_VERSIONS.join(", ")
@@ -234,8 +240,8 @@ impl NetConf {
         })
     }
 
-    /// The node's conflist for `subnet`.
-    pub fn conflist(&self, subnet: &NodeSubnet) -> Value {
+    /// The node's conflist for `subnet`, of CNI version `cni_version`.
+    pub fn conflist(&self, subnet: &NodeSubnet, cni_version: &str) -> Value {
         let mut plugin = Map::new();
         plugin.insert("type".into(), json!(PLUGIN));
         plugin.extend(self.plugin.clone());
@@ -265,7 +271,7 @@ impl NetConf {
         ipam.extend(self.ipam_extra.clone());
         plugin.insert("ipam".into(), Value::Object(ipam));
         json!({
-            "cniVersion": self.cni_version,
+            "cniVersion": cni_version,
             "name": self.name,
             "plugins": [
                 Value::Object(plugin),
@@ -379,6 +385,19 @@ pub fn run(args: Args) -> Result<()> {
     if !meta.is_file() {
         bail!("the {PLUGIN} binary {} is not a file", plugin.display());
     }
+    let search: Vec<PathBuf> = match &args.cni_path {
+        Some(p) => p
+            .split(':')
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+            .collect(),
+        None => vec![args.cni_bin_dir.clone()],
+    };
+    let chain = [
+        version::ask(PLUGIN, Some(&plugin), &search)?,
+        version::ask("portmap", None, &search)?,
+    ];
+    let cni_version = version::choose(conf.cni_version.as_deref(), &chain)?;
 
     // 2. The claim (one etcd transaction).
     let claim = runtime()?.block_on(async {
@@ -391,16 +410,18 @@ pub fn run(args: Args) -> Result<()> {
     for d in [&args.cni_conf_dir, &args.cni_bin_dir] {
         fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
-    let conflist = serde_json::to_vec_pretty(&conf.conflist(&subnet))?;
+    let conflist = serde_json::to_vec_pretty(&conf.conflist(&subnet, &cni_version))?;
     write_atomic(&args.cni_conf_dir, CONFLIST, &conflist, 0o644)?;
     remove_stale(&args.cni_conf_dir)?;
     install_plugin(&plugin, &args.cni_bin_dir)?;
     for needed in ["host-local", "portmap"] {
-        if !args.cni_bin_dir.join(needed).exists() {
+        if !search.iter().any(|d| d.join(needed).exists()) {
             eprintln!(
                 "evioctl: warning: the {needed} CNI plugin is not in {}; pods on this node will fail to start \
                  until it is installed there (containernetworking-plugins)",
-                args.cni_bin_dir.display()
+                std::env::join_paths(&search)
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .unwrap_or_default()
             );
         }
     }
@@ -412,6 +433,7 @@ pub fn run(args: Args) -> Result<()> {
             "gateway": subnet.gateway.to_string(),
             "rangeStart": subnet.range_start.to_string(),
             "rangeEnd": subnet.range_end.to_string(),
+            "cniVersion": cni_version,
         })
     );
     Ok(())
@@ -519,8 +541,9 @@ mod tests {
         assert_eq!(c.plugin["mtu"], json!(1400));
         assert!(!c.plugin.contains_key("unknownKey"));
         let s = c.plan.subnet(3).unwrap();
-        let l = c.conflist(&s);
-        assert_eq!(l["cniVersion"], "1.1.0");
+        assert_eq!(c.cni_version, None);
+        let l = c.conflist(&s, "1.0.0");
+        assert_eq!(l["cniVersion"], "1.0.0");
         assert_eq!(l["plugins"][0]["type"], "evio-cni");
         assert_eq!(l["plugins"][0]["bridgeType"], "OVS");
         assert_eq!(
@@ -533,7 +556,7 @@ mod tests {
         );
         assert_eq!(l["plugins"][1]["type"], "portmap");
         let d = NetConf::parse(r#"{"podCIDR":"10.244.0.0/16"}"#).unwrap();
-        assert_eq!(d.conflist(&s)["plugins"][0]["mtu"], 1420);
+        assert_eq!(d.conflist(&s, "1.0.0")["plugins"][0]["mtu"], 1420);
     }
 
     #[test]

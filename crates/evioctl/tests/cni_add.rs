@@ -101,13 +101,18 @@ fn add_and_del(cni_version: Option<&str>) {
         .arg(&bin_dir)
         .arg("--plugin-binary")
         .arg(evio_cni())
+        .arg("--cni-path")
+        .arg(format!("{}:/usr/lib/cni", bin_dir.display()))
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
     let line: Value = serde_json::from_slice(&o.stdout).unwrap();
     let list: Value =
         serde_json::from_slice(&std::fs::read(conf_dir.join("10-evio.conflist")).unwrap()).unwrap();
-    assert_eq!(list["cniVersion"], cni_version.unwrap_or("1.1.0"));
+    // Without a named version: the newest that evio-cni and the distribution's portmap both speak, up to
+    // 1.0.0 (what containerd 1.6/1.7 accept).
+    assert_eq!(list["cniVersion"], cni_version.unwrap_or("1.0.0"));
+    assert_eq!(line["cniVersion"], list["cniVersion"]);
     let installed = bin_dir.join("evio-cni");
     let path = format!("{}:/usr/lib/cni", bin_dir.display());
     let netns = pod.path().display().to_string();
@@ -139,22 +144,12 @@ fn add_and_del(cni_version: Option<&str>) {
         &path,
         &plugin_conf(&list, 1, Some(&result)),
     );
-    let portmap_ok = o.status.success();
-    eprintln!(
-        "portmap ADD with cniVersion {:?}: {}",
+    assert!(
+        o.status.success(),
+        "portmap ADD with cniVersion {}: {}",
         list["cniVersion"],
         text(&o)
     );
-    if cni_version.is_some() {
-        assert!(portmap_ok, "portmap ADD: {}", text(&o));
-    } else {
-        // Debian 12's reference plugins (1.1.1) predate CNI 1.1.0: they refuse it. Newer ones accept it.
-        assert!(
-            portmap_ok || String::from_utf8_lossy(&o.stdout).contains("1.1.0"),
-            "portmap ADD: {}",
-            text(&o)
-        );
-    }
 
     // The pod has its address and reaches its gateway (the node's bridge) in the node netns.
     let addrs = pod.exec_ok(&["ip", "-o", "-4", "addr", "show", "eth0"]);
@@ -175,17 +170,15 @@ fn add_and_del(cni_version: Option<&str>) {
     );
 
     // DEL in reverse order; host-local's lease is released.
-    if portmap_ok {
-        let o = cni(
-            &node,
-            portmap,
-            "DEL",
-            &netns,
-            &path,
-            &plugin_conf(&list, 1, Some(&result)),
-        );
-        assert!(o.status.success(), "portmap DEL: {}", text(&o));
-    }
+    let o = cni(
+        &node,
+        portmap,
+        "DEL",
+        &netns,
+        &path,
+        &plugin_conf(&list, 1, Some(&result)),
+    );
+    assert!(o.status.success(), "portmap DEL: {}", text(&o));
     let o = cni(
         &node,
         &installed,
@@ -219,8 +212,56 @@ fn generated_conflist_drives_a_real_add_and_del() {
 }
 
 #[test]
-fn generated_conflist_with_cni_1_0_0_chains_portmap() {
-    add_and_del(Some("1.0.0"));
+fn generated_conflist_with_cni_0_4_0_chains_portmap() {
+    add_and_del(Some("0.4.0"));
+}
+
+/// A net-conf that names a version the chained portmap does not speak (Debian 12's reference plugins stop
+/// at 1.0.0) is refused before anything is claimed or written.
+#[test]
+fn a_named_version_portmap_lacks_is_refused_and_nothing_is_written() {
+    let etcd = Etcd::start();
+    let t = tempfile::tempdir().unwrap();
+    let (conf_dir, bin_dir) = (t.path().join("net.d"), t.path().join("bin"));
+    let net_conf =
+        json!({"cniVersion": "1.1.0", "podCIDR": "10.125.0.0/16", "dataStore": etcd.endpoint()});
+    std::fs::write(t.path().join("net-conf.json"), net_conf.to_string()).unwrap();
+    let o = Command::new(EVIOCTL)
+        .arg("cni-config")
+        .arg("--net-conf")
+        .arg(t.path().join("net-conf.json"))
+        .args(["--node-name", "v-node"])
+        .arg("--cni-conf-dir")
+        .arg(&conf_dir)
+        .arg("--cni-bin-dir")
+        .arg(&bin_dir)
+        .arg("--plugin-binary")
+        .arg(evio_cni())
+        .arg("--cni-path")
+        .arg("/usr/lib/cni")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        err.contains("cniVersion 1.1.0")
+            && err.contains("portmap")
+            && err.contains("/usr/lib/cni/portmap"),
+        "{err}"
+    );
+    assert!(o.stdout.is_empty(), "{}", text(&o));
+    assert!(!conf_dir.exists() && !bin_dir.exists(), "files written");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let claims = rt.block_on(async {
+        let s = evio_store::Store::connect(&evio_store::EtcdOptions::new([etcd.endpoint()]))
+            .await
+            .unwrap();
+        s.subnet_claims().await.unwrap()
+    });
+    assert!(claims.is_empty(), "claimed: {claims:?}");
 }
 
 /// Runs `evioctl cni-config` into a runtime's private CNI directories; returns its JSON line.
@@ -231,9 +272,9 @@ fn cni_config_into(
     pod_cidr: &str,
     t: &Path,
 ) -> Value {
+    // No cniVersion, as users write them: cni-config picks one the runtime and portmap accept.
     let net_conf = json!({
         "name": name,
-        "cniVersion": "1.0.0",
         "podCIDR": pod_cidr,
         "nodeBits": 8,
         "bridge": "eviobr0",
@@ -258,6 +299,8 @@ fn cni_config_into(
         .arg(dirs.bin())
         .arg("--plugin-binary")
         .arg(evio_cni())
+        .arg("--cni-path")
+        .arg(format!("{}:/usr/lib/cni", dirs.bin().display()))
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
@@ -266,7 +309,7 @@ fn cni_config_into(
 
 /// `ctr run --cni` (containerd 1.6, the first conflist in its CNI dir) starts a container with the conflist
 /// and plugin that `evioctl cni-config` installed. containerd 1.6's libcni and Debian's reference plugins
-/// predate CNI 1.1.0, so the net-conf asks for cniVersion 1.0.0 (docs/deploy.md).
+/// predate CNI 1.1.0; the net-conf names no version and cni-config chooses one they accept.
 #[test]
 fn ctr_run_cni_uses_the_installed_conflist() {
     use evio_testbed::runtimes::{CniDirs, Containerd, busybox_rootfs, files_under};

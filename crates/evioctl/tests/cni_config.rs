@@ -25,8 +25,15 @@ impl Node {
             .unwrap();
         std::fs::create_dir(dir.path().join("net.d")).unwrap();
         std::fs::create_dir(dir.path().join("bin")).unwrap();
-        // Stands in for the plugin binary: the install mechanics do not depend on its content.
-        std::fs::write(dir.path().join("evio-cni-src"), b"#!/bin/sh\necho plugin\n").unwrap();
+        // Stands in for the plugin binary: the install mechanics do not depend on its content, and
+        // cni-config asks it only for its versions.
+        let src = dir.path().join("evio-cni-src");
+        std::fs::write(
+            &src,
+            stub_plugin(&["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]),
+        )
+        .unwrap();
+        std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o755)).unwrap();
         Node { dir }
     }
     fn conf_dir(&self) -> PathBuf {
@@ -68,6 +75,14 @@ impl Node {
         v.sort();
         v
     }
+}
+
+/// A shell script that answers the CNI `VERSION` verb with `versions`.
+fn stub_plugin(versions: &[&str]) -> String {
+    format!(
+        "#!/bin/sh\nif [ \"$CNI_COMMAND\" = VERSION ]; then echo '{{\"cniVersion\":\"1.0.0\",\"supportedVersions\":{}}}'; exit 0; fi\necho plugin\n",
+        serde_json::to_string(versions).unwrap()
+    )
 }
 
 fn out_text(o: &Output) -> String {
@@ -188,7 +203,8 @@ fn writes_the_conflist_installs_the_plugin_and_is_stable() {
         0o644
     );
     let l: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    assert_eq!(l["cniVersion"], "1.1.0");
+    // No portmap in the bin dir to ask: the default, 1.0.0.
+    assert_eq!(l["cniVersion"], "1.0.0");
     assert_eq!(l["name"], "evio");
     let p = &l["plugins"][0];
     assert_eq!(p["type"], "evio-cni");
@@ -241,13 +257,14 @@ fn writes_the_conflist_installs_the_plugin_and_is_stable() {
     let ino = std::fs::metadata(&plugin)
         .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
         .unwrap();
-    std::fs::write(n.dir.path().join("evio-cni-src"), b"#!/bin/sh\necho v2\n").unwrap();
+    let v2 = stub_plugin(&["0.4.0", "1.0.0"]) + "# v2\n";
+    std::fs::write(n.dir.path().join("evio-cni-src"), &v2).unwrap();
     ok_json(
         n.cmd(&conf, "node-a", Some(&etcd.endpoint()))
             .output()
             .unwrap(),
     );
-    assert_eq!(std::fs::read(&plugin).unwrap(), b"#!/bin/sh\necho v2\n");
+    assert_eq!(std::fs::read(&plugin).unwrap(), v2.as_bytes());
     assert_ne!(
         std::fs::metadata(&plugin)
             .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
@@ -276,6 +293,48 @@ fn data_store_is_the_default_and_flags_win() {
             .unwrap(),
     );
     assert_eq!(b["subnet"], "10.50.16.0/20");
+}
+
+/// The conflist's version follows what the chained portmap answers to VERSION; a portmap that cannot answer
+/// (or lacks a named version) stops cni-config before anything is claimed or written.
+#[test]
+fn the_version_follows_the_chained_plugins() {
+    let etcd = Etcd::start();
+    let ep = etcd.endpoint();
+    let n = Node::new();
+    let portmap = n.bin_dir().join("portmap");
+    std::fs::write(&portmap, stub_plugin(&["0.3.0", "0.3.1", "0.4.0"])).unwrap();
+    std::fs::set_permissions(&portmap, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let conf = n.net_conf(r#"{"podCIDR":"10.51.0.0/16"}"#);
+    let line = ok_json(n.cmd(&conf, "v-a", Some(&ep)).output().unwrap());
+    assert_eq!(line["cniVersion"], "0.4.0");
+    let l: Value =
+        serde_json::from_slice(&std::fs::read(n.conf_dir().join("10-evio.conflist")).unwrap())
+            .unwrap();
+    assert_eq!(l["cniVersion"], "0.4.0");
+
+    std::fs::remove_file(n.conf_dir().join("10-evio.conflist")).unwrap();
+    std::fs::remove_file(n.bin_dir().join("evio-cni")).unwrap();
+    let named = n.net_conf(r#"{"podCIDR":"10.51.0.0/16","cniVersion":"1.0.0"}"#);
+    let o = n.cmd(&named, "v-b", Some(&ep)).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("cniVersion 1.0.0") && err.contains("portmap"),
+        "{}",
+        out_text(&o)
+    );
+    std::fs::write(&portmap, "#!/bin/sh\necho garbage\n").unwrap();
+    let o = n.cmd(&conf, "v-b", Some(&ep)).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("cannot ask the portmap plugin"),
+        "{}",
+        out_text(&o)
+    );
+    assert_eq!(n.written(), vec!["portmap".to_string()]);
+    let (r, s) = store(&etcd);
+    let claims = assert_consistent(&r, &s);
+    assert_eq!(claims.len(), 1, "only v-a claimed: {claims:?}");
 }
 
 #[test]

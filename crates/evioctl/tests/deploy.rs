@@ -2,7 +2,6 @@
 //! with `kubernetes-validate`, installed by scripts/deps.sh), an invalid one is rejected, and the DaemonSet's
 //! init container script really runs `evioctl cni-config` with the shipped net-conf, including etcd auth.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -178,8 +177,14 @@ fn init_container_script_runs_cni_config_with_etcd_auth() {
     if std::fs::hard_link(EVIOCTL, bin.join("evioctl")).is_err() {
         std::fs::copy(EVIOCTL, bin.join("evioctl")).unwrap();
     }
-    std::fs::write(bin.join("evio-cni"), b"#!/bin/sh\n").unwrap();
-    std::fs::set_permissions(bin.join("evio-cni"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The real plugin: cni-config asks it which CNI versions it speaks.
+    let plugin = std::path::Path::new(EVIOCTL).with_file_name("evio-cni");
+    assert!(
+        plugin.exists(),
+        "{} missing: build the workspace binaries first",
+        plugin.display()
+    );
+    std::fs::copy(&plugin, bin.join("evio-cni")).unwrap();
     std::fs::write(root.join("etc-evio/net-conf.json"), net_conf.to_string()).unwrap();
     for (k, v) in [
         ("username", "evio"),

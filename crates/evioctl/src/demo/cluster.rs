@@ -431,8 +431,7 @@ fn cni_config_one(n: &Node, bins: &Bins, etcd: &str) -> Result<Value> {
     let conf = n.dir.join("net-conf.json");
     let net_conf = serde_json::json!({
         "name": "evio",
-        // The Debian portmap (containernetworking-plugins 1.1) speaks up to 1.0.0.
-        "cniVersion": "1.0.0",
+        // No cniVersion: cni-config chooses one that portmap (asked on the CNI path) and runtimes accept.
         "podCIDR": POD_CIDR,
         "nodeBits": 8,
         "stateDir": n.dir.join("cni-state"),
@@ -450,6 +449,8 @@ fn cni_config_one(n: &Node, bins: &Bins, etcd: &str) -> Result<Value> {
         .arg(n.net_d())
         .arg("--cni-bin-dir")
         .arg(n.bin_dir())
+        .arg("--cni-path")
+        .arg(n.cni_path())
         .arg("--plugin-binary")
         .arg(&bins.evio_cni)
         .stdin(Stdio::null())

@@ -376,9 +376,15 @@ pub fn plugin_binary() -> PathBuf {
     if p.exists() {
         return p;
     }
-    let f = std::env::temp_dir().join("eviod-test-plugin-placeholder");
+    // Answers VERSION (cni-config asks it), fails everything else.
+    let f = std::env::temp_dir().join("eviod-test-plugin-placeholder-v2");
     if !f.exists() {
-        std::fs::write(&f, "#!/bin/sh\nexit 1\n").unwrap();
+        std::fs::write(
+            &f,
+            "#!/bin/sh\n[ \"$CNI_COMMAND\" = VERSION ] && echo '{\"cniVersion\":\"1.0.0\",\"supportedVersions\":[\"1.0.0\"]}' && exit 0\nexit 1\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     }
     f
 }
