@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: deps build release demo test lint unit
+.PHONY: deps build release demo image test lint unit
 
 deps:
 	./scripts/deps.sh
@@ -12,6 +12,10 @@ build: deps
 
 release: deps
 	cargo build --release --workspace --bins
+
+# evio's container image as an OCI archive, built offline (no base image, no registry): target/evio-image.tar.
+image: release
+	python3 scripts/image.py --bin-dir target/release --out target/evio-image.tar
 
 # The main job: builds and runs the demo.
 demo: release
