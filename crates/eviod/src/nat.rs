@@ -138,6 +138,13 @@ pub struct Nat {
     pub checks_rx: AtomicU64,
 }
 
+/// The wall clock (Unix time), for the timestamps of connectivity checks.
+fn unix_now() -> std::time::Duration {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
 /// Resolves `HOST:PORT` to an IPv4 socket address (the tunnel socket is IPv4).
 pub fn resolve(s: &str) -> Result<SocketAddr> {
     let addrs: Vec<SocketAddr> = s
@@ -190,6 +197,7 @@ impl Nat {
             stun_servers: stun,
             turn,
             timers: Timers::default(),
+            unix_time: unix_now(),
         };
         let agent = Agent::new(cfg, rand::random(), Instant::now());
         let candidates = agent.local_candidates();
@@ -373,6 +381,8 @@ impl Nat {
     /// Runs the agent's timers if due; returns its datagrams and the path changes to apply.
     fn poll(&self, now: Instant) -> (Vec<evio_nat::Transmit>, Vec<PathUpdate>) {
         let mut g = self.lock();
+        // Follow steps of the host's wall clock (checks carry it).
+        g.agent.set_unix_time(now, unix_now());
         if g.agent.poll_timeout().is_some_and(|t| t <= now) {
             g.agent.handle_timeout(now);
         }
