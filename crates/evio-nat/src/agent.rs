@@ -1466,4 +1466,172 @@ mod tests {
             a.local_candidates()
         );
     }
+
+    /// An agent with PEER (one host candidate) and no traffic yet.
+    fn agent_with_peer(t0: Instant) -> Agent {
+        let mut a = agent(vec![], t0);
+        a.set_peer(
+            PEER,
+            KEY,
+            vec![Candidate::new(CandidateKind::Host, sa("10.0.0.2:51820"))],
+            t0,
+        );
+        transmits(&mut a);
+        a
+    }
+
+    /// PEER's check stamped `at` (its clock agrees with ours: `UNIX` at `t0`).
+    fn check_at(t0: Instant, at: Instant, tid: u32) -> Vec<u8> {
+        let mut id = [7u8; 12];
+        id[..4].copy_from_slice(&tid.to_be_bytes());
+        let ms = (UNIX + at.saturating_duration_since(t0)).as_millis() as u64;
+        encode_check(TransactionId(id), &PEER, ms, &KEY)
+    }
+
+    /// What the agent sent to `to`: (responses, requests).
+    fn sent_to(tx: &[Transmit], to: SocketAddr) -> (usize, usize) {
+        let classes: Vec<Class> = tx
+            .iter()
+            .filter(|t| t.dst == to)
+            .filter_map(|t| Message::decode(&t.payload).ok().map(|m| m.class))
+            .collect();
+        (
+            classes.iter().filter(|c| **c == Class::Success).count(),
+            classes.iter().filter(|c| **c == Class::Request).count(),
+        )
+    }
+
+    fn spoofed(i: u32) -> SocketAddr {
+        SocketAddr::from((std::net::Ipv4Addr::from(0xCB00_7100 + (i >> 8)), 1024 + i as u16))
+    }
+
+    /// A captured check replayed from 1,000 spoofed sources creates nothing: no learned pair, no answer
+    /// and no probe towards any of them. Only the source it came from was answered and learned.
+    #[test]
+    fn replayed_checks_from_spoofed_sources_create_nothing() {
+        let t0 = Instant::now();
+        let mut a = agent_with_peer(t0);
+        let real = sa("198.18.1.1:4000");
+        let check = check_at(t0, t0, 1);
+        a.handle_input(real, &check, t0);
+        let tx = transmits(&mut a);
+        assert_eq!(sent_to(&tx, real), (1, 1), "answered and checked back");
+        assert_eq!(a.learned_pairs(&PEER), 1);
+        let mut tx = Vec::new();
+        for i in 0..1000 {
+            let at = t0 + Duration::from_millis(i as u64);
+            assert_eq!(a.handle_input(spoofed(i), &check, at), Input::Handled);
+            a.handle_timeout(at);
+            tx.extend(transmits(&mut a));
+        }
+        assert_eq!(a.learned_pairs(&PEER), 1);
+        assert_eq!(a.pairs(&PEER).len(), 2);
+        for i in 0..1000 {
+            assert_eq!(sent_to(&tx, spoofed(i)), (0, 0), "sent to {}", spoofed(i));
+        }
+        // The real source may retransmit its check: answered again.
+        a.handle_input(real, &check, t0 + Duration::from_secs(1));
+        assert_eq!(sent_to(&transmits(&mut a), real).0, 1);
+    }
+
+    /// A check stamped outside the acceptance window (either way), or without a timestamp (check format
+    /// 1), is not answered and teaches nothing; one inside it is.
+    #[test]
+    fn stale_future_and_unstamped_checks_are_refused() {
+        let t0 = Instant::now();
+        let mut a = agent_with_peer(t0);
+        let now = t0 + Duration::from_secs(100);
+        let w = CHECK_WINDOW + Duration::from_secs(1);
+        let old_format = Builder::new(Class::Request, method::BINDING, TransactionId([3; 12]))
+            .attr(attr::USERNAME, hex(&PEER).as_bytes())
+            .integrity(&KEY)
+            .fingerprint()
+            .unwrap();
+        for (i, bad) in [check_at(t0, now - w, 1), check_at(t0, now + w, 2), old_format]
+            .iter()
+            .enumerate()
+        {
+            let from = spoofed(i as u32);
+            a.handle_input(from, bad, now);
+            assert_eq!(sent_to(&transmits(&mut a), from), (0, 0), "check {i}");
+        }
+        assert_eq!(a.learned_pairs(&PEER), 0);
+        let ok = CHECK_WINDOW - Duration::from_secs(1);
+        for (i, good) in [check_at(t0, now - ok, 4), check_at(t0, now + ok, 5)]
+            .iter()
+            .enumerate()
+        {
+            let from = spoofed(10 + i as u32);
+            a.handle_input(from, good, now);
+            assert_eq!(sent_to(&transmits(&mut a), from), (1, 1), "check {i}");
+        }
+        assert_eq!(a.learned_pairs(&PEER), 2);
+    }
+
+    /// The replay cache is bounded; a check it had to forget cannot be replayed from elsewhere either
+    /// (nothing as old as a forgotten check is accepted).
+    #[test]
+    fn replay_cache_is_bounded_and_forgetting_is_safe() {
+        let t0 = Instant::now();
+        let mut a = agent_with_peer(t0);
+        let real = sa("198.18.1.1:4000");
+        let n = REPLAY_CACHE as u32 + 100;
+        for i in 0..n {
+            let at = t0 + Duration::from_millis(10 * i as u64);
+            a.handle_input(real, &check_at(t0, at, i), at);
+            assert_eq!(sent_to(&transmits(&mut a), real).0, 1, "check {i}");
+        }
+        assert_eq!(a.peers[&PEER].replay.seen.len(), REPLAY_CACHE);
+        let now = t0 + Duration::from_millis(10 * n as u64);
+        // The first check (forgotten) and the last one (remembered), replayed from elsewhere.
+        for i in [0, n - 1] {
+            let at = t0 + Duration::from_millis(10 * i as u64);
+            a.handle_input(spoofed(i), &check_at(t0, at, i), now);
+            assert_eq!(sent_to(&transmits(&mut a), spoofed(i)), (0, 0), "check {i}");
+        }
+        assert_eq!(a.learned_pairs(&PEER), 1);
+    }
+
+    /// Fresh, authentic checks from 1,000 addresses (only the peer can make them, but it is still no
+    /// reason to learn and probe them all): at most MAX_LEARNED_PAIRS are learned and probed.
+    #[test]
+    fn learned_pairs_are_capped_per_peer() {
+        let t0 = Instant::now();
+        let mut a = agent_with_peer(t0);
+        let mut tx = Vec::new();
+        for i in 0..1000 {
+            let at = t0 + Duration::from_millis(i as u64);
+            a.handle_input(spoofed(i), &check_at(t0, at, i), at);
+            tx.extend(transmits(&mut a));
+        }
+        assert_eq!(a.learned_pairs(&PEER), MAX_LEARNED_PAIRS);
+        let probed = (0..1000).filter(|i| sent_to(&tx, spoofed(*i)).1 > 0).count();
+        assert_eq!(probed, MAX_LEARNED_PAIRS);
+        let answered = (0..1000).filter(|i| sent_to(&tx, spoofed(*i)).0 > 0).count();
+        assert_eq!(answered, 1000, "authentic, fresh checks are answered");
+    }
+
+    /// A learned pair whose check fails is dropped, which makes room for the peer's next address.
+    #[test]
+    fn learned_pairs_are_dropped_when_their_check_fails() {
+        let t0 = Instant::now();
+        let mut a = agent_with_peer(t0);
+        for i in 0..MAX_LEARNED_PAIRS as u32 {
+            a.handle_input(spoofed(i), &check_at(t0, t0, i), t0);
+        }
+        assert_eq!(a.learned_pairs(&PEER), MAX_LEARNED_PAIRS);
+        // Nobody answers the probes: given up after 3.1 s.
+        let mut now = t0;
+        while now < t0 + Duration::from_secs(4) {
+            now += Duration::from_millis(50);
+            a.handle_timeout(now);
+            transmits(&mut a);
+        }
+        assert_eq!(a.learned_pairs(&PEER), 0);
+        assert_eq!(a.pairs(&PEER).len(), 1, "the announced pair stays");
+        let next = sa("198.18.1.1:5000");
+        a.handle_input(next, &check_at(t0, now, 99), now);
+        assert_eq!(sent_to(&transmits(&mut a), next), (1, 1));
+        assert_eq!(a.learned_pairs(&PEER), 1);
+    }
 }

@@ -11,6 +11,8 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::Agent;
+
 /// At most this many slots: a slot is the port of a relay endpoint, so 16 bits.
 pub const MAX_RELAY_SLOTS: usize = 1 << 16;
 
@@ -108,6 +110,27 @@ impl RelaySlots {
         self.slots[s as usize] = Some(Slot { remote, used: now });
         self.of.insert(remote, s);
         Some(s)
+    }
+
+    /// The slot of `remote` for a datagram relayed from it or a path through our relay to it: made only if
+    /// `remote` is one of `agent`'s relay pairs ([`Agent::relay_peer`]: announced by an authenticated peer
+    /// or learned from its authenticated checks), never for an address only a datagram named. When the
+    /// table is full, idle slots that are neither relay pairs nor `in_use` (e.g. endpoints the tunnel core
+    /// holds) are freed first.
+    pub fn slot_for(
+        &mut self,
+        agent: &Agent,
+        remote: SocketAddr,
+        now: Instant,
+        in_use: impl Fn(u16) -> bool,
+    ) -> Option<u16> {
+        if let Some(s) = self.get(remote, now) {
+            return Some(s);
+        }
+        agent.relay_peer(remote)?;
+        self.insert(remote, now, |s, a| {
+            agent.relay_peer(a).is_some() || in_use(s)
+        })
     }
 
     /// Frees every slot idle for [`SLOT_IDLE`] that is not `live`.
