@@ -1502,7 +1502,10 @@ mod tests {
     }
 
     fn spoofed(i: u32) -> SocketAddr {
-        SocketAddr::from((std::net::Ipv4Addr::from(0xCB00_7100 + (i >> 8)), 1024 + i as u16))
+        SocketAddr::from((
+            std::net::Ipv4Addr::from(0xCB00_7100 + (i >> 8)),
+            1024 + i as u16,
+        ))
     }
 
     /// A captured check replayed from 1,000 spoofed sources creates nothing: no learned pair, no answer
@@ -1547,9 +1550,13 @@ mod tests {
             .integrity(&KEY)
             .fingerprint()
             .unwrap();
-        for (i, bad) in [check_at(t0, now - w, 1), check_at(t0, now + w, 2), old_format]
-            .iter()
-            .enumerate()
+        for (i, bad) in [
+            check_at(t0, now - w, 1),
+            check_at(t0, now + w, 2),
+            old_format,
+        ]
+        .iter()
+        .enumerate()
         {
             let from = spoofed(i as u32);
             a.handle_input(from, bad, now);
@@ -1605,9 +1612,13 @@ mod tests {
             tx.extend(transmits(&mut a));
         }
         assert_eq!(a.learned_pairs(&PEER), MAX_LEARNED_PAIRS);
-        let probed = (0..1000).filter(|i| sent_to(&tx, spoofed(*i)).1 > 0).count();
+        let probed = (0..1000)
+            .filter(|i| sent_to(&tx, spoofed(*i)).1 > 0)
+            .count();
         assert_eq!(probed, MAX_LEARNED_PAIRS);
-        let answered = (0..1000).filter(|i| sent_to(&tx, spoofed(*i)).0 > 0).count();
+        let answered = (0..1000)
+            .filter(|i| sent_to(&tx, spoofed(*i)).0 > 0)
+            .count();
         assert_eq!(answered, 1000, "authentic, fresh checks are answered");
     }
 
