@@ -376,6 +376,7 @@ impl Agent {
     /// A new agent; it starts gathering at once. `seed` feeds transaction ids (use OS randomness in
     /// production, a fixed value in simulations).
     pub fn new(cfg: AgentConfig, seed: u64, now: Instant) -> Agent {
+        let unix_time = cfg.unix_time;
         let mut rng = StdRng::seed_from_u64(seed);
         let turn = cfg
             .turn
@@ -405,9 +406,8 @@ impl Agent {
             next_pair: 1,
             reflexive: None,
             path_changes: 0,
-            clock: (now, Duration::ZERO),
+            clock: (now, unix_time),
         };
-        a.clock.1 = a.cfg.unix_time;
         a.handle_timeout(now);
         a
     }
