@@ -1645,4 +1645,30 @@ mod tests {
         assert_eq!(sent_to(&transmits(&mut a), next), (1, 1));
         assert_eq!(a.learned_pairs(&PEER), 1);
     }
+
+    /// A step of the host's wall clock reaches the checks through `set_unix_time`: the agent's checks carry
+    /// the new time, and a check stamped on the old clock is refused.
+    #[test]
+    fn wall_clock_steps_reach_the_checks() {
+        let t0 = Instant::now();
+        let mut a = agent_with_peer(t0);
+        let step = Duration::from_secs(3600);
+        let t1 = t0 + Duration::from_secs(1);
+        a.set_unix_time(t1, UNIX + step + Duration::from_secs(1));
+        a.handle_input(spoofed(1), &check_at(t0, t1, 1), t1);
+        assert_eq!(sent_to(&transmits(&mut a), spoofed(1)), (0, 0));
+        a.handle_input(spoofed(2), &check_at(t0, t1 + step, 2), t1);
+        let tx = transmits(&mut a);
+        assert_eq!(sent_to(&tx, spoofed(2)), (1, 1));
+        let probe = tx
+            .iter()
+            .filter_map(|t| Message::decode(&t.payload).ok())
+            .find(|m| m.class == Class::Request)
+            .unwrap();
+        let ts = u64::from_be_bytes(probe.attr(CHECK_TIME).unwrap().try_into().unwrap());
+        assert_eq!(
+            ts,
+            (UNIX + step + Duration::from_secs(1)).as_millis() as u64
+        );
+    }
 }

@@ -510,7 +510,8 @@ pub struct Reached {
 
 /// The agent (and its TURN client) fed a script of operations decoded from `data`: datagrams from the
 /// network (raw, or shaped as answers to the agent's requests in flight, or authenticated checks from its
-/// peer, direct or through the relay), time passing, control-plane changes. Must never panic.
+/// peer, direct or through the relay), time passing, control-plane changes. Must never panic, and never
+/// learns more than `MAX_LEARNED_PAIRS` pairs.
 pub fn agent(data: &[u8]) -> Reached {
     let mut run = AgentRun::new();
     let mut r = Reader(data);
@@ -521,6 +522,7 @@ pub fn agent(data: &[u8]) -> Reached {
             break;
         }
         reached.allocated |= run.agent.turn().is_some_and(|t| t.relayed().is_some());
+        assert!(run.agent.learned_pairs(&PEER_KEY) <= evio_nat::MAX_LEARNED_PAIRS);
         if let Some(p) = run.agent.path(&PEER_KEY) {
             reached.path = Some(p.kind);
         }
@@ -565,10 +567,11 @@ impl Script {
         s.0.push(0);
         s
     }
-    /// An authenticated check from the peer's srflx candidate.
+    /// An authenticated check from the peer's srflx candidate, stamped with the agent's clock.
     pub fn check(mut self) -> Self {
         self.0.extend_from_slice(&[3, 3, 1]);
         self.0.extend_from_slice(&[7; 12]);
+        self.0.extend_from_slice(&[0, 0, 0]);
         self.0.extend_from_slice(&[2, 0xAB, 0xCD, 0]);
         self
     }
