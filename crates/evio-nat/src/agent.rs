@@ -7,7 +7,11 @@
 //! - a pair is (local base, remote address); both sides check all pairs at once with STUN Binding requests
 //!   carrying `USERNAME = hex(sender public key)` and a MESSAGE-INTEGRITY keyed by a secret only the two
 //!   peers know ([`crate::check_key`]);
-//! - a check received from an unknown address teaches a peer-reflexive candidate and triggers a check back;
+//! - checks carry the sender's Unix time ([`CHECK_TIME`], check format 2) under the MESSAGE-INTEGRITY: a
+//!   check outside [`CHECK_WINDOW`] of our clock, or a copy of a recent one from another address (a small
+//!   per-peer replay cache, [`REPLAY_CACHE`]), is dropped unanswered;
+//! - a check received from an unknown address teaches a peer-reflexive candidate and triggers a check back
+//!   (at most [`MAX_LEARNED_PAIRS`] per peer; a learned pair whose check fails is dropped);
 //! - each side selects its best succeeded pair (direct before relay, LAN host before reflexive) and only
 //!   moves to a strictly better class; the selected pair is checked every [`Timers::keepalive`], a failed
 //!   selected pair makes the agent fall back to the next best and re-check everything at once.
@@ -32,6 +36,31 @@ const RECHECK_IDLE_MAX: Duration = Duration::from_secs(60);
 
 /// A pair that succeeded this recently is not re-checked when the peer's check arrives on it.
 const TRIGGER_FRESH: Duration = Duration::from_secs(2);
+
+/// The STUN attribute of a check's timestamp (check format 2): the sender's Unix time in milliseconds, 8
+/// bytes big-endian, placed before MESSAGE-INTEGRITY so the check key covers it. Comprehension-optional
+/// (0x8000-0xFFFF) and unassigned by IANA: other STUN stacks skip it. Agents of check format 1 sent no
+/// timestamp; their checks are refused (peers must run the same version).
+pub const CHECK_TIME: u16 = 0xEE10;
+
+/// A check is accepted only if its timestamp is within this of our clock, either way: a captured check
+/// replayed later is refused. Nodes' clocks must agree within it (NTP keeps them within milliseconds); it
+/// is much longer than a check's retransmissions (3.1 s) plus a slow path, so clocks a few seconds apart
+/// still work.
+pub const CHECK_WINDOW: Duration = Duration::from_secs(30);
+
+/// Checks remembered per peer (transaction id, timestamp, source) so that a copy of a check within
+/// [`CHECK_WINDOW`] from another address is refused. An honest peer sends at most about 16 pairs x one
+/// check per 2 s (every pair re-checked after a failure), ~240 in the window. When full, the oldest is
+/// forgotten and no check stamped at or before it is accepted any more (a copy of it could not be told
+/// apart).
+pub const REPLAY_CACHE: usize = 256;
+
+/// Peer-reflexive (learned) pairs per peer. A node has a few addresses of its own (a NAT mapping per
+/// base, a new one after a rebinding); more at once are not all its own. A learned pair whose check fails
+/// is dropped, so room comes back within a check's give-up time (3.1 s); until then a new address is
+/// answered but not learned (no pair, no probe).
+pub const MAX_LEARNED_PAIRS: usize = 8;
 
 /// A node's identity: its X25519 (WireGuard) public key.
 pub type PeerKey = [u8; 32];
@@ -96,6 +125,9 @@ pub struct AgentConfig {
     /// A TURN server for a relayed candidate.
     pub turn: Option<TurnConfig>,
     pub timers: Timers,
+    /// Wall-clock time (since the Unix epoch) at the `now` given to [`Agent::new`]: checks carry it (see
+    /// [`CHECK_TIME`]); [`Agent::set_unix_time`] re-anchors it.
+    pub unix_time: Duration,
 }
 
 /// Where a pair sends from.
@@ -240,6 +272,65 @@ struct Peer {
     remote: Vec<Candidate>,
     pairs: Vec<Pair>,
     selected: Option<u64>,
+    /// Checks received recently, to refuse copies.
+    replay: ReplayCache,
+}
+
+/// Recently accepted checks of one peer (see [`REPLAY_CACHE`]).
+#[derive(Debug, Default)]
+struct ReplayCache {
+    /// (timestamp in ms, transaction id, base and address it came from).
+    seen: Vec<(u64, TransactionId, Base, SocketAddr)>,
+    /// Every forgotten check was stamped at or before this (ms): nothing as old is accepted.
+    floor: u64,
+}
+
+impl ReplayCache {
+    /// Accepts a check stamped `ts` (ms) at our time `now` (ms) if it is fresh and not a copy of a check
+    /// seen from another address. A retransmission (same transaction id, same source) is accepted again.
+    fn admit(
+        &mut self,
+        ts: u64,
+        now: u64,
+        tid: TransactionId,
+        base: Base,
+        from: SocketAddr,
+    ) -> Result<(), &'static str> {
+        let window = CHECK_WINDOW.as_millis() as u64;
+        if ts.abs_diff(now) > window {
+            return Err("timestamp outside the acceptance window");
+        }
+        if let Some(&(_, _, b, a)) = self.seen.iter().find(|e| e.1 == tid) {
+            return if (b, a) == (base, from) {
+                Ok(())
+            } else {
+                Err("copy of a check from another address")
+            };
+        }
+        if ts <= self.floor {
+            return Err("as old as a forgotten check");
+        }
+        // Checks older than the window cannot come back (refused above): forget them.
+        let floor = &mut self.floor;
+        self.seen.retain(|e| {
+            let keep = e.0 + window >= now;
+            if !keep {
+                *floor = (*floor).max(e.0);
+            }
+            keep
+        });
+        if self.seen.len() >= REPLAY_CACHE
+            && let Some((i, oldest)) = self.seen.iter().enumerate().min_by_key(|(_, e)| e.0)
+        {
+            self.floor = self.floor.max(oldest.0);
+            self.seen.swap_remove(i);
+            if ts <= self.floor {
+                return Err("as old as a forgotten check");
+            }
+        }
+        self.seen.push((ts, tid, base, from));
+        Ok(())
+    }
 }
 
 impl Peer {
@@ -277,12 +368,15 @@ pub struct Agent {
     /// How peers see us (from check responses), for status.
     reflexive: Option<SocketAddr>,
     path_changes: u64,
+    /// Wall clock anchor: the Unix time at this instant.
+    clock: (Instant, Duration),
 }
 
 impl Agent {
     /// A new agent; it starts gathering at once. `seed` feeds transaction ids (use OS randomness in
     /// production, a fixed value in simulations).
     pub fn new(cfg: AgentConfig, seed: u64, now: Instant) -> Agent {
+        let unix_time = cfg.unix_time;
         let mut rng = StdRng::seed_from_u64(seed);
         let turn = cfg
             .turn
@@ -312,6 +406,7 @@ impl Agent {
             next_pair: 1,
             reflexive: None,
             path_changes: 0,
+            clock: (now, unix_time),
         };
         a.handle_timeout(now);
         a
@@ -352,6 +447,36 @@ impl Agent {
         self.publish_if_changed();
     }
 
+    /// Re-anchors the wall clock: the Unix time is `unix` at `now` (call it now and then, so a clock step
+    /// on the host reaches the checks' timestamps).
+    pub fn set_unix_time(&mut self, now: Instant, unix: Duration) {
+        self.clock = (now, unix);
+    }
+
+    /// Our Unix time at `now`, in milliseconds.
+    fn unix_ms(&self, now: Instant) -> u64 {
+        let (at, unix) = self.clock;
+        let t = if now >= at {
+            unix + (now - at)
+        } else {
+            unix.saturating_sub(at - now)
+        };
+        t.as_millis() as u64
+    }
+
+    /// How many learned (peer-reflexive) pairs `peer` has.
+    pub fn learned_pairs(&self, peer: &PeerKey) -> usize {
+        self.peers
+            .get(peer)
+            .map_or(0, |p| p.pairs.iter().filter(|p| p.learned).count())
+    }
+
+    /// The peer whose pair through our relay goes to `remote`, if any: the addresses the agent itself
+    /// checks through the relay (announced by the peer or learned from its authenticated checks).
+    pub fn relay_peer(&self, remote: SocketAddr) -> Option<PeerKey> {
+        self.index.get(&(Base::Relay, remote)).copied()
+    }
+
     /// Our address as the last peer check response saw it.
     pub fn peer_reflexive(&self) -> Option<SocketAddr> {
         self.reflexive
@@ -380,6 +505,7 @@ impl Agent {
             remote: Vec::new(),
             pairs: Vec::new(),
             selected: None,
+            replay: ReplayCache::default(),
         });
         entry.key = key;
         entry.remote = candidates
@@ -421,13 +547,18 @@ impl Agent {
             return;
         }
         if self.find_pair(peer, base, addr).is_none() {
-            self.learn(*peer, base, addr, now);
+            let _ = self.learn(*peer, base, addr, now);
         }
         self.peer_timers(*peer, now);
     }
 
-    /// Adds a pair for an address of `peer` seen on `base`, and probes the selected pair.
-    fn learn(&mut self, peer: PeerKey, base: Base, from: SocketAddr, now: Instant) -> u64 {
+    /// Adds a pair for an address of `peer` seen on `base`, and probes the selected pair. `None`: the peer
+    /// has [`MAX_LEARNED_PAIRS`] already.
+    fn learn(&mut self, peer: PeerKey, base: Base, from: SocketAddr, now: Instant) -> Option<u64> {
+        if self.learned_pairs(&peer) >= MAX_LEARNED_PAIRS {
+            tracing::debug!(%from, ?base, "peer-reflexive candidate not learned: too many already");
+            return None;
+        }
         let kind = self.classify_remote(&peer, from);
         tracing::debug!(%from, ?base, ?kind, "peer-reflexive candidate");
         if base == Base::Relay
@@ -455,7 +586,7 @@ impl Agent {
         {
             p.next_check = now;
         }
-        id
+        Some(id)
     }
 
     /// Forgets a peer.
@@ -724,6 +855,7 @@ impl Agent {
                 backoff.min(t.recheck_max)
             };
         let relay_base = p.base == Base::Relay;
+        let learned = p.learned;
         if was_selected {
             tracing::info!(peer = %hex(&key[..4]), remote = %p.remote, "path failed, re-checking every pair");
             peer.selected = None;
@@ -746,11 +878,18 @@ impl Agent {
                 turn.probe(now);
             }
         }
+        if learned {
+            // A learned address that does not answer is forgotten (it comes back if the peer's checks
+            // come from it again): learned pairs never pile up.
+            peer.pairs.retain(|q| q.id != id);
+            self.reindex();
+        }
         was_selected
     }
 
     fn start_check(&mut self, key: PeerKey, id: u64, now: Instant) {
         let local = self.cfg.local_key;
+        let unix_ms = self.unix_ms(now);
         let Some(peer) = self.peers.get_mut(&key) else {
             return;
         };
@@ -764,11 +903,7 @@ impl Agent {
             return;
         }
         let tid = TransactionId(self.rng.random());
-        let bytes = Builder::new(Class::Request, method::BINDING, tid)
-            .attr(attr::USERNAME, hex(&local).as_bytes())
-            .integrity(&check_key)
-            .fingerprint()
-            .expect("a check is 120 bytes");
+        let bytes = encode_check(tid, &local, unix_ms, &check_key);
         p.inflight = Some((
             tid,
             Pending::new(bytes.clone(), p.remote, now, Schedule::CHECK),
@@ -893,13 +1028,27 @@ impl Agent {
         let Some(sender) = msg.text(attr::USERNAME).and_then(unhex) else {
             return;
         };
-        let Some(peer) = self.peers.get(&sender) else {
+        let unix_ms = self.unix_ms(now);
+        let Some(peer) = self.peers.get_mut(&sender) else {
             tracing::debug!(%from, "check from an unknown node ignored");
             return;
         };
         let key = peer.key;
         if !msg.verify(&key) {
             tracing::debug!(%from, "check with a bad MESSAGE-INTEGRITY ignored");
+            return;
+        }
+        // Freshness (after the integrity check: only the peer can fill its replay cache).
+        let Some(ts) = msg
+            .attr(CHECK_TIME)
+            .and_then(|v| <[u8; 8]>::try_from(v).ok())
+            .map(u64::from_be_bytes)
+        else {
+            tracing::debug!(%from, "check without a timestamp ignored (an agent of check format 1?)");
+            return;
+        };
+        if let Err(why) = peer.replay.admit(ts, unix_ms, msg.tid, base, from) {
+            tracing::debug!(%from, ?base, why, "check refused");
             return;
         }
         let resp = Builder::new(Class::Success, method::BINDING, msg.tid)
@@ -909,9 +1058,11 @@ impl Agent {
             .expect("a check response is at most 64 bytes");
         self.send_check_bytes(base, from, resp);
         // Learn the address and check it back (triggered check).
-        let id = match self.find_pair(&sender, base, from) {
-            Some(id) => id,
-            None => self.learn(sender, base, from, now),
+        let Some(id) = self
+            .find_pair(&sender, base, from)
+            .or_else(|| self.learn(sender, base, from, now))
+        else {
+            return;
         };
         let Some(p) = self
             .peers
@@ -1184,6 +1335,17 @@ impl Agent {
     }
 }
 
+/// A connectivity check (check format 2): a Binding request from `sender` stamped with its Unix time in
+/// ms ([`CHECK_TIME`]), authenticated with the pair's check key ([`check_key`]).
+pub fn encode_check(tid: TransactionId, sender: &PeerKey, unix_ms: u64, key: &[u8; 32]) -> Vec<u8> {
+    Builder::new(Class::Request, method::BINDING, tid)
+        .attr(attr::USERNAME, hex(sender).as_bytes())
+        .attr(CHECK_TIME, &unix_ms.to_be_bytes())
+        .integrity(key)
+        .fingerprint()
+        .expect("a check is 132 bytes")
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -1205,6 +1367,8 @@ mod tests {
 
     const PEER: PeerKey = [2; 32];
     const KEY: [u8; 32] = [9; 32];
+    /// The agents' wall clock at their start (any fixed time will do).
+    const UNIX: Duration = Duration::from_secs(1_790_000_000);
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()
@@ -1217,6 +1381,7 @@ mod tests {
             stun_servers,
             turn: None,
             timers: Timers::default(),
+            unix_time: UNIX,
         };
         Agent::new(cfg, 5, now)
     }
@@ -1299,6 +1464,211 @@ mod tests {
             )),
             "{:?}",
             a.local_candidates()
+        );
+    }
+
+    /// An agent with PEER (one host candidate) and no traffic yet.
+    fn agent_with_peer(t0: Instant) -> Agent {
+        let mut a = agent(vec![], t0);
+        a.set_peer(
+            PEER,
+            KEY,
+            vec![Candidate::new(CandidateKind::Host, sa("10.0.0.2:51820"))],
+            t0,
+        );
+        transmits(&mut a);
+        a
+    }
+
+    /// PEER's check stamped `at` (its clock agrees with ours: `UNIX` at `t0`).
+    fn check_at(t0: Instant, at: Instant, tid: u32) -> Vec<u8> {
+        let mut id = [7u8; 12];
+        id[..4].copy_from_slice(&tid.to_be_bytes());
+        let ms = (UNIX + at.saturating_duration_since(t0)).as_millis() as u64;
+        encode_check(TransactionId(id), &PEER, ms, &KEY)
+    }
+
+    /// What the agent sent to `to`: (responses, requests).
+    fn sent_to(tx: &[Transmit], to: SocketAddr) -> (usize, usize) {
+        let classes: Vec<Class> = tx
+            .iter()
+            .filter(|t| t.dst == to)
+            .filter_map(|t| Message::decode(&t.payload).ok().map(|m| m.class))
+            .collect();
+        (
+            classes.iter().filter(|c| **c == Class::Success).count(),
+            classes.iter().filter(|c| **c == Class::Request).count(),
+        )
+    }
+
+    fn spoofed(i: u32) -> SocketAddr {
+        SocketAddr::from((
+            std::net::Ipv4Addr::from(0xCB00_7100 + (i >> 8)),
+            1024 + i as u16,
+        ))
+    }
+
+    /// A captured check replayed from 1,000 spoofed sources creates nothing: no learned pair, no answer
+    /// and no probe towards any of them. Only the source it came from was answered and learned.
+    #[test]
+    fn replayed_checks_from_spoofed_sources_create_nothing() {
+        let t0 = Instant::now();
+        let mut a = agent_with_peer(t0);
+        let real = sa("198.18.1.1:4000");
+        let check = check_at(t0, t0, 1);
+        a.handle_input(real, &check, t0);
+        let tx = transmits(&mut a);
+        assert_eq!(sent_to(&tx, real), (1, 1), "answered and checked back");
+        assert_eq!(a.learned_pairs(&PEER), 1);
+        let mut tx = Vec::new();
+        for i in 0..1000 {
+            let at = t0 + Duration::from_millis(i as u64);
+            assert_eq!(a.handle_input(spoofed(i), &check, at), Input::Handled);
+            a.handle_timeout(at);
+            tx.extend(transmits(&mut a));
+        }
+        assert_eq!(a.learned_pairs(&PEER), 1);
+        assert_eq!(a.pairs(&PEER).len(), 2);
+        for i in 0..1000 {
+            assert_eq!(sent_to(&tx, spoofed(i)), (0, 0), "sent to {}", spoofed(i));
+        }
+        // The real source may retransmit its check: answered again.
+        a.handle_input(real, &check, t0 + Duration::from_secs(1));
+        assert_eq!(sent_to(&transmits(&mut a), real).0, 1);
+    }
+
+    /// A check stamped outside the acceptance window (either way), or without a timestamp (check format
+    /// 1), is not answered and teaches nothing; one inside it is.
+    #[test]
+    fn stale_future_and_unstamped_checks_are_refused() {
+        let t0 = Instant::now();
+        let mut a = agent_with_peer(t0);
+        let now = t0 + Duration::from_secs(100);
+        let w = CHECK_WINDOW + Duration::from_secs(1);
+        let old_format = Builder::new(Class::Request, method::BINDING, TransactionId([3; 12]))
+            .attr(attr::USERNAME, hex(&PEER).as_bytes())
+            .integrity(&KEY)
+            .fingerprint()
+            .unwrap();
+        for (i, bad) in [
+            check_at(t0, now - w, 1),
+            check_at(t0, now + w, 2),
+            old_format,
+        ]
+        .iter()
+        .enumerate()
+        {
+            let from = spoofed(i as u32);
+            a.handle_input(from, bad, now);
+            assert_eq!(sent_to(&transmits(&mut a), from), (0, 0), "check {i}");
+        }
+        assert_eq!(a.learned_pairs(&PEER), 0);
+        let ok = CHECK_WINDOW - Duration::from_secs(1);
+        for (i, good) in [check_at(t0, now - ok, 4), check_at(t0, now + ok, 5)]
+            .iter()
+            .enumerate()
+        {
+            let from = spoofed(10 + i as u32);
+            a.handle_input(from, good, now);
+            assert_eq!(sent_to(&transmits(&mut a), from), (1, 1), "check {i}");
+        }
+        assert_eq!(a.learned_pairs(&PEER), 2);
+    }
+
+    /// The replay cache is bounded; a check it had to forget cannot be replayed from elsewhere either
+    /// (nothing as old as a forgotten check is accepted).
+    #[test]
+    fn replay_cache_is_bounded_and_forgetting_is_safe() {
+        let t0 = Instant::now();
+        let mut a = agent_with_peer(t0);
+        let real = sa("198.18.1.1:4000");
+        let n = REPLAY_CACHE as u32 + 100;
+        for i in 0..n {
+            let at = t0 + Duration::from_millis(10 * i as u64);
+            a.handle_input(real, &check_at(t0, at, i), at);
+            assert_eq!(sent_to(&transmits(&mut a), real).0, 1, "check {i}");
+        }
+        assert_eq!(a.peers[&PEER].replay.seen.len(), REPLAY_CACHE);
+        let now = t0 + Duration::from_millis(10 * n as u64);
+        // The first check (forgotten) and the last one (remembered), replayed from elsewhere.
+        for i in [0, n - 1] {
+            let at = t0 + Duration::from_millis(10 * i as u64);
+            a.handle_input(spoofed(i), &check_at(t0, at, i), now);
+            assert_eq!(sent_to(&transmits(&mut a), spoofed(i)), (0, 0), "check {i}");
+        }
+        assert_eq!(a.learned_pairs(&PEER), 1);
+    }
+
+    /// Fresh, authentic checks from 1,000 addresses (only the peer can make them, but it is still no
+    /// reason to learn and probe them all): at most MAX_LEARNED_PAIRS are learned and probed.
+    #[test]
+    fn learned_pairs_are_capped_per_peer() {
+        let t0 = Instant::now();
+        let mut a = agent_with_peer(t0);
+        let mut tx = Vec::new();
+        for i in 0..1000 {
+            let at = t0 + Duration::from_millis(i as u64);
+            a.handle_input(spoofed(i), &check_at(t0, at, i), at);
+            tx.extend(transmits(&mut a));
+        }
+        assert_eq!(a.learned_pairs(&PEER), MAX_LEARNED_PAIRS);
+        let probed = (0..1000)
+            .filter(|i| sent_to(&tx, spoofed(*i)).1 > 0)
+            .count();
+        assert_eq!(probed, MAX_LEARNED_PAIRS);
+        let answered = (0..1000)
+            .filter(|i| sent_to(&tx, spoofed(*i)).0 > 0)
+            .count();
+        assert_eq!(answered, 1000, "authentic, fresh checks are answered");
+    }
+
+    /// A learned pair whose check fails is dropped, which makes room for the peer's next address.
+    #[test]
+    fn learned_pairs_are_dropped_when_their_check_fails() {
+        let t0 = Instant::now();
+        let mut a = agent_with_peer(t0);
+        for i in 0..MAX_LEARNED_PAIRS as u32 {
+            a.handle_input(spoofed(i), &check_at(t0, t0, i), t0);
+        }
+        assert_eq!(a.learned_pairs(&PEER), MAX_LEARNED_PAIRS);
+        // Nobody answers the probes: given up after 3.1 s.
+        let mut now = t0;
+        while now < t0 + Duration::from_secs(4) {
+            now += Duration::from_millis(50);
+            a.handle_timeout(now);
+            transmits(&mut a);
+        }
+        assert_eq!(a.learned_pairs(&PEER), 0);
+        assert_eq!(a.pairs(&PEER).len(), 1, "the announced pair stays");
+        let next = sa("198.18.1.1:5000");
+        a.handle_input(next, &check_at(t0, now, 99), now);
+        assert_eq!(sent_to(&transmits(&mut a), next), (1, 1));
+        assert_eq!(a.learned_pairs(&PEER), 1);
+    }
+
+    /// A step of the host's wall clock reaches the checks through `set_unix_time`: the agent's checks carry
+    /// the new time, and a check stamped on the old clock is refused.
+    #[test]
+    fn wall_clock_steps_reach_the_checks() {
+        let t0 = Instant::now();
+        let mut a = agent_with_peer(t0);
+        let step = Duration::from_secs(3600);
+        let t1 = t0 + Duration::from_secs(1);
+        a.set_unix_time(t1, UNIX + step + Duration::from_secs(1));
+        a.handle_input(spoofed(1), &check_at(t0, t1, 1), t1);
+        assert_eq!(sent_to(&transmits(&mut a), spoofed(1)), (0, 0));
+        a.handle_input(spoofed(2), &check_at(t0, t1 + step, 2), t1);
+        let tx = transmits(&mut a);
+        assert_eq!(sent_to(&tx, spoofed(2)), (1, 1));
+        let probe = tx
+            .iter()
+            .filter_map(|t| Message::decode(&t.payload).ok())
+            .find(|m| m.class == Class::Request)
+            .unwrap();
+        let ts = u64::from_be_bytes(probe.attr(CHECK_TIME).unwrap().try_into().unwrap());
+        assert_eq!(
+            ts,
+            (UNIX + step + Duration::from_secs(1)).as_millis() as u64
         );
     }
 }

@@ -27,6 +27,7 @@ pub mod agent;
 pub mod candidate;
 pub mod demux;
 pub mod sim;
+pub mod slots;
 pub mod stun;
 pub mod turn;
 pub mod txn;
@@ -34,10 +35,11 @@ pub mod txn;
 use std::net::SocketAddr;
 
 pub use agent::{
-    Agent, AgentConfig, Base, Event, Input, PairInfo, PairState, Path, PathKind, PeerKey, Route,
-    Source, Timers, check_key,
+    Agent, AgentConfig, Base, CHECK_WINDOW, Event, Input, MAX_LEARNED_PAIRS, PairInfo, PairState,
+    Path, PathKind, PeerKey, REPLAY_CACHE, Route, Source, Timers, check_key, encode_check,
 };
 pub use candidate::{Candidate, CandidateKind};
+pub use slots::RelaySlots;
 pub use turn::{TurnClient, TurnConfig, TurnEvent};
 
 /// A datagram to send from the shared socket.

@@ -420,6 +420,9 @@ pub struct Node {
     pub published: Vec<Vec<Candidate>>,
 }
 
+/// The simulated wall clock at the start of a simulation (Unix time; any fixed value would do).
+pub const SIM_EPOCH: Duration = Duration::from_secs(1_790_000_000);
+
 /// The simulated world.
 pub struct Sim {
     pub start: Instant,
@@ -524,6 +527,7 @@ impl Sim {
             stun_servers,
             turn,
             timers: Timers::default(),
+            unix_time: self.unix_time(),
         };
         let seed = self.rng.random();
         let agent = Agent::new(cfg, seed, self.now);
@@ -539,6 +543,11 @@ impl Sim {
         let i = self.nodes.len() - 1;
         self.flush_node(i);
         i
+    }
+
+    /// The simulated wall clock now: every node's clock agrees ([`SIM_EPOCH`] at the start).
+    pub fn unix_time(&self) -> Duration {
+        SIM_EPOCH + self.now.saturating_duration_since(self.start)
     }
 
     /// The check key two simulated nodes share (a stand-in for their X25519 shared secret).

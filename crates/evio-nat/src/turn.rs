@@ -404,8 +404,12 @@ impl TurnClient {
             return TurnInput::NotForMe;
         };
         if msg.class == Class::Indication && msg.method == method::DATA {
+            // Only from addresses we asked a permission for: the server relays nothing else, so anything
+            // else is forged (the server's address is easy to spoof).
             return match (msg.xor_addr(attr::XOR_PEER_ADDRESS), msg.attr(attr::DATA)) {
-                (Some(peer), Some(payload)) if self.relayed().is_some() => {
+                (Some(peer), Some(payload))
+                    if self.relayed().is_some() && self.perms.contains_key(&peer.ip()) =>
+                {
                     TurnInput::Data { peer, payload }
                 }
                 _ => TurnInput::Handled,
@@ -1146,5 +1150,39 @@ mod tests {
         let t = c.wrap(peer, &vec![1; 65_535]).unwrap();
         assert_eq!(t.payload.len(), 65_539);
         assert_eq!(c.wrap(peer, &vec![1; 65_536]), None);
+    }
+
+    /// Data indications and ChannelData are relayed datagrams only for what we asked for: a permission for
+    /// the peer's address, a channel we bound. Anything else from the server's (spoofable) address is
+    /// dropped. Before, a Data indication named any peer address and came out as relayed data.
+    #[test]
+    fn relayed_data_only_from_what_we_asked_for() {
+        let t0 = Instant::now();
+        let mut c = allocated(t0);
+        let asked: SocketAddr = "198.18.2.1:51820".parse().unwrap();
+        c.want_permission(asked.ip(), t0);
+        let data = |peer: SocketAddr| {
+            Builder::new(Class::Indication, method::DATA, TransactionId([5; 12]))
+                .xor_addr(attr::XOR_PEER_ADDRESS, peer)
+                .attr(attr::DATA, b"\x04\0\0\0wireguard")
+                .finish()
+                .unwrap()
+        };
+        let ind = data(asked);
+        assert_eq!(
+            c.handle_input(server(), &ind, t0),
+            TurnInput::Data {
+                peer: asked,
+                payload: b"\x04\0\0\0wireguard"
+            }
+        );
+        for i in 0..1000u16 {
+            let spoofed = SocketAddr::from(([203, 0, 113, (i % 250) as u8], 1000 + i));
+            let ind = data(spoofed);
+            assert_eq!(c.handle_input(server(), &ind, t0), TurnInput::Handled);
+            let mut chd = Vec::new();
+            demux::encode_channel_data(0x4000 + i, b"\x04\0\0\0x", &mut chd).unwrap();
+            assert_eq!(c.handle_input(server(), &chd, t0), TurnInput::Handled);
+        }
     }
 }

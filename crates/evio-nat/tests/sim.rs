@@ -581,3 +581,81 @@ fn steady_state_traffic_is_small_in_a_mixed_world() {
     eprintln!("mixed world, 6 peer pairs: {per_minute} datagrams a minute");
     assert!(per_minute < 6 * 500, "{per_minute} datagrams a minute");
 }
+
+/// A flood of ChannelData and Data indications from the TURN server's (spoofable) address, naming peer
+/// addresses nobody checks through the relay, makes no relay slot: the slot table (eviod's relay
+/// endpoints, [`RelaySlots::slot_for`]) keeps one slot per relay pair of an authenticated peer, and the live
+/// slots keep their addresses. Before, every relayed datagram's source got a slot, and the 65,537th cleared
+/// the table, re-pointing live endpoints.
+#[test]
+fn relay_flood_leaves_the_slot_table_bounded() {
+    use evio_nat::stun::{Builder, Class, TransactionId, attr, method};
+    use evio_nat::{Input, RelaySlots, demux};
+    let mut sim = world(21);
+    let na = sim.add_nat(NatType::Symmetric, "198.18.1.1");
+    let nb = sim.add_nat(NatType::Easy, "198.18.1.2");
+    let a = sim.add_node("192.168.1.2:51820", Some(na), true);
+    let b = sim.add_node("192.168.2.2:51820", Some(nb), true);
+    sim.run_for(secs(1));
+    sim.introduce_all();
+    until_paths(&mut sim, a, b, PathKind::Relay, secs(10)).expect("relay path");
+    let key_b = sim.nodes[b].key;
+    let turn: std::net::SocketAddr = "198.18.0.1:3478".parse().unwrap();
+    let now = sim.now;
+    let agent = &mut sim.nodes[a].agent;
+    let relay_pairs: Vec<std::net::SocketAddr> = agent
+        .pairs(&key_b)
+        .iter()
+        .filter(|p| p.base == Base::Relay)
+        .map(|p| p.remote)
+        .collect();
+    assert!(!relay_pairs.is_empty());
+    let mut slots = RelaySlots::default();
+    let live: Vec<(u16, std::net::SocketAddr)> = relay_pairs
+        .iter()
+        .map(|r| (slots.slot_for(agent, *r, now, |_| false).unwrap(), *r))
+        .collect();
+    let mut wg = vec![4, 0, 0, 0];
+    wg.extend_from_slice(&key_b);
+    wg.extend_from_slice(WG);
+    let mut relayed_unknown = 0;
+    for i in 0..70_000u32 {
+        // b's address (the relay has a permission for its IP) on other ports, and other addresses.
+        let peer = if i % 2 == 0 {
+            std::net::SocketAddr::from(([198, 18, 1, 2], (i % 60_000) as u16 + 1024))
+        } else {
+            std::net::SocketAddr::from(([203, 0, 113, (i % 251) as u8], (i % 60_000) as u16))
+        };
+        let data = Builder::new(
+            Class::Indication,
+            method::DATA,
+            TransactionId([i as u8; 12]),
+        )
+        .xor_addr(attr::XOR_PEER_ADDRESS, peer)
+        .attr(attr::DATA, &wg)
+        .finish()
+        .unwrap();
+        let mut cd = Vec::new();
+        demux::encode_channel_data(0x4000 + (i % 0x1000) as u16, &wg, &mut cd).unwrap();
+        for d in [data, cd] {
+            if let Input::Tunnel {
+                from: Source::Relay(x),
+                ..
+            } = agent.handle_input(turn, &d, now)
+            {
+                relayed_unknown += usize::from(!relay_pairs.contains(&x));
+                slots.slot_for(agent, x, now, |_| false);
+            }
+        }
+    }
+    assert!(relayed_unknown > 30_000, "the flood reached the slot table");
+    assert!(
+        slots.len() <= relay_pairs.len(),
+        "{} slots for {} relay pairs",
+        slots.len(),
+        relay_pairs.len()
+    );
+    for (s, r) in live {
+        assert_eq!(slots.remote(s), Some(r), "slot {s} re-pointed");
+    }
+}

@@ -231,6 +231,7 @@ fn udp_to_tun(shared: &Shared, mut tun: Tun, mut udp: UdpBatch, slot: usize) {
                         nat = true;
                         continue;
                     }
+                    crate::nat::Rx::Dropped => continue,
                     // Neither: the core counts it as malformed.
                     crate::nat::Rx::Unknown => (from, data),
                 }

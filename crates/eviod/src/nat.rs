@@ -6,7 +6,9 @@
 //!   unwrapped, with a *relay endpoint* as its source.
 //! - Relay endpoints: a peer reached through our own TURN allocation gets the endpoint `[100::1]:SLOT` in
 //!   the tunnel core (`100::/64` is the discard-only prefix of RFC 6666, never a real destination). The
-//!   slot names the peer's address as the relay sees it. Whatever the core sends there (data, handshakes,
+//!   slot names the peer's address as the relay sees it ([`RelaySlots`]: bounded; made only for addresses
+//!   the agent checks through the relay, i.e. of authenticated peers; never re-pointed while a path or the
+//!   tunnel core may use it). A relayed datagram from any other address is dropped. Whatever the core sends there (data, handshakes,
 //!   keepalives) is framed as ChannelData towards the TURN server by [`Nat::push`] or the send thread's
 //!   zero-copy path ([`Nat::relay_route`]); replies to a relayed handshake go back the way it came.
 //! - Path selection is the agent's: each `PathChanged` event becomes [`evio_tunnel::Node::set_path`]; the
@@ -18,7 +20,7 @@
 //! Locks: never hold this module's state lock and the tunnel core's lock at once; path changes are taken
 //! and applied under a third lock ([`pump`], [`sync_paths`]) so they reach the core in order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,7 +32,7 @@ use evio_io::{SendBatch, UdpBatch};
 use evio_nat::demux::{self, Kind};
 use evio_nat::{
     Agent, AgentConfig, Base, Candidate, CandidateKind, Event, Input, Path, PathKind, PeerKey,
-    Source, Timers, TurnConfig, check_key,
+    RelaySlots, Source, Timers, TurnConfig, check_key,
 };
 use evio_tunnel::{PublicKey, StaticSecret};
 
@@ -70,6 +72,8 @@ pub enum Rx<'a> {
     },
     /// STUN/TURN traffic consumed by the agent (call [`pump`] soon).
     Handled,
+    /// Relayed from an address that is no pair of ours: dropped.
+    Dropped,
     Unknown,
 }
 
@@ -89,35 +93,29 @@ struct PeerEntry {
 struct Inner {
     agent: Agent,
     /// Relay endpoint slot -> the peer's address as our relay sees it.
-    slots: Vec<SocketAddr>,
-    slot_of: HashMap<SocketAddr, u16>,
+    slots: RelaySlots,
+    /// Relay endpoint slots the tunnel core's peers had as endpoints at the last [`sync_paths`].
+    core_slots: HashSet<u16>,
     peers: HashMap<PeerKey, PeerEntry>,
     candidates: Vec<Candidate>,
 }
 
 impl Inner {
-    fn slot(&mut self, remote: SocketAddr) -> SocketAddr {
-        if let Some(s) = self.slot_of.get(&remote) {
-            return relay_endpoint(*s);
-        }
-        if self.slots.len() > u16::MAX as usize {
-            // 65536 different relayed addresses since start: start over (endpoints of peers relayed
-            // right now are given again by the next path change or `sync_paths`).
-            tracing::warn!("relay endpoint table full; starting over");
-            self.slots.clear();
-            self.slot_of.clear();
-        }
-        let s = self.slots.len() as u16;
-        self.slots.push(remote);
-        self.slot_of.insert(remote, s);
-        relay_endpoint(s)
+    /// The relay endpoint of `remote`: its slot, made if `remote` is one of the agent's relay pairs (an
+    /// address it checks through our relay for an authenticated peer). `None` for any other address, or
+    /// if the table is full of slots still in use.
+    fn slot(&mut self, remote: SocketAddr, now: Instant) -> Option<SocketAddr> {
+        let core = &self.core_slots;
+        self.slots
+            .slot_for(&self.agent, remote, now, |s| core.contains(&s))
+            .map(relay_endpoint)
     }
 
     fn remote_of(&self, ep: &SocketAddr) -> Option<SocketAddr> {
         if !is_relay(ep) {
             return None;
         }
-        self.slots.get(ep.port() as usize).copied()
+        self.slots.remote(ep.port())
     }
 }
 
@@ -136,6 +134,13 @@ pub struct Nat {
     pub relay_rx_bytes: AtomicU64,
     pub path_changes: AtomicU64,
     pub checks_rx: AtomicU64,
+}
+
+/// The wall clock (Unix time), for the timestamps of connectivity checks.
+fn unix_now() -> std::time::Duration {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
 }
 
 /// Resolves `HOST:PORT` to an IPv4 socket address (the tunnel socket is IPv4).
@@ -190,6 +195,7 @@ impl Nat {
             stun_servers: stun,
             turn,
             timers: Timers::default(),
+            unix_time: unix_now(),
         };
         let agent = Agent::new(cfg, rand::random(), Instant::now());
         let candidates = agent.local_candidates();
@@ -197,8 +203,8 @@ impl Nat {
             apply: Mutex::new(()),
             inner: Mutex::new(Inner {
                 agent,
-                slots: Vec::new(),
-                slot_of: HashMap::new(),
+                slots: RelaySlots::default(),
+                core_slots: HashSet::new(),
                 peers: HashMap::new(),
                 candidates,
             }),
@@ -294,9 +300,12 @@ impl Nat {
             } => {
                 self.relay_rx_bytes
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
-                Rx::Tunnel {
-                    from: g.slot(remote),
-                    payload,
+                match g.slot(remote, now) {
+                    Some(from) => Rx::Tunnel { from, payload },
+                    None => {
+                        tracing::trace!(%remote, "relayed datagram from an address that is no pair of ours dropped");
+                        Rx::Dropped
+                    }
                 }
             }
             Input::Handled => {
@@ -373,6 +382,8 @@ impl Nat {
     /// Runs the agent's timers if due; returns its datagrams and the path changes to apply.
     fn poll(&self, now: Instant) -> (Vec<evio_nat::Transmit>, Vec<PathUpdate>) {
         let mut g = self.lock();
+        // Follow steps of the host's wall clock (checks carry it).
+        g.agent.set_unix_time(now, unix_now());
         if g.agent.poll_timeout().is_some_and(|t| t <= now) {
             g.agent.handle_timeout(now);
         }
@@ -393,7 +404,13 @@ impl Nat {
                     if let Some(e) = g.peers.get_mut(&peer) {
                         e.path = path;
                     }
-                    let target = path.map(|p| target(&mut g, &p));
+                    let target = match path {
+                        Some(p) => match target(&mut g, &p, now) {
+                            Some(t) => Some(t),
+                            None => continue,
+                        },
+                        None => None,
+                    };
                     changes.push((peer, target));
                 }
             }
@@ -472,13 +489,14 @@ impl Nat {
     }
 }
 
-/// The tunnel core's endpoint and path kind for a selected path.
-fn target(g: &mut Inner, p: &Path) -> (SocketAddr, evio_tunnel::PathKind) {
-    match (p.base, p.kind) {
-        (Base::Relay, _) => (g.slot(p.remote), evio_tunnel::PathKind::Relay),
+/// The tunnel core's endpoint and path kind for a selected path (`None`: a relay endpoint is needed and
+/// the table is full).
+fn target(g: &mut Inner, p: &Path, now: Instant) -> Option<(SocketAddr, evio_tunnel::PathKind)> {
+    Some(match (p.base, p.kind) {
+        (Base::Relay, _) => (g.slot(p.remote, now)?, evio_tunnel::PathKind::Relay),
         (Base::Socket, PathKind::Relay) => (p.remote, evio_tunnel::PathKind::Relay),
         (Base::Socket, PathKind::Direct) => (p.remote, evio_tunnel::PathKind::Direct),
-    }
+    })
 }
 
 /// True if the receive thread must hand `data` to [`Nat::input`] instead of the tunnel core.
@@ -565,9 +583,11 @@ pub fn from_record(r: &evio_store::NodeRecord) -> Vec<Candidate> {
 }
 
 /// Gives the tunnel core the selected path of every peer whose endpoint differs (peers the core added
-/// after NAT traversal had already chosen their path).
+/// after NAT traversal had already chosen their path), and notes which relay endpoints the core uses (their
+/// slots are not reused).
 pub fn sync_paths(shared: &Shared) {
     let _order = shared.nat.apply.lock().unwrap_or_else(|e| e.into_inner());
+    let now = Instant::now();
     let want: Vec<(PeerKey, SocketAddr, evio_tunnel::PathKind)> = {
         let mut g = shared.nat.lock();
         let paths: Vec<(PeerKey, Path)> = g
@@ -577,20 +597,29 @@ pub fn sync_paths(shared: &Shared) {
             .collect();
         paths
             .into_iter()
-            .map(|(k, p)| {
-                let (ep, kind) = target(&mut g, &p);
-                (k, ep, kind)
+            .filter_map(|(k, p)| {
+                let (ep, kind) = target(&mut g, &p, now)?;
+                Some((k, ep, kind))
             })
             .collect()
     };
-    let mut node = shared.node();
-    for (k, ep, kind) in want {
-        if let Some(id) = node.peer_id(&k)
-            && node.peer(id).is_some_and(|p| p.endpoint != Some(ep))
-        {
-            node.set_path(id, ep, kind);
+    let core_slots: HashSet<u16> = {
+        let mut node = shared.node();
+        for (k, ep, kind) in want {
+            if let Some(id) = node.peer_id(&k)
+                && node.peer(id).is_some_and(|p| p.endpoint != Some(ep))
+            {
+                node.set_path(id, ep, kind);
+            }
         }
-    }
+        node.peers()
+            .iter()
+            .filter_map(|p| p.endpoint)
+            .filter(is_relay)
+            .map(|ep| ep.port())
+            .collect()
+    };
+    shared.nat.lock().core_slots = core_slots;
 }
 
 #[cfg(test)]

@@ -48,6 +48,9 @@ impl Node {
                 password: t.password.clone(),
             }),
             timers: Timers::default(),
+            unix_time: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default(),
         };
         let now = Instant::now();
         let agent = Agent::new(cfg, rand::random(), now);

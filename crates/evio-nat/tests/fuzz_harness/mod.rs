@@ -242,8 +242,12 @@ fn sent_request(dst: SocketAddr, payload: &[u8]) -> Option<Sent> {
     })
 }
 
+/// The agent's wall clock at its start.
+const UNIX: Duration = Duration::from_secs(1_790_000_000);
+
 struct AgentRun {
     agent: Agent,
+    start: Instant,
     now: Instant,
     sent: Vec<Sent>,
 }
@@ -261,11 +265,13 @@ impl AgentRun {
                 password: TURN_PASSWORD.into(),
             }),
             timers: Timers::default(),
+            unix_time: UNIX,
         };
         let mut agent = Agent::new(cfg, 7, now);
         agent.set_peer(PEER_KEY, CHECK_KEY, peer_candidates(), now);
         let mut run = AgentRun {
             agent,
+            start: now,
             now,
             sent: Vec::new(),
         };
@@ -364,14 +370,23 @@ impl AgentRun {
                 }
                 self.drain();
             }
-            // An authenticated connectivity check from the peer (direct or relayed).
+            // An authenticated connectivity check from the peer (direct or relayed), stamped with the
+            // agent's clock give or take up to 65 s (so inside and outside the acceptance window).
             3 => {
                 let from = self.source(r);
                 let tid = TransactionId(r.take(12).try_into().unwrap_or([9; 12]));
                 let user: String = PEER_KEY.iter().map(|x| format!("{x:02x}")).collect();
+                let unix = (UNIX + (self.now - self.start)).as_millis() as u64;
+                let skew = r.u16() as u64;
+                let ts = if r.byte() & 1 == 0 {
+                    unix.saturating_sub(skew)
+                } else {
+                    unix + skew
+                };
                 let buf = Builder::new(Class::Request, method::BINDING, tid)
                     .attr(attr::USERNAME, user.as_bytes())
                     .attr(0x7777, r.chunk())
+                    .attr(evio_nat::agent::CHECK_TIME, &ts.to_be_bytes())
                     .integrity(&CHECK_KEY)
                     .fingerprint();
                 let Ok(buf) = buf else {
@@ -495,7 +510,8 @@ pub struct Reached {
 
 /// The agent (and its TURN client) fed a script of operations decoded from `data`: datagrams from the
 /// network (raw, or shaped as answers to the agent's requests in flight, or authenticated checks from its
-/// peer, direct or through the relay), time passing, control-plane changes. Must never panic.
+/// peer, direct or through the relay), time passing, control-plane changes. Must never panic, and never
+/// learns more than `MAX_LEARNED_PAIRS` pairs.
 pub fn agent(data: &[u8]) -> Reached {
     let mut run = AgentRun::new();
     let mut r = Reader(data);
@@ -506,6 +522,7 @@ pub fn agent(data: &[u8]) -> Reached {
             break;
         }
         reached.allocated |= run.agent.turn().is_some_and(|t| t.relayed().is_some());
+        assert!(run.agent.learned_pairs(&PEER_KEY) <= evio_nat::MAX_LEARNED_PAIRS);
         if let Some(p) = run.agent.path(&PEER_KEY) {
             reached.path = Some(p.kind);
         }
@@ -550,10 +567,11 @@ impl Script {
         s.0.push(0);
         s
     }
-    /// An authenticated check from the peer's srflx candidate.
+    /// An authenticated check from the peer's srflx candidate, stamped with the agent's clock.
     pub fn check(mut self) -> Self {
         self.0.extend_from_slice(&[3, 3, 1]);
         self.0.extend_from_slice(&[7; 12]);
+        self.0.extend_from_slice(&[0, 0, 0]);
         self.0.extend_from_slice(&[2, 0xAB, 0xCD, 0]);
         self
     }
