@@ -15,8 +15,14 @@ pub struct Args {
     #[arg(long)]
     state_dir: PathBuf,
     /// Print the agent's status as one JSON object.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "address")]
     json: bool,
+    /// Print only the host's overlay address (VIP), e.g. for the kubelet's --node-ip.
+    #[arg(long)]
+    address: bool,
+    /// Wait up to this many seconds for the agent to answer (and, with --address, to have its VIP).
+    #[arg(long, default_value_t = 0)]
+    wait: u64,
 }
 
 /// The status document (names are a contract: scripts and tests depend on them).
@@ -140,8 +146,23 @@ pub fn render(st: &Status, now: u64) -> String {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let st = query(&args)?;
-    if args.json {
+    let deadline = std::time::Instant::now() + Duration::from_secs(args.wait);
+    let st = loop {
+        let res = query(&args).and_then(|st| {
+            if args.address && st.address.is_none() {
+                anyhow::bail!("the agent has no overlay address yet")
+            }
+            Ok(st)
+        });
+        match res {
+            Ok(st) => break st,
+            Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(250)),
+        }
+    };
+    if args.address {
+        println!("{}", st.address.as_deref().unwrap_or_default());
+    } else if args.json {
         println!("{}", serde_json::to_string(&st)?);
     } else {
         let now = std::time::SystemTime::now()

@@ -70,6 +70,32 @@ fn three_hosts_reach_each_others_vips() {
     assert_eq!(st["node"], "host-1");
     assert_eq!(st["address"].as_str().unwrap(), vips[0]);
     let table = run_ok(&[ctl.to_str().unwrap(), "status", "--state-dir", &sd]);
+    // --address prints only the VIP (what deploy/kubelet-evio.conf gives the kubelet as --node-ip); --wait
+    // retries until the agent answers, then gives up with the error.
+    let vip = run_ok(&[
+        ctl.to_str().unwrap(),
+        "status",
+        "--state-dir",
+        &sd,
+        "--address",
+        "--wait",
+        "5",
+    ]);
+    assert_eq!(vip, format!("{}\n", vips[0]));
+    let t = std::time::Instant::now();
+    let o = std::process::Command::new(&ctl)
+        .args([
+            "status",
+            "--state-dir",
+            "/nonexistent-evio",
+            "--address",
+            "--wait",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success() && t.elapsed() >= Duration::from_secs(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot reach the agent"));
     assert!(
         table.contains("host-2") && table.contains("direct") && table.contains(&vips[1]),
         "{table}"
