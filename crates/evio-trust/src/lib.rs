@@ -68,6 +68,12 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// The X25519 public key of a node's private key (as eviod's `<state-dir>/private.key` holds it, decoded).
+pub fn public_key_of(private_key: &[u8; 32]) -> [u8; 32] {
+    let s = x25519_dalek::StaticSecret::from(*private_key);
+    x25519_dalek::PublicKey::from(&s).to_bytes()
+}
+
 /// `n` random bytes from the operating system.
 pub(crate) fn random<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];
