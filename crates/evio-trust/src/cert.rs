@@ -226,6 +226,12 @@ impl NodeCert {
         Ok(c)
     }
 
+    /// When the node should ask for a renewal: two thirds into the window, leaving a third of the lifetime
+    /// (8 h of a 24 h certificate) for the signer to answer.
+    pub fn renew_at(&self) -> u64 {
+        self.not_before + (self.not_after - self.not_before) / 3 * 2
+    }
+
     /// True when `now` is inside the window (with the skew allowance).
     pub fn is_current(&self, now: u64) -> bool {
         now.saturating_add(CLOCK_SKEW_SECS) >= self.not_before
@@ -435,7 +441,8 @@ mod tests {
     #[test]
     fn insane_fields_are_neither_signed_nor_accepted() {
         let ca = CaKey::generate("lab");
-        let bad: Vec<Box<dyn Fn(&mut NodeCert)>> = vec![
+        type Edit = Box<dyn Fn(&mut NodeCert)>;
+        let bad: Vec<Edit> = vec![
             Box::new(|c| c.node = "".into()),
             Box::new(|c| c.node = "..".into()),
             Box::new(|c| c.node = "a/b".into()),
@@ -470,6 +477,20 @@ mod tests {
             let s = seal(&ca, CERT_DOMAIN, &serde_json::to_vec(&body).unwrap());
             assert!(NodeCert::verify(&s, &ca.public(), NOW).is_err(), "{c:?}");
         }
+    }
+
+    #[test]
+    fn the_largest_legal_certificate_fits() {
+        let ca = CaKey::generate("lab");
+        let mut c = cert();
+        c.node = "n".repeat(253);
+        c.address = "255.255.255.254".parse().unwrap();
+        c.pod_subnets = vec!["255.255.255.255/32".parse().unwrap(); MAX_SUBNETS];
+        c.serial = u64::MAX;
+        let s = c.sign(&ca).unwrap();
+        assert!(s.len() < MAX_CERT_LEN / 2, "{}", s.len());
+        assert_eq!(NodeCert::verify(&s, &ca.public(), NOW).unwrap(), c);
+        assert!(c.renew_at() > c.not_before && c.renew_at() < c.not_after);
     }
 
     #[test]

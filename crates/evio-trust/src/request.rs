@@ -342,9 +342,9 @@ mod tests {
         let r = JoinRequest::new(&t, "n", &[9; 32], NOW).unwrap();
         let j = r.to_json();
         let big = format!(
-            "{}{}",
+            "{},\"x\":\"{}\"}}",
             &j[..j.len() - 1],
-            format!(",\"x\":\"{}\"}}", "a".repeat(MAX_REQUEST_LEN))
+            "a".repeat(MAX_REQUEST_LEN)
         );
         assert!(matches!(
             JoinRequest::parse(big.as_bytes()),
