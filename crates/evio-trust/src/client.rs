@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use evio_store::etcd_client::{self, Compare, CompareOp, Txn, TxnOp};
+use evio_store::etcd_client::{self, Compare, CompareOp, Txn, TxnOp, WatchOptions, WatchStream};
 use evio_store::{EtcdOptions, Store, keys};
 use tracing::warn;
 
@@ -38,8 +38,9 @@ pub enum JoinError {
     Timeout { node: String, timeout: Duration },
 }
 
-/// How often the join and renewal clients look for the answer.
-pub const POLL: Duration = Duration::from_millis(50);
+/// How often the join and renewal clients look for the answer when etcd's watch is not available (they
+/// watch the answer keys, and look anyway at least this often).
+pub const POLL: Duration = Duration::from_millis(500);
 
 /// The etcd options a token carries (endpoints, user and password); TLS files and timeouts are the
 /// caller's to add.
@@ -164,6 +165,18 @@ async fn request_and_wait(
     .await?;
     let written = put.header().map(|h| h.revision()).unwrap_or(0);
     let (cert_key, refused_key) = (keys::cert(node), keys::refused(node));
+    // Watch both answer keys from just after the request (nothing is missed between the put and the watch).
+    let watch = |k: String| {
+        let mut c = c.clone();
+        async move {
+            let opts = WatchOptions::new().with_start_revision(written + 1);
+            op(store, "watch answer", c.watch(k, Some(opts))).await.ok()
+        }
+    };
+    let mut watches: [Option<WatchStream>; 2] = [
+        watch(cert_key.clone()).await,
+        watch(refused_key.clone()).await,
+    ];
     let mut last_bad = String::new();
     loop {
         if let Some((v, rev)) = get(store, "read certificate", &cert_key).await?
@@ -192,7 +205,7 @@ async fn request_and_wait(
                 Err(e) => last_bad = e.to_string(),
             }
         }
-        if tokio::time::Instant::now() + POLL >= deadline {
+        if tokio::time::Instant::now() >= deadline {
             if !last_bad.is_empty() {
                 warn!(
                     node,
@@ -209,7 +222,27 @@ async fn request_and_wait(
                 timeout,
             });
         }
-        tokio::time::sleep(POLL).await;
+        wait_change(&mut watches, deadline).await;
+    }
+}
+
+/// True on an event; false when the watch failed or ended; never returns without a watch.
+async fn next_change(w: Option<&mut WatchStream>) -> bool {
+    match w {
+        Some(w) => matches!(w.message().await, Ok(Some(_))),
+        None => std::future::pending().await,
+    }
+}
+
+/// Returns when a watched key changes, after [`POLL`], or at the deadline. A watch that fails is dropped
+/// (polling goes on).
+async fn wait_change(watches: &mut [Option<WatchStream>; 2], deadline: tokio::time::Instant) {
+    let until = deadline.min(tokio::time::Instant::now() + POLL);
+    let [a, b] = watches;
+    tokio::select! {
+        ok = next_change(a.as_mut()) => if !ok { *a = None },
+        ok = next_change(b.as_mut()) => if !ok { *b = None },
+        _ = tokio::time::sleep_until(until) => {}
     }
 }
 
