@@ -28,6 +28,7 @@ mod ca;
 mod cert;
 mod error;
 mod files;
+pub mod ledger;
 mod request;
 mod token;
 

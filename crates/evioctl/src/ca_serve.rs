@@ -15,6 +15,10 @@
 //! Everything read from etcd is attacker input: values over the size bound are deleted unread, at most
 //! [`MAX_PENDING`] requests of each kind are read per pass, and every field is checked by evio-trust.
 //! One signer per CA directory (an exclusive lock on `<ca-dir>/serve.lock`).
+//!
+//! The signer decides from its own ledger in the CA directory (`issued/`, `revoked/`, see
+//! `evio_trust::ledger`) as well as from etcd, since an etcd writer can delete a certificate (to free a name
+//! for another key) or a revocation (to let a revoked key back in).
 
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
@@ -197,6 +201,7 @@ impl Signer {
             }
             Verdict::Issue(cert) => {
                 let signed = cert.sign(&self.ca)?;
+                evio_trust::ledger::record_issued(&self.ca_dir, &cert, &signed)?;
                 let rec = serde_json::to_string(&CertRecord { cert: signed })?;
                 let mut c = store.client();
                 c.put(keys::cert(node), rec, None).await?;
@@ -234,9 +239,27 @@ impl Signer {
         Ok(())
     }
 
+    /// True when `key` is revoked in the CA directory's ledger or in etcd (an etcd writer can delete the
+    /// etcd copy, never the ledger's).
     async fn revoked(&self, store: &Store, key: &[u8; 32]) -> Result<bool> {
-        let revs = evio_trust::client::revocations(store, &self.public).await?;
+        let mut revs = evio_trust::ledger::revocations(&self.ca_dir, &self.public)?;
+        revs.extend(evio_trust::client::revocations(store, &self.public).await?);
         Ok(revs.iter().any(|r| r.key().ok().as_ref() == Some(key)))
+    }
+
+    /// The certificates that may bind `node`'s name: the last one this CA issued (the ledger) and the one
+    /// in etcd (which can only add to the refusals: it needs the CA signature too).
+    async fn bound_certs(&self, store: &Store, node: &str) -> Result<Vec<NodeCert>> {
+        let mut v: Vec<NodeCert> =
+            evio_trust::ledger::last_issued(&self.ca_dir, &self.public, node)?
+                .into_iter()
+                .collect();
+        if let Some(c) = self.existing_cert(store, node).await?
+            && !v.contains(&c)
+        {
+            v.push(c);
+        }
+        Ok(v)
     }
 
     /// The node's certificate in etcd, if it verifies (whatever its validity window).
@@ -293,15 +316,16 @@ impl Signer {
                 "this node key was revoked: generate a new key".into(),
             ));
         }
-        if let Some(existing) = self.existing_cert(store, &req.node).await?
-            && existing.public_key != key
-            && existing.is_current(now)
-            && !self.revoked(store, &existing.public_key).await?
-        {
-            return Ok(Verdict::Refuse(format!(
-                "node name {} is certified for another key until {}: revoke it first (evioctl revoke {})",
-                req.node, existing.not_after, req.node
-            )));
+        for existing in self.bound_certs(store, &req.node).await? {
+            if existing.public_key != key
+                && existing.is_current(now)
+                && !self.revoked(store, &existing.public_key).await?
+            {
+                return Ok(Verdict::Refuse(format!(
+                    "node name {} is certified for another key until {}: revoke it first (evioctl revoke {})",
+                    req.node, existing.not_after, req.node
+                )));
+            }
         }
         let had_address = store.address_of(&req.node).await?.is_some();
         let address = match store.claim_address(&self.overlay, &req.node, None).await {
@@ -337,9 +361,11 @@ impl Signer {
 
     async fn judge_renew(&self, store: &Store, req: &RenewRequest) -> Result<Verdict> {
         let now = unix_now();
-        let Some(cur) = self.existing_cert(store, &req.node).await? else {
+        // The ledger, not etcd, says which certificate is current (etcd could be made to show an older one).
+        let Some(cur) = evio_trust::ledger::last_issued(&self.ca_dir, &self.public, &req.node)?
+        else {
             return Ok(Verdict::Refuse(
-                "no certificate to renew: join with a token".into(),
+                "this CA issued no certificate to this node: join with a token".into(),
             ));
         };
         if !cur.is_current(now) {

@@ -36,37 +36,52 @@ pub fn run(args: Args) -> Result<()> {
     runtime()?.block_on(async {
         let store = Store::connect(&opts).await?;
         let mut c = store.client();
+        // Every certificate that binds the node: the ledger's last one and the one in etcd (they differ
+        // only if etcd was tampered with or the CA directory was restored from an older backup).
+        let mut certs: Vec<NodeCert> =
+            evio_trust::ledger::last_issued(&args.ca_dir, &public, &args.node)?
+                .into_iter()
+                .collect();
         let r = c.get(keys::cert(&args.node), None).await?;
-        let cert = r
+        if let Some(cert) = r
             .kvs()
             .first()
             .and_then(|kv| serde_json::from_slice::<CertRecord>(kv.value()).ok())
             .and_then(|rec| NodeCert::verify_ignoring_time(&rec.cert, &public).ok())
-            .filter(|cert| cert.node == args.node);
-        let rev = match (&cert, &args.public_key) {
-            (Some(cert), _) => Revocation::of(cert, unix_now()),
-            (None, Some(k)) => Revocation {
+            .filter(|cert| cert.node == args.node && !certs.contains(cert))
+        {
+            certs.push(cert);
+        }
+        let now = unix_now();
+        let mut revs: Vec<Revocation> = certs.iter().map(|c| Revocation::of(c, now)).collect();
+        if let Some(k) = &args.public_key {
+            revs.push(Revocation {
                 node: args.node.clone(),
                 public_key: k.trim().to_string(),
                 serial: 0,
-                time: unix_now(),
-            },
-            (None, None) => bail!(
-                "node {} has no valid certificate in etcd: give its key with --public-key",
+                time: now,
+            });
+        }
+        if revs.is_empty() {
+            bail!(
+                "this CA issued no certificate to node {} and etcd holds none: give its key with --public-key",
                 args.node
-            ),
-        };
-        let signed = rev.sign(&ca)?;
-        c.put(
-            keys::revoked(&rev.node, rev.serial),
-            serde_json::to_string(&RevocationRecord { revocation: signed })?,
-            None,
-        )
-        .await?;
-        println!(
-            "revoked key {} of node {} (certificate serial {})",
-            rev.public_key, rev.node, rev.serial
-        );
+            );
+        }
+        for rev in &revs {
+            let signed = rev.sign(&ca)?;
+            evio_trust::ledger::record_revoked(&args.ca_dir, rev, &signed)?;
+            c.put(
+                keys::revoked(&rev.node, rev.serial),
+                serde_json::to_string(&RevocationRecord { revocation: signed })?,
+                None,
+            )
+            .await?;
+            println!(
+                "revoked key {} of node {} (certificate serial {})",
+                rev.public_key, rev.node, rev.serial
+            );
+        }
         for k in [
             keys::cert(&args.node),
             keys::node(&args.node),

@@ -598,6 +598,13 @@ fn revoked_keys_cannot_join_and_names_stay_bound_to_their_key() {
         matches!(&e, JoinError::Refused { reason, .. } if reason.contains("another key")),
         "{e}"
     );
+    // Also when an etcd writer deleted the certificate: the signer's ledger still binds the name.
+    r.block_on(async { s.client().delete(keys::cert("node-r"), None).await.unwrap() });
+    let e = r.block_on(join(&s, &tok(), "node-r", &k2, T)).unwrap_err();
+    assert!(
+        matches!(&e, JoinError::Refused { reason, .. } if reason.contains("another key")),
+        "{e}"
+    );
     // The same key joining again (a reinstall keeping its key) gets a fresh certificate, same grants.
     let (again, _) = r.block_on(join(&s, &tok(), "node-r", &k1, T)).unwrap();
     assert_eq!(
@@ -649,7 +656,18 @@ fn revoked_keys_cannot_join_and_names_stay_bound_to_their_key() {
         1
     );
 
-    // The revoked key cannot join again, under any name.
+    // The revoked key cannot join again, under any name, even after an etcd writer deleted the revocations
+    // (the signer keeps its own copy in the CA directory).
+    r.block_on(async {
+        s.client()
+            .delete(
+                keys::REVOKED,
+                Some(evio_store::etcd_client::DeleteOptions::new().with_prefix()),
+            )
+            .await
+            .unwrap()
+    });
+    assert!(ca.dir.join("revoked").read_dir().unwrap().count() == 1);
     for name in ["node-r", "node-r2"] {
         let e = r.block_on(join(&s, &tok(), name, &k1, T)).unwrap_err();
         assert!(
