@@ -131,6 +131,11 @@ impl CaPublic {
         CaPublic::from_json(&read_bounded(path, 64 * 1024)?)
     }
 
+    /// Writes `ca.json` content to `path` (0644, atomically): a joined node keeps the CA it trusts.
+    pub fn save(&self, path: &Path) -> Result<(), TrustError> {
+        crate::files::write_replace(path, self.to_json().as_bytes(), 0o644)
+    }
+
     /// Checks a pin given by an operator (`sha256:<hex>`, case-insensitive hex) against this CA.
     pub fn check_pin(&self, expected: &str) -> Result<(), TrustError> {
         let actual = self.pin();
@@ -326,6 +331,9 @@ mod tests {
         let ca = CaKey::generate("lab").public();
         let text = ca.to_json();
         assert_eq!(CaPublic::from_json(text.as_bytes()).unwrap(), ca);
+        let d = tempfile::tempdir().unwrap();
+        ca.save(&d.path().join("ca.json")).unwrap();
+        assert_eq!(CaPublic::load(&d.path().join("ca.json")).unwrap(), ca);
         ca.check_pin(&ca.pin().to_uppercase().replace("SHA256", "sha256"))
             .unwrap();
         let other = CaKey::generate("lab").public();

@@ -226,6 +226,41 @@ impl NodeCert {
         Ok(c)
     }
 
+    /// What a node checks before accepting a peer: `signed` verifies against `ca` at `now`, names `node` and
+    /// `public_key` (as the peer's record announces them), and no revocation in `revoked` (verified ones,
+    /// e.g. from [`client::revocations`](crate::client)) names the key. Returns what the peer owns.
+    pub fn verify_peer(
+        signed: &str,
+        ca: &CaPublic,
+        node: &str,
+        public_key: &[u8; 32],
+        revoked: &[Revocation],
+        now: u64,
+    ) -> Result<NodeCert, TrustError> {
+        let c = NodeCert::verify(signed, ca, now)?;
+        if c.node != node {
+            return Err(TrustError::InvalidField(format!(
+                "the certificate is for node {}, not {node}",
+                c.node
+            )));
+        }
+        if c.public_key != *public_key {
+            return Err(TrustError::InvalidField(format!(
+                "the certificate of node {node} is for another key"
+            )));
+        }
+        if let Some(r) = revoked
+            .iter()
+            .find(|r| r.key().is_ok_and(|k| k == c.public_key))
+        {
+            return Err(TrustError::Revoked {
+                node: r.node.clone(),
+                serial: r.serial,
+            });
+        }
+        Ok(c)
+    }
+
     /// When the node should ask for a renewal: two thirds into the window, leaving a third of the lifetime
     /// (8 h of a 24 h certificate) for the signer to answer.
     pub fn renew_at(&self) -> u64 {
@@ -512,6 +547,36 @@ mod tests {
             NodeCert::verify(&s2, &ca.public(), NOW),
             Err(TrustError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn peer_check_binds_name_key_and_revocations() {
+        let ca = CaKey::generate("lab");
+        let c = cert();
+        let s = c.sign(&ca).unwrap();
+        let p = ca.public();
+        assert_eq!(
+            NodeCert::verify_peer(&s, &p, "node-1", &[7; 32], &[], NOW).unwrap(),
+            c
+        );
+        assert!(NodeCert::verify_peer(&s, &p, "node-2", &[7; 32], &[], NOW).is_err());
+        assert!(NodeCert::verify_peer(&s, &p, "node-1", &[8; 32], &[], NOW).is_err());
+        let mut other = c.clone();
+        other.public_key = [9; 32];
+        let unrelated = Revocation::of(&other, NOW);
+        assert!(
+            NodeCert::verify_peer(&s, &p, "node-1", &[7; 32], &[unrelated.clone()], NOW).is_ok()
+        );
+        // A revocation of the key (whatever the serial: renewals change it) ends the peer.
+        let mut rev = Revocation::of(&c, NOW);
+        rev.serial ^= 1;
+        assert!(matches!(
+            NodeCert::verify_peer(&s, &p, "node-1", &[7; 32], &[unrelated, rev], NOW),
+            Err(TrustError::Revoked { .. })
+        ));
+        assert!(
+            NodeCert::verify_peer(&s, &p, "node-1", &[7; 32], &[], c.not_after + 10_000).is_err()
+        );
     }
 
     #[test]

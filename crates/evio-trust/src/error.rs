@@ -18,6 +18,8 @@ pub enum TrustError {
     NotYetValid { not_before: u64, now: u64 },
     #[error("the certificate expired at {not_after} (now {now})")]
     Expired { not_after: u64, now: u64 },
+    #[error("the key of node {node} was revoked by the cluster CA (certificate serial {serial})")]
+    Revoked { node: String, serial: u64 },
     #[error("invalid field: {0}")]
     InvalidField(String),
     #[error(

@@ -113,7 +113,10 @@ mod tests {
         );
         let rev = Revocation::of(&cert, now);
         record_revoked(d.path(), &rev, &rev.sign(&ca).unwrap()).unwrap();
-        assert_eq!(revocations(d.path(), &ca.public()).unwrap(), vec![rev.clone()]);
+        assert_eq!(
+            revocations(d.path(), &ca.public()).unwrap(),
+            vec![rev.clone()]
+        );
         // Files signed by another CA are ignored (revocations) or refused (issued).
         let other = CaKey::generate("x");
         let mut c2 = cert.clone();

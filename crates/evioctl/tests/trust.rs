@@ -612,6 +612,10 @@ fn revoked_keys_cannot_join_and_names_stay_bound_to_their_key() {
         (cert.address, &cert.pod_subnets)
     );
 
+    // Renewal works before the revocation, not after.
+    let (again, _) = r
+        .block_on(renew(&s, &ca.public(), &[11; 32], &again, T))
+        .unwrap();
     let out = ok(&[
         "revoke",
         "node-r",
@@ -676,6 +680,13 @@ fn revoked_keys_cannot_join_and_names_stay_bound_to_their_key() {
         );
         assert_nothing_for(&r, &s, name);
     }
+    let e = r
+        .block_on(renew(&s, &ca.public(), &[11; 32], &again, T))
+        .unwrap_err();
+    assert!(
+        matches!(&e, JoinError::Refused { reason, .. } if reason.contains("revoked")),
+        "{e}"
+    );
     // A new key may take the name.
     let (fresh, _) = r.block_on(join(&s, &tok(), "node-r", &k2, T)).unwrap();
     assert_eq!(fresh.public_key, k2);
