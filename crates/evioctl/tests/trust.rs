@@ -539,12 +539,54 @@ fn refused_joins_write_nothing() {
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    for node in ["node-f", "node-m", "node-e", "node-2", "node-big"] {
+    // A valid request of node-1's token put under another node's key is refused, not issued to either.
+    let moved = JoinRequest::new(
+        &ok_token(&ca, &etcd),
+        "node-h",
+        &public_key_of(&[10; 32]),
+        unix_now(),
+    )
+    .unwrap();
+    r.block_on(async {
+        s.client()
+            .put(keys::join("node-i"), moved.to_json(), None)
+            .await
+            .unwrap()
+    });
+    let refusal = wait_refusal(&r, &s, &ca, "node-i");
+    assert!(refusal.contains("under the key of node-i"), "{refusal}");
+    // A flood of garbage (more than one pass reads) is deleted, all of it.
+    r.block_on(async {
+        let mut c = s.client();
+        for i in 0..150 {
+            c.put(keys::join(&format!("junk-{i}")), "{not json", None)
+                .await
+                .unwrap();
+        }
+    });
+    let deadline = Instant::now() + T;
+    while !keys_under(&r, &s, keys::JOIN).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "junk requests not removed: {:?}",
+            keys_under(&r, &s, keys::JOIN).len()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    for node in [
+        "node-f", "node-m", "node-e", "node-2", "node-big", "node-h", "node-i", "junk-0",
+        "junk-149",
+    ] {
         assert_nothing_for(&r, &s, node);
     }
     assert!(r.block_on(s.address_of("node-1")).unwrap().is_some());
     assert_eq!(r.block_on(s.address_claims()).unwrap().len(), 1);
     assert_eq!(r.block_on(s.subnet_claims()).unwrap().len(), 1);
+}
+
+fn ok_token(ca: &Ca, etcd: &Etcd) -> JoinToken {
+    JoinToken::decode(&ca.token(&etcd.endpoint(), &[])).unwrap()
 }
 
 fn base64_url_decode(s: &str) -> Vec<u8> {
