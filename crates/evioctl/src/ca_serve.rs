@@ -96,6 +96,14 @@ impl Signer {
         let ca = CaKey::load_dir(&args.ca_dir)
             .with_context(|| format!("loading the CA in {}", args.ca_dir.display()))?;
         let overlay = parse_cidr(&args.overlay_cidr).map_err(|e| anyhow!("--overlay-cidr: {e}"))?;
+        let first = overlay.network();
+        if first.is_loopback()
+            || first.is_multicast()
+            || first.is_unspecified()
+            || overlay.prefix_len() > 30
+        {
+            bail!("--overlay-cidr {overlay}: not a usable overlay network");
+        }
         let plan = args
             .pod_cidr
             .as_deref()
@@ -193,32 +201,50 @@ impl Signer {
             }
         };
         match verdict {
-            Verdict::Refuse(reason) => {
-                warn!(node, "refused the {what} request: {reason}");
-                if evio_store::keys::valid_node_name(node) {
-                    self.refuse(store, node, &nonce, &reason).await?;
+            Verdict::Refuse(reason) => self.refused(store, what, node, &nonce, &reason).await?,
+            Verdict::Issue(cert) => match cert.sign(&self.ca) {
+                // Fields that fail the checks (e.g. a VIP the overlay CIDR should not contain): a refusal,
+                // not an error retried forever.
+                Err(e) => {
+                    let reason = format!("cannot sign the certificate: {e}");
+                    self.refused(store, what, node, &nonce, &reason).await?
                 }
-            }
-            Verdict::Issue(cert) => {
-                let signed = cert.sign(&self.ca)?;
-                evio_trust::ledger::record_issued(&self.ca_dir, &cert, &signed)?;
-                let rec = serde_json::to_string(&CertRecord { cert: signed })?;
-                let mut c = store.client();
-                c.put(keys::cert(node), rec, None).await?;
-                info!(
-                    node,
-                    address = %cert.address,
-                    subnets = ?cert.pod_subnets,
-                    serial = cert.serial,
-                    not_after = cert.not_after,
-                    "issued a certificate ({what})"
-                );
-            }
+                Ok(signed) => {
+                    evio_trust::ledger::record_issued(&self.ca_dir, &cert, &signed)?;
+                    let rec = serde_json::to_string(&CertRecord { cert: signed })?;
+                    let mut c = store.client();
+                    c.put(keys::cert(node), rec, None).await?;
+                    info!(
+                        node,
+                        address = %cert.address,
+                        subnets = ?cert.pod_subnets,
+                        serial = cert.serial,
+                        not_after = cert.not_after,
+                        "issued a certificate ({what})"
+                    );
+                }
+            },
         }
         withdraw(store, key, value).await
     }
 
+    /// Logs a refusal and answers it in etcd.
+    async fn refused(
+        &self,
+        store: &Store,
+        what: &str,
+        node: &str,
+        nonce: &str,
+        reason: &str,
+    ) -> Result<()> {
+        warn!(node, "refused the {what} request: {reason}");
+        self.refuse(store, node, nonce, reason).await
+    }
+
     async fn refuse(&self, store: &Store, node: &str, nonce: &str, reason: &str) -> Result<()> {
+        if !keys::valid_node_name(node) {
+            return Ok(());
+        }
         let r = Refusal {
             node: node.to_string(),
             nonce: nonce.to_string(),
