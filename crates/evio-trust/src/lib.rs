@@ -17,6 +17,17 @@
 //! Everything parsed here may come from etcd, i.e. from an attacker: every decoder bounds the input length
 //! first ([`MAX_CERT_LEN`] and friends) and checks every field.
 //!
+//! # For eviod (the integration still to do)
+//!
+//! - first start with `--join-token`: [`JoinToken::decode`] (checks the pin), connect with
+//!   [`client::etcd_options`] (plus any TLS flags), then [`client::join`]`(store, &token, node, &public_key,
+//!   timeout)` → `(NodeCert, signed)`. Keep `token.ca` ([`CaPublic::save`] as `<state-dir>/ca.json`) and the
+//!   signed certificate in the state directory; publish `signed` in the node record.
+//! - renewal: at [`NodeCert::renew_at`], [`client::renew`]`(store, &ca, &private_key, &cert, timeout)`.
+//! - accepting a peer: [`NodeCert::verify_peer`]`(signed, &ca, peer_name, &peer_key, &revocations, now)` →
+//!   what the peer owns (VIP, subnets) or why not; `revocations` from [`client::revocations`] (refresh on
+//!   watch events under `/evio/v1/revoked/`). Re-check on expiry.
+//!
 //! Dependencies, all well-kept and widely used: `ed25519-dalek` and `x25519-dalek` (the dalek-cryptography
 //! implementations also behind boringtun's X25519), `sha2` and `hmac` (RustCrypto; `hmac`'s `verify_slice`
 //! compares in constant time), `getrandom` (the OS random source, no userspace RNG to seed), `base64`,
