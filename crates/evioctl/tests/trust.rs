@@ -732,6 +732,21 @@ fn revoked_keys_cannot_join_and_names_stay_bound_to_their_key() {
     // A new key may take the name.
     let (fresh, _) = r.block_on(join(&s, &tok(), "node-r", &k2, T)).unwrap();
     assert_eq!(fresh.public_key, k2);
+    // Renewal grants only what the node still holds: after its claims were freed, it must join again.
+    ok(&[
+        "release",
+        "node-r",
+        "--force",
+        "--etcd-endpoints",
+        &etcd.endpoint(),
+    ]);
+    let e = r
+        .block_on(renew(&s, &ca.public(), &[12; 32], &fresh, T))
+        .unwrap_err();
+    assert!(
+        matches!(&e, JoinError::Refused { reason, .. } if reason.contains("claims changed")),
+        "{e}"
+    );
     // A certificate put in etcd by hand (no CA key) is not what the client accepts.
     let fake = CertRecord {
         cert: "e30.AAAA".into(),
