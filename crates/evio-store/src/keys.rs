@@ -8,6 +8,11 @@
 //! | `/evio/v1/addresses/by-address/<a.b.c.d>` | [`AddressClaim`](crate::AddressClaim) |
 //! | `/evio/v1/addresses/by-node/<node>` | the same [`AddressClaim`](crate::AddressClaim) |
 //! | `/evio/v1/nodes/<node>` | [`NodeRecord`](crate::NodeRecord), attached to the node's lease |
+//! | `/evio/v1/join/<node>` | a join request (evio-trust `JoinRequest`), written by a joining host |
+//! | `/evio/v1/renew/<node>` | a renewal request (evio-trust `RenewRequest`) |
+//! | `/evio/v1/certs/<node>` | `{"cert": "<CA-signed certificate>"}`, written by the signer |
+//! | `/evio/v1/refused/<node>` | `{"refusal": "<CA-signed refusal>"}`, the signer's answer to a refused request |
+//! | `/evio/v1/revoked/<node>/<serial>` | `{"revocation": "<CA-signed revocation>"}` |
 
 use std::net::Ipv4Addr;
 
@@ -25,6 +30,17 @@ pub const ADDRESSES_BY_ADDRESS: &str = "/evio/v1/addresses/by-address/";
 pub const ADDRESSES_BY_NODE: &str = "/evio/v1/addresses/by-node/";
 /// Prefix of the live node registrations.
 pub const NODES: &str = "/evio/v1/nodes/";
+
+/// Prefix of the join requests (cluster CA mode).
+pub const JOIN: &str = "/evio/v1/join/";
+/// Prefix of the certificate renewal requests.
+pub const RENEW: &str = "/evio/v1/renew/";
+/// Prefix of the node certificates.
+pub const CERTS: &str = "/evio/v1/certs/";
+/// Prefix of the signer's refusals.
+pub const REFUSED: &str = "/evio/v1/refused/";
+/// Prefix of the revocations.
+pub const REVOKED: &str = "/evio/v1/revoked/";
 
 /// `a.b.c.d-len`: a CIDR as one key segment (no `/`).
 pub fn subnet_segment(net: &Ipv4Net) -> String {
@@ -55,6 +71,27 @@ pub fn address_by_node(node: &str) -> String {
 
 pub fn node(node: &str) -> String {
     format!("{NODES}{node}")
+}
+
+pub fn join(node: &str) -> String {
+    format!("{JOIN}{node}")
+}
+
+pub fn renew(node: &str) -> String {
+    format!("{RENEW}{node}")
+}
+
+pub fn cert(node: &str) -> String {
+    format!("{CERTS}{node}")
+}
+
+pub fn refused(node: &str) -> String {
+    format!("{REFUSED}{node}")
+}
+
+/// The revocation of the certificate `serial` of `node`.
+pub fn revoked(node: &str, serial: u64) -> String {
+    format!("{REVOKED}{node}/{serial}")
 }
 
 /// Node names become key segments: 1-253 characters of `[A-Za-z0-9._-]` (Kubernetes node names are DNS

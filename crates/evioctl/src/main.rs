@@ -1,10 +1,14 @@
 //! `evioctl`: the operator CLI. One module per subcommand.
 
+mod ca;
+mod ca_serve;
 mod cni_config;
 mod demo;
 mod nodes;
 mod release;
+mod revoke;
 mod status;
+mod token;
 
 use clap::{Parser, Subcommand};
 
@@ -27,6 +31,12 @@ enum Cmd {
     Status(status::Args),
     /// Build a whole edge cluster on this machine in network namespaces.
     Demo(demo::Args),
+    /// The cluster CA: `ca init` creates it, `ca serve` signs node certificates.
+    Ca(ca::Args),
+    /// Join tokens: create, list, delete.
+    Token(token::Args),
+    /// Revoke a node's key and certificate and free its claims.
+    Revoke(revoke::Args),
 }
 
 fn main() {
@@ -37,6 +47,9 @@ fn main() {
         Cmd::Release(a) => release::run(a),
         Cmd::Status(a) => status::run(a),
         Cmd::Demo(a) => demo::run(a),
+        Cmd::Ca(a) => ca::run(a),
+        Cmd::Token(a) => token::run(a),
+        Cmd::Revoke(a) => revoke::run(a),
     };
     if let Err(e) = res {
         eprintln!("evioctl: {e:#}");

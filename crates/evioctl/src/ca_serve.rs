@@ -1,0 +1,529 @@
+//! `evioctl ca serve`: the signer. Watches join requests (`/evio/v1/join/<node>`) and renewal requests
+//! (`/evio/v1/renew/<node>`) and answers each with a certificate (`/evio/v1/certs/<node>`) or a CA-signed
+//! refusal (`/evio/v1/refused/<node>`, on a 2-minute lease), then deletes the request.
+//!
+//! A join is granted when: the request parses and is for the node its key names; its token is known, not
+//! expired and not used up; its MAC verifies with the token's key and its time is within the clock skew;
+//! the node's key is not revoked; the name is not certified (current, unrevoked certificate) for another key;
+//! and the node's VIP (and, with `--pod-cidr`, pod subnet) can be claimed. The certificate grants exactly
+//! those claims. A refused join writes no claim and no certificate (a subnet claim failing after the address
+//! claim releases the address claim again when it was new).
+//!
+//! A renewal is granted when the node's current certificate (unexpired, unrevoked) has the request's key and
+//! serial, the request's MAC proves the node holds that key, and the node still holds the same claims.
+//!
+//! Everything read from etcd is attacker input: values over the size bound are deleted unread, at most
+//! [`MAX_PENDING`] requests of each kind are read per pass, and every field is checked by evio-trust.
+//! One signer per CA directory (an exclusive lock on `<ca-dir>/serve.lock`).
+//!
+//! The signer decides from its own ledger in the CA directory (`issued/`, `revoked/`, see
+//! `evio_trust::ledger`) as well as from etcd, since an etcd writer can delete a certificate (to free a name
+//! for another key) or a revocation (to let a revoked key back in).
+
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use evio_store::etcd_client::{
+    Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+};
+use evio_store::{Store, StoreError, SubnetPlan, keys, parse_cidr};
+use evio_trust::{
+    CaKey, CaPublic, CertRecord, JoinRequest, MAX_CERT_LIFETIME_SECS, MAX_REQUEST_LEN, NodeCert,
+    Refusal, RefusalRecord, RenewRequest, TokenRecord, TrustError, unix_now,
+};
+use ipnet::Ipv4Net;
+use tracing::{info, warn};
+
+use crate::ca::parse_duration;
+use crate::cni_config::{EtcdArgs, runtime};
+
+/// Most requests of each kind read in one pass (more are handled in the next pass, at once).
+pub const MAX_PENDING: i64 = 64;
+/// How long a refusal stays in etcd (seconds).
+pub const REFUSAL_TTL: i64 = 120;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The CA directory (`evioctl ca init --dir`).
+    #[arg(long)]
+    pub ca_dir: PathBuf,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// The overlay network host VIPs are claimed in (as eviod's --overlay-cidr).
+    #[arg(long, default_value = "10.10.0.0/16")]
+    pub overlay_cidr: String,
+    /// The pod CIDR node subnets are cut from; without it certificates grant no pod subnet.
+    #[arg(long)]
+    pub pod_cidr: Option<String>,
+    /// Bits of the pod CIDR that number the nodes (node subnet prefix = pod CIDR prefix + node bits).
+    #[arg(long, default_value_t = 8)]
+    pub node_bits: u8,
+    /// Lifetime of the certificates (e.g. 24h, 30d; at most 366d). Nodes renew before it ends.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub cert_ttl: u64,
+}
+
+/// The signer's state: the CA and what it may grant.
+pub struct Signer {
+    ca: CaKey,
+    public: CaPublic,
+    ca_dir: PathBuf,
+    overlay: Ipv4Net,
+    plan: Option<SubnetPlan>,
+    cert_ttl: u64,
+}
+
+enum Verdict {
+    Issue(NodeCert),
+    Refuse(String),
+}
+
+/// Store errors that are the etcd connection's fault are retried; the rest refuse the request.
+fn refusal_or_retry(e: StoreError) -> Result<Verdict> {
+    match e {
+        StoreError::Unreachable { .. } | StoreError::Tls { .. } | StoreError::Etcd { .. } => {
+            Err(e.into())
+        }
+        other => Ok(Verdict::Refuse(other.to_string())),
+    }
+}
+
+impl Signer {
+    pub fn new(args: &Args) -> Result<Signer> {
+        let ca = CaKey::load_dir(&args.ca_dir)
+            .with_context(|| format!("loading the CA in {}", args.ca_dir.display()))?;
+        let overlay = parse_cidr(&args.overlay_cidr).map_err(|e| anyhow!("--overlay-cidr: {e}"))?;
+        let first = overlay.network();
+        if first.is_loopback()
+            || first.is_multicast()
+            || first.is_unspecified()
+            || overlay.prefix_len() > 30
+        {
+            bail!("--overlay-cidr {overlay}: not a usable overlay network");
+        }
+        let plan = args
+            .pod_cidr
+            .as_deref()
+            .map(|p| SubnetPlan::parse(p, args.node_bits))
+            .transpose()
+            .map_err(|e| anyhow!("--pod-cidr/--node-bits: {e}"))?;
+        if args.cert_ttl > MAX_CERT_LIFETIME_SECS {
+            bail!("--cert-ttl is longer than {MAX_CERT_LIFETIME_SECS} s");
+        }
+        Ok(Signer {
+            public: ca.public(),
+            ca,
+            ca_dir: args.ca_dir.clone(),
+            overlay,
+            plan,
+            cert_ttl: args.cert_ttl,
+        })
+    }
+
+    /// One pass over the pending requests; returns the revision to watch from and whether more are pending.
+    pub async fn pass(&self, store: &Store) -> Result<(i64, bool)> {
+        let mut c = store.client();
+        let opts = || GetOptions::new().with_prefix().with_limit(MAX_PENDING);
+        let joins = c.get(keys::JOIN, Some(opts())).await?;
+        let rev = joins.header().map(|h| h.revision()).unwrap_or(0);
+        let mut more = joins.more();
+        for kv in joins.kvs() {
+            let (Ok(key), value) = (kv.key_str(), kv.value()) else {
+                continue;
+            };
+            let node = key.strip_prefix(keys::JOIN).unwrap_or_default().to_string();
+            self.handle(store, true, key, &node, value).await?;
+        }
+        let renews = c.get(keys::RENEW, Some(opts())).await?;
+        more |= renews.more();
+        for kv in renews.kvs() {
+            let (Ok(key), value) = (kv.key_str(), kv.value()) else {
+                continue;
+            };
+            let node = key
+                .strip_prefix(keys::RENEW)
+                .unwrap_or_default()
+                .to_string();
+            self.handle(store, false, key, &node, value).await?;
+        }
+        Ok((rev, more))
+    }
+
+    async fn handle(
+        &self,
+        store: &Store,
+        join: bool,
+        key: &str,
+        node: &str,
+        value: &[u8],
+    ) -> Result<()> {
+        let what = if join { "join" } else { "renewal" };
+        if value.len() > MAX_REQUEST_LEN {
+            warn!(
+                key,
+                len = value.len(),
+                "deleting an oversized {what} request unread"
+            );
+            return withdraw(store, key, value).await;
+        }
+        let (verdict, nonce) = if join {
+            match JoinRequest::parse(value) {
+                Ok(r) if r.node == node => (self.judge_join(store, &r).await?, r.nonce),
+                Ok(r) => (
+                    Verdict::Refuse(format!(
+                        "request for node {} under the key of {node}",
+                        r.node
+                    )),
+                    r.nonce,
+                ),
+                Err(e) => {
+                    warn!(key, "deleting a malformed join request: {e}");
+                    return withdraw(store, key, value).await;
+                }
+            }
+        } else {
+            match RenewRequest::parse(value) {
+                Ok(r) if r.node == node => (self.judge_renew(store, &r).await?, r.nonce),
+                Ok(r) => (
+                    Verdict::Refuse(format!(
+                        "request for node {} under the key of {node}",
+                        r.node
+                    )),
+                    r.nonce,
+                ),
+                Err(e) => {
+                    warn!(key, "deleting a malformed renewal request: {e}");
+                    return withdraw(store, key, value).await;
+                }
+            }
+        };
+        match verdict {
+            Verdict::Refuse(reason) => self.refused(store, what, node, &nonce, &reason).await?,
+            Verdict::Issue(cert) => match cert.sign(&self.ca) {
+                // Fields that fail the checks (e.g. a VIP the overlay CIDR should not contain): a refusal,
+                // not an error retried forever.
+                Err(e) => {
+                    let reason = format!("cannot sign the certificate: {e}");
+                    self.refused(store, what, node, &nonce, &reason).await?
+                }
+                Ok(signed) => {
+                    evio_trust::ledger::record_issued(&self.ca_dir, &cert, &signed)?;
+                    let rec = serde_json::to_string(&CertRecord { cert: signed })?;
+                    let mut c = store.client();
+                    c.put(keys::cert(node), rec, None).await?;
+                    info!(
+                        node,
+                        address = %cert.address,
+                        subnets = ?cert.pod_subnets,
+                        serial = cert.serial,
+                        not_after = cert.not_after,
+                        "issued a certificate ({what})"
+                    );
+                }
+            },
+        }
+        withdraw(store, key, value).await
+    }
+
+    /// Logs a refusal and answers it in etcd.
+    async fn refused(
+        &self,
+        store: &Store,
+        what: &str,
+        node: &str,
+        nonce: &str,
+        reason: &str,
+    ) -> Result<()> {
+        warn!(node, "refused the {what} request: {reason}");
+        self.refuse(store, node, nonce, reason).await
+    }
+
+    async fn refuse(&self, store: &Store, node: &str, nonce: &str, reason: &str) -> Result<()> {
+        if !keys::valid_node_name(node) {
+            return Ok(());
+        }
+        let r = Refusal {
+            node: node.to_string(),
+            nonce: nonce.to_string(),
+            reason: reason.to_string(),
+            time: unix_now(),
+        };
+        let rec = serde_json::to_string(&RefusalRecord {
+            refusal: r.sign(&self.ca),
+        })?;
+        let mut c = store.client();
+        let lease = c.lease_grant(REFUSAL_TTL, None).await?.id();
+        c.put(
+            keys::refused(node),
+            rec,
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// True when `key` is revoked in the CA directory's ledger or in etcd (an etcd writer can delete the
+    /// etcd copy, never the ledger's).
+    async fn revoked(&self, store: &Store, key: &[u8; 32]) -> Result<bool> {
+        let mut revs = evio_trust::ledger::revocations(&self.ca_dir, &self.public)?;
+        revs.extend(evio_trust::client::revocations(store, &self.public).await?);
+        Ok(revs.iter().any(|r| r.key().ok().as_ref() == Some(key)))
+    }
+
+    /// The certificates that may bind `node`'s name: the last one this CA issued (the ledger) and the one
+    /// in etcd (which can only add to the refusals: it needs the CA signature too).
+    async fn bound_certs(&self, store: &Store, node: &str) -> Result<Vec<NodeCert>> {
+        let mut v: Vec<NodeCert> =
+            evio_trust::ledger::last_issued(&self.ca_dir, &self.public, node)?
+                .into_iter()
+                .collect();
+        if let Some(c) = self.existing_cert(store, node).await?
+            && !v.contains(&c)
+        {
+            v.push(c);
+        }
+        Ok(v)
+    }
+
+    /// The node's certificate in etcd, if it verifies (whatever its validity window).
+    async fn existing_cert(&self, store: &Store, node: &str) -> Result<Option<NodeCert>> {
+        let mut c = store.client();
+        let r = c.get(keys::cert(node), None).await?;
+        let Some(kv) = r.kvs().first() else {
+            return Ok(None);
+        };
+        let cert = serde_json::from_slice::<CertRecord>(kv.value())
+            .ok()
+            .and_then(|rec| NodeCert::verify_ignoring_time(&rec.cert, &self.public).ok());
+        if cert.is_none() {
+            warn!(node, "the certificate in etcd does not verify: ignoring it");
+        }
+        Ok(cert.filter(|c| c.node == node))
+    }
+
+    fn new_cert(
+        &self,
+        node: &str,
+        key: [u8; 32],
+        address: Ipv4Addr,
+        subnets: Vec<Ipv4Net>,
+    ) -> NodeCert {
+        let now = unix_now();
+        NodeCert {
+            node: node.to_string(),
+            public_key: key,
+            address,
+            pod_subnets: subnets,
+            not_before: now,
+            not_after: now + self.cert_ttl,
+            serial: NodeCert::new_serial(),
+        }
+    }
+
+    async fn judge_join(&self, store: &Store, req: &JoinRequest) -> Result<Verdict> {
+        let now = unix_now();
+        let refuse = |e: TrustError| Ok(Verdict::Refuse(e.to_string()));
+        let record = match TokenRecord::load(&self.ca_dir, &req.token_id) {
+            Ok(r) => r,
+            Err(e) => return refuse(e),
+        };
+        if let Err(e) = record.check_usable(now) {
+            return refuse(e);
+        }
+        if let Err(e) = req.verify(&*record.mac_key()?, now) {
+            return refuse(e);
+        }
+        let key = req.key()?;
+        if self.revoked(store, &key).await? {
+            return Ok(Verdict::Refuse(
+                "this node key was revoked: generate a new key".into(),
+            ));
+        }
+        for existing in self.bound_certs(store, &req.node).await? {
+            if existing.public_key != key
+                && existing.is_current(now)
+                && !self.revoked(store, &existing.public_key).await?
+            {
+                return Ok(Verdict::Refuse(format!(
+                    "node name {} is certified for another key until {}: revoke it first (evioctl revoke {})",
+                    req.node, existing.not_after, req.node
+                )));
+            }
+        }
+        let had_address = store.address_of(&req.node).await?.is_some();
+        let address = match store.claim_address(&self.overlay, &req.node, None).await {
+            Ok(a) => a.address,
+            Err(e) => return refusal_or_retry(e),
+        };
+        let mut subnets = Vec::new();
+        if let Some(plan) = &self.plan {
+            match store.claim_subnet(plan, &req.node).await {
+                Ok(s) => subnets.push(s.subnet),
+                Err(e) => {
+                    if !had_address {
+                        store.release_address(&req.node).await?;
+                    }
+                    return refusal_or_retry(e);
+                }
+            }
+        }
+        // Spend the token last, just before issuing (re-read: the operator may have deleted it meanwhile).
+        let mut record = match TokenRecord::load(&self.ca_dir, &req.token_id) {
+            Ok(r) => r,
+            Err(e) => return refuse(e),
+        };
+        if let Err(e) = record.check_usable(now) {
+            return refuse(e);
+        }
+        record.uses += 1;
+        record.save(&self.ca_dir)?;
+        Ok(Verdict::Issue(
+            self.new_cert(&req.node, key, address, subnets),
+        ))
+    }
+
+    async fn judge_renew(&self, store: &Store, req: &RenewRequest) -> Result<Verdict> {
+        let now = unix_now();
+        // The ledger, not etcd, says which certificate is current (etcd could be made to show an older one).
+        let Some(cur) = evio_trust::ledger::last_issued(&self.ca_dir, &self.public, &req.node)?
+        else {
+            return Ok(Verdict::Refuse(
+                "this CA issued no certificate to this node: join with a token".into(),
+            ));
+        };
+        if !cur.is_current(now) {
+            return Ok(Verdict::Refuse(
+                "the certificate expired: join again with a token".into(),
+            ));
+        }
+        if cur.public_key != req.key()? || cur.serial != req.serial {
+            return Ok(Verdict::Refuse(
+                "not the node's current certificate (key or serial differ)".into(),
+            ));
+        }
+        if let Err(e) = req.verify(&self.ca, now) {
+            return Ok(Verdict::Refuse(e.to_string()));
+        }
+        if self.revoked(store, &cur.public_key).await? {
+            return Ok(Verdict::Refuse("this node key was revoked".into()));
+        }
+        let address = store.address_of(&req.node).await?.map(|a| a.address);
+        let subnet = store.subnet_of(&req.node).await?.map(|s| s.subnet);
+        let subnets: Vec<Ipv4Net> = subnet.into_iter().collect();
+        if address != Some(cur.address) || subnets != cur.pod_subnets {
+            return Ok(Verdict::Refuse(format!(
+                "the node's claims changed (address {address:?}, subnet {subnet:?}): join again with a token"
+            )));
+        }
+        Ok(Verdict::Issue(self.new_cert(
+            &req.node,
+            cur.public_key,
+            cur.address,
+            subnets,
+        )))
+    }
+}
+
+/// Deletes the request at `key` if it still holds `value` (a newer request is left for the next pass).
+async fn withdraw(store: &Store, key: &str, value: &[u8]) -> Result<()> {
+    let txn = Txn::new()
+        .when([Compare::value(key, CompareOp::Equal, value.to_vec())])
+        .and_then([TxnOp::delete(key, None)]);
+    store.client().txn(txn).await?;
+    Ok(())
+}
+
+/// Waits until a request key changes after `rev` (or 30 s pass).
+async fn wait_for_requests(store: &Store, rev: i64) -> Result<()> {
+    let mut c = store.client();
+    let opts = || {
+        WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(rev + 1)
+    };
+    let mut joins = c.watch(keys::JOIN, Some(opts())).await?;
+    let mut renews = c.watch(keys::RENEW, Some(opts())).await?;
+    let next = async {
+        tokio::select! {
+            r = joins.message() => r,
+            r = renews.message() => r,
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(30), next).await {
+        Err(_) => Ok(()),
+        Ok(r) => {
+            r?;
+            Ok(())
+        }
+    }
+}
+
+fn lock(dir: &std::path::Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("serve.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!(
+            "another `evioctl ca serve` runs with the CA directory {} (one signer per CA)",
+            dir.display()
+        );
+    }
+    Ok(f)
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .try_init();
+    let signer = Signer::new(&args)?;
+    let _lock = lock(&args.ca_dir)?;
+    let opts = args.etcd.options(None)?;
+    runtime()?.block_on(async {
+        let store = Store::connect(&opts).await?;
+        info!(
+            ca = %signer.public.pin(),
+            overlay = %signer.overlay,
+            pod_cidr = ?signer.plan.as_ref().map(|p| p.pool()),
+            cert_ttl = signer.cert_ttl,
+            "signing join and renewal requests"
+        );
+        let serve = async {
+            loop {
+                match signer.pass(&store).await {
+                    Ok((_, true)) => continue,
+                    Ok((rev, false)) => {
+                        if let Err(e) = wait_for_requests(&store, rev).await {
+                            warn!("watching the requests: {e:#}");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                    Err(e) => {
+                        warn!("handling the requests: {e:#}; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            _ = serve => Ok(()),
+            _ = tokio::signal::ctrl_c() => {
+                info!("stopping");
+                Ok(())
+            }
+        }
+    })
+}
