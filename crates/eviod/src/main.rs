@@ -9,6 +9,7 @@
 //! `tokio` (only for the etcd client), `tracing`, `serde_json`, `base64` (key files in `wg` format),
 //! `nix` (getifaddrs), `evio-netlink` (TUN address and routes), `evio-io` (TUN with offloads, batched UDP with GSO/GRO).
 
+mod cluster;
 mod config;
 mod control;
 mod ctl;
@@ -168,12 +169,17 @@ fn run(cfg: Config) -> Result<()> {
     }
     tracing::info!(interface = %cfg.interface, mtu, port = cfg.listen_port, "data plane up");
 
+    // Never routed into the tunnel, whatever etcd says.
+    let mut servers = control::etcd_addresses(&cfg.etcd.endpoints);
+    servers.extend(stun.iter().map(|s| s.ip()));
+    servers.extend(turn.as_ref().map(|t| t.server.ip()));
     let mut control = Control::new(
         cfg.clone(),
         shared.clone(),
         public_key,
         address,
         cache.as_ref().and_then(|c| c.pod_subnet),
+        servers,
     );
     if store.is_none()
         && let Some(c) = &cache
