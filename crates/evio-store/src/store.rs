@@ -147,6 +147,9 @@ pub struct Snapshot {
     pub nodes: Vec<NodeRecord>,
     pub subnets: Vec<SubnetClaim>,
     pub addresses: Vec<AddressClaim>,
+    /// The etcd create revision of each node's address claim (`addresses/by-node/<node>`), by node: which
+    /// node claimed first, as etcd (not the claim's own `since`) says.
+    pub address_revisions: HashMap<String, i64>,
 }
 
 impl Store {
@@ -366,8 +369,12 @@ impl Store {
                 s.nodes.extend(node_record(kv));
             } else if key.starts_with(keys::SUBNETS_BY_NODE) {
                 s.subnets.extend(index.by_node_claim::<SubnetClaim>(kv));
-            } else if key.starts_with(keys::ADDRESSES_BY_NODE) {
-                s.addresses.extend(index.by_node_claim::<AddressClaim>(kv));
+            } else if key.starts_with(keys::ADDRESSES_BY_NODE)
+                && let Some(c) = index.by_node_claim::<AddressClaim>(kv)
+            {
+                s.address_revisions
+                    .insert(c.node.clone(), kv.create_revision());
+                s.addresses.push(c);
             }
         }
         Ok((s, index))

@@ -155,6 +155,11 @@ pub struct Cluster {
     down_since: HashMap<String, Instant>,
     /// The grants of the last [`Cluster::desired`], which keep their prefixes against newer claimants.
     incumbents: HashMap<String, Grant>,
+    /// Which node claimed its address first: etcd create revisions from the last snapshot, then the order
+    /// claims arrived in after it (the watch delivers them in revision order).
+    claim_order: HashMap<String, i64>,
+    /// The order given to the next new address claim seen on the watch.
+    next_order: i64,
     /// Last rejection logged per name (to log changes only).
     logged: HashMap<String, Rejection>,
 }
@@ -169,6 +174,8 @@ impl Cluster {
             addresses: HashMap::new(),
             down_since: HashMap::new(),
             incumbents: HashMap::new(),
+            claim_order: HashMap::new(),
+            next_order: 1,
             logged: HashMap::new(),
         }
     }
@@ -246,6 +253,8 @@ impl Cluster {
             .iter()
             .map(|c| (c.node.clone(), c.clone()))
             .collect();
+        self.claim_order = snap.address_revisions.clone();
+        self.next_order = snap.revision.saturating_add(1);
         if let Some(s) = self.subnets.get(&self.facts.name) {
             self.pod_subnet = Some(s.subnet);
         }
@@ -279,9 +288,14 @@ impl Cluster {
                 self.subnets.remove(&node);
             }
             StoreEvent::AddressClaimed(c) => {
+                if !self.claim_order.contains_key(&c.node) {
+                    self.claim_order.insert(c.node.clone(), self.next_order);
+                    self.next_order = self.next_order.saturating_add(1);
+                }
                 self.addresses.insert(c.node.clone(), c);
             }
             StoreEvent::AddressReleased { node, .. } => {
+                self.claim_order.remove(&node);
                 self.addresses.remove(&node);
             }
             StoreEvent::Resync(snap) => self.load_snapshot(&snap, now),
@@ -383,11 +397,13 @@ impl Cluster {
                 Err(e) => rejected.push((name.clone(), e)),
             }
         }
-        // The older grant wins: one granted before (unchanged), then the earlier claim, then the name.
+        // The older grant wins: one granted before (unchanged), then the address claim etcd created first,
+        // then (claims known only from the cache) the earlier claim time, then the name.
         candidates.sort_by_cached_key(|(r, g)| {
             let incumbent = self.incumbents.get(&r.node) == Some(g);
+            let order = self.claim_order.get(&r.node).copied().unwrap_or(i64::MAX);
             let since = self.addresses.get(&r.node).map(|c| c.since).unwrap_or(0);
-            (!incumbent, since, r.node.clone())
+            (!incumbent, order, since, r.node.clone())
         });
         let mut taken: Vec<(Ipv4Net, &str)> = Vec::new();
         let mut keys_taken: HashMap<[u8; 32], &str> = HashMap::new();
@@ -731,20 +747,38 @@ mod tests {
 
     #[test]
     fn overlapping_grants_keep_the_older_claim() {
+        // Claims seen on the watch: the first to arrive is the older (whatever their own `since` says).
         let mut c = cluster();
-        add(&mut c, "new", 3, "10.10.0.3", Some("10.244.2.0/25"), 20);
-        add(&mut c, "old", 2, "10.10.0.2", Some("10.244.2.0/24"), 10);
+        add(&mut c, "old", 2, "10.10.0.2", Some("10.244.2.0/24"), 20);
+        add(&mut c, "new", 3, "10.10.0.3", Some("10.244.2.0/25"), 10);
         let d = c.desired(Instant::now());
         assert_eq!(names(&d), ["old"]);
         assert!(matches!(
             rejection(&d, "new"),
             Some(Rejection::Overlaps { holder, .. }) if holder == "old"
         ));
-        // Same VIP: the earlier claim wins; on equal claim times, the lower name.
+        // Claims known only from the cache: the earlier claim time, then the lower name.
+        let claim = |node: &str, addr: &str, since| AddressClaim {
+            node: node.into(),
+            address: addr.parse().unwrap(),
+            since,
+        };
         let mut c = cluster();
-        add(&mut c, "b", 3, "10.10.0.3", None, 5);
-        add(&mut c, "a", 2, "10.10.0.3", None, 5);
-        assert_eq!(names(&c.desired(Instant::now())), ["a"]);
+        c.load_cache(
+            &[record("b", 3), record("a", 2), record("c", 4)],
+            &[
+                claim("b", "10.10.0.3", 5),
+                claim("a", "10.10.0.3", 5),
+                claim("c", "10.10.0.3", 4),
+            ],
+            &[],
+        );
+        assert_eq!(names(&c.desired(Instant::now())), ["c"]);
+        c.addresses.get_mut("c").unwrap().address = "10.10.0.4".parse().unwrap();
+        let mut fresh = cluster();
+        let (r, a, s) = c.state();
+        fresh.load_cache(&r, &a, &s);
+        assert_eq!(names(&fresh.desired(Instant::now())), ["a", "c"]);
     }
 
     #[test]
@@ -760,6 +794,70 @@ mod tests {
             rejection(&d, "forger"),
             Some(Rejection::Overlaps { .. })
         ));
+    }
+
+    #[test]
+    fn etcd_order_wins_over_the_claims_own_time() {
+        // A fresh host (no incumbents) decides by etcd's create revisions, not by the forgeable `since`.
+        let claim = |node: &str, addr: &str, since| AddressClaim {
+            node: node.into(),
+            address: addr.parse().unwrap(),
+            since,
+        };
+        let sub = |node: &str, s: &str| SubnetClaim {
+            node: node.into(),
+            subnet: net(s),
+            since: 0,
+        };
+        let snap = Snapshot {
+            revision: 50,
+            nodes: vec![record("victim", 2), record("forger", 3)],
+            subnets: vec![
+                sub("victim", "10.244.2.0/24"),
+                sub("forger", "10.244.2.0/25"),
+            ],
+            addresses: vec![
+                claim("victim", "10.10.0.2", 100),
+                claim("forger", "10.10.0.3", 1),
+            ],
+            address_revisions: [("victim".to_string(), 7), ("forger".to_string(), 40)].into(),
+        };
+        let mut c = cluster();
+        c.load_snapshot(&snap, Instant::now());
+        assert_eq!(names(&c.desired(Instant::now())), ["victim"]);
+        // Claims seen on the watch come after every claim of the snapshot, in the order they arrive.
+        let mut c = cluster();
+        c.load_snapshot(
+            &Snapshot {
+                nodes: vec![record("victim", 2)],
+                addresses: vec![claim("victim", "10.10.0.2", 100)],
+                address_revisions: [("victim".to_string(), 7)].into(),
+                ..snap.clone()
+            },
+            Instant::now(),
+        );
+        c.apply(StoreEvent::NodeUp(record("forger", 3)), Instant::now());
+        c.apply(
+            StoreEvent::AddressClaimed(claim("forger", "10.10.0.2", 1)),
+            Instant::now(),
+        );
+        c.apply(StoreEvent::NodeUp(record("third", 4)), Instant::now());
+        c.apply(
+            StoreEvent::AddressClaimed(claim("third", "10.10.0.9", 0)),
+            Instant::now(),
+        );
+        c.apply(
+            StoreEvent::SubnetClaimed(sub("third", "10.244.2.0/24")),
+            Instant::now(),
+        );
+        let d = c.desired(Instant::now());
+        assert_eq!(names(&d), ["victim"]);
+        assert!(
+            matches!(rejection(&d, "forger"), Some(Rejection::Overlaps { holder, .. }) if holder == "victim")
+        );
+        assert!(
+            matches!(rejection(&d, "third"), Some(Rejection::Overlaps { holder, .. }) if holder == "victim")
+        );
     }
 
     #[test]
@@ -848,6 +946,7 @@ mod tests {
                 address: "10.10.0.3".parse().unwrap(),
                 since: 0,
             }],
+            address_revisions: HashMap::new(),
         };
         c.apply(StoreEvent::Resync(snap), t0);
         assert_eq!(c.pod_subnet(), Some(net("10.244.7.0/24")));
