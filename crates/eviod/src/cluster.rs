@@ -22,7 +22,7 @@
 //! [`Cluster::grant`] is the one place that decides what a single registration may use; a certificate
 //! check (CA mode) replaces or extends it.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
@@ -405,7 +405,7 @@ impl Cluster {
             let since = self.addresses.get(&r.node).map(|c| c.since).unwrap_or(0);
             (!incumbent, order, since, r.node.clone())
         });
-        let mut taken: Vec<(Ipv4Net, &str)> = Vec::new();
+        let mut taken = Prefixes::default();
         let mut keys_taken: HashMap<[u8; 32], &str> = HashMap::new();
         let mut accepted: Vec<(&NodeRecord, Grant)> = Vec::new();
         'next: for (r, g) in candidates {
@@ -423,7 +423,7 @@ impl Cluster {
                 continue;
             }
             for p in g.prefixes() {
-                if let Some((_, holder)) = taken.iter().find(|(t, _)| overlap(t, &p)) {
+                if let Some(holder) = taken.overlapping(&p) {
                     rejected.push((
                         r.node.clone(),
                         Rejection::Overlaps {
@@ -435,19 +435,23 @@ impl Cluster {
                 }
             }
             for p in g.prefixes() {
-                taken.push((p, r.node.as_str()));
+                taken.insert(p, r.node.as_str());
             }
             keys_taken.insert(g.public_key, r.node.as_str());
             accepted.push((r, g));
         }
         // Endpoints a peer may be reached at: never inside the overlay, the pod CIDR or a grant (that traffic
         // would go into the tunnel itself).
-        let mut inner: Vec<Ipv4Net> = taken.iter().map(|(t, _)| *t).collect();
-        inner.push(self.facts.overlay);
-        inner.extend(self.facts.pod_cidr);
-        inner.extend(self.pod_subnet);
+        let mut outer: Vec<Ipv4Net> = vec![self.facts.overlay];
+        outer.extend(self.facts.pod_cidr);
+        outer.extend(self.pod_subnet);
         let usable = |ip: IpAddr| match ip {
-            IpAddr::V4(v4) => !inner.iter().any(|n| n.contains(&v4)),
+            IpAddr::V4(v4) => {
+                !outer.iter().any(|n| n.contains(&v4))
+                    && taken
+                        .overlapping(&Ipv4Net::new(v4, 32).expect("valid /32"))
+                        .is_none()
+            }
             IpAddr::V6(_) => false,
         };
         let mut peers: Vec<DesiredPeer> = accepted
@@ -488,6 +492,40 @@ impl Cluster {
             routes,
             rejected,
         }
+    }
+}
+
+/// Prefixes held, for overlap queries in O(prefix length + log n).
+#[derive(Default)]
+struct Prefixes<'a> {
+    /// By (network address, prefix length).
+    by_start: BTreeMap<(u32, u8), &'a str>,
+}
+
+impl<'a> Prefixes<'a> {
+    fn insert(&mut self, p: Ipv4Net, holder: &'a str) {
+        self.by_start
+            .insert((u32::from(p.network()), p.prefix_len()), holder);
+    }
+
+    /// The holder of a prefix that overlaps `p`, if any.
+    fn overlapping(&self, p: &Ipv4Net) -> Option<&'a str> {
+        // One that contains p: p's supernets (p itself included).
+        for len in 0..=p.prefix_len() {
+            let sup = Ipv4Net::new(p.network(), len)
+                .expect("valid length")
+                .trunc();
+            if let Some(h) = self.by_start.get(&(u32::from(sup.network()), len)) {
+                return Some(h);
+            }
+        }
+        // One inside p: its network address lies in p (an aligned block starting inside p that is not
+        // inside it would contain p, found above).
+        let (start, end) = (u32::from(p.network()), u32::from(p.broadcast()));
+        self.by_start
+            .range((start, 0)..=(end, 32))
+            .next()
+            .map(|(_, h)| *h)
     }
 }
 
@@ -871,6 +909,27 @@ mod tests {
             rejection(&d, "b"),
             Some(Rejection::SharedKey { holder: "a".into() })
         );
+    }
+
+    #[test]
+    fn prefix_overlap_queries() {
+        let mut t = Prefixes::default();
+        t.insert(net("10.244.2.0/24"), "a");
+        t.insert(net("10.10.0.5/32"), "b");
+        for (q, want) in [
+            ("10.244.2.0/24", Some("a")),
+            ("10.244.2.128/25", Some("a")),
+            ("10.244.0.0/16", Some("a")),
+            // Overlaps both: the one with the lowest address.
+            ("0.0.0.0/0", Some("b")),
+            ("10.244.3.0/24", None),
+            ("10.244.1.255/32", None),
+            ("10.10.0.5/32", Some("b")),
+            ("10.10.0.4/31", Some("b")),
+            ("10.10.0.6/31", None),
+        ] {
+            assert_eq!(t.overlapping(&net(q)), want, "{q}");
+        }
     }
 
     #[test]

@@ -323,7 +323,10 @@ impl Control {
             match self.session(&s).await {
                 Ok(()) => return,
                 Err(e) => {
-                    self.etcd_down(&e);
+                    // A refused registration (logged by the session) is not an etcd failure.
+                    if !matches!(e, StoreError::NameTaken { .. }) {
+                        self.etcd_down(&e);
+                    }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(3));
                     store = Some(s);
