@@ -158,6 +158,11 @@ fn records_and_claims_that_do_not_match_their_keys_are_ignored() {
         );
         assert_eq!(snap.subnets, vec![sub]);
         assert_eq!(snap.addresses, vec![addr]);
+        // Who claimed first, by etcd's create revision: only for the claims that were believed.
+        assert_eq!(snap.address_revisions.len(), 1);
+        assert!(
+            snap.address_revisions["good1"] > 0 && snap.address_revisions["good1"] <= snap.revision
+        );
         assert_eq!(
             store
                 .nodes()

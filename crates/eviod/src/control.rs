@@ -269,6 +269,10 @@ impl Control {
             let mut me = self.shared.me.lock().unwrap_or_else(|e| e.into_inner());
             me.pod_subnet = self.pod_subnet();
         }
+        self.shared
+            .counters
+            .registrations_rejected
+            .store(desired.rejected.len() as u64, Ordering::Relaxed);
         let want: HashSet<IpNet> = desired.routes.iter().copied().collect();
         sync_routes(self.routes.as_mut(), &mut self.routed, &want);
         self.shared
@@ -367,8 +371,18 @@ impl Control {
             .register(record.clone(), Duration::from_secs(self.cfg.lease_ttl))
             .await
         {
-            Ok(r) => r,
+            Ok(r) => {
+                self.shared
+                    .counters
+                    .name_taken
+                    .store(false, Ordering::Relaxed);
+                r
+            }
             Err(e @ StoreError::NameTaken { .. }) => {
+                self.shared
+                    .counters
+                    .name_taken
+                    .store(true, Ordering::Relaxed);
                 // Not an etcd failure: another agent holds our name. Keep the last known peers and retry (the
                 // name is free again when that registration's lease expires), loudly.
                 tracing::error!("{e}; retrying");

@@ -251,6 +251,20 @@ fn forged_records_and_claims_become_no_peer_and_no_route() {
             );
         }
     }
+    // The rejections are counted (host-1: alias is dropped by the store; world, etcd, overlap, noclaim,
+    // lonely, stolen (no believed claim) and outside are judged and refused).
+    assert_eq!(
+        c.hosts[0].metric("evio_registrations_rejected"),
+        7,
+        "{}",
+        c.hosts[0].metrics()
+    );
+    assert_eq!(
+        c.hosts[1].metric("evio_registrations_rejected"),
+        6,
+        "{}",
+        c.hosts[1].metrics()
+    );
     // And the real peers still reach each other.
     let vip2 = c.hosts[1].vip();
     assert!(
