@@ -40,6 +40,12 @@ pub const DOWN_GRACE: Duration = Duration::from_secs(2);
 /// written there (the largest clusters evio targets have a few thousand nodes).
 pub const MAX_PEERS: usize = 4096;
 
+/// The most registrations, and claims of each kind, kept in memory (new names beyond it are ignored and
+/// logged; known names keep updating). Each record is kept with at most 2 × [`MAX_CANDIDATES`] endpoints
+/// and candidates and without the fields this version does not know, so memory stays bounded whatever is
+/// written to etcd.
+pub const MAX_RECORDS: usize = 4 * MAX_PEERS;
+
 /// The shortest pod subnet accepted when `--pod-cidr` is not given (a /7 or shorter would cover a large part
 /// of the address space; no node subnet is that large).
 pub const MIN_POD_PREFIX: u8 = 8;
@@ -217,16 +223,30 @@ impl Cluster {
         subnets: &[SubnetClaim],
     ) {
         for r in records {
-            if r.node != self.facts.name {
-                self.records.insert(r.node.clone(), r.clone());
-            }
+            self.keep_record(r.clone());
         }
         for a in addresses {
-            self.addresses.insert(a.node.clone(), a.clone());
+            keep_claim(&mut self.addresses, &a.node, a.clone());
         }
         for s in subnets {
-            self.subnets.insert(s.node.clone(), s.clone());
+            keep_claim(&mut self.subnets, &s.node, s.clone());
         }
+    }
+
+    /// Keeps `r`, bounded (see [`MAX_RECORDS`]); our own name is never kept.
+    fn keep_record(&mut self, mut r: NodeRecord) {
+        if r.node == self.facts.name {
+            return;
+        }
+        if !self.records.contains_key(&r.node) && self.records.len() >= MAX_RECORDS {
+            tracing::warn!(node = %r.node, "ignoring a registration: {MAX_RECORDS} are known already");
+            return;
+        }
+        r.endpoints.truncate(2 * MAX_CANDIDATES);
+        r.candidates.truncate(2 * MAX_CANDIDATES);
+        r.extra.clear();
+        self.down_since.remove(&r.node);
+        self.records.insert(r.node.clone(), r);
     }
 
     /// Replaces what is known with a snapshot: records missing from it go down (kept for [`DOWN_GRACE`]).
@@ -238,21 +258,16 @@ impl Cluster {
             }
         }
         for r in &snap.nodes {
-            if r.node != self.facts.name {
-                self.down_since.remove(&r.node);
-                self.records.insert(r.node.clone(), r.clone());
-            }
+            self.keep_record(r.clone());
         }
-        self.subnets = snap
-            .subnets
-            .iter()
-            .map(|c| (c.node.clone(), c.clone()))
-            .collect();
-        self.addresses = snap
-            .addresses
-            .iter()
-            .map(|c| (c.node.clone(), c.clone()))
-            .collect();
+        self.subnets.clear();
+        for c in &snap.subnets {
+            keep_claim(&mut self.subnets, &c.node, c.clone());
+        }
+        self.addresses.clear();
+        for c in &snap.addresses {
+            keep_claim(&mut self.addresses, &c.node, c.clone());
+        }
         self.claim_order = snap.address_revisions.clone();
         self.next_order = snap.revision.saturating_add(1);
         if let Some(s) = self.subnets.get(&self.facts.name) {
@@ -264,12 +279,7 @@ impl Cluster {
     pub fn apply(&mut self, ev: StoreEvent, now: Instant) {
         let me = self.facts.name.clone();
         match ev {
-            StoreEvent::NodeUp(r) | StoreEvent::NodeUpdated(r) => {
-                if r.node != me {
-                    self.down_since.remove(&r.node);
-                    self.records.insert(r.node.clone(), r);
-                }
-            }
+            StoreEvent::NodeUp(r) | StoreEvent::NodeUpdated(r) => self.keep_record(r),
             StoreEvent::NodeDown { node } => {
                 if node != me && self.records.contains_key(&node) {
                     self.down_since.insert(node, now);
@@ -279,7 +289,8 @@ impl Cluster {
                 if c.node == me {
                     self.pod_subnet = Some(c.subnet);
                 }
-                self.subnets.insert(c.node.clone(), c);
+                let node = c.node.clone();
+                keep_claim(&mut self.subnets, &node, c);
             }
             StoreEvent::SubnetReleased { node, .. } => {
                 if node == me {
@@ -288,11 +299,13 @@ impl Cluster {
                 self.subnets.remove(&node);
             }
             StoreEvent::AddressClaimed(c) => {
-                if !self.claim_order.contains_key(&c.node) {
-                    self.claim_order.insert(c.node.clone(), self.next_order);
+                let node = c.node.clone();
+                if keep_claim(&mut self.addresses, &node, c)
+                    && !self.claim_order.contains_key(&node)
+                {
+                    self.claim_order.insert(node, self.next_order);
                     self.next_order = self.next_order.saturating_add(1);
                 }
-                self.addresses.insert(c.node.clone(), c);
             }
             StoreEvent::AddressReleased { node, .. } => {
                 self.claim_order.remove(&node);
@@ -493,6 +506,16 @@ impl Cluster {
             rejected,
         }
     }
+}
+
+/// Keeps the claim of `node`, bounded by [`MAX_RECORDS`] names; false if refused.
+fn keep_claim<C>(map: &mut HashMap<String, C>, node: &str, c: C) -> bool {
+    if !map.contains_key(node) && map.len() >= MAX_RECORDS {
+        tracing::warn!(node, "ignoring a claim: {MAX_RECORDS} are known already");
+        return false;
+    }
+    map.insert(node.to_string(), c);
+    true
 }
 
 /// Prefixes held, for overlap queries in O(prefix length + log n).
@@ -967,6 +990,41 @@ mod tests {
                 .count(),
             3
         );
+    }
+
+    #[test]
+    fn memory_is_bounded_whatever_etcd_holds() {
+        let mut c = cluster();
+        let now = Instant::now();
+        for i in 0..(MAX_RECORDS + 10) {
+            let name = format!("n{i}");
+            let mut r = NodeRecord::new(name.clone());
+            if i == 0 {
+                r.endpoints = vec!["192.0.2.1:1".parse().unwrap(); 1000];
+                r.extra
+                    .insert("junk".into(), serde_json::Value::String("x".repeat(10_000)));
+            }
+            c.apply(StoreEvent::NodeUp(r), now);
+            c.apply(
+                StoreEvent::AddressClaimed(AddressClaim {
+                    node: name,
+                    address: "10.10.0.9".parse().unwrap(),
+                    since: 0,
+                }),
+                now,
+            );
+        }
+        assert_eq!(c.records.len(), MAX_RECORDS);
+        assert_eq!(c.addresses.len(), MAX_RECORDS);
+        assert_eq!(c.claim_order.len(), MAX_RECORDS);
+        let first = &c.records["n0"];
+        assert_eq!(first.endpoints.len(), 2 * MAX_CANDIDATES);
+        assert!(first.extra.is_empty());
+        // Known names still update.
+        let mut r = NodeRecord::new("n1");
+        r.listen_port = 7;
+        c.apply(StoreEvent::NodeUpdated(r), now);
+        assert_eq!(c.records["n1"].listen_port, 7);
     }
 
     #[test]

@@ -151,6 +151,31 @@ fn an_impostor_with_a_live_name_is_refused() {
     assert!(other.ping(&vip), "{}", c.logs());
     assert!(other.ping(&pod.ip), "{}", c.logs());
     assert_eq!(peers(other), BTreeSet::from(["host-1".to_string()]));
+
+    // The name is free again only when host-1's registration ends: killed (no revoke), its lease expires
+    // after the TTL and the waiting agent takes the name over (what a reinstalled node with a new key
+    // does), with the VIP it asked for.
+    let mut c = c;
+    c.hosts[0].kill9();
+    let t = std::time::Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let rec = c.etcdctl(&["get", "--print-value-only", "/evio/v1/nodes/host-1"]);
+            !rec.trim().is_empty() && !rec.contains(&victim_key)
+        }),
+        "the name was not taken over:\n{}",
+        text()
+    );
+    assert!(
+        t.elapsed() >= Duration::from_secs(5),
+        "taken over before the lease expired"
+    );
+    assert!(
+        c.hosts[1].ping_until("10.10.0.200", Duration::from_secs(15)),
+        "{}\n{}",
+        text(),
+        c.logs()
+    );
     let _ = impostor.kill();
     let _ = impostor.wait();
 }
