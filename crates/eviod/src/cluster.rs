@@ -115,6 +115,8 @@ pub enum Rejection {
     Protected(Ipv4Net, Ipv4Net),
     #[error("{prefix} overlaps the grant of {holder}, which is older")]
     Overlaps { prefix: Ipv4Net, holder: String },
+    #[error("pod subnet {prefix} covers an endpoint of {holder}, which is older")]
+    CoversEndpoint { prefix: Ipv4Net, holder: String },
     #[error("its public key is also the key of {holder}, which is older")]
     SharedKey { holder: String },
     #[error("the peer limit ({MAX_PEERS}) is reached")]
@@ -419,6 +421,7 @@ impl Cluster {
             (!incumbent, order, since, r.node.clone())
         });
         let mut taken = Prefixes::default();
+        let mut endpoints_taken = Prefixes::default();
         let mut keys_taken: HashMap<[u8; 32], &str> = HashMap::new();
         let mut accepted: Vec<(&NodeRecord, Grant)> = Vec::new();
         'next: for (r, g) in candidates {
@@ -447,8 +450,35 @@ impl Cluster {
                     continue 'next;
                 }
             }
+            // Without a pod CIDR a subnet could lie anywhere: it must not cover where an older peer is
+            // reached (its endpoints and candidates outside the overlay and the grants so far).
+            if self.facts.pod_cidr.is_none()
+                && let Some(s) = g.pod_subnet
+                && let Some(holder) = endpoints_taken.overlapping(&s)
+            {
+                rejected.push((
+                    r.node.clone(),
+                    Rejection::CoversEndpoint {
+                        prefix: s,
+                        holder: holder.to_string(),
+                    },
+                ));
+                continue;
+            }
             for p in g.prefixes() {
                 taken.insert(p, r.node.as_str());
+            }
+            if self.facts.pod_cidr.is_none() {
+                let addrs = r.endpoints.iter().map(|e| e.ip());
+                let addrs = addrs.chain(r.candidates.iter().map(|c| c.addr.ip()));
+                for ip in addrs.take(4 * MAX_CANDIDATES) {
+                    if let IpAddr::V4(v4) = ip {
+                        let p = Ipv4Net::new(v4, 32).expect("valid /32");
+                        if !self.facts.overlay.contains(&v4) && taken.overlapping(&p).is_none() {
+                            endpoints_taken.insert(p, r.node.as_str());
+                        }
+                    }
+                }
             }
             keys_taken.insert(g.public_key, r.node.as_str());
             accepted.push((r, g));
@@ -794,6 +824,34 @@ mod tests {
             d.routes.iter().copied().collect::<Vec<_>>(),
             vec!["172.16.5.0/24".parse::<IpNet>().unwrap()]
         );
+    }
+
+    #[test]
+    fn without_a_pod_cidr_a_subnet_over_an_older_peers_endpoint_is_refused() {
+        let mut f = facts();
+        f.pod_cidr = None;
+        let mut c = Cluster::new(f, None);
+        add(&mut c, "old", 2, "10.10.0.2", Some("172.16.2.0/24"), 0);
+        let mut r = record("old", 2);
+        r.endpoints = vec!["203.0.113.5:51820".parse().unwrap()];
+        c.apply(StoreEvent::NodeUpdated(r), Instant::now());
+        add(&mut c, "new", 3, "10.10.0.3", Some("203.0.113.0/24"), 0);
+        let d = c.desired(Instant::now());
+        assert_eq!(names(&d), ["old"]);
+        assert_eq!(
+            rejection(&d, "new"),
+            Some(Rejection::CoversEndpoint {
+                prefix: net("203.0.113.0/24"),
+                holder: "old".into()
+            })
+        );
+        // With a pod CIDR the subnet is refused for lying outside it (the endpoint rule is not needed).
+        let mut c = cluster();
+        add(&mut c, "new", 3, "10.10.0.3", Some("203.0.113.0/24"), 0);
+        assert!(matches!(
+            rejection(&c.desired(Instant::now()), "new"),
+            Some(Rejection::SubnetOutsidePodCidr(..))
+        ));
     }
 
     #[test]

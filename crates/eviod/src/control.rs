@@ -148,7 +148,7 @@ impl Control {
             address,
             overlay: cfg.overlay_cidr,
             pod_cidr: cfg.pod_cidr,
-            protected: protected_networks(&cfg, &servers),
+            protected: protected_networks(&cfg, pod_subnet, &servers),
         };
         let routes = Box::new(KernelRoutes {
             dev: cfg.interface.clone(),
@@ -301,10 +301,11 @@ impl Control {
 
     /// Recomputes the protected networks (the host's addresses may have changed).
     fn refresh_protected(&mut self) {
-        let p = protected_networks(&self.cfg, &self.servers);
+        let p = protected_networks(&self.cfg, self.pod_subnet(), &self.servers);
         if p != self.cluster.facts().protected {
             tracing::info!(protected = ?p, "networks never routed into the tunnel");
             self.cluster.set_protected(p);
+            self.reconcile();
         }
     }
 
@@ -446,15 +447,20 @@ impl Control {
 }
 
 /// The networks never routed into the tunnel: the host's own addresses and networks (every interface but
-/// the tunnel's, loopback included; a network that overlaps the overlay CIDR is protected by its address
-/// alone) and the etcd, STUN and TURN servers.
-fn protected_networks(cfg: &Config, servers: &[IpAddr]) -> Vec<Ipv4Net> {
-    let overlay = cfg.overlay_cidr;
+/// the tunnel's, loopback included) and the etcd, STUN and TURN servers. A network that overlaps the
+/// overlay, the pod CIDR or our own pod subnet (the pod bridge's) is protected by its address alone: those
+/// ranges are the overlay's own.
+fn protected_networks(cfg: &Config, own_pod: Option<Ipv4Net>, servers: &[IpAddr]) -> Vec<Ipv4Net> {
+    let overlaps = |a: &Ipv4Net, b: &Ipv4Net| a.contains(&b.network()) || b.contains(&a.network());
+    let ours: Vec<Ipv4Net> = [Some(cfg.overlay_cidr), cfg.pod_cidr, own_pod]
+        .into_iter()
+        .flatten()
+        .collect();
     let mut v = Vec::new();
     for n in netcfg::host_networks(&cfg.interface) {
         v.push(Ipv4Net::new(n.addr(), 32).expect("valid /32"));
         let net = n.trunc();
-        if !(net.contains(&overlay.network()) || overlay.contains(&net.network())) {
+        if !ours.iter().any(|o| overlaps(o, &net)) {
             v.push(net);
         }
     }
@@ -516,6 +522,50 @@ mod tests {
         t.ops.clear();
         sync_routes(&mut t, &mut routed, &nets(&["10.244.3.0/24"]));
         assert!(t.ops.is_empty());
+    }
+
+    fn config(extra: &[&str]) -> Config {
+        use clap::Parser;
+        let base = [
+            "eviod",
+            "--node-name",
+            "n",
+            "--etcd-endpoints",
+            "x",
+            "--state-dir",
+            "/tmp",
+        ];
+        crate::config::Args::parse_from(base.iter().chain(extra))
+            .resolve()
+            .unwrap()
+    }
+
+    #[test]
+    fn protected_networks_are_the_hosts_and_the_servers() {
+        let n = |s: &str| s.parse::<Ipv4Net>().unwrap();
+        let servers: Vec<IpAddr> =
+            vec!["192.0.2.7".parse().unwrap(), "2001:db8::1".parse().unwrap()];
+        let p = protected_networks(&config(&[]), None, &servers);
+        // Loopback (up in every namespace) with its network, and the servers as /32.
+        assert!(
+            p.contains(&n("127.0.0.1/32")) && p.contains(&n("127.0.0.0/8")),
+            "{p:?}"
+        );
+        assert!(p.contains(&n("192.0.2.7/32")), "{p:?}");
+        // A host network that overlaps the overlay (or the pod CIDR, or our pod subnet) is protected by its
+        // address only.
+        for extra in [
+            &["--overlay-cidr", "127.1.0.0/16"][..],
+            &["--pod-cidr", "127.0.0.0/16"][..],
+        ] {
+            let p = protected_networks(&config(extra), None, &servers);
+            assert!(
+                p.contains(&n("127.0.0.1/32")) && !p.contains(&n("127.0.0.0/8")),
+                "{extra:?} {p:?}"
+            );
+        }
+        let p = protected_networks(&config(&[]), Some(n("127.0.0.0/24")), &[]);
+        assert!(!p.contains(&n("127.0.0.0/8")), "{p:?}");
     }
 
     #[test]
