@@ -68,6 +68,12 @@ pub enum StoreError {
     InvalidNodeName(String),
     #[error("corrupt record at {key}: {reason}")]
     Corrupt { key: String, reason: String },
+    #[error(
+        "node name {node} is registered with another public key ({holder_key}): a name belongs to the first key \
+         registered under it while that registration's lease lives; stop the other agent, or wait for its lease to \
+         expire, or use another --node-name"
+    )]
+    NameTaken { node: String, holder_key: String },
     #[error("{what}: gave up after {attempts} attempts lost to concurrent writers")]
     Contention { what: &'static str, attempts: u32 },
 }

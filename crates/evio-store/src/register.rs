@@ -1,10 +1,15 @@
 //! Node registrations: `nodes/<node>` attached to a lease that a background task keeps alive.
+//!
+//! A name is bound to the first public key registered under it: every write of the record is one
+//! compare-and-swap transaction that creates the key if it is absent, or replaces it only when the record
+//! there carries the same public key. A second key for a live name is refused with
+//! [`StoreError::NameTaken`] until the first registration's lease expires (or it is revoked).
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use etcd_client::PutOptions;
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
@@ -12,6 +17,10 @@ use crate::error::StoreError;
 use crate::keys;
 use crate::records::{NodeRecord, unix_now};
 use crate::store::Store;
+
+/// Writes of one record lost to concurrent writers before giving up (each lost race means the record
+/// changed between the read and the write; only a livelock gets this far).
+const MAX_WRITE_ATTEMPTS: u32 = 16;
 
 /// A live registration. It stays alive while this value exists: a task renews the lease every TTL/3, and
 /// when the lease was lost (etcd unreachable for longer than the TTL, or restarted without its data) it
@@ -34,7 +43,8 @@ struct Shared {
 
 impl Store {
     /// Publishes `record` under `nodes/<record.node>` with a lease of `ttl` (whole seconds, at least 1) and
-    /// keeps it alive in a background task (needs a tokio runtime).
+    /// keeps it alive in a background task (needs a tokio runtime). Refused with [`StoreError::NameTaken`]
+    /// while a record with another public key is registered under that name.
     pub async fn register(
         &self,
         record: NodeRecord,
@@ -135,35 +145,91 @@ impl Drop for Registration {
 }
 
 impl Shared {
-    /// Grants a new lease and writes the record with it.
+    /// Grants a new lease and writes the record with it (the lease is revoked again if the write fails).
     async fn establish(&self) -> Result<(), StoreError> {
         let mut c = self.store.client.clone();
         let g = self
             .store
             .op("grant lease", c.lease_grant(self.ttl, None))
             .await?;
-        self.lease.store(g.id(), Ordering::SeqCst);
-        self.put(g.id()).await
+        match self.put(g.id()).await {
+            Ok(()) => {
+                self.lease.store(g.id(), Ordering::SeqCst);
+                Ok(())
+            }
+            Err(e) => {
+                if let Err(r) = self.store.op("revoke lease", c.lease_revoke(g.id())).await {
+                    debug!("revoking unused lease {:x}: {r}", g.id());
+                }
+                Err(e)
+            }
+        }
     }
 
+    /// Writes the record with `lease`: creates the key if absent, or replaces the record there only if it
+    /// carries the same public key, in one transaction per attempt.
     async fn put(&self, lease: i64) -> Result<(), StoreError> {
-        let value = {
+        let (value, public_key, node) = {
             let mut r = self.record.lock().expect("record lock");
             r.updated = unix_now();
-            serde_json::to_string(&*r).expect("record serializes")
+            (
+                serde_json::to_string(&*r).expect("record serializes"),
+                r.public_key.clone(),
+                r.node.clone(),
+            )
+        };
+        let put = || {
+            TxnOp::put(
+                self.key.clone(),
+                value.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            )
         };
         let mut c = self.store.client.clone();
-        self.store
-            .op(
-                "register node",
-                c.put(
-                    self.key.clone(),
-                    value,
-                    Some(PutOptions::new().with_lease(lease)),
-                ),
-            )
-            .await
-            .map(|_| ())
+        // Create if absent; otherwise read what is there.
+        let mut when = Compare::create_revision(self.key.clone(), CompareOp::Equal, 0);
+        for _ in 0..MAX_WRITE_ATTEMPTS {
+            let txn = Txn::new()
+                .when([when])
+                .and_then([put()])
+                .or_else([TxnOp::get(self.key.clone(), None)]);
+            let r = self.store.op("register node", c.txn(txn)).await?;
+            if r.succeeded() {
+                return Ok(());
+            }
+            let held = r.op_responses().into_iter().find_map(|o| match o {
+                TxnOpResponse::Get(mut g) => g.take_kvs().into_iter().next(),
+                _ => None,
+            });
+            let Some(kv) = held else {
+                // Deleted in between: try to create it again.
+                when = Compare::create_revision(self.key.clone(), CompareOp::Equal, 0);
+                continue;
+            };
+            let holder_key = match serde_json::from_slice::<NodeRecord>(kv.value()) {
+                Ok(h) => h.public_key,
+                Err(e) => {
+                    warn!(
+                        key = self.key,
+                        "unreadable registration held under this name: {e}"
+                    );
+                    String::from("<unreadable record>")
+                }
+            };
+            if holder_key != public_key {
+                warn!(
+                    key = self.key,
+                    holder_key, "refusing to register: the name is held by another key"
+                );
+                return Err(StoreError::NameTaken { node, holder_key });
+            }
+            // Our own key (a previous lease of ours, or our last write): replace exactly that revision.
+            when = Compare::mod_revision(self.key.clone(), CompareOp::Equal, kv.mod_revision());
+        }
+        Err(StoreError::Contention {
+            what: "register node",
+            attempts: MAX_WRITE_ATTEMPTS,
+        })
     }
 
     async fn reestablish(&self) {
@@ -174,6 +240,11 @@ impl Shared {
                     self.reregistered.store(true, Ordering::SeqCst);
                     info!(key = self.key, "registered again with a new lease");
                     return;
+                }
+                Err(e @ StoreError::NameTaken { .. }) => {
+                    warn!("registering again: {e}");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(1));
                 }
                 Err(e) => {
                     debug!("registering again: {e}");

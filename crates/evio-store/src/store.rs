@@ -15,7 +15,7 @@ use tracing::warn;
 use crate::error::StoreError;
 use crate::keys;
 use crate::plan::SubnetPlan;
-use crate::pool::{Addresses, Subnets};
+use crate::pool::{Addresses, Claim, Subnets};
 use crate::records::{AddressClaim, NodeRecord, SubnetClaim};
 
 /// How to reach etcd.
@@ -147,6 +147,9 @@ pub struct Snapshot {
     pub nodes: Vec<NodeRecord>,
     pub subnets: Vec<SubnetClaim>,
     pub addresses: Vec<AddressClaim>,
+    /// The etcd create revision of each node's address claim (`addresses/by-node/<node>`), by node: which
+    /// node claimed first, as etcd (not the claim's own `since`) says.
+    pub address_revisions: HashMap<String, i64>,
 }
 
 impl Store {
@@ -326,7 +329,7 @@ impl Store {
     /// The live registrations (nodes whose lease is alive).
     pub async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
         let (_, kvs) = self.list("list nodes", keys::NODES).await?;
-        Ok(kvs.iter().filter_map(parse_or_warn).collect())
+        Ok(kvs.iter().filter_map(node_record).collect())
     }
 
     /// The node's live registration, if any.
@@ -343,24 +346,104 @@ impl Store {
         Ok(self.node(node).await?.is_some())
     }
 
-    /// Everything under the prefix at one revision.
+    /// Everything under the prefix at one revision. Records and claims that do not speak for the key they
+    /// are stored under are left out (see [`ItemIndex`]).
     pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        Ok(self.snapshot_indexed().await?.0)
+    }
+
+    /// [`Store::snapshot`] and the by-item claim keys read with it (for the watch's checks).
+    pub(crate) async fn snapshot_indexed(&self) -> Result<(Snapshot, ItemIndex), StoreError> {
         let (revision, kvs) = self.list("read snapshot", keys::PREFIX).await?;
         let mut s = Snapshot {
             revision,
             ..Snapshot::default()
         };
+        let mut index = ItemIndex::default();
+        for kv in &kvs {
+            index.apply_put(kv);
+        }
         for kv in &kvs {
             let Ok(key) = kv.key_str() else { continue };
             if key.starts_with(keys::NODES) {
-                s.nodes.extend(parse_or_warn::<NodeRecord>(kv));
+                s.nodes.extend(node_record(kv));
             } else if key.starts_with(keys::SUBNETS_BY_NODE) {
-                s.subnets.extend(parse_or_warn::<SubnetClaim>(kv));
-            } else if key.starts_with(keys::ADDRESSES_BY_NODE) {
-                s.addresses.extend(parse_or_warn::<AddressClaim>(kv));
+                s.subnets.extend(index.by_node_claim::<SubnetClaim>(kv));
+            } else if key.starts_with(keys::ADDRESSES_BY_NODE)
+                && let Some(c) = index.by_node_claim::<AddressClaim>(kv)
+            {
+                s.address_revisions
+                    .insert(c.node.clone(), kv.create_revision());
+                s.addresses.push(c);
             }
         }
-        Ok(s)
+        Ok((s, index))
+    }
+}
+
+/// A `nodes/<name>` record, if it parses and its `node` field is the `<name>` of its key: a record stored
+/// under one name never speaks for another.
+pub(crate) fn node_record(kv: &KeyValue) -> Option<NodeRecord> {
+    let name = kv.key_str().ok()?.strip_prefix(keys::NODES)?;
+    let r: NodeRecord = parse_or_warn(kv)?;
+    if r.node != name {
+        warn!(
+            key = name,
+            node = r.node,
+            "ignoring a node record stored under another name"
+        );
+        return None;
+    }
+    Some(r)
+}
+
+/// The values of the by-item claim keys (`subnets/by-subnet/...`, `addresses/by-address/...`). A claim is
+/// written under both of its keys with the same value in one transaction, so a by-node claim is only
+/// believed when its `node` field is the node of its key and the by-item key of what it claims holds the
+/// very same value (whose key, in turn, names what the value claims).
+#[derive(Debug, Default, Clone)]
+pub(crate) struct ItemIndex {
+    values: HashMap<String, Vec<u8>>,
+}
+
+impl ItemIndex {
+    /// Records a put (ignores keys that are not by-item claim keys).
+    pub(crate) fn apply_put(&mut self, kv: &KeyValue) {
+        let Ok(key) = kv.key_str() else { return };
+        if key.starts_with(keys::SUBNETS_BY_SUBNET) || key.starts_with(keys::ADDRESSES_BY_ADDRESS) {
+            self.values.insert(key.to_string(), kv.value().to_vec());
+        }
+    }
+
+    /// Records a delete.
+    pub(crate) fn apply_delete(&mut self, kv: &KeyValue) {
+        if let Ok(key) = kv.key_str() {
+            self.values.remove(key);
+        }
+    }
+
+    /// The claim stored at a by-node key, if it is consistent with its key and with the by-item index.
+    pub(crate) fn by_node_claim<C: Claim>(&self, kv: &KeyValue) -> Option<C> {
+        let key = kv.key_str().ok()?;
+        let node = key.strip_prefix(C::BY_NODE)?;
+        let c: C = parse_or_warn(kv)?;
+        if c.node() != node {
+            warn!(
+                key,
+                claimed_for = c.node(),
+                "ignoring a claim stored under another node's key"
+            );
+            return None;
+        }
+        let item_key = C::by_item(c.item());
+        if self.values.get(&item_key).map(Vec::as_slice) != Some(kv.value()) {
+            warn!(
+                key,
+                item_key, "ignoring a claim its by-item key does not hold"
+            );
+            return None;
+        }
+        Some(c)
     }
 }
 

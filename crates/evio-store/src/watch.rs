@@ -12,7 +12,7 @@ use tracing::{debug, warn};
 use crate::error::StoreError;
 use crate::keys;
 use crate::records::{AddressClaim, NodeRecord, SubnetClaim};
-use crate::store::{Snapshot, Store, parse_or_warn};
+use crate::store::{ItemIndex, Snapshot, Store, node_record, parse_or_warn};
 
 /// One change under the evio prefix.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,10 +69,16 @@ impl Store {
     /// snapshot's revision + 1, so nothing is missed). The stream survives etcd restarts: it reconnects and
     /// resumes at the next revision, or sends [`StoreEvent::Resync`] when that history is gone.
     pub async fn watch(&self) -> Result<(Snapshot, Watch), StoreError> {
-        let snap = self.snapshot().await?;
+        let (snap, index) = self.snapshot_indexed().await?;
         let first = self.open_watch(snap.revision + 1).await?;
         let (tx, rx) = mpsc::channel(1024);
-        let task = tokio::spawn(watch_loop(self.clone(), snap.revision + 1, first, tx));
+        let task = tokio::spawn(watch_loop(
+            self.clone(),
+            snap.revision + 1,
+            first,
+            index,
+            tx,
+        ));
         Ok((snap, Watch { rx, task }))
     }
 
@@ -98,7 +104,13 @@ impl Store {
     }
 }
 
-async fn watch_loop(store: Store, mut next: i64, first: WatchStream, tx: mpsc::Sender<StoreEvent>) {
+async fn watch_loop(
+    store: Store,
+    mut next: i64,
+    first: WatchStream,
+    mut index: ItemIndex,
+    tx: mpsc::Sender<StoreEvent>,
+) {
     let mut stream = Some(first);
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -120,7 +132,7 @@ async fn watch_loop(store: Store, mut next: i64, first: WatchStream, tx: mpsc::S
                             "watch: etcd revision went back from {} to {cur} (data lost?); resyncing",
                             next - 1
                         );
-                        match resync(&store, &tx).await {
+                        match resync(&store, &mut index, &tx).await {
                             Some(rev) => next = rev + 1,
                             None => continue,
                         }
@@ -145,7 +157,7 @@ async fn watch_loop(store: Store, mut next: i64, first: WatchStream, tx: mpsc::S
             };
             if resp.compact_revision() > 0 {
                 warn!("watch: revision {next} was compacted; resyncing");
-                if let Some(rev) = resync(&store, &tx).await {
+                if let Some(rev) = resync(&store, &mut index, &tx).await {
                     next = rev + 1;
                 }
                 break;
@@ -156,7 +168,7 @@ async fn watch_loop(store: Store, mut next: i64, first: WatchStream, tx: mpsc::S
             for ev in resp.events() {
                 let Some(kv) = ev.kv() else { continue };
                 next = next.max(kv.mod_revision() + 1);
-                if let Some(e) = translate(ev.event_type(), kv, ev.prev_kv())
+                if let Some(e) = translate(&mut index, ev.event_type(), kv, ev.prev_kv())
                     && tx.send(e).await.is_err()
                 {
                     return;
@@ -169,10 +181,15 @@ async fn watch_loop(store: Store, mut next: i64, first: WatchStream, tx: mpsc::S
     }
 }
 
-async fn resync(store: &Store, tx: &mpsc::Sender<StoreEvent>) -> Option<i64> {
-    match store.snapshot().await {
-        Ok(s) => {
+async fn resync(
+    store: &Store,
+    index: &mut ItemIndex,
+    tx: &mpsc::Sender<StoreEvent>,
+) -> Option<i64> {
+    match store.snapshot_indexed().await {
+        Ok((s, i)) => {
             let rev = s.revision;
+            *index = i;
             let _ = tx.send(StoreEvent::Resync(s)).await;
             Some(rev)
         }
@@ -184,16 +201,23 @@ async fn resync(store: &Store, tx: &mpsc::Sender<StoreEvent>) -> Option<i64> {
     }
 }
 
+/// One etcd event as a [`StoreEvent`], or None when it is not one (other keys, or a record or claim that
+/// does not speak for its key: see [`ItemIndex`]). Keeps `index` up to date.
 fn translate(
+    index: &mut ItemIndex,
     t: EventType,
     kv: &etcd_client::KeyValue,
     prev: Option<&etcd_client::KeyValue>,
 ) -> Option<StoreEvent> {
+    match t {
+        EventType::Put => index.apply_put(kv),
+        EventType::Delete => index.apply_delete(kv),
+    }
     let key = kv.key_str().ok()?;
     if let Some(node) = key.strip_prefix(keys::NODES) {
         return Some(match t {
             EventType::Put => {
-                let r: NodeRecord = parse_or_warn(kv)?;
+                let r: NodeRecord = node_record(kv)?;
                 if kv.version() == 1 {
                     StoreEvent::NodeUp(r)
                 } else {
@@ -207,7 +231,7 @@ fn translate(
     }
     if let Some(node) = key.strip_prefix(keys::SUBNETS_BY_NODE) {
         return Some(match t {
-            EventType::Put => StoreEvent::SubnetClaimed(parse_or_warn(kv)?),
+            EventType::Put => StoreEvent::SubnetClaimed(index.by_node_claim(kv)?),
             EventType::Delete => StoreEvent::SubnetReleased {
                 node: node.to_string(),
                 subnet: prev
@@ -218,7 +242,7 @@ fn translate(
     }
     if let Some(node) = key.strip_prefix(keys::ADDRESSES_BY_NODE) {
         return Some(match t {
-            EventType::Put => StoreEvent::AddressClaimed(parse_or_warn(kv)?),
+            EventType::Put => StoreEvent::AddressClaimed(index.by_node_claim(kv)?),
             EventType::Delete => StoreEvent::AddressReleased {
                 node: node.to_string(),
                 address: prev

@@ -45,6 +45,11 @@ pub struct Args {
     /// The host overlay network; the VIP is claimed in it (default 10.10.0.0/16).
     #[arg(long)]
     pub overlay_cidr: Option<Ipv4Net>,
+    /// The cluster's pod CIDR (e.g. 10.244.0.0/16): a peer's pod subnet is routed only if inside it. Without
+    /// it, pod subnets are still refused when shorter than /8 or overlapping the overlay, this host's
+    /// networks or the etcd/STUN/TURN servers (docs/security.md).
+    #[arg(long)]
+    pub pod_cidr: Option<Ipv4Net>,
     /// Ask for this VIP instead of any free one (refused if another node holds it).
     #[arg(long)]
     pub address: Option<Ipv4Addr>,
@@ -101,6 +106,7 @@ pub struct Config {
     pub etcd: evio_store::EtcdOptions,
     pub state_dir: PathBuf,
     pub overlay_cidr: Ipv4Net,
+    pub pod_cidr: Option<Ipv4Net>,
     pub address: Option<Ipv4Addr>,
     pub interface: String,
     pub listen_port: u16,
@@ -138,6 +144,7 @@ impl Args {
                 etcd_key,
                 state_dir,
                 overlay_cidr,
+                pod_cidr,
                 address,
                 interface,
                 listen_port,
@@ -168,6 +175,12 @@ impl Args {
             .trunc();
         if overlay_cidr.prefix_len() > 30 {
             bail!("--overlay-cidr {overlay_cidr} is too small");
+        }
+        let pod_cidr = self.pod_cidr.map(|p| p.trunc());
+        if let Some(p) = pod_cidr
+            && (p.contains(&overlay_cidr.network()) || overlay_cidr.contains(&p.network()))
+        {
+            bail!("--pod-cidr {p} overlaps --overlay-cidr {overlay_cidr}");
         }
         if let Some(a) = self.address
             && !overlay_cidr.contains(&a)
@@ -200,6 +213,7 @@ impl Args {
             etcd,
             state_dir,
             overlay_cidr,
+            pod_cidr,
             address: self.address,
             interface,
             listen_port: self.listen_port.unwrap_or(DEFAULT_PORT),
@@ -272,6 +286,15 @@ mod tests {
             assert!(e.contains("--lease-ttl"), "{e}");
         }
         assert_eq!(resolve_with(&["--lease-ttl", "2"]).unwrap().lease_ttl, 2);
+    }
+
+    #[test]
+    fn pod_cidr_is_optional_and_must_not_overlap_the_overlay() {
+        assert_eq!(resolve_with(&[]).unwrap().pod_cidr, None);
+        let c = resolve_with(&["--pod-cidr", "10.244.1.0/16"]).unwrap();
+        assert_eq!(c.pod_cidr, Some("10.244.0.0/16".parse().unwrap()));
+        let e = resolve_with(&["--pod-cidr", "10.0.0.0/8"]).unwrap_err();
+        assert!(e.to_string().contains("overlaps"), "{e}");
     }
 
     #[test]

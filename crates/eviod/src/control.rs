@@ -1,32 +1,28 @@
-//! The control plane: etcd registration and watch, turned into peers and routes.
-//!
-//! Peers come from the live registrations (`nodes/<name>`, attached to leases). What a peer may send from
-//! (its VIP and pod subnet) comes from the compare-and-swap claims (`addresses/by-node`, `subnets/by-node`)
-//! when they exist, not from what the peer writes about itself, so a node cannot claim another's prefixes
-//! by publishing them. etcd being unreachable changes nothing in the data plane: the last known peers stay.
+//! The control plane's I/O: the etcd session (registration, watch), and applying what [`Cluster`] decides
+//! to the tunnel core, NAT traversal and the kernel routes. The rules (which registrations become peers,
+//! with which prefixes) are in `cluster.rs`. etcd being unreachable changes nothing in the data plane: the
+//! last known peers stay.
 
-use std::collections::{HashMap, HashSet};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use evio_store::{NodeRecord, Snapshot, Store, StoreEvent, unix_now};
+use evio_store::{AddressClaim, NodeRecord, Store, StoreError, SubnetClaim, unix_now};
 use evio_tunnel::PeerConfig;
 use ipnet::{IpNet, Ipv4Net};
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::{Cluster, Desired, HostFacts};
 use crate::config::Config;
 use crate::keys;
 use crate::netcfg;
 use crate::state::{PeerMeta, Shared};
 
-/// A peer removed from etcd (lease expired or revoked) is kept this long, so a registration that comes
-/// straight back (an etcd restart, a lease lost while etcd was frozen) does not interrupt its tunnel.
-const DOWN_GRACE: Duration = Duration::from_secs(2);
-
 /// Cached in `<state-dir>/state.json`, to come back with the same VIP and peers while etcd is unreachable.
+/// The claims are cached with the records: a peer's prefixes come only from its claims.
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Cache {
@@ -34,6 +30,10 @@ pub struct Cache {
     pub pod_subnet: Option<Ipv4Net>,
     #[serde(default)]
     pub peers: Vec<NodeRecord>,
+    #[serde(default)]
+    pub addresses: Vec<AddressClaim>,
+    #[serde(default)]
+    pub subnets: Vec<SubnetClaim>,
 }
 
 impl Cache {
@@ -51,19 +51,86 @@ impl Cache {
     }
 }
 
-/// The control plane's view of the cluster.
+/// Where routes through the tunnel device are installed (the kernel; a recording fake in tests).
+pub trait RouteTable {
+    fn add(&mut self, net: &IpNet) -> anyhow::Result<()>;
+    fn del(&mut self, net: &IpNet) -> anyhow::Result<()>;
+}
+
+/// The kernel's main table, routes through `dev`.
+pub struct KernelRoutes {
+    pub dev: String,
+}
+
+impl RouteTable for KernelRoutes {
+    fn add(&mut self, net: &IpNet) -> anyhow::Result<()> {
+        netcfg::add_route(&self.dev, net)
+    }
+
+    fn del(&mut self, net: &IpNet) -> anyhow::Result<()> {
+        netcfg::del_route(&self.dev, net)
+    }
+}
+
+/// Makes the routes in `table` (of which `routed` are installed) match `want`; a failed change stays to do
+/// at the next call.
+pub fn sync_routes(table: &mut dyn RouteTable, routed: &mut HashSet<IpNet>, want: &HashSet<IpNet>) {
+    let mut add: Vec<IpNet> = want.difference(routed).copied().collect();
+    add.sort();
+    for n in add {
+        match table.add(&n) {
+            Ok(()) => {
+                tracing::info!(route = %n, "route added");
+                routed.insert(n);
+            }
+            Err(e) => tracing::warn!("adding route {n}: {e:#}"),
+        }
+    }
+    let mut del: Vec<IpNet> = routed.difference(want).copied().collect();
+    del.sort();
+    for n in del {
+        match table.del(&n) {
+            Ok(()) => {
+                tracing::info!(route = %n, "route removed");
+                routed.remove(&n);
+            }
+            Err(e) => tracing::warn!("removing route {n}: {e:#}"),
+        }
+    }
+}
+
+/// The IPv4 addresses of the etcd endpoints (URLs or `host:port`), resolved now. Unresolvable ones are left
+/// out (and logged).
+pub fn etcd_addresses(endpoints: &[String]) -> Vec<IpAddr> {
+    let mut v = Vec::new();
+    for e in endpoints {
+        let rest = e.split_once("://").map_or(e.as_str(), |(_, r)| r);
+        let hostport = rest.split('/').next().unwrap_or(rest);
+        let hostport = if hostport.rsplit_once(':').is_some() {
+            hostport.to_string()
+        } else {
+            format!("{hostport}:2379")
+        };
+        match hostport.to_socket_addrs() {
+            Ok(a) => v.extend(a.map(|a| a.ip())),
+            Err(err) => tracing::warn!("cannot resolve etcd endpoint {e}: {err}"),
+        }
+    }
+    v
+}
+
+/// The control plane: the etcd session around a [`Cluster`].
 pub struct Control {
     pub cfg: Config,
     pub shared: Arc<Shared>,
-    pub public_key: [u8; 32],
     pub address: Ipv4Addr,
-    pub pod_subnet: Option<Ipv4Net>,
-    records: HashMap<String, NodeRecord>,
-    subnets: HashMap<String, Ipv4Net>,
-    addresses: HashMap<String, Ipv4Addr>,
-    down_since: HashMap<String, Instant>,
+    cluster: Cluster,
+    /// Servers never routed into the tunnel (etcd, STUN, TURN).
+    servers: Vec<IpAddr>,
+    routes: Box<dyn RouteTable + Send>,
     routed: HashSet<IpNet>,
     published: Option<NodeRecord>,
+    public_key: [u8; 32],
 }
 
 impl Control {
@@ -73,26 +140,40 @@ impl Control {
         public_key: [u8; 32],
         address: Ipv4Addr,
         pod_subnet: Option<Ipv4Net>,
+        servers: Vec<IpAddr>,
     ) -> Control {
+        let facts = HostFacts {
+            name: cfg.node_name.clone(),
+            public_key,
+            address,
+            overlay: cfg.overlay_cidr,
+            pod_cidr: cfg.pod_cidr,
+            protected: protected_networks(&cfg, pod_subnet, &servers),
+        };
+        let routes = Box::new(KernelRoutes {
+            dev: cfg.interface.clone(),
+        });
         Control {
             cfg,
             shared,
-            public_key,
             address,
-            pod_subnet,
-            records: HashMap::new(),
-            subnets: HashMap::new(),
-            addresses: HashMap::new(),
-            down_since: HashMap::new(),
+            cluster: Cluster::new(facts, pod_subnet),
+            servers,
+            routes,
             routed: HashSet::new(),
             published: None,
+            public_key,
         }
+    }
+
+    fn pod_subnet(&self) -> Option<Ipv4Net> {
+        self.cluster.pod_subnet()
     }
 
     /// This node's record as it should be published now.
     pub fn own_record(&self) -> NodeRecord {
         let mut skip: Vec<IpNet> = vec![IpNet::V4(self.cfg.overlay_cidr)];
-        if let Some(s) = self.pod_subnet {
+        if let Some(s) = self.pod_subnet() {
             skip.push(IpNet::V4(s));
         }
         let port = self.cfg.listen_port;
@@ -100,7 +181,7 @@ impl Control {
         let mut r = NodeRecord::new(self.cfg.node_name.clone());
         r.public_key = keys::encode(&self.public_key);
         r.address = self.address;
-        r.pod_subnet = self.pod_subnet;
+        r.pod_subnet = self.pod_subnet();
         r.endpoints = addrs
             .iter()
             .map(|a| SocketAddr::new(a.addr, port))
@@ -131,144 +212,15 @@ impl Control {
         }
     }
 
-    pub fn load_snapshot(&mut self, snap: &Snapshot) {
-        let me = &self.cfg.node_name;
-        let now = Instant::now();
-        let live: HashSet<&str> = snap.nodes.iter().map(|r| r.node.as_str()).collect();
-        for name in self.records.keys() {
-            if !live.contains(name.as_str()) {
-                self.down_since.entry(name.clone()).or_insert(now);
-            }
-        }
-        for r in &snap.nodes {
-            if &r.node != me {
-                self.down_since.remove(&r.node);
-                self.records.insert(r.node.clone(), r.clone());
-            }
-        }
-        self.subnets = snap
-            .subnets
-            .iter()
-            .map(|c| (c.node.clone(), c.subnet))
-            .collect();
-        self.addresses = snap
-            .addresses
-            .iter()
-            .map(|c| (c.node.clone(), c.address))
-            .collect();
-        if let Some(s) = self.subnets.get(me) {
-            self.pod_subnet = Some(*s);
-        }
-    }
-
-    /// Applies one watch event; returns true if the peers or our record may have changed.
-    pub fn apply(&mut self, ev: StoreEvent) {
-        let me = self.cfg.node_name.clone();
-        match ev {
-            StoreEvent::NodeUp(r) | StoreEvent::NodeUpdated(r) => {
-                if r.node != me {
-                    self.down_since.remove(&r.node);
-                    self.records.insert(r.node.clone(), r);
-                }
-            }
-            StoreEvent::NodeDown { node } => {
-                if node != me && self.records.contains_key(&node) {
-                    self.down_since.insert(node, Instant::now());
-                }
-            }
-            StoreEvent::SubnetClaimed(c) => {
-                if c.node == me {
-                    self.pod_subnet = Some(c.subnet);
-                }
-                self.subnets.insert(c.node, c.subnet);
-            }
-            StoreEvent::SubnetReleased { node, .. } => {
-                if node == me {
-                    self.pod_subnet = None;
-                }
-                self.subnets.remove(&node);
-            }
-            StoreEvent::AddressClaimed(c) => {
-                self.addresses.insert(c.node, c.address);
-            }
-            StoreEvent::AddressReleased { node, .. } => {
-                self.addresses.remove(&node);
-            }
-            StoreEvent::Resync(snap) => self.load_snapshot(&snap),
-        }
-    }
-
-    /// Peers as they should be: one per live record with a valid key, prefixes from the claims.
-    fn desired(&self) -> Vec<(PeerConfig, PeerMeta)> {
-        let now = Instant::now();
-        let subnet_owner: HashMap<Ipv4Net, &str> =
-            self.subnets.iter().map(|(n, s)| (*s, n.as_str())).collect();
-        let addr_owner: HashMap<Ipv4Addr, &str> = self
-            .addresses
-            .iter()
-            .map(|(n, a)| (*a, n.as_str()))
-            .collect();
-        let mut out = Vec::new();
-        for (name, r) in &self.records {
-            if self
-                .down_since
-                .get(name)
-                .is_some_and(|t| now.duration_since(*t) >= DOWN_GRACE)
-            {
-                continue;
-            }
-            let Ok(pk) = keys::decode32(&r.public_key) else {
-                tracing::warn!(node = %name, "ignoring a registration without a valid public key");
-                continue;
-            };
-            if pk == self.public_key {
-                continue;
-            }
-            // VIP: the address claim of that node; a record's own address only if nobody else claimed it.
-            let address = match self.addresses.get(name) {
-                Some(a) => *a,
-                None if !r.address.is_unspecified()
-                    && addr_owner.get(&r.address).is_none_or(|o| o == name) =>
-                {
-                    r.address
-                }
-                None => continue,
-            };
-            let pod = match self.subnets.get(name) {
-                Some(s) => Some(*s),
-                None => r
-                    .pod_subnet
-                    .filter(|s| subnet_owner.get(s).is_none_or(|o| o == name)),
-            };
-            let pod = pod.filter(|s| Some(*s) != self.pod_subnet);
-            let mut allowed = vec![IpNet::V4(Ipv4Net::new(address, 32).expect("valid /32"))];
-            if let Some(p) = pod {
-                allowed.push(IpNet::V4(p));
-            }
-            // Endpoints are NAT traversal's to choose (crate::nat): the core gets none of its own.
-            out.push((
-                PeerConfig {
-                    name: name.clone(),
-                    public_key: pk,
-                    allowed,
-                    candidates: Vec::new(),
-                },
-                PeerMeta {
-                    node: name.clone(),
-                    address,
-                    pod_subnet: pod,
-                },
-            ));
-        }
-        out
-    }
-
-    /// Makes the tunnel core and the kernel routes match the desired peers.
+    /// Makes the tunnel core, NAT traversal and the kernel routes match what the cluster allows now.
     pub fn reconcile(&mut self) {
-        let desired = self.desired();
-        let keys: HashSet<[u8; 32]> = desired.iter().map(|(p, _)| p.public_key).collect();
+        let desired = self.cluster.desired(Instant::now());
+        self.apply_desired(&desired);
+    }
+
+    fn apply_desired(&mut self, desired: &Desired) {
+        let keys: HashSet<[u8; 32]> = desired.peers.iter().map(|p| p.grant.public_key).collect();
         let now = Instant::now();
-        let mut want_routes: HashSet<IpNet> = HashSet::new();
         {
             let mut node = self.shared.node();
             let current: Vec<[u8; 32]> = node.peers().iter().map(|p| p.public_key).collect();
@@ -278,58 +230,51 @@ impl Control {
                     tracing::info!(key = %keys::encode(&k), "peer removed");
                 }
             }
-            for (cfg, _) in &desired {
+            for p in &desired.peers {
+                // Endpoints are NAT traversal's to choose (crate::nat): the core gets none of its own.
+                let cfg = PeerConfig {
+                    name: p.name.clone(),
+                    public_key: p.grant.public_key,
+                    allowed: p.allowed(),
+                    candidates: Vec::new(),
+                };
                 if node.peer_id(&cfg.public_key).is_none() {
-                    tracing::info!(peer = %cfg.name, allowed = ?cfg.allowed, candidates = ?cfg.candidates, "peer added");
+                    tracing::info!(peer = %cfg.name, allowed = ?cfg.allowed, "peer added");
                 }
-                for n in &cfg.allowed {
-                    if !IpNet::V4(self.cfg.overlay_cidr).contains(n) {
-                        want_routes.insert(*n);
-                    }
-                }
-                node.upsert_peer(now, cfg.clone());
+                node.upsert_peer(now, cfg);
             }
         }
         let nat_peers: Vec<([u8; 32], Vec<evio_nat::Candidate>)> = desired
+            .peers
             .iter()
-            .filter_map(|(p, m)| {
-                self.records
-                    .get(&m.node)
-                    .map(|r| (p.public_key, crate::nat::from_record(r)))
-            })
+            .map(|p| (p.grant.public_key, crate::nat::from_record(&p.record)))
             .collect();
         self.shared.nat.set_peers(&nat_peers);
         crate::nat::sync_paths(&self.shared);
         {
             let mut meta = self.shared.meta.lock().unwrap_or_else(|e| e.into_inner());
             meta.clear();
-            for (cfg, m) in &desired {
-                meta.insert(cfg.public_key, m.clone());
+            for p in &desired.peers {
+                meta.insert(
+                    p.grant.public_key,
+                    PeerMeta {
+                        node: p.name.clone(),
+                        address: p.grant.address,
+                        pod_subnet: p.grant.pod_subnet,
+                    },
+                );
             }
         }
         {
             let mut me = self.shared.me.lock().unwrap_or_else(|e| e.into_inner());
-            me.pod_subnet = self.pod_subnet;
+            me.pod_subnet = self.pod_subnet();
         }
-        let dev = self.cfg.interface.clone();
-        for n in want_routes.difference(&self.routed.clone()) {
-            match netcfg::add_route(&dev, n) {
-                Ok(()) => {
-                    tracing::info!(route = %n, "route added");
-                    self.routed.insert(*n);
-                }
-                Err(e) => tracing::warn!("adding route {n}: {e:#}"),
-            }
-        }
-        for n in self.routed.clone().difference(&want_routes) {
-            match netcfg::del_route(&dev, n) {
-                Ok(()) => {
-                    tracing::info!(route = %n, "route removed");
-                    self.routed.remove(n);
-                }
-                Err(e) => tracing::warn!("removing route {n}: {e:#}"),
-            }
-        }
+        self.shared
+            .counters
+            .registrations_rejected
+            .store(desired.rejected.len() as u64, Ordering::Relaxed);
+        let want: HashSet<IpNet> = desired.routes.iter().copied().collect();
+        sync_routes(self.routes.as_mut(), &mut self.routed, &want);
         self.shared
             .counters
             .peer_updates
@@ -337,20 +282,30 @@ impl Control {
     }
 
     fn save_cache(&self) {
-        let mut peers: Vec<NodeRecord> = self.records.values().cloned().collect();
-        peers.sort_by(|a, b| a.node.cmp(&b.node));
+        let (peers, addresses, subnets) = self.cluster.state();
         Cache {
             address: Some(self.address),
-            pod_subnet: self.pod_subnet,
+            pod_subnet: self.pod_subnet(),
             peers,
+            addresses,
+            subnets,
         }
         .save(&self.cfg.state_dir);
     }
 
     /// Seeds the peers from the cache (etcd unreachable at start).
     pub fn load_cache(&mut self, cache: &Cache) {
-        for r in &cache.peers {
-            self.records.insert(r.node.clone(), r.clone());
+        self.cluster
+            .load_cache(&cache.peers, &cache.addresses, &cache.subnets);
+    }
+
+    /// Recomputes the protected networks (the host's addresses may have changed).
+    fn refresh_protected(&mut self) {
+        let p = protected_networks(&self.cfg, self.pod_subnet(), &self.servers);
+        if p != self.cluster.facts().protected {
+            tracing::info!(protected = ?p, "networks never routed into the tunnel");
+            self.cluster.set_protected(p);
+            self.reconcile();
         }
     }
 
@@ -373,7 +328,10 @@ impl Control {
             match self.session(&s).await {
                 Ok(()) => return,
                 Err(e) => {
-                    self.etcd_down(&e);
+                    // A refused registration (logged by the session) is not an etcd failure.
+                    if !matches!(e, StoreError::NameTaken { .. }) {
+                        self.etcd_down(&e);
+                    }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(3));
                     store = Some(s);
@@ -394,26 +352,47 @@ impl Control {
         tracing::warn!("etcd: {e}; keeping the last known peers");
     }
 
-    async fn session(&mut self, store: &Store) -> Result<(), evio_store::StoreError> {
+    async fn session(&mut self, store: &Store) -> Result<(), StoreError> {
         let (snap, mut watch) = store.watch().await?;
         self.shared
             .counters
             .etcd_connected
             .store(true, Ordering::Relaxed);
-        self.load_snapshot(&snap);
-        if self.pod_subnet.is_none() {
-            self.pod_subnet = store
+        self.cluster.load_snapshot(&snap, Instant::now());
+        if self.pod_subnet().is_none() {
+            let s = store
                 .subnet_of(&self.cfg.node_name)
                 .await?
                 .map(|c| c.subnet);
+            self.cluster.set_pod_subnet(s);
         }
         let mut published_candidates = self.shared.nat.candidates_version();
         let record = self.own_record();
-        let reg = store
+        let reg = match store
             .register(record.clone(), Duration::from_secs(self.cfg.lease_ttl))
-            .await?;
+            .await
+        {
+            Ok(r) => {
+                self.shared
+                    .counters
+                    .name_taken
+                    .store(false, Ordering::Relaxed);
+                r
+            }
+            Err(e @ StoreError::NameTaken { .. }) => {
+                self.shared
+                    .counters
+                    .name_taken
+                    .store(true, Ordering::Relaxed);
+                // Not an etcd failure: another agent holds our name. Keep the last known peers and retry (the
+                // name is free again when that registration's lease expires), loudly.
+                tracing::error!("{e}; retrying");
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
         self.published = Some(record);
-        tracing::info!(node = %self.cfg.node_name, address = %self.address, pod_subnet = ?self.pod_subnet, ttl = self.cfg.lease_ttl, "registered");
+        tracing::info!(node = %self.cfg.node_name, address = %self.address, pod_subnet = ?self.pod_subnet(), ttl = self.cfg.lease_ttl, "registered");
         self.reconcile();
         self.save_cache();
         let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -423,9 +402,9 @@ impl Control {
                 ev = watch.next() => {
                     let Some(ev) = ev else { return Err(evio_store::StoreError::Config("watch ended".into())) };
                     self.shared.counters.etcd_connected.store(true, Ordering::Relaxed);
-                    self.apply(ev);
+                    self.cluster.apply(ev, Instant::now());
                     while let Some(ev) = watch.try_next() {
-                        self.apply(ev);
+                        self.cluster.apply(ev, Instant::now());
                     }
                     self.reconcile();
                     self.save_cache();
@@ -433,23 +412,16 @@ impl Control {
                 _ = tick.tick() => {
                     // Expire peers past their grace period, and republish our record when it changed (pod
                     // subnet claimed after start, host addresses changed).
-                    if !self.down_since.is_empty() {
-                        let now = Instant::now();
-                        let gone: Vec<String> = self.down_since.iter().filter(|(_, t)| now.duration_since(**t) >= DOWN_GRACE).map(|(n, _)| n.clone()).collect();
-                        if !gone.is_empty() {
-                            self.reconcile();
-                            for n in gone {
-                                self.down_since.remove(&n);
-                                self.records.remove(&n);
-                            }
-                            self.save_cache();
-                        }
+                    if self.cluster.has_pending_downs() && self.cluster.expire(Instant::now()) {
+                        self.reconcile();
+                        self.save_cache();
                     }
-                    let check = self.published.as_ref().map(|p| p.pod_subnet) != Some(self.pod_subnet)
+                    let check = self.published.as_ref().map(|p| p.pod_subnet) != Some(self.pod_subnet())
                         || last_addr_check.elapsed() >= Duration::from_secs(10)
                         || self.shared.nat.candidates_version() != published_candidates;
                     if check {
                         last_addr_check = Instant::now();
+                        self.refresh_protected();
                         let version = self.shared.nat.candidates_version();
                         if let Some(r) = self.own_record_changed() {
                             match reg.update(r.clone()).await {
@@ -471,5 +443,142 @@ impl Control {
                 }
             }
         }
+    }
+}
+
+/// The networks never routed into the tunnel: the host's own addresses and networks (every interface but
+/// the tunnel's, loopback included) and the etcd, STUN and TURN servers. A network that overlaps the
+/// overlay, the pod CIDR or our own pod subnet (the pod bridge's) is protected by its address alone: those
+/// ranges are the overlay's own.
+fn protected_networks(cfg: &Config, own_pod: Option<Ipv4Net>, servers: &[IpAddr]) -> Vec<Ipv4Net> {
+    let overlaps = |a: &Ipv4Net, b: &Ipv4Net| a.contains(&b.network()) || b.contains(&a.network());
+    let ours: Vec<Ipv4Net> = [Some(cfg.overlay_cidr), cfg.pod_cidr, own_pod]
+        .into_iter()
+        .flatten()
+        .collect();
+    let mut v = Vec::new();
+    for n in netcfg::host_networks(&cfg.interface) {
+        v.push(Ipv4Net::new(n.addr(), 32).expect("valid /32"));
+        let net = n.trunc();
+        if !ours.iter().any(|o| overlaps(o, &net)) {
+            v.push(net);
+        }
+    }
+    for s in servers {
+        if let IpAddr::V4(a) = s {
+            v.push(Ipv4Net::new(*a, 32).expect("valid /32"));
+        }
+    }
+    v.sort();
+    v.dedup();
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Recording {
+        ops: Vec<String>,
+        fail: HashSet<IpNet>,
+    }
+
+    impl RouteTable for Recording {
+        fn add(&mut self, net: &IpNet) -> anyhow::Result<()> {
+            self.ops.push(format!("add {net}"));
+            if self.fail.contains(net) {
+                anyhow::bail!("refused");
+            }
+            Ok(())
+        }
+
+        fn del(&mut self, net: &IpNet) -> anyhow::Result<()> {
+            self.ops.push(format!("del {net}"));
+            Ok(())
+        }
+    }
+
+    fn nets(v: &[&str]) -> HashSet<IpNet> {
+        v.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn routes_follow_the_desired_set_and_failures_are_retried() {
+        let mut t = Recording::default();
+        let mut routed = HashSet::new();
+        t.fail = nets(&["10.244.3.0/24"]);
+        sync_routes(
+            &mut t,
+            &mut routed,
+            &nets(&["10.244.2.0/24", "10.244.3.0/24"]),
+        );
+        assert_eq!(routed, nets(&["10.244.2.0/24"]));
+        t.fail.clear();
+        t.ops.clear();
+        sync_routes(&mut t, &mut routed, &nets(&["10.244.3.0/24"]));
+        assert_eq!(t.ops, ["add 10.244.3.0/24", "del 10.244.2.0/24"]);
+        assert_eq!(routed, nets(&["10.244.3.0/24"]));
+        t.ops.clear();
+        sync_routes(&mut t, &mut routed, &nets(&["10.244.3.0/24"]));
+        assert!(t.ops.is_empty());
+    }
+
+    fn config(extra: &[&str]) -> Config {
+        use clap::Parser;
+        let base = [
+            "eviod",
+            "--node-name",
+            "n",
+            "--etcd-endpoints",
+            "x",
+            "--state-dir",
+            "/tmp",
+        ];
+        crate::config::Args::parse_from(base.iter().chain(extra))
+            .resolve()
+            .unwrap()
+    }
+
+    #[test]
+    fn protected_networks_are_the_hosts_and_the_servers() {
+        let n = |s: &str| s.parse::<Ipv4Net>().unwrap();
+        let servers: Vec<IpAddr> =
+            vec!["192.0.2.7".parse().unwrap(), "2001:db8::1".parse().unwrap()];
+        let p = protected_networks(&config(&[]), None, &servers);
+        // Loopback (up in every namespace) with its network, and the servers as /32.
+        assert!(
+            p.contains(&n("127.0.0.1/32")) && p.contains(&n("127.0.0.0/8")),
+            "{p:?}"
+        );
+        assert!(p.contains(&n("192.0.2.7/32")), "{p:?}");
+        // A host network that overlaps the overlay (or the pod CIDR, or our pod subnet) is protected by its
+        // address only.
+        for extra in [
+            &["--overlay-cidr", "127.1.0.0/16"][..],
+            &["--pod-cidr", "127.0.0.0/16"][..],
+        ] {
+            let p = protected_networks(&config(extra), None, &servers);
+            assert!(
+                p.contains(&n("127.0.0.1/32")) && !p.contains(&n("127.0.0.0/8")),
+                "{extra:?} {p:?}"
+            );
+        }
+        let p = protected_networks(&config(&[]), Some(n("127.0.0.0/24")), &[]);
+        assert!(!p.contains(&n("127.0.0.0/8")), "{p:?}");
+    }
+
+    #[test]
+    fn etcd_endpoints_resolve_to_their_addresses() {
+        let v = etcd_addresses(&[
+            "http://127.0.0.7:2379".into(),
+            "127.0.0.8:1".into(),
+            "https://127.0.0.9".into(),
+        ]);
+        let want: Vec<IpAddr> = ["127.0.0.7", "127.0.0.8", "127.0.0.9"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(v, want);
     }
 }

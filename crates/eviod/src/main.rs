@@ -9,6 +9,7 @@
 //! `tokio` (only for the etcd client), `tracing`, `serde_json`, `base64` (key files in `wg` format),
 //! `nix` (getifaddrs), `evio-netlink` (TUN address and routes), `evio-io` (TUN with offloads, batched UDP with GSO/GRO).
 
+mod cluster;
 mod config;
 mod control;
 mod ctl;
@@ -53,11 +54,26 @@ fn main() {
 }
 
 /// Claims the VIP, with retries while etcd is unreachable; falls back to the cached VIP after a while.
-async fn claim_address(cfg: &Config, cache: Option<&Cache>) -> Result<(Option<Store>, Ipv4Addr)> {
+/// Claims are keyed by node name: an agent started with the name of a live node that registered another key
+/// must not touch its claims (it waits until that registration's lease expires; docs/security.md).
+async fn claim_address(
+    cfg: &Config,
+    public_key: &[u8; 32],
+    cache: Option<&Cache>,
+) -> Result<(Option<Store>, Ipv4Addr)> {
     let mut waited = Duration::ZERO;
+    let ours = keys::encode(public_key);
     loop {
         let r = async {
             let s = Store::connect(&cfg.etcd).await?;
+            if let Some(r) = s.node(&cfg.node_name).await?
+                && r.public_key != ours
+            {
+                return Err(StoreError::NameTaken {
+                    node: cfg.node_name.clone(),
+                    holder_key: r.public_key,
+                });
+            }
             let c = s
                 .claim_address(&cfg.overlay_cidr, &cfg.node_name, cfg.address)
                 .await?;
@@ -72,6 +88,10 @@ async fn claim_address(cfg: &Config, cache: Option<&Cache>) -> Result<(Option<St
                 | StoreError::AddressesExhausted { .. }),
             ) => {
                 bail!("cannot claim the overlay address: {e}")
+            }
+            Err(e @ StoreError::NameTaken { .. }) => {
+                tracing::error!("{e}; waiting");
+                tokio::time::sleep(Duration::from_secs(2)).await;
             }
             Err(e) if e.is_unreachable() => {
                 if let Some(a) = cache
@@ -105,7 +125,7 @@ fn run(cfg: Config) -> Result<()> {
         .enable_all()
         .build()?;
     let cache = Cache::load(&cfg.state_dir);
-    let (store, address) = rt.block_on(claim_address(&cfg, cache.as_ref()))?;
+    let (store, address) = rt.block_on(claim_address(&cfg, &public_key, cache.as_ref()))?;
     tracing::info!(node = %cfg.node_name, %address, public_key = %keys::encode(&public_key), "overlay address");
 
     // The data plane.
@@ -168,12 +188,17 @@ fn run(cfg: Config) -> Result<()> {
     }
     tracing::info!(interface = %cfg.interface, mtu, port = cfg.listen_port, "data plane up");
 
+    // Never routed into the tunnel, whatever etcd says.
+    let mut servers = control::etcd_addresses(&cfg.etcd.endpoints);
+    servers.extend(stun.iter().map(|s| s.ip()));
+    servers.extend(turn.as_ref().map(|t| t.server.ip()));
     let mut control = Control::new(
         cfg.clone(),
         shared.clone(),
         public_key,
         address,
         cache.as_ref().and_then(|c| c.pod_subnet),
+        servers,
     );
     if store.is_none()
         && let Some(c) = &cache

@@ -80,6 +80,37 @@ pub fn host_addresses(skip_if: &str, skip_nets: &[IpNet]) -> Vec<HostAddr> {
     v
 }
 
+/// IPv4 addresses with their prefix length, of every interface that is up except `skip_if` (loopback
+/// included): the host's own networks.
+pub fn host_networks(skip_if: &str) -> Vec<Ipv4Net> {
+    let mut v = Vec::new();
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return v;
+    };
+    for a in addrs {
+        if !a.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP) || a.interface_name == skip_if {
+            continue;
+        }
+        let Some(ip) = a
+            .address
+            .as_ref()
+            .and_then(|s| s.as_sockaddr_in())
+            .map(|s| s.ip())
+        else {
+            continue;
+        };
+        let len = a
+            .netmask
+            .as_ref()
+            .and_then(|s| s.as_sockaddr_in())
+            .map_or(32, |m| u32::from(m.ip()).count_ones() as u8);
+        if let Ok(n) = Ipv4Net::new(ip, len) {
+            v.push(n);
+        }
+    }
+    v
+}
+
 /// MTU of interface `name` (from sysfs).
 pub fn mtu_of(name: &str) -> Option<u32> {
     std::fs::read_to_string(format!("/sys/class/net/{name}/mtu"))

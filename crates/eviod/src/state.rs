@@ -37,6 +37,10 @@ pub struct Counters {
     pub etcd_errors: AtomicU64,
     pub etcd_connected: AtomicBool,
     pub peer_updates: AtomicU64,
+    /// Registrations in etcd not accepted as peers now (docs/security.md).
+    pub registrations_rejected: AtomicU64,
+    /// True while our own registration is refused: another key holds our node name.
+    pub name_taken: AtomicBool,
 }
 
 pub struct Shared {
@@ -250,6 +254,16 @@ impl Shared {
             s,
             "# HELP evio_etcd_connected Whether the control plane reaches etcd.\n# TYPE evio_etcd_connected gauge\nevio_etcd_connected {}",
             c.etcd_connected.load(Ordering::Relaxed) as u8
+        );
+        let _ = writeln!(
+            s,
+            "# HELP evio_registrations_rejected Registrations in etcd not accepted as peers (see the log for why).\n# TYPE evio_registrations_rejected gauge\nevio_registrations_rejected {}",
+            c.registrations_rejected.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            s,
+            "# HELP evio_name_taken Whether this node's name is registered with another public key (registration refused).\n# TYPE evio_name_taken gauge\nevio_name_taken {}",
+            c.name_taken.load(Ordering::Relaxed) as u8
         );
         self.nat.metrics(&mut s);
         s
