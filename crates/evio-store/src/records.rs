@@ -83,6 +83,9 @@ pub struct NodeRecord {
     /// When the record was last written (Unix seconds).
     #[serde(default)]
     pub updated: u64,
+    /// CA mode: the node's certificate (a signed string, evio-trust), which alone says what the node owns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
     /// Fields this version does not know, kept as they are.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
@@ -100,6 +103,7 @@ impl NodeRecord {
             candidates: Vec::new(),
             listen_port: 0,
             updated: 0,
+            certificate: None,
             extra: serde_json::Map::new(),
         }
     }

@@ -19,8 +19,14 @@
 //!   granted, then the earlier claim, then the lower name) and the newer is dropped and logged;
 //! - at most [`MAX_PEERS`] peers.
 //!
-//! [`Cluster::grant`] is the one place that decides what a single registration may use; a certificate
-//! check (CA mode) replaces or extends it.
+//! With a cluster CA (CA mode, [`Cluster::set_ca`]) a peer's VIP and pod subnet come from its certificate
+//! instead of the claims: the record must carry a certificate that the pinned CA signed, that is inside its
+//! validity window, that names the record's node and key, and whose key no known revocation names. Every
+//! other rule above applies to what the certificate grants. The signature is checked once per certificate
+//! received ([`Cluster::apply`]), never per packet or per handshake; the window and revocations at every
+//! [`Cluster::desired`].
+//!
+//! [`Cluster::grant`] is the one place that decides what a single registration may use.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -28,6 +34,8 @@ use std::time::{Duration, Instant};
 
 use evio_store::{AddressClaim, NodeRecord, Snapshot, StoreEvent, SubnetClaim};
 use ipnet::{IpNet, Ipv4Net};
+
+use evio_trust::{CaPublic, NodeCert, Revocation};
 
 use crate::keys;
 
@@ -52,6 +60,11 @@ pub const MIN_POD_PREFIX: u8 = 8;
 
 /// The most endpoints and candidates of one peer handed to NAT traversal (each costs probes).
 pub const MAX_CANDIDATES: usize = 32;
+
+/// The most revoked keys remembered (CA mode). Revocations are signed by the CA, so only the CA can fill
+/// this; the bound keeps a runaway CA from growing it without limit. Revoked keys are never forgotten
+/// while the agent runs, even when their etcd entries are deleted.
+pub const MAX_REVOCATIONS: usize = 4 * MAX_PEERS;
 
 /// What this host knows about itself and its network.
 #[derive(Debug, Clone)]
@@ -121,6 +134,10 @@ pub enum Rejection {
     SharedKey { holder: String },
     #[error("the peer limit ({MAX_PEERS}) is reached")]
     TooMany,
+    #[error("no certificate (the cluster has a CA)")]
+    NoCertificate,
+    #[error("certificate not accepted: {0}")]
+    Certificate(String),
 }
 
 /// One peer as it should be.
@@ -170,6 +187,15 @@ pub struct Cluster {
     next_order: i64,
     /// Last rejection logged per name (to log changes only).
     logged: HashMap<String, Rejection>,
+    /// CA mode: the pinned CA.
+    ca: Option<CaPublic>,
+    /// CA mode: each record's certificate, its signature checked against the CA when the record arrived
+    /// (the window and revocations are checked in [`Cluster::grant`]).
+    certs: HashMap<String, Result<NodeCert, String>>,
+    /// CA mode: keys the CA revoked.
+    revoked: HashSet<[u8; 32]>,
+    /// Unix seconds, for certificate windows ([`Cluster::set_unix_time`]).
+    unix: u64,
 }
 
 impl Cluster {
@@ -185,6 +211,65 @@ impl Cluster {
             claim_order: HashMap::new(),
             next_order: 1,
             logged: HashMap::new(),
+            ca: None,
+            certs: HashMap::new(),
+            revoked: HashSet::new(),
+            unix: 0,
+        }
+    }
+
+    /// CA mode: peers are accepted only with a certificate signed by `ca`, for what it grants.
+    pub fn set_ca(&mut self, ca: CaPublic) {
+        self.ca = Some(ca);
+        let records: Vec<NodeRecord> = self.records.values().cloned().collect();
+        for r in records {
+            self.check_certificate(&r);
+        }
+    }
+
+    /// The wall clock (Unix seconds) certificates are checked against.
+    pub fn set_unix_time(&mut self, unix: u64) {
+        self.unix = unix;
+    }
+
+    /// Adds revocations (already verified as signed by the CA); true if a key was new.
+    pub fn add_revocations(&mut self, revs: &[Revocation]) -> bool {
+        let mut changed = false;
+        for r in revs {
+            if let Ok(k) = r.key()
+                && !self.revoked.contains(&k)
+            {
+                if self.revoked.len() >= MAX_REVOCATIONS {
+                    tracing::warn!("ignoring revocations beyond {MAX_REVOCATIONS}");
+                    break;
+                }
+                tracing::info!(node = %r.node, serial = r.serial, "key revoked by the cluster CA");
+                self.revoked.insert(k);
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// Checks the signature of `r`'s certificate once, when the record arrives.
+    fn check_certificate(&mut self, r: &NodeRecord) {
+        let Some(ca) = &self.ca else { return };
+        match &r.certificate {
+            None => {
+                self.certs.remove(&r.node);
+            }
+            Some(signed) => {
+                let same = self
+                    .records
+                    .get(&r.node)
+                    .and_then(|o| o.certificate.as_ref())
+                    == Some(signed)
+                    && self.certs.contains_key(&r.node);
+                if !same {
+                    let v = NodeCert::verify_ignoring_time(signed, ca).map_err(|e| e.to_string());
+                    self.certs.insert(r.node.clone(), v);
+                }
+            }
         }
     }
 
@@ -247,6 +332,15 @@ impl Cluster {
         r.endpoints.truncate(2 * MAX_CANDIDATES);
         r.candidates.truncate(2 * MAX_CANDIDATES);
         r.extra.clear();
+        if r.certificate
+            .as_ref()
+            .is_some_and(|c| c.len() > evio_trust::MAX_CERT_LEN)
+        {
+            r.certificate = None;
+        }
+        if self.ca.is_some() {
+            self.check_certificate(&r);
+        }
         self.down_since.remove(&r.node);
         self.records.insert(r.node.clone(), r);
     }
@@ -334,6 +428,7 @@ impl Cluster {
         for n in &gone {
             self.down_since.remove(n);
             self.records.remove(n);
+            self.certs.remove(n);
         }
         !gone.is_empty()
     }
@@ -356,9 +451,23 @@ impl Cluster {
         if name == f.name || public_key == f.public_key {
             return Err(Rejection::Ourselves);
         }
-        // Prefixes come from the claims only: the record's own `address`/`podSubnet` are never used.
-        let claim = self.addresses.get(name).ok_or(Rejection::NoAddressClaim)?;
-        let address = claim.address;
+        // Prefixes come from the certificate (CA mode) or the claims, never from the record's own
+        // `address`/`podSubnet`.
+        let (address, claimed_subnet) = match &self.ca {
+            Some(_) => {
+                let c = self.certified(record, &public_key)?;
+                if c.pod_subnets.len() > 1 {
+                    return Err(Rejection::Certificate(
+                        "more than one pod subnet (this version routes one)".into(),
+                    ));
+                }
+                (c.address, c.pod_subnets.first().copied())
+            }
+            None => {
+                let claim = self.addresses.get(name).ok_or(Rejection::NoAddressClaim)?;
+                (claim.address, self.subnets.get(name).map(|c| c.subnet))
+            }
+        };
         let (lo, hi) = evio_store::host_range(&f.overlay);
         if !f.overlay.contains(&address) || !(lo..=hi).contains(&u32::from(address)) {
             return Err(Rejection::AddressOutsideOverlay(address, f.overlay));
@@ -368,10 +477,10 @@ impl Cluster {
         }
         let vip = Ipv4Net::new(address, 32).expect("valid /32");
         check_protected(&f.protected, vip)?;
-        let pod_subnet = match self.subnets.get(name) {
+        let pod_subnet = match claimed_subnet {
             None => None,
-            Some(c) => {
-                let s = c.subnet.trunc();
+            Some(s) => {
+                let s = s.trunc();
                 if let Some(cidr) = f.pod_cidr
                     && !cidr.contains(&s)
                 {
@@ -397,6 +506,34 @@ impl Cluster {
             address,
             pod_subnet,
         })
+    }
+
+    /// CA mode: the certificate of `record`, if it is current, names the record's node and key, and its key
+    /// is not revoked.
+    fn certified(&self, record: &NodeRecord, key: &[u8; 32]) -> Result<&NodeCert, Rejection> {
+        let c = match self.certs.get(&record.node) {
+            None => return Err(Rejection::NoCertificate),
+            Some(Err(e)) => return Err(Rejection::Certificate(e.clone())),
+            Some(Ok(c)) => c,
+        };
+        if c.node != record.node {
+            return Err(Rejection::Certificate(format!("it is for node {}", c.node)));
+        }
+        if c.public_key != *key {
+            return Err(Rejection::Certificate("it is for another key".into()));
+        }
+        if !c.is_current(self.unix) {
+            return Err(Rejection::Certificate(format!(
+                "outside its validity ({}..{}, now {})",
+                c.not_before, c.not_after, self.unix
+            )));
+        }
+        if self.revoked.contains(key) {
+            return Err(Rejection::Certificate(
+                "its key was revoked by the cluster CA".into(),
+            ));
+        }
+        Ok(c)
     }
 
     /// The peers and routes as they should be now. Grants kept here are the incumbents of the next call.
@@ -660,6 +797,190 @@ mod tests {
 
     fn names(d: &Desired) -> Vec<&str> {
         d.peers.iter().map(|p| p.name.as_str()).collect()
+    }
+
+    /// A certificate for `name`/`k`, signed by `ca`, valid from `nb` to `na` (Unix seconds).
+    fn cert(
+        ca: &evio_trust::CaKey,
+        name: &str,
+        k: u8,
+        addr: &str,
+        subnets: &[&str],
+        nb: u64,
+        na: u64,
+    ) -> String {
+        NodeCert {
+            node: name.into(),
+            public_key: key(k),
+            address: addr.parse().unwrap(),
+            pod_subnets: subnets.iter().map(|s| net(s)).collect(),
+            not_before: nb,
+            not_after: na,
+            serial: u64::from(k),
+        }
+        .sign(ca)
+        .unwrap()
+    }
+
+    const T: u64 = 1_800_000_000;
+
+    fn ca_cluster(ca: &evio_trust::CaKey) -> Cluster {
+        let mut c = cluster();
+        c.set_ca(ca.public());
+        c.set_unix_time(T);
+        c
+    }
+
+    fn certified(c: &mut Cluster, name: &str, k: u8, cert: Option<String>) {
+        let mut r = record(name, k);
+        r.certificate = cert;
+        c.apply(StoreEvent::NodeUp(r), Instant::now());
+    }
+
+    #[test]
+    fn ca_mode_grants_what_the_certificate_says_and_ignores_claims() {
+        let ca = evio_trust::CaKey::generate("t");
+        let mut c = ca_cluster(&ca);
+        // Claims that disagree with the certificate (an etcd writer's) change nothing.
+        add(&mut c, "a", 2, "10.10.0.9", Some("10.244.9.0/24"), 1);
+        certified(
+            &mut c,
+            "a",
+            2,
+            Some(cert(
+                &ca,
+                "a",
+                2,
+                "10.10.0.2",
+                &["10.244.2.0/24"],
+                T - 10,
+                T + 3600,
+            )),
+        );
+        let d = c.desired(Instant::now());
+        assert_eq!(names(&d), ["a"]);
+        assert_eq!(
+            d.peers[0].grant.address,
+            "10.10.0.2".parse::<Ipv4Addr>().unwrap()
+        );
+        assert_eq!(d.peers[0].grant.pod_subnet, Some(net("10.244.2.0/24")));
+        // The claim-only rules still bound what a certificate grants: a subnet outside the pod CIDR.
+        certified(
+            &mut c,
+            "b",
+            3,
+            Some(cert(
+                &ca,
+                "b",
+                3,
+                "10.10.0.3",
+                &["10.99.0.0/24"],
+                T - 10,
+                T + 3600,
+            )),
+        );
+        let d = c.desired(Instant::now());
+        assert!(matches!(
+            rejection(&d, "b"),
+            Some(Rejection::SubnetOutsidePodCidr(..))
+        ));
+    }
+
+    #[test]
+    fn ca_mode_refuses_missing_foreign_mismatched_and_expired_certificates() {
+        let ca = evio_trust::CaKey::generate("t");
+        let other = evio_trust::CaKey::generate("other");
+        let mut c = ca_cluster(&ca);
+        add(&mut c, "none", 2, "10.10.0.2", None, 1);
+        certified(
+            &mut c,
+            "foreign",
+            3,
+            Some(cert(
+                &other,
+                "foreign",
+                3,
+                "10.10.0.3",
+                &[],
+                T - 10,
+                T + 3600,
+            )),
+        );
+        certified(
+            &mut c,
+            "named",
+            4,
+            Some(cert(&ca, "victim", 4, "10.10.0.4", &[], T - 10, T + 3600)),
+        );
+        certified(
+            &mut c,
+            "keyed",
+            5,
+            Some(cert(&ca, "keyed", 6, "10.10.0.5", &[], T - 10, T + 3600)),
+        );
+        certified(
+            &mut c,
+            "old",
+            7,
+            Some(cert(&ca, "old", 7, "10.10.0.7", &[], T - 7200, T - 3600)),
+        );
+        certified(&mut c, "junk", 8, Some("x.y".into()));
+        certified(
+            &mut c,
+            "huge",
+            9,
+            Some("a".repeat(evio_trust::MAX_CERT_LEN + 1)),
+        );
+        let d = c.desired(Instant::now());
+        assert!(d.peers.is_empty(), "{:?}", names(&d));
+        assert_eq!(rejection(&d, "none"), Some(Rejection::NoCertificate));
+        assert_eq!(rejection(&d, "huge"), Some(Rejection::NoCertificate));
+        for n in ["foreign", "named", "keyed", "old", "junk"] {
+            assert!(
+                matches!(rejection(&d, n), Some(Rejection::Certificate(_))),
+                "{n}: {:?}",
+                rejection(&d, n)
+            );
+        }
+        // A certificate expires while its record stays: the peer goes at the next check.
+        certified(
+            &mut c,
+            "soon",
+            10,
+            Some(cert(&ca, "soon", 10, "10.10.0.10", &[], T - 10, T + 60)),
+        );
+        assert_eq!(names(&c.desired(Instant::now())), ["soon"]);
+        c.set_unix_time(T + 60 + evio_trust::CLOCK_SKEW_SECS + 1);
+        assert!(c.desired(Instant::now()).peers.is_empty());
+    }
+
+    #[test]
+    fn ca_mode_revoked_keys_stay_out_with_any_certificate() {
+        let ca = evio_trust::CaKey::generate("t");
+        let mut c = ca_cluster(&ca);
+        let signed = cert(&ca, "a", 2, "10.10.0.2", &[], T - 10, T + 3600);
+        certified(&mut c, "a", 2, Some(signed.clone()));
+        assert_eq!(names(&c.desired(Instant::now())), ["a"]);
+        let rev =
+            evio_trust::Revocation::of(&NodeCert::verify(&signed, &ca.public(), T).unwrap(), T);
+        assert!(c.add_revocations(std::slice::from_ref(&rev)));
+        assert!(
+            !c.add_revocations(&[rev]),
+            "a known revocation changes nothing"
+        );
+        assert!(c.desired(Instant::now()).peers.is_empty());
+        // A new certificate for the same key (another name, a new serial) is refused too.
+        certified(
+            &mut c,
+            "b",
+            2,
+            Some(cert(&ca, "b", 2, "10.10.0.3", &[], T - 10, T + 3600)),
+        );
+        let d = c.desired(Instant::now());
+        assert!(d.peers.is_empty());
+        assert!(
+            matches!(rejection(&d, "b"), Some(Rejection::Certificate(e)) if e.contains("revoked"))
+        );
     }
 
     #[test]

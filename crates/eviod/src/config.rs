@@ -88,6 +88,12 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+    /// Join the cluster with this token (`evioctl token create`): it carries etcd, the CA's pin, STUN and
+    /// TURN settings. Needed once: what it brings is kept in the state directory. Prefer the environment
+    /// variable to the flag (command lines are visible to every user of the host).
+    #[arg(long, env = "EVIO_JOIN_TOKEN", hide_env_values = true)]
+    #[serde(skip)]
+    pub join_token: Option<String>,
 }
 
 /// NAT traversal settings, accepted and kept for the NAT traversal module.
@@ -115,6 +121,8 @@ pub struct Config {
     pub psk_file: Option<PathBuf>,
     pub metrics_addr: Option<SocketAddr>,
     pub lease_ttl: u64,
+    /// A join token to adopt into the state directory at start (see `trust`).
+    pub join_token: Option<String>,
 }
 
 pub const DEFAULT_PORT: u16 = 51820;
@@ -163,9 +171,8 @@ impl Args {
         let Some(node_name) = self.node_name else {
             bail!("--node-name is required")
         };
-        let Some(endpoints) = self.etcd_endpoints else {
-            bail!("--etcd-endpoints is required")
-        };
+        // With a join token (now or adopted earlier into the state dir) the endpoints come from it.
+        let endpoints = self.etcd_endpoints.unwrap_or_default();
         let Some(state_dir) = self.state_dir else {
             bail!("--state-dir is required")
         };
@@ -227,6 +234,7 @@ impl Args {
             psk_file: self.psk_file,
             metrics_addr: self.metrics_addr,
             lease_ttl,
+            join_token: self.join_token,
         })
     }
 }

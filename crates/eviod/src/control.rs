@@ -119,6 +119,26 @@ pub fn etcd_addresses(endpoints: &[String]) -> Vec<IpAddr> {
     v
 }
 
+/// CA mode: the pinned CA, this node's certificate and what renewing it takes.
+pub struct CaMode {
+    pub ca: evio_trust::CaPublic,
+    pub private_key: [u8; 32],
+    pub cert: evio_trust::NodeCert,
+    /// The certificate as signed (published in our record).
+    pub signed: String,
+}
+
+/// How often revocations are read from etcd (CA mode): a revoked node leaves every host within this and a
+/// reconcile.
+const REVOCATION_POLL: Duration = Duration::from_secs(2);
+/// How often peers' certificates are checked against the clock even when nothing changed (CA mode).
+const EXPIRY_CHECK: Duration = Duration::from_secs(5);
+/// How long after a failed renewal the next one is tried.
+const RENEW_RETRY: Duration = Duration::from_secs(30);
+
+type Renewal =
+    tokio::task::JoinHandle<Result<(evio_trust::NodeCert, String), evio_trust::client::JoinError>>;
+
 /// The control plane: the etcd session around a [`Cluster`].
 pub struct Control {
     pub cfg: Config,
@@ -131,6 +151,9 @@ pub struct Control {
     routed: HashSet<IpNet>,
     published: Option<NodeRecord>,
     public_key: [u8; 32],
+    ca_mode: Option<CaMode>,
+    renewal: Option<Renewal>,
+    last_renewal: Option<Instant>,
 }
 
 impl Control {
@@ -163,7 +186,81 @@ impl Control {
             routed: HashSet::new(),
             published: None,
             public_key,
+            ca_mode: None,
+            renewal: None,
+            last_renewal: None,
         }
+    }
+
+    /// Switches to CA mode: peers need certificates from `mode.ca`; ours is published and renewed.
+    pub fn set_ca_mode(&mut self, mode: CaMode) {
+        self.cluster.set_ca(mode.ca.clone());
+        self.cluster
+            .set_pod_subnet(mode.cert.pod_subnets.first().copied());
+        self.ca_mode = Some(mode);
+    }
+
+    /// CA mode: reads the revocations (signed by the CA; others are skipped) and drops revoked peers.
+    async fn poll_revocations(&mut self, store: &Store) {
+        let Some(m) = &self.ca_mode else { return };
+        match evio_trust::client::revocations(store, &m.ca).await {
+            Ok(revs) => {
+                if revs
+                    .iter()
+                    .any(|r| r.key().is_ok_and(|k| k == self.public_key))
+                {
+                    tracing::error!(
+                        "this node's key was revoked by the cluster CA: peers no longer accept it"
+                    );
+                }
+                if self.cluster.add_revocations(&revs) {
+                    self.reconcile();
+                }
+            }
+            Err(e) => tracing::warn!("reading revocations: {e}"),
+        }
+    }
+
+    /// CA mode: starts a renewal when the certificate is due, and adopts a renewed one.
+    async fn renew_if_due(&mut self, store: &Store) -> bool {
+        let Some(m) = &mut self.ca_mode else {
+            return false;
+        };
+        if let Some(h) = &self.renewal
+            && h.is_finished()
+        {
+            let h = self.renewal.take().expect("renewal");
+            match h.await {
+                Ok(Ok((cert, signed))) => {
+                    if let Err(e) = crate::trust::store_certificate(&self.cfg.state_dir, &signed) {
+                        tracing::warn!("keeping the renewed certificate: {e:#}");
+                    }
+                    tracing::info!(
+                        serial = cert.serial,
+                        not_after = cert.not_after,
+                        "certificate renewed"
+                    );
+                    m.cert = cert;
+                    m.signed = signed;
+                    return true;
+                }
+                Ok(Err(e)) => tracing::warn!("renewing the certificate: {e}"),
+                Err(e) => tracing::warn!("renewal task: {e}"),
+            }
+        }
+        let due = unix_now() >= m.cert.renew_at();
+        let waited = self.last_renewal.is_none_or(|t| t.elapsed() >= RENEW_RETRY);
+        if due && waited && self.renewal.is_none() {
+            self.last_renewal = Some(Instant::now());
+            let (store, ca, key, cert) =
+                (store.clone(), m.ca.clone(), m.private_key, m.cert.clone());
+            tracing::info!(not_after = cert.not_after, "renewing the certificate");
+            self.renewal = Some(tokio::spawn(async move {
+                evio_trust::client::renew(&store, &ca, &key, &cert, crate::trust::SIGNER_TIMEOUT)
+                    .await
+            }));
+        }
+        false
     }
 
     fn pod_subnet(&self) -> Option<Ipv4Net> {
@@ -191,6 +288,7 @@ impl Control {
             .set_host_addresses(&addrs.iter().map(|a| a.addr).collect::<Vec<_>>());
         r.candidates = crate::nat::to_records(&self.shared.nat.candidates().1);
         r.listen_port = port;
+        r.certificate = self.ca_mode.as_ref().map(|m| m.signed.clone());
         r.updated = unix_now();
         r
     }
@@ -214,6 +312,7 @@ impl Control {
 
     /// Makes the tunnel core, NAT traversal and the kernel routes match what the cluster allows now.
     pub fn reconcile(&mut self) {
+        self.cluster.set_unix_time(unix_now());
         let desired = self.cluster.desired(Instant::now());
         self.apply_desired(&desired);
     }
@@ -393,10 +492,13 @@ impl Control {
         };
         self.published = Some(record);
         tracing::info!(node = %self.cfg.node_name, address = %self.address, pod_subnet = ?self.pod_subnet(), ttl = self.cfg.lease_ttl, "registered");
+        self.poll_revocations(store).await;
         self.reconcile();
         self.save_cache();
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         let mut last_addr_check = Instant::now();
+        let mut last_revocations = Instant::now();
+        let mut last_expiry_check = Instant::now();
         loop {
             tokio::select! {
                 ev = watch.next() => {
@@ -416,7 +518,20 @@ impl Control {
                         self.reconcile();
                         self.save_cache();
                     }
-                    let check = self.published.as_ref().map(|p| p.pod_subnet) != Some(self.pod_subnet())
+                    let mut renewed = false;
+                    if self.ca_mode.is_some() {
+                        if last_revocations.elapsed() >= REVOCATION_POLL {
+                            last_revocations = Instant::now();
+                            self.poll_revocations(store).await;
+                        }
+                        if last_expiry_check.elapsed() >= EXPIRY_CHECK {
+                            last_expiry_check = Instant::now();
+                            self.reconcile();
+                        }
+                        renewed = self.renew_if_due(store).await;
+                    }
+                    let check = renewed
+                        || self.published.as_ref().map(|p| p.pod_subnet) != Some(self.pod_subnet())
                         || last_addr_check.elapsed() >= Duration::from_secs(10)
                         || self.shared.nat.candidates_version() != published_candidates;
                     if check {

@@ -19,6 +19,7 @@ mod metrics;
 mod nat;
 mod netcfg;
 mod state;
+mod trust;
 
 use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
@@ -113,11 +114,54 @@ async fn claim_address(
     }
 }
 
-fn run(cfg: Config) -> Result<()> {
+/// CA mode: the node's certificate (joined for or renewed when etcd answers; the stored one when etcd stays
+/// unreachable), and so the VIP it grants.
+async fn certified_address(
+    cfg: &Config,
+    ca: &evio_trust::CaPublic,
+    private_key: &[u8; 32],
+    public_key: &[u8; 32],
+) -> Result<(Option<Store>, evio_trust::NodeCert, String)> {
+    let mut waited = Duration::ZERO;
+    loop {
+        match Store::connect(&cfg.etcd).await {
+            Ok(s) => {
+                let (c, signed) = trust::certificate(cfg, &s, ca, private_key, public_key).await?;
+                return Ok((Some(s), c, signed));
+            }
+            Err(e) if e.is_unreachable() => {
+                if waited >= Duration::from_secs(3)
+                    && let Some((c, signed)) = trust::stored_certificate(cfg, ca, public_key)
+                {
+                    tracing::warn!("etcd unreachable ({e}); starting with the stored certificate");
+                    return Ok((None, c, signed));
+                }
+                tracing::warn!("etcd unreachable, retrying: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                waited += Duration::from_secs(1);
+            }
+            Err(e) => bail!("cannot reach etcd: {e}"),
+        }
+    }
+}
+
+fn run(mut cfg: Config) -> Result<()> {
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("cannot create {}", cfg.state_dir.display()))?;
     std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))?;
+    if let Some(token) = cfg.join_token.take() {
+        trust::adopt_token(&cfg.state_dir, &token)?;
+    }
+    trust::fill_config(&mut cfg)?;
+    if cfg.etcd.endpoints.is_empty() {
+        bail!("--etcd-endpoints is required (or --join-token)");
+    }
+    let ca = trust::pinned_ca(&cfg.state_dir)?;
+    if ca.is_some() && cfg.address.is_some() {
+        bail!("--address cannot be used with a cluster CA: the signer assigns the VIP");
+    }
     let secret = keys::load_or_create(&cfg.state_dir)?;
+    let secret_bytes = secret.to_bytes();
     let public_key = keys::public_of(&secret);
     let psk = cfg.psk_file.as_deref().map(keys::read_psk).transpose()?;
     let (stun, turn) = nat::agent_settings(&cfg.nat)?;
@@ -125,7 +169,17 @@ fn run(cfg: Config) -> Result<()> {
         .enable_all()
         .build()?;
     let cache = Cache::load(&cfg.state_dir);
-    let (store, address) = rt.block_on(claim_address(&cfg, &public_key, cache.as_ref()))?;
+    let (store, address, cert) = match &ca {
+        Some(ca) => {
+            let (s, c, signed) =
+                rt.block_on(certified_address(&cfg, ca, &secret_bytes, &public_key))?;
+            (s, c.address, Some((c, signed)))
+        }
+        None => {
+            let (s, a) = rt.block_on(claim_address(&cfg, &public_key, cache.as_ref()))?;
+            (s, a, None)
+        }
+    };
     tracing::info!(node = %cfg.node_name, %address, public_key = %keys::encode(&public_key), "overlay address");
 
     // The data plane.
@@ -200,6 +254,14 @@ fn run(cfg: Config) -> Result<()> {
         cache.as_ref().and_then(|c| c.pod_subnet),
         servers,
     );
+    if let (Some(ca), Some((cert, signed))) = (ca, cert) {
+        control.set_ca_mode(control::CaMode {
+            ca,
+            private_key: secret_bytes,
+            cert,
+            signed,
+        });
+    }
     if store.is_none()
         && let Some(c) = &cache
     {

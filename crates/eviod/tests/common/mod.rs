@@ -125,6 +125,12 @@ impl Cluster {
 
 impl Host {
     pub fn start(&mut self, etcd: &str) {
+        self.start_with(Some(etcd), &[]);
+    }
+
+    /// Starts the agent with `--etcd-endpoints` only if `etcd` is given (a joined host needs none), with
+    /// extra environment variables `env` (e.g. `EVIO_JOIN_TOKEN`).
+    pub fn start_with(&mut self, etcd: Option<&str>, env: &[(&str, &str)]) {
         assert!(self.agent.is_none(), "agent already running");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -134,20 +140,19 @@ impl Host {
         // A socket left by a killed agent is not a sign of life.
         let _ = std::fs::remove_file(self.state_dir.join("eviod.sock"));
         let mut c = self.ns.command(eviod());
-        c.args([
-            "--node-name",
-            &self.name,
-            "--etcd-endpoints",
-            etcd,
-            "--state-dir",
-        ])
-        .arg(&self.state_dir)
-        .args(["--listen-port", "51820"])
-        .args(&self.extra)
-        .env("EVIO_LOG", "info,eviod=debug")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log);
+        c.args(["--node-name", &self.name]);
+        if let Some(etcd) = etcd {
+            c.args(["--etcd-endpoints", etcd]);
+        }
+        c.envs(env.iter().copied());
+        c.arg("--state-dir")
+            .arg(&self.state_dir)
+            .args(["--listen-port", "51820"])
+            .args(&self.extra)
+            .env("EVIO_LOG", "info,eviod=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
         self.agent = Some(c.spawn().expect("start eviod"));
         // Up means answering on its control socket, not only its socket file existing.
         assert!(
