@@ -252,7 +252,6 @@ fn systemd_unit_uses_eviod_flags() {
         .collect();
     for f in [
         "--node-name",
-        "--etcd-endpoints",
         "--state-dir",
         "--overlay-cidr",
         "--interface",
@@ -275,4 +274,10 @@ fn systemd_unit_uses_eviod_flags() {
     for f in flags {
         assert!(help.contains(f), "eviod does not accept {f}: {help}");
     }
+    // The endpoints and the join token come from the environment file, which eviod reads itself.
+    for v in ["EVIO_ETCD_ENDPOINTS", "EVIO_JOIN_TOKEN"] {
+        assert!(help.contains(&format!("env: {v}")), "eviod does not read {v}: {help}");
+    }
+    let env = std::fs::read_to_string(repo().join("deploy/eviod.env.example")).unwrap();
+    assert!(env.contains("EVIO_ETCD_ENDPOINTS=") && env.contains("EVIO_JOIN_TOKEN="));
 }
