@@ -89,18 +89,6 @@ fn token(c: &Cluster, ca: &Ca, extra: &[&str]) -> String {
     ok(evioctl(c, &args)).trim().to_string()
 }
 
-fn peers(h: &common::Host) -> BTreeSet<String> {
-    h.status()
-        .and_then(|s| {
-            s["peers"].as_array().map(|p| {
-                p.iter()
-                    .filter_map(|p| p["node"].as_str().map(String::from))
-                    .collect()
-            })
-        })
-        .unwrap_or_default()
-}
-
 fn names(v: &[&str]) -> BTreeSet<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
@@ -219,7 +207,7 @@ fn hosts_join_with_one_token_and_a_revoked_node_leaves_every_host() {
             .into_iter()
             .filter(|n| *n != h.name)
             .collect();
-        assert_eq!(peers(h), names(&want), "host {i}: {}", diag(&c));
+        assert_eq!(h.peer_names(), names(&want), "host {i}: {}", diag(&c));
         assert!(!h.tun_routes().contains("10.10.0.77"));
     }
     assert!(c.hosts[0].log_text().contains("no certificate"));
@@ -239,7 +227,9 @@ fn hosts_join_with_one_token_and_a_revoked_node_leaves_every_host() {
         ],
     ));
     let gone = wait_until(Duration::from_secs(10), || {
-        c.hosts[..2].iter().all(|h| !peers(h).contains("host-3"))
+        c.hosts[..2]
+            .iter()
+            .all(|h| !h.peer_names().contains("host-3"))
     });
     assert!(gone, "host-3 still a peer after 10 s: {}", diag(&c));
     eprintln!("revoked node gone from every host after {:?}", t.elapsed());
@@ -255,7 +245,7 @@ fn hosts_join_with_one_token_and_a_revoked_node_leaves_every_host() {
     );
     std::thread::sleep(Duration::from_secs(3));
     for h in &c.hosts[..2] {
-        assert!(!peers(h).contains("host-3"), "{}", diag(&c));
+        assert!(!h.peer_names().contains("host-3"), "{}", diag(&c));
         assert!(!h.ping(&vips[2]));
     }
     assert!(

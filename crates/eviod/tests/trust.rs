@@ -13,19 +13,6 @@ use evio_testbed::wait_until;
 
 const POD_CIDR: &str = "10.244.0.0/16";
 
-/// Peer names in an agent's status.
-fn peers(h: &common::Host) -> BTreeSet<String> {
-    h.status()
-        .and_then(|s| {
-            s["peers"].as_array().map(|p| {
-                p.iter()
-                    .filter_map(|p| p["node"].as_str().map(String::from))
-                    .collect()
-            })
-        })
-        .unwrap_or_default()
-}
-
 /// Prefixes routed through evio0 in the host's namespace, except the overlay's connected route.
 fn tunnel_routes(h: &common::Host) -> BTreeSet<String> {
     h.tun_routes()
@@ -150,7 +137,7 @@ fn an_impostor_with_a_live_name_is_refused() {
     );
     assert!(other.ping(&vip), "{}", c.logs());
     assert!(other.ping(&pod.ip), "{}", c.logs());
-    assert_eq!(peers(other), BTreeSet::from(["host-1".to_string()]));
+    assert_eq!(other.peer_names(), BTreeSet::from(["host-1".to_string()]));
 
     // The name is free again only when host-1's registration ends: killed (no revoke), its lease expires
     // after the TTL and the waiting agent takes the name over (what a reinstalled node with a new key
@@ -236,17 +223,17 @@ fn forged_records_and_claims_become_no_peer_and_no_route() {
     let want1: BTreeSet<String> = ["host-2", "good"].map(String::from).into();
     let want2: BTreeSet<String> = ["host-1", "good", "outside"].map(String::from).into();
     assert!(
-        wait_until(Duration::from_secs(15), || peers(&c.hosts[0]) == want1
-            && peers(&c.hosts[1]) == want2),
+        wait_until(Duration::from_secs(15), || c.hosts[0].peer_names() == want1
+            && c.hosts[1].peer_names() == want2),
         "peers {:?} {:?}:\n{}",
-        peers(&c.hosts[0]),
-        peers(&c.hosts[1]),
+        c.hosts[0].peer_names(),
+        c.hosts[1].peer_names(),
         c.logs()
     );
     // Let any late change land, then check the routes in both host namespaces.
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(peers(&c.hosts[0]), want1);
-    assert_eq!(peers(&c.hosts[1]), want2);
+    assert_eq!(c.hosts[0].peer_names(), want1);
+    assert_eq!(c.hosts[1].peer_names(), want2);
     assert_eq!(
         tunnel_routes(&c.hosts[0]),
         ["10.244.98.0/24"].map(String::from).into()

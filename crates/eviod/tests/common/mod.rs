@@ -216,6 +216,19 @@ impl Host {
         serde_json::from_str(&body).ok()
     }
 
+    /// Peer names in the agent's status (empty when it does not answer).
+    pub fn peer_names(&self) -> std::collections::BTreeSet<String> {
+        self.status()
+            .and_then(|s| {
+                s["peers"].as_array().map(|p| {
+                    p.iter()
+                        .filter_map(|p| p["node"].as_str().map(String::from))
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
+    }
+
     pub fn peers_with_path(&self, path: &str) -> usize {
         self.status()
             .and_then(|s| {
