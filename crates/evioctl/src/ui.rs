@@ -412,6 +412,28 @@ fn asset(ctype: &'static str, body: &'static str) -> Response {
         .into_response()
 }
 
+/// JSON safe inside an HTML `<script type="application/json">` block: `<`, `>` and `&` escaped, so no value
+/// can close the block or open a comment.
+pub fn json_for_html<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v)
+        .unwrap_or_else(|_| "null".into())
+        .replace('<', "\\u003c")
+        .replace('>', "\\u003e")
+        .replace('&', "\\u0026")
+}
+
+/// The page, with the current topology embedded for the first paint.
+async fn index(State(s): State<Arc<AppState>>) -> Response {
+    let data = {
+        let m = s.model.read().unwrap_or_else(|e| e.into_inner());
+        json_for_html(&m.topology)
+    };
+    let block = format!(r#"<script id="initial" type="application/json">{data}</script>"#);
+    let mut r = asset("text/html; charset=utf-8", "");
+    *r.body_mut() = axum::body::Body::from(INDEX_HTML.replacen("<!--INITIAL-->", &block, 1));
+    r
+}
+
 fn json<T: Serialize>(v: &T) -> Response {
     match serde_json::to_string(v) {
         Ok(body) => (
@@ -465,10 +487,7 @@ async fn events(
 
 fn router(state: Arc<AppState>) -> Router {
     Router::new()
-        .route(
-            "/",
-            get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }),
-        )
+        .route("/", get(index))
         .route(
             "/app.js",
             get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }),
@@ -521,6 +540,17 @@ mod tests {
             });
         }
         r
+    }
+
+    #[test]
+    fn embedded_json_cannot_leave_its_script_block() {
+        let v = serde_json::json!({"name": "</script><script>alert(1)</script><!--&"});
+        let s = json_for_html(&v);
+        assert!(
+            !s.contains('<') && !s.contains('>') && !s.contains('&'),
+            "{s}"
+        );
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&s).unwrap(), v);
     }
 
     #[test]

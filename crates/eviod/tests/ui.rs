@@ -75,6 +75,19 @@ fn dump_dom(ns: &Netns, profile: &std::path::Path) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Dumps the page until `ready` holds for the DOM (a first start of Chromium with a fresh profile can take
+/// longer than the dump timeout), at most 4 times; returns the last DOM.
+fn dump_until(ns: &Netns, profile: &std::path::Path, ready: impl Fn(&str) -> bool) -> String {
+    let mut dom = String::new();
+    for _ in 0..4 {
+        dom = dump_dom(ns, profile);
+        if ready(&dom) {
+            break;
+        }
+    }
+    dom
+}
+
 /// The `<g class="node ...">` element of `name` in a dumped DOM (its opening tag).
 fn node_tag<'a>(dom: &'a str, name: &str) -> Option<&'a str> {
     let i = dom.find(&format!("data-node=\"{name}\""))?;
@@ -91,6 +104,9 @@ fn topology_page_shows_nodes_paths_and_a_dead_agent() {
     for h in &mut c.hosts {
         h.extra = vec!["--lease-ttl".into(), "3".into()];
     }
+    c.hosts[0]
+        .extra
+        .extend(["--metrics-addr".to_string(), "127.0.0.1:9109".to_string()]);
     c.start_all();
     assert!(
         c.wait_mesh(Duration::from_secs(20)),
@@ -105,6 +121,40 @@ fn topology_page_shows_nodes_paths_and_a_dead_agent() {
                 assert!(h.ping_until(v, Duration::from_secs(5)), "{} -> {v}", h.name);
             }
         }
+    }
+
+    // Every evio metric the Grafana dashboard queries is one eviod exports.
+    let metrics = c.hosts[0].ns.exec_ok(&[
+        "curl",
+        "-sSf",
+        "--max-time",
+        "3",
+        "http://127.0.0.1:9109/metrics",
+    ]);
+    let dash = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/grafana-evio.json"),
+    )
+    .unwrap();
+    let dash: Value = serde_json::from_str(&dash).unwrap();
+    let mut used = Vec::new();
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            let e = t["expr"].as_str().unwrap();
+            for (i, _) in e.match_indices("evio_") {
+                let name: String = e[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                used.push(name);
+            }
+        }
+    }
+    assert!(used.len() > 10, "{used:?}");
+    for m in &used {
+        assert!(
+            metrics.contains(&format!("# TYPE {m} ")),
+            "the dashboard queries {m}, which eviod does not export:\n{metrics}"
+        );
     }
 
     let ui = Killed(
@@ -165,7 +215,9 @@ fn topology_page_shows_nodes_paths_and_a_dead_agent() {
 
     // The page, in a browser: every node up, three direct paths.
     let profile = tempfile::tempdir().unwrap();
-    let dom = dump_dom(&c.underlay, profile.path());
+    let dom = dump_until(&c.underlay, profile.path(), |d| {
+        d.matches("class=\"edge k-direct").count() == 3
+    });
     for h in &c.hosts {
         let tag =
             node_tag(&dom, &h.name).unwrap_or_else(|| panic!("{} not in page:\n{dom}", h.name));
@@ -205,7 +257,9 @@ fn topology_page_shows_nodes_paths_and_a_dead_agent() {
     );
     eprintln!("host-3 down in the API {took:?} after kill -9");
     // And in the page.
-    let dom = dump_dom(&c.underlay, profile.path());
+    let dom = dump_until(&c.underlay, profile.path(), |d| {
+        node_tag(d, "host-3").is_some_and(|t| t.contains("data-up=\"false\""))
+    });
     let tag = node_tag(&dom, "host-3").unwrap();
     assert!(
         tag.contains("data-up=\"false\"") && tag.contains("down"),
@@ -239,7 +293,7 @@ fn topology_page_shows_nodes_paths_and_a_dead_agent() {
         .is_some_and(
             |t| node(&t, "zz-evil").is_some_and(|n| n["version"].is_string())
         )));
-    let dom = dump_dom(&c.underlay, profile.path());
+    let dom = dump_until(&c.underlay, profile.path(), |d| d.contains("zz-evil"));
     assert!(dom.contains("&lt;img src=x onerror=alert(1)&gt;"), "{dom}");
     assert!(!dom.contains("<img") && !dom.contains("<b>x"), "{dom}");
     assert!(

@@ -226,6 +226,16 @@ function main() {
   if (location.hash.length > 1) selected = decodeURIComponent(location.hash.slice(1));
   document.getElementById("search").addEventListener("input", render);
   for (const c of document.querySelectorAll("input.kind")) c.addEventListener("change", render);
+  // The server embeds the topology as of the page load (a JSON data block, never executed): first paint
+  // without a round trip.
+  const initial = document.getElementById("initial");
+  if (initial) {
+    try {
+      topo = JSON.parse(initial.textContent);
+      document.body.setAttribute("data-version", String(topo.version));
+      render();
+    } catch (e) { /* read it below */ }
+  }
   refresh();
   // Live: the server announces every change (the version); the page then reads the topology again.
   const es = new EventSource("/api/events");
