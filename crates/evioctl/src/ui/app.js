@@ -51,10 +51,19 @@ function filters() {
 }
 
 // Circle layout: the nodes on one ring in name order, labels pointing outwards, so 100 nodes stay legible.
+const LABEL_MAX = 24;
+
+function label(name) {
+  return name.length > LABEL_MAX ? name.slice(0, LABEL_MAX - 1) + "…" : name;
+}
+
+// The ring gives each node ~16 units of arc (11-unit labels do not touch) and the square leaves room for the
+// longest label, so the drawing scales to the panel with text at about its nominal size.
 function layout(nodes) {
   const n = nodes.length;
-  const r = Math.max(120, n * 9);
-  const size = 2 * r + 260;
+  const r = Math.max(110, (n * 16) / (2 * Math.PI));
+  const longest = nodes.reduce((m, x) => Math.max(m, label(x.name).length + 7), 0);
+  const size = 2 * (r + 20 + longest * 6.5);
   const pos = new Map();
   nodes.forEach((node, i) => {
     const a = (2 * Math.PI * i) / Math.max(n, 1) - Math.PI / 2;
@@ -100,15 +109,15 @@ function renderGraph() {
     if (!match) cls.push("dim");
     if (selected === n.name) cls.push("sel");
     const g = svg("g", { class: cls.join(" "), "data-node": n.name, "data-up": n.up ? "true" : "false" });
-    g.appendChild(svg("circle", { cx: p.x, cy: p.y, r: topo.nodes.length > 50 ? 5 : 8 }));
+    g.appendChild(svg("circle", { cx: p.x, cy: p.y, r: topo.nodes.length > 50 ? 4.5 : 8 }));
     const deg = (p.a * 180) / Math.PI;
     const flip = Math.cos(p.a) < 0;
-    const label = svg("text", {
+    const text = svg("text", {
       x: p.x, y: p.y, dy: "0.35em",
       "text-anchor": flip ? "end" : "start",
       transform: `rotate(${flip ? deg + 180 : deg} ${p.x} ${p.y}) translate(${flip ? -12 : 12} 0)`,
-    }, n.name + (n.up ? "" : " (down)"));
-    g.appendChild(label);
+    }, label(n.name) + (n.up ? "" : " (down)"));
+    g.appendChild(text);
     g.appendChild(svg("title", {}, `${n.name} ${n.address || ""} ${n.up ? "up" : "down"}`));
     g.addEventListener("click", () => select(n.name));
     nodes.appendChild(g);
