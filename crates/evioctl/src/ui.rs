@@ -35,6 +35,27 @@ pub struct Args {
     /// Address to serve the page on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// Reach etcd from inside this network namespace (a name under /run/netns, e.g. the demo's internet):
+    /// the page is still served where evioctl was started.
+    #[arg(long)]
+    pub etcd_netns: Option<String>,
+}
+
+/// Moves this thread (the only one: call before starting the runtime) into the named network namespace.
+fn enter_netns(name: &str) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    anyhow::ensure!(
+        !name.is_empty() && !name.contains('/') && name != "." && name != "..",
+        "invalid namespace name {name:?}"
+    );
+    let f = std::fs::File::open(format!("/run/netns/{name}"))
+        .with_context(|| format!("opening network namespace {name}"))?;
+    // SAFETY: setns(2) on a descriptor we own; it changes only this thread's namespace.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .context(format!("entering network namespace {name}"));
+    }
+    Ok(())
 }
 
 /// A node as the page shows it.
@@ -44,8 +65,9 @@ pub struct NodeView {
     pub name: String,
     pub address: Option<String>,
     pub pod_subnet: Option<String>,
-    /// `none` (a public address), `nat` (a server-reflexive mapping differs from the host addresses),
-    /// `unknown` (no STUN answer published).
+    /// `nat` (a server-reflexive mapping differs from the host addresses), `none` (a public address: the
+    /// mapping equals a host address, or the node has a TURN allocation and no mapping of its own),
+    /// `unknown` (neither published).
     pub nat: &'static str,
     /// The server-reflexive (public) mappings the node published.
     pub public_mapping: Vec<String>,
@@ -165,6 +187,9 @@ fn node_view(name: &str, rec: Option<&NodeRecord>, sum: Option<&PathSummary>) ->
                 .any(|c| !hosts.contains(&c.addr.ip()));
             if natted { "nat" } else { "none" }
         }
+        // No server-reflexive candidate but a TURN allocation: the servers answered and saw a host address
+        // (an agent does not publish a mapping equal to a host candidate).
+        Some(r) if r.candidates.iter().any(|c| c.kind == CandidateKind::Relay) => "none",
         _ => "unknown",
     };
     NodeView {
@@ -500,6 +525,14 @@ fn router(state: Arc<AppState>) -> Router {
 
 pub fn run(args: Args) -> Result<()> {
     let opts = args.etcd.options(None)?;
+    // Bound here, before any namespace change: the listener stays where evioctl was started, the runtime's
+    // threads (and so the etcd connection) start in --etcd-netns.
+    let listener = std::net::TcpListener::bind(args.listen)
+        .with_context(|| format!("listening on {}", args.listen))?;
+    listener.set_nonblocking(true)?;
+    if let Some(ns) = &args.etcd_netns {
+        enter_netns(ns)?;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -511,9 +544,7 @@ pub fn run(args: Args) -> Result<()> {
             model: RwLock::new(Model::default()),
             changes: tx,
         });
-        let listener = tokio::net::TcpListener::bind(args.listen)
-            .await
-            .with_context(|| format!("listening on {}", args.listen))?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
         eprintln!("evioctl ui: serving http://{}/", listener.local_addr()?);
         tokio::spawn(refresher(state.clone(), opts));
         axum::serve(listener, router(state))

@@ -303,3 +303,223 @@ fn topology_page_shows_nodes_paths_and_a_dead_agent() {
     drop(ui);
     eprintln!("ui test took {:?}", t0.elapsed());
 }
+
+/// Drops all traffic between two NATs' public addresses (in `site`'s NAT), as a firewall between them would.
+fn block_between(lab: &evio_lab::Lab, site: usize, other: std::net::Ipv4Addr) {
+    let rules = format!(
+        "table ip evioblock {{\n  chain blk {{\n    type filter hook forward priority -10;\n    ip daddr {other} drop\n    ip saddr {other} drop\n  }}\n}}\n"
+    );
+    let file = lab.dir().join(format!("block{site}.nft"));
+    std::fs::write(&file, rules).unwrap();
+    evio_lab::netns_exec(
+        &lab.site(site).nat_ns,
+        &["nft", "-f", file.to_str().unwrap()],
+    )
+    .unwrap();
+}
+
+/// Two sites behind NATs and a public host on the lab's internet (STUN and TURN there): the page shows the
+/// NAT kinds and public mappings, and the sites' path turns from direct to relay when a firewall blocks it.
+#[test]
+fn nat_kinds_and_a_relayed_path() {
+    use evio_lab::{Lab, NatKind, unique_prefix, wait_until};
+    evio_testbed::require_root();
+    let t0 = Instant::now();
+    let lab = Lab::builder(&unique_prefix("eui"))
+        .etcd(true)
+        .turn(true)
+        .site(NatKind::EasyNat, 1)
+        .site(NatKind::EasyNat, 1)
+        .public_hosts(1)
+        .build()
+        .expect("lab");
+    let dir = tempfile::tempdir().unwrap();
+    let turn = lab.turn().unwrap();
+    let etcd = lab.etcd_endpoint().unwrap();
+    let hosts = [
+        ("a", lab.site_host(0, 0)),
+        ("b", lab.site_host(1, 0)),
+        ("p", &lab.public_hosts()[0]),
+    ];
+    let mut agents = Vec::new();
+    for (name, host) in hosts {
+        let log = std::fs::File::create(dir.path().join(format!("{name}.log"))).unwrap();
+        let mut c = host.command(common::eviod());
+        c.args([
+            "--node-name",
+            name,
+            "--etcd-endpoints",
+            &etcd,
+            "--state-dir",
+        ])
+        .arg(dir.path().join(name))
+        .args(["--listen-port", "51820"])
+        .args([
+            "--stun",
+            &turn.addr.to_string(),
+            "--turn",
+            &turn.addr.to_string(),
+        ])
+        .args(["--turn-user", &turn.user, "--turn-password-file"])
+        .arg(&turn.password_file)
+        .env("EVIO_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+        agents.push(Killed(c.spawn().expect("start eviod")));
+    }
+    let logs = || -> String {
+        ["a", "b", "p"]
+            .iter()
+            .map(|n| {
+                let t = std::fs::read_to_string(dir.path().join(format!("{n}.log")))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = t.lines().rev().take(30).collect();
+                format!(
+                    "=== {n} ===\n{}\n",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect()
+    };
+
+    // The UI on the lab's internet, next to etcd (no default route there: nothing else is reachable).
+    let ip = etcd
+        .trim_start_matches("http://")
+        .split(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let url = format!("http://{ip}:{PORT}");
+    let _ui = Killed(
+        evio_lab::netns_command(lab.internet_ns(), common::evioctl().to_str().unwrap())
+            .args([
+                "ui",
+                "--etcd-endpoints",
+                &etcd,
+                "--listen",
+                &format!("{ip}:{PORT}"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let inet = |args: &[&str]| -> std::process::Output {
+        evio_lab::netns_command(lab.internet_ns(), args[0])
+            .args(&args[1..])
+            .output()
+            .unwrap()
+    };
+    let fetch = |path: &str| -> Option<Value> {
+        let out = inet(&["curl", "-sSf", "--max-time", "3", &format!("{url}{path}")]);
+        serde_json::from_slice(&out.stdout).ok()
+    };
+    let edge_kind = |t: &Value, a: &str, b: &str| -> Option<String> {
+        t["edges"]
+            .as_array()?
+            .iter()
+            .find(|e| e["a"] == a && e["b"] == b)
+            .and_then(|e| e["kind"].as_str().map(String::from))
+    };
+    let mut last = Value::Null;
+    let direct = wait_until(Duration::from_secs(30), || {
+        let Some(t) = fetch("/api/topology") else {
+            return false;
+        };
+        last = t.clone();
+        [("a", "b"), ("a", "p"), ("b", "p")]
+            .iter()
+            .all(|(x, y)| edge_kind(&t, x, y).as_deref() == Some("direct"))
+    });
+    assert!(direct, "not all direct: {last:#}\n{}", logs());
+    // NAT kinds and public mappings: the sites' mappings are their NATs' public addresses.
+    let n = |name: &str| node(&last, name).cloned().unwrap();
+    for (name, site) in [("a", 0), ("b", 1)] {
+        assert_eq!(n(name)["nat"], "nat", "{last:#}");
+        let wan = lab.site(site).wan_ip.to_string();
+        assert!(
+            n(name)["publicMapping"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m.as_str().unwrap().starts_with(&format!("{wan}:"))),
+            "{name}: {last:#}"
+        );
+        assert_eq!(n(name)["relay"], true, "{last:#}");
+    }
+    assert_eq!(n("p")["nat"], "none", "{last:#}");
+
+    // A firewall between the sites: their path is relayed, in the API and on the page.
+    block_between(&lab, 1, lab.site(0).wan_ip);
+    let relayed = wait_until(Duration::from_secs(25), || {
+        fetch("/api/topology").is_some_and(|t| {
+            last = t.clone();
+            edge_kind(&t, "a", "b").as_deref() == Some("relay")
+        })
+    });
+    assert!(relayed, "a-b not relayed: {last:#}\n{}", logs());
+    let profile = tempfile::tempdir().unwrap();
+    let user_data = format!("--user-data-dir={}", profile.path().display());
+    let mut dom = String::new();
+    for _ in 0..4 {
+        let out = inet(&[
+            "timeout",
+            "30",
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--disable-dev-shm-usage",
+            &user_data,
+            "--timeout=3000",
+            "--dump-dom",
+            &format!("{url}/"),
+        ]);
+        dom = String::from_utf8_lossy(&out.stdout).into_owned();
+        if dom.contains("data-a=\"a\" data-b=\"b\" data-kind=\"relay\"") {
+            break;
+        }
+    }
+    assert!(dom.contains("class=\"edge k-relay\" x1="), "{dom}");
+    assert!(
+        dom.contains("data-a=\"a\" data-b=\"b\" data-kind=\"relay\""),
+        "{dom}"
+    );
+    assert_eq!(dom.matches("class=\"edge k-direct\"").count(), 2, "{dom}");
+
+    // --etcd-netns (the demo's way): served on this namespace's loopback, etcd read in the lab's internet.
+    let port = evio_testbed::free_port();
+    let _local = Killed(
+        std::process::Command::new(common::evioctl())
+            .args([
+                "ui",
+                "--etcd-endpoints",
+                &etcd,
+                "--etcd-netns",
+                lab.internet_ns(),
+            ])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let local = wait_until(Duration::from_secs(5), || {
+        let out = std::process::Command::new("curl")
+            .args(["-sSf", "--max-time", "2"])
+            .arg(format!("http://127.0.0.1:{port}/api/topology"))
+            .output()
+            .unwrap();
+        serde_json::from_slice::<Value>(&out.stdout)
+            .is_ok_and(|t| edge_kind(&t, "a", "b").as_deref() == Some("relay"))
+    });
+    assert!(local, "evioctl ui --etcd-netns: no topology on loopback");
+    eprintln!("relay ui test took {:?}", t0.elapsed());
+}
