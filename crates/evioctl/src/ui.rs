@@ -399,8 +399,13 @@ async fn refresher(state: Arc<AppState>, opts: evio_store::EtcdOptions) {
             }
         };
         backoff = Duration::from_millis(200);
+        // The pause after a change before reading: at least 150 ms (a burst of writes settles) and twice
+        // the last read's duration, so reading a large cluster takes at most a third of the time.
         loop {
-            match read(&store).await {
+            let started = tokio::time::Instant::now();
+            let res = read(&store).await;
+            let settle = (started.elapsed() * 2).max(Duration::from_millis(150));
+            match res {
                 Ok((t, d)) => state.publish(t, d),
                 Err(e) => {
                     tracing::warn!("reading etcd: {e:#}");
@@ -410,8 +415,7 @@ async fn refresher(state: Arc<AppState>, opts: evio_store::EtcdOptions) {
             }
             match tokio::time::timeout(Duration::from_secs(5), stream.message()).await {
                 Ok(Ok(Some(_))) => {
-                    // Let a burst of writes settle, then read once.
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    tokio::time::sleep(settle).await;
                 }
                 Ok(_) => break,
                 Err(_) => {}
@@ -571,6 +575,25 @@ mod tests {
             });
         }
         r
+    }
+
+    #[test]
+    fn nat_kind_from_the_published_candidates() {
+        let mut relay_only = rec("r", None);
+        relay_only.candidates.push(evio_store::Candidate {
+            kind: CandidateKind::Relay,
+            addr: "198.18.0.3:49160".parse().unwrap(),
+        });
+        let kinds: Vec<_> = [
+            rec("n", Some("203.0.113.1:4000")),
+            rec("h", Some("192.168.1.2:51820")),
+            relay_only,
+            rec("u", None),
+        ]
+        .iter()
+        .map(|r| node_view(&r.node, Some(r), None).nat)
+        .collect();
+        assert_eq!(kinds, ["nat", "none", "none", "unknown"]);
     }
 
     #[test]

@@ -38,6 +38,9 @@ struct Sample {
     tx_rate: u64,
 }
 
+/// A write under way: the summary, when it was computed, its lease, and the task writing it.
+type Inflight = (PathSummary, Instant, i64, tokio::task::JoinHandle<bool>);
+
 /// The publisher's memory: what was written, when, with which lease, and the byte counters seen.
 #[derive(Default)]
 pub struct Publisher {
@@ -46,6 +49,7 @@ pub struct Publisher {
     lease: i64,
     last_sample: Option<Instant>,
     samples: HashMap<String, Sample>,
+    inflight: Option<Inflight>,
 }
 
 impl Publisher {
@@ -53,9 +57,21 @@ impl Publisher {
         Publisher::default()
     }
 
-    /// Computes the summary now (at most every [`SAMPLE`]) and writes it when due. Errors are logged: the
-    /// summary is for display only and never holds up the control plane.
+    /// Computes the summary now (at most every [`SAMPLE`]) and starts writing it when due. Never waits for
+    /// etcd: the write runs in a task (one at a time) and its outcome is collected at a later tick; errors
+    /// are only logged, the summary is for display.
     pub async fn tick(&mut self, store: &Store, lease: i64, shared: &Shared) {
+        if let Some((_, _, _, h)) = &self.inflight {
+            if !h.is_finished() {
+                return;
+            }
+            let (summary, at, lease, h) = self.inflight.take().expect("inflight");
+            if h.await.unwrap_or(false) {
+                self.written = Some(summary);
+                self.written_at = Some(at);
+                self.lease = lease;
+            }
+        }
         let now = Instant::now();
         if self.last_sample.is_some_and(|t| now - t < SAMPLE) {
             return;
@@ -73,17 +89,22 @@ impl Publisher {
             tracing::debug!(bytes = value.len(), "path summary too large; not published");
             return;
         }
-        let mut c = store.client();
-        let put = c.put(key, value, Some(PutOptions::new().with_lease(lease)));
-        match tokio::time::timeout(store.timeout(), put).await {
-            Ok(Ok(_)) => {
-                self.written = Some(summary);
-                self.written_at = Some(now);
-                self.lease = lease;
+        let (mut c, timeout) = (store.client(), store.timeout());
+        let task = tokio::spawn(async move {
+            let put = c.put(key, value, Some(PutOptions::new().with_lease(lease)));
+            match tokio::time::timeout(timeout, put).await {
+                Ok(Ok(_)) => true,
+                Ok(Err(e)) => {
+                    tracing::debug!("publishing the path summary: {e}");
+                    false
+                }
+                Err(_) => {
+                    tracing::debug!("publishing the path summary: timed out");
+                    false
+                }
             }
-            Ok(Err(e)) => tracing::debug!("publishing the path summary: {e}"),
-            Err(_) => tracing::debug!("publishing the path summary: timed out"),
-        }
+        });
+        self.inflight = Some((summary, now, lease, task));
     }
 
     /// The summary of the agent's peers now, updating the throughput samples.
