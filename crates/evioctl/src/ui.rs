@@ -399,12 +399,13 @@ async fn refresher(state: Arc<AppState>, opts: evio_store::EtcdOptions) {
             }
         };
         backoff = Duration::from_millis(200);
-        // The pause after a change before reading: at least 150 ms (a burst of writes settles) and twice
-        // the last read's duration, so reading a large cluster takes at most a third of the time.
+        // The pause after a change before reading: at least 150 ms (a burst of writes settles), twice the
+        // last read's duration (reading a large cluster takes at most a third of the time), at most 1 s.
         loop {
             let started = tokio::time::Instant::now();
             let res = read(&store).await;
-            let settle = (started.elapsed() * 2).max(Duration::from_millis(150));
+            let settle =
+                (started.elapsed() * 2).clamp(Duration::from_millis(150), Duration::from_secs(1));
             match res {
                 Ok((t, d)) => state.publish(t, d),
                 Err(e) => {

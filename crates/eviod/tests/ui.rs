@@ -46,33 +46,44 @@ fn node<'a>(t: &'a Value, name: &str) -> Option<&'a Value> {
 
 /// The page's DOM after its scripts ran, from headless Chromium inside `ns`.
 fn dump_dom(ns: &Netns, profile: &std::path::Path) -> String {
-    let user_data = format!("--user-data-dir={}", profile.display());
-    let url = format!("{}/", base());
-    let out = ns.exec(&[
-        "timeout",
-        "30",
-        "chromium",
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--disable-dev-shm-usage",
-        &user_data,
-        // Not --virtual-time-budget: virtual time stops while a request is pending, and the page keeps its
-        // event stream open, so the dump would never come. --timeout dumps the DOM after 3 s of real time.
-        "--timeout=3000",
-        "--dump-dom",
-        &url,
-    ]);
+    let out = chromium(ns, profile, 3000).wait_with_output().unwrap();
     assert!(
         out.status.success(),
         "chromium failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Headless Chromium in `ns` dumping the page's DOM `ms` milliseconds after it started loading.
+fn chromium(ns: &Netns, profile: &std::path::Path, ms: u32) -> Child {
+    let user_data = format!("--user-data-dir={}", profile.display());
+    let timeout = format!("--timeout={ms}");
+    let url = format!("{}/", base());
+    ns.command("timeout")
+        .args([
+            "30",
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--disable-dev-shm-usage",
+            &user_data,
+            // Not --virtual-time-budget: virtual time stops while a request is pending, and the page keeps its
+            // event stream open, so the dump would never come. --timeout dumps the DOM after 3 s of real time.
+            &timeout,
+            "--dump-dom",
+            &url,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start chromium")
 }
 
 /// Dumps the page until `ready` holds for the DOM (a first start of Chromium with a fresh profile can take
@@ -196,10 +207,23 @@ fn topology_page_shows_nodes_paths_and_a_dead_agent() {
     );
 
     // A node's detail is its peers as `evioctl status` has them.
-    let d: Value = serde_json::from_str(&get(&c.underlay, "/api/nodes/host-1").unwrap()).unwrap();
+    // (host-1 registered first, so its first summary had no peers: wait for the one with its peers.)
+    let mut d = Value::Null;
+    wait_until(Duration::from_secs(5), || {
+        d = get(&c.underlay, "/api/nodes/host-1")
+            .and_then(|b| serde_json::from_str(&b).ok())
+            .unwrap_or_default();
+        d["peers"].as_array().is_some_and(|p| p.len() == 2)
+    });
     let st = c.hosts[0].status().unwrap();
     let peers = d["peers"].as_array().unwrap();
-    assert_eq!(peers.len(), 2, "{d:#}");
+    assert_eq!(
+        peers.len(),
+        2,
+        "{d:#}\n{}\n{}",
+        c.etcdctl(&["get", "--prefix", "/evio/v1/paths/"]),
+        c.logs()
+    );
     for p in peers {
         let s = st["peers"]
             .as_array()
