@@ -109,15 +109,6 @@ impl NodeRecord {
     }
 }
 
-/// Bounds of a [`PathSummary`]: a reader drops a value larger than [`PathSummary::MAX_BYTES`] unread, and
-/// keeps at most [`PathSummary::MAX_PEERS`] entries.
-impl PathSummary {
-    pub const MAX_BYTES: usize = 256 * 1024;
-    pub const MAX_PEERS: usize = 1024;
-    /// Longest string field kept (node names are at most 253 characters).
-    pub const MAX_STR: usize = 256;
-}
-
 /// A node's summary of its peer paths (`paths/<node>`, attached to its lease), written by eviod at a
 /// bounded rate for `evioctl ui`. Read as attacker-written: bounded and validated by readers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -132,6 +123,13 @@ pub struct PathSummary {
     pub time: u64,
     #[serde(default)]
     pub peers: Vec<PathEntry>,
+}
+
+/// Bounds of a [`PathSummary`]: a writer does not write a larger one, a reader drops a value larger than
+/// [`PathSummary::MAX_BYTES`] unread and keeps at most [`PathSummary::MAX_PEERS`] entries.
+impl PathSummary {
+    pub const MAX_BYTES: usize = 256 * 1024;
+    pub const MAX_PEERS: usize = 1024;
 }
 
 /// One peer path of a [`PathSummary`].
