@@ -13,6 +13,7 @@
 //! | `/evio/v1/certs/<node>` | `{"cert": "<CA-signed certificate>"}`, written by the signer |
 //! | `/evio/v1/refused/<node>` | `{"refusal": "<CA-signed refusal>"}`, the signer's answer to a refused request |
 //! | `/evio/v1/revoked/<node>/<serial>` | `{"revocation": "<CA-signed revocation>"}` |
+//! | `/evio/v1/paths/<node>` | [`PathSummary`](crate::PathSummary), attached to the node's lease |
 
 use std::net::Ipv4Addr;
 
@@ -41,6 +42,9 @@ pub const CERTS: &str = "/evio/v1/certs/";
 pub const REFUSED: &str = "/evio/v1/refused/";
 /// Prefix of the revocations.
 pub const REVOKED: &str = "/evio/v1/revoked/";
+
+/// Prefix of the nodes' peer path summaries (for `evioctl ui`).
+pub const PATHS: &str = "/evio/v1/paths/";
 
 /// `a.b.c.d-len`: a CIDR as one key segment (no `/`).
 pub fn subnet_segment(net: &Ipv4Net) -> String {
@@ -71,6 +75,10 @@ pub fn address_by_node(node: &str) -> String {
 
 pub fn node(node: &str) -> String {
     format!("{NODES}{node}")
+}
+
+pub fn paths(node: &str) -> String {
+    format!("{PATHS}{node}")
 }
 
 pub fn join(node: &str) -> String {

@@ -24,7 +24,10 @@ pub use error::StoreError;
 /// The etcd client crate, re-exported for callers that need raw access ([`Store::client`]).
 pub use etcd_client;
 pub use plan::{NodeSubnet, PlanError, SubnetPlan, host_range, node_bits_from_json, parse_cidr};
-pub use records::{AddressClaim, Candidate, CandidateKind, NodeRecord, SubnetClaim, unix_now};
+pub use records::{
+    AddressClaim, Candidate, CandidateKind, NodeRecord, PathEntry, PathSummary, SubnetClaim,
+    unix_now,
+};
 pub use register::Registration;
 pub use secret::read_secret_file;
 pub use store::{EtcdOptions, Snapshot, Store, subnets_by_node};

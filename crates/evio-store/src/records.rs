@@ -109,6 +109,56 @@ impl NodeRecord {
     }
 }
 
+/// A node's summary of its peer paths (`paths/<node>`, attached to its lease), written by eviod at a
+/// bounded rate for `evioctl ui`. Read as attacker-written: bounded and validated by readers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PathSummary {
+    pub node: String,
+    /// The agent's version (`CARGO_PKG_VERSION`).
+    #[serde(default)]
+    pub version: String,
+    /// When it was written (Unix seconds).
+    #[serde(default)]
+    pub time: u64,
+    #[serde(default)]
+    pub peers: Vec<PathEntry>,
+}
+
+/// Bounds of a [`PathSummary`]: a writer does not write a larger one, a reader drops a value larger than
+/// [`PathSummary::MAX_BYTES`] unread and keeps at most [`PathSummary::MAX_PEERS`] entries.
+impl PathSummary {
+    pub const MAX_BYTES: usize = 256 * 1024;
+    pub const MAX_PEERS: usize = 1024;
+}
+
+/// One peer path of a [`PathSummary`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PathEntry {
+    pub peer: String,
+    /// `direct`, `relay`, `connecting` or `idle` (a path with no inner traffic lately).
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Round-trip time of NAT traversal's last check on this path, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_ms: Option<f64>,
+    /// Unix seconds of the last handshake.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handshake: Option<u64>,
+    #[serde(default)]
+    pub rx_bytes: u64,
+    #[serde(default)]
+    pub tx_bytes: u64,
+    /// Inner bytes per second over the last few seconds before `time`.
+    #[serde(default)]
+    pub rx_rate: u64,
+    #[serde(default)]
+    pub tx_rate: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

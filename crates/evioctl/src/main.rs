@@ -9,6 +9,7 @@ mod release;
 mod revoke;
 mod status;
 mod token;
+mod ui;
 
 use clap::{Parser, Subcommand};
 
@@ -37,6 +38,8 @@ enum Cmd {
     Token(token::Args),
     /// Revoke a node's key and certificate and free its claims.
     Revoke(revoke::Args),
+    /// Serve a live topology page of the cluster (nodes, peer paths) read from etcd.
+    Ui(ui::Args),
 }
 
 fn main() {
@@ -50,6 +53,7 @@ fn main() {
         Cmd::Ca(a) => ca::run(a),
         Cmd::Token(a) => token::run(a),
         Cmd::Revoke(a) => revoke::run(a),
+        Cmd::Ui(a) => ui::run(a),
     };
     if let Err(e) = res {
         eprintln!("evioctl: {e:#}");

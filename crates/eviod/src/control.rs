@@ -499,6 +499,7 @@ impl Control {
         let mut last_addr_check = Instant::now();
         let mut last_revocations = Instant::now();
         let mut last_expiry_check = Instant::now();
+        let mut paths = crate::paths::Publisher::new();
         loop {
             tokio::select! {
                 ev = watch.next() => {
@@ -551,6 +552,7 @@ impl Control {
                             published_candidates = version;
                         }
                     }
+                    paths.tick(store, reg.lease_id(), &self.shared).await;
                     if self.shared.stopping() {
                         let _ = reg.revoke().await;
                         return Ok(());

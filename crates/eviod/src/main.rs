@@ -18,6 +18,7 @@ mod keys;
 mod metrics;
 mod nat;
 mod netcfg;
+mod paths;
 mod state;
 mod trust;
 
