@@ -13,7 +13,7 @@
 //! | `/evio/v1/certs/<node>` | `{"cert": "<CA-signed certificate>"}`, written by the signer |
 //! | `/evio/v1/refused/<node>` | `{"refusal": "<CA-signed refusal>"}`, the signer's answer to a refused request |
 //! | `/evio/v1/revoked/<node>/<serial>` | `{"revocation": "<CA-signed revocation>"}` |
-//! | `/evio/v1/paths/<node>` | [`PathSummary`](crate::PathSummary), attached to the node's lease |
+//! | `/evio/status/v1/paths/<node>` | [`PathSummary`](crate::PathSummary), attached to the node's lease |
 
 use std::net::Ipv4Addr;
 
@@ -44,7 +44,15 @@ pub const REFUSED: &str = "/evio/v1/refused/";
 pub const REVOKED: &str = "/evio/v1/revoked/";
 
 /// Prefix of the nodes' peer path summaries (for `evioctl ui`).
-pub const PATHS: &str = "/evio/v1/paths/";
+/// Root of everything evio writes: the control plane's keys ([`PREFIX`]) and the status summaries
+/// ([`STATUS_PREFIX`]).
+pub const ROOT: &str = "/evio/";
+/// Status summaries for `evioctl ui`. Outside [`PREFIX`] on purpose: the agents watch [`PREFIX`], and
+/// every node's frequently rewritten summary would otherwise be sent to every agent (about 13 MB/s out of
+/// etcd at 100 busy nodes).
+pub const STATUS_PREFIX: &str = "/evio/status/v1/";
+/// Prefix of the peer path summaries.
+pub const PATHS: &str = "/evio/status/v1/paths/";
 
 /// `a.b.c.d-len`: a CIDR as one key segment (no `/`).
 pub fn subnet_segment(net: &Ipv4Net) -> String {

@@ -387,7 +387,7 @@ async fn refresher(state: Arc<AppState>, opts: evio_store::EtcdOptions) {
         };
         let mut c = store.client();
         let mut stream = match c
-            .watch(keys::PREFIX, Some(WatchOptions::new().with_prefix()))
+            .watch(keys::ROOT, Some(WatchOptions::new().with_prefix()))
             .await
         {
             Ok(s) => s,

@@ -1,4 +1,4 @@
-//! The peer path summary published for `evioctl ui` (`/evio/v1/paths/<node>`, attached to the node's
+//! The peer path summary published for `evioctl ui` (`/evio/status/v1/paths/<node>`, attached to the node's
 //! lease, docs/ui.md): kind, RTT, bytes and throughput of every peer path, built from the status the agent
 //! already serves. Written at a bounded rate and only when it changed enough to matter:
 //!

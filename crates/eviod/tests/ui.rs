@@ -221,7 +221,7 @@ fn topology_page_shows_nodes_paths_and_a_dead_agent() {
         peers.len(),
         2,
         "{d:#}\n{}\n{}",
-        c.etcdctl(&["get", "--prefix", "/evio/v1/paths/"]),
+        c.etcdctl(&["get", "--prefix", "/evio/status/v1/paths/"]),
         c.logs()
     );
     for p in peers {
@@ -310,7 +310,7 @@ fn topology_page_shows_nodes_paths_and_a_dead_agent() {
     ]);
     c.etcdctl(&[
         "put",
-        "/evio/v1/paths/zz-evil",
+        "/evio/status/v1/paths/zz-evil",
         r#"{"node":"zz-evil","version":"<img src=x onerror=alert(1)>","peers":[{"peer":"host-1","kind":"<script>"},{"peer":"<b>x</b>","kind":"direct"}]}"#,
     ]);
     assert!(wait_until(Duration::from_secs(3), || topology(&c.underlay)
