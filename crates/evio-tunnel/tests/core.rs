@@ -170,7 +170,7 @@ fn replayed_and_garbage_datagrams_are_rejected() {
 fn a_stranger_cannot_handshake() {
     let mut sim = Sim::mesh(2, None);
     // A third node that knows node 0 but node 0 does not know it.
-    let mut stranger = evio_tunnel::Node::new(evio_tunnel::NodeConfig {
+    let stranger = evio_tunnel::Node::new(evio_tunnel::NodeConfig {
         private_key: common::key(99),
         preshared_key: None,
         persistent_keepalive: None,

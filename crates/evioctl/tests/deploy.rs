@@ -276,7 +276,10 @@ fn systemd_unit_uses_eviod_flags() {
     }
     // The endpoints and the join token come from the environment file, which eviod reads itself.
     for v in ["EVIO_ETCD_ENDPOINTS", "EVIO_JOIN_TOKEN"] {
-        assert!(help.contains(&format!("env: {v}")), "eviod does not read {v}: {help}");
+        assert!(
+            help.contains(&format!("env: {v}")),
+            "eviod does not read {v}: {help}"
+        );
     }
     let env = std::fs::read_to_string(repo().join("deploy/eviod.env.example")).unwrap();
     assert!(env.contains("EVIO_ETCD_ENDPOINTS=") && env.contains("EVIO_JOIN_TOKEN="));

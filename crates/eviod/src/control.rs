@@ -321,7 +321,7 @@ impl Control {
         let keys: HashSet<[u8; 32]> = desired.peers.iter().map(|p| p.grant.public_key).collect();
         let now = Instant::now();
         {
-            let mut node = self.shared.node();
+            let node = self.shared.node();
             let current: Vec<[u8; 32]> = node.peers().iter().map(|p| p.public_key).collect();
             for k in current {
                 if !keys.contains(&k) {

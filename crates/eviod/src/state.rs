@@ -2,8 +2,8 @@
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use evio_tunnel::{Node, PeerStatus};
@@ -43,8 +43,11 @@ pub struct Counters {
     pub name_taken: AtomicBool,
 }
 
+/// Locks: the tunnel core has none around it (it takes one peer's lock at a time inside, see
+/// `evio_tunnel`'s node docs), so status and metrics never wait for, nor stall, forwarding. `me` and
+/// `meta` are the control plane's and status's only (never taken on the packet path).
 pub struct Shared {
-    pub node: Mutex<Node>,
+    pub node: Node,
     pub me: Mutex<SelfInfo>,
     pub meta: Mutex<HashMap<[u8; 32], PeerMeta>>,
     pub counters: Counters,
@@ -83,7 +86,7 @@ impl Shared {
     pub fn new(node: Node, me: SelfInfo, nat: crate::nat::Nat) -> Shared {
         Shared {
             nat,
-            node: Mutex::new(node),
+            node,
             me: Mutex::new(me),
             meta: Mutex::new(HashMap::new()),
             counters: Counters::default(),
@@ -92,10 +95,10 @@ impl Shared {
         }
     }
 
-    /// Locks the tunnel core (a panicked holder does not stop the others: the state stays usable).
+    /// The tunnel core (shared by reference: no lock around it).
     #[inline]
-    pub fn node(&self) -> MutexGuard<'_, Node> {
-        self.node.lock().unwrap_or_else(|e| e.into_inner())
+    pub fn node(&self) -> &Node {
+        &self.node
     }
 
     pub fn stopping(&self) -> bool {
@@ -161,7 +164,7 @@ impl Shared {
         let c = &self.counters;
         let (peers, drops, handshakes) = {
             let n = self.node();
-            (n.peers(), n.drops().clone(), n.handshakes_total())
+            (n.peers(), n.drops(), n.handshakes_total())
         };
         let meta = self.meta.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut s = String::new();
