@@ -104,6 +104,8 @@ pub struct PeerView {
 struct PeerEntry {
     candidates: Vec<Candidate>,
     path: Option<Path>,
+    /// The connectivity checks' key (from an X25519 with the peer's key: computed once per peer).
+    check_key: [u8; 32],
 }
 
 struct Inner {
@@ -309,6 +311,14 @@ impl Nat {
     /// The peers and their candidates as the control plane knows them; others are forgotten.
     pub fn set_peers(&self, peers: &[(PeerKey, Vec<Candidate>)]) {
         let now = Instant::now();
+        // Check keys of new peers (an X25519 each) outside the lock: the receive thread takes it for
+        // relayed datagrams.
+        let known: HashSet<PeerKey> = self.lock().peers.keys().copied().collect();
+        let mut fresh: HashMap<PeerKey, [u8; 32]> = peers
+            .iter()
+            .filter(|(k, _)| !known.contains(k))
+            .map(|(k, _)| (*k, self.check_key_of(k)))
+            .collect();
         let mut g = self.lock();
         let gone: Vec<PeerKey> = g
             .peers
@@ -324,8 +334,12 @@ impl Nat {
             if g.peers.get(k).is_some_and(|e| &e.candidates == cands) {
                 continue;
             }
-            let shared = self.secret.diffie_hellman(&PublicKey::from(*k)).to_bytes();
-            let ck = check_key(&shared, &self.public, k, self.psk.as_ref());
+            let ck = match (g.peers.get(k), fresh.remove(k)) {
+                (Some(e), _) => e.check_key,
+                (None, Some(ck)) => ck,
+                // Added by another caller since (set_peers runs on the control plane only).
+                (None, None) => self.check_key_of(k),
+            };
             g.agent.set_peer(*k, ck, cands.clone(), now);
             let path = g.agent.path(k);
             g.peers
@@ -333,9 +347,15 @@ impl Nat {
                 .or_insert(PeerEntry {
                     candidates: Vec::new(),
                     path,
+                    check_key: ck,
                 })
                 .candidates = cands.clone();
         }
+    }
+
+    fn check_key_of(&self, k: &PeerKey) -> [u8; 32] {
+        let shared = self.secret.diffie_hellman(&PublicKey::from(*k)).to_bytes();
+        check_key(&shared, &self.public, k, self.psk.as_ref())
     }
 
     /// Handles a datagram that is not plain WireGuard (see the module docs).

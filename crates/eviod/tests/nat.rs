@@ -969,7 +969,9 @@ fn nat_rebinding_heals_within_a_second() {
     };
     lab.site(2).flush_conntrack().unwrap();
     let first = first_answer(&agents[2], &vips[0], 10);
-    println!("BENCH rebinding: first conntrack -F of the symmetric NAT: s -> a answered after {first:?}");
+    println!(
+        "BENCH rebinding: first conntrack -F of the symmetric NAT: s -> a answered after {first:?}"
+    );
     assert!(first.is_some(), "s -> a did not heal:\n{}", logs(&agents));
     assert!(
         wait_until(Duration::from_secs(15), || relayed_by_a(&agents)),
