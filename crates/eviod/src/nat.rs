@@ -96,9 +96,25 @@ pub enum Rx<'a> {
 /// A path change for the tunnel core: the peer, and its endpoint and path kind (`None`: no working path).
 type PathUpdate = (PeerKey, Option<(SocketAddr, evio_tunnel::PathKind)>);
 
-/// What status shows for a peer.
-pub struct PeerView {
-    pub path: Option<Path>,
+/// What status shows of NAT traversal ([`Nat::view`]).
+pub struct NatView {
+    paths: HashMap<PeerKey, Option<Path>>,
+    turn_server: Option<SocketAddr>,
+}
+
+impl NatView {
+    /// True if NAT traversal knows `peer` and has no working path to it.
+    pub fn no_path(&self, peer: &PeerKey) -> bool {
+        matches!(self.paths.get(peer), Some(None))
+    }
+
+    /// The endpoint to show: where datagrams go, so the TURN server for a peer reached through our relay.
+    pub fn display_endpoint(&self, ep: SocketAddr) -> SocketAddr {
+        match self.turn_server {
+            Some(server) if is_relay(&ep) => server,
+            _ => ep,
+        }
+    }
 }
 
 struct PeerEntry {
@@ -496,18 +512,14 @@ impl Nat {
         (tx, changes)
     }
 
-    /// The selected path to `peer`, for status.
-    pub fn peer_view(&self, peer: &PeerKey) -> Option<PeerView> {
+    /// What status shows of NAT traversal, for every peer at once: one lock per status, not one per peer
+    /// (the receive thread takes this lock for relayed datagrams).
+    pub fn view(&self) -> NatView {
         let g = self.lock();
-        g.peers.get(peer).map(|e| PeerView { path: e.path })
-    }
-
-    /// The endpoint to show: where datagrams go, so the TURN server for a peer reached through our relay.
-    pub fn display_endpoint(&self, ep: SocketAddr) -> SocketAddr {
-        if is_relay(&ep) {
-            return self.lock().agent.turn().map(|t| t.server()).unwrap_or(ep);
+        NatView {
+            paths: g.peers.iter().map(|(k, e)| (*k, e.path)).collect(),
+            turn_server: g.agent.turn().map(|t| t.server()),
         }
-        ep
     }
 
     /// Appends the NAT traversal metrics (Prometheus text).

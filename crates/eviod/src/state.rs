@@ -120,6 +120,7 @@ impl Shared {
         let me = self.me.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let peers: Vec<PeerStatus> = self.node().peers();
         let meta = self.meta.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let nat = self.nat.view();
         let mut out: Vec<PeerJson> = peers
             .iter()
             .map(|p| {
@@ -128,8 +129,8 @@ impl Shared {
                     node: m.map(|m| m.node.clone()).unwrap_or_else(|| p.name.clone()),
                     address: m.map(|m| m.address.to_string()).unwrap_or_default(),
                     pod_subnet: m.and_then(|m| m.pod_subnet).map(|s| s.to_string()),
-                    path: self.path_of(p),
-                    endpoint: p.endpoint.map(|e| self.nat.display_endpoint(e).to_string()),
+                    path: path_of(p, &nat),
+                    endpoint: p.endpoint.map(|e| nat.display_endpoint(e).to_string()),
                     last_handshake: p.last_handshake.map(|t| self.unix_secs(t)),
                     rx_bytes: p.rx_bytes,
                     tx_bytes: p.tx_bytes,
@@ -143,18 +144,6 @@ impl Shared {
             pod_subnet: me.pod_subnet.map(|s| s.to_string()),
             public_key: me.public_key,
             peers: out,
-        }
-    }
-
-    /// A peer's path for status: the tunnel core's (`connecting` until a session exists), and `connecting`
-    /// also while NAT traversal has no working path to it.
-    fn path_of(&self, p: &PeerStatus) -> &'static str {
-        if p.path == evio_tunnel::PathKind::Connecting {
-            return "connecting";
-        }
-        match self.nat.peer_view(&p.public_key) {
-            Some(v) if v.path.is_none() => "connecting",
-            _ => p.path.as_str(),
         }
     }
 
@@ -271,4 +260,13 @@ impl Shared {
         self.nat.metrics(&mut s);
         s
     }
+}
+
+/// A peer's path for status: the tunnel core's (`connecting` until a session exists), and `connecting`
+/// also while NAT traversal has no working path to it.
+fn path_of(p: &PeerStatus, nat: &crate::nat::NatView) -> &'static str {
+    if p.path == evio_tunnel::PathKind::Connecting || nat.no_path(&p.public_key) {
+        return "connecting";
+    }
+    p.path.as_str()
 }
