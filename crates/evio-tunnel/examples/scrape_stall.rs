@@ -21,12 +21,16 @@ fn node(seed: u8) -> Node {
 }
 
 fn packet(dst: [u8; 4]) -> Vec<u8> {
+    packet_from([10, 10, 0, 1], dst)
+}
+
+fn packet_from(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
     let mut p = vec![0u8; 1400];
     p[0] = 0x45;
     p[2..4].copy_from_slice(&1400u16.to_be_bytes());
     p[8] = 64;
     p[9] = 17;
-    p[12..16].copy_from_slice(&[10, 10, 0, 1]);
+    p[12..16].copy_from_slice(&src);
     p[16..20].copy_from_slice(&dst);
     p
 }
@@ -114,6 +118,47 @@ fn run(a: &Arc<Node>, global: bool, secs: u64) -> Run {
     }
 }
 
+/// One thread seals for one peer (b) while another opens what a second peer (c) sealed for us: with the
+/// global mutex they take turns, without it they run at the same time. Returns (sealed/s, opened/s).
+fn seal_and_open(a: &Arc<Node>, c: &Arc<Node>, global: bool, secs: u64) -> (f64, f64) {
+    let lock = Arc::new(Mutex::new(()));
+    let end = Instant::now() + Duration::from_secs(secs);
+    let opener = {
+        let (a, c, lock) = (a.clone(), c.clone(), lock.clone());
+        std::thread::spawn(move || {
+            let p = packet_from([10, 10, 0, 3], [10, 10, 0, 1]);
+            let from: SocketAddr = "192.0.2.3:51820".parse().unwrap();
+            let (mut wire, mut out) = (vec![0u8; 2048], vec![0u8; 2048]);
+            let mut n = 0u64;
+            let start = Instant::now();
+            while Instant::now() < end {
+                let Outbound::Send { len, .. } = c.encapsulate(start, &p, &mut wire) else {
+                    panic!("c cannot seal");
+                };
+                let g = global.then(|| lock.lock().unwrap());
+                let r = a.decapsulate(start, from, &wire[..len], &mut out);
+                drop(g);
+                assert!(matches!(r, Inbound::WriteTun { .. }), "{r:?}");
+                n += 1;
+            }
+            n as f64 / start.elapsed().as_secs_f64()
+        })
+    };
+    let p = packet([10, 10, 0, 2]);
+    let mut out = vec![0u8; 2048];
+    let mut n = 0u64;
+    let start = Instant::now();
+    while Instant::now() < end {
+        let g = global.then(|| lock.lock().unwrap());
+        let r = a.encapsulate(start, &p, &mut out);
+        drop(g);
+        assert!(matches!(r, Outbound::Send { .. }), "{r:?}");
+        n += 1;
+    }
+    let sealed = n as f64 / start.elapsed().as_secs_f64();
+    (sealed, opener.join().unwrap())
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let peers: u32 = args.next().and_then(|a| a.parse().ok()).unwrap_or(1000);
@@ -147,6 +192,30 @@ fn main() {
     let mut buf = vec![0u8; 2048];
     let _ = a.encapsulate(now, &packet([10, 10, 0, 2]), &mut buf);
     settle(&a, &b, aa, ba);
+    // A third node, c, with a session to a (a opens what c seals).
+    let c = node(3);
+    let ca: SocketAddr = "192.0.2.3:51820".parse().unwrap();
+    a.upsert_peer(
+        now,
+        PeerConfig {
+            name: "c".into(),
+            public_key: c.public_key(),
+            allowed: vec!["10.10.0.3/32".parse().unwrap()],
+            candidates: vec![ca],
+        },
+    );
+    c.upsert_peer(
+        now,
+        PeerConfig {
+            name: "a".into(),
+            public_key: a.public_key(),
+            allowed: vec!["10.10.0.1/32".parse().unwrap()],
+            candidates: vec![aa],
+        },
+    );
+    settle(&a, &c, aa, ca);
+    let _ = c.encapsulate(now, &packet_from([10, 10, 0, 3], [10, 10, 0, 1]), &mut buf);
+    settle(&a, &c, aa, ca);
     for i in 0..peers {
         let key = StaticSecret::from({
             let mut k = [7u8; 32];
@@ -206,6 +275,24 @@ fn main() {
                 q(0.999),
                 r.scrapes,
                 r.hold.as_secs_f64() * 1e6
+            );
+        }
+    }
+    println!();
+    println!("| core shared | sealed for b, packets/s | opened from c, packets/s | total |");
+    println!("|---|---|---|---|");
+    let c = Arc::new(c);
+    for round in 0..3 {
+        for global in [true, false] {
+            let (sealed, opened) = seal_and_open(&a, &c, global, secs);
+            println!(
+                "| {} (round {round}) | {sealed:.0} | {opened:.0} | {:.0} |",
+                if global {
+                    "behind one mutex (before)"
+                } else {
+                    "no global lock (after)"
+                },
+                sealed + opened
             );
         }
     }
