@@ -6,8 +6,14 @@
 //!   ([`Node::decapsulate`]), timer ticks ([`Node::tick`]), peer changes ([`Node::upsert_peer`],
 //!   [`Node::remove_peer`], [`Node::set_path`]);
 //! - outputs: the datagram or packet written into the caller's buffer (the hot path allocates nothing),
-//!   extra datagrams to send ([`Node::poll_transmit`]: handshakes, cookies, queued packets) and
-//!   [`Event`]s ([`Node::poll_event`]).
+//!   extra datagrams to send ([`Node::poll_transmit`]: handshakes, cookies, queued packets),
+//!   [`Event`]s ([`Node::poll_event`]) and authenticated datagrams from a new source
+//!   ([`Node::poll_source`], for NAT traversal).
+//!
+//! Every method takes `&self`: one `Node` is shared by the sending and receiving threads, the timers,
+//! the control plane and status without a lock around it (a copy-on-write peer table, one mutex per
+//! peer's session, atomic counters; see the `node` module). No new dependency for it: the table is a
+//! `std` `RwLock<Arc<_>>` whose write lock is held only for a pointer swap.
 //!
 //! The protocol itself (Noise IKpsk2 handshake, cookies, rekey timers, replay window, ChaCha20-Poly1305) is
 //! `boringtun`'s `noise` module (Cloudflare's WireGuard implementation, the sans-IO part of it, chosen

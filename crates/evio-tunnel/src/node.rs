@@ -1,8 +1,26 @@
 //! The multi-peer node: sessions, routing, filtering, endpoints.
+//!
+//! Concurrency: every method takes `&self`, so one `Node` is shared by the data-plane threads, the timers,
+//! the control plane, status and metrics without a lock around it. Inside:
+//!
+//! - the peer table (peers by id and by key, with their configuration, and the route table) is an
+//!   immutable snapshot behind `RwLock<Arc<Table>>`: a packet holds the read lock only for the route
+//!   lookup and to clone the peer's `Arc`; changes (`upsert_peer`, `remove_peer`) build a new table under
+//!   the `writer` mutex and hold the write lock only to swap the pointer;
+//! - each peer's session (boringtun's `Tunn`, which needs `&mut`) and endpoint live behind the peer's own
+//!   mutex, so sealing for one peer and opening for another run at the same time, and status takes each
+//!   peer's lock only to copy a few fields;
+//! - byte, packet, handshake and drop counters are atomics;
+//! - the queues of control datagrams, events and new sources have their own mutexes, taken only when
+//!   something is queued or polled (an atomic flag tells the hot path whether to look).
+//!
+//! Lock order: table (read, brief) -> one peer -> a queue; `writer` -> table (write) or one peer. No
+//! thread holds two peers' locks at once.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use boringtun::noise::errors::WireGuardError;
@@ -130,15 +148,30 @@ impl Drops {
         self.counts[r as usize]
     }
 
-    fn add(&mut self, r: DropReason) {
-        self.counts[r as usize] += 1;
-    }
-
     /// `(reason, count)` for every reason.
     pub fn iter(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
         DropReason::ALL
             .iter()
             .map(|r| (*r, self.counts[*r as usize]))
+    }
+}
+
+/// The live drop counters (atomics; [`Drops`] is a snapshot of them).
+#[derive(Default)]
+struct DropCounters([AtomicU64; DropReason::ALL.len()]);
+
+impl DropCounters {
+    #[inline]
+    fn add(&self, r: DropReason) {
+        self.0[r as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> Drops {
+        let mut d = Drops::default();
+        for (i, c) in self.0.iter().enumerate() {
+            d.counts[i] = c.load(Ordering::Relaxed);
+        }
+        d
     }
 }
 
@@ -225,9 +258,12 @@ pub struct PeerStatus {
     pub tx_packets: u64,
 }
 
-struct Peer {
-    id: PeerId,
-    cfg: PeerConfig,
+/// How often the same new source of a peer is reported again by [`Node::poll_source`] while it stays
+/// different from the peer's endpoint (e.g. a peer that sends over another path than we do).
+const SOURCE_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What changes with every packet or timer of a peer: behind the peer's own mutex.
+struct PeerState {
     tunn: Tunn,
     endpoint: Option<SocketAddr>,
     candidate_idx: usize,
@@ -237,108 +273,69 @@ struct Peer {
     /// Set once NAT traversal chose the path ([`Node::set_path`]): from then on only it moves the
     /// endpoint (no roaming, no candidate rotation), since a relayed datagram's source is the relay.
     managed: Option<PathKind>,
-    handshakes: u64,
-    rx_bytes: u64,
-    tx_bytes: u64,
-    rx_packets: u64,
-    tx_packets: u64,
+    /// The last source reported by [`Node::poll_source`], and when.
+    reported: Option<(SocketAddr, Instant)>,
+}
+
+struct Peer {
+    id: PeerId,
+    state: Mutex<PeerState>,
+    handshakes: AtomicU64,
+    rx_bytes: AtomicU64,
+    tx_bytes: AtomicU64,
+    rx_packets: AtomicU64,
+    tx_packets: AtomicU64,
 }
 
 impl Peer {
+    /// Locks the peer's session (a panicked holder does not stop the others: the state stays usable).
+    #[inline]
+    fn lock(&self) -> MutexGuard<'_, PeerState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A peer in the table: its live state and its configuration (replaced, never changed in place).
+#[derive(Clone)]
+struct Entry {
+    peer: Arc<Peer>,
+    cfg: Arc<PeerConfig>,
+}
+
+impl Entry {
     fn status(&self) -> PeerStatus {
+        let (endpoint, path, last_handshake) = {
+            let s = self.peer.lock();
+            (s.endpoint, s.path, s.last_handshake)
+        };
+        let p = &self.peer;
         PeerStatus {
-            id: self.id,
+            id: p.id,
             name: self.cfg.name.clone(),
             public_key: self.cfg.public_key,
             allowed: self.cfg.allowed.clone(),
             candidates: self.cfg.candidates.clone(),
-            endpoint: self.endpoint,
-            path: self.path,
-            last_handshake: self.last_handshake,
-            handshakes: self.handshakes,
-            rx_bytes: self.rx_bytes,
-            tx_bytes: self.tx_bytes,
-            rx_packets: self.rx_packets,
-            tx_packets: self.tx_packets,
+            endpoint,
+            path,
+            last_handshake,
+            handshakes: p.handshakes.load(Ordering::Relaxed),
+            rx_bytes: p.rx_bytes.load(Ordering::Relaxed),
+            tx_bytes: p.tx_bytes.load(Ordering::Relaxed),
+            rx_packets: p.rx_packets.load(Ordering::Relaxed),
+            tx_packets: p.tx_packets.load(Ordering::Relaxed),
         }
     }
 }
 
-/// One node: its key, its peers, their sessions and routes.
-pub struct Node {
-    private_key: StaticSecret,
-    public_key: PublicKey,
-    preshared_key: Option<[u8; 32]>,
-    persistent_keepalive: Option<u16>,
-    peers: HashMap<PeerId, Peer>,
+/// The peer table: an immutable snapshot (copy on write, see the module docs).
+#[derive(Clone, Default)]
+struct Table {
+    peers: HashMap<PeerId, Entry>,
     by_key: HashMap<[u8; 32], PeerId>,
     routes: RouteTable,
-    next_id: PeerId,
-    rate_limiter: Arc<RateLimiter>,
-    last_rate_reset: Option<Instant>,
-    transmits: VecDeque<Transmit>,
-    events: VecDeque<Event>,
-    drops: Drops,
-    /// Handshakes of peers since removed (so the total never goes down).
-    retired_handshakes: u64,
-    scratch: Vec<u8>,
 }
 
-fn is_handshake(buf: &[u8]) -> bool {
-    buf.len() >= 4 && u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) == 1
-}
-
-impl Node {
-    pub fn new(cfg: NodeConfig) -> Node {
-        let public_key = PublicKey::from(&cfg.private_key);
-        // Session indices are `peer id << 8 | n`; start the ids at a random point so a restarted node does
-        // not reuse the indices of its previous life.
-        let seed = {
-            let mut b = [0u8; 4];
-            // Not a secret: any value works, the randomness only avoids index reuse across restarts.
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.subsec_nanos() ^ (d.as_secs() as u32))
-                .unwrap_or(1);
-            b.copy_from_slice(&t.to_le_bytes());
-            u32::from_le_bytes(b) & 0x00ff_ffff
-        };
-        Node {
-            rate_limiter: Arc::new(RateLimiter::new(&public_key, NODE_HANDSHAKE_RATE_LIMIT)),
-            private_key: cfg.private_key,
-            public_key,
-            preshared_key: cfg.preshared_key,
-            persistent_keepalive: cfg.persistent_keepalive,
-            peers: HashMap::new(),
-            by_key: HashMap::new(),
-            routes: RouteTable::new(),
-            next_id: seed.max(1),
-            last_rate_reset: None,
-            transmits: VecDeque::new(),
-            events: VecDeque::new(),
-            drops: Drops::default(),
-            retired_handshakes: 0,
-            scratch: vec![0u8; 65536 + 64],
-        }
-    }
-
-    pub fn public_key(&self) -> [u8; 32] {
-        *self.public_key.as_bytes()
-    }
-
-    fn alloc_id(&mut self) -> PeerId {
-        loop {
-            let id = self.next_id;
-            self.next_id = (self.next_id + 1) & 0x00ff_ffff;
-            if self.next_id == 0 {
-                self.next_id = 1;
-            }
-            if !self.peers.contains_key(&id) {
-                return id;
-            }
-        }
-    }
-
+impl Table {
     fn rebuild_routes(&mut self) {
         let mut t = RouteTable::new();
         // Deterministic when two peers claim the same prefix: the lower id wins (logged by the caller).
@@ -351,30 +348,182 @@ impl Node {
         }
         self.routes = t;
     }
+}
+
+/// A queue with a flag the hot path reads without taking the queue's lock.
+struct Queue<T> {
+    items: Mutex<VecDeque<T>>,
+    nonempty: AtomicBool,
+}
+
+impl<T> Default for Queue<T> {
+    fn default() -> Self {
+        Queue {
+            items: Mutex::new(VecDeque::new()),
+            nonempty: AtomicBool::new(false),
+        }
+    }
+}
+
+impl<T> Queue<T> {
+    fn lock(&self) -> MutexGuard<'_, VecDeque<T>> {
+        self.items.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, t: T) {
+        let mut q = self.lock();
+        q.push_back(t);
+        self.nonempty.store(true, Ordering::Release);
+    }
+
+    #[inline]
+    fn pop(&self) -> Option<T> {
+        if !self.nonempty.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut q = self.lock();
+        let t = q.pop_front();
+        if q.is_empty() {
+            self.nonempty.store(false, Ordering::Release);
+        }
+        t
+    }
+}
+
+thread_local! {
+    /// Room for handshakes, keepalives and queued packets leaving outside the caller's buffers (one per
+    /// thread that runs timers or completes handshakes; the data path never uses it).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 65536 + 64]);
+}
+
+/// One node: its key, its peers, their sessions and routes. Shared by reference between threads (see
+/// the module docs); every method takes `&self`.
+pub struct Node {
+    private_key: StaticSecret,
+    public_key: PublicKey,
+    preshared_key: Option<[u8; 32]>,
+    persistent_keepalive: Option<u16>,
+    table: RwLock<Arc<Table>>,
+    /// Serializes changes of the table; holds the next peer id.
+    writer: Mutex<PeerId>,
+    rate_limiter: Arc<RateLimiter>,
+    last_rate_reset: Mutex<Option<Instant>>,
+    transmits: Queue<Transmit>,
+    events: Queue<Event>,
+    sources: Queue<(PeerId, SocketAddr)>,
+    drops: DropCounters,
+    /// Handshakes of peers since removed (so the total never goes down).
+    retired_handshakes: AtomicU64,
+}
+
+fn is_handshake(buf: &[u8]) -> bool {
+    buf.len() >= 4 && u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) == 1
+}
+
+impl Node {
+    pub fn new(cfg: NodeConfig) -> Node {
+        let public_key = PublicKey::from(&cfg.private_key);
+        // Session indices are `peer id << 8 | n`; start the ids at a random point so a restarted node does
+        // not reuse the indices of its previous life.
+        let seed = {
+            // Not a secret: any value works, the randomness only avoids index reuse across restarts.
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos() ^ (d.as_secs() as u32))
+                .unwrap_or(1);
+            t & 0x00ff_ffff
+        };
+        Node {
+            rate_limiter: Arc::new(RateLimiter::new(&public_key, NODE_HANDSHAKE_RATE_LIMIT)),
+            private_key: cfg.private_key,
+            public_key,
+            preshared_key: cfg.preshared_key,
+            persistent_keepalive: cfg.persistent_keepalive,
+            table: RwLock::new(Arc::new(Table::default())),
+            writer: Mutex::new(seed.max(1)),
+            last_rate_reset: Mutex::new(None),
+            transmits: Queue::default(),
+            events: Queue::default(),
+            sources: Queue::default(),
+            drops: DropCounters::default(),
+            retired_handshakes: AtomicU64::new(0),
+        }
+    }
+
+    pub fn public_key(&self) -> [u8; 32] {
+        *self.public_key.as_bytes()
+    }
+
+    /// The current peer table (the read lock is held only to clone the pointer).
+    #[inline]
+    fn snapshot(&self) -> Arc<Table> {
+        self.table.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Installs a new table; the old one is freed after the write lock is released.
+    fn publish(&self, t: Table) {
+        let old = {
+            let mut g = self.table.write().unwrap_or_else(|e| e.into_inner());
+            std::mem::replace(&mut *g, Arc::new(t))
+        };
+        drop(old);
+    }
+
+    fn writer(&self) -> MutexGuard<'_, PeerId> {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn alloc_id(next: &mut PeerId, t: &Table) -> PeerId {
+        loop {
+            let id = *next;
+            *next = (*next + 1) & 0x00ff_ffff;
+            if *next == 0 {
+                *next = 1;
+            }
+            if !t.peers.contains_key(&id) {
+                return id;
+            }
+        }
+    }
 
     /// Adds a peer, or updates the one with the same public key (its session is kept). A new peer starts
     /// a handshake at once on its first candidate.
-    pub fn upsert_peer(&mut self, now: Instant, cfg: PeerConfig) -> PeerId {
-        if let Some(&id) = self.by_key.get(&cfg.public_key) {
-            let p = self.peers.get_mut(&id).expect("indexed peer");
-            if p.cfg != cfg {
-                let candidates_changed = p.cfg.candidates != cfg.candidates;
-                let routes_changed = p.cfg.allowed != cfg.allowed;
-                p.cfg = cfg;
-                if candidates_changed && p.path == PathKind::Connecting && p.managed.is_none() {
-                    p.candidate_idx = 0;
-                    p.endpoint = p.cfg.candidates.first().copied();
+    pub fn upsert_peer(&self, _now: Instant, cfg: PeerConfig) -> PeerId {
+        let mut next = self.writer();
+        let cur = self.snapshot();
+        if let Some(&id) = cur.by_key.get(&cfg.public_key) {
+            let e = &cur.peers[&id];
+            if *e.cfg == cfg {
+                return id;
+            }
+            let candidates_changed = e.cfg.candidates != cfg.candidates;
+            let routes_changed = e.cfg.allowed != cfg.allowed;
+            if candidates_changed {
+                let mut s = e.peer.lock();
+                if s.path == PathKind::Connecting && s.managed.is_none() {
+                    s.candidate_idx = 0;
+                    s.endpoint = cfg.candidates.first().copied();
                 }
-                if candidates_changed && p.endpoint.is_none() {
-                    p.endpoint = p.cfg.candidates.first().copied();
-                }
-                if routes_changed {
-                    self.rebuild_routes();
+                if s.endpoint.is_none() {
+                    s.endpoint = cfg.candidates.first().copied();
                 }
             }
+            let mut t = (*cur).clone();
+            let peer = e.peer.clone();
+            t.peers.insert(
+                id,
+                Entry {
+                    peer,
+                    cfg: Arc::new(cfg),
+                },
+            );
+            if routes_changed {
+                t.rebuild_routes();
+            }
+            self.publish(t);
             return id;
         }
-        let id = self.alloc_id();
+        let id = Self::alloc_id(&mut next, &cur);
         let tunn = Tunn::new(
             self.private_key.clone(),
             PublicKey::from(cfg.public_key),
@@ -383,140 +532,183 @@ impl Node {
             id,
             None,
         );
-        let endpoint = cfg.candidates.first().copied();
-        self.by_key.insert(cfg.public_key, id);
-        self.peers.insert(
+        // One side starts at once (the larger key), so that both do not race with crossing initiations
+        // (an initiation received drops the one in flight); the other starts on its first packet.
+        let start = self.public_key.as_bytes() > &cfg.public_key;
+        let peer = Arc::new(Peer {
             id,
-            Peer {
-                id,
-                cfg,
+            state: Mutex::new(PeerState {
                 tunn,
-                endpoint,
+                endpoint: cfg.candidates.first().copied(),
                 candidate_idx: 0,
                 path: PathKind::Connecting,
                 last_handshake: None,
                 last_nudge: None,
                 managed: None,
-                handshakes: 0,
-                rx_bytes: 0,
-                tx_bytes: 0,
-                rx_packets: 0,
-                tx_packets: 0,
+                reported: None,
+            }),
+            handshakes: AtomicU64::new(0),
+            rx_bytes: AtomicU64::new(0),
+            tx_bytes: AtomicU64::new(0),
+            rx_packets: AtomicU64::new(0),
+            tx_packets: AtomicU64::new(0),
+        });
+        let mut t = (*cur).clone();
+        t.by_key.insert(cfg.public_key, id);
+        t.peers.insert(
+            id,
+            Entry {
+                peer: peer.clone(),
+                cfg: Arc::new(cfg),
             },
         );
-        self.rebuild_routes();
-        // One side starts at once (the larger key), so that both do not race with crossing initiations
-        // (an initiation received drops the one in flight); the other starts on its first packet.
-        if self.public_key.as_bytes() > &self.peers[&id].cfg.public_key {
-            self.initiate(now, id);
+        t.rebuild_routes();
+        self.publish(t);
+        drop(next);
+        if start {
+            self.initiate(&peer);
         }
         id
     }
 
     /// Starts a handshake with `peer` unless one is in progress.
-    fn initiate(&mut self, _now: Instant, id: PeerId) {
-        let Some(p) = self.peers.get_mut(&id) else {
-            return;
-        };
-        let Some(to) = p.endpoint else { return };
-        if let TunnResult::WriteToNetwork(b) =
-            p.tunn.format_handshake_initiation(&mut self.scratch, false)
-        {
-            self.transmits.push_back(Transmit {
-                to,
-                data: b.to_vec(),
-            });
-        }
+    fn initiate(&self, peer: &Peer) {
+        let mut s = peer.lock();
+        let Some(to) = s.endpoint else { return };
+        SCRATCH.with_borrow_mut(|buf| {
+            if let TunnResult::WriteToNetwork(b) = s.tunn.format_handshake_initiation(buf, false) {
+                self.transmits.push(Transmit {
+                    to,
+                    data: b.to_vec(),
+                });
+            }
+        });
     }
 
     /// Removes the peer with this public key (and its routes). Returns whether it existed.
-    pub fn remove_peer(&mut self, public_key: &[u8; 32]) -> bool {
-        let Some(id) = self.by_key.remove(public_key) else {
+    pub fn remove_peer(&self, public_key: &[u8; 32]) -> bool {
+        let _w = self.writer();
+        let cur = self.snapshot();
+        let Some(&id) = cur.by_key.get(public_key) else {
             return false;
         };
-        if let Some(p) = self.peers.remove(&id) {
-            self.retired_handshakes += p.handshakes;
+        let mut t = (*cur).clone();
+        t.by_key.remove(public_key);
+        if let Some(e) = t.peers.remove(&id) {
+            self.retired_handshakes
+                .fetch_add(e.peer.handshakes.load(Ordering::Relaxed), Ordering::Relaxed);
         }
-        self.routes.remove_peer(id);
-        self.rebuild_routes();
+        t.rebuild_routes();
+        self.publish(t);
         true
     }
 
     /// Sets the path chosen by NAT traversal: where to send and how it is reached. From then on the peer's
     /// endpoint changes only through this call.
-    pub fn set_path(&mut self, id: PeerId, endpoint: SocketAddr, kind: PathKind) {
-        let Some(p) = self.peers.get_mut(&id) else {
+    pub fn set_path(&self, id: PeerId, endpoint: SocketAddr, kind: PathKind) {
+        let t = self.snapshot();
+        let Some(e) = t.peers.get(&id) else {
             return;
         };
-        let changed = p.endpoint != Some(endpoint);
-        if changed {
-            self.events
-                .push_back(Event::EndpointChanged { peer: id, endpoint });
-        }
-        p.endpoint = Some(endpoint);
-        p.managed = Some(kind);
-        // The path shows `kind` while a session exists; `connecting` until the first handshake completes.
-        if p.path != PathKind::Connecting {
-            p.path = kind;
-        }
-        // A peer without a session gets a handshake at once on its new endpoint (from the side with the
-        // larger key, as in `upsert_peer`).
-        let start = changed
-            && p.path == PathKind::Connecting
-            && self.public_key.as_bytes() > &p.cfg.public_key;
+        let start = {
+            let mut s = e.peer.lock();
+            let changed = s.endpoint != Some(endpoint);
+            if changed {
+                self.events
+                    .push(Event::EndpointChanged { peer: id, endpoint });
+            }
+            s.endpoint = Some(endpoint);
+            s.managed = Some(kind);
+            // The path shows `kind` while a session exists; `connecting` until the first handshake
+            // completes.
+            if s.path != PathKind::Connecting {
+                s.path = kind;
+            }
+            // A peer without a session gets a handshake at once on its new endpoint (from the side with
+            // the larger key, as in `upsert_peer`).
+            changed
+                && s.path == PathKind::Connecting
+                && self.public_key.as_bytes() > &e.cfg.public_key
+        };
         if start {
-            self.initiate(Instant::now(), id);
+            self.initiate(&e.peer);
         }
     }
 
     /// The public key of peer `id` (e.g. to tell NAT traversal which peer a datagram authenticated).
     pub fn peer_key(&self, id: PeerId) -> Option<[u8; 32]> {
-        self.peers.get(&id).map(|p| p.cfg.public_key)
+        self.snapshot().peers.get(&id).map(|e| e.cfg.public_key)
     }
 
     pub fn peer_id(&self, public_key: &[u8; 32]) -> Option<PeerId> {
-        self.by_key.get(public_key).copied()
+        self.snapshot().by_key.get(public_key).copied()
+    }
+
+    /// The name of peer `id` (for logs).
+    pub fn peer_name(&self, id: PeerId) -> Option<String> {
+        self.snapshot().peers.get(&id).map(|e| e.cfg.name.clone())
     }
 
     pub fn peer(&self, id: PeerId) -> Option<PeerStatus> {
-        self.peers.get(&id).map(Peer::status)
+        self.snapshot().peers.get(&id).map(Entry::status)
     }
 
-    /// Snapshots of every peer.
+    /// Snapshots of every peer, sorted by name. Takes each peer's lock in turn, only to copy its endpoint
+    /// and path: never more than one at a time, never the table's.
     pub fn peers(&self) -> Vec<PeerStatus> {
-        let mut v: Vec<_> = self.peers.values().map(Peer::status).collect();
+        let t = self.snapshot();
+        let mut v: Vec<_> = t.peers.values().map(Entry::status).collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
 
     pub fn peer_count(&self) -> usize {
-        self.peers.len()
+        self.snapshot().peers.len()
     }
 
     /// Completed handshakes since the node started, over all peers (removed ones included).
     pub fn handshakes_total(&self) -> u64 {
-        self.retired_handshakes + self.peers.values().map(|p| p.handshakes).sum::<u64>()
+        self.retired_handshakes.load(Ordering::Relaxed)
+            + self
+                .snapshot()
+                .peers
+                .values()
+                .map(|e| e.peer.handshakes.load(Ordering::Relaxed))
+                .sum::<u64>()
     }
 
-    pub fn drops(&self) -> &Drops {
-        &self.drops
+    /// The drop counters now.
+    pub fn drops(&self) -> Drops {
+        self.drops.snapshot()
     }
 
     /// The peer owning `ip` (cryptokey routing).
     pub fn route(&self, ip: IpAddr) -> Option<PeerId> {
-        self.routes.lookup(ip)
+        self.table
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .routes
+            .lookup(ip)
+    }
+
+    /// The peer owning `dst`: the table's read lock is held for the lookup and the `Arc` clone only.
+    #[inline]
+    fn routed(&self, dst: IpAddr) -> Option<Arc<Peer>> {
+        let t = self.table.read().unwrap_or_else(|e| e.into_inner());
+        let id = t.routes.lookup(dst)?;
+        t.peers.get(&id).map(|e| e.peer.clone())
     }
 
     /// The endpoint a packet from the TUN device would be sent to (its destination's peer), if any.
     #[inline]
     pub fn endpoint_for(&self, packet: &[u8]) -> Option<SocketAddr> {
         let (_, dst) = packet_addrs(packet)?;
-        self.peers.get(&self.routes.lookup(dst)?)?.endpoint
+        self.routed(dst)?.lock().endpoint
     }
 
     /// Encrypts a packet read from the TUN device for the peer owning its destination, into `out`
-    /// (at least `packet.len() + 32` and [`MIN_BUFFER`] bytes).
-    pub fn encapsulate(&mut self, _now: Instant, packet: &[u8], out: &mut [u8]) -> Outbound {
+    /// (at least `packet.len() + 32` and [`MIN_BUFFER`] bytes). Takes only that peer's lock.
+    pub fn encapsulate(&self, _now: Instant, packet: &[u8], out: &mut [u8]) -> Outbound {
         if out.len() < MIN_BUFFER || out.len() < packet.len() + 32 {
             self.drops.add(DropReason::Other);
             return Outbound::Dropped(DropReason::Other);
@@ -525,23 +717,30 @@ impl Node {
             self.drops.add(DropReason::Malformed);
             return Outbound::Dropped(DropReason::Malformed);
         };
-        let Some(id) = self.routes.lookup(dst) else {
+        let Some(p) = self.routed(dst) else {
             self.drops.add(DropReason::NoRoute);
             return Outbound::Dropped(DropReason::NoRoute);
         };
-        let p = self.peers.get_mut(&id).expect("routed peer exists");
-        let Some(to) = p.endpoint else {
+        let mut s = p.lock();
+        let Some(to) = s.endpoint else {
+            drop(s);
             self.drops.add(DropReason::NoEndpoint);
             return Outbound::Dropped(DropReason::NoEndpoint);
         };
-        match p.tunn.encapsulate(packet, out) {
+        let r = s.tunn.encapsulate(packet, out);
+        drop(s);
+        match r {
             TunnResult::WriteToNetwork(b) => {
                 let len = b.len();
                 if !is_handshake(b) {
-                    p.tx_bytes += packet.len() as u64;
-                    p.tx_packets += 1;
+                    p.tx_bytes.fetch_add(packet.len() as u64, Ordering::Relaxed);
+                    p.tx_packets.fetch_add(1, Ordering::Relaxed);
                 }
-                Outbound::Send { to, len, peer: id }
+                Outbound::Send {
+                    to,
+                    len,
+                    peer: p.id,
+                }
             }
             TunnResult::Done => Outbound::Queued,
             TunnResult::Err(e) => {
@@ -558,9 +757,10 @@ impl Node {
 
     /// Handles a datagram received from `from`; a data packet is decrypted into `out` (at least
     /// `datagram.len()` and [`MIN_BUFFER`] bytes) and accepted only if its inner source is the sending
-    /// peer's.
+    /// peer's. Takes only that peer's lock (a handshake initiation's Diffie-Hellman to find the peer runs
+    /// under none).
     pub fn decapsulate(
-        &mut self,
+        &self,
         now: Instant,
         from: SocketAddr,
         datagram: &[u8],
@@ -578,7 +778,7 @@ impl Node {
         {
             Ok(p) => p,
             Err(TunnResult::WriteToNetwork(c)) => {
-                self.transmits.push_back(Transmit {
+                self.transmits.push(Transmit {
                     to: from,
                     data: c.to_vec(),
                 });
@@ -588,10 +788,11 @@ impl Node {
             Err(TunnResult::Err(e)) => return self.drop(DropReason::from_wg(&e)),
             Err(_) => return self.drop(DropReason::Other),
         };
+        let t = self.snapshot();
         let (id, handshake) = match &packet {
             Packet::HandshakeInit(init) => {
                 match parse_handshake_anon(&self.private_key, &self.public_key, init) {
-                    Ok(half) => match self.by_key.get(&half.peer_static_public) {
+                    Ok(half) => match t.by_key.get(&half.peer_static_public) {
                         Some(&id) => (id, true),
                         None => return self.drop(DropReason::UnknownPeer),
                     },
@@ -603,85 +804,79 @@ impl Node {
             Packet::PacketData(d) => (d.receiver_idx >> 8, false),
         };
         let is_data = matches!(packet, Packet::PacketData(_));
-        let Some(p) = self.peers.get_mut(&id) else {
+        let Some(e) = t.peers.get(&id) else {
             if is_data {
-                self.nudge(now, from);
+                self.nudge(&t, now, from);
             }
             return self.drop(DropReason::UnknownPeer);
         };
-        match p.tunn.decapsulate(Some(from.ip()), datagram, out) {
+        let p = &e.peer;
+        let mut s = p.lock();
+        match s.tunn.decapsulate(Some(from.ip()), datagram, out) {
             TunnResult::Done => {
                 // Keepalive or cookie reply: authenticated (cookie replies are, by MAC) traffic from `from`.
+                self.note_source(p, &mut s, from, now);
                 Inbound::Done
             }
             TunnResult::WriteToNetwork(b) => {
-                self.transmits.push_back(Transmit {
+                self.transmits.push(Transmit {
                     to: from,
                     data: b.to_vec(),
                 });
                 // Flush packets queued while the handshake was in flight.
-                while let TunnResult::WriteToNetwork(b) =
-                    p.tunn.decapsulate(None, &[], &mut self.scratch)
-                {
-                    if !is_handshake(b) {
-                        p.tx_packets += 1;
-                        p.tx_bytes += (b.len().saturating_sub(32)) as u64;
+                SCRATCH.with_borrow_mut(|buf| {
+                    while let TunnResult::WriteToNetwork(b) = s.tunn.decapsulate(None, &[], buf) {
+                        if !is_handshake(b) {
+                            p.tx_packets.fetch_add(1, Ordering::Relaxed);
+                            p.tx_bytes
+                                .fetch_add(b.len().saturating_sub(32) as u64, Ordering::Relaxed);
+                        }
+                        self.transmits.push(Transmit {
+                            to: from,
+                            data: b.to_vec(),
+                        })
                     }
-                    self.transmits.push_back(Transmit {
-                        to: from,
-                        data: b.to_vec(),
-                    })
-                }
+                });
                 if handshake {
-                    p.handshakes += 1;
-                    p.last_handshake = Some(now);
-                    if let Some(kind) = p.managed {
-                        p.path = kind;
+                    p.handshakes.fetch_add(1, Ordering::Relaxed);
+                    s.last_handshake = Some(now);
+                    if let Some(kind) = s.managed {
+                        s.path = kind;
                     } else {
-                        p.path = PathKind::Direct;
-                        if p.endpoint != Some(from) {
-                            p.endpoint = Some(from);
-                            self.events.push_back(Event::EndpointChanged {
+                        s.path = PathKind::Direct;
+                        if s.endpoint != Some(from) {
+                            s.endpoint = Some(from);
+                            self.events.push(Event::EndpointChanged {
                                 peer: id,
                                 endpoint: from,
                             });
                         }
                     }
-                    self.events.push_back(Event::HandshakeCompleted {
+                    self.events.push(Event::HandshakeCompleted {
                         peer: id,
                         endpoint: from,
                     });
                 }
+                self.note_source(p, &mut s, from, now);
                 Inbound::Done
             }
-            TunnResult::WriteToTunnelV4(b, src) => Self::accept(
-                p,
-                &self.routes,
-                &mut self.drops,
-                &mut self.events,
-                from,
-                IpAddr::V4(src),
-                b.len(),
-            ),
-            TunnResult::WriteToTunnelV6(b, src) => Self::accept(
-                p,
-                &self.routes,
-                &mut self.drops,
-                &mut self.events,
-                from,
-                IpAddr::V6(src),
-                b.len(),
-            ),
-            TunnResult::Err(e) => {
-                let r = DropReason::from_wg(&e);
+            TunnResult::WriteToTunnelV4(b, src) => {
+                self.accept(&t, p, &mut s, from, IpAddr::V4(src), b.len(), now)
+            }
+            TunnResult::WriteToTunnelV6(b, src) => {
+                self.accept(&t, p, &mut s, from, IpAddr::V6(src), b.len(), now)
+            }
+            TunnResult::Err(err) => {
+                drop(s);
+                let r = DropReason::from_wg(&err);
                 self.drops.add(r);
                 if is_data
                     && matches!(
-                        e,
+                        err,
                         WireGuardError::NoCurrentSession | WireGuardError::WrongIndex
                     )
                 {
-                    self.nudge(now, from);
+                    self.nudge(&t, now, from);
                 }
                 Inbound::Dropped(r)
             }
@@ -691,119 +886,170 @@ impl Node {
     /// Data for a session we do not have, from a peer's endpoint: the peer kept a session from before we
     /// restarted. Start a handshake at once (at most once a second per peer) instead of letting it wait
     /// for its own rekey timeout (15 s).
-    fn nudge(&mut self, now: Instant, from: SocketAddr) {
-        let Some(p) = self
-            .peers
-            .values_mut()
-            .find(|p| p.endpoint == Some(from) || p.cfg.candidates.contains(&from))
-        else {
-            return;
-        };
-        if p.last_nudge
-            .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1))
-        {
-            return;
-        }
-        p.last_nudge = Some(now);
-        if p.endpoint.is_none() {
-            p.endpoint = Some(from);
-        }
-        let to = p.endpoint.unwrap_or(from);
-        if let TunnResult::WriteToNetwork(b) =
-            p.tunn.format_handshake_initiation(&mut self.scratch, false)
-        {
-            self.transmits.push_back(Transmit {
-                to,
-                data: b.to_vec(),
+    fn nudge(&self, t: &Table, now: Instant, from: SocketAddr) {
+        for e in t.peers.values() {
+            let mut s = e.peer.lock();
+            if s.endpoint != Some(from) && !e.cfg.candidates.contains(&from) {
+                continue;
+            }
+            if s.last_nudge
+                .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1))
+            {
+                return;
+            }
+            s.last_nudge = Some(now);
+            if s.endpoint.is_none() {
+                s.endpoint = Some(from);
+            }
+            let to = s.endpoint.unwrap_or(from);
+            SCRATCH.with_borrow_mut(|buf| {
+                if let TunnResult::WriteToNetwork(b) =
+                    s.tunn.format_handshake_initiation(buf, false)
+                {
+                    self.transmits.push(Transmit {
+                        to,
+                        data: b.to_vec(),
+                    });
+                }
             });
+            return;
         }
     }
 
+    /// An authenticated datagram of `p` came from `from`: if that is not the peer's endpoint, queue it for
+    /// [`Node::poll_source`] (once per new address, again every [`SOURCE_REPORT_INTERVAL`] while it stays).
     #[inline]
+    fn note_source(&self, p: &Peer, s: &mut PeerState, from: SocketAddr, now: Instant) {
+        if s.endpoint == Some(from) {
+            return;
+        }
+        if s.reported.is_some_and(|(a, t)| {
+            a == from && now.saturating_duration_since(t) < SOURCE_REPORT_INTERVAL
+        }) {
+            return;
+        }
+        s.reported = Some((from, now));
+        self.sources.push((p.id, from));
+    }
+
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
     fn accept(
-        p: &mut Peer,
-        routes: &RouteTable,
-        drops: &mut Drops,
-        events: &mut VecDeque<Event>,
+        &self,
+        t: &Table,
+        p: &Peer,
+        s: &mut PeerState,
         from: SocketAddr,
         src: IpAddr,
         len: usize,
+        now: Instant,
     ) -> Inbound {
-        if routes.lookup(src) != Some(p.id) {
-            drops.add(DropReason::SpoofedSource);
-            return Inbound::Dropped(DropReason::SpoofedSource);
+        if t.routes.lookup(src) != Some(p.id) {
+            return self.drop(DropReason::SpoofedSource);
         }
-        p.rx_bytes += len as u64;
-        p.rx_packets += 1;
+        p.rx_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        p.rx_packets.fetch_add(1, Ordering::Relaxed);
         // Roaming: an authenticated packet tells where the peer is now (not for relayed paths).
-        if p.managed.is_none() && p.path == PathKind::Direct && p.endpoint != Some(from) {
-            p.endpoint = Some(from);
-            events.push_back(Event::EndpointChanged {
+        if s.managed.is_none() && s.path == PathKind::Direct && s.endpoint != Some(from) {
+            s.endpoint = Some(from);
+            self.events.push(Event::EndpointChanged {
                 peer: p.id,
                 endpoint: from,
             });
         }
+        self.note_source(p, s, from, now);
         Inbound::WriteTun { len, peer: p.id }
     }
 
-    fn drop(&mut self, r: DropReason) -> Inbound {
+    fn drop(&self, r: DropReason) -> Inbound {
         self.drops.add(r);
         Inbound::Dropped(r)
     }
 
     /// Runs the protocol timers of every peer (call every 100-250 ms): handshake retries (moving to the
-    /// next candidate endpoint while connecting), rekeys, keepalives, expiry.
-    pub fn tick(&mut self, now: Instant) {
-        if self
-            .last_rate_reset
-            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
+    /// next candidate endpoint while connecting), rekeys, keepalives, expiry. Takes one peer's lock at a
+    /// time.
+    pub fn tick(&self, now: Instant) {
         {
-            self.rate_limiter.reset_count();
-            self.last_rate_reset = Some(now);
+            let mut last = self
+                .last_rate_reset
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if last.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
+                self.rate_limiter.reset_count();
+                *last = Some(now);
+            }
         }
-        for p in self.peers.values_mut() {
-            match p.tunn.update_timers(&mut self.scratch) {
-                TunnResult::WriteToNetwork(b) => {
-                    if is_handshake(b)
-                        && p.managed.is_none()
-                        && p.path == PathKind::Connecting
-                        && p.cfg.candidates.len() > 1
-                    {
-                        // A retry: the previous candidate did not answer, try the next one.
-                        p.candidate_idx = (p.candidate_idx + 1) % p.cfg.candidates.len();
-                        let ep = p.cfg.candidates[p.candidate_idx];
-                        if p.endpoint != Some(ep) {
-                            p.endpoint = Some(ep);
-                            self.events.push_back(Event::EndpointChanged {
-                                peer: p.id,
-                                endpoint: ep,
+        let t = self.snapshot();
+        SCRATCH.with_borrow_mut(|buf| {
+            for e in t.peers.values() {
+                let p = &e.peer;
+                let mut s = p.lock();
+                match s.tunn.update_timers(buf) {
+                    TunnResult::WriteToNetwork(b) => {
+                        let candidates = &e.cfg.candidates;
+                        if is_handshake(b)
+                            && s.managed.is_none()
+                            && s.path == PathKind::Connecting
+                            && candidates.len() > 1
+                        {
+                            // A retry: the previous candidate did not answer, try the next one.
+                            s.candidate_idx = (s.candidate_idx + 1) % candidates.len();
+                            let ep = candidates[s.candidate_idx];
+                            if s.endpoint != Some(ep) {
+                                s.endpoint = Some(ep);
+                                self.events.push(Event::EndpointChanged {
+                                    peer: p.id,
+                                    endpoint: ep,
+                                });
+                            }
+                        }
+                        if let Some(to) = s.endpoint {
+                            self.transmits.push(Transmit {
+                                to,
+                                data: b.to_vec(),
                             });
                         }
                     }
-                    if let Some(to) = p.endpoint {
-                        self.transmits.push_back(Transmit {
-                            to,
-                            data: b.to_vec(),
-                        });
+                    TunnResult::Err(WireGuardError::ConnectionExpired)
+                        if s.path != PathKind::Connecting =>
+                    {
+                        s.path = PathKind::Connecting;
+                        self.events.push(Event::SessionExpired { peer: p.id });
                     }
+                    _ => {}
                 }
-                TunnResult::Err(WireGuardError::ConnectionExpired)
-                    if p.path != PathKind::Connecting =>
-                {
-                    p.path = PathKind::Connecting;
-                    self.events.push_back(Event::SessionExpired { peer: p.id });
-                }
-                _ => {}
             }
-        }
+        });
     }
 
-    /// Next datagram to send that the hot-path results did not carry.
-    pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits.pop_front()
+    /// Next datagram to send that the hot-path results did not carry (one atomic load when there is none).
+    #[inline]
+    pub fn poll_transmit(&self) -> Option<Transmit> {
+        self.transmits.pop()
     }
 
-    pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+    pub fn poll_event(&self) -> Option<Event> {
+        self.events.pop()
+    }
+
+    /// Next `(peer, source)`: an authenticated datagram of `peer` arrived from `source`, which is not the
+    /// peer's endpoint (its NAT rebound, or it sends over another path): for NAT traversal
+    /// (`evio-nat`'s `tunnel_from`). Reported once per new source, again every second while it lasts.
+    #[inline]
+    pub fn poll_source(&self) -> Option<(PeerId, SocketAddr)> {
+        self.sources.pop()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn node_is_shared_between_threads() {
+        assert_send_sync::<Node>();
     }
 }

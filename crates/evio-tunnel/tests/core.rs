@@ -170,7 +170,7 @@ fn replayed_and_garbage_datagrams_are_rejected() {
 fn a_stranger_cannot_handshake() {
     let mut sim = Sim::mesh(2, None);
     // A third node that knows node 0 but node 0 does not know it.
-    let mut stranger = evio_tunnel::Node::new(evio_tunnel::NodeConfig {
+    let stranger = evio_tunnel::Node::new(evio_tunnel::NodeConfig {
         private_key: common::key(99),
         preshared_key: None,
         persistent_keepalive: None,
@@ -360,4 +360,114 @@ fn a_path_set_by_nat_traversal_is_not_overridden_by_roaming() {
     let st = sim.nodes[1].node.peer(id).unwrap();
     assert_eq!(st.endpoint, Some(relay));
     assert_eq!(st.path, PathKind::Relay);
+}
+
+#[test]
+fn new_sources_of_a_managed_peer_are_reported_once() {
+    let mut sim = Sim::mesh(2, None);
+    sim.run();
+    let id = sim.id_of(1, 0);
+    let relay = sim.nodes[0].addr;
+    sim.nodes[1].node.set_path(id, relay, PathKind::Relay);
+    while sim.nodes[1].node.poll_source().is_some() {}
+    // From the endpoint: nothing to report.
+    let p = ipv4([10, 10, 0, 1], [10, 10, 0, 2], b"from the endpoint");
+    sim.send(0, &p);
+    sim.run();
+    assert_eq!(sim.nodes[1].inbox.len(), 1);
+    assert_eq!(sim.nodes[1].node.poll_source(), None);
+    // Node 0's NAT rebinds: the first authenticated datagram from the new address is reported, once.
+    let moved: std::net::SocketAddr = "192.0.2.201:4321".parse().unwrap();
+    sim.nodes[0].addr = moved;
+    for _ in 0..3 {
+        sim.send(0, &p);
+        sim.run();
+    }
+    assert_eq!(sim.nodes[1].inbox.len(), 4);
+    assert_eq!(sim.nodes[1].node.poll_source(), Some((id, moved)));
+    assert_eq!(sim.nodes[1].node.poll_source(), None);
+    // Unauthenticated datagrams from yet another address are never reported.
+    let forged = sim.captured.last().unwrap().2.clone();
+    let r = sim.inject(1, "192.0.2.202:1".parse().unwrap(), &forged);
+    assert!(matches!(r, Inbound::Dropped(_)), "{r:?}");
+    sim.send(0, &p);
+    let mut garbage = sim.wire.pop_back().unwrap().2;
+    let n = garbage.len();
+    garbage[n - 1] ^= 1;
+    let r = sim.inject(1, "192.0.2.203:1".parse().unwrap(), &garbage);
+    assert_eq!(r, Inbound::Dropped(DropReason::DecryptFailed));
+    assert_eq!(sim.nodes[1].node.poll_source(), None);
+    // Once NAT traversal moved the endpoint there, nothing more to report.
+    sim.nodes[1].node.set_path(id, moved, PathKind::Direct);
+    sim.send(0, &p);
+    sim.run();
+    assert_eq!(sim.nodes[1].node.poll_source(), None);
+}
+
+/// Sealing (two threads), opening and status run at the same time on shared nodes: every packet arrives,
+/// counters add up, nothing deadlocks.
+#[test]
+fn seal_open_and_status_in_parallel() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, mpsc};
+    let mut sim = Sim::mesh(2, None);
+    sim.run();
+    let b = Arc::new(sim.nodes.pop().unwrap().node);
+    let a = Arc::new(sim.nodes.pop().unwrap().node);
+    let now = std::time::Instant::now();
+    const PER_THREAD: usize = 3000;
+    let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(64);
+    let stop = Arc::new(AtomicBool::new(false));
+    let senders: Vec<_> = (0..2u8)
+        .map(|t| {
+            let (a, tx) = (a.clone(), tx.clone());
+            std::thread::spawn(move || {
+                let mut out = vec![0u8; 2048];
+                for i in 0..PER_THREAD {
+                    let mut payload = [(i % 251) as u8; 600];
+                    payload[0] = t;
+                    let p = ipv4([10, 10, 0, 1], [10, 10, 0, 2], &payload);
+                    match a.encapsulate(now, &p, &mut out) {
+                        Outbound::Send { len, .. } => tx.send(out[..len].to_vec()).unwrap(),
+                        r => panic!("{r:?}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    drop(tx);
+    let scraper = {
+        let (a, b, stop) = (a.clone(), b.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += a.peers().len() as u64 + b.peers().len() as u64;
+                let _ = (a.drops(), b.handshakes_total());
+                a.tick(std::time::Instant::now());
+            }
+            n
+        })
+    };
+    let from = "192.0.2.1:51820".parse().unwrap();
+    let mut out = vec![0u8; 2048];
+    let mut got = 0;
+    for d in rx {
+        match b.decapsulate(now, from, &d, &mut out) {
+            Inbound::WriteTun { len, .. } => {
+                assert_eq!(len, 628);
+                got += 1;
+            }
+            r => panic!("{r:?}"),
+        }
+    }
+    for s in senders {
+        s.join().unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert!(scraper.join().unwrap() > 0);
+    assert_eq!(got, 2 * PER_THREAD);
+    let (sa, sb) = (&a.peers()[0], &b.peers()[0]);
+    assert!(sa.tx_packets >= 2 * PER_THREAD as u64);
+    assert_eq!(sb.rx_packets, 2 * PER_THREAD as u64);
+    assert_eq!(sb.rx_bytes, 628 * 2 * PER_THREAD as u64);
 }

@@ -2,6 +2,13 @@
 //! to the tunnel core, NAT traversal and the kernel routes. The rules (which registrations become peers,
 //! with which prefixes) are in `cluster.rs`. etcd being unreachable changes nothing in the data plane: the
 //! last known peers stay.
+//!
+//! Blocking work stays off the single-threaded async runtime (its etcd watch and lease keep-alives): route
+//! changes (netlink) and the cache file go to the `evio-apply` thread; the tunnel core takes no lock a
+//! packet could be waiting for (peer changes build a new table and swap it); NAT traversal computes a
+//! peer's check key (X25519, ~50 µs) once per new peer, outside its lock. What remains inline is cheap and
+//! waits on nothing outside the kernel: `getifaddrs` (the host's addresses, every 10 s and on changes),
+//! the X25519s of new peers, and certificate checks (once per record, `cluster.rs`).
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
@@ -99,6 +106,49 @@ pub fn sync_routes(table: &mut dyn RouteTable, routed: &mut HashSet<IpNet>, want
     }
 }
 
+/// What the control plane hands to its blocking-work thread.
+enum Job {
+    /// Make the kernel routes through the tunnel these.
+    Routes(HashSet<IpNet>),
+    /// Write the cache (state.json).
+    Save(Cache),
+}
+
+/// Starts the thread that does the control plane's blocking work off its async runtime: netlink route
+/// changes and the cache file (with many peers, hundreds of route changes or a large file would otherwise
+/// stall the etcd watch and lease keep-alives on the single-threaded runtime). Jobs are coalesced: only
+/// the latest routes and the latest cache matter; a failed route change is retried with the next job.
+fn spawn_blocking_work(
+    mut routes: Box<dyn RouteTable + Send>,
+    dir: std::path::PathBuf,
+) -> std::sync::mpsc::Sender<Job> {
+    let (tx, rx) = std::sync::mpsc::channel::<Job>();
+    let r = std::thread::Builder::new()
+        .name("evio-apply".into())
+        .spawn(move || {
+            let mut routed: HashSet<IpNet> = HashSet::new();
+            while let Ok(job) = rx.recv() {
+                let (mut want, mut save) = (None, None);
+                for j in std::iter::once(job).chain(rx.try_iter()) {
+                    match j {
+                        Job::Routes(w) => want = Some(w),
+                        Job::Save(c) => save = Some(c),
+                    }
+                }
+                if let Some(w) = want {
+                    sync_routes(routes.as_mut(), &mut routed, &w);
+                }
+                if let Some(c) = save {
+                    c.save(&dir);
+                }
+            }
+        });
+    if let Err(e) = r {
+        tracing::error!("cannot start the control plane's worker thread: {e}");
+    }
+    tx
+}
+
 /// The IPv4 addresses of the etcd endpoints (URLs or `host:port`), resolved now. Unresolvable ones are left
 /// out (and logged).
 pub fn etcd_addresses(endpoints: &[String]) -> Vec<IpAddr> {
@@ -147,8 +197,8 @@ pub struct Control {
     cluster: Cluster,
     /// Servers never routed into the tunnel (etcd, STUN, TURN).
     servers: Vec<IpAddr>,
-    routes: Box<dyn RouteTable + Send>,
-    routed: HashSet<IpNet>,
+    /// Route changes and cache writes go to the `evio-apply` thread ([`spawn_blocking_work`]).
+    work: std::sync::mpsc::Sender<Job>,
     published: Option<NodeRecord>,
     public_key: [u8; 32],
     ca_mode: Option<CaMode>,
@@ -173,17 +223,19 @@ impl Control {
             pod_cidr: cfg.pod_cidr,
             protected: protected_networks(&cfg, pod_subnet, &servers),
         };
-        let routes = Box::new(KernelRoutes {
-            dev: cfg.interface.clone(),
-        });
+        let work = spawn_blocking_work(
+            Box::new(KernelRoutes {
+                dev: cfg.interface.clone(),
+            }),
+            cfg.state_dir.clone(),
+        );
         Control {
             cfg,
             shared,
             address,
             cluster: Cluster::new(facts, pod_subnet),
             servers,
-            routes,
-            routed: HashSet::new(),
+            work,
             published: None,
             public_key,
             ca_mode: None,
@@ -321,7 +373,7 @@ impl Control {
         let keys: HashSet<[u8; 32]> = desired.peers.iter().map(|p| p.grant.public_key).collect();
         let now = Instant::now();
         {
-            let mut node = self.shared.node();
+            let node = self.shared.node();
             let current: Vec<[u8; 32]> = node.peers().iter().map(|p| p.public_key).collect();
             for k in current {
                 if !keys.contains(&k) {
@@ -373,7 +425,7 @@ impl Control {
             .registrations_rejected
             .store(desired.rejected.len() as u64, Ordering::Relaxed);
         let want: HashSet<IpNet> = desired.routes.iter().copied().collect();
-        sync_routes(self.routes.as_mut(), &mut self.routed, &want);
+        let _ = self.work.send(Job::Routes(want));
         self.shared
             .counters
             .peer_updates
@@ -382,14 +434,13 @@ impl Control {
 
     fn save_cache(&self) {
         let (peers, addresses, subnets) = self.cluster.state();
-        Cache {
+        let _ = self.work.send(Job::Save(Cache {
             address: Some(self.address),
             pod_subnet: self.pod_subnet(),
             peers,
             addresses,
             subnets,
-        }
-        .save(&self.cfg.state_dir);
+        }));
     }
 
     /// Seeds the peers from the cache (etcd unreachable at start).

@@ -1,5 +1,8 @@
 //! The data plane threads: TUN -> encrypt -> UDP, UDP -> decrypt -> TUN, and the protocol timers. They share
-//! the tunnel core behind one mutex held per packet; control-plane work never runs on these threads.
+//! the tunnel core by reference: a packet takes only its peer's lock inside the core (and the table's read
+//! lock for the lookup), so sealing and opening run at the same time, and status, metrics and the control
+//! plane never make a packet wait for more than one peer's critical section. Control-plane work never
+//! runs on these threads.
 //!
 //! Packet I/O is `evio-io`: TUN reads come as TSO super-packets cut into MTU-sized packets, TUN writes
 //! coalesce TCP segments back into super-packets, UDP goes out in GSO runs and comes in with GRO and
@@ -127,14 +130,13 @@ fn tun_to_udp(shared: &Shared, mut tun: Tun, mut udp: UdpBatch, slot: usize) {
                 if out.remaining() == 0 || out.remaining_bytes() < slot {
                     flush(shared, &mut udp, &mut out);
                 }
-                let mut node = shared.node();
+                let node = shared.node();
                 let Some(to) = node.endpoint_for(p) else {
                     // No route or no endpoint: let the core count the drop.
                     let _ = node.encapsulate(now, p, &mut scratch);
                     continue;
                 };
-                if crate::nat::is_relay(&to) {
-                    drop(node);
+                if crate::nat::is_relay(&to) || crate::nat::is_provisional(&to) {
                     send_relayed(shared, now, p, to, slot, &mut out, &mut scratch);
                     continue;
                 }
@@ -164,7 +166,7 @@ fn send_relayed(
     use crate::nat::{CHANNEL_HEADER, RelayRoute, channel_header};
     match shared.nat.relay_route(&to) {
         Some(RelayRoute::Channel { server, channel }) => {
-            let mut node = shared.node();
+            let node = shared.node();
             let n = out.push_with(server, slot, |buf| {
                 match node.encapsulate(now, p, &mut buf[CHANNEL_HEADER..]) {
                     Outbound::Send { len, .. } => {
@@ -231,14 +233,13 @@ fn udp_to_tun(shared: &Shared, mut tun: Tun, mut udp: UdpBatch, slot: usize) {
                         nat = true;
                         continue;
                     }
-                    crate::nat::Rx::Dropped => continue,
                     // Neither: the core counts it as malformed.
                     crate::nat::Rx::Unknown => (from, data),
                 }
             } else {
                 (from, data)
             };
-            let mut node = shared.node();
+            let node = shared.node();
             pkts.push_with(|slot| match node.decapsulate(now, from, data, slot) {
                 Inbound::WriteTun { len, .. } => Some(len),
                 Inbound::Done => {
@@ -249,6 +250,11 @@ fn udp_to_tun(shared: &Shared, mut tun: Tun, mut udp: UdpBatch, slot: usize) {
             });
         }
         write_tun(shared, &mut tun, &mut pkts);
+        // Authenticated datagrams from an address that is not their peer's endpoint (a NAT rebound):
+        // NAT traversal checks the new address at once instead of at its next check.
+        if crate::nat::new_sources(shared, now) {
+            nat = true;
+        }
         if nat {
             crate::nat::pump(shared, &mut udp, &mut out);
             control = true;
@@ -281,7 +287,7 @@ fn timers(shared: &Shared, mut udp: UdpBatch) {
     while !shared.stopping() {
         std::thread::sleep(TICK);
         let events: Vec<Event> = {
-            let mut n = shared.node();
+            let n = shared.node();
             n.tick(Instant::now());
             std::iter::from_fn(|| n.poll_event()).collect()
         };
@@ -295,10 +301,7 @@ fn timers(shared: &Shared, mut udp: UdpBatch) {
 }
 
 fn log_event(shared: &Shared, e: &Event) {
-    let peer_name = |id| {
-        let n = shared.node();
-        n.peer(id).map(|p| p.name).unwrap_or_default()
-    };
+    let peer_name = |id| shared.node().peer_name(id).unwrap_or_default();
     match e {
         Event::HandshakeCompleted { peer, endpoint } => {
             tracing::debug!(peer = %peer_name(*peer), %endpoint, "handshake completed");

@@ -2,8 +2,9 @@
 //! pod-to-pod traffic to the other nodes through WireGuard-protocol tunnels, with etcd as control plane.
 //!
 //! Threads: three data plane threads (TUN->UDP, UDP->TUN, timers; see `dataplane`), the control socket and
-//! metrics servers, and a single-threaded tokio runtime for the control plane (etcd), so control-plane work
-//! never blocks the hot path. Docs: docs/overlay.md.
+//! metrics servers, a single-threaded tokio runtime for the control plane (etcd) and its `evio-apply`
+//! thread for blocking work (routes, cache file). No lock around the tunnel core: status, metrics and the
+//! control plane never make forwarding wait (see `evio_tunnel`'s node docs). Docs: docs/overlay.md.
 //!
 //! Dependencies: `evio-tunnel` (the sans-IO protocol core over boringtun), `evio-store` (etcd), `clap`,
 //! `tokio` (only for the etcd client), `tracing`, `serde_json`, `base64` (key files in `wg` format),

@@ -8,11 +8,18 @@
 //!   the tunnel core (`100::/64` is the discard-only prefix of RFC 6666, never a real destination). The
 //!   slot names the peer's address as the relay sees it ([`RelaySlots`]: bounded; made only for addresses
 //!   the agent checks through the relay, i.e. of authenticated peers; never re-pointed while a path or the
-//!   tunnel core may use it). A relayed datagram from any other address is dropped. Whatever the core sends there (data, handshakes,
+//!   tunnel core may use it). A relayed datagram from any other address gets a *provisional endpoint*
+//!   `[100::2]:N` (a small ring, [`PENDING`] entries) so that the tunnel can authenticate it: nothing is
+//!   ever sent there. Whatever the core sends to a relay endpoint (data, handshakes,
 //!   keepalives) is framed as ChannelData towards the TURN server by [`Nat::push`] or the send thread's
 //!   zero-copy path ([`Nat::relay_route`]); replies to a relayed handshake go back the way it came.
 //! - Path selection is the agent's: each `PathChanged` event becomes [`evio_tunnel::Node::set_path`]; the
 //!   core then stops roaming on its own for that peer.
+//! - NAT rebinding: when the core authenticates a datagram of a peer from an address that is not the
+//!   peer's endpoint (`Node::poll_source`: a new mapping of the peer's NAT, or a new relayed address), the
+//!   receive thread calls the agent's `tunnel_from` with the real source ([`new_sources`]): the agent
+//!   checks the new address at once and probes the selected pair, so a rebinding heals in a check round
+//!   trip plus the 300 ms fail-over, not at the next scheduled check.
 //! - Candidates (host, server-reflexive, relayed) are published by the control plane in the node's etcd
 //!   record whenever [`Nat::candidates`] changes version; peers' records come back through
 //!   [`Nat::set_peers`].
@@ -41,6 +48,11 @@ use crate::state::Shared;
 
 /// The address of relay endpoints (see the module docs).
 const RELAY_IP: Ipv6Addr = Ipv6Addr::new(0x100, 0, 0, 0, 0, 0, 0, 1);
+/// The address of provisional endpoints: relayed datagrams from an address with no relay slot yet.
+const PENDING_IP: Ipv6Addr = Ipv6Addr::new(0x100, 0, 0, 0, 0, 0, 0, 2);
+/// Provisional endpoints kept (a ring: more than one receive batch, so an entry outlives the batch that
+/// made it, and [`new_sources`] runs after every batch).
+pub const PENDING: usize = 64;
 /// ChannelData framing for the zero-copy relay path (length-checked: 16-bit length field).
 pub use evio_nat::demux::{CHANNEL_HEADER, channel_header};
 
@@ -48,6 +60,12 @@ pub use evio_nat::demux::{CHANNEL_HEADER, channel_header};
 #[inline]
 pub fn is_relay(a: &SocketAddr) -> bool {
     matches!(a, SocketAddr::V6(v) if *v.ip() == RELAY_IP)
+}
+
+/// True if `a` is a provisional endpoint (never a destination: sends to it are dropped).
+#[inline]
+pub fn is_provisional(a: &SocketAddr) -> bool {
+    matches!(a, SocketAddr::V6(v) if *v.ip() == PENDING_IP)
 }
 
 fn relay_endpoint(slot: u16) -> SocketAddr {
@@ -72,22 +90,38 @@ pub enum Rx<'a> {
     },
     /// STUN/TURN traffic consumed by the agent (call [`pump`] soon).
     Handled,
-    /// Relayed from an address that is no pair of ours: dropped.
-    Dropped,
     Unknown,
 }
 
 /// A path change for the tunnel core: the peer, and its endpoint and path kind (`None`: no working path).
 type PathUpdate = (PeerKey, Option<(SocketAddr, evio_tunnel::PathKind)>);
 
-/// What status shows for a peer.
-pub struct PeerView {
-    pub path: Option<Path>,
+/// What status shows of NAT traversal ([`Nat::view`]).
+pub struct NatView {
+    paths: HashMap<PeerKey, Option<Path>>,
+    turn_server: Option<SocketAddr>,
+}
+
+impl NatView {
+    /// True if NAT traversal knows `peer` and has no working path to it.
+    pub fn no_path(&self, peer: &PeerKey) -> bool {
+        matches!(self.paths.get(peer), Some(None))
+    }
+
+    /// The endpoint to show: where datagrams go, so the TURN server for a peer reached through our relay.
+    pub fn display_endpoint(&self, ep: SocketAddr) -> SocketAddr {
+        match self.turn_server {
+            Some(server) if is_relay(&ep) => server,
+            _ => ep,
+        }
+    }
 }
 
 struct PeerEntry {
     candidates: Vec<Candidate>,
     path: Option<Path>,
+    /// The connectivity checks' key (from an X25519 with the peer's key: computed once per peer).
+    check_key: [u8; 32],
 }
 
 struct Inner {
@@ -98,6 +132,9 @@ struct Inner {
     core_slots: HashSet<u16>,
     peers: HashMap<PeerKey, PeerEntry>,
     candidates: Vec<Candidate>,
+    /// Provisional endpoint `[100::2]:i` -> the relayed address it stands for (a ring of [`PENDING`]).
+    pending: Vec<SocketAddr>,
+    next_pending: usize,
 }
 
 impl Inner {
@@ -109,6 +146,39 @@ impl Inner {
         self.slots
             .slot_for(&self.agent, remote, now, |s| core.contains(&s))
             .map(relay_endpoint)
+    }
+
+    /// A provisional endpoint for a relayed address without a slot (reused while it is in the ring).
+    fn provisional(&mut self, remote: SocketAddr) -> SocketAddr {
+        let i = match self.pending.iter().position(|a| *a == remote) {
+            Some(i) => i,
+            None if self.pending.len() < PENDING => {
+                self.pending.push(remote);
+                self.pending.len() - 1
+            }
+            None => {
+                let i = self.next_pending;
+                self.next_pending = (i + 1) % PENDING;
+                self.pending[i] = remote;
+                i
+            }
+        };
+        SocketAddr::V6(SocketAddrV6::new(PENDING_IP, i as u16, 0, 0))
+    }
+
+    /// The source a tunnel endpoint stands for: a relayed address for relay and provisional endpoints.
+    fn source_of(&self, ep: SocketAddr) -> Option<Source> {
+        if is_provisional(&ep) {
+            return self
+                .pending
+                .get(ep.port() as usize)
+                .copied()
+                .map(Source::Relay);
+        }
+        if is_relay(&ep) {
+            return self.remote_of(&ep).map(Source::Relay);
+        }
+        Some(Source::Direct(ep))
     }
 
     fn remote_of(&self, ep: &SocketAddr) -> Option<SocketAddr> {
@@ -207,6 +277,8 @@ impl Nat {
                 core_slots: HashSet::new(),
                 peers: HashMap::new(),
                 candidates,
+                pending: Vec::new(),
+                next_pending: 0,
             }),
             secret,
             public,
@@ -255,6 +327,14 @@ impl Nat {
     /// The peers and their candidates as the control plane knows them; others are forgotten.
     pub fn set_peers(&self, peers: &[(PeerKey, Vec<Candidate>)]) {
         let now = Instant::now();
+        // Check keys of new peers (an X25519 each) outside the lock: the receive thread takes it for
+        // relayed datagrams.
+        let known: HashSet<PeerKey> = self.lock().peers.keys().copied().collect();
+        let mut fresh: HashMap<PeerKey, [u8; 32]> = peers
+            .iter()
+            .filter(|(k, _)| !known.contains(k))
+            .map(|(k, _)| (*k, self.check_key_of(k)))
+            .collect();
         let mut g = self.lock();
         let gone: Vec<PeerKey> = g
             .peers
@@ -270,8 +350,12 @@ impl Nat {
             if g.peers.get(k).is_some_and(|e| &e.candidates == cands) {
                 continue;
             }
-            let shared = self.secret.diffie_hellman(&PublicKey::from(*k)).to_bytes();
-            let ck = check_key(&shared, &self.public, k, self.psk.as_ref());
+            let ck = match (g.peers.get(k), fresh.remove(k)) {
+                (Some(e), _) => e.check_key,
+                (None, Some(ck)) => ck,
+                // Added by another caller since (set_peers runs on the control plane only).
+                (None, None) => self.check_key_of(k),
+            };
             g.agent.set_peer(*k, ck, cands.clone(), now);
             let path = g.agent.path(k);
             g.peers
@@ -279,9 +363,15 @@ impl Nat {
                 .or_insert(PeerEntry {
                     candidates: Vec::new(),
                     path,
+                    check_key: ck,
                 })
                 .candidates = cands.clone();
         }
+    }
+
+    fn check_key_of(&self, k: &PeerKey) -> [u8; 32] {
+        let shared = self.secret.diffie_hellman(&PublicKey::from(*k)).to_bytes();
+        check_key(&shared, &self.public, k, self.psk.as_ref())
     }
 
     /// Handles a datagram that is not plain WireGuard (see the module docs).
@@ -300,13 +390,14 @@ impl Nat {
             } => {
                 self.relay_rx_bytes
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
-                match g.slot(remote, now) {
-                    Some(from) => Rx::Tunnel { from, payload },
-                    None => {
-                        tracing::trace!(%remote, "relayed datagram from an address that is no pair of ours dropped");
-                        Rx::Dropped
-                    }
-                }
+                // An address with no slot (no pair of ours: e.g. the peer's NAT rebound) gets a
+                // provisional endpoint, so that the tunnel can authenticate the datagram and
+                // `new_sources` tell the agent.
+                let from = match g.slot(remote, now) {
+                    Some(from) => from,
+                    None => g.provisional(remote),
+                };
+                Rx::Tunnel { from, payload }
             }
             Input::Handled => {
                 self.checks_rx.fetch_add(1, Ordering::Relaxed);
@@ -344,6 +435,9 @@ impl Nat {
     /// Queues a datagram of the tunnel core for `to`, framing it for the relay if `to` is a relay endpoint.
     /// Returns false if it does not fit (flush and retry) or cannot be sent.
     pub fn push(&self, out: &mut SendBatch, to: SocketAddr, data: &[u8]) -> bool {
+        if is_provisional(&to) {
+            return true;
+        }
         if !is_relay(&to) {
             return out.push(to, data);
         }
@@ -418,18 +512,14 @@ impl Nat {
         (tx, changes)
     }
 
-    /// The selected path to `peer`, for status.
-    pub fn peer_view(&self, peer: &PeerKey) -> Option<PeerView> {
+    /// What status shows of NAT traversal, for every peer at once: one lock per status, not one per peer
+    /// (the receive thread takes this lock for relayed datagrams).
+    pub fn view(&self) -> NatView {
         let g = self.lock();
-        g.peers.get(peer).map(|e| PeerView { path: e.path })
-    }
-
-    /// The endpoint to show: where datagrams go, so the TURN server for a peer reached through our relay.
-    pub fn display_endpoint(&self, ep: SocketAddr) -> SocketAddr {
-        if is_relay(&ep) {
-            return self.lock().agent.turn().map(|t| t.server()).unwrap_or(ep);
+        NatView {
+            paths: g.peers.iter().map(|(k, e)| (*k, e.path)).collect(),
+            turn_server: g.agent.turn().map(|t| t.server()),
         }
-        ep
     }
 
     /// Appends the NAT traversal metrics (Prometheus text).
@@ -511,18 +601,18 @@ pub fn pump(shared: &Shared, udp: &mut UdpBatch, out: &mut SendBatch) {
     let order = shared.nat.apply.lock().unwrap_or_else(|e| e.into_inner());
     let (tx, changes) = shared.nat.poll(Instant::now());
     if !changes.is_empty() {
-        let mut node = shared.node();
+        let node = shared.node();
         for (peer, target) in changes {
             let Some(id) = node.peer_id(&peer) else {
                 continue;
             };
             match target {
                 Some((ep, kind)) => {
-                    tracing::info!(peer = %node.peer(id).map(|p| p.name).unwrap_or_default(), endpoint = %ep, ?kind, "path selected");
+                    tracing::info!(peer = %node.peer_name(id).unwrap_or_default(), endpoint = %ep, ?kind, "path selected");
                     node.set_path(id, ep, kind);
                 }
                 None => {
-                    tracing::info!(peer = %node.peer(id).map(|p| p.name).unwrap_or_default(), "no working path; re-checking")
+                    tracing::info!(peer = %node.peer_name(id).unwrap_or_default(), "no working path; re-checking")
                 }
             }
         }
@@ -537,6 +627,28 @@ pub fn pump(shared: &Shared, udp: &mut UdpBatch, out: &mut SendBatch) {
             out.push(t.dst, &t.payload);
         }
     }
+}
+
+/// Tells the agent about authenticated datagrams from addresses that are not their peer's endpoint
+/// (`Node::poll_source`; see the module docs). Returns whether there were any (then [`pump`]: the agent
+/// has checks to send now). Called by the receive thread after every batch: one atomic load when there
+/// is nothing.
+pub fn new_sources(shared: &Shared, now: Instant) -> bool {
+    let node = shared.node();
+    let mut any = false;
+    while let Some((id, from)) = node.poll_source() {
+        let Some(key) = node.peer_key(id) else {
+            continue;
+        };
+        let mut g = shared.nat.lock();
+        let Some(source) = g.source_of(from) else {
+            continue;
+        };
+        tracing::debug!(peer = %node.peer_name(id).unwrap_or_default(), ?source, "authenticated datagram from a new source");
+        g.agent.tunnel_from(&key, source, now);
+        any = true;
+    }
+    any
 }
 
 /// Our candidates as published in the NodeRecord (peer-reflexive ones are learned, never published).
@@ -604,7 +716,7 @@ pub fn sync_paths(shared: &Shared) {
             .collect()
     };
     let core_slots: HashSet<u16> = {
-        let mut node = shared.node();
+        let node = shared.node();
         for (k, ep, kind) in want {
             if let Some(id) = node.peer_id(&k)
                 && node.peer(id).is_some_and(|p| p.endpoint != Some(ep))

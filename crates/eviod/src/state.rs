@@ -2,8 +2,8 @@
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use evio_tunnel::{Node, PeerStatus};
@@ -43,8 +43,11 @@ pub struct Counters {
     pub name_taken: AtomicBool,
 }
 
+/// Locks: the tunnel core has none around it (it takes one peer's lock at a time inside, see
+/// `evio_tunnel`'s node docs), so status and metrics never wait for, nor stall, forwarding. `me` and
+/// `meta` are the control plane's and status's only (never taken on the packet path).
 pub struct Shared {
-    pub node: Mutex<Node>,
+    pub node: Node,
     pub me: Mutex<SelfInfo>,
     pub meta: Mutex<HashMap<[u8; 32], PeerMeta>>,
     pub counters: Counters,
@@ -83,7 +86,7 @@ impl Shared {
     pub fn new(node: Node, me: SelfInfo, nat: crate::nat::Nat) -> Shared {
         Shared {
             nat,
-            node: Mutex::new(node),
+            node,
             me: Mutex::new(me),
             meta: Mutex::new(HashMap::new()),
             counters: Counters::default(),
@@ -92,10 +95,10 @@ impl Shared {
         }
     }
 
-    /// Locks the tunnel core (a panicked holder does not stop the others: the state stays usable).
+    /// The tunnel core (shared by reference: no lock around it).
     #[inline]
-    pub fn node(&self) -> MutexGuard<'_, Node> {
-        self.node.lock().unwrap_or_else(|e| e.into_inner())
+    pub fn node(&self) -> &Node {
+        &self.node
     }
 
     pub fn stopping(&self) -> bool {
@@ -117,6 +120,7 @@ impl Shared {
         let me = self.me.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let peers: Vec<PeerStatus> = self.node().peers();
         let meta = self.meta.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let nat = self.nat.view();
         let mut out: Vec<PeerJson> = peers
             .iter()
             .map(|p| {
@@ -125,8 +129,8 @@ impl Shared {
                     node: m.map(|m| m.node.clone()).unwrap_or_else(|| p.name.clone()),
                     address: m.map(|m| m.address.to_string()).unwrap_or_default(),
                     pod_subnet: m.and_then(|m| m.pod_subnet).map(|s| s.to_string()),
-                    path: self.path_of(p),
-                    endpoint: p.endpoint.map(|e| self.nat.display_endpoint(e).to_string()),
+                    path: path_of(p, &nat),
+                    endpoint: p.endpoint.map(|e| nat.display_endpoint(e).to_string()),
                     last_handshake: p.last_handshake.map(|t| self.unix_secs(t)),
                     rx_bytes: p.rx_bytes,
                     tx_bytes: p.tx_bytes,
@@ -143,25 +147,13 @@ impl Shared {
         }
     }
 
-    /// A peer's path for status: the tunnel core's (`connecting` until a session exists), and `connecting`
-    /// also while NAT traversal has no working path to it.
-    fn path_of(&self, p: &PeerStatus) -> &'static str {
-        if p.path == evio_tunnel::PathKind::Connecting {
-            return "connecting";
-        }
-        match self.nat.peer_view(&p.public_key) {
-            Some(v) if v.path.is_none() => "connecting",
-            _ => p.path.as_str(),
-        }
-    }
-
     /// Prometheus text exposition of the agent's metrics.
     pub fn metrics(&self) -> String {
         use std::fmt::Write;
         let c = &self.counters;
         let (peers, drops, handshakes) = {
             let n = self.node();
-            (n.peers(), n.drops().clone(), n.handshakes_total())
+            (n.peers(), n.drops(), n.handshakes_total())
         };
         let meta = self.meta.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut s = String::new();
@@ -268,4 +260,13 @@ impl Shared {
         self.nat.metrics(&mut s);
         s
     }
+}
+
+/// A peer's path for status: the tunnel core's (`connecting` until a session exists), and `connecting`
+/// also while NAT traversal has no working path to it.
+fn path_of(p: &PeerStatus, nat: &crate::nat::NatView) -> &'static str {
+    if p.path == evio_tunnel::PathKind::Connecting || nat.no_path(&p.public_key) {
+        return "connecting";
+    }
+    p.path.as_str()
 }

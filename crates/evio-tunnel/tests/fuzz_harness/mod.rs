@@ -84,7 +84,7 @@ impl Pair {
                 persistent_keepalive: None,
             })
         };
-        let (mut a, mut b) = (node(1), node(2));
+        let (a, b) = (node(1), node(2));
         let now = Instant::now();
         a.upsert_peer(now, peer_cfg(&b, 2, B_ADDR));
         let a_in_b = b.upsert_peer(now, peer_cfg(&a, 1, A_ADDR));
