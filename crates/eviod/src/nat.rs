@@ -103,6 +103,11 @@ pub struct NatView {
 }
 
 impl NatView {
+    /// The path NAT traversal chose to `peer`, if any.
+    pub fn path(&self, peer: &PeerKey) -> Option<Path> {
+        self.paths.get(peer).copied().flatten()
+    }
+
     /// True if NAT traversal knows `peer` and has no working path to it.
     pub fn no_path(&self, peer: &PeerKey) -> bool {
         matches!(self.paths.get(peer), Some(None))

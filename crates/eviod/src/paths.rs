@@ -117,6 +117,7 @@ impl Publisher {
             .iter()
             .map(|(k, m)| (m.node.clone(), *k))
             .collect();
+        let nat = shared.nat.view();
         let mut peers = Vec::with_capacity(status.peers.len().min(PathSummary::MAX_PEERS));
         let mut seen = HashMap::new();
         for p in status.peers.into_iter().take(PathSummary::MAX_PEERS) {
@@ -148,8 +149,7 @@ impl Publisher {
             };
             let rtt_ms = keys_by_name
                 .get(&p.node)
-                .and_then(|k| shared.nat.peer_view(k))
-                .and_then(|v| v.path)
+                .and_then(|k| nat.path(k))
                 .and_then(|path| path.rtt)
                 .map(|d| (d.as_secs_f64() * 1e5).round() / 100.0);
             let idle = now - s.last_moved >= IDLE_AFTER;
