@@ -21,6 +21,7 @@
 mod cluster;
 mod cni;
 mod leftovers;
+mod probe;
 mod report;
 mod signals;
 
@@ -41,7 +42,7 @@ const EXIT_INTERRUPTED: i32 = 130;
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Number of edge hosts, each at its own site behind its own NAT.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(0..=50))]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(0..=200))]
     nodes: u16,
     /// Extra hosts with public addresses directly on the internet (like cloud nodes), no NAT.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=50))]
@@ -55,8 +56,9 @@ pub struct Args {
     /// Run the connectivity check, tear down and exit: 0 only if every pod and host VIP reaches every other.
     #[arg(long)]
     check: bool,
-    /// Seconds the connectivity matrix may take in all (tunnels coming up included).
-    #[arg(long, default_value_t = 30)]
+    /// Seconds the connectivity matrix may take in all: every probe is retried each second until
+    /// answered or this deadline.
+    #[arg(long, default_value_t = 20)]
     probe_timeout: u64,
 }
 
@@ -185,9 +187,11 @@ fn demo(args: &Args, bins: &Bins, c: &mut Cluster) -> Result<i32> {
     } else {
         "eviod on every host (this eviod has no --stun/--turn)"
     };
+    let arp_before = evio_lab::arp_table_stats();
+    let agents_started = Instant::now();
     p.step(what, || {
         c.start_agents(bins, nat_flags)?;
-        c.wait_agents(bins, Duration::from_secs(20))
+        c.wait_agents(Duration::from_secs(20))
     })?;
     stop_if_interrupted!();
     p.step(
@@ -198,31 +202,44 @@ fn demo(args: &Args, bins: &Bins, c: &mut Cluster) -> Result<i32> {
         || c.add_pods(k),
     )?;
     stop_if_interrupted!();
-    print!("  tunnels between every pair of hosts (direct or relayed) ...");
+    print!("  tunnels between every pair of hosts (direct or relayed, handshake done) ...");
     let _ = std::io::stdout().flush();
     let t = Instant::now();
-    let (up, total) = report::wait_paths(c, bins, Duration::from_secs(20));
+    let paths = report::wait_paths(c, Duration::from_secs(20));
     stop_if_interrupted!();
     println!(
-        " {up}/{total} peer paths up ({:.2} s){}",
+        " {}/{} peer paths up ({:.2} s; {:.2} s after the agents started){}",
+        paths.up,
+        paths.total,
         t.elapsed().as_secs_f64(),
-        if up < total {
+        agents_started.elapsed().as_secs_f64(),
+        if paths.up < paths.total {
             "; the matrix shows what that means"
         } else {
             ""
         }
     );
+    // Every status or mapping the demo could not collect is an error: listed, and --check fails.
+    let mut not_collected = Vec::new();
     println!("\nnodes:");
-    print!("{}", report::nodes_table(c));
-    let st = report::statuses(c, bins);
-    println!("\npaths (from `evioctl status --json`; row: the node reporting, column: its peer):");
+    let (table, errors) = report::nodes_table(c);
+    print!("{table}");
+    not_collected.extend(errors);
+    let st = report::statuses(c);
+    not_collected.extend(report::status_errors(c, &st));
+    let mut how = "row: the node reporting, column: its peer";
+    if n > report::FULL_MATRIX_MAX {
+        how = "per node, its peers by path; up = direct or relay with a handshake";
+    }
+    println!("\npaths (from `evioctl status --json`; {how}):");
     print!("{}", report::paths_table(c, &st));
 
     let t = Instant::now();
-    let (vips, pods) = report::matrices(c, Duration::from_secs(args.probe_timeout));
+    let (vips, pods, errors) = report::matrices(c, Duration::from_secs(args.probe_timeout));
+    not_collected.extend(errors);
     stop_if_interrupted!();
     println!(
-        "\nconnectivity (ping -c1 -W1, retried until answered, {:.2} s in all):",
+        "\nconnectivity (ICMP echo from every source to all its targets at once, retried each second until answered; {:.2} s in all):",
         t.elapsed().as_secs_f64()
     );
     print!("{}", vips.render(c));
@@ -241,10 +258,56 @@ fn demo(args: &Args, bins: &Bins, c: &mut Cluster) -> Result<i32> {
             " — NOT every pair"
         }
     );
+    // The agents' word against the data plane's: a path reported up that no ping crossed is a lie.
+    let up_now: Vec<(usize, usize)> = (0..n)
+        .flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j)))
+        .filter(|&(i, j)| report::path_up(&st, c, i, j))
+        .collect();
+    let dead: Vec<String> = up_now
+        .iter()
+        .filter(|&&(i, j)| !vips.ok(i, j))
+        .map(|&(i, j)| format!("{} → {}", c.nodes[i].name, c.nodes[j].name))
+        .collect();
+    println!(
+        "  data plane: {} of the {} peer paths the agents report up carried a ping (VIP to VIP){}",
+        up_now.len() - dead.len(),
+        up_now.len(),
+        if dead.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; reported up but NO ping through: {}{}",
+                dead.iter().take(8).cloned().collect::<Vec<_>>().join(", "),
+                if dead.len() > 8 { ", ..." } else { "" }
+            )
+        }
+    );
+    if let (Some(a), Some(b)) = (arp_before, evio_lab::arp_table_stats()) {
+        let limit = evio_lab::arp_table_limit()
+            .map(|l| format!(" of {l}"))
+            .unwrap_or_default();
+        let full = b.table_fulls.saturating_sub(a.table_fulls);
+        println!(
+            "  neighbour table (machine-wide, all namespaces): {} entries{limit}; {}",
+            b.entries,
+            if full == 0 {
+                "never full during the run".to_string()
+            } else {
+                format!("FULL {full} times during the run (neighbor table overflow: packets lost)")
+            }
+        );
+    }
+    if !not_collected.is_empty() {
+        println!("  could not collect ({}):", not_collected.len());
+        for e in not_collected.iter().take(20) {
+            println!("    {e}");
+        }
+    }
+    let all_ok = all_ok && not_collected.is_empty();
 
     if k > 0 && which("iperf3").is_some() {
         println!("\nthroughput (iperf3 TCP, 2 s, pod to pod):");
-        let st = report::statuses(c, bins);
+        let st = report::statuses(c);
         for kind in ["direct", "relay"] {
             let pair = (0..n)
                 .flat_map(|i| (0..n).map(move |j| (i, j)))

@@ -230,8 +230,7 @@ impl Cluster {
                 return Ok(());
             }
             // Only on the host: pods route through it (a Kubernetes node has this on).
-            n.host
-                .exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            evio_lab::sysctl_write(&n.host.ns, "net/ipv4/ip_forward", "1")
                 .map_err(|e| anyhow!("{e}"))?;
             let log = std::fs::File::create(n.agent_log())?;
             let mut c = netns_command(&n.host.ns, &bins.eviod.to_string_lossy());
@@ -276,7 +275,7 @@ impl Cluster {
     }
 
     /// Waits until every agent answers with its VIP.
-    pub fn wait_agents(&mut self, bins: &Bins, limit: Duration) -> Result<()> {
+    pub fn wait_agents(&mut self, limit: Duration) -> Result<()> {
         let end = Instant::now() + limit;
         loop {
             let mut pending = Vec::new();
@@ -292,8 +291,8 @@ impl Cluster {
                         n.agent_log_tail(20)
                     );
                 }
-                match status(bins, &n.state_dir()) {
-                    Some(st) if st["address"].is_string() => {
+                match status(&n.state_dir()) {
+                    Ok(st) if st["address"].is_string() => {
                         n.vip = st["address"].as_str().map(str::to_string);
                     }
                     _ => pending.push(n.name.clone()),
@@ -504,17 +503,8 @@ fn add_pods_one(n: &Node, pods: Vec<(String, String)>) -> Result<Vec<Pod>> {
     Ok(out)
 }
 
-/// `evioctl status --json --state-dir DIR` (the real command), parsed; None if the agent does not answer.
-pub fn status(bins: &Bins, state_dir: &Path) -> Option<Value> {
-    let out = Command::new(&bins.evioctl)
-        .args(["status", "--json", "--state-dir"])
-        .arg(state_dir)
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    serde_json::from_slice(&out.stdout).ok()
+/// What `evioctl status --json --state-dir DIR` prints (the same code, asked in-process), or why the
+/// agent did not answer.
+pub fn status(state_dir: &Path) -> Result<Value, String> {
+    crate::status::query_json(state_dir).map_err(|e| format!("{e:#}"))
 }

@@ -3,60 +3,108 @@
 
 use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::cluster::{Bins, Cluster, LISTEN_PORT, status};
-use super::signals;
+use super::cluster::{Cluster, LISTEN_PORT, status};
+use super::{probe, signals};
 
-/// Every node's `evioctl status --json`, by node index (None: no answer).
-pub fn statuses(c: &Cluster, bins: &Bins) -> Vec<Option<Value>> {
-    c.nodes
-        .iter()
-        .map(|n| status(bins, &n.state_dir()))
+/// Every node's status (`evioctl status --json`, asked in-process and in parallel), by node index; an
+/// agent that does not answer gives the reason.
+pub type Statuses = Vec<Result<Value, String>>;
+
+/// Asks every agent for its status, all at once.
+pub fn statuses(c: &Cluster) -> Statuses {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = c
+            .nodes
+            .iter()
+            .map(|n| s.spawn(move || status(&n.state_dir())))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("status thread panicked".into()))
+            })
+            .collect()
+    })
+}
+
+/// The nodes whose status could not be collected, with the reason (`edge3: cannot reach the agent ...`).
+pub fn status_errors(c: &Cluster, st: &Statuses) -> Vec<String> {
+    st.iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            r.as_ref()
+                .err()
+                .map(|e| format!("{}: {e}", c.nodes[i].name))
+        })
         .collect()
 }
 
-/// The path node `i` reports towards node `j` (`direct`, `relay`, `connecting`, or `-` if unknown).
-pub fn path(st: &[Option<Value>], c: &Cluster, i: usize, j: usize) -> String {
-    let name = &c.nodes[j].name;
+fn peer<'a>(st: &'a Statuses, c: &Cluster, i: usize, j: usize) -> Option<&'a Value> {
+    let name = c.nodes[j].name.as_str();
     st[i]
         .as_ref()
-        .and_then(|s| s["peers"].as_array().cloned())
-        .and_then(|ps| ps.into_iter().find(|p| p["node"] == name.as_str()))
+        .ok()?
+        .get("peers")?
+        .as_array()?
+        .iter()
+        .find(|p| p["node"] == name)
+}
+
+/// The path node `i` reports towards node `j` (`direct`, `relay`, `connecting`, `-` if it does not know
+/// the peer, `?` if its status could not be collected).
+pub fn path(st: &Statuses, c: &Cluster, i: usize, j: usize) -> String {
+    if st[i].is_err() {
+        return "?".into();
+    }
+    peer(st, c, i, j)
         .and_then(|p| p["path"].as_str().map(str::to_string))
         .unwrap_or_else(|| "-".into())
 }
 
-/// Waits until every node reports every other with a path other than `connecting` (or the limit).
-/// Returns how many of the N·(N-1) directed peer paths are up.
-pub fn wait_paths(c: &Cluster, bins: &Bins, limit: Duration) -> (usize, usize) {
+/// Whether node `i` reports its path to `j` up: `direct` or `relay`, and a completed handshake.
+pub fn path_up(st: &Statuses, c: &Cluster, i: usize, j: usize) -> bool {
+    matches!(path(st, c, i, j).as_str(), "direct" | "relay")
+        && peer(st, c, i, j).is_some_and(|p| p["lastHandshake"].is_u64())
+}
+
+fn pairs(n: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..n).flat_map(move |i| (0..n).filter(move |&j| j != i).map(move |j| (i, j)))
+}
+
+/// What [`wait_paths`] saw last.
+pub struct PathsUp {
+    pub up: usize,
+    pub total: usize,
+}
+
+/// Waits until every node reports every other with a path up (see [`path_up`]), or the limit. Returns
+/// how many of the N·(N-1) directed peer paths are up.
+pub fn wait_paths(c: &Cluster, limit: Duration) -> PathsUp {
     let n = c.nodes.len();
     let total = n * n.saturating_sub(1);
     let end = Instant::now() + limit;
     loop {
-        let st = statuses(c, bins);
-        let up = (0..n)
-            .flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j)))
-            .filter(|&(i, j)| matches!(path(&st, c, i, j).as_str(), "direct" | "relay"))
-            .count();
+        let st = statuses(c);
+        let up = pairs(n).filter(|&(i, j)| path_up(&st, c, i, j)).count();
         if up == total || Instant::now() >= end || !signals::sleep(Duration::from_millis(250)) {
-            return (up, total);
+            return PathsUp { up, total };
         }
     }
 }
 
 /// The host's public UDP mappings as its NAT's conntrack table shows them (the agent's port, translated).
-pub fn public_mappings(c: &Cluster, i: usize) -> Vec<String> {
+pub fn public_mappings(c: &Cluster, i: usize) -> Result<Vec<String>, String> {
     let n = &c.nodes[i];
     let Some(nat) = &n.nat else {
-        return Vec::new();
+        return Ok(Vec::new());
     };
-    let Ok(out) = evio_lab::netns_exec(&nat.ns, &["conntrack", "-L", "-p", "udp"]) else {
-        return Vec::new();
-    };
+    let out = evio_lab::netns_exec(&nat.ns, &["conntrack", "-L", "-p", "udp"])
+        .map_err(|e| format!("conntrack in {}: {e}", nat.ns))?;
     let host = n.host.ip.to_string();
     let port = LISTEN_PORT.to_string();
     let mut set = BTreeSet::new();
@@ -73,7 +121,7 @@ pub fn public_mappings(c: &Cluster, i: usize) -> Vec<String> {
             set.insert(format!("{ip}:{p}"));
         }
     }
-    set.into_iter().collect()
+    Ok(set.into_iter().collect())
 }
 
 fn table(rows: &[Vec<String>]) -> String {
@@ -101,8 +149,8 @@ fn table(rows: &[Vec<String>]) -> String {
     out
 }
 
-/// The node table.
-pub fn nodes_table(c: &Cluster) -> String {
+/// The node table, and the mappings that could not be read (an error each, never a silent blank).
+pub fn nodes_table(c: &Cluster) -> (String, Vec<String>) {
     let mut rows = vec![vec![
         "NODE".into(),
         "VIP".into(),
@@ -112,14 +160,26 @@ pub fn nodes_table(c: &Cluster) -> String {
         "NAT".into(),
         "PUBLIC MAPPING (NAT conntrack)".into(),
     ]];
-    for (i, n) in c.nodes.iter().enumerate() {
-        let maps = public_mappings(c, i);
-        let (nat, shown) = match &n.nat {
-            None => (
+    let maps: Vec<Result<Vec<String>, String>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..c.nodes.len())
+            .map(|i| s.spawn(move || public_mappings(c, i)))
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("thread panicked".into())))
+            .collect()
+    });
+    let mut errors = Vec::new();
+    for (n, maps) in c.nodes.iter().zip(maps) {
+        let (nat, shown) = match (&n.nat, maps) {
+            (None, _) => (
                 "none (public host)".to_string(),
                 format!("{}:{LISTEN_PORT}", n.host.ip),
             ),
-            Some(nat) => (
+            (Some(nat), Err(e)) => {
+                errors.push(format!("{}: {e}", n.name));
+                (format!("{} {}", nat.kind, nat.wan), "? (see below)".into())
+            }
+            (Some(nat), Ok(maps)) => (
                 format!("{} {}", nat.kind, nat.wan),
                 match maps.len() {
                     0 => format!("{} (none yet)", nat.wan),
@@ -142,12 +202,49 @@ pub fn nodes_table(c: &Cluster) -> String {
             shown,
         ]);
     }
-    table(&rows)
+    (table(&rows), errors)
 }
 
-/// The peer path matrix (row: the node reporting; column: the peer).
-pub fn paths_table(c: &Cluster, st: &[Option<Value>]) -> String {
+/// Clusters larger than this get one summary row per node instead of N×N matrices.
+pub const FULL_MATRIX_MAX: usize = 12;
+
+/// The peer path matrix (row: the node reporting; column: the peer); for a large cluster, per node the
+/// number of peers by path.
+pub fn paths_table(c: &Cluster, st: &Statuses) -> String {
     let n = c.nodes.len();
+    if n > FULL_MATRIX_MAX {
+        let mut rows = vec![
+            ["NODE", "DIRECT", "RELAY", "NOT UP", "NOT UP (first 5)"]
+                .map(String::from)
+                .to_vec(),
+        ];
+        for i in 0..n {
+            if let Err(e) = &st[i] {
+                rows.push(vec![
+                    c.nodes[i].name.clone(),
+                    format!("status not collected: {e}"),
+                ]);
+                continue;
+            }
+            let count = |k: &str| {
+                (0..n)
+                    .filter(|&j| j != i && path_up(st, c, i, j) && path(st, c, i, j) == k)
+                    .count()
+            };
+            let down: Vec<String> = (0..n)
+                .filter(|&j| j != i && !path_up(st, c, i, j))
+                .map(|j| format!("{} ({})", c.nodes[j].name, path(st, c, i, j)))
+                .collect();
+            rows.push(vec![
+                c.nodes[i].name.clone(),
+                count("direct").to_string(),
+                count("relay").to_string(),
+                down.len().to_string(),
+                down.iter().take(5).cloned().collect::<Vec<_>>().join(" "),
+            ]);
+        }
+        return table(&rows);
+    }
     let mut rows = vec![
         std::iter::once("FROM \\ TO".to_string())
             .chain(c.nodes.iter().map(|x| x.name.clone()))
@@ -161,14 +258,7 @@ pub fn paths_table(c: &Cluster, st: &[Option<Value>]) -> String {
                 continue;
             }
             let p = path(st, c, i, j);
-            let ep = st[i]
-                .as_ref()
-                .and_then(|s| s["peers"].as_array().cloned())
-                .and_then(|ps| {
-                    ps.into_iter()
-                        .find(|x| x["node"] == c.nodes[j].name.as_str())
-                })
-                .and_then(|x| x["endpoint"].as_str().map(str::to_string));
+            let ep = peer(st, c, i, j).and_then(|x| x["endpoint"].as_str().map(str::to_string));
             r.push(match ep {
                 Some(e) if p != "connecting" => format!("{p} via {e}"),
                 _ => p,
@@ -177,39 +267,6 @@ pub fn paths_table(c: &Cluster, st: &[Option<Value>]) -> String {
         rows.push(r);
     }
     table(&rows)
-}
-
-/// One probe of the matrix.
-struct Probe {
-    from_ns: String,
-    to_ip: String,
-    /// (row, column) in the matrix.
-    cell: (usize, usize),
-}
-
-/// Pings `to_ip` from `ns` until answered or `end`; returns the round trip time in ms if answered.
-fn ping_until(ns: &str, to_ip: &str, end: Instant) -> Option<f64> {
-    loop {
-        let out = Command::new("ip")
-            .args(["netns", "exec", ns, "ping", "-n", "-c1", "-W1", to_ip])
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .output()
-            .ok()?;
-        if out.status.success() {
-            let text = String::from_utf8_lossy(&out.stdout);
-            let rtt = text
-                .split("time=")
-                .nth(1)
-                .and_then(|s| s.split_whitespace().next())
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0.0);
-            return Some(rtt);
-        }
-        if Instant::now() >= end || !signals::sleep(Duration::from_millis(200)) {
-            return None;
-        }
-    }
 }
 
 /// A connectivity matrix: cell (i, j) holds the results of the probes from node i to node j.
@@ -231,7 +288,16 @@ impl Matrix {
         (ok, all)
     }
 
+    /// Whether every probe from `i` to `j` was answered (false for an empty cell).
+    pub fn ok(&self, i: usize, j: usize) -> bool {
+        let cell = &self.cells[i][j];
+        !cell.is_empty() && cell.iter().all(Option::is_some)
+    }
+
     pub fn render(&self, c: &Cluster) -> String {
+        if self.cells.len() > FULL_MATRIX_MAX {
+            return self.render_summary(c);
+        }
         let mut rows = vec![
             std::iter::once(self.title.clone())
                 .chain(c.nodes.iter().map(|x| x.name.clone()))
@@ -260,59 +326,96 @@ impl Matrix {
         }
         table(&rows)
     }
+
+    /// One row per source node: probes answered, mean round trip, the first unanswered destinations.
+    fn render_summary(&self, c: &Cluster) -> String {
+        let mut rows = vec![vec![
+            self.title.clone(),
+            "ANSWERED".into(),
+            "MEAN RTT".into(),
+            "NOT REACHED (first 5)".into(),
+        ]];
+        for (i, row) in self.cells.iter().enumerate() {
+            let all: usize = row.iter().map(Vec::len).sum();
+            let ok: Vec<f64> = row.iter().flatten().flatten().copied().collect();
+            let failed: Vec<String> = row
+                .iter()
+                .enumerate()
+                .filter(|(j, cell)| *j != i && cell.iter().any(Option::is_none))
+                .map(|(j, _)| c.nodes[j].name.clone())
+                .take(5)
+                .collect();
+            let mean = if ok.is_empty() {
+                "-".to_string()
+            } else {
+                format!("{:.2}ms", ok.iter().sum::<f64>() / ok.len() as f64)
+            };
+            rows.push(vec![
+                c.nodes[i].name.clone(),
+                format!("{}/{all}", ok.len()),
+                mean,
+                failed.join(" "),
+            ]);
+        }
+        table(&rows)
+    }
 }
 
 /// Runs the VIP matrix (every host pings every other host's VIP) and the pod matrix (the first pod of
-/// every host pings every pod of every other host), all probes in parallel under one deadline.
-pub fn matrices(c: &Cluster, limit: Duration) -> (Matrix, Matrix) {
+/// every host pings every pod of every other host): every source at once, each sending to all its targets
+/// and retrying until answered or one common deadline (see `probe.rs`). Also returns the sources that
+/// could not probe at all.
+pub fn matrices(c: &Cluster, limit: Duration) -> (Matrix, Matrix, Vec<String>) {
     let n = c.nodes.len();
-    let mut probes: Vec<(usize, Probe)> = Vec::new();
+    // (matrix, source node, destination node per target)
+    let mut plan: Vec<(usize, usize, Vec<usize>)> = Vec::new();
+    let mut sources: Vec<probe::Source> = Vec::new();
     for i in 0..n {
-        for j in 0..n {
-            if i == j {
-                continue;
+        let mut to = Vec::new();
+        let mut targets = Vec::new();
+        for j in (0..n).filter(|&j| j != i) {
+            if let Some(ip) = c.nodes[j].vip.as_ref().and_then(|v| v.parse().ok()) {
+                to.push(j);
+                targets.push(ip);
             }
-            if let Some(vip) = &c.nodes[j].vip {
-                probes.push((
-                    0,
-                    Probe {
-                        from_ns: c.nodes[i].host.ns.clone(),
-                        to_ip: vip.clone(),
-                        cell: (i, j),
-                    },
-                ));
-            }
-            if let Some(src) = c.nodes[i].pods.first() {
+        }
+        sources.push(probe::Source {
+            ns: c.nodes[i].host.ns.clone(),
+            targets,
+        });
+        plan.push((0, i, to));
+        if let Some(src) = c.nodes[i].pods.first() {
+            let mut to = Vec::new();
+            let mut targets = Vec::new();
+            for j in (0..n).filter(|&j| j != i) {
                 for dst in &c.nodes[j].pods {
-                    probes.push((
-                        1,
-                        Probe {
-                            from_ns: src.ns.clone(),
-                            to_ip: dst.ip.clone(),
-                            cell: (i, j),
-                        },
-                    ));
+                    if let Ok(ip) = dst.ip.parse() {
+                        to.push(j);
+                        targets.push(ip);
+                    }
                 }
             }
+            sources.push(probe::Source {
+                ns: src.ns.clone(),
+                targets,
+            });
+            plan.push((1, i, to));
         }
     }
+    let results = probe::run(&sources, Instant::now() + limit);
     let empty = || vec![vec![Vec::new(); n]; n];
-    let result = Mutex::new([empty(), empty()]);
-    let queue = Mutex::new(probes.into_iter());
-    let end = Instant::now() + limit;
-    std::thread::scope(|s| {
-        for _ in 0..32 {
-            s.spawn(|| {
-                loop {
-                    let next = queue.lock().expect("queue").next();
-                    let Some((m, p)) = next else { break };
-                    let r = ping_until(&p.from_ns, &p.to_ip, end);
-                    result.lock().expect("result")[m][p.cell.0][p.cell.1].push(r);
-                }
-            });
+    let mut cells = [empty(), empty()];
+    let mut errors = Vec::new();
+    for ((m, i, to), r) in plan.into_iter().zip(results) {
+        let r = r.unwrap_or_else(|e| {
+            errors.push(format!("{}: {e}", c.nodes[i].name));
+            vec![None; to.len()]
+        });
+        for (j, rtt) in to.into_iter().zip(r) {
+            cells[m][i][j].push(rtt);
         }
-    });
-    let [vips, pods] = result.into_inner().expect("result");
+    }
+    let [vips, pods] = cells;
     (
         Matrix {
             title: "HOST VIP → VIP".into(),
@@ -322,6 +425,7 @@ pub fn matrices(c: &Cluster, limit: Duration) -> (Matrix, Matrix) {
             title: "POD → PODS".into(),
             cells: pods,
         },
+        errors,
     )
 }
 
