@@ -56,6 +56,10 @@ pub struct Args {
     /// Run the connectivity check, tear down and exit: 0 only if every pod and host VIP reaches every other.
     #[arg(long)]
     check: bool,
+    /// Seconds to wait for every peer path to be up (direct or relayed, handshake done) before the
+    /// connectivity matrix runs anyway.
+    #[arg(long, default_value_t = 30)]
+    paths_timeout: u64,
     /// Seconds the connectivity matrix may take in all: every probe is retried each second until
     /// answered or this deadline.
     #[arg(long, default_value_t = 20)]
@@ -160,6 +164,7 @@ fn demo(args: &Args, bins: &Bins, c: &mut Cluster) -> Result<i32> {
         "evio demo: {sites} edge hosts each behind its own NAT ({m} symmetric){public_text}, {k} pods each; namespaces {}-*",
         c.prefix
     );
+    let arp_before = evio_lab::arp_table_stats();
     macro_rules! stop_if_interrupted {
         () => {
             if signals::interrupted() {
@@ -187,13 +192,8 @@ fn demo(args: &Args, bins: &Bins, c: &mut Cluster) -> Result<i32> {
     } else {
         "eviod on every host (this eviod has no --stun/--turn)"
     };
-    let arp_before = evio_lab::arp_table_stats();
-    let agents_started = Instant::now();
-    p.step(what, || {
-        c.start_agents(bins, nat_flags)?;
-        c.wait_agents(Duration::from_secs(20))
-    })?;
-    stop_if_interrupted!();
+    // Pods first: evio-cni needs no agent, and the agents then start (and are timed) on a machine that is
+    // not also running a few hundred plugin processes.
     p.step(
         &format!(
             "{} pods through the CNI chain (evio-cni + host-local, portmap)",
@@ -202,10 +202,16 @@ fn demo(args: &Args, bins: &Bins, c: &mut Cluster) -> Result<i32> {
         || c.add_pods(k),
     )?;
     stop_if_interrupted!();
+    let agents_started = Instant::now();
+    p.step(what, || {
+        c.start_agents(bins, nat_flags)?;
+        c.wait_agents(Duration::from_secs(20))
+    })?;
+    stop_if_interrupted!();
     print!("  tunnels between every pair of hosts (direct or relayed, handshake done) ...");
     let _ = std::io::stdout().flush();
     let t = Instant::now();
-    let paths = report::wait_paths(c, Duration::from_secs(20));
+    let paths = report::wait_paths(c, Duration::from_secs(args.paths_timeout), agents_started);
     stop_if_interrupted!();
     println!(
         " {}/{} peer paths up ({:.2} s; {:.2} s after the agents started){}",
@@ -219,6 +225,14 @@ fn demo(args: &Args, bins: &Bins, c: &mut Cluster) -> Result<i32> {
             ""
         }
     );
+    if paths.total > 0 {
+        println!(
+            "  paths up after the agents started: {}; the last 1% to come up: {}",
+            paths.timeline(),
+            paths.slowest_kinds()
+        );
+    }
+    println!("  {}", report::cpu_line(c));
     // Every status or mapping the demo could not collect is an error: listed, and --check fails.
     let mut not_collected = Vec::new();
     println!("\nnodes:");

@@ -371,7 +371,8 @@ fn killed_demo_is_cleaned_up_by_the_next_one() {
         "1",
     ];
     let mut d = Demo::start(&public);
-    wait_for_output(&d, "pods through the CNI chain", Duration::from_secs(60));
+    // Once the agents run (the demo plugs pods in first, then starts them).
+    wait_for_output(&d, "tunnels between every pair", Duration::from_secs(60));
     d.signal(libc::SIGKILL);
     assert_eq!(d.wait(Duration::from_secs(10)), None, "{}", d.output());
     let prefix = d.prefix();

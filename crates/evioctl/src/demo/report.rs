@@ -76,23 +76,79 @@ fn pairs(n: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..n).flat_map(move |i| (0..n).filter(move |&j| j != i).map(move |j| (i, j)))
 }
 
-/// What [`wait_paths`] saw last.
+/// What [`wait_paths`] saw.
 pub struct PathsUp {
     pub up: usize,
     pub total: usize,
+    /// For each path seen up: seconds from `since` to the first poll that saw it up, and its kind.
+    pub times: Vec<(f64, String)>,
 }
 
-/// Waits until every node reports every other with a path up (see [`path_up`]), or the limit. Returns
-/// how many of the N·(N-1) directed peer paths are up.
-pub fn wait_paths(c: &Cluster, limit: Duration) -> PathsUp {
+impl PathsUp {
+    /// Seconds from `since` until `q` (0..=1) of all paths were up, if they were.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let need = ((self.total as f64) * q).ceil() as usize;
+        if need == 0 {
+            return Some(0.0);
+        }
+        let mut t: Vec<f64> = self.times.iter().map(|x| x.0).collect();
+        t.sort_by(f64::total_cmp);
+        t.get(need - 1).copied()
+    }
+
+    /// "50% 1.2 s, 90% 3.4 s, 99% ..., all ..." (from `since`).
+    pub fn timeline(&self) -> String {
+        [(0.5, "50%"), (0.9, "90%"), (0.99, "99%"), (1.0, "all")]
+            .iter()
+            .map(|&(q, name)| match self.quantile(q) {
+                Some(t) => format!("{name} {t:.1} s"),
+                None => format!("{name} never"),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The kinds of the paths that came up last (the slowest 1%, at least one): `relay 95, direct 4`.
+    pub fn slowest_kinds(&self) -> String {
+        let mut t = self.times.clone();
+        t.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let k = (t.len() / 100).max(1).min(t.len());
+        let mut by = std::collections::BTreeMap::<&str, usize>::new();
+        for (_, kind) in &t[..k] {
+            *by.entry(kind.as_str()).or_default() += 1;
+        }
+        by.iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Waits until every node reports every other with a path up (see [`path_up`]), or the limit; records
+/// when each path was first seen up (seconds since `since`).
+pub fn wait_paths(c: &Cluster, limit: Duration, since: Instant) -> PathsUp {
     let n = c.nodes.len();
     let total = n * n.saturating_sub(1);
     let end = Instant::now() + limit;
+    let mut first: Vec<Vec<Option<(f64, String)>>> = vec![vec![None; n]; n];
     loop {
         let st = statuses(c);
-        let up = pairs(n).filter(|&(i, j)| path_up(&st, c, i, j)).count();
+        let at = since.elapsed().as_secs_f64();
+        let mut up = 0;
+        for (i, j) in pairs(n) {
+            if path_up(&st, c, i, j) {
+                up += 1;
+                if first[i][j].is_none() {
+                    first[i][j] = Some((at, path(&st, c, i, j)));
+                }
+            }
+        }
         if up == total || Instant::now() >= end || !signals::sleep(Duration::from_millis(250)) {
-            return PathsUp { up, total };
+            return PathsUp {
+                up,
+                total,
+                times: first.into_iter().flatten().flatten().collect(),
+            };
         }
     }
 }
@@ -476,4 +532,47 @@ pub fn throughput(c: &mut Cluster, i: usize, j: usize, secs: u32) -> Result<f64,
         let _ = s.wait();
     }
     result
+}
+
+/// CPU time (user + system, all threads) process `pid` has used, in seconds.
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name (which may hold spaces) closing with ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some(ticks as f64 / hz)
+}
+
+/// Where the CPU went since the agents started: the agents together (and the busiest one), coturn, etcd.
+pub fn cpu_line(c: &Cluster) -> String {
+    let agents: Vec<f64> = c
+        .nodes
+        .iter()
+        .filter_map(|n| n.agent.as_ref().and_then(|a| cpu_secs(a.id())))
+        .collect();
+    let mut by_name = std::collections::BTreeMap::<String, f64>::new();
+    if let Ok(out) = Command::new("ip")
+        .args(["netns", "pids", c.lab().internet_ns()])
+        .stderr(Stdio::null())
+        .output()
+    {
+        for pid in String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse::<u32>().ok())
+        {
+            let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            *by_name.entry(name.trim().to_string()).or_default() += cpu_secs(pid).unwrap_or(0.0);
+        }
+    }
+    let total: f64 = agents.iter().sum();
+    let max = agents.iter().copied().fold(0.0, f64::max);
+    format!(
+        "CPU so far: {} agents {total:.1} s (busiest {max:.2} s), coturn {:.1} s, etcd {:.1} s",
+        agents.len(),
+        by_name.get("turnserver").copied().unwrap_or(0.0),
+        by_name.get("etcd").copied().unwrap_or(0.0),
+    )
 }
