@@ -477,3 +477,76 @@ fn missing_packages_are_named() {
         "created files"
     );
 }
+
+/// A dead data plane (issue 12: at 40 nodes the demo printed "1560/1560 peer paths up" while no packet
+/// crossed a tunnel, and `--check` took 4 minutes to fail). Here one host's tunnel device drops every
+/// packet in and out (nftables in that host's namespace, set up as soon as the lab exists): its agents
+/// still handshake over the underlay, so they report their paths up, but nothing crosses them. The demo
+/// must fail within a bounded time, say which paths the agents report up that carried no ping, and leave
+/// nothing behind.
+#[test]
+fn dead_data_plane_fails_the_check_fast_and_says_so() {
+    let mut d = Demo::start(&[
+        "--nodes",
+        "3",
+        "--symmetric-nat",
+        "0",
+        "--pods-per-node",
+        "1",
+        "--probe-timeout",
+        "5",
+        "--check",
+    ]);
+    let t = Instant::now();
+    // Printed when the lab (and so edge1's host namespace) exists, before any agent starts.
+    wait_for_output(
+        &d,
+        "evioctl cni-config on every host",
+        Duration::from_secs(60),
+    );
+    let host = format!("{}0-s0h0", d.prefix());
+    let rules = "table ip evio_test_dead {\n\
+        chain i { type filter hook input priority -10; iifname \"evio0\" drop; }\n\
+        chain o { type filter hook output priority -10; oifname \"evio0\" drop; }\n\
+        chain f { type filter hook forward priority -10; iifname \"evio0\" drop; oifname \"evio0\" drop; }\n\
+        }\n";
+    let mut nft = Command::new("ip")
+        .args(["netns", "exec", &host, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    nft.stdin
+        .take()
+        .unwrap()
+        .write_all(rules.as_bytes())
+        .unwrap();
+    assert!(nft.wait().unwrap().success(), "nft in {host}");
+    let code = d.wait(Duration::from_secs(90));
+    let took = t.elapsed();
+    let out = d.output();
+    println!("{out}");
+    assert_eq!(code, Some(1), "{out}");
+    // The agents handshook over the underlay: every path reported up ...
+    assert!(out.contains("6/6 peer paths up"), "{out}");
+    // ... but the report says what the data plane carried, and which paths are dead.
+    assert!(
+        out.contains("host VIPs: 2/6 reached, pods: 2/6 reached — NOT every pair"),
+        "{out}"
+    );
+    assert!(
+        out.contains("data plane: 2 of the 6 peer paths the agents report up carried a ping"),
+        "{out}"
+    );
+    for p in [
+        "edge1 → edge2",
+        "edge2 → edge1",
+        "edge1 → edge3",
+        "edge3 → edge1",
+    ] {
+        assert!(out.contains(p), "{p} not named:\n{out}");
+    }
+    assert!(!out.contains("every pair reaches every other"), "{out}");
+    assert!(took < Duration::from_secs(60), "took {took:?}:\n{out}");
+    d.assert_nothing_left();
+}
