@@ -318,6 +318,15 @@ fn demo(args: &Args, bins: &Bins, c: &mut Cluster) -> Result<i32> {
         }
     }
     let all_ok = all_ok && not_collected.is_empty();
+    if !all_ok || paths.up < paths.total {
+        let digest = report::agent_log_digest(c, 8);
+        if !digest.is_empty() {
+            println!("  the agents' warnings and errors (count, nodes, line with numbers masked):");
+            for (count, nodes, line) in digest {
+                println!("    {count:>6} {nodes:>4}  {line}");
+            }
+        }
+    }
 
     if args.check && !all_ok {
         println!("\nthroughput: skipped (the check failed)");

@@ -576,3 +576,34 @@ pub fn cpu_line(c: &Cluster) -> String {
         by_name.get("etcd").copied().unwrap_or(0.0),
     )
 }
+
+/// The warnings and errors of all agents' logs, alike lines merged (timestamps dropped, numbers and
+/// addresses masked), most frequent first: (count, nodes with it, the line). For a check that failed,
+/// a clue where the agents struggled, before the teardown removes the logs.
+pub fn agent_log_digest(c: &Cluster, top: usize) -> Vec<(usize, usize, String)> {
+    let mut by: std::collections::HashMap<String, (usize, BTreeSet<usize>)> = Default::default();
+    for (i, n) in c.nodes.iter().enumerate() {
+        let text = std::fs::read_to_string(n.agent_log()).unwrap_or_default();
+        for line in text.lines() {
+            let Some(pos) = line.find(" WARN ").or_else(|| line.find(" ERROR ")) else {
+                continue;
+            };
+            let masked: String = line[pos + 1..]
+                .chars()
+                .map(|ch| if ch.is_ascii_digit() { '#' } else { ch })
+                .collect();
+            let mut key = masked.split_whitespace().collect::<Vec<_>>().join(" ");
+            key.truncate(160);
+            let e = by.entry(key).or_default();
+            e.0 += 1;
+            e.1.insert(i);
+        }
+    }
+    let mut v: Vec<(usize, usize, String)> = by
+        .into_iter()
+        .map(|(k, (count, nodes))| (count, nodes.len(), k))
+        .collect();
+    v.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.2.cmp(&b.2)));
+    v.truncate(top);
+    v
+}
