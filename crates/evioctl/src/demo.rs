@@ -253,7 +253,7 @@ fn demo(args: &Args, bins: &Bins, c: &mut Cluster) -> Result<i32> {
     not_collected.extend(errors);
     stop_if_interrupted!();
     println!(
-        "\nconnectivity (ICMP echo from every source to all its targets at once, retried each second until answered; {:.2} s in all):",
+        "\nconnectivity (ICMP echo from every source to all its targets at once, retried each second until answered; {:.3} s in all):",
         t.elapsed().as_secs_f64()
     );
     print!("{}", vips.render(c));
