@@ -105,6 +105,7 @@ pub fn run(args: Args) -> Result<()> {
         bail!("a cluster needs at least two hosts (--nodes plus --public-nodes)");
     }
     let bins = preflight()?;
+    neighbour_budget(&args)?;
     for line in leftovers::remove_stale() {
         println!("cleaning up after a demo that was killed: {line}");
     }
@@ -436,6 +437,34 @@ fn which(prog: &str) -> Option<PathBuf> {
     std::env::split_paths(&path)
         .map(|d| d.join(prog))
         .find(|p| p.is_file())
+}
+
+/// Neighbour (ARP) entries the demo's cluster needs, measured: a site's host and NAT know each other on
+/// the LAN, its NAT and the router on the WAN link, and every pod and its host on the pod bridge (a
+/// public host: its link to the router and its pods). 100 nodes with one pod each held 718-806.
+fn neighbour_entries(args: &Args) -> u64 {
+    let k = u64::from(args.pods_per_node);
+    u64::from(args.nodes) * (6 + 2 * k) + u64::from(args.public_nodes) * (2 + 2 * k)
+}
+
+/// The machine's neighbour table is one for all namespaces, with a hard limit (`gc_thresh3`): a cluster
+/// that needs more than what is free would lose packets (`neighbor table overflow`), so it is refused
+/// before anything is created, with what to do. The demo never changes the limit itself.
+fn neighbour_budget(args: &Args) -> Result<()> {
+    let (Some(limit), Some(now)) = (evio_lab::arp_table_limit(), evio_lab::arp_table_stats())
+    else {
+        return Ok(());
+    };
+    let need = neighbour_entries(args);
+    if now.entries + need > limit {
+        bail!(
+            "this cluster needs about {need} neighbour (ARP) entries and the machine's table, shared by all \
+             network namespaces, holds {limit} ({} in use): fewer --nodes or --pods-per-node, or raise \
+             net.ipv4.neigh.default.gc_thresh3 (and gc_thresh2) for the run and restore it afterwards",
+            now.entries
+        );
+    }
+    Ok(())
 }
 
 /// Checks everything the demo needs before creating anything, with the package to install if missing.

@@ -550,3 +550,29 @@ fn dead_data_plane_fails_the_check_fast_and_says_so() {
     assert!(took < Duration::from_secs(60), "took {took:?}:\n{out}");
     d.assert_nothing_left();
 }
+
+/// A cluster too big for the machine's neighbour table (one for all namespaces, 1024 entries by
+/// default) is refused before anything is created, saying why and what to do; the limit is not touched.
+#[test]
+fn cluster_beyond_the_neighbour_table_is_refused_up_front() {
+    evio_testbed::require_root();
+    let limit = std::fs::read_to_string("/proc/sys/net/ipv4/neigh/default/gc_thresh3").unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = Instant::now();
+    // 200 nodes with 4 pods each: 200 x (6 + 8) = 2800 entries, more than any default table holds.
+    let out = Command::new(evioctl())
+        .args(["demo", "--nodes", "200", "--pods-per-node", "4", "--check"])
+        .env("TMPDIR", tmp.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("neighbour (ARP) entries"), "{err}");
+    assert!(err.contains("gc_thresh3"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/net/ipv4/neigh/default/gc_thresh3").unwrap(),
+        limit
+    );
+}
