@@ -356,6 +356,25 @@ fn demo(args: &Args, bins: &Bins, c: &mut Cluster) -> Result<i32> {
     println!("\ncluster up in {:.1} s", p.total());
 
     if args.check {
+        let mut why = Vec::new();
+        if ok_v < all_v || ok_p < all_p {
+            why.push(format!(
+                "{} of {} probes unanswered",
+                all_v + all_p - ok_v - ok_p,
+                all_v + all_p
+            ));
+        }
+        if !not_collected.is_empty() {
+            why.push(format!(
+                "{} statuses or mappings not collected",
+                not_collected.len()
+            ));
+        }
+        if why.is_empty() {
+            println!("check: passed");
+        } else {
+            println!("check: FAILED ({})", why.join("; "));
+        }
         return Ok(if all_ok { 0 } else { 1 });
     }
     hold(c, bins);

@@ -232,6 +232,8 @@ fn demo_check_three_nodes_one_symmetric_nat() {
     for s in [
         "every pair reaches every other",
         "host VIPs: 6/6 reached, pods: 12/12 reached",
+        "data plane: 6 of the 6 peer paths the agents report up carried a ping",
+        "check: passed",
         "no namespaces, processes or files left",
     ] {
         assert!(out.contains(s), "output lacks {s:?}:\n{out}");
@@ -547,6 +549,10 @@ fn dead_data_plane_fails_the_check_fast_and_says_so() {
         assert!(out.contains(p), "{p} not named:\n{out}");
     }
     assert!(!out.contains("every pair reaches every other"), "{out}");
+    assert!(
+        out.contains("check: FAILED (8 of 12 probes unanswered)"),
+        "{out}"
+    );
     assert!(took < Duration::from_secs(60), "took {took:?}:\n{out}");
     d.assert_nothing_left();
 }
@@ -575,4 +581,57 @@ fn cluster_beyond_the_neighbour_table_is_refused_up_front() {
         std::fs::read_to_string("/proc/sys/net/ipv4/neigh/default/gc_thresh3").unwrap(),
         limit
     );
+}
+
+/// A status the demo cannot collect is an error, not a blank (issue 12: the 40-node demo printed an empty
+/// node table). Once the agents answered with their VIPs, edge1's status socket is removed: its agent
+/// keeps carrying traffic, but nobody can ask it any more. The demo must name edge1 as not collected and
+/// fail the check, even though every ping gets through.
+#[test]
+fn status_not_collected_fails_the_check_and_says_so() {
+    let mut d = Demo::start(&[
+        "--nodes",
+        "3",
+        "--symmetric-nat",
+        "0",
+        "--pods-per-node",
+        "1",
+        "--paths-timeout",
+        "3",
+        "--check",
+    ]);
+    let t = Instant::now();
+    wait_for_output(
+        &d,
+        "eviod on every host (STUN/TURN: coturn on 198.18.0.1:3478) ... ok",
+        Duration::from_secs(60),
+    );
+    let demo_dir = std::fs::read_dir(d.tmp.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("evio-demo-")
+        })
+        .expect("the demo's temp dir");
+    let sock = demo_dir.join("edge1/state/eviod.sock");
+    std::fs::remove_file(&sock).unwrap_or_else(|e| panic!("{}: {e}", sock.display()));
+    let code = d.wait(Duration::from_secs(90));
+    let out = d.output();
+    println!("{out}");
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("could not collect"), "{out}");
+    assert!(out.contains("edge1: cannot reach the agent"), "{out}");
+    assert!(
+        out.contains("check: FAILED (1 statuses or mappings not collected)"),
+        "{out}"
+    );
+    // Its peers' paths are not counted up on its behalf, and the pings still went through.
+    assert!(!out.contains("6/6 peer paths up"), "{out}");
+    assert!(out.contains("host VIPs: 6/6 reached"), "{out}");
+    assert!(t.elapsed() < Duration::from_secs(60), "{out}");
+    d.assert_nothing_left();
 }
