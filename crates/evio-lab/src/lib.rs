@@ -1,21 +1,36 @@
 //! Lab topologies in network namespaces, shared by evio's NAT tests and `evioctl demo`.
 //!
-//! A [`Lab`] is an "internet" namespace holding a Linux bridge with TEST-NET addresses
-//! (`198.18.0.0/15`), optional services on it (a real `etcd` and a real coturn `turnserver` as STUN and
-//! TURN server with long-term credentials), N sites each with a NAT namespace (`wan` towards the
-//! internet, `lan` bridge towards the site, the nftables ruleset of TESTBED.md) and hosts behind it, and
-//! public hosts directly on the internet bridge.
+//! A [`Lab`] is an "internet" namespace that is a router (and hosts the services: optionally a real
+//! `etcd` and a real coturn `turnserver` as STUN and TURN server with long-term credentials), N sites each
+//! with a NAT namespace (`wan` towards the internet, `lan` bridge towards the site, the nftables ruleset of
+//! TESTBED.md) and hosts behind it, and public hosts.
 //!
-//! Addressing (fixed, so tests and the demo can print and reason about it):
-//! - services: `198.18.0.1` (the internet bridge itself; etcd on `:2379`, coturn on `:3478`)
+//! The internet is **routed**, not bridged: every NAT's `wan` and every public host's `eth0` is one end of
+//! its own point-to-point veth link whose other end is in the internet namespace. Each link carries a
+//! single neighbour on each side (the router; the site), so no neighbour table anywhere grows with the
+//! number of sites squared. (A shared L2 segment did: every NAT kept an ARP entry for every other NAT it
+//! talked to, and the machine-wide neighbour table, `gc_thresh3` = 1024 entries for all namespaces
+//! together, overflowed at about 35 sites: `neighbor table overflow`, `sendmsg: No buffer space
+//! available`.) Per site the machine holds about four entries (host and NAT on the LAN, NAT and router on
+//! the WAN link), so 100 sites need ~400: well below the limit, which the lab never changes.
+//!
+//! Addressing (fixed, so tests and the demo can print and reason about it; all of the internet is
+//! `198.18.0.0/15`, TEST-NET benchmark space):
+//! - services: `198.18.0.1` (on the router's loopback; etcd on `:2379`, coturn on `:3478`)
 //! - site `i` NAT wan: `198.18.1.(i+1)`, site LAN `192.168.(i+1).0/24`, NAT lan `.1`, hosts `.2`, `.3`, …
 //! - public host `j`: `198.18.2.(j+1)`
+//!
+//! Each internet-side address is configured as `ADDR/15 noprefixroute` (so it shows, and is deleted, as
+//! before) with one route, `198.18.0.0/15 via 198.18.0.1 onlink`, towards the router; the router holds a
+//! `/32` route per link. Nothing has a default route, and nothing on the internet routes to private
+//! ranges. [`Lab::renumber_wan`] gives a NAT a new public address (router route included).
 //!
 //! Nothing is ever created in the root namespace: every link is created with `ip -n NS` directly in its
 //! namespace, nft rules are applied with `ip netns exec NS`, sysctls by a thread that entered the
 //! namespace. Dropping the [`Lab`] kills its processes, kills anything else still running in its
-//! namespaces, deletes the namespaces (which deletes their links) and removes its temp dir. A build that fails half way drops the partial lab, so it cleans
-//! up as well; a panic while a `Lab` is alive unwinds through the same `Drop`.
+//! namespaces, deletes the namespaces (which deletes their links) and removes its temp dir. A build that
+//! fails half way drops the partial lab, so it cleans up as well; a panic while a `Lab` is alive unwinds
+//! through the same `Drop`.
 //!
 //! Dependencies: only `libc` (for `setns`/`kill`), `tempfile`, `thiserror`, `tracing`; the lab drives the
 //! real tools (`ip`, `nft`, `conntrack`, `etcd`, `turnserver`) as an operator would, so what the tests
@@ -30,10 +45,13 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-/// The address of the internet bridge, where the services listen.
+/// The router's address in the internet namespace (on its loopback), where the services listen and the
+/// next hop of every site and public host.
 pub const SERVICES_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
-/// Prefix length of the internet segment.
+/// Prefix length of the internet's address block (`198.18.0.0/15`), routed through [`SERVICES_IP`].
 pub const INTERNET_PREFIX: u8 = 15;
+/// The internet's address block.
+pub const INTERNET_NET: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 0);
 /// etcd client port on [`SERVICES_IP`].
 pub const ETCD_PORT: u16 = 2379;
 /// STUN/TURN port on [`SERVICES_IP`].
@@ -238,6 +256,55 @@ pub fn etcd_args(
         v.push(a.into());
     }
     v
+}
+
+/// The IPv4 neighbour (ARP) entries of namespace `ns`, in any state (`ip -4 neigh show`), one a line.
+pub fn neighbours(ns: &str) -> Result<Vec<String>> {
+    Ok(ip(ns, &["-4", "neigh", "show"])?
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect())
+}
+
+/// The machine's IPv4 neighbour table, shared by all namespaces (`/proc/net/stat/arp_cache`): the entries
+/// it holds now and how many times an entry could not be added because it was full (`table_fulls`,
+/// summed over CPUs). None if the file cannot be read.
+pub fn arp_table_stats() -> Option<ArpTableStats> {
+    let text = std::fs::read_to_string("/proc/net/stat/arp_cache").ok()?;
+    let mut lines = text.lines();
+    let head: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let col = |name: &str| head.iter().position(|h| *h == name);
+    let (e, f) = (col("entries")?, col("table_fulls")?);
+    let rows: Vec<Vec<u64>> = lines
+        .map(|l| {
+            l.split_whitespace()
+                .map(|v| u64::from_str_radix(v, 16).unwrap_or(0))
+                .collect()
+        })
+        .collect();
+    Some(ArpTableStats {
+        entries: rows.first()?.get(e).copied()?,
+        table_fulls: rows.iter().filter_map(|r| r.get(f)).sum(),
+    })
+}
+
+/// See [`arp_table_stats`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ArpTableStats {
+    /// Entries in the table now (all namespaces together).
+    pub entries: u64,
+    /// Times an entry could not be added since boot (a full table: `neighbor table overflow`).
+    pub table_fulls: u64,
+}
+
+/// The machine-wide hard limit of the IPv4 neighbour table (`gc_thresh3`), if readable.
+pub fn arp_table_limit() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/neigh/default/gc_thresh3")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Polls `f` every 10 ms until it returns true or `limit` passes; returns whether it did.
@@ -497,18 +564,12 @@ impl LabBuilder {
         let t0 = Instant::now();
         lab.add_netns(&lab.internet.clone())?;
         let inet = lab.internet.clone();
-        ip(&inet, &["link", "add", "inet", "type", "bridge"])?;
+        // The router: the services address on its loopback, forwarding between the point-to-point links.
         ip(
             &inet,
-            &[
-                "addr",
-                "add",
-                &format!("{SERVICES_IP}/{INTERNET_PREFIX}"),
-                "dev",
-                "inet",
-            ],
+            &["addr", "add", &format!("{SERVICES_IP}/32"), "dev", "lo"],
         )?;
-        ip(&inet, &["link", "set", "inet", "up"])?;
+        sysctl_write(&inet, "net/ipv4/ip_forward", "1")?;
 
         for (i, &(kind, nhosts)) in self.sites.iter().enumerate() {
             lab.add_site(i, kind, nhosts)?;
@@ -568,7 +629,9 @@ impl Lab {
         Ok(())
     }
 
-    /// Connects `ns` to the internet bridge: `ifname` in `ns` with `addr`, `peer` as a bridge port.
+    /// Connects `ns` to the internet router over its own point-to-point veth link: `ifname` in `ns` with
+    /// `addr` and a route to the internet via the router, `peer` in the internet namespace with a `/32`
+    /// route to `addr`.
     fn uplink(&self, ns: &str, ifname: &str, peer: &str, addr: Ipv4Addr) -> Result<()> {
         ip(
             ns,
@@ -585,21 +648,45 @@ impl Lab {
                 &self.internet,
             ],
         )?;
+        ip(&self.internet, &["link", "set", peer, "up"])?;
         ip(
             &self.internet,
-            &["link", "set", peer, "master", "inet", "up"],
-        )?;
-        ip(
-            ns,
-            &[
-                "addr",
-                "add",
-                &format!("{addr}/{INTERNET_PREFIX}"),
-                "dev",
-                ifname,
-            ],
+            &["route", "add", &format!("{addr}/32"), "dev", peer],
         )?;
         ip(ns, &["link", "set", ifname, "up"])?;
+        wan_address(ns, ifname, addr)
+    }
+
+    /// Gives site `i`'s NAT the public address `new` instead of its current one, as an ISP renumbering
+    /// the site would: the address on `wan` and the router's route change; the NAT's conntrack entries
+    /// (mappings made with the old address) are left to the caller ([`Site::flush_conntrack`]).
+    pub fn renumber_wan(&mut self, i: usize, new: Ipv4Addr) -> Result<()> {
+        let site = &self.sites[i];
+        let (nat, old) = (site.nat_ns.clone(), site.wan_ip);
+        let peer = format!("n{i}");
+        // The old address first: a second address in the same /15 would be a secondary one, deleted
+        // along with the primary. Deleting the last address also drops the route through `wan`;
+        // `wan_address` puts it back.
+        ip(
+            &nat,
+            &[
+                "addr",
+                "del",
+                &format!("{old}/{INTERNET_PREFIX}"),
+                "dev",
+                "wan",
+            ],
+        )?;
+        wan_address(&nat, "wan", new)?;
+        ip(
+            &self.internet,
+            &["route", "del", &format!("{old}/32"), "dev", &peer],
+        )?;
+        ip(
+            &self.internet,
+            &["route", "add", &format!("{new}/32"), "dev", &peer],
+        )?;
+        self.sites[i].wan_ip = new;
         Ok(())
     }
 
@@ -827,6 +914,37 @@ impl Drop for Lab {
             }
         }
     }
+}
+
+/// Puts internet address `addr` on `ifname` in `ns` (`addr/15 noprefixroute`) and routes the internet
+/// through the router (`198.18.0.0/15 via 198.18.0.1 onlink`): every packet to the internet goes to the
+/// one neighbour on the link, the router.
+fn wan_address(ns: &str, ifname: &str, addr: Ipv4Addr) -> Result<()> {
+    ip(
+        ns,
+        &[
+            "addr",
+            "add",
+            &format!("{addr}/{INTERNET_PREFIX}"),
+            "dev",
+            ifname,
+            "noprefixroute",
+        ],
+    )?;
+    ip(
+        ns,
+        &[
+            "route",
+            "replace",
+            &format!("{INTERNET_NET}/{INTERNET_PREFIX}"),
+            "via",
+            &SERVICES_IP.to_string(),
+            "dev",
+            ifname,
+            "onlink",
+        ],
+    )?;
+    Ok(())
 }
 
 /// The path of `tool` on `PATH` (also looking in the sbin directories, which a non-login PATH may lack).

@@ -333,3 +333,135 @@ fn tools_are_found() {
     }
     assert!(evio_lab::find_tool("no-such-tool-evio").is_none());
 }
+
+/// The lab at scale (the bug of issue 12: every NAT's WAN on one shared L2 segment made each NAT keep an
+/// ARP entry for every other NAT it talked to, N·(N-1) entries in the machine-wide neighbour table of
+/// 1024, which overflowed at about 35 sites). 40 sites and 2 public hosts, every host sending to every
+/// other site's public address and to the services: every host reaches the services through its NAT
+/// (seen from its NAT's public address), and the neighbour tables stay small: a NAT knows its host and
+/// the router, the router one neighbour per link.
+#[test]
+fn forty_sites_keep_neighbour_tables_small_and_reach_the_services() {
+    const SITES: usize = 40;
+    const PUBLIC: usize = 2;
+    let t = std::time::Instant::now();
+    let mut b = Lab::builder(&unique_prefix("lb"));
+    for i in 0..SITES {
+        let kind = if i % 10 == 9 {
+            NatKind::Symmetric
+        } else {
+            NatKind::EasyNat
+        };
+        b = b.site(kind, 1);
+    }
+    let lab = b.public_hosts(PUBLIC).build().unwrap();
+    println!(
+        "{SITES} sites, {PUBLIC} public hosts built in {:?}",
+        t.elapsed()
+    );
+    let before = evio_lab::arp_table_stats();
+    let server = lab
+        .in_internet(|| UdpSocket::bind((SERVICES_IP, 7100)).unwrap())
+        .unwrap();
+    let wans: Vec<std::net::Ipv4Addr> = lab.sites().iter().map(|s| s.wan_ip).collect();
+    let hosts = lab.hosts();
+    let t = std::time::Instant::now();
+    std::thread::scope(|s| {
+        for h in &hosts {
+            let wans = &wans;
+            s.spawn(move || {
+                let sock = h.udp_socket(0).unwrap();
+                // To every other site's public address: dropped by that NAT's input chain, but routed
+                // (and, on a shared segment, ARP-resolved NAT to NAT) on the way.
+                for w in wans {
+                    let _ = sock.send_to(b"x", (*w, 9));
+                }
+                sock.send_to(h.ns.as_bytes(), (SERVICES_IP, 7100)).unwrap();
+            });
+        }
+    });
+    server
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut seen = std::collections::HashMap::new();
+    let mut buf = [0u8; 256];
+    while seen.len() < hosts.len() {
+        let Ok((n, from)) = server.recv_from(&mut buf) else {
+            break;
+        };
+        seen.insert(String::from_utf8_lossy(&buf[..n]).into_owned(), from);
+    }
+    println!(
+        "{} datagrams host to host and {} to the services in {:?}",
+        hosts.len() * SITES,
+        hosts.len(),
+        t.elapsed()
+    );
+    for h in &hosts {
+        let want = match h.site {
+            Some(i) => lab.site(i).wan_ip,
+            None => h.ip,
+        };
+        let from = seen
+            .get(&h.ns)
+            .unwrap_or_else(|| panic!("{} did not reach the services", h.ns));
+        assert_eq!(from.ip(), std::net::IpAddr::V4(want), "{}", h.ns);
+    }
+    // Neighbour tables: a NAT holds its host and the router; the router one entry per link at most.
+    let mut max_nat = 0;
+    for site in lab.sites() {
+        let n = evio_lab::neighbours(&site.nat_ns).unwrap();
+        assert!(
+            n.len() <= 1 + site.hosts.len(),
+            "{}: {} neighbour entries: {n:#?}",
+            site.nat_ns,
+            n.len()
+        );
+        max_nat = max_nat.max(n.len());
+    }
+    let router = evio_lab::neighbours(lab.internet_ns()).unwrap();
+    assert!(
+        router.len() <= SITES + PUBLIC,
+        "router: {} neighbour entries",
+        router.len()
+    );
+    for h in &hosts {
+        let n = evio_lab::neighbours(&h.ns).unwrap();
+        assert!(n.len() <= 1, "{}: {n:?}", h.ns);
+    }
+    println!(
+        "neighbour entries: at most {max_nat} per NAT, {} in the router; machine-wide before/after: {before:?} / {:?}",
+        router.len(),
+        evio_lab::arp_table_stats()
+    );
+}
+
+/// A site renumbered by its ISP: the NAT's new public address is routed, the old one no longer is.
+#[test]
+fn renumbered_wan_is_routed() {
+    let mut lab = Lab::builder(&unique_prefix("lb"))
+        .site(NatKind::EasyNat, 1)
+        .site(NatKind::EasyNat, 1)
+        .build()
+        .unwrap();
+    let echo = echo_sockets(&lab, &[7200]);
+    let old = lab.site(0).wan_ip;
+    let new = std::net::Ipv4Addr::new(198, 18, 1, 201);
+    lab.renumber_wan(0, new).unwrap();
+    lab.site(0).flush_conntrack().unwrap();
+    assert_eq!(lab.site(0).wan_ip, new);
+    let s = lab.site_host(0, 0).udp_socket(41000).unwrap();
+    let seen = observed_sources(&s, &echo);
+    assert_eq!(seen, vec![SocketAddr::from((new, 41000))]);
+    let routes = lab.internet_exec(&["ip", "route"]).unwrap();
+    assert!(routes.contains("198.18.1.201 dev n0"), "{routes}");
+    assert!(!routes.contains(&format!("{old} ")), "{routes}");
+    // The other site is untouched and still reachable from the renumbered one.
+    let other = lab.site_host(1, 0).udp_socket(0).unwrap();
+    let seen = observed_at(
+        &other,
+        &echo,
+        &[SocketAddr::from((evio_lab::SERVICES_IP, 7200))],
+    );
+    assert_eq!(seen[0].ip(), std::net::IpAddr::V4(lab.site(1).wan_ip));
+}

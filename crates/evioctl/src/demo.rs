@@ -21,6 +21,7 @@
 mod cluster;
 mod cni;
 mod leftovers;
+mod probe;
 mod report;
 mod signals;
 
@@ -41,7 +42,7 @@ const EXIT_INTERRUPTED: i32 = 130;
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Number of edge hosts, each at its own site behind its own NAT.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(0..=50))]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(0..=200))]
     nodes: u16,
     /// Extra hosts with public addresses directly on the internet (like cloud nodes), no NAT.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=50))]
@@ -55,8 +56,13 @@ pub struct Args {
     /// Run the connectivity check, tear down and exit: 0 only if every pod and host VIP reaches every other.
     #[arg(long)]
     check: bool,
-    /// Seconds the connectivity matrix may take in all (tunnels coming up included).
+    /// Seconds to wait for every peer path to be up (direct or relayed, handshake done) before the
+    /// connectivity matrix runs anyway.
     #[arg(long, default_value_t = 30)]
+    paths_timeout: u64,
+    /// Seconds the connectivity matrix may take in all: every probe is retried each second until
+    /// answered or this deadline.
+    #[arg(long, default_value_t = 20)]
     probe_timeout: u64,
 }
 
@@ -99,6 +105,7 @@ pub fn run(args: Args) -> Result<()> {
         bail!("a cluster needs at least two hosts (--nodes plus --public-nodes)");
     }
     let bins = preflight()?;
+    neighbour_budget(&args)?;
     for line in leftovers::remove_stale() {
         println!("cleaning up after a demo that was killed: {line}");
     }
@@ -158,6 +165,7 @@ fn demo(args: &Args, bins: &Bins, c: &mut Cluster) -> Result<i32> {
         "evio demo: {sites} edge hosts each behind its own NAT ({m} symmetric){public_text}, {k} pods each; namespaces {}-*",
         c.prefix
     );
+    let arp_before = evio_lab::arp_table_stats();
     macro_rules! stop_if_interrupted {
         () => {
             if signals::interrupted() {
@@ -185,11 +193,8 @@ fn demo(args: &Args, bins: &Bins, c: &mut Cluster) -> Result<i32> {
     } else {
         "eviod on every host (this eviod has no --stun/--turn)"
     };
-    p.step(what, || {
-        c.start_agents(bins, nat_flags)?;
-        c.wait_agents(bins, Duration::from_secs(20))
-    })?;
-    stop_if_interrupted!();
+    // Pods first: evio-cni needs no agent, and the agents then start (and are timed) on a machine that is
+    // not also running a few hundred plugin processes.
     p.step(
         &format!(
             "{} pods through the CNI chain (evio-cni + host-local, portmap)",
@@ -198,31 +203,58 @@ fn demo(args: &Args, bins: &Bins, c: &mut Cluster) -> Result<i32> {
         || c.add_pods(k),
     )?;
     stop_if_interrupted!();
-    print!("  tunnels between every pair of hosts (direct or relayed) ...");
+    let agents_started = Instant::now();
+    p.step(what, || {
+        c.start_agents(bins, nat_flags)?;
+        c.wait_agents(Duration::from_secs(20))
+    })?;
+    stop_if_interrupted!();
+    print!("  tunnels between every pair of hosts (direct or relayed, handshake done) ...");
     let _ = std::io::stdout().flush();
     let t = Instant::now();
-    let (up, total) = report::wait_paths(c, bins, Duration::from_secs(20));
+    let paths = report::wait_paths(c, Duration::from_secs(args.paths_timeout), agents_started);
     stop_if_interrupted!();
     println!(
-        " {up}/{total} peer paths up ({:.2} s){}",
+        " {}/{} peer paths up ({:.2} s; {:.2} s after the agents started){}",
+        paths.up,
+        paths.total,
         t.elapsed().as_secs_f64(),
-        if up < total {
+        agents_started.elapsed().as_secs_f64(),
+        if paths.up < paths.total {
             "; the matrix shows what that means"
         } else {
             ""
         }
     );
+    if paths.total > 0 {
+        println!(
+            "  paths up after the agents started: {}; the last 1% to come up: {}",
+            paths.timeline(),
+            paths.slowest_kinds()
+        );
+    }
+    println!("  {}", report::cpu_line(c));
+    // Every status or mapping the demo could not collect is an error: listed, and --check fails.
+    let mut not_collected = Vec::new();
     println!("\nnodes:");
-    print!("{}", report::nodes_table(c));
-    let st = report::statuses(c, bins);
-    println!("\npaths (from `evioctl status --json`; row: the node reporting, column: its peer):");
+    let (table, errors) = report::nodes_table(c);
+    print!("{table}");
+    not_collected.extend(errors);
+    let st = report::statuses(c);
+    not_collected.extend(report::status_errors(c, &st));
+    let mut how = "row: the node reporting, column: its peer";
+    if n > report::FULL_MATRIX_MAX {
+        how = "per node, its peers by path; up = direct or relay with a handshake";
+    }
+    println!("\npaths (from `evioctl status --json`; {how}):");
     print!("{}", report::paths_table(c, &st));
 
     let t = Instant::now();
-    let (vips, pods) = report::matrices(c, Duration::from_secs(args.probe_timeout));
+    let (vips, pods, errors) = report::matrices(c, Duration::from_secs(args.probe_timeout));
+    not_collected.extend(errors);
     stop_if_interrupted!();
     println!(
-        "\nconnectivity (ping -c1 -W1, retried until answered, {:.2} s in all):",
+        "\nconnectivity (ICMP echo from every source to all its targets at once, retried each second until answered; {:.3} s in all):",
         t.elapsed().as_secs_f64()
     );
     print!("{}", vips.render(c));
@@ -241,10 +273,67 @@ fn demo(args: &Args, bins: &Bins, c: &mut Cluster) -> Result<i32> {
             " — NOT every pair"
         }
     );
+    // The agents' word against the data plane's: a path reported up that no ping crossed is a lie.
+    let up_now: Vec<(usize, usize)> = (0..n)
+        .flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j)))
+        .filter(|&(i, j)| report::path_up(&st, c, i, j))
+        .collect();
+    let dead: Vec<String> = up_now
+        .iter()
+        .filter(|&&(i, j)| !vips.ok(i, j))
+        .map(|&(i, j)| format!("{} → {}", c.nodes[i].name, c.nodes[j].name))
+        .collect();
+    println!(
+        "  data plane: {} of the {} peer paths the agents report up carried a ping (VIP to VIP){}",
+        up_now.len() - dead.len(),
+        up_now.len(),
+        if dead.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; reported up but NO ping through: {}{}",
+                dead.iter().take(8).cloned().collect::<Vec<_>>().join(", "),
+                if dead.len() > 8 { ", ..." } else { "" }
+            )
+        }
+    );
+    if let (Some(a), Some(b)) = (arp_before, evio_lab::arp_table_stats()) {
+        let limit = evio_lab::arp_table_limit()
+            .map(|l| format!(" of {l}"))
+            .unwrap_or_default();
+        let full = b.table_fulls.saturating_sub(a.table_fulls);
+        println!(
+            "  neighbour table (machine-wide, all namespaces): {} entries{limit}; {}",
+            b.entries,
+            if full == 0 {
+                "never full during the run".to_string()
+            } else {
+                format!("FULL {full} times during the run (neighbor table overflow: packets lost)")
+            }
+        );
+    }
+    if !not_collected.is_empty() {
+        println!("  could not collect ({}):", not_collected.len());
+        for e in not_collected.iter().take(20) {
+            println!("    {e}");
+        }
+    }
+    let all_ok = all_ok && not_collected.is_empty();
+    if !all_ok || paths.up < paths.total {
+        let digest = report::agent_log_digest(c, 8);
+        if !digest.is_empty() {
+            println!("  the agents' warnings and errors (count, nodes, line with numbers masked):");
+            for (count, nodes, line) in digest {
+                println!("    {count:>6} {nodes:>4}  {line}");
+            }
+        }
+    }
 
-    if k > 0 && which("iperf3").is_some() {
+    if args.check && !all_ok {
+        println!("\nthroughput: skipped (the check failed)");
+    } else if k > 0 && which("iperf3").is_some() {
         println!("\nthroughput (iperf3 TCP, 2 s, pod to pod):");
-        let st = report::statuses(c, bins);
+        let st = report::statuses(c);
         for kind in ["direct", "relay"] {
             let pair = (0..n)
                 .flat_map(|i| (0..n).map(move |j| (i, j)))
@@ -267,6 +356,25 @@ fn demo(args: &Args, bins: &Bins, c: &mut Cluster) -> Result<i32> {
     println!("\ncluster up in {:.1} s", p.total());
 
     if args.check {
+        let mut why = Vec::new();
+        if ok_v < all_v || ok_p < all_p {
+            why.push(format!(
+                "{} of {} probes unanswered",
+                all_v + all_p - ok_v - ok_p,
+                all_v + all_p
+            ));
+        }
+        if !not_collected.is_empty() {
+            why.push(format!(
+                "{} statuses or mappings not collected",
+                not_collected.len()
+            ));
+        }
+        if why.is_empty() {
+            println!("check: passed");
+        } else {
+            println!("check: FAILED ({})", why.join("; "));
+        }
         return Ok(if all_ok { 0 } else { 1 });
     }
     hold(c, bins);
@@ -348,6 +456,34 @@ fn which(prog: &str) -> Option<PathBuf> {
     std::env::split_paths(&path)
         .map(|d| d.join(prog))
         .find(|p| p.is_file())
+}
+
+/// Neighbour (ARP) entries the demo's cluster needs, measured: a site's host and NAT know each other on
+/// the LAN, its NAT and the router on the WAN link, and every pod and its host on the pod bridge (a
+/// public host: its link to the router and its pods). 100 nodes with one pod each held 718-806.
+fn neighbour_entries(args: &Args) -> u64 {
+    let k = u64::from(args.pods_per_node);
+    u64::from(args.nodes) * (6 + 2 * k) + u64::from(args.public_nodes) * (2 + 2 * k)
+}
+
+/// The machine's neighbour table is one for all namespaces, with a hard limit (`gc_thresh3`): a cluster
+/// that needs more than what is free would lose packets (`neighbor table overflow`), so it is refused
+/// before anything is created, with what to do. The demo never changes the limit itself.
+fn neighbour_budget(args: &Args) -> Result<()> {
+    let (Some(limit), Some(now)) = (evio_lab::arp_table_limit(), evio_lab::arp_table_stats())
+    else {
+        return Ok(());
+    };
+    let need = neighbour_entries(args);
+    if now.entries + need > limit {
+        bail!(
+            "this cluster needs about {need} neighbour (ARP) entries and the machine's table, shared by all \
+             network namespaces, holds {limit} ({} in use): fewer --nodes or --pods-per-node, or raise \
+             net.ipv4.neigh.default.gc_thresh3 (and gc_thresh2) for the run and restore it afterwards",
+            now.entries
+        );
+    }
+    Ok(())
 }
 
 /// Checks everything the demo needs before creating anything, with the package to install if missing.

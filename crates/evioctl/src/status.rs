@@ -52,7 +52,17 @@ pub struct Peer {
 }
 
 fn query(args: &Args) -> Result<Status> {
-    let path = args.state_dir.join("eviod.sock");
+    query_dir(&args.state_dir)
+}
+
+/// What `evioctl status --json --state-dir DIR` prints, as a JSON value (the demo asks its agents
+/// in-process, many at once, with this same code).
+pub fn query_json(state_dir: &std::path::Path) -> Result<serde_json::Value> {
+    Ok(serde_json::to_value(query_dir(state_dir)?)?)
+}
+
+fn query_dir(state_dir: &std::path::Path) -> Result<Status> {
+    let path = state_dir.join("eviod.sock");
     let mut s = UnixStream::connect(&path).with_context(|| {
         format!(
             "cannot reach the agent at {} (is eviod running with this --state-dir?)",

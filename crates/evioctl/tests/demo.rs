@@ -232,6 +232,8 @@ fn demo_check_three_nodes_one_symmetric_nat() {
     for s in [
         "every pair reaches every other",
         "host VIPs: 6/6 reached, pods: 12/12 reached",
+        "data plane: 6 of the 6 peer paths the agents report up carried a ping",
+        "check: passed",
         "no namespaces, processes or files left",
     ] {
         assert!(out.contains(s), "output lacks {s:?}:\n{out}");
@@ -371,7 +373,8 @@ fn killed_demo_is_cleaned_up_by_the_next_one() {
         "1",
     ];
     let mut d = Demo::start(&public);
-    wait_for_output(&d, "pods through the CNI chain", Duration::from_secs(60));
+    // Once the agents run (the demo plugs pods in first, then starts them).
+    wait_for_output(&d, "tunnels between every pair", Duration::from_secs(60));
     d.signal(libc::SIGKILL);
     assert_eq!(d.wait(Duration::from_secs(10)), None, "{}", d.output());
     let prefix = d.prefix();
@@ -475,4 +478,160 @@ fn missing_packages_are_named() {
         0,
         "created files"
     );
+}
+
+/// A dead data plane (issue 12: at 40 nodes the demo printed "1560/1560 peer paths up" while no packet
+/// crossed a tunnel, and `--check` took 4 minutes to fail). Here one host's tunnel device drops every
+/// packet in and out (nftables in that host's namespace, set up as soon as the lab exists): its agents
+/// still handshake over the underlay, so they report their paths up, but nothing crosses them. The demo
+/// must fail within a bounded time, say which paths the agents report up that carried no ping, and leave
+/// nothing behind.
+#[test]
+fn dead_data_plane_fails_the_check_fast_and_says_so() {
+    let mut d = Demo::start(&[
+        "--nodes",
+        "3",
+        "--symmetric-nat",
+        "0",
+        "--pods-per-node",
+        "1",
+        "--probe-timeout",
+        "5",
+        "--check",
+    ]);
+    let t = Instant::now();
+    // Printed when the lab (and so edge1's host namespace) exists, before any agent starts.
+    wait_for_output(
+        &d,
+        "evioctl cni-config on every host",
+        Duration::from_secs(60),
+    );
+    let host = format!("{}0-s0h0", d.prefix());
+    let rules = "table ip evio_test_dead {\n\
+        chain i { type filter hook input priority -10; iifname \"evio0\" drop; }\n\
+        chain o { type filter hook output priority -10; oifname \"evio0\" drop; }\n\
+        chain f { type filter hook forward priority -10; iifname \"evio0\" drop; oifname \"evio0\" drop; }\n\
+        }\n";
+    let mut nft = Command::new("ip")
+        .args(["netns", "exec", &host, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    nft.stdin
+        .take()
+        .unwrap()
+        .write_all(rules.as_bytes())
+        .unwrap();
+    assert!(nft.wait().unwrap().success(), "nft in {host}");
+    let code = d.wait(Duration::from_secs(90));
+    let took = t.elapsed();
+    let out = d.output();
+    println!("{out}");
+    assert_eq!(code, Some(1), "{out}");
+    // The agents handshook over the underlay: every path reported up ...
+    assert!(out.contains("6/6 peer paths up"), "{out}");
+    // ... but the report says what the data plane carried, and which paths are dead.
+    assert!(
+        out.contains("host VIPs: 2/6 reached, pods: 2/6 reached — NOT every pair"),
+        "{out}"
+    );
+    assert!(
+        out.contains("data plane: 2 of the 6 peer paths the agents report up carried a ping"),
+        "{out}"
+    );
+    for p in [
+        "edge1 → edge2",
+        "edge2 → edge1",
+        "edge1 → edge3",
+        "edge3 → edge1",
+    ] {
+        assert!(out.contains(p), "{p} not named:\n{out}");
+    }
+    assert!(!out.contains("every pair reaches every other"), "{out}");
+    assert!(
+        out.contains("check: FAILED (8 of 12 probes unanswered)"),
+        "{out}"
+    );
+    assert!(took < Duration::from_secs(60), "took {took:?}:\n{out}");
+    d.assert_nothing_left();
+}
+
+/// A cluster too big for the machine's neighbour table (one for all namespaces, 1024 entries by
+/// default) is refused before anything is created, saying why and what to do; the limit is not touched.
+#[test]
+fn cluster_beyond_the_neighbour_table_is_refused_up_front() {
+    evio_testbed::require_root();
+    let limit = std::fs::read_to_string("/proc/sys/net/ipv4/neigh/default/gc_thresh3").unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = Instant::now();
+    // 200 nodes with 4 pods each: 200 x (6 + 8) = 2800 entries, more than any default table holds.
+    let out = Command::new(evioctl())
+        .args(["demo", "--nodes", "200", "--pods-per-node", "4", "--check"])
+        .env("TMPDIR", tmp.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("neighbour (ARP) entries"), "{err}");
+    assert!(err.contains("gc_thresh3"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/net/ipv4/neigh/default/gc_thresh3").unwrap(),
+        limit
+    );
+}
+
+/// A status the demo cannot collect is an error, not a blank (issue 12: the 40-node demo printed an empty
+/// node table). Once the agents answered with their VIPs, edge1's status socket is removed: its agent
+/// keeps carrying traffic, but nobody can ask it any more. The demo must name edge1 as not collected and
+/// fail the check, even though every ping gets through.
+#[test]
+fn status_not_collected_fails_the_check_and_says_so() {
+    let mut d = Demo::start(&[
+        "--nodes",
+        "3",
+        "--symmetric-nat",
+        "0",
+        "--pods-per-node",
+        "1",
+        "--paths-timeout",
+        "3",
+        "--check",
+    ]);
+    let t = Instant::now();
+    wait_for_output(
+        &d,
+        "eviod on every host (STUN/TURN: coturn on 198.18.0.1:3478) ... ok",
+        Duration::from_secs(60),
+    );
+    let demo_dir = std::fs::read_dir(d.tmp.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("evio-demo-")
+        })
+        .expect("the demo's temp dir");
+    let sock = demo_dir.join("edge1/state/eviod.sock");
+    std::fs::remove_file(&sock).unwrap_or_else(|e| panic!("{}: {e}", sock.display()));
+    let code = d.wait(Duration::from_secs(90));
+    let out = d.output();
+    println!("{out}");
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("could not collect"), "{out}");
+    assert!(out.contains("edge1: cannot reach the agent"), "{out}");
+    assert!(
+        out.contains("check: FAILED (1 statuses or mappings not collected)"),
+        "{out}"
+    );
+    // Its peers' paths are not counted up on its behalf, and the pings still went through.
+    assert!(!out.contains("6/6 peer paths up"), "{out}");
+    assert!(out.contains("host VIPs: 6/6 reached"), "{out}");
+    assert!(t.elapsed() < Duration::from_secs(60), "{out}");
+    d.assert_nothing_left();
 }

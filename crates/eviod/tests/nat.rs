@@ -600,7 +600,7 @@ fn unblock(lab: &Lab, site: usize) {
 /// address and its tunnels heal.
 #[test]
 fn relay_fallback_back_to_direct_and_public_address_change() {
-    let lab = Lab::builder(&unique_prefix("eb"))
+    let mut lab = Lab::builder(&unique_prefix("eb"))
         .etcd(true)
         .turn(true)
         .site(NatKind::EasyNat, 1)
@@ -691,14 +691,9 @@ fn relay_fallback_back_to_direct_and_public_address_change() {
     assert!(agents[0].ping(&vb) && agents[1].ping(&va));
 
     // Site 0's NAT gets a new public address (its mappings go with the old one).
-    let nat0 = &lab.site(0).nat_ns;
-    let old = format!("{}/{}", lab.site(0).wan_ip, evio_lab::INTERNET_PREFIX);
-    let new = format!("198.18.1.201/{}", evio_lab::INTERNET_PREFIX);
-    // (Deleting the old address first: a second address in the same subnet would be a secondary one,
-    // deleted along with the primary.)
-    evio_lab::netns_exec(nat0, &["ip", "addr", "del", &old, "dev", "wan"]).unwrap();
-    evio_lab::netns_exec(nat0, &["ip", "addr", "add", &new, "dev", "wan"]).unwrap();
-    evio_lab::netns_exec(nat0, &["conntrack", "-F"]).unwrap();
+    lab.renumber_wan(0, std::net::Ipv4Addr::new(198, 18, 1, 201))
+        .unwrap();
+    lab.site(0).flush_conntrack().unwrap();
     let t = Instant::now();
     assert!(
         wait_until(Duration::from_secs(20), || agents[2].ping(&va)

@@ -186,25 +186,21 @@ impl Cluster {
         self.lab().etcd_endpoint().unwrap_or_default()
     }
 
-    /// `evioctl cni-config` on every host (real processes in the host namespaces, in parallel).
+    /// `evioctl cni-config` on every host (real processes in the host namespaces, a few at a time: a
+    /// hundred claims at once against one etcd on a busy machine run into cni-config's 5 s timeout). A
+    /// failed run is retried twice: a re-run gets the same claim.
     pub fn cni_config(&mut self, bins: &Bins) -> Result<()> {
         let etcd = self.etcd_url();
-        let results: Vec<Result<Value>> = std::thread::scope(|s| {
-            let handles: Vec<_> = self
-                .nodes
-                .iter()
-                .map(|n| {
-                    let etcd = etcd.clone();
-                    s.spawn(move || cni_config_one(n, bins, &etcd))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(anyhow!("cni-config thread panicked")))
-                })
-                .collect()
+        let results: Vec<Result<Value>> = parallel(&self.nodes, WORKERS, |n| {
+            let mut r = cni_config_one(n, bins, &etcd);
+            for _ in 0..2 {
+                if r.is_ok() || signals::interrupted() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+                r = cni_config_one(n, bins, &etcd);
+            }
+            r
         });
         for (n, r) in self.nodes.iter_mut().zip(results) {
             let v = r?;
@@ -230,8 +226,7 @@ impl Cluster {
                 return Ok(());
             }
             // Only on the host: pods route through it (a Kubernetes node has this on).
-            n.host
-                .exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            evio_lab::sysctl_write(&n.host.ns, "net/ipv4/ip_forward", "1")
                 .map_err(|e| anyhow!("{e}"))?;
             let log = std::fs::File::create(n.agent_log())?;
             let mut c = netns_command(&n.host.ns, &bins.eviod.to_string_lossy());
@@ -276,7 +271,7 @@ impl Cluster {
     }
 
     /// Waits until every agent answers with its VIP.
-    pub fn wait_agents(&mut self, bins: &Bins, limit: Duration) -> Result<()> {
+    pub fn wait_agents(&mut self, limit: Duration) -> Result<()> {
         let end = Instant::now() + limit;
         loop {
             let mut pending = Vec::new();
@@ -292,8 +287,8 @@ impl Cluster {
                         n.agent_log_tail(20)
                     );
                 }
-                match status(bins, &n.state_dir()) {
-                    Some(st) if st["address"].is_string() => {
+                match status(&n.state_dir()) {
+                    Ok(st) if st["address"].is_string() => {
                         n.vip = st["address"].as_str().map(str::to_string);
                     }
                     _ => pending.push(n.name.clone()),
@@ -334,21 +329,9 @@ impl Cluster {
             }
             plan.push(v);
         }
-        let results: Vec<Result<Vec<Pod>>> = std::thread::scope(|s| {
-            let handles: Vec<_> = self
-                .nodes
-                .iter()
-                .zip(plan)
-                .map(|(n, pods)| s.spawn(move || add_pods_one(n, pods)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(anyhow!("CNI thread panicked")))
-                })
-                .collect()
-        });
+        let work: Vec<(&Node, Vec<(String, String)>)> = self.nodes.iter().zip(plan).collect();
+        let results: Vec<Result<Vec<Pod>>> =
+            parallel(&work, WORKERS, |(n, pods)| add_pods_one(n, pods.clone()));
         for (n, r) in self.nodes.iter_mut().zip(results) {
             n.pods = r?;
         }
@@ -414,6 +397,36 @@ impl Drop for Cluster {
             eprintln!("teardown: {p}");
         }
     }
+}
+
+/// How many hosts are set up at once (config gen, pods): enough to keep 2 cores busy, few enough not
+/// to bury etcd under a hundred clients at the same moment.
+const WORKERS: usize = 8;
+
+/// `f` on every item with at most `workers` threads; results in item order.
+fn parallel<T: Sync, R: Send>(items: &[T], workers: usize, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let out: Vec<std::sync::Mutex<Option<R>>> =
+        items.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|s| {
+        for _ in 0..workers.min(items.len()) {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(item) = items.get(i) else { break };
+                    let r = f(item);
+                    *out[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                }
+            });
+        }
+    });
+    out.into_iter()
+        .map(|m| {
+            m.into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .expect("every item processed")
+        })
+        .collect()
 }
 
 fn kill_netns_pids(ns: &str) {
@@ -504,17 +517,8 @@ fn add_pods_one(n: &Node, pods: Vec<(String, String)>) -> Result<Vec<Pod>> {
     Ok(out)
 }
 
-/// `evioctl status --json --state-dir DIR` (the real command), parsed; None if the agent does not answer.
-pub fn status(bins: &Bins, state_dir: &Path) -> Option<Value> {
-    let out = Command::new(&bins.evioctl)
-        .args(["status", "--json", "--state-dir"])
-        .arg(state_dir)
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    serde_json::from_slice(&out.stdout).ok()
+/// What `evioctl status --json --state-dir DIR` prints (the same code, asked in-process), or why the
+/// agent did not answer.
+pub fn status(state_dir: &Path) -> Result<Value, String> {
+    crate::status::query_json(state_dir).map_err(|e| format!("{e:#}"))
 }

@@ -3,60 +3,166 @@
 
 use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::cluster::{Bins, Cluster, LISTEN_PORT, status};
-use super::signals;
+use super::cluster::{Cluster, LISTEN_PORT, status};
+use super::{probe, signals};
 
-/// Every node's `evioctl status --json`, by node index (None: no answer).
-pub fn statuses(c: &Cluster, bins: &Bins) -> Vec<Option<Value>> {
-    c.nodes
-        .iter()
-        .map(|n| status(bins, &n.state_dir()))
+/// Every node's status (`evioctl status --json`, asked in-process and in parallel), by node index; an
+/// agent that does not answer gives the reason.
+pub type Statuses = Vec<Result<Value, String>>;
+
+/// Asks every agent for its status, all at once.
+pub fn statuses(c: &Cluster) -> Statuses {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = c
+            .nodes
+            .iter()
+            .map(|n| s.spawn(move || status(&n.state_dir())))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("status thread panicked".into()))
+            })
+            .collect()
+    })
+}
+
+/// The nodes whose status could not be collected, with the reason (`edge3: cannot reach the agent ...`).
+pub fn status_errors(c: &Cluster, st: &Statuses) -> Vec<String> {
+    st.iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            r.as_ref()
+                .err()
+                .map(|e| format!("{}: {e}", c.nodes[i].name))
+        })
         .collect()
 }
 
-/// The path node `i` reports towards node `j` (`direct`, `relay`, `connecting`, or `-` if unknown).
-pub fn path(st: &[Option<Value>], c: &Cluster, i: usize, j: usize) -> String {
-    let name = &c.nodes[j].name;
+fn peer<'a>(st: &'a Statuses, c: &Cluster, i: usize, j: usize) -> Option<&'a Value> {
+    let name = c.nodes[j].name.as_str();
     st[i]
         .as_ref()
-        .and_then(|s| s["peers"].as_array().cloned())
-        .and_then(|ps| ps.into_iter().find(|p| p["node"] == name.as_str()))
+        .ok()?
+        .get("peers")?
+        .as_array()?
+        .iter()
+        .find(|p| p["node"] == name)
+}
+
+/// The path node `i` reports towards node `j` (`direct`, `relay`, `connecting`, `-` if it does not know
+/// the peer, `?` if its status could not be collected).
+pub fn path(st: &Statuses, c: &Cluster, i: usize, j: usize) -> String {
+    if st[i].is_err() {
+        return "?".into();
+    }
+    peer(st, c, i, j)
         .and_then(|p| p["path"].as_str().map(str::to_string))
         .unwrap_or_else(|| "-".into())
 }
 
-/// Waits until every node reports every other with a path other than `connecting` (or the limit).
-/// Returns how many of the N·(N-1) directed peer paths are up.
-pub fn wait_paths(c: &Cluster, bins: &Bins, limit: Duration) -> (usize, usize) {
+/// Whether node `i` reports its path to `j` up: `direct` or `relay`, and a completed handshake.
+pub fn path_up(st: &Statuses, c: &Cluster, i: usize, j: usize) -> bool {
+    matches!(path(st, c, i, j).as_str(), "direct" | "relay")
+        && peer(st, c, i, j).is_some_and(|p| p["lastHandshake"].is_u64())
+}
+
+fn pairs(n: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..n).flat_map(move |i| (0..n).filter(move |&j| j != i).map(move |j| (i, j)))
+}
+
+/// What [`wait_paths`] saw.
+pub struct PathsUp {
+    pub up: usize,
+    pub total: usize,
+    /// For each path seen up: seconds from `since` to the first poll that saw it up, and its kind.
+    pub times: Vec<(f64, String)>,
+}
+
+impl PathsUp {
+    /// Seconds from `since` until `q` (0..=1) of all paths were up, if they were.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let need = ((self.total as f64) * q).ceil() as usize;
+        if need == 0 {
+            return Some(0.0);
+        }
+        let mut t: Vec<f64> = self.times.iter().map(|x| x.0).collect();
+        t.sort_by(f64::total_cmp);
+        t.get(need - 1).copied()
+    }
+
+    /// "50% 1.2 s, 90% 3.4 s, 99% ..., all ..." (from `since`).
+    pub fn timeline(&self) -> String {
+        [(0.5, "50%"), (0.9, "90%"), (0.99, "99%"), (1.0, "all")]
+            .iter()
+            .map(|&(q, name)| match self.quantile(q) {
+                Some(t) => format!("{name} {t:.1} s"),
+                None => format!("{name} never"),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The kinds of the paths that came up last (the slowest 1%, at least one): `relay 95, direct 4`.
+    pub fn slowest_kinds(&self) -> String {
+        let mut t = self.times.clone();
+        t.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let k = (t.len() / 100).max(1).min(t.len());
+        let mut by = std::collections::BTreeMap::<&str, usize>::new();
+        for (_, kind) in &t[..k] {
+            *by.entry(kind.as_str()).or_default() += 1;
+        }
+        by.iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Waits until every node reports every other with a path up (see [`path_up`]), or the limit; records
+/// when each path was first seen up (seconds since `since`).
+pub fn wait_paths(c: &Cluster, limit: Duration, since: Instant) -> PathsUp {
     let n = c.nodes.len();
     let total = n * n.saturating_sub(1);
     let end = Instant::now() + limit;
+    let mut first: Vec<Vec<Option<(f64, String)>>> = vec![vec![None; n]; n];
     loop {
-        let st = statuses(c, bins);
-        let up = (0..n)
-            .flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j)))
-            .filter(|&(i, j)| matches!(path(&st, c, i, j).as_str(), "direct" | "relay"))
-            .count();
-        if up == total || Instant::now() >= end || !signals::sleep(Duration::from_millis(250)) {
-            return (up, total);
+        let st = statuses(c);
+        let at = since.elapsed().as_secs_f64();
+        let mut up = 0;
+        for (i, j) in pairs(n) {
+            if path_up(&st, c, i, j) {
+                up += 1;
+                if first[i][j].is_none() {
+                    first[i][j] = Some((at, path(&st, c, i, j)));
+                }
+            }
+        }
+        // Every poll asks every agent (which locks its tunnel state to answer): less often for many.
+        let every = Duration::from_millis(if n > 30 { 500 } else { 250 });
+        if up == total || Instant::now() >= end || !signals::sleep(every) {
+            return PathsUp {
+                up,
+                total,
+                times: first.into_iter().flatten().flatten().collect(),
+            };
         }
     }
 }
 
 /// The host's public UDP mappings as its NAT's conntrack table shows them (the agent's port, translated).
-pub fn public_mappings(c: &Cluster, i: usize) -> Vec<String> {
+pub fn public_mappings(c: &Cluster, i: usize) -> Result<Vec<String>, String> {
     let n = &c.nodes[i];
     let Some(nat) = &n.nat else {
-        return Vec::new();
+        return Ok(Vec::new());
     };
-    let Ok(out) = evio_lab::netns_exec(&nat.ns, &["conntrack", "-L", "-p", "udp"]) else {
-        return Vec::new();
-    };
+    let out = evio_lab::netns_exec(&nat.ns, &["conntrack", "-L", "-p", "udp"])
+        .map_err(|e| format!("conntrack in {}: {e}", nat.ns))?;
     let host = n.host.ip.to_string();
     let port = LISTEN_PORT.to_string();
     let mut set = BTreeSet::new();
@@ -73,7 +179,7 @@ pub fn public_mappings(c: &Cluster, i: usize) -> Vec<String> {
             set.insert(format!("{ip}:{p}"));
         }
     }
-    set.into_iter().collect()
+    Ok(set.into_iter().collect())
 }
 
 fn table(rows: &[Vec<String>]) -> String {
@@ -101,8 +207,8 @@ fn table(rows: &[Vec<String>]) -> String {
     out
 }
 
-/// The node table.
-pub fn nodes_table(c: &Cluster) -> String {
+/// The node table, and the mappings that could not be read (an error each, never a silent blank).
+pub fn nodes_table(c: &Cluster) -> (String, Vec<String>) {
     let mut rows = vec![vec![
         "NODE".into(),
         "VIP".into(),
@@ -112,14 +218,26 @@ pub fn nodes_table(c: &Cluster) -> String {
         "NAT".into(),
         "PUBLIC MAPPING (NAT conntrack)".into(),
     ]];
-    for (i, n) in c.nodes.iter().enumerate() {
-        let maps = public_mappings(c, i);
-        let (nat, shown) = match &n.nat {
-            None => (
+    let maps: Vec<Result<Vec<String>, String>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..c.nodes.len())
+            .map(|i| s.spawn(move || public_mappings(c, i)))
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("thread panicked".into())))
+            .collect()
+    });
+    let mut errors = Vec::new();
+    for (n, maps) in c.nodes.iter().zip(maps) {
+        let (nat, shown) = match (&n.nat, maps) {
+            (None, _) => (
                 "none (public host)".to_string(),
                 format!("{}:{LISTEN_PORT}", n.host.ip),
             ),
-            Some(nat) => (
+            (Some(nat), Err(e)) => {
+                errors.push(format!("{}: {e}", n.name));
+                (format!("{} {}", nat.kind, nat.wan), "? (see below)".into())
+            }
+            (Some(nat), Ok(maps)) => (
                 format!("{} {}", nat.kind, nat.wan),
                 match maps.len() {
                     0 => format!("{} (none yet)", nat.wan),
@@ -142,12 +260,49 @@ pub fn nodes_table(c: &Cluster) -> String {
             shown,
         ]);
     }
-    table(&rows)
+    (table(&rows), errors)
 }
 
-/// The peer path matrix (row: the node reporting; column: the peer).
-pub fn paths_table(c: &Cluster, st: &[Option<Value>]) -> String {
+/// Clusters larger than this get one summary row per node instead of N×N matrices.
+pub const FULL_MATRIX_MAX: usize = 12;
+
+/// The peer path matrix (row: the node reporting; column: the peer); for a large cluster, per node the
+/// number of peers by path.
+pub fn paths_table(c: &Cluster, st: &Statuses) -> String {
     let n = c.nodes.len();
+    if n > FULL_MATRIX_MAX {
+        let mut rows = vec![
+            ["NODE", "DIRECT", "RELAY", "NOT UP", "NOT UP (first 5)"]
+                .map(String::from)
+                .to_vec(),
+        ];
+        for i in 0..n {
+            if let Err(e) = &st[i] {
+                rows.push(vec![
+                    c.nodes[i].name.clone(),
+                    format!("status not collected: {e}"),
+                ]);
+                continue;
+            }
+            let count = |k: &str| {
+                (0..n)
+                    .filter(|&j| j != i && path_up(st, c, i, j) && path(st, c, i, j) == k)
+                    .count()
+            };
+            let down: Vec<String> = (0..n)
+                .filter(|&j| j != i && !path_up(st, c, i, j))
+                .map(|j| format!("{} ({})", c.nodes[j].name, path(st, c, i, j)))
+                .collect();
+            rows.push(vec![
+                c.nodes[i].name.clone(),
+                count("direct").to_string(),
+                count("relay").to_string(),
+                down.len().to_string(),
+                down.iter().take(5).cloned().collect::<Vec<_>>().join(" "),
+            ]);
+        }
+        return table(&rows);
+    }
     let mut rows = vec![
         std::iter::once("FROM \\ TO".to_string())
             .chain(c.nodes.iter().map(|x| x.name.clone()))
@@ -161,14 +316,7 @@ pub fn paths_table(c: &Cluster, st: &[Option<Value>]) -> String {
                 continue;
             }
             let p = path(st, c, i, j);
-            let ep = st[i]
-                .as_ref()
-                .and_then(|s| s["peers"].as_array().cloned())
-                .and_then(|ps| {
-                    ps.into_iter()
-                        .find(|x| x["node"] == c.nodes[j].name.as_str())
-                })
-                .and_then(|x| x["endpoint"].as_str().map(str::to_string));
+            let ep = peer(st, c, i, j).and_then(|x| x["endpoint"].as_str().map(str::to_string));
             r.push(match ep {
                 Some(e) if p != "connecting" => format!("{p} via {e}"),
                 _ => p,
@@ -177,39 +325,6 @@ pub fn paths_table(c: &Cluster, st: &[Option<Value>]) -> String {
         rows.push(r);
     }
     table(&rows)
-}
-
-/// One probe of the matrix.
-struct Probe {
-    from_ns: String,
-    to_ip: String,
-    /// (row, column) in the matrix.
-    cell: (usize, usize),
-}
-
-/// Pings `to_ip` from `ns` until answered or `end`; returns the round trip time in ms if answered.
-fn ping_until(ns: &str, to_ip: &str, end: Instant) -> Option<f64> {
-    loop {
-        let out = Command::new("ip")
-            .args(["netns", "exec", ns, "ping", "-n", "-c1", "-W1", to_ip])
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .output()
-            .ok()?;
-        if out.status.success() {
-            let text = String::from_utf8_lossy(&out.stdout);
-            let rtt = text
-                .split("time=")
-                .nth(1)
-                .and_then(|s| s.split_whitespace().next())
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0.0);
-            return Some(rtt);
-        }
-        if Instant::now() >= end || !signals::sleep(Duration::from_millis(200)) {
-            return None;
-        }
-    }
 }
 
 /// A connectivity matrix: cell (i, j) holds the results of the probes from node i to node j.
@@ -231,7 +346,16 @@ impl Matrix {
         (ok, all)
     }
 
+    /// Whether every probe from `i` to `j` was answered (false for an empty cell).
+    pub fn ok(&self, i: usize, j: usize) -> bool {
+        let cell = &self.cells[i][j];
+        !cell.is_empty() && cell.iter().all(Option::is_some)
+    }
+
     pub fn render(&self, c: &Cluster) -> String {
+        if self.cells.len() > FULL_MATRIX_MAX {
+            return self.render_summary(c);
+        }
         let mut rows = vec![
             std::iter::once(self.title.clone())
                 .chain(c.nodes.iter().map(|x| x.name.clone()))
@@ -260,59 +384,96 @@ impl Matrix {
         }
         table(&rows)
     }
+
+    /// One row per source node: probes answered, mean round trip, the first unanswered destinations.
+    fn render_summary(&self, c: &Cluster) -> String {
+        let mut rows = vec![vec![
+            self.title.clone(),
+            "ANSWERED".into(),
+            "MEAN RTT".into(),
+            "NOT REACHED (first 5)".into(),
+        ]];
+        for (i, row) in self.cells.iter().enumerate() {
+            let all: usize = row.iter().map(Vec::len).sum();
+            let ok: Vec<f64> = row.iter().flatten().flatten().copied().collect();
+            let failed: Vec<String> = row
+                .iter()
+                .enumerate()
+                .filter(|(j, cell)| *j != i && cell.iter().any(Option::is_none))
+                .map(|(j, _)| c.nodes[j].name.clone())
+                .take(5)
+                .collect();
+            let mean = if ok.is_empty() {
+                "-".to_string()
+            } else {
+                format!("{:.2}ms", ok.iter().sum::<f64>() / ok.len() as f64)
+            };
+            rows.push(vec![
+                c.nodes[i].name.clone(),
+                format!("{}/{all}", ok.len()),
+                mean,
+                failed.join(" "),
+            ]);
+        }
+        table(&rows)
+    }
 }
 
 /// Runs the VIP matrix (every host pings every other host's VIP) and the pod matrix (the first pod of
-/// every host pings every pod of every other host), all probes in parallel under one deadline.
-pub fn matrices(c: &Cluster, limit: Duration) -> (Matrix, Matrix) {
+/// every host pings every pod of every other host): every source at once, each sending to all its targets
+/// and retrying until answered or one common deadline (see `probe.rs`). Also returns the sources that
+/// could not probe at all.
+pub fn matrices(c: &Cluster, limit: Duration) -> (Matrix, Matrix, Vec<String>) {
     let n = c.nodes.len();
-    let mut probes: Vec<(usize, Probe)> = Vec::new();
+    // (matrix, source node, destination node per target)
+    let mut plan: Vec<(usize, usize, Vec<usize>)> = Vec::new();
+    let mut sources: Vec<probe::Source> = Vec::new();
     for i in 0..n {
-        for j in 0..n {
-            if i == j {
-                continue;
+        let mut to = Vec::new();
+        let mut targets = Vec::new();
+        for j in (0..n).filter(|&j| j != i) {
+            if let Some(ip) = c.nodes[j].vip.as_ref().and_then(|v| v.parse().ok()) {
+                to.push(j);
+                targets.push(ip);
             }
-            if let Some(vip) = &c.nodes[j].vip {
-                probes.push((
-                    0,
-                    Probe {
-                        from_ns: c.nodes[i].host.ns.clone(),
-                        to_ip: vip.clone(),
-                        cell: (i, j),
-                    },
-                ));
-            }
-            if let Some(src) = c.nodes[i].pods.first() {
+        }
+        sources.push(probe::Source {
+            ns: c.nodes[i].host.ns.clone(),
+            targets,
+        });
+        plan.push((0, i, to));
+        if let Some(src) = c.nodes[i].pods.first() {
+            let mut to = Vec::new();
+            let mut targets = Vec::new();
+            for j in (0..n).filter(|&j| j != i) {
                 for dst in &c.nodes[j].pods {
-                    probes.push((
-                        1,
-                        Probe {
-                            from_ns: src.ns.clone(),
-                            to_ip: dst.ip.clone(),
-                            cell: (i, j),
-                        },
-                    ));
+                    if let Ok(ip) = dst.ip.parse() {
+                        to.push(j);
+                        targets.push(ip);
+                    }
                 }
             }
+            sources.push(probe::Source {
+                ns: src.ns.clone(),
+                targets,
+            });
+            plan.push((1, i, to));
         }
     }
+    let results = probe::run(&sources, Instant::now() + limit);
     let empty = || vec![vec![Vec::new(); n]; n];
-    let result = Mutex::new([empty(), empty()]);
-    let queue = Mutex::new(probes.into_iter());
-    let end = Instant::now() + limit;
-    std::thread::scope(|s| {
-        for _ in 0..32 {
-            s.spawn(|| {
-                loop {
-                    let next = queue.lock().expect("queue").next();
-                    let Some((m, p)) = next else { break };
-                    let r = ping_until(&p.from_ns, &p.to_ip, end);
-                    result.lock().expect("result")[m][p.cell.0][p.cell.1].push(r);
-                }
-            });
+    let mut cells = [empty(), empty()];
+    let mut errors = Vec::new();
+    for ((m, i, to), r) in plan.into_iter().zip(results) {
+        let r = r.unwrap_or_else(|e| {
+            errors.push(format!("{}: {e}", c.nodes[i].name));
+            vec![None; to.len()]
+        });
+        for (j, rtt) in to.into_iter().zip(r) {
+            cells[m][i][j].push(rtt);
         }
-    });
-    let [vips, pods] = result.into_inner().expect("result");
+    }
+    let [vips, pods] = cells;
     (
         Matrix {
             title: "HOST VIP → VIP".into(),
@@ -322,6 +483,7 @@ pub fn matrices(c: &Cluster, limit: Duration) -> (Matrix, Matrix) {
             title: "POD → PODS".into(),
             cells: pods,
         },
+        errors,
     )
 }
 
@@ -372,4 +534,85 @@ pub fn throughput(c: &mut Cluster, i: usize, j: usize, secs: u32) -> Result<f64,
         let _ = s.wait();
     }
     result
+}
+
+/// CPU time (user + system, all threads) process `pid` has used, in seconds.
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name (which may hold spaces) closing with ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some(ticks as f64 / hz)
+}
+
+/// Where the CPU went since the agents started: the agents together (and the busiest one), coturn, etcd.
+pub fn cpu_line(c: &Cluster) -> String {
+    let agents: Vec<f64> = c
+        .nodes
+        .iter()
+        .filter_map(|n| n.agent.as_ref().and_then(|a| cpu_secs(a.id())))
+        .collect();
+    let mut by_name = std::collections::BTreeMap::<String, f64>::new();
+    if let Ok(out) = Command::new("ip")
+        .args(["netns", "pids", c.lab().internet_ns()])
+        .stderr(Stdio::null())
+        .output()
+    {
+        for pid in String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse::<u32>().ok())
+        {
+            let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            *by_name.entry(name.trim().to_string()).or_default() += cpu_secs(pid).unwrap_or(0.0);
+        }
+    }
+    let total: f64 = agents.iter().sum();
+    let max = agents.iter().copied().fold(0.0, f64::max);
+    // SAFETY: getrusage fills the zeroed struct we pass; no other memory is touched.
+    let me = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        tv(ru.ru_utime) + tv(ru.ru_stime)
+    };
+    format!(
+        "CPU so far: {} agents {total:.1} s (busiest {max:.2} s), coturn {:.1} s, etcd {:.1} s, this demo {me:.1} s",
+        agents.len(),
+        by_name.get("turnserver").copied().unwrap_or(0.0),
+        by_name.get("etcd").copied().unwrap_or(0.0),
+    )
+}
+
+/// The warnings and errors of all agents' logs, alike lines merged (timestamps dropped, numbers and
+/// addresses masked), most frequent first: (count, nodes with it, the line). For a check that failed,
+/// a clue where the agents struggled, before the teardown removes the logs.
+pub fn agent_log_digest(c: &Cluster, top: usize) -> Vec<(usize, usize, String)> {
+    let mut by: std::collections::HashMap<String, (usize, BTreeSet<usize>)> = Default::default();
+    for (i, n) in c.nodes.iter().enumerate() {
+        let text = std::fs::read_to_string(n.agent_log()).unwrap_or_default();
+        for line in text.lines() {
+            let Some(pos) = line.find(" WARN ").or_else(|| line.find(" ERROR ")) else {
+                continue;
+            };
+            let masked: String = line[pos + 1..]
+                .chars()
+                .map(|ch| if ch.is_ascii_digit() { '#' } else { ch })
+                .collect();
+            let mut key = masked.split_whitespace().collect::<Vec<_>>().join(" ");
+            key.truncate(160);
+            let e = by.entry(key).or_default();
+            e.0 += 1;
+            e.1.insert(i);
+        }
+    }
+    let mut v: Vec<(usize, usize, String)> = by
+        .into_iter()
+        .map(|(k, (count, nodes))| (count, nodes.len(), k))
+        .collect();
+    v.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.2.cmp(&b.2)));
+    v.truncate(top);
+    v
 }
