@@ -64,6 +64,14 @@ pub struct Args {
     /// answered or this deadline.
     #[arg(long, default_value_t = 20)]
     probe_timeout: u64,
+    /// Run without a cluster CA: agents get etcd and STUN/TURN flags and trust etcd's claims (by default
+    /// every host joins with one token and peers need certificates).
+    #[arg(long)]
+    no_ca: bool,
+    /// Where the topology page (`evioctl ui`) listens; port 0 picks a free one. If the port is taken, a
+    /// free one is used.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    ui_listen: String,
 }
 
 /// Prints a step and how long it took.
@@ -203,11 +211,31 @@ fn demo(args: &Args, bins: &Bins, c: &mut Cluster) -> Result<i32> {
         || c.add_pods(k),
     )?;
     stop_if_interrupted!();
+    let token = if args.no_ca {
+        None
+    } else {
+        let (pin, token) = p.step(
+            "cluster CA (evioctl ca init), its signer (evioctl ca serve) and one join token",
+            || c.start_ca(bins),
+        )?;
+        println!("  CA pin {pin}; every host is given only its name and the token");
+        Some(token)
+    };
+    stop_if_interrupted!();
+    let what = match &token {
+        Some(_) => "eviod on every host, joining with the token (certificate: VIP and pod subnet)",
+        None => what,
+    };
     let agents_started = Instant::now();
     p.step(what, || {
-        c.start_agents(bins, nat_flags)?;
+        c.start_agents(bins, nat_flags, token.as_deref())?;
         c.wait_agents(Duration::from_secs(20))
     })?;
+    stop_if_interrupted!();
+    let ui = c
+        .start_ui(bins, &args.ui_listen)
+        .or_else(|_| c.start_ui(bins, "127.0.0.1:0"))?;
+    println!("topology page: {ui}");
     stop_if_interrupted!();
     print!("  tunnels between every pair of hosts (direct or relayed, handshake done) ...");
     let _ = std::io::stdout().flush();

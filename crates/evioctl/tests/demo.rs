@@ -235,9 +235,16 @@ fn demo_check_three_nodes_one_symmetric_nat() {
         "data plane: 6 of the 6 peer paths the agents report up carried a ping",
         "check: passed",
         "no namespaces, processes or files left",
+        // CA mode by default: every host joins with one token; the topology page is served.
+        "CA pin sha256:",
+        "joining with the token",
     ] {
         assert!(out.contains(s), "output lacks {s:?}:\n{out}");
     }
+    assert!(
+        out.lines().any(|l| l.starts_with("topology page: http://")),
+        "{out}"
+    );
     // Three subnets, three VIPs in the table.
     assert!(out.matches("10.10.0.").count() >= 3, "{out}");
     d.assert_nothing_left();
@@ -322,6 +329,22 @@ fn demo_interrupted_during_start_up_leaves_nothing() {
 }
 
 /// Without --check the demo stays up (it prints how to look around) until SIGINT, then cleans up.
+/// The body of `GET path` from `host:port` (HTTP/1.0, so the server closes the connection).
+fn http_get(hostport: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(hostport).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    assert!(
+        head.starts_with("HTTP/1.") && head.contains(" 200 "),
+        "{head}"
+    );
+    body.to_string()
+}
+
 #[test]
 fn demo_stays_up_until_sigint() {
     let mut d = Demo::start(&[
@@ -347,6 +370,23 @@ fn demo_stays_up_until_sigint() {
         Path::new("/run/netns").join(&pod_ns).exists(),
         "{pod_ns} does not exist:\n{out}"
     );
+    // The topology page answers with both nodes (the demo prints where it is).
+    let url = out
+        .lines()
+        .find_map(|l| l.strip_prefix("topology page: http://"))
+        .unwrap_or_else(|| panic!("no topology page line:\n{out}"))
+        .trim_end_matches('/')
+        .to_string();
+    let body = http_get(&url, "/api/topology");
+    let topo: serde_json::Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    let names: Vec<&str> = topo["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["name"].as_str())
+        .collect();
+    assert_eq!(names.len(), 2, "{body}");
     std::thread::sleep(Duration::from_millis(500));
     assert!(
         matches!(d.child.try_wait(), Ok(None)),
@@ -603,7 +643,7 @@ fn status_not_collected_fails_the_check_and_says_so() {
     let t = Instant::now();
     wait_for_output(
         &d,
-        "eviod on every host (STUN/TURN: coturn on 198.18.0.1:3478) ... ok",
+        "eviod on every host, joining with the token (certificate: VIP and pod subnet) ... ok",
         Duration::from_secs(60),
     );
     let demo_dir = std::fs::read_dir(d.tmp.path())

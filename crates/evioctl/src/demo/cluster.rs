@@ -101,6 +101,8 @@ pub struct Cluster {
     pod_namespaces: Vec<String>,
     /// Other processes started in the namespaces (iperf3 servers...), killed on teardown.
     pub extra: Vec<Child>,
+    /// The CA's signer and the topology page, killed on teardown after the agents.
+    services: Vec<Child>,
     lab: Option<Lab>,
     dir: Option<tempfile::TempDir>,
 }
@@ -117,6 +119,7 @@ impl Cluster {
             nodes: Vec::new(),
             pod_namespaces: Vec::new(),
             extra: Vec::new(),
+            services: Vec::new(),
             lab: None,
             dir: Some(dir),
         })
@@ -213,9 +216,115 @@ impl Cluster {
         Ok(())
     }
 
-    /// Starts `eviod` on every host. Children are spawned from this (the main) thread because they get
-    /// PR_SET_PDEATHSIG: should the demo itself be killed with SIGKILL, the agents die with it.
-    pub fn start_agents(&mut self, bins: &Bins, nat_flags: bool) -> Result<()> {
+    /// The cluster CA: `evioctl ca init` in the demo's temp dir, the signer (`evioctl ca serve`) in the
+    /// internet namespace next to etcd, and one reusable join token carrying etcd, STUN and TURN. Returns
+    /// the CA's pin and the token.
+    pub fn start_ca(&mut self, bins: &Bins) -> Result<(String, String)> {
+        let ca_dir = self.dir().join("ca");
+        let out = Command::new(&bins.evioctl)
+            .args(["ca", "init", "--name", "evio-demo", "--dir"])
+            .arg(&ca_dir)
+            .output()
+            .context("cannot run evioctl ca init")?;
+        if !out.status.success() {
+            bail!(
+                "evioctl ca init: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let pin = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .find(|w| w.starts_with("sha256:"))
+            .unwrap_or_default()
+            .to_string();
+        let etcd = self.etcd_url();
+        let log = std::fs::File::create(self.dir().join("signer.log"))?;
+        let mut c = netns_command(self.lab().internet_ns(), &bins.evioctl.to_string_lossy());
+        c.args(["ca", "serve", "--ca-dir"])
+            .arg(&ca_dir)
+            .args(["--etcd-endpoints", &etcd, "--pod-cidr", POD_CIDR])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        die_with_parent(&mut c);
+        let signer = c.spawn().context("cannot start evioctl ca serve")?;
+        self.services.push(signer);
+        let mut t = Command::new(&bins.evioctl);
+        t.args(["token", "create", "--reusable", "--ttl", "1h", "--ca-dir"])
+            .arg(&ca_dir)
+            .args(["--etcd-endpoints", &etcd]);
+        if let Some(turn) = self.lab().turn() {
+            let addr = turn.addr.to_string();
+            t.args(["--stun", &addr, "--turn", &addr, "--turn-user", &turn.user])
+                .arg("--turn-password-file")
+                .arg(&turn.password_file);
+        }
+        let out = t.output().context("cannot run evioctl token create")?;
+        if !out.status.success() {
+            bail!(
+                "evioctl token create: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        Ok((pin, token))
+    }
+
+    /// Starts the topology page (`evioctl ui`) on `listen` in this (the root) namespace, reading etcd in
+    /// the internet namespace; returns its address. Killed at teardown.
+    pub fn start_ui(&mut self, bins: &Bins, listen: &str) -> Result<String> {
+        use std::io::BufRead;
+        let mut c = Command::new(&bins.evioctl);
+        c.args(["ui", "--etcd-endpoints", &self.etcd_url(), "--etcd-netns"])
+            .arg(self.lab().internet_ns())
+            .args(["--listen", listen])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        die_with_parent(&mut c);
+        let mut child = c.spawn().context("cannot start evioctl ui")?;
+        let stderr = child.stderr.take().expect("piped");
+        self.services.push(child);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut log = std::fs::File::create(self.dir().join("ui.log"))?;
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut lines = std::io::BufReader::new(stderr).lines();
+            for line in lines.by_ref().map_while(|l| l.ok()) {
+                let _ = writeln!(log, "{line}");
+                if let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")) {
+                    let _ = tx.send(Ok(url.to_string()));
+                    break;
+                }
+                let _ = tx.send(Err(line));
+            }
+            // The rest goes to ui.log (and the page never blocks on a full pipe).
+            for line in lines.map_while(|l| l.ok()) {
+                let _ = writeln!(log, "{line}");
+            }
+        });
+        let end = Instant::now() + Duration::from_secs(10);
+        let mut said = Vec::new();
+        while let Some(left) = end.checked_duration_since(Instant::now()) {
+            match rx.recv_timeout(left) {
+                Ok(Ok(url)) => return Ok(url),
+                Ok(Err(line)) => said.push(line),
+                Err(_) => break,
+            }
+        }
+        bail!("evioctl ui did not start on {listen}: {}", said.join("; "))
+    }
+
+    /// Starts `eviod` on every host: with `token`, each agent is given only its name, state dir, port and
+    /// the join token (CA mode); without, etcd and STUN/TURN flags. Children are spawned from this (the
+    /// main) thread because they get PR_SET_PDEATHSIG: should the demo itself be killed with SIGKILL, the
+    /// agents die with it.
+    pub fn start_agents(
+        &mut self,
+        bins: &Bins,
+        nat_flags: bool,
+        token: Option<&str>,
+    ) -> Result<()> {
         let etcd = self.etcd_url();
         let turn = self
             .lab()
@@ -230,38 +339,27 @@ impl Cluster {
                 .map_err(|e| anyhow!("{e}"))?;
             let log = std::fs::File::create(n.agent_log())?;
             let mut c = netns_command(&n.host.ns, &bins.eviod.to_string_lossy());
-            c.args([
-                "--node-name",
-                &n.name,
-                "--etcd-endpoints",
-                &etcd,
-                "--state-dir",
-            ])
-            .arg(n.state_dir())
-            .args(["--listen-port", &LISTEN_PORT.to_string()]);
-            if nat_flags && let Some((addr, user, pw)) = &turn {
-                c.args(["--stun", addr, "--turn", addr, "--turn-user", user])
-                    .arg("--turn-password-file")
-                    .arg(pw);
+            c.args(["--node-name", &n.name, "--state-dir"])
+                .arg(n.state_dir())
+                .args(["--listen-port", &LISTEN_PORT.to_string()]);
+            match token {
+                Some(t) => {
+                    c.env("EVIO_JOIN_TOKEN", t);
+                }
+                None => {
+                    c.args(["--etcd-endpoints", &etcd]);
+                    if nat_flags && let Some((addr, user, pw)) = &turn {
+                        c.args(["--stun", addr, "--turn", addr, "--turn-user", user])
+                            .arg("--turn-password-file")
+                            .arg(pw);
+                    }
+                }
             }
             c.env("EVIO_LOG", "info")
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log);
-            // SAFETY: the closure runs in the forked child before exec and only calls prctl, which is
-            // async-signal-safe; it touches no memory of the parent.
-            unsafe {
-                c.pre_exec(|| {
-                    libc::prctl(
-                        libc::PR_SET_PDEATHSIG,
-                        libc::SIGKILL as libc::c_ulong,
-                        0,
-                        0,
-                        0,
-                    );
-                    Ok(())
-                });
-            }
+            die_with_parent(&mut c);
             n.agent = Some(
                 c.spawn()
                     .with_context(|| format!("cannot start {}", bins.eviod.display()))?,
@@ -365,7 +463,7 @@ impl Cluster {
             }
             let _ = c.wait();
         }
-        for mut c in self.extra.drain(..) {
+        for mut c in self.extra.drain(..).chain(self.services.drain(..)) {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -521,4 +619,23 @@ fn add_pods_one(n: &Node, pods: Vec<(String, String)>) -> Result<Vec<Pod>> {
 /// agent did not answer.
 pub fn status(state_dir: &Path) -> Result<Value, String> {
     crate::status::query_json(state_dir).map_err(|e| format!("{e:#}"))
+}
+
+/// Makes `c`'s process die with the demo (PR_SET_PDEATHSIG), so a demo killed with SIGKILL leaves no
+/// agent, signer or page behind.
+fn die_with_parent(c: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl, which is
+    // async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        c.pre_exec(|| {
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            );
+            Ok(())
+        });
+    }
 }
