@@ -78,7 +78,9 @@ function renderGraph() {
   const { q, kinds } = filters();
   const root = svg("svg", { viewBox: `0 0 ${size} ${size}`, role: "img", "aria-label": "topology" });
   const edges = svg("g", { class: "edges" });
-  const few = topo.nodes.length <= 12;
+  // RTT and throughput on the lines only where they stay readable: a handful of edges, or the edges of the
+  // selected node (every edge has them in its tooltip).
+  const few = topo.edges.length <= 6;
   for (const e of topo.edges) {
     const p = pos.get(e.a), o = pos.get(e.b);
     if (!p || !o) continue;
@@ -93,7 +95,7 @@ function renderGraph() {
     });
     line.appendChild(svg("title", {}, `${e.a} – ${e.b}: ${e.kind}, RTT ${rtt(e.rttMs)}, ${rate(e.rate)}`));
     edges.appendChild(line);
-    if (few) {
+    if (few || (selected && (e.a === selected || e.b === selected))) {
       edges.appendChild(svg("text", {
         x: (p.x + o.x) / 2, y: (p.y + o.y) / 2 - 3, "text-anchor": "middle", "font-size": 10,
         class: "edge-label " + kindClass(e.kind), fill: "currentColor",
