@@ -553,7 +553,7 @@ impl Nat {
                 &self.relay_rx_bytes,
             ),
             (
-                "evio_nat_stun_rx_total",
+                "evio_nat_stun_rx_datagrams_total",
                 "STUN/TURN datagrams handled by NAT traversal.",
                 &self.checks_rx,
             ),

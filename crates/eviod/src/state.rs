@@ -163,6 +163,11 @@ impl Shared {
             .count();
         let _ = writeln!(
             s,
+            "# HELP evio_build_info The agent's version (always 1).\n# TYPE evio_build_info gauge\nevio_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        let _ = writeln!(
+            s,
             "# HELP evio_peers Peers known from the control plane.\n# TYPE evio_peers gauge\nevio_peers {}",
             peers.len()
         );
