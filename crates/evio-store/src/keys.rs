@@ -110,17 +110,8 @@ pub fn revoked(node: &str, serial: u64) -> String {
     format!("{REVOKED}{node}/{serial}")
 }
 
-/// Node names become key segments: 1-253 characters of `[A-Za-z0-9._-]` (Kubernetes node names are DNS
-/// subdomains, a subset), not `.` or `..`.
-pub fn valid_node_name(node: &str) -> bool {
-    !node.is_empty()
-        && node.len() <= 253
-        && node != "."
-        && node != ".."
-        && node
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
-}
+/// Node names become key segments (the rule is shared with the CA and the agents: `evio-api`).
+pub use evio_api::valid_node_name;
 
 #[cfg(test)]
 mod tests {

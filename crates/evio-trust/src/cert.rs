@@ -21,17 +21,8 @@ const CERT_DOMAIN: &[u8] = b"evio-cert-v1\0";
 const REVOKE_DOMAIN: &[u8] = b"evio-revoke-v1\0";
 const REFUSE_DOMAIN: &[u8] = b"evio-refuse-v1\0";
 
-/// Node names become etcd key segments: 1-253 characters of `[A-Za-z0-9._-]`, not `.` or `..` (the same
-/// rule as evio-store's).
-pub fn valid_node_name(node: &str) -> bool {
-    !node.is_empty()
-        && node.len() <= 253
-        && node != "."
-        && node != ".."
-        && node
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
-}
+/// Node names become etcd key segments and certificate subjects (one rule for every binary: `evio-api`).
+pub use evio_api::valid_node_name;
 
 pub(crate) fn check_node_name(node: &str) -> Result<(), TrustError> {
     if valid_node_name(node) {

@@ -1,13 +1,10 @@
 //! `evioctl status --state-dir DIR [--json]`: asks the local agent over `<state-dir>/eviod.sock` and prints
 //! its overlay state: the JSON of docs/overlay.md ("Status and metrics") with `--json`, a table otherwise.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
+use anyhow::Result;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -25,31 +22,8 @@ pub struct Args {
     wait: u64,
 }
 
-/// The status document (names are a contract: scripts and tests depend on them).
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Status {
-    pub node: String,
-    pub address: Option<String>,
-    pub pod_subnet: Option<String>,
-    pub public_key: String,
-    pub peers: Vec<Peer>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Peer {
-    pub node: String,
-    pub address: String,
-    pub pod_subnet: Option<String>,
-    /// `direct`, `relay` or `connecting`.
-    pub path: String,
-    pub endpoint: Option<String>,
-    /// Unix seconds, or null before the first handshake.
-    pub last_handshake: Option<u64>,
-    pub rx_bytes: u64,
-    pub tx_bytes: u64,
-}
+/// The status document (the contract with eviod lives in `evio-api`).
+pub use evio_api::Status;
 
 fn query(args: &Args) -> Result<Status> {
     query_dir(&args.state_dir)
@@ -62,18 +36,7 @@ pub fn query_json(state_dir: &std::path::Path) -> Result<serde_json::Value> {
 }
 
 fn query_dir(state_dir: &std::path::Path) -> Result<Status> {
-    let path = state_dir.join("eviod.sock");
-    let mut s = UnixStream::connect(&path).with_context(|| {
-        format!(
-            "cannot reach the agent at {} (is eviod running with this --state-dir?)",
-            path.display()
-        )
-    })?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(b"status\n")?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    serde_json::from_str(&body).with_context(|| format!("unexpected answer from the agent: {body}"))
+    Ok(evio_api::query_status(state_dir, Duration::from_secs(5))?)
 }
 
 fn ago(now: u64, t: Option<u64>) -> String {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use crate::state::Shared;
 
 /// File name of the control socket inside the state directory.
-pub const SOCKET: &str = "eviod.sock";
+pub const SOCKET: &str = evio_api::CONTROL_SOCKET;
 
 pub fn serve(shared: Arc<Shared>, state_dir: &Path) -> anyhow::Result<()> {
     let path = state_dir.join(SOCKET);
@@ -37,7 +37,9 @@ pub fn serve(shared: Arc<Shared>, state_dir: &Path) -> anyhow::Result<()> {
                 let mut line = String::new();
                 let _ = BufReader::new(&c).read_line(&mut line);
                 let body = match line.trim() {
-                    "" | "status" => serde_json::to_string(&shared.status()).unwrap_or_default(),
+                    "" | evio_api::STATUS_COMMAND => {
+                        serde_json::to_string(&shared.status()).unwrap_or_default()
+                    }
                     "metrics" => serde_json::to_string(&shared.metrics()).unwrap_or_default(),
                     other => serde_json::json!({ "error": format!("unknown command {other:?}") })
                         .to_string(),

@@ -153,7 +153,7 @@ impl Publisher {
                 .and_then(|path| path.rtt)
                 .map(|d| (d.as_secs_f64() * 1e5).round() / 100.0);
             let idle = now - s.last_moved >= IDLE_AFTER;
-            let kind = match p.path {
+            let kind = match p.path.as_str() {
                 "direct" | "relay" if idle => "idle",
                 k => k,
             };

@@ -8,7 +8,6 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use evio_tunnel::{Node, PeerStatus};
 use ipnet::Ipv4Net;
-use serde::Serialize;
 
 /// What the control plane knows about a peer besides its tunnel state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,29 +57,8 @@ pub struct Shared {
     epoch: (Instant, SystemTime),
 }
 
-/// `evioctl status --json` as documented in docs/overlay.md.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct StatusJson {
-    pub node: String,
-    pub address: Option<String>,
-    pub pod_subnet: Option<String>,
-    pub public_key: String,
-    pub peers: Vec<PeerJson>,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PeerJson {
-    pub node: String,
-    pub address: String,
-    pub pod_subnet: Option<String>,
-    pub path: &'static str,
-    pub endpoint: Option<String>,
-    pub last_handshake: Option<u64>,
-    pub rx_bytes: u64,
-    pub tx_bytes: u64,
-}
+/// `evioctl status --json` (docs/overlay.md): the contract lives in `evio-api`.
+pub use evio_api::{PeerStatus as PeerJson, Status as StatusJson};
 
 impl Shared {
     pub fn new(node: Node, me: SelfInfo, nat: crate::nat::Nat) -> Shared {
@@ -129,7 +107,7 @@ impl Shared {
                     node: m.map(|m| m.node.clone()).unwrap_or_else(|| p.name.clone()),
                     address: m.map(|m| m.address.to_string()).unwrap_or_default(),
                     pod_subnet: m.and_then(|m| m.pod_subnet).map(|s| s.to_string()),
-                    path: path_of(p, &nat),
+                    path: path_of(p, &nat).to_string(),
                     endpoint: p.endpoint.map(|e| nat.display_endpoint(e).to_string()),
                     last_handshake: p.last_handshake.map(|t| self.unix_secs(t)),
                     rx_bytes: p.rx_bytes,
