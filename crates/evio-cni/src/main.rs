@@ -8,7 +8,8 @@
 //!
 //! Testing hook: `EVIO_CNI_FAIL_AFTER=<step>` makes ADD fail right after that step (`veth`, `ipam`,
 //! `bridge`, `attach`, `gateway`, `address`, `routes`, `masq`, `state`) so tests can check the rollback.
-//! Harmless in production: it can only make ADD fail and undo itself.
+//! Compiled only into debug builds (`cargo test`, `make test`) or with the `test-hooks` feature: the release
+//! binary does not read the variable.
 //!
 //! Dependencies: the workspace's evio crates; `tracing`/`tracing-subscriber` (fmt only) for the log file;
 //! `serde_json` for the protocol; `libc` for `getrandom`.
