@@ -14,9 +14,17 @@
 //! Dependencies: the workspace's evio crates; `tracing`/`tracing-subscriber` (fmt only) for the log file;
 //! `serde_json` for the protocol; `libc` for `getrandom`.
 
+mod add;
+mod check;
+mod del;
 mod delegate;
+#[cfg(test)]
+mod fake;
+mod gc;
+mod host;
 mod plugin;
 mod state;
+mod status;
 
 use std::io::{Read, Write};
 use std::panic::AssertUnwindSafe;
@@ -26,6 +34,7 @@ use evio_cni_types::version::{self, LATEST};
 use evio_cni_types::{CniError, ErrorCode};
 
 /// What a successful run prints.
+#[derive(Debug)]
 pub enum Output {
     Json(String),
     Nothing,

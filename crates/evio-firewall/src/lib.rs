@@ -136,6 +136,15 @@ pub struct Pending {
 }
 
 impl Pending {
+    /// A change already made (nothing to wait for): what the netlink fast path returns, and what a
+    /// [`Firewall`] that is not nftables (a test double) hands back.
+    pub fn done() -> Pending {
+        Pending {
+            child: None,
+            marker: None,
+        }
+    }
+
     /// True when the change was already made through netlink (no `nft` run).
     pub fn is_done(&self) -> bool {
         self.child.is_none()
@@ -491,6 +500,55 @@ pub fn gc(network: &str, valid_keys: &HashSet<String>) -> Result<usize> {
         .collect();
     remove(&stale)?;
     Ok(stale.len())
+}
+
+/// The masquerade entries of CNI attachments: the one interface the plugin uses, so the plugin's verbs can
+/// be run against a recording double. [`Nftables`] is the implementation.
+pub trait Firewall: Send + Sync {
+    /// Starts adding the entries of attachment `key` (see [`start_add`]).
+    fn start_add(
+        &self,
+        cache_dir: &Path,
+        key: &str,
+        ips: &[IpAddr],
+        no_masq: &[IpNet],
+    ) -> Result<Pending>;
+    /// Removes the entries of `ips`, present or not (see [`remove`]).
+    fn remove(&self, ips: &[IpAddr]) -> Result<()>;
+    /// Removes every entry tagged `key` (see [`remove_key`]).
+    fn remove_key(&self, key: &str) -> Result<usize>;
+    /// Every pod entry: address and key (see [`list`]).
+    fn list(&self) -> Result<Vec<(IpAddr, String)>>;
+    /// Removes the entries of `network` whose key is not in `valid_keys` (see [`gc`]).
+    fn gc(&self, network: &str, valid_keys: &HashSet<String>) -> Result<usize>;
+}
+
+/// evio's nftables table `inet evio_cni` (this module's functions).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Nftables;
+
+impl Firewall for Nftables {
+    fn start_add(
+        &self,
+        cache_dir: &Path,
+        key: &str,
+        ips: &[IpAddr],
+        no_masq: &[IpNet],
+    ) -> Result<Pending> {
+        start_add(cache_dir, key, ips, no_masq)
+    }
+    fn remove(&self, ips: &[IpAddr]) -> Result<()> {
+        remove(ips)
+    }
+    fn remove_key(&self, key: &str) -> Result<usize> {
+        remove_key(key)
+    }
+    fn list(&self) -> Result<Vec<(IpAddr, String)>> {
+        list()
+    }
+    fn gc(&self, network: &str, valid_keys: &HashSet<String>) -> Result<usize> {
+        gc(network, valid_keys)
+    }
 }
 
 #[cfg(test)]

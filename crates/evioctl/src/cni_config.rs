@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use evio_store::{EtcdOptions, NodeSubnet, Store, SubnetPlan, node_bits_from_json, parse_cidr};
 use evio_cni_types::config::{ConfList, PluginKeys};
 use evio_cni_types::version::LATEST;
+use evio_store::{EtcdOptions, NodeSubnet, Store, SubnetPlan, node_bits_from_json, parse_cidr};
 use serde_json::{Map, Value, json};
 
 mod version;
