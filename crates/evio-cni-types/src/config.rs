@@ -19,8 +19,8 @@ pub const DEFAULT_OVSDB_SOCKET: &str = "/var/run/openvswitch/db.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/cni/evio";
 
 /// Bytes the evio tunnel adds to an inner packet: WireGuard data header and tag (32), UDP (8) and IPv6 (40)
-/// headers. The same number as `evio_tunnel::OVERHEAD` (the tunnel crate checks that they agree); kept here
-/// so that config generators get the pod MTU without depending on the tunnel and its crypto.
+/// headers: the same sum as `evio_tunnel::OVERHEAD`. Kept here so that config generators (`evioctl
+/// cni-config`) get the pod MTU without depending on the tunnel crate and its crypto (boringtun, ring).
 pub const TUNNEL_OVERHEAD: u32 = 32 + 8 + 40;
 
 /// The underlay MTU assumed when nothing else is known (Ethernet).

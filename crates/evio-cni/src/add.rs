@@ -221,7 +221,7 @@ pub fn add(env: &Env, conf: &NetConf, host: &dyn Host) -> Result<Output, CniErro
 
 impl Add<'_> {
     fn run(&mut self, step: Step) -> Result<(), CniError> {
-        let (env, conf) = (self.env, self.conf);
+        let conf = self.conf;
         match step {
             Step::IpamStart => {
                 self.running = Some(self.ipam.start("ADD", &self.ipam_conf, None)?);
@@ -259,77 +259,14 @@ impl Add<'_> {
                     self.links.set_hairpin(&self.host_veth)?;
                 }
             }
-            Step::Gateway => {
-                self.bridge_mac = self.links.host_mac(&conf.bridge, "bridge")?;
-                // Gateways: IPAM's, or the subnet's first address when we are the gateway and IPAM
-                // named none.
-                self.ips = self
-                    .ipam_result
-                    .ips
-                    .iter()
-                    .map(|ip| IpConfig {
-                        address: ip.address,
-                        gateway: ip
-                            .gateway
-                            .or_else(|| first_host(&ip.address).filter(|_| conf.is_gateway)),
-                        interface: Some(2),
-                    })
-                    .collect();
-                if conf.is_gateway {
-                    for ip in &self.ips {
-                        let Some(gw) = ip.gateway else { continue };
-                        let gwnet = IpNet::new(gw, ip.address.prefix_len())
-                            .map_err(|e| io_err("gateway", e))?;
-                        self.links.add_gateway(&conf.bridge, gwnet)?;
-                    }
-                }
-            }
-            Step::MasqStart => {
-                if conf.ip_masq {
-                    let pod_ips = self.pod_ips();
-                    let mut no_masq: Vec<IpNet> =
-                        self.ips.iter().map(|i| i.address.trunc()).collect();
-                    no_masq.extend(conf.no_masq.iter().copied());
-                    self.undo.push(Undo::Masq(pod_ips.clone()));
-                    self.masq = Some(
-                        self.host
-                            .firewall()
-                            .start_add(&conf.state_dir, &self.att.key, &pod_ips, &no_masq)
-                            .map_err(|e| io_err("IP masquerade", e))?,
-                    );
-                }
-            }
+            Step::Gateway => self.gateways()?,
+            Step::MasqStart => self.start_masquerade()?,
             Step::Address => {
                 for ip in &self.ips {
                     self.links.add_pod_address(&ip.address)?;
                 }
             }
-            Step::Routes => {
-                let mut routes = self.ipam_result.routes.clone();
-                if conf.is_default_gateway {
-                    for ip in &self.ips {
-                        let Some(gw) = ip.gateway else { continue };
-                        let any: IpNet = if gw.is_ipv4() {
-                            "0.0.0.0/0".parse().unwrap()
-                        } else {
-                            "::/0".parse().unwrap()
-                        };
-                        if !routes.iter().any(|r| r.dst == any) {
-                            routes.push(Route::new(any, Some(gw)));
-                        }
-                    }
-                }
-                for r in &routes {
-                    let gw = r.gw.or_else(|| {
-                        self.ips
-                            .iter()
-                            .find(|i| i.address.addr().is_ipv4() == r.dst.addr().is_ipv4())
-                            .and_then(|i| i.gateway)
-                    });
-                    self.links.add_pod_route(r, gw)?;
-                }
-                self.routes = routes;
-            }
+            Step::Routes => self.routes()?,
             Step::Announce => {
                 if self.ips.iter().any(|i| i.address.addr().is_ipv4()) {
                     self.links.announce();
@@ -340,21 +277,100 @@ impl Add<'_> {
                     p.wait().map_err(|e| io_err("IP masquerade", e))?;
                 }
             }
-            Step::State => {
-                let st = State {
-                    container_id: env.container_id.clone(),
-                    ifname: env.ifname.clone(),
-                    netns: env.netns.clone(),
-                    host_veth: self.host_veth.clone(),
-                    ips: self.pod_ips(),
-                    masq: conf.ip_masq,
-                };
-                self.undo.push(Undo::State);
-                st.save(&conf.state_dir, &conf.name)
-                    .map_err(|e| io_err("write state", e))?;
+            Step::State => self.save_state()?,
+        }
+        Ok(())
+    }
+
+    /// The gateways (IPAM's, or the subnet's first address when we are the gateway and IPAM named none),
+    /// put on the bridge when we are the gateway.
+    fn gateways(&mut self) -> Result<(), CniError> {
+        let conf = self.conf;
+        self.bridge_mac = self.links.host_mac(&conf.bridge, "bridge")?;
+        self.ips = self
+            .ipam_result
+            .ips
+            .iter()
+            .map(|ip| IpConfig {
+                address: ip.address,
+                gateway: ip
+                    .gateway
+                    .or_else(|| first_host(&ip.address).filter(|_| conf.is_gateway)),
+                interface: Some(2),
+            })
+            .collect();
+        if conf.is_gateway {
+            for ip in &self.ips {
+                let Some(gw) = ip.gateway else { continue };
+                let gwnet =
+                    IpNet::new(gw, ip.address.prefix_len()).map_err(|e| io_err("gateway", e))?;
+                self.links.add_gateway(&conf.bridge, gwnet)?;
             }
         }
         Ok(())
+    }
+
+    /// Starts the masquerade change (one nfnetlink batch, or an `nft` run that proceeds meanwhile).
+    fn start_masquerade(&mut self) -> Result<(), CniError> {
+        let conf = self.conf;
+        if !conf.ip_masq {
+            return Ok(());
+        }
+        let pod_ips = self.pod_ips();
+        let mut no_masq: Vec<IpNet> = self.ips.iter().map(|i| i.address.trunc()).collect();
+        no_masq.extend(conf.no_masq.iter().copied());
+        self.undo.push(Undo::Masq(pod_ips.clone()));
+        let p = self
+            .host
+            .firewall()
+            .start_add(&conf.state_dir, &self.att.key, &pod_ips, &no_masq)
+            .map_err(|e| io_err("IP masquerade", e))?;
+        self.masq = Some(p);
+        Ok(())
+    }
+
+    /// IPAM's routes plus the default route(s) via the gateway when we are the default gateway.
+    fn routes(&mut self) -> Result<(), CniError> {
+        let mut routes = self.ipam_result.routes.clone();
+        if self.conf.is_default_gateway {
+            for ip in &self.ips {
+                let Some(gw) = ip.gateway else { continue };
+                let any: IpNet = if gw.is_ipv4() {
+                    "0.0.0.0/0".parse().unwrap()
+                } else {
+                    "::/0".parse().unwrap()
+                };
+                if !routes.iter().any(|r| r.dst == any) {
+                    routes.push(Route::new(any, Some(gw)));
+                }
+            }
+        }
+        for r in &routes {
+            let gw = r.gw.or_else(|| {
+                self.ips
+                    .iter()
+                    .find(|i| i.address.addr().is_ipv4() == r.dst.addr().is_ipv4())
+                    .and_then(|i| i.gateway)
+            });
+            self.links.add_pod_route(r, gw)?;
+        }
+        self.routes = routes;
+        Ok(())
+    }
+
+    fn save_state(&mut self) -> Result<(), CniError> {
+        let (env, conf) = (self.env, self.conf);
+        let st = State {
+            container_id: env.container_id.clone(),
+            ifname: env.ifname.clone(),
+            netns: env.netns.clone(),
+            host_veth: self.host_veth.clone(),
+            ips: self.pod_ips(),
+            masq: conf.ip_masq,
+        };
+        self.undo.push(Undo::State);
+        st.save(&conf.state_dir, &conf.name)
+            .map_err(|e| io_err("write state", e))
     }
 
     fn pod_ips(&self) -> Vec<IpAddr> {
