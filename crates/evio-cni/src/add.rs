@@ -562,36 +562,25 @@ mod tests {
                 .map(|c| c.split(' ').next().unwrap().to_string())
                 .collect()
         };
+        const UNDOS: [&str; 5] = [
+            "fw.remove",
+            "bridge.detach",
+            "links.delete_veth",
+            "ipam.DEL",
+            "ipam.finish",
+        ];
         // The route fails: the undos run newest first.
         let start = rec.calls().len();
         rec.fail_calls(&[route]);
         add(&env("ADD", "c1"), &conf(d.path(), ""), &FakeHost::new(&rec)).unwrap_err();
-        assert_eq!(
-            kinds(&rec.calls()[start + route..]),
-            [
-                "fw.remove",
-                "bridge.detach",
-                "links.delete_veth",
-                "ipam.DEL",
-                "ipam.finish"
-            ]
-        );
+        assert_eq!(kinds(&rec.calls()[start + route..]), UNDOS);
         assert_eq!(rec.world(d.path(), "net"), World::default());
         // The route fails and so does the first undo (the masquerade removal): the others still run and
         // only the masquerade entry is left behind.
         let start = rec.calls().len();
         rec.fail_calls(&[route, route + 1]);
         add(&env("ADD", "c1"), &conf(d.path(), ""), &FakeHost::new(&rec)).unwrap_err();
-        assert_eq!(
-            kinds(&rec.calls()[start + route..]),
-            [
-                "fw.remove",
-                "bridge.detach",
-                "links.delete_veth",
-                "ipam.DEL",
-                "ipam.finish"
-            ]
-        );
+        assert_eq!(kinds(&rec.calls()[start + route..]), UNDOS);
         let w = rec.world(d.path(), "net");
         assert_eq!(w.masq.len(), 1);
         assert_eq!(
