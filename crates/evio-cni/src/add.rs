@@ -11,9 +11,9 @@ use ipnet::IpNet;
 use serde_json::Value;
 use tracing::{debug, info, warn};
 
-use crate::Output;
+use crate::common::Output;
+use crate::common::{Attachment, io_err};
 use crate::host::{Host, Ipam, PodLinks, Running};
-use crate::plugin::{Attachment, io_err};
 use crate::state::State;
 
 /// ADD's steps, in order. `EVIO_CNI_FAIL_AFTER=<name>` (debug builds) fails ADD right after the step of

@@ -9,9 +9,9 @@ use evio_cni_types::{CniError, ErrorCode};
 use evio_netlink::Netlink;
 use ipnet::IpNet;
 
-use crate::Output;
+use crate::common::Output;
+use crate::common::{Attachment, io_err, open_netns};
 use crate::host::Host;
-use crate::plugin::{Attachment, io_err, open_netns};
 
 fn check_failed(msg: impl Into<String>) -> CniError {
     CniError::new(ErrorCode::CheckFailed, msg)

@@ -8,9 +8,9 @@ use evio_cni_types::env::Env;
 use evio_cni_types::{CniError, ErrorCode};
 use tracing::info;
 
-use crate::Output;
+use crate::common::Output;
+use crate::common::{Attachment, io_err};
 use crate::host::Host;
-use crate::plugin::{Attachment, io_err};
 use crate::state::State;
 
 pub fn gc(env: &Env, conf: &NetConf, host: &dyn Host) -> Result<Output, CniError> {

@@ -19,8 +19,8 @@ use evio_netlink::{LinkChange, Netlink, RouteSpec, netns, sysctl};
 use ipnet::IpNet;
 use tracing::{debug, warn};
 
+use crate::common::{bridge_backend, io_err, open_netns};
 use crate::delegate::Delegate;
-use crate::plugin::{bridge_backend, io_err, open_netns};
 
 /// The effects one plugin run may have on the host.
 pub trait Host {

@@ -16,6 +16,7 @@
 
 mod add;
 mod check;
+mod common;
 mod del;
 mod delegate;
 #[cfg(test)]
@@ -33,12 +34,7 @@ use evio_cni_types::env::{Command, Env};
 use evio_cni_types::version::{self, LATEST};
 use evio_cni_types::{CniError, ErrorCode};
 
-/// What a successful run prints.
-#[derive(Debug)]
-pub enum Output {
-    Json(String),
-    Nothing,
-}
+use crate::common::Output;
 
 fn read_stdin() -> Result<Vec<u8>, CniError> {
     let mut buf = Vec::new();

@@ -1,23 +1,15 @@
-//! What every verb shares: dispatch, the attachment's identity, the bridge backend, errors, the log.
-//! The verbs are one module each: `add`, `del`, `check`, `status`, `gc` (VERSION is answered in `main`).
+//! Dispatch: the config parsed, the log opened, the version checked, the verb run against the host.
+//! The verbs are one module each: `add`, `del`, `check`, `status`, `gc` (VERSION is answered in `main`);
+//! what they share is in `common`.
 
-use std::fs::File;
-use std::path::Path;
-
-use evio_bridge::{Bridge, BridgeSpec, BridgeType, PortOwner};
-use evio_cni_types::config::{BridgeKind, LogLevel, NetConf};
+use evio_cni_types::config::{LogLevel, NetConf};
 use evio_cni_types::env::{Command, Env};
 use evio_cni_types::version::Version;
 use evio_cni_types::{CniError, ErrorCode};
-use evio_netlink::netns;
 use tracing::debug;
 
-use crate::Output;
+use crate::common::Output;
 use crate::host::{Host, Real};
-
-pub fn io_err(msg: impl Into<String>, e: impl std::fmt::Display) -> CniError {
-    CniError::with_details(ErrorCode::Io, msg, e.to_string())
-}
 
 fn init_log(conf: &NetConf) {
     let Some(path) = &conf.log_file else { return };
@@ -83,49 +75,4 @@ pub fn run(env: &Env, conf: &NetConf, host: &dyn Host) -> Result<Output, CniErro
         }
         Command::Version => unreachable!("handled in main"),
     }
-}
-
-/// One attachment's identity, computed once: the bridge port's owner and the masquerade entries' key.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Attachment {
-    pub owner: PortOwner,
-    pub key: String,
-}
-
-impl Attachment {
-    pub fn new(conf: &NetConf, container_id: &str, ifname: &str) -> Attachment {
-        Attachment {
-            owner: PortOwner {
-                container_id: container_id.to_string(),
-                ifname: ifname.to_string(),
-            },
-            key: evio_firewall::attachment_key(&conf.name, container_id, ifname),
-        }
-    }
-}
-
-/// The bridge backend the config names (built once per run, by [`Real::new`]).
-pub fn bridge_backend(conf: &NetConf) -> Result<Box<dyn Bridge>, CniError> {
-    let kind = match conf.bridge_kind {
-        BridgeKind::Linux => BridgeType::Linux,
-        BridgeKind::Ovs => BridgeType::Ovs,
-    };
-    let spec = BridgeSpec {
-        name: conf.bridge.clone(),
-        mtu: conf.mtu,
-        ovs_datapath_type: conf.ovs_datapath_type.as_str().to_string(),
-        ovsdb_socket: conf.ovsdb_socket.clone(),
-    };
-    evio_bridge::backend(kind, spec).map_err(|e| io_err(format!("bridge {}", conf.bridge), e))
-}
-
-pub fn open_netns(path: &str) -> Result<File, CniError> {
-    if !netns::exists(Path::new(path)) {
-        return Err(CniError::with_details(
-            ErrorCode::InvalidEnv,
-            "CNI_NETNS is not a network namespace",
-            format!("{path:?} does not exist or is not a netns file"),
-        ));
-    }
-    File::open(path).map_err(|e| io_err(format!("open netns {path}"), e))
 }

@@ -4,7 +4,7 @@ use evio_cni_types::config::{BridgeKind, NetConf};
 use evio_cni_types::env::Env;
 use evio_cni_types::{CniError, ErrorCode};
 
-use crate::Output;
+use crate::common::Output;
 use crate::delegate;
 use crate::host::Host;
 
