@@ -15,6 +15,7 @@ use crate::error::{CniError, ErrorCode};
 use crate::version;
 
 pub const DEFAULT_BRIDGE: &str = "eviobr0";
+/// Where Open vSwitch's ovsdb-server listens by default (the one default: evio-bridge uses it too).
 pub const DEFAULT_OVSDB_SOCKET: &str = "/var/run/openvswitch/db.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/cni/evio";
 
@@ -49,6 +50,16 @@ pub enum DatapathType {
 }
 
 impl DatapathType {
+    /// Reads a datapath type as configs and OVS write it: `system` (or empty, OVS's own spelling of the
+    /// default) or `netdev`.
+    pub fn parse(s: &str) -> Option<DatapathType> {
+        match s {
+            "system" | "" => Some(DatapathType::System),
+            "netdev" => Some(DatapathType::Netdev),
+            _ => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             DatapathType::System => "system",
@@ -233,16 +244,9 @@ impl NetConf {
                 ));
             }
         };
-        let ovs_datapath_type = match get_str(m, "ovsDatapathType")?.unwrap_or("system") {
-            "system" | "" => DatapathType::System,
-            "netdev" => DatapathType::Netdev,
-            other => {
-                return Err(invalid(
-                    "ovsDatapathType",
-                    format!("{other:?} is not system or netdev"),
-                ));
-            }
-        };
+        let dp = get_str(m, "ovsDatapathType")?.unwrap_or("system");
+        let ovs_datapath_type = DatapathType::parse(dp)
+            .ok_or_else(|| invalid("ovsDatapathType", format!("{dp:?} is not system or netdev")))?;
         let ovsdb_socket = match get_str(m, "ovsdbSocket")? {
             None => PathBuf::from(DEFAULT_OVSDB_SOCKET),
             Some(s) => {

@@ -47,7 +47,7 @@ pub fn bridge_backend(conf: &NetConf) -> Result<Box<dyn Bridge>, CniError> {
     let spec = BridgeSpec {
         name: conf.bridge.clone(),
         mtu: conf.mtu,
-        ovs_datapath_type: conf.ovs_datapath_type.as_str().to_string(),
+        ovs_datapath_type: conf.ovs_datapath_type,
         ovsdb_socket: conf.ovsdb_socket.clone(),
     };
     evio_bridge::backend(kind, spec).map_err(|e| io_err(format!("bridge {}", conf.bridge), e))
