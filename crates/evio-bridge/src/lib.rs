@@ -6,6 +6,7 @@ pub mod ovs;
 
 use std::path::PathBuf;
 
+pub use evio_cni_types::config::DatapathType;
 pub use linux::LinuxBridge;
 pub use ovs::OvsBridge;
 
@@ -23,8 +24,8 @@ pub struct BridgeSpec {
     pub name: String,
     /// MTU to set on the bridge, if configured.
     pub mtu: Option<u32>,
-    /// OVS only: `system` or `netdev` (the userspace datapath).
-    pub ovs_datapath_type: String,
+    /// OVS only: `system` or `netdev` (the userspace datapath); the config's own type, never re-read.
+    pub ovs_datapath_type: DatapathType,
     /// OVS only: the ovsdb-server unix socket.
     pub ovsdb_socket: PathBuf,
 }

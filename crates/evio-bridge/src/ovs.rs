@@ -41,7 +41,7 @@ pub const CONTAINER_KEY: &str = "evio-container-id";
 pub const IFNAME_KEY: &str = "evio-ifname";
 
 /// Default ovsdb-server socket.
-pub const DEFAULT_SOCKET: &str = "/run/openvswitch/db.sock";
+pub const DEFAULT_SOCKET: &str = evio_cni_types::config::DEFAULT_OVSDB_SOCKET;
 
 /// Which client to use for OVSDB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,7 +72,7 @@ enum Fail {
 
 impl OvsBridge {
     /// A backend for `spec.name`; nothing is contacted until a method is called. An empty
-    /// `ovsdb_socket` means [`DEFAULT_SOCKET`], an empty datapath type `system`.
+    /// `ovsdb_socket` means [`DEFAULT_SOCKET`].
     pub fn new(spec: BridgeSpec) -> OvsBridge {
         OvsBridge {
             spec,
@@ -108,8 +108,8 @@ impl OvsBridge {
         matches!(Target::parse(&self.socket_str()), Ok(Target::Unix(p)) if !p.exists())
     }
 
-    fn datapath(&self) -> &str {
-        normalize_dp(&self.spec.ovs_datapath_type)
+    fn datapath(&self) -> &'static str {
+        self.spec.ovs_datapath_type.as_str()
     }
 
     fn ovsdb_err(&self, msg: impl std::fmt::Display) -> BridgeError {
@@ -724,7 +724,7 @@ fn is_valid(ids: &[(String, String)], valid: &[PortOwner]) -> bool {
     valid.iter().any(|o| o.container_id == c && o.ifname == i)
 }
 
-/// `""` and `"system"` are the same datapath type in OVS.
+/// `""` and `"system"` are the same datapath type in OVS (for what OVS reports of an existing bridge).
 fn normalize_dp(dp: &str) -> &str {
     if dp.is_empty() { "system" } else { dp }
 }

@@ -2,7 +2,7 @@
 //! a throw-away node netns. Every backend call runs on a thread inside that netns, as the plugin would.
 
 use evio_bridge::ovs::{OvsBridge, OvsClient};
-use evio_bridge::{Bridge, BridgeError, BridgeSpec, PortOwner};
+use evio_bridge::{Bridge, BridgeError, BridgeSpec, DatapathType, PortOwner};
 use evio_testbed::ovs::{Ovs, in_netns, tcp_transfer};
 use evio_testbed::{Netns, unique};
 use std::path::Path;
@@ -12,7 +12,7 @@ fn spec(ovs_socket: &Path, name: &str, datapath: &str, mtu: Option<u32>) -> Brid
     BridgeSpec {
         name: name.to_string(),
         mtu,
-        ovs_datapath_type: datapath.to_string(),
+        ovs_datapath_type: DatapathType::parse(datapath).expect("a datapath type"),
         ovsdb_socket: ovs_socket.to_path_buf(),
     }
 }

@@ -3,7 +3,7 @@
 //! `cargo test --release -p evio-bridge --test ovs_bench -- --ignored --nocapture`.
 
 use evio_bridge::ovs::{OvsBridge, OvsClient};
-use evio_bridge::{Bridge, BridgeSpec, PortOwner};
+use evio_bridge::{Bridge, BridgeSpec, DatapathType, PortOwner};
 use evio_testbed::ovs::{Ovs, in_netns};
 use evio_testbed::{Netns, unique};
 use std::time::{Duration, Instant};
@@ -23,7 +23,7 @@ fn attach_detach_latency() {
         let spec = BridgeSpec {
             name: unique("ob"),
             mtu: None,
-            ovs_datapath_type: "netdev".into(),
+            ovs_datapath_type: DatapathType::Netdev,
             ovsdb_socket: ovs.socket(),
         };
         let (ens, att, det) = in_netns(node.name(), move || {

@@ -15,8 +15,25 @@ use crate::error::{CniError, ErrorCode};
 use crate::version;
 
 pub const DEFAULT_BRIDGE: &str = "eviobr0";
+/// Where Open vSwitch's ovsdb-server listens by default (the one default: evio-bridge uses it too).
 pub const DEFAULT_OVSDB_SOCKET: &str = "/var/run/openvswitch/db.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/cni/evio";
+
+/// Bytes the evio tunnel adds to an inner packet: WireGuard data header and tag (32), UDP (8) and IPv6 (40)
+/// headers: the same sum as `evio_tunnel::OVERHEAD`. Kept here so that config generators (`evioctl
+/// cni-config`) get the pod MTU without depending on the tunnel crate and its crypto (boringtun, ring).
+pub const TUNNEL_OVERHEAD: u32 = 32 + 8 + 40;
+
+/// The underlay MTU assumed when nothing else is known (Ethernet).
+pub const DEFAULT_UNDERLAY_MTU: u32 = 1500;
+
+/// The pod MTU for an underlay of `underlay` bytes: what fits in one tunnel packet.
+pub const fn overlay_mtu(underlay: u32) -> u32 {
+    underlay.saturating_sub(TUNNEL_OVERHEAD)
+}
+
+/// The pod MTU a generated config gets when it names none: [`overlay_mtu`] of [`DEFAULT_UNDERLAY_MTU`].
+pub const DEFAULT_MTU: u32 = overlay_mtu(DEFAULT_UNDERLAY_MTU);
 
 /// Which bridge backend the config asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +50,16 @@ pub enum DatapathType {
 }
 
 impl DatapathType {
+    /// Reads a datapath type as configs and OVS write it: `system` (or empty, OVS's own spelling of the
+    /// default) or `netdev`.
+    pub fn parse(s: &str) -> Option<DatapathType> {
+        match s {
+            "system" | "" => Some(DatapathType::System),
+            "netdev" => Some(DatapathType::Netdev),
+            _ => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             DatapathType::System => "system",
@@ -217,16 +244,9 @@ impl NetConf {
                 ));
             }
         };
-        let ovs_datapath_type = match get_str(m, "ovsDatapathType")?.unwrap_or("system") {
-            "system" | "" => DatapathType::System,
-            "netdev" => DatapathType::Netdev,
-            other => {
-                return Err(invalid(
-                    "ovsDatapathType",
-                    format!("{other:?} is not system or netdev"),
-                ));
-            }
-        };
+        let dp = get_str(m, "ovsDatapathType")?.unwrap_or("system");
+        let ovs_datapath_type = DatapathType::parse(dp)
+            .ok_or_else(|| invalid("ovsDatapathType", format!("{dp:?} is not system or netdev")))?;
         let ovsdb_socket = match get_str(m, "ovsdbSocket")? {
             None => PathBuf::from(DEFAULT_OVSDB_SOCKET),
             Some(s) => {
@@ -411,6 +431,132 @@ impl NetConf {
             }
         }
         serde_json::to_vec(&v).unwrap_or_default()
+    }
+}
+
+/// The evio-cni keys a config generator (`evioctl cni-config`) may set, in the spelling it was given, so
+/// the conflist carries them as written. The generator builds the plugin entry from this (serialised with
+/// [`PluginKeys::to_map`]) and checks it with [`PluginKeys::check`], i.e. with [`NetConf::parse`], the
+/// parser the plugin runs: what is written is exactly what the plugin accepts.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PluginKeys {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bridge_type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ovs_datapath_type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ovsdb_socket: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub is_gateway: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub is_default_gateway: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip_masq: Option<bool>,
+    /// `None` also for `mtu: 0`, which the plugin reads as unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hairpin_mode: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<String>,
+    #[serde(rename = "clusterCIDRs", skip_serializing_if = "Option::is_none")]
+    pub cluster_cidrs: Option<Vec<String>>,
+}
+
+impl PluginKeys {
+    /// Reads the plugin keys out of a generator's input object (unknown keys are ignored), with the
+    /// plugin's own readers: booleans may be written as strings, the legacy `isIPMasq` stands for `ipMasq`.
+    /// One input convenience the plugin does not have: `mtu` may be a string of digits (the original
+    /// ConfigMap wrote numbers as strings); it is written as a number. Values are checked by [`Self::check`].
+    pub fn from_object(m: &Map<String, Value>) -> Result<PluginKeys, CniError> {
+        let s = |k: &str| get_str(m, k).map(|o| o.map(str::to_string));
+        let mtu = match m.get("mtu") {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) => Some(n.as_u64()),
+            Some(Value::String(t)) => Some(t.trim().parse::<u64>().ok()),
+            Some(_) => Some(None),
+        };
+        let mtu = match mtu {
+            None | Some(Some(0)) => None,
+            Some(Some(n)) if n <= u64::from(u32::MAX) => Some(n as u32),
+            _ => {
+                return Err(invalid(
+                    "mtu",
+                    format!(
+                        "{} is not an integer in 68..=65535 (or 0 for unset)",
+                        m.get("mtu").cloned().unwrap_or_default()
+                    ),
+                ));
+            }
+        };
+        let cluster_cidrs = match m.get("clusterCIDRs") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(a)) => Some(
+                a.iter()
+                    .map(|v| match v {
+                        Value::String(s) => Ok(s.clone()),
+                        other => Err(invalid(
+                            "clusterCIDRs",
+                            format!("entries must be strings, got {other}"),
+                        )),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+            Some(other) => {
+                return Err(invalid(
+                    "clusterCIDRs",
+                    format!("must be an array, got {other}"),
+                ));
+            }
+        };
+        Ok(PluginKeys {
+            bridge: s("bridge")?,
+            bridge_type: s("bridgeType")?,
+            ovs_datapath_type: s("ovsDatapathType")?,
+            ovsdb_socket: s("ovsdbSocket")?,
+            is_gateway: get_bool(m, "isGateway")?,
+            is_default_gateway: get_bool(m, "isDefaultGateway")?,
+            ip_masq: get_bool(m, "ipMasq")?.or(get_bool(m, "isIPMasq")?),
+            mtu,
+            hairpin_mode: get_bool(m, "hairpinMode")?,
+            log_file: s("logFile")?,
+            log_level: s("logLevel")?,
+            state_dir: s("stateDir")?,
+            cluster_cidrs,
+        })
+    }
+
+    /// The keys as the JSON object the plugin reads (only those set).
+    pub fn to_map(&self) -> Map<String, Value> {
+        match serde_json::to_value(self) {
+            Ok(Value::Object(m)) => m,
+            _ => Map::new(),
+        }
+    }
+
+    /// Parses `plugin` (one plugin entry of a conflist, without `cniVersion` and `name`) the way the plugin
+    /// will see it: with the list's `cni_version` and `name` added, through [`NetConf::parse`].
+    pub fn check_entry(
+        plugin: &Map<String, Value>,
+        cni_version: &str,
+        name: &str,
+    ) -> Result<NetConf, CniError> {
+        let mut m = plugin.clone();
+        m.insert("cniVersion".into(), Value::String(cni_version.into()));
+        m.insert("name".into(), Value::String(name.into()));
+        NetConf::parse(&serde_json::to_vec(&Value::Object(m)).unwrap_or_default())
+    }
+
+    /// Checks these keys with the plugin's parser, as a config of network `name` and version `cni_version`.
+    pub fn check(&self, cni_version: &str, name: &str) -> Result<NetConf, CniError> {
+        Self::check_entry(&self.to_map(), cni_version, name)
     }
 }
 
@@ -687,6 +833,68 @@ mod tests {
                 .code,
             7
         );
+    }
+
+    #[test]
+    fn default_mtu_is_the_tunnels_inner_mtu() {
+        assert_eq!(TUNNEL_OVERHEAD, 80);
+        assert_eq!(DEFAULT_MTU, 1420);
+        assert_eq!(overlay_mtu(9000), 8920);
+        assert_eq!(overlay_mtu(10), 0);
+    }
+
+    fn keys(s: &str) -> Result<PluginKeys, CniError> {
+        match serde_json::from_str::<Value>(s).unwrap() {
+            Value::Object(m) => PluginKeys::from_object(&m),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn plugin_keys_round_trip_through_the_plugin_parser() {
+        let k = keys(
+            r#"{"bridge":"br1","bridgeType":"lxbr","isIPMasq":"true","mtu":"1400","hairpinMode":false,
+                "clusterCIDRs":["10.10.0.0/16"],"stateDir":"/tmp/s","other":1}"#,
+        )
+        .unwrap();
+        let m = k.to_map();
+        assert_eq!(m["bridgeType"], "lxbr", "written as given");
+        assert_eq!(m["ipMasq"], true);
+        assert_eq!(m["mtu"], 1400);
+        assert!(!m.contains_key("other") && !m.contains_key("isIPMasq"));
+        let c = k.check("1.0.0", "evio").unwrap();
+        assert_eq!(c.bridge_kind, BridgeKind::Linux);
+        assert!(c.ip_masq && !c.hairpin_mode);
+        assert_eq!(c.mtu, Some(1400));
+        // Every spelling the plugin accepts, the generator accepts; mtu 0 is unset for both.
+        for t in ["linux", "Linux", "LXBR", "lxbr", "ovs", "OVS"] {
+            let k = keys(&format!(r#"{{"bridgeType":"{t}"}}"#)).unwrap();
+            k.check("1.1.0", "n").unwrap();
+        }
+        let k = keys(r#"{"mtu":0}"#).unwrap();
+        assert_eq!(k.mtu, None);
+        assert_eq!(k.check("1.1.0", "n").unwrap().mtu, None);
+    }
+
+    #[test]
+    fn plugin_keys_rejected_as_the_plugin_rejects_them() {
+        for (input, key) in [
+            (r#"{"bridgeType":"vxlan"}"#, "bridgeType"),
+            (r#"{"mtu":10}"#, "mtu"),
+            (r#"{"mtu":"big"}"#, "mtu"),
+            (r#"{"mtu":1.5}"#, "mtu"),
+            (r#"{"mtu":70000}"#, "mtu"),
+            (r#"{"bridge":"a/b"}"#, "bridge"),
+            (r#"{"ovsdbSocket":"rel/db.sock"}"#, "ovsdbSocket"),
+            (r#"{"logLevel":"loud"}"#, "logLevel"),
+            (r#"{"isGateway":"yes"}"#, "isGateway"),
+            (r#"{"clusterCIDRs":["x"]}"#, "clusterCIDRs"),
+            (r#"{"clusterCIDRs":"10.0.0.0/8"}"#, "clusterCIDRs"),
+        ] {
+            let e = keys(input).and_then(|k| k.check("1.0.0", "n")).unwrap_err();
+            assert_eq!(e.code, 7, "{input}: {e}");
+            assert!(e.to_string().contains(key), "{input}: {e}");
+        }
     }
 
     #[test]

@@ -111,11 +111,6 @@ impl Delegate {
         Ok(Delegate { path, version })
     }
 
-    /// True when the delegate speaks `v` or newer.
-    pub fn speaks_at_least(&self, v: &str) -> bool {
-        matches!((version::Version::parse(&self.version), version::Version::parse(v)), (Some(a), Some(b)) if a >= b)
-    }
-
     /// Starts `command` with `stdin` (config bytes), overriding the attachment variables when given.
     pub fn spawn(
         &self,
@@ -181,16 +176,5 @@ impl Delegate {
             .trim()
             .to_string(),
         ))
-    }
-
-    /// Runs `command` to completion.
-    pub fn run(
-        &self,
-        command: &str,
-        stdin: &[u8],
-        attachment: Option<(&str, &str)>,
-    ) -> Result<Vec<u8>, CniError> {
-        let child = self.spawn(command, stdin, attachment)?;
-        self.finish(child, command)
     }
 }

@@ -8,14 +8,24 @@
 //!
 //! Testing hook: `EVIO_CNI_FAIL_AFTER=<step>` makes ADD fail right after that step (`veth`, `ipam`,
 //! `bridge`, `attach`, `gateway`, `address`, `routes`, `masq`, `state`) so tests can check the rollback.
-//! Harmless in production: it can only make ADD fail and undo itself.
+//! Compiled only into debug builds (`cargo test`, `make test`) or with the `test-hooks` feature: the release
+//! binary does not read the variable.
 //!
 //! Dependencies: the workspace's evio crates; `tracing`/`tracing-subscriber` (fmt only) for the log file;
 //! `serde_json` for the protocol; `libc` for `getrandom`.
 
+mod add;
+mod check;
+mod common;
+mod del;
 mod delegate;
+#[cfg(test)]
+mod fake;
+mod gc;
+mod host;
 mod plugin;
 mod state;
+mod status;
 
 use std::io::{Read, Write};
 use std::panic::AssertUnwindSafe;
@@ -24,11 +34,7 @@ use evio_cni_types::env::{Command, Env};
 use evio_cni_types::version::{self, LATEST};
 use evio_cni_types::{CniError, ErrorCode};
 
-/// What a successful run prints.
-pub enum Output {
-    Json(String),
-    Nothing,
-}
+use crate::common::Output;
 
 fn read_stdin() -> Result<Vec<u8>, CniError> {
     let mut buf = Vec::new();

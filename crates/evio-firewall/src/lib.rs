@@ -15,14 +15,25 @@
 //! Every pod address is a set element whose comment is the attachment key (network, container id, ifname),
 //! so DEL removes exactly its own entries (by address when it knows them, else by listing the key, which
 //! needs neither the netns nor any state) and GC removes the entries of attachments no longer valid.
-//! One ADD or DEL is one `nft -f -` run: one atomic transaction, safe under concurrent plugin invocations
-//! (the kernel serialises nftables transactions; table, sets and chain are declared idempotently and the
-//! chain's two rules are flushed and re-added in the same transaction).
 //!
-//! Dependencies: `serde_json` reads `nft -j` listings (GC, and DEL without state); `ipnet` for CIDRs. The
-//! `nft` binary is used rather than a netlink encoder crate: it is the stable, documented interface and one
-//! run costs a few milliseconds (see docs/bench/cni.md).
+//! The plugin uses this through the [`Firewall`] trait; [`Nftables`] is the one implementation. It talks to
+//! the kernel in two ways, each for what it does best, and keeps one cache:
+//!
+//! - `nft -f -` scripts (this module): declaring the table, sets and chain, and the fallback for every
+//!   change. One run is one atomic transaction, safe under concurrent plugin invocations (the kernel
+//!   serialises nftables transactions; table, sets and chain are declared idempotently and the chain's two
+//!   rules are flushed and re-added in the same transaction). `nft -j list` reads the entries (GC, DEL
+//!   without state, CHECK).
+//! - nfnetlink batches (`nfnl`): the per-pod fast path, adding or removing set elements in one message
+//!   batch on a netlink socket, well under a millisecond where an `nft` run costs 3-20 ms (process start
+//!   and its own netlink cache; docs/bench/cni.md). Its `unsafe` is confined to the socket calls of
+//!   `nfnl::Nfnl` (socket, bind, send, recv), each with its `SAFETY` note; message encoding is safe code.
+//! - the marker-file cache (`marker`): tells ADD whether the table already holds every no-masquerade CIDR
+//!   it needs, so the fast path can be taken; a wrong or missing marker only costs one `nft` run.
+//!
+//! Dependencies: `serde_json` reads `nft -j` listings; `ipnet` for CIDRs; `libc` for the netlink socket.
 
+mod marker;
 mod nfnl;
 
 use std::collections::HashSet;
@@ -136,6 +147,15 @@ pub struct Pending {
 }
 
 impl Pending {
+    /// A change already made (nothing to wait for): what the netlink fast path returns, and what a
+    /// [`Firewall`] that is not nftables (a test double) hands back.
+    pub fn done() -> Pending {
+        Pending {
+            child: None,
+            marker: None,
+        }
+    }
+
     /// True when the change was already made through netlink (no `nft` run).
     pub fn is_done(&self) -> bool {
         self.child.is_none()
@@ -158,73 +178,9 @@ impl Pending {
             && let Ok(mut nl) = nfnl::Nfnl::open()
             && let Ok(Some(h)) = nl.table_handle(TABLE)
         {
-            record_marker(&dir, h, &cidrs);
+            marker::record(&dir, h, &cidrs);
         }
         Ok(())
-    }
-}
-
-/// The marker naming what a given incarnation of our table holds: keyed by boot, network namespace and the
-/// table's handle (new each time the table is created), so a recreated or flushed-and-recreated table is
-/// never mistaken for ours.
-fn marker_path(dir: &Path, handle: u64) -> Option<PathBuf> {
-    use std::os::unix::fs::MetadataExt;
-    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
-    let ns = std::fs::metadata("/proc/thread-self/ns/net").ok()?.ino();
-    Some(dir.join(format!("nft-{}-{ns}-{handle}", boot.trim())))
-}
-
-fn marker_has(dir: &Path, handle: u64, cidrs: &[IpNet]) -> bool {
-    let Some(p) = marker_path(dir, handle) else {
-        return false;
-    };
-    let Ok(text) = std::fs::read_to_string(p) else {
-        return false;
-    };
-    cidrs
-        .iter()
-        .all(|c| text.lines().any(|l| l == c.trunc().to_string()))
-}
-
-fn record_marker(dir: &Path, handle: u64, cidrs: &[IpNet]) {
-    let Some(p) = marker_path(dir, handle) else {
-        return;
-    };
-    let mut lines: Vec<String> = std::fs::read_to_string(&p)
-        .map(|t| t.lines().map(str::to_string).collect())
-        .unwrap_or_default();
-    for c in cidrs {
-        let c = c.trunc().to_string();
-        if !lines.contains(&c) {
-            lines.push(c);
-        }
-    }
-    let _ = std::fs::create_dir_all(dir);
-    // Markers of earlier boots, or of earlier incarnations of the table in this namespace, are stale.
-    if let (Some(name), Ok(rd)) = (
-        p.file_name().and_then(|n| n.to_str()),
-        std::fs::read_dir(dir),
-    ) {
-        let parts: Vec<&str> = name.split('-').collect();
-        let boot = parts.iter().take(6).copied().collect::<Vec<_>>().join("-");
-        let boot_ns = parts.iter().take(7).copied().collect::<Vec<_>>().join("-") + "-";
-        for e in rd.flatten() {
-            let n = e.file_name().to_string_lossy().into_owned();
-            if n.starts_with("nft-")
-                && n != name
-                && (!n.starts_with(&boot) || n.starts_with(&boot_ns))
-            {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-    }
-    let tmp = dir.join(format!(
-        ".nft-marker.{}.{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    if std::fs::write(&tmp, lines.join("\n") + "\n").is_ok() {
-        let _ = std::fs::rename(&tmp, &p);
     }
 }
 
@@ -300,7 +256,7 @@ pub fn start_add(
     all.dedup();
     if let Ok(mut nl) = nfnl::Nfnl::open()
         && let Ok(Some(h)) = nl.table_handle(TABLE)
-        && marker_has(cache_dir, h, &all)
+        && marker::has(cache_dir, h, &all)
     {
         use nfnl::{Elem, Op};
         // Usually the address is new: one exclusive add. If a stale element holds it (a leak, another key),
@@ -491,6 +447,55 @@ pub fn gc(network: &str, valid_keys: &HashSet<String>) -> Result<usize> {
         .collect();
     remove(&stale)?;
     Ok(stale.len())
+}
+
+/// The masquerade entries of CNI attachments: the one interface the plugin uses, so the plugin's verbs can
+/// be run against a recording double. [`Nftables`] is the implementation.
+pub trait Firewall: Send + Sync {
+    /// Starts adding the entries of attachment `key` (see [`start_add`]).
+    fn start_add(
+        &self,
+        cache_dir: &Path,
+        key: &str,
+        ips: &[IpAddr],
+        no_masq: &[IpNet],
+    ) -> Result<Pending>;
+    /// Removes the entries of `ips`, present or not (see [`remove`]).
+    fn remove(&self, ips: &[IpAddr]) -> Result<()>;
+    /// Removes every entry tagged `key` (see [`remove_key`]).
+    fn remove_key(&self, key: &str) -> Result<usize>;
+    /// Every pod entry: address and key (see [`list`]).
+    fn list(&self) -> Result<Vec<(IpAddr, String)>>;
+    /// Removes the entries of `network` whose key is not in `valid_keys` (see [`gc`]).
+    fn gc(&self, network: &str, valid_keys: &HashSet<String>) -> Result<usize>;
+}
+
+/// evio's nftables table `inet evio_cni` (this module's functions).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Nftables;
+
+impl Firewall for Nftables {
+    fn start_add(
+        &self,
+        cache_dir: &Path,
+        key: &str,
+        ips: &[IpAddr],
+        no_masq: &[IpNet],
+    ) -> Result<Pending> {
+        start_add(cache_dir, key, ips, no_masq)
+    }
+    fn remove(&self, ips: &[IpAddr]) -> Result<()> {
+        remove(ips)
+    }
+    fn remove_key(&self, key: &str) -> Result<usize> {
+        remove_key(key)
+    }
+    fn list(&self) -> Result<Vec<(IpAddr, String)>> {
+        list()
+    }
+    fn gc(&self, network: &str, valid_keys: &HashSet<String>) -> Result<usize> {
+        gc(network, valid_keys)
+    }
 }
 
 #[cfg(test)]

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
+use evio_cni_types::config::{ConfList, PluginKeys};
+use evio_cni_types::version::LATEST;
 use evio_store::{EtcdOptions, NodeSubnet, Store, SubnetPlan, node_bits_from_json, parse_cidr};
 use serde_json::{Map, Value, json};
 
@@ -21,8 +23,9 @@ mod version;
 pub const CONFLIST: &str = "10-evio.conflist";
 /// The plugin's binary name (the conflist's `"type": "evio-cni"`).
 pub const PLUGIN: &str = "evio-cni";
-/// Overlay MTU: the tunnel's inner MTU (1500 minus the 80-byte WireGuard-over-UDP/IPv6 overhead, as wg does).
-pub const DEFAULT_MTU: u64 = 1420;
+/// Pod MTU when the net-conf names none: the tunnel's inner MTU on a 1500-byte underlay (one rule, in
+/// evio-cni-types, derived from the tunnel's overhead).
+pub const DEFAULT_MTU: u32 = evio_cni_types::config::DEFAULT_MTU;
 
 /// etcd connection flags shared by `cni-config`, `nodes` and `release`.
 #[derive(clap::Args, Debug, Clone)]
@@ -126,7 +129,8 @@ pub struct NetConf {
     pub cni_version: Option<String>,
     pub plan: SubnetPlan,
     pub data_store: Option<Vec<String>>,
-    /// The evio-cni plugin keys copied into the conflist (already checked).
+    /// The evio-cni plugin keys copied into the conflist: [`PluginKeys`] serialised (checked by the plugin's
+    /// parser).
     pub plugin: Map<String, Value>,
     /// Extra host-local keys (e.g. `dataDir`), from the net-conf's optional `ipam` object.
     pub ipam_extra: Map<String, Value>,
@@ -134,22 +138,6 @@ pub struct NetConf {
 
 /// The versions evio-cni speaks.
 const CNI_VERSIONS: &[&str] = evio_cni_types::version::SUPPORTED;
-
-const COPIED_KEYS: &[&str] = &[
-    "bridge",
-    "bridgeType",
-    "ovsDatapathType",
-    "ovsdbSocket",
-    "isGateway",
-    "isDefaultGateway",
-    "ipMasq",
-    "mtu",
-    "hairpinMode",
-    "logFile",
-    "logLevel",
-    "stateDir",
-    "clusterCIDRs",
-];
 
 impl NetConf {
     /// Parses and checks a net-conf document; every error names the key and what is wrong.
@@ -200,18 +188,10 @@ impl NetConf {
                 CNI_VERSIONS.join(", ")
             ),
         };
-        let mut plugin = Map::new();
-        for k in COPIED_KEYS {
-            if let Some(v) = o.get(*k) {
-                plugin.insert(k.to_string(), v.clone());
-            }
-        }
-        if let Some(v) = o.get("isIPMasq")
-            && !plugin.contains_key("ipMasq")
-        {
-            plugin.insert("ipMasq".into(), v.clone()); // the original Evio key
-        }
-        check_plugin_keys(&mut plugin)?;
+        // The plugin keys, read and checked by evio-cni-types: the rules the plugin itself runs.
+        let plugin = PluginKeys::from_object(&o)
+            .map_err(|e| anyhow!("{e}"))?
+            .to_map();
         let mut ipam_extra = Map::new();
         match o.get("ipam") {
             None | Some(Value::Null) => {}
@@ -230,14 +210,22 @@ impl NetConf {
             }
             Some(other) => bail!("ipam must be an object, not {other}"),
         }
-        Ok(NetConf {
+        let conf = NetConf {
             name,
             cni_version,
             plan,
             data_store,
             plugin,
             ipam_extra,
-        })
+        };
+        // The whole plugin entry, as a node would get it, through the plugin's own parser.
+        let sample = conf
+            .plan
+            .subnet(0)
+            .ok_or_else(|| anyhow!("podCIDR has no node subnet"))?;
+        let version = conf.cni_version.as_deref().unwrap_or(LATEST);
+        check_conflist(&conf.conflist(&sample, version))?;
+        Ok(conf)
     }
 
     /// The node's conflist for `subnet`, of CNI version `cni_version`.
@@ -288,73 +276,16 @@ fn valid_net_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
-fn check_plugin_keys(p: &mut Map<String, Value>) -> Result<()> {
-    for (k, v) in p.iter_mut() {
-        match k.as_str() {
-            "bridge" => {
-                let s = v
-                    .as_str()
-                    .ok_or_else(|| anyhow!("bridge must be a string"))?;
-                if s.is_empty() || s.len() > 15 || s.contains(['/', ' ', ':']) {
-                    bail!(
-                        "bridge {s:?} is not a valid interface name (1-15 characters, no '/', ':' or spaces)"
-                    );
-                }
-            }
-            "bridgeType" => {
-                let s = v
-                    .as_str()
-                    .ok_or_else(|| anyhow!("bridgeType must be a string"))?;
-                if !["linux", "ovs", "LXBR", "OVS"].contains(&s) {
-                    bail!("bridgeType {s:?} is not one of linux, ovs (or the legacy LXBR, OVS)");
-                }
-            }
-            "ovsDatapathType" => {
-                let s = v
-                    .as_str()
-                    .ok_or_else(|| anyhow!("ovsDatapathType must be a string"))?;
-                if !["system", "netdev"].contains(&s) {
-                    bail!("ovsDatapathType {s:?} is not one of system, netdev");
-                }
-            }
-            "ovsdbSocket" | "logFile" | "logLevel" | "stateDir" if !v.is_string() => {
-                bail!("{k} must be a string")
-            }
-            "isGateway" | "isDefaultGateway" | "ipMasq" | "hairpinMode" => {
-                // The original ConfigMap wrote booleans as strings.
-                *v = match &*v {
-                    Value::Bool(b) => Value::Bool(*b),
-                    Value::String(s) if s.eq_ignore_ascii_case("true") => Value::Bool(true),
-                    Value::String(s) if s.eq_ignore_ascii_case("false") => Value::Bool(false),
-                    other => bail!("{k} must be true or false, not {other}"),
-                };
-            }
-            "mtu" => {
-                let n = match &*v {
-                    Value::Number(n) => n.as_u64(),
-                    Value::String(s) => s.trim().parse().ok(),
-                    _ => None,
-                };
-                match n {
-                    // the plugin's own range (evio-cni-types), so what is written is what it accepts
-                    Some(n) if (68..=65535).contains(&n) => *v = json!(n),
-                    _ => bail!("mtu must be a whole number between 68 and 65535, not {v}"),
-                }
-            }
-            "clusterCIDRs" => {
-                let ok = v.as_array().is_some_and(|a| {
-                    a.iter().all(|x| {
-                        x.as_str()
-                            .is_some_and(|s| s.parse::<ipnet::IpNet>().is_ok())
-                    })
-                });
-                if !ok {
-                    bail!("clusterCIDRs must be a list of CIDRs, not {v}");
-                }
-            }
-            _ => {}
-        }
-    }
+/// Checks a conflist with the parsers the runtime's side uses: the list, then the evio-cni entry with
+/// [`PluginKeys::check_entry`] (i.e. the plugin's `NetConf::parse`), so nothing the plugin would refuse is
+/// ever written.
+pub fn check_conflist(list: &Value) -> Result<()> {
+    let bytes = serde_json::to_vec(list)?;
+    let l = ConfList::parse(&bytes).map_err(|e| anyhow!("the conflist: {e}"))?;
+    let Some(Value::Object(entry)) = l.plugins.first() else {
+        bail!("the conflist has no {PLUGIN} entry");
+    };
+    PluginKeys::check_entry(entry, &l.cni_version, &l.name).map_err(|e| anyhow!("{e}"))?;
     Ok(())
 }
 
@@ -410,7 +341,9 @@ pub fn run(args: Args) -> Result<()> {
     for d in [&args.cni_conf_dir, &args.cni_bin_dir] {
         fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
-    let conflist = serde_json::to_vec_pretty(&conf.conflist(&subnet, &cni_version))?;
+    let list = conf.conflist(&subnet, &cni_version);
+    check_conflist(&list)?;
+    let conflist = serde_json::to_vec_pretty(&list)?;
     write_atomic(&args.cni_conf_dir, CONFLIST, &conflist, 0o644)?;
     remove_stale(&args.cni_conf_dir)?;
     install_plugin(&plugin, &args.cni_bin_dir)?;
