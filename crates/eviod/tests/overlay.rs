@@ -32,6 +32,12 @@ fn three_hosts_reach_each_others_vips() {
         .extra
         .extend(["--metrics-addr".to_string(), "127.0.0.1:9109".to_string()]);
     c.start_all();
+    if c.ca.is_some() {
+        // CA mode (EVIO_TEST_CA): every agent joined with the token and holds its certificate.
+        for h in &c.hosts {
+            assert!(h.state_dir.join("node.cert").exists(), "{}", c.logs());
+        }
+    }
     assert!(
         c.wait_mesh(Duration::from_secs(20)),
         "no full mesh:\n{}",

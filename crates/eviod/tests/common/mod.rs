@@ -22,9 +22,57 @@ pub struct Host {
 
 pub struct Cluster {
     pub hosts: Vec<Host>,
+    /// CA mode (`EVIO_TEST_CA` set): the signer and the join token every agent is started with.
+    pub ca: Option<CaMode>,
     pub etcd: Etcd,
     pub underlay: Netns,
     pub dir: tempfile::TempDir,
+}
+
+/// A cluster CA for the test cluster: `evioctl ca init`, the signer in the underlay namespace (killed on
+/// drop) and one reusable token.
+pub struct CaMode {
+    pub token: String,
+    signer: Child,
+}
+
+impl Drop for CaMode {
+    fn drop(&mut self) {
+        let _ = self.signer.kill();
+        let _ = self.signer.wait();
+    }
+}
+
+impl CaMode {
+    fn start(underlay: &Netns, etcd: &str, dir: &std::path::Path) -> CaMode {
+        let ca_dir = dir.join("ca");
+        let ctl = evioctl();
+        let ctl = ctl.to_str().unwrap();
+        run_ok(&[ctl, "ca", "init", "--dir", ca_dir.to_str().unwrap()]);
+        let log = std::fs::File::create(dir.join("signer.log")).unwrap();
+        let signer = underlay
+            .command(ctl)
+            .args(["ca", "serve", "--ca-dir", ca_dir.to_str().unwrap()])
+            .args(["--etcd-endpoints", etcd, "--pod-cidr", "10.244.0.0/16"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start the signer");
+        let token = run_ok(&[
+            ctl,
+            "token",
+            "create",
+            "--reusable",
+            "--ca-dir",
+            ca_dir.to_str().unwrap(),
+            "--etcd-endpoints",
+            etcd,
+        ])
+        .trim()
+        .to_string();
+        CaMode { token, signer }
+    }
 }
 
 pub fn eviod() -> &'static str {
@@ -73,8 +121,12 @@ impl Cluster {
                 extra: vec![],
             });
         }
+        // The suites that run this fixture run again in CA mode with EVIO_TEST_CA=1 (the Makefile).
+        let ca = std::env::var_os("EVIO_TEST_CA")
+            .map(|_| CaMode::start(&underlay, &etcd.endpoint(), dir.path()));
         Cluster {
             hosts,
+            ca,
             etcd,
             underlay,
             dir,
@@ -85,9 +137,18 @@ impl Cluster {
         self.etcd.endpoint()
     }
 
+    /// Starts host `i`'s agent: with the etcd endpoint, or in CA mode with only the join token.
     pub fn start(&mut self, i: usize) {
-        let url = self.etcd_url();
-        self.hosts[i].start(&url);
+        match &self.ca {
+            Some(ca) => {
+                let token = ca.token.clone();
+                self.hosts[i].start_with(None, &[("EVIO_JOIN_TOKEN", &token)]);
+            }
+            None => {
+                let url = self.etcd_url();
+                self.hosts[i].start(&url);
+            }
+        }
     }
 
     pub fn start_all(&mut self) {
