@@ -450,13 +450,16 @@ fn seal_open_and_status_in_parallel() {
     };
     let from = "192.0.2.1:51820".parse().unwrap();
     let mut out = vec![0u8; 2048];
-    let mut got = 0;
+    let (mut got, mut late) = (0, 0);
     for d in rx {
         match b.decapsulate(now, from, &d, &mut out) {
             Inbound::WriteTun { len, .. } => {
                 assert_eq!(len, 628);
                 got += 1;
             }
+            // A sender preempted between sealing and queueing can be overtaken by more packets than the
+            // replay window holds (a busy machine): WireGuard drops those, as it must. Nothing else may go.
+            Inbound::Dropped(DropReason::Replay) => late += 1,
             r => panic!("{r:?}"),
         }
     }
@@ -465,9 +468,10 @@ fn seal_open_and_status_in_parallel() {
     }
     stop.store(true, Ordering::Relaxed);
     assert!(scraper.join().unwrap() > 0);
-    assert_eq!(got, 2 * PER_THREAD);
+    assert_eq!(got + late, 2 * PER_THREAD);
+    assert!(got >= PER_THREAD, "only {got} of {} opened", 2 * PER_THREAD);
     let (sa, sb) = (&a.peers()[0], &b.peers()[0]);
     assert!(sa.tx_packets >= 2 * PER_THREAD as u64);
-    assert_eq!(sb.rx_packets, 2 * PER_THREAD as u64);
-    assert_eq!(sb.rx_bytes, 628 * 2 * PER_THREAD as u64);
+    assert_eq!(sb.rx_packets, got as u64);
+    assert_eq!(sb.rx_bytes, 628 * got as u64);
 }
