@@ -5,6 +5,8 @@
 //! instead of silently skipping.
 
 pub mod cni;
+#[cfg(feature = "cri")]
+pub mod cri;
 pub mod ovs;
 pub mod runtimes;
 

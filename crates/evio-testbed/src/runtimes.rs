@@ -135,7 +135,7 @@ fn private_cni_mounts(dirs: &CniDirs, cmd: &[&str]) -> Command {
 }
 
 /// Every process in cgroup `name` (and below) of any hierarchy.
-fn cgroup_pids(name: &str) -> Vec<i32> {
+pub(crate) fn cgroup_pids(name: &str) -> Vec<i32> {
     fn walk(dir: &Path, out: &mut Vec<i32>) {
         if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
             out.extend(
@@ -166,7 +166,7 @@ fn cgroup_pids(name: &str) -> Vec<i32> {
 }
 
 /// Pids of processes whose command line contains `needle` (e.g. a containerd shim serving our socket).
-fn pids_with_arg(needle: &str) -> Vec<i32> {
+pub(crate) fn pids_with_arg(needle: &str) -> Vec<i32> {
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -181,7 +181,7 @@ fn pids_with_arg(needle: &str) -> Vec<i32> {
 }
 
 /// SIGKILLs `pids` (processes this fixture's runtime started for the test).
-fn kill_all(pids: &[i32]) {
+pub(crate) fn kill_all(pids: &[i32]) {
     for &pid in pids {
         if pid > 1 && pid != std::process::id() as i32 {
             // SAFETY: kill with pids read from our own cgroup or our own runtime's shims; no memory touched.
@@ -192,7 +192,7 @@ fn kill_all(pids: &[i32]) {
 
 /// Removes cgroup directories named `name` (and everything below) in every hierarchy; they are
 /// empty once the container is gone.
-fn remove_cgroups(name: &str) {
+pub(crate) fn remove_cgroups(name: &str) {
     let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") else {
         return;
     };
