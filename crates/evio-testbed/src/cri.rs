@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1 as cri;
+/// A container's state as the CRI reports it.
+pub use k8s_cri::v1::ContainerState;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -400,7 +402,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 namespace: "default".into(),
                 attempt: 0,
             }),
-            hostname: spec.name.clone(),
+            // kubelet leaves the hostname empty for hostNetwork pods (they share the node's UTS).
+            hostname: if spec.host_network {
+                String::new()
+            } else {
+                spec.name.clone()
+            },
             log_directory: logs.display().to_string(),
             port_mappings: spec
                 .ports

@@ -328,7 +328,10 @@ fn a_sandbox_whose_netns_vanished_is_removed_cleanly() {
     assert_eq!(node.reservations(), Vec::<String>::new());
     assert_eq!(node.attachments(), Vec::<PathBuf>::new());
     assert_eq!(hostport_rules(&c, 0), Vec::<String>::new());
-    assert_eq!(cache_entries(std::slice::from_ref(&s.id)), Vec::<PathBuf>::new());
+    assert_eq!(
+        cache_entries(std::slice::from_ref(&s.id)),
+        Vec::<PathBuf>::new()
+    );
 }
 
 #[test]
