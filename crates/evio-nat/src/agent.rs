@@ -174,7 +174,15 @@ pub enum Event {
     LocalCandidates(Vec<Candidate>),
     /// The path to `peer` changed (`None`: no working path).
     PathChanged { peer: PeerKey, path: Option<Path> },
+    /// A check arrived from a node that is not one of our peers (not verified: we have no key for it).
+    /// A caller with lazy peers adds it with [`Agent::set_peer`] if the cluster knows that key, so that
+    /// the next check (a retransmission) is answered. Reported at most once a second per key, for at
+    /// most [`UNKNOWN_SENDERS`] keys a second.
+    CheckFromUnknown(PeerKey),
 }
+
+/// Unknown check senders reported per second at most (bounds what a flood of forged senders costs).
+pub const UNKNOWN_SENDERS: usize = 64;
 
 /// Where a tunnel datagram came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -370,6 +378,8 @@ pub struct Agent {
     path_changes: u64,
     /// Wall clock anchor: the Unix time at this instant.
     clock: (Instant, Duration),
+    /// Unknown check senders reported in the current second, and when that second began.
+    unknown: (Instant, Vec<PeerKey>),
 }
 
 impl Agent {
@@ -407,6 +417,7 @@ impl Agent {
             reflexive: None,
             path_changes: 0,
             clock: (now, unix_time),
+            unknown: (now, Vec::new()),
         };
         a.handle_timeout(now);
         a
@@ -1029,8 +1040,18 @@ impl Agent {
             return;
         };
         let unix_ms = self.unix_ms(now);
-        let Some(peer) = self.peers.get_mut(&sender) else {
+        if !self.peers.contains_key(&sender) {
             tracing::debug!(%from, "check from an unknown node ignored");
+            if now.saturating_duration_since(self.unknown.0) >= Duration::from_secs(1) {
+                self.unknown = (now, Vec::new());
+            }
+            if self.unknown.1.len() < UNKNOWN_SENDERS && !self.unknown.1.contains(&sender) {
+                self.unknown.1.push(sender);
+                self.events.push_back(Event::CheckFromUnknown(sender));
+            }
+            return;
+        }
+        let Some(peer) = self.peers.get_mut(&sender) else {
             return;
         };
         let key = peer.key;

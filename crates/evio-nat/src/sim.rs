@@ -418,6 +418,8 @@ pub struct Node {
     pub path_events: Vec<(Duration, PeerKey, Option<crate::Path>)>,
     /// Candidate lists published.
     pub published: Vec<Vec<Candidate>>,
+    /// Checks from nodes this one does not know ([`Event::CheckFromUnknown`]), with the time.
+    pub unknown_checks: Vec<(Duration, PeerKey)>,
 }
 
 /// The simulated wall clock at the start of a simulation (Unix time; any fixed value would do).
@@ -538,6 +540,7 @@ impl Sim {
             agent,
             tunnel_rx: Vec::new(),
             path_events: Vec::new(),
+            unknown_checks: Vec::new(),
             published: Vec::new(),
         });
         let i = self.nodes.len() - 1;
@@ -580,6 +583,19 @@ impl Sim {
         }
     }
 
+    /// Tells node `i` about one peer (what a lazy node's control plane does when it wants the peer).
+    pub fn set_peer(
+        &mut self,
+        i: usize,
+        peer: PeerKey,
+        check_key: [u8; 32],
+        cands: Vec<Candidate>,
+    ) {
+        let now = self.now;
+        self.nodes[i].agent.set_peer(peer, check_key, cands, now);
+        self.flush_node(i);
+    }
+
     fn enqueue(&mut self, p: Packet, hop: Hop) {
         self.datagrams += 1;
         if self.loss > 0.0 && self.rng.random_bool(self.loss) {
@@ -616,6 +632,7 @@ impl Sim {
                 Event::PathChanged { peer, path } => {
                     self.nodes[i].path_events.push((at, peer, path))
                 }
+                Event::CheckFromUnknown(k) => self.nodes[i].unknown_checks.push((at, k)),
             }
         }
         if republish && self.auto_introduce && self.nodes.len() > 1 {

@@ -659,3 +659,46 @@ fn relay_flood_leaves_the_slot_table_bounded() {
         assert_eq!(slots.remote(s), Some(r), "slot {s} re-pointed");
     }
 }
+
+/// Lazy peers: a node that knows a peer checks it; the peer, which does not know the node yet, reports the
+/// unknown sender (at most once a second), adds it as its caller would, and both have a direct path a
+/// check retransmission later.
+#[test]
+fn a_check_from_an_unknown_node_is_reported_and_adding_it_gives_a_path() {
+    let mut sim = Sim::new(11);
+    let a = sim.add_node("198.51.100.1:51820", None, false);
+    let b = sim.add_node("198.51.100.2:51820", None, false);
+    sim.run_for(secs(1));
+    // Only a learns about b (a's first packet to b wants it).
+    let (ka, kb) = (sim.nodes[a].key, sim.nodes[b].key);
+    let cands = sim.nodes[b].agent.local_candidates();
+    let now_key = Sim::pair_key(&ka, &kb);
+    let t0 = sim.elapsed();
+    sim.set_peer(a, kb, now_key, cands);
+    let mut reported = None;
+    while sim.elapsed() - t0 < secs(3) && reported.is_none() {
+        sim.run_for(Duration::from_millis(10));
+        reported = sim.nodes[b].unknown_checks.first().copied();
+    }
+    let (at, who) = reported.expect("b never reported a's checks");
+    assert_eq!(who, ka);
+    assert!(
+        at - t0 < Duration::from_millis(500),
+        "reported after {:?}",
+        at - t0
+    );
+    // Reported once a second at most, however many checks a sends.
+    sim.run_for(Duration::from_millis(900));
+    assert_eq!(
+        sim.nodes[b].unknown_checks.len(),
+        1,
+        "{:?}",
+        sim.nodes[b].unknown_checks
+    );
+    // b adds a (as eviod does with a key the cluster knows): paths both ways within 2 s.
+    let cands = sim.nodes[a].agent.local_candidates();
+    sim.set_peer(b, ka, now_key, cands);
+    let took = until_paths(&mut sim, a, b, PathKind::Direct, secs(5)).expect("no direct path");
+    assert!(took < secs(2), "{took:?}");
+    assert_tunnel(&mut sim, a, b);
+}

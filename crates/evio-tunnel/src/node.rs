@@ -184,6 +184,10 @@ pub enum Event {
     EndpointChanged { peer: PeerId, endpoint: SocketAddr },
     /// The session expired (no new keys within the protocol's limits): back to `connecting`.
     SessionExpired { peer: PeerId },
+    /// A packet for the peer arrived while it has no endpoint: it is queued (boringtun's bounded queue)
+    /// until a path is set ([`Node::set_path`]), which then starts a handshake at once. Reported once
+    /// until the peer is made idle again ([`Node::set_idle`]). Lazy peers start here.
+    Wanted { peer: PeerId },
 }
 
 /// A datagram to send that did not fit the hot-path return values (handshakes, cookies, queued packets).
@@ -275,6 +279,8 @@ struct PeerState {
     managed: Option<PathKind>,
     /// The last source reported by [`Node::poll_source`], and when.
     reported: Option<(SocketAddr, Instant)>,
+    /// Packets wait for a path ([`Event::Wanted`] was reported).
+    wanted: bool,
 }
 
 struct Peer {
@@ -546,6 +552,7 @@ impl Node {
                 last_nudge: None,
                 managed: None,
                 reported: None,
+                wanted: false,
             }),
             handshakes: AtomicU64::new(0),
             rx_bytes: AtomicU64::new(0),
@@ -566,17 +573,18 @@ impl Node {
         self.publish(t);
         drop(next);
         if start {
-            self.initiate(&peer);
+            self.initiate(&peer, false);
         }
         id
     }
 
-    /// Starts a handshake with `peer` unless one is in progress.
-    fn initiate(&self, peer: &Peer) {
+    /// Starts a handshake with `peer` unless one is in progress (`force`: even then, e.g. one started
+    /// while the peer had no endpoint to send it to).
+    fn initiate(&self, peer: &Peer, force: bool) {
         let mut s = peer.lock();
         let Some(to) = s.endpoint else { return };
         SCRATCH.with_borrow_mut(|buf| {
-            if let TunnResult::WriteToNetwork(b) = s.tunn.format_handshake_initiation(buf, false) {
+            if let TunnResult::WriteToNetwork(b) = s.tunn.format_handshake_initiation(buf, force) {
                 self.transmits.push(Transmit {
                     to,
                     data: b.to_vec(),
@@ -624,15 +632,43 @@ impl Node {
             if s.path != PathKind::Connecting {
                 s.path = kind;
             }
-            // A peer without a session gets a handshake at once on its new endpoint (from the side with
-            // the larger key, as in `upsert_peer`).
-            changed
+            // A peer without a session gets a handshake at once on its new endpoint: from the side with
+            // the larger key, as in `upsert_peer`, or from the side with packets waiting (a lazy peer's
+            // first packet: the other side has nothing to send).
+            let start = changed
                 && s.path == PathKind::Connecting
-                && self.public_key.as_bytes() > &e.cfg.public_key
+                && (s.wanted || self.public_key.as_bytes() > &e.cfg.public_key);
+            (start, s.wanted)
         };
-        if start {
-            self.initiate(&e.peer);
+        if start.0 {
+            self.initiate(&e.peer, start.1);
         }
+    }
+
+    /// Makes peer `id` idle (lazy peers with no traffic): its session, queued packets and endpoint are
+    /// dropped, so no keepalive, rekey or handshake leaves for it until a packet wants it again
+    /// ([`Event::Wanted`]) and a path is set. Its routes stay.
+    pub fn set_idle(&self, id: PeerId) {
+        let t = self.snapshot();
+        let Some(e) = t.peers.get(&id) else {
+            return;
+        };
+        let tunn = Tunn::new(
+            self.private_key.clone(),
+            PublicKey::from(e.cfg.public_key),
+            self.preshared_key,
+            self.persistent_keepalive,
+            id,
+            None,
+        );
+        let mut s = e.peer.lock();
+        s.tunn = tunn;
+        s.endpoint = None;
+        s.managed = None;
+        s.path = PathKind::Connecting;
+        s.wanted = false;
+        s.reported = None;
+        s.candidate_idx = 0;
     }
 
     /// The public key of peer `id` (e.g. to tell NAT traversal which peer a datagram authenticated).
@@ -723,7 +759,17 @@ impl Node {
         };
         let mut s = p.lock();
         let Some(to) = s.endpoint else {
+            // No path yet (a lazy peer, or NAT traversal still checking): boringtun queues the packet
+            // (bounded) and starts a handshake that has nowhere to go; `set_path` sends a fresh one.
+            let queued = !matches!(s.tunn.encapsulate(packet, out), TunnResult::Err(_));
+            if queued && !s.wanted {
+                s.wanted = true;
+                self.events.push(Event::Wanted { peer: p.id });
+            }
             drop(s);
+            if queued {
+                return Outbound::Queued;
+            }
             self.drops.add(DropReason::NoEndpoint);
             return Outbound::Dropped(DropReason::NoEndpoint);
         };

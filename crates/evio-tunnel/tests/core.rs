@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::{Sim, ipv4};
 use evio_tunnel::{DropReason, Event, Inbound, Outbound, PathKind};
 
@@ -474,4 +476,58 @@ fn seal_open_and_status_in_parallel() {
     assert!(sa.tx_packets >= 2 * PER_THREAD as u64);
     assert_eq!(sb.rx_packets, got as u64);
     assert_eq!(sb.rx_bytes, 628 * got as u64);
+}
+
+/// Lazy peers: a peer without an endpoint queues packets (bounded, in boringtun) and reports `Wanted`
+/// once; the path set afterwards starts a handshake at once from the wanting side, whichever key is
+/// larger, and the queued packets arrive. `set_idle` drops the session: the next packet wants it again.
+#[test]
+fn a_peer_without_a_path_queues_packets_wants_a_path_and_goes_idle() {
+    for (from, to) in [(0usize, 1usize), (1, 0)] {
+        let mut sim = Sim::mesh(2, None);
+        sim.wire.clear();
+        // The peers again, without candidates (as eviod adds them: NAT traversal chooses the paths).
+        for i in 0..2 {
+            let mut cfg = sim.peer_cfg(1 - i);
+            cfg.candidates.clear();
+            let now = sim.now();
+            sim.nodes[i].node.remove_peer(&cfg.public_key);
+            sim.nodes[i].node.upsert_peer(now, cfg);
+        }
+        sim.flush_transmits();
+        assert!(sim.wire.is_empty(), "a peer without a path sent something");
+        let src = [10, 10, 0, from as u8 + 1];
+        let dst = [10, 10, 0, to as u8 + 1];
+        let (p1, p2) = (ipv4(src, dst, b"first"), ipv4(src, dst, b"second"));
+        assert_eq!(sim.send(from, &p1), Outbound::Queued);
+        assert_eq!(sim.send(from, &p2), Outbound::Queued);
+        let id = sim.id_of(from, to);
+        let events: Vec<Event> = std::iter::from_fn(|| sim.nodes[from].node.poll_event()).collect();
+        assert_eq!(events, vec![Event::Wanted { peer: id }]);
+        assert!(sim.wire.is_empty());
+
+        let addr = sim.nodes[to].addr;
+        sim.nodes[from].node.set_path(id, addr, PathKind::Direct);
+        sim.flush_transmits();
+        assert_eq!(sim.wire.len(), 1, "one handshake initiation");
+        sim.run();
+        assert_eq!(sim.nodes[to].inbox, vec![p1, p2]);
+
+        // At rest again: no session, no endpoint; nothing leaves on timers; the next packet wants it.
+        sim.nodes[from].node.set_idle(id);
+        let st = sim.nodes[from].node.peer(id).unwrap();
+        assert_eq!((st.endpoint, st.path), (None, PathKind::Connecting));
+        let before = sim.captured.len();
+        sim.advance(Duration::from_secs(30), Duration::from_secs(1));
+        let me = sim.nodes[from].addr;
+        let sent: Vec<_> = sim.captured[before..]
+            .iter()
+            .filter(|(f, _, _)| *f == me)
+            .collect();
+        assert!(sent.is_empty(), "an idle peer kept sending: {sent:?}");
+        let _ = std::iter::from_fn(|| sim.nodes[from].node.poll_event()).count();
+        assert_eq!(sim.send(from, &ipv4(src, dst, b"third")), Outbound::Queued);
+        let events: Vec<Event> = std::iter::from_fn(|| sim.nodes[from].node.poll_event()).collect();
+        assert!(events.contains(&Event::Wanted { peer: id }), "{events:?}");
+    }
 }

@@ -84,6 +84,19 @@ pub struct Args {
     /// Lease TTL of the node registration in seconds (default 10, at least 2).
     #[arg(long)]
     pub lease_ttl: Option<u64>,
+    /// Lazy peers: a peer's connectivity checks and WireGuard session start on the first packet to it
+    /// (or its first check to us) and stop after --peer-idle-timeout without traffic; pinned peers
+    /// (--pin-peer) are always up. Without it every peer is kept up (checks, session, keepalives).
+    #[arg(long, env = "EVIO_LAZY_PEERS")]
+    #[serde(default)]
+    pub lazy_peers: bool,
+    /// A peer (node name) kept up with --lazy-peers, e.g. the control-plane hosts; repeat the flag.
+    #[arg(long)]
+    #[serde(default)]
+    pub pin_peer: Vec<String>,
+    /// Seconds without inner packets after which a lazy peer goes idle (default 120, at least 1).
+    #[arg(long)]
+    pub peer_idle_timeout: Option<u64>,
     /// Read these settings from a JSON file (flags win).
     #[arg(long)]
     #[serde(skip)]
@@ -105,6 +118,18 @@ pub struct NatConfig {
     pub turn_password_file: Option<PathBuf>,
 }
 
+/// Seconds without traffic before a lazy peer goes idle.
+pub const DEFAULT_PEER_IDLE_TIMEOUT: u64 = 120;
+
+/// Which peers are kept up (see `--lazy-peers`).
+#[derive(Debug, Clone, Default)]
+pub struct PeersConfig {
+    pub lazy: bool,
+    /// Node names always kept up.
+    pub pinned: Vec<String>,
+    pub idle_timeout: std::time::Duration,
+}
+
 /// The resolved configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -118,6 +143,7 @@ pub struct Config {
     pub listen_port: u16,
     pub mtu: Option<u32>,
     pub nat: NatConfig,
+    pub peers: PeersConfig,
     pub psk_file: Option<PathBuf>,
     pub metrics_addr: Option<SocketAddr>,
     pub lease_ttl: u64,
@@ -167,6 +193,13 @@ impl Args {
             if self.stun.is_empty() {
                 self.stun = f.stun.clone();
             }
+            if self.pin_peer.is_empty() {
+                self.pin_peer = f.pin_peer.clone();
+            }
+            self.lazy_peers |= f.lazy_peers;
+            if self.peer_idle_timeout.is_none() {
+                self.peer_idle_timeout = f.peer_idle_timeout;
+            }
         }
         let Some(node_name) = self.node_name else {
             bail!("--node-name is required")
@@ -215,7 +248,16 @@ impl Args {
         if lease_ttl < 2 {
             bail!("--lease-ttl {lease_ttl} is too short: at least 2 seconds (renewed every TTL/3)");
         }
+        let idle = self.peer_idle_timeout.unwrap_or(DEFAULT_PEER_IDLE_TIMEOUT);
+        if idle == 0 {
+            bail!("--peer-idle-timeout must be at least 1 second");
+        }
         Ok(Config {
+            peers: PeersConfig {
+                lazy: self.lazy_peers,
+                pinned: self.pin_peer,
+                idle_timeout: std::time::Duration::from_secs(idle),
+            },
             node_name,
             etcd,
             state_dir,

@@ -395,6 +395,17 @@ impl Control {
                 node.upsert_peer(now, cfg);
             }
         }
+        if self.shared.nat.lazy() {
+            let pinned = &self.cfg.peers.pinned;
+            self.shared.nat.set_pinned(
+                desired
+                    .peers
+                    .iter()
+                    .filter(|p| pinned.contains(&p.name))
+                    .map(|p| p.grant.public_key)
+                    .collect(),
+            );
+        }
         let nat_peers: Vec<([u8; 32], Vec<evio_nat::Candidate>)> = desired
             .peers
             .iter()

@@ -284,6 +284,7 @@ fn write_tun(shared: &Shared, tun: &mut Tun, pkts: &mut PacketBatch) {
 
 fn timers(shared: &Shared, mut udp: UdpBatch) {
     let mut out = SendBatch::new(64, 64 * 256);
+    let mut last_sweep = Instant::now();
     while !shared.stopping() {
         std::thread::sleep(TICK);
         let events: Vec<Event> = {
@@ -291,6 +292,18 @@ fn timers(shared: &Shared, mut udp: UdpBatch) {
             n.tick(Instant::now());
             std::iter::from_fn(|| n.poll_event()).collect()
         };
+        let wanted: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Wanted { peer } => Some(*peer),
+                _ => None,
+            })
+            .collect();
+        let sweep = (last_sweep.elapsed() >= Duration::from_secs(1)).then(|| {
+            last_sweep = Instant::now();
+            shared.nat.idle_timeout
+        });
+        crate::nat::lazy_peers(shared, &wanted, sweep);
         crate::nat::pump(shared, &mut udp, &mut out);
         drain_transmits(shared, &mut udp, &mut out);
         flush(shared, &mut udp, &mut out);
@@ -311,6 +324,9 @@ fn log_event(shared: &Shared, e: &Event) {
         }
         Event::SessionExpired { peer } => {
             tracing::info!(peer = %peer_name(*peer), "session expired");
+        }
+        Event::Wanted { peer } => {
+            tracing::debug!(peer = %peer_name(*peer), "packets wait for a path");
         }
     }
 }

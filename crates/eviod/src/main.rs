@@ -206,14 +206,19 @@ fn run(mut cfg: Config) -> Result<()> {
         tracing::warn!("socket buffer sizes: {e}");
     }
     let port = udp.local_addr()?.port();
-    let nat = nat::Nat::new(
+    let mut nat = nat::Nat::new(
         secret.clone(),
         psk,
         port,
         &host.iter().map(|a| a.addr).collect::<Vec<_>>(),
         stun.clone(),
         turn.clone(),
+        cfg.peers.lazy,
     );
+    nat.idle_timeout = cfg.peers.idle_timeout;
+    if cfg.peers.lazy {
+        tracing::info!(pinned = ?cfg.peers.pinned, idle_timeout = ?cfg.peers.idle_timeout, "lazy peers");
+    }
     tracing::info!(?stun, turn = ?turn.as_ref().map(|t| t.server), "NAT traversal");
     tracing::info!(
         gso_segments = udp.max_gso_segments(),

@@ -100,12 +100,18 @@ type PathUpdate = (PeerKey, Option<(SocketAddr, evio_tunnel::PathKind)>);
 pub struct NatView {
     paths: HashMap<PeerKey, Option<Path>>,
     turn_server: Option<SocketAddr>,
+    lazy: bool,
 }
 
 impl NatView {
     /// The path NAT traversal chose to `peer`, if any.
     pub fn path(&self, peer: &PeerKey) -> Option<Path> {
         self.paths.get(peer).copied().flatten()
+    }
+
+    /// True if `peer` is a lazy peer at rest (not checked, no session).
+    pub fn idle(&self, peer: &PeerKey) -> bool {
+        self.lazy && !self.paths.contains_key(peer)
     }
 
     /// True if NAT traversal knows `peer` and has no working path to it.
@@ -127,6 +133,8 @@ struct PeerEntry {
     path: Option<Path>,
     /// The connectivity checks' key (from an X25519 with the peer's key: computed once per peer).
     check_key: [u8; 32],
+    /// The peer's inner packets (sent + received) at the last idle sweep, and since when unchanged.
+    activity: (u64, Instant),
 }
 
 struct Inner {
@@ -135,7 +143,12 @@ struct Inner {
     slots: RelaySlots,
     /// Relay endpoint slots the tunnel core's peers had as endpoints at the last [`sync_paths`].
     core_slots: HashSet<u16>,
+    /// The peers NAT traversal works on (with lazy peers: those wanted or pinned; else all).
     peers: HashMap<PeerKey, PeerEntry>,
+    /// Every peer the cluster allows, with its candidates (lazy peers start from here).
+    known: HashMap<PeerKey, Vec<Candidate>>,
+    /// Peers always kept up with lazy peers.
+    pinned: HashSet<PeerKey>,
     candidates: Vec<Candidate>,
     /// Provisional endpoint `[100::2]:i` -> the relayed address it stands for (a ring of [`PENDING`]).
     pending: Vec<SocketAddr>,
@@ -209,6 +222,12 @@ pub struct Nat {
     pub relay_rx_bytes: AtomicU64,
     pub path_changes: AtomicU64,
     pub checks_rx: AtomicU64,
+    /// Lazy peers (`--lazy-peers`): only wanted and pinned peers are checked.
+    lazy: bool,
+    /// How long a lazy peer stays up without inner packets (`--peer-idle-timeout`).
+    pub idle_timeout: std::time::Duration,
+    pub peers_woken: AtomicU64,
+    pub peers_idled: AtomicU64,
 }
 
 /// The wall clock (Unix time), for the timestamps of connectivity checks.
@@ -262,6 +281,7 @@ impl Nat {
         hosts: &[IpAddr],
         stun: Vec<SocketAddr>,
         turn: Option<TurnConfig>,
+        lazy: bool,
     ) -> Nat {
         let public = PublicKey::from(&secret).to_bytes();
         let cfg = AgentConfig {
@@ -281,6 +301,8 @@ impl Nat {
                 slots: RelaySlots::default(),
                 core_slots: HashSet::new(),
                 peers: HashMap::new(),
+                known: HashMap::new(),
+                pinned: HashSet::new(),
                 candidates,
                 pending: Vec::new(),
                 next_pending: 0,
@@ -294,7 +316,89 @@ impl Nat {
             relay_rx_bytes: AtomicU64::new(0),
             path_changes: AtomicU64::new(0),
             checks_rx: AtomicU64::new(0),
+            lazy,
+            idle_timeout: std::time::Duration::from_secs(crate::config::DEFAULT_PEER_IDLE_TIMEOUT),
+            peers_woken: AtomicU64::new(0),
+            peers_idled: AtomicU64::new(0),
         }
+    }
+
+    pub fn lazy(&self) -> bool {
+        self.lazy
+    }
+
+    /// The peers kept up with lazy peers (the control plane maps `--pin-peer` names to keys).
+    pub fn set_pinned(&self, keys: HashSet<PeerKey>) {
+        self.lock().pinned = keys;
+    }
+
+    /// Starts NAT traversal with a lazy peer the cluster knows (its first packet, or its first check
+    /// to us). Returns whether it was at rest.
+    pub fn wake(&self, peer: &PeerKey) -> bool {
+        if !self.lazy {
+            return false;
+        }
+        let cands = {
+            let g = self.lock();
+            if g.peers.contains_key(peer) {
+                return false;
+            }
+            match g.known.get(peer) {
+                Some(c) => c.clone(),
+                None => return false,
+            }
+        };
+        let ck = self.check_key_of(peer);
+        let now = Instant::now();
+        let mut g = self.lock();
+        if g.peers.contains_key(peer) || !g.known.contains_key(peer) {
+            return false;
+        }
+        g.agent.set_peer(*peer, ck, cands.clone(), now);
+        g.peers.insert(
+            *peer,
+            PeerEntry {
+                candidates: cands,
+                path: None,
+                check_key: ck,
+                activity: (0, now),
+            },
+        );
+        self.peers_woken.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Lazy peers that moved no inner packet for `timeout` (given each peer's packet count now) go to
+    /// rest: NAT traversal forgets them. Returns them (the tunnel core then drops their sessions).
+    pub fn idle_peers(
+        &self,
+        packets: &HashMap<PeerKey, u64>,
+        timeout: std::time::Duration,
+    ) -> Vec<PeerKey> {
+        if !self.lazy {
+            return Vec::new();
+        }
+        let now = Instant::now();
+        let mut g = self.lock();
+        let g = &mut *g;
+        let mut idle = Vec::new();
+        for (k, e) in g.peers.iter_mut() {
+            let n = packets.get(k).copied().unwrap_or(0);
+            if n != e.activity.0 {
+                e.activity = (n, now);
+            } else if !g.pinned.contains(k)
+                && now.saturating_duration_since(e.activity.1) >= timeout
+            {
+                idle.push(*k);
+            }
+        }
+        for k in &idle {
+            g.peers.remove(k);
+            g.agent.remove_peer(k);
+        }
+        self.peers_idled
+            .fetch_add(idle.len() as u64, Ordering::Relaxed);
+        idle
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -331,6 +435,25 @@ impl Nat {
 
     /// The peers and their candidates as the control plane knows them; others are forgotten.
     pub fn set_peers(&self, peers: &[(PeerKey, Vec<Candidate>)]) {
+        // With lazy peers, NAT traversal works only on the peers already up and the pinned ones.
+        let up: Vec<(PeerKey, Vec<Candidate>)> = {
+            let mut g = self.lock();
+            g.known = peers.iter().cloned().collect();
+            if !self.lazy {
+                peers.to_vec()
+            } else {
+                peers
+                    .iter()
+                    .filter(|(k, _)| g.peers.contains_key(k) || g.pinned.contains(k))
+                    .cloned()
+                    .collect()
+            }
+        };
+        self.set_active(&up);
+    }
+
+    /// Makes NAT traversal's peers exactly `peers`.
+    fn set_active(&self, peers: &[(PeerKey, Vec<Candidate>)]) {
         let now = Instant::now();
         // Check keys of new peers (an X25519 each) outside the lock: the receive thread takes it for
         // relayed datagrams.
@@ -369,6 +492,7 @@ impl Nat {
                     candidates: Vec::new(),
                     path,
                     check_key: ck,
+                    activity: (0, now),
                 })
                 .candidates = cands.clone();
         }
@@ -479,7 +603,7 @@ impl Nat {
     }
 
     /// Runs the agent's timers if due; returns its datagrams and the path changes to apply.
-    fn poll(&self, now: Instant) -> (Vec<evio_nat::Transmit>, Vec<PathUpdate>) {
+    fn poll(&self, now: Instant) -> (Vec<evio_nat::Transmit>, Vec<PathUpdate>, Vec<PeerKey>) {
         let mut g = self.lock();
         // Follow steps of the host's wall clock (checks carry it).
         g.agent.set_unix_time(now, unix_now());
@@ -491,6 +615,7 @@ impl Nat {
             tx.push(t);
         }
         let mut changes = Vec::new();
+        let mut unknown = Vec::new();
         while let Some(e) = g.agent.poll_event() {
             match e {
                 Event::LocalCandidates(c) => {
@@ -512,9 +637,14 @@ impl Nat {
                     };
                     changes.push((peer, target));
                 }
+                Event::CheckFromUnknown(k) => {
+                    if self.lazy && g.known.contains_key(&k) {
+                        unknown.push(k);
+                    }
+                }
             }
         }
-        (tx, changes)
+        (tx, changes, unknown)
     }
 
     /// What status shows of NAT traversal, for every peer at once: one lock per status, not one per peer
@@ -524,6 +654,7 @@ impl Nat {
         NatView {
             paths: g.peers.iter().map(|(k, e)| (*k, e.path)).collect(),
             turn_server: g.agent.turn().map(|t| t.server()),
+            lazy: self.lazy,
         }
     }
 
@@ -556,6 +687,16 @@ impl Nat {
                 "evio_nat_stun_rx_datagrams_total",
                 "STUN/TURN datagrams handled by NAT traversal.",
                 &self.checks_rx,
+            ),
+            (
+                "evio_lazy_peers_woken_total",
+                "Lazy peers taken up (a packet to them, or a check from them).",
+                &self.peers_woken,
+            ),
+            (
+                "evio_lazy_peers_idled_total",
+                "Lazy peers put to rest after the idle timeout.",
+                &self.peers_idled,
             ),
         ] {
             let _ = writeln!(
@@ -604,7 +745,7 @@ pub fn needs_nat(data: &[u8]) -> bool {
 /// tick and after [`Nat::input`] handled something.
 pub fn pump(shared: &Shared, udp: &mut UdpBatch, out: &mut SendBatch) {
     let order = shared.nat.apply.lock().unwrap_or_else(|e| e.into_inner());
-    let (tx, changes) = shared.nat.poll(Instant::now());
+    let (tx, changes, unknown) = shared.nat.poll(Instant::now());
     if !changes.is_empty() {
         let node = shared.node();
         for (peer, target) in changes {
@@ -623,6 +764,12 @@ pub fn pump(shared: &Shared, udp: &mut UdpBatch, out: &mut SendBatch) {
         }
     }
     drop(order);
+    // Lazy peers checking us: take them up, so that their next check is answered.
+    for k in unknown {
+        if shared.nat.wake(&k) {
+            tracing::info!(peer = %crate::keys::encode(&k), "lazy peer woken by its check");
+        }
+    }
     for t in tx {
         if t.dst.ip() == IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED) {
             continue;
@@ -630,6 +777,39 @@ pub fn pump(shared: &Shared, udp: &mut UdpBatch, out: &mut SendBatch) {
         if !out.push(t.dst, &t.payload) {
             crate::dataplane::flush(shared, udp, out);
             out.push(t.dst, &t.payload);
+        }
+    }
+}
+
+/// Lazy peers: takes up the peers the tunnel core has packets for ([`evio_tunnel::Event::Wanted`]), and
+/// puts to rest those without inner packets for `timeout` (their sessions dropped: no keepalives).
+pub fn lazy_peers(
+    shared: &Shared,
+    wanted: &[evio_tunnel::PeerId],
+    sweep: Option<std::time::Duration>,
+) {
+    if !shared.nat.lazy() {
+        return;
+    }
+    let node = shared.node();
+    for id in wanted {
+        if let Some(k) = node.peer_key(*id)
+            && shared.nat.wake(&k)
+        {
+            tracing::info!(peer = %node.peer_name(*id).unwrap_or_default(), "lazy peer woken by a packet");
+        }
+    }
+    if let Some(timeout) = sweep {
+        let packets: HashMap<PeerKey, u64> = node
+            .peers()
+            .iter()
+            .map(|p| (p.public_key, p.rx_packets + p.tx_packets))
+            .collect();
+        for k in shared.nat.idle_peers(&packets, timeout) {
+            if let Some(id) = node.peer_id(&k) {
+                tracing::info!(peer = %node.peer_name(id).unwrap_or_default(), "lazy peer idle");
+                node.set_idle(id);
+            }
         }
     }
 }

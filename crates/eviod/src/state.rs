@@ -248,6 +248,9 @@ impl Shared {
 /// A peer's path for status: the tunnel core's (`connecting` until a session exists), and `connecting`
 /// also while NAT traversal has no working path to it.
 fn path_of(p: &PeerStatus, nat: &crate::nat::NatView) -> &'static str {
+    if nat.idle(&p.public_key) {
+        return "idle";
+    }
     if p.path == evio_tunnel::PathKind::Connecting || nat.no_path(&p.public_key) {
         return "connecting";
     }
