@@ -503,6 +503,19 @@ impl Agent {
         self.turn.as_ref()
     }
 
+    /// Keeps TURN permissions on our allocation for the addresses of `candidates` (of nodes we do not
+    /// check: lazy peers at rest), so that their first check through our relay reaches us and can wake
+    /// them ([`Event::CheckFromUnknown`]). Private host addresses are skipped, as for checked peers.
+    /// Permissions are batched and refreshed by the TURN client; nothing is sent to the peers.
+    pub fn permit(&mut self, candidates: &[Candidate], now: Instant) {
+        let Some(t) = &mut self.turn else { return };
+        for c in candidates {
+            if !(c.kind == CandidateKind::Host && is_private(c.addr.ip())) {
+                t.want_permission(c.addr.ip(), now);
+            }
+        }
+    }
+
     /// Adds a peer or updates its candidates (from its NodeRecord). `key` from [`check_key`].
     pub fn set_peer(
         &mut self,

@@ -442,6 +442,13 @@ impl Nat {
             if !self.lazy {
                 peers.to_vec()
             } else {
+                // Resting peers behind NATs that only a relay crosses wake us through our relay.
+                let resting: Vec<Candidate> = peers
+                    .iter()
+                    .filter(|(k, _)| !g.peers.contains_key(k))
+                    .flat_map(|(_, c)| c.iter().copied())
+                    .collect();
+                g.agent.permit(&resting, Instant::now());
                 peers
                     .iter()
                     .filter(|(k, _)| g.peers.contains_key(k) || g.pinned.contains(k))

@@ -28,6 +28,8 @@ struct Agent {
     state_dir: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// Extra eviod flags (e.g. `--lazy-peers`).
+    extra: Vec<String>,
 }
 
 impl Agent {
@@ -58,6 +60,7 @@ impl Agent {
         ])
         .args(["--turn-user", &turn.user, "--turn-password-file"])
         .arg(&turn.password_file)
+        .args(&self.extra)
         .env("EVIO_LOG", "info,eviod=debug,evio_nat=debug")
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
@@ -181,6 +184,7 @@ impl Matrix {
                 state_dir: dir.path().join(name),
                 log: dir.path().join(format!("{name}.log")),
                 child: None,
+                extra: Vec::new(),
             })
             .collect();
         Matrix {
@@ -624,6 +628,7 @@ fn relay_fallback_back_to_direct_and_public_address_change() {
         state_dir: dir.path().join(name),
         log: dir.path().join(format!("{name}.log")),
         child: None,
+        extra: Vec::new(),
     })
     .collect();
     for a in &mut agents {
@@ -829,6 +834,7 @@ fn bench_connectivity_time_and_relay_throughput() {
         state_dir: dir.path().join(name),
         log: dir.path().join(format!("{name}.log")),
         child: None,
+        extra: Vec::new(),
     })
     .collect();
     for a in &mut agents {
@@ -919,6 +925,7 @@ fn nat_rebinding_heals_within_a_second() {
         state_dir: dir.path().join(name),
         log: dir.path().join(format!("{name}.log")),
         child: None,
+        extra: Vec::new(),
     })
     .collect();
     for a in &mut agents {
@@ -993,6 +1000,74 @@ fn nat_rebinding_heals_within_a_second() {
             agents[0].ping(&vips[2]),
             "a -> s after the flush:\n{}",
             logs(&agents)
+        );
+    }
+}
+
+/// Lazy peers across NATs: every agent rests until a packet wants a peer. A resting peer behind the
+/// symmetric NAT is woken through its relay (its allocation permits the addresses of the peers it does not
+/// check), the first packets go through once the relayed path is up, and the pairs nobody used stay idle.
+#[test]
+fn lazy_peers_wake_through_nats_and_the_relay() {
+    let mut m = Matrix::build();
+    for a in &mut m.agents {
+        a.extra = vec!["--lazy-peers".into()];
+    }
+    for i in 0..m.agents.len() {
+        let lab = &m.lab;
+        m.agents[i].start(lab);
+    }
+    let n = m.agents.len();
+    let known = wait_until(Duration::from_secs(30), || {
+        m.agents.iter().all(|a| {
+            a.status()
+                .and_then(|s| s["peers"].as_array().map(|p| p.len()))
+                == Some(n - 1)
+        })
+    });
+    assert!(known, "peers not known: {}", m.logs());
+    std::thread::sleep(Duration::from_secs(2));
+    for a in &m.agents {
+        for b in m.agents.iter().filter(|b| b.name != a.name) {
+            assert_eq!(
+                a.path_to(&b.name).map(|p| p.0).as_deref(),
+                Some("idle"),
+                "{} -> {}\n{}",
+                a.name,
+                b.name,
+                m.logs()
+            );
+        }
+    }
+    let vips = m.vips();
+    // Woken by a packet: an easy NAT to the symmetric NAT (relayed), and the other way round for another
+    // pair, and two easy NATs (direct).
+    for (from, to) in [("easy-b", "sym"), ("sym", "easy-a1"), ("easy-a2", "easy-b")] {
+        let t0 = Instant::now();
+        let a = m.agent(from);
+        let ok = a
+            .host
+            .exec(&[
+                "ping", "-n", "-q", "-c", "1", "-i", "0.1", "-w", "10", &vips[to],
+            ])
+            .is_ok();
+        println!("lazy: first answer {from} -> {to} after {:?}", t0.elapsed());
+        assert!(ok, "{from} -> {to} never answered\n{}", m.logs());
+        let want = Matrix::expected(from, to);
+        assert!(
+            wait_until(Duration::from_secs(5), || {
+                a.path_to(to).is_some_and(|p| p.0 == want)
+                    && m.agent(to).path_to(from).is_some_and(|p| p.0 == want)
+            }),
+            "{from} <-> {to} not {want}\n{}",
+            m.logs()
+        );
+    }
+    // Nobody sent anything between the public host and the others.
+    for b in m.agents.iter().filter(|b| b.name != "public") {
+        assert_eq!(
+            m.agent("public").path_to(&b.name).map(|p| p.0).as_deref(),
+            Some("idle")
         );
     }
 }
