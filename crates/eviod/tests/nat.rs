@@ -1071,3 +1071,189 @@ fn lazy_peers_wake_through_nats_and_the_relay() {
         );
     }
 }
+
+/// One node's resource use over a window, from the kernel's counters.
+struct Usage {
+    rss_kib: u64,
+    cpu_ticks: u64,
+    underlay_packets: u64,
+    underlay_bytes: u64,
+}
+
+fn usage(a: &Agent) -> Usage {
+    let pid = a.child.as_ref().map(|c| c.id()).unwrap_or(0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kib = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and stime are the 14th and 15th.
+    let rest: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let cpu_ticks = rest
+        .get(11)
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        + rest
+            .get(12)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    // The host's underlay links (not lo, not the overlay's TUN): rx + tx.
+    let dev = a.host.exec(&["cat", "/proc/net/dev"]).unwrap_or_default();
+    let (mut underlay_packets, mut underlay_bytes) = (0, 0);
+    for l in dev.lines().skip(2) {
+        let Some((name, v)) = l.split_once(':') else {
+            continue;
+        };
+        let name = name.trim();
+        if name == "lo" || name.starts_with("evio") {
+            continue;
+        }
+        let v: Vec<u64> = v
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        if v.len() >= 10 {
+            underlay_bytes += v[0] + v[8];
+            underlay_packets += v[1] + v[9];
+        }
+    }
+    Usage {
+        rss_kib,
+        cpu_ticks,
+        underlay_packets,
+        underlay_bytes,
+    }
+}
+
+/// etcd's served gRPC requests so far (all methods).
+fn etcd_requests(lab: &Lab) -> u64 {
+    let url = format!("{}/metrics", lab.etcd_endpoint().unwrap());
+    let text = lab.internet_exec(&["curl", "-s", &url]).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("grpc_server_handled_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+}
+
+/// A node's cost against the size of the fleet (issue 12's cost curves): N agents, each at its own site
+/// behind its own NAT (N/10 symmetric), every peer up (`eager`) or lazy peers at rest (`lazy`, no
+/// traffic). After the cluster settles, a 20 s window: per node RSS, CPU, underlay packets and bytes per
+/// second (medians), and etcd requests per second for the whole cluster. Run as root with release
+/// binaries: `EVIO_SCALE="10 30" cargo test --release -p eviod --test nat bench_scale -- --ignored
+/// --nocapture` (docs/bench/scale.md).
+#[test]
+#[ignore]
+fn bench_scale_cost_per_node() {
+    let sizes: Vec<usize> = std::env::var("EVIO_SCALE")
+        .unwrap_or_else(|_| "10".into())
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    let window = Duration::from_secs(20);
+    let hz = 100.0; // USER_HZ
+    println!(
+        "| N | mode | peers up | settle | RSS MiB | CPU % of a core | underlay pkt/s | underlay B/s | etcd req/s (cluster) |"
+    );
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+    for &n in &sizes {
+        for lazy in [false, true] {
+            let sym = n / 10;
+            let mut b = Lab::builder(&unique_prefix("es")).etcd(true).turn(true);
+            for i in 0..n {
+                b = b.site(
+                    if i < sym {
+                        NatKind::Symmetric
+                    } else {
+                        NatKind::EasyNat
+                    },
+                    1,
+                );
+            }
+            let lab = b.build().expect("lab");
+            let dir = tempfile::Builder::new()
+                .prefix("eviod-scale")
+                .tempdir()
+                .unwrap();
+            let mut agents: Vec<Agent> = (0..n)
+                .map(|i| {
+                    let name = format!("n{i}");
+                    Agent {
+                        host: lab.site_host(i, 0).clone(),
+                        state_dir: dir.path().join(&name),
+                        log: dir.path().join(format!("{name}.log")),
+                        child: None,
+                        extra: if lazy {
+                            vec!["--lazy-peers".into()]
+                        } else {
+                            Vec::new()
+                        },
+                        name,
+                    }
+                })
+                .collect();
+            let t0 = Instant::now();
+            for a in &mut agents {
+                a.start(&lab);
+            }
+            let up = |a: &Agent| {
+                a.status()
+                    .and_then(|s| {
+                        s["peers"].as_array().map(|p| {
+                            p.iter()
+                                .filter(|p| p["path"] == "direct" || p["path"] == "relay")
+                                .count()
+                        })
+                    })
+                    .unwrap_or(0)
+            };
+            let known = |a: &Agent| {
+                a.status()
+                    .and_then(|s| s["peers"].as_array().map(|p| p.len()))
+                    .unwrap_or(0)
+            };
+            let settled = wait_until(Duration::from_secs(120), || {
+                agents.iter().all(|a| {
+                    if lazy {
+                        known(a) == n - 1
+                    } else {
+                        up(a) == n - 1
+                    }
+                })
+            });
+            let settle = t0.elapsed();
+            let peers_up: usize = agents.iter().map(up).sum();
+            let before: Vec<Usage> = agents.iter().map(usage).collect();
+            let etcd0 = etcd_requests(&lab);
+            std::thread::sleep(window);
+            let after: Vec<Usage> = agents.iter().map(usage).collect();
+            let etcd1 = etcd_requests(&lab);
+            let w = window.as_secs_f64();
+            let per = |f: &dyn Fn(&Usage, &Usage) -> f64| {
+                median(before.iter().zip(&after).map(|(b, a)| f(b, a)).collect())
+            };
+            println!(
+                "| {n} | {} | {peers_up}/{}{} | {:.1} s | {:.1} | {:.2} | {:.1} | {:.0} | {:.1} |",
+                if lazy { "lazy" } else { "eager" },
+                n * (n - 1),
+                if settled { "" } else { " (not settled)" },
+                settle.as_secs_f64(),
+                median(after.iter().map(|a| a.rss_kib as f64 / 1024.0).collect()),
+                per(&|b, a| (a.cpu_ticks - b.cpu_ticks) as f64 / hz / w * 100.0),
+                per(&|b, a| (a.underlay_packets - b.underlay_packets) as f64 / w),
+                per(&|b, a| (a.underlay_bytes - b.underlay_bytes) as f64 / w),
+                (etcd1.saturating_sub(etcd0)) as f64 / w,
+            );
+        }
+    }
+}
