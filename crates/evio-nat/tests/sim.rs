@@ -702,3 +702,94 @@ fn a_check_from_an_unknown_node_is_reported_and_adding_it_gives_a_path() {
     assert!(took < secs(2), "{took:?}");
     assert_tunnel(&mut sim, a, b);
 }
+
+/// Heap bytes in use, counted by this test binary's allocator (for the scale bench's memory per peer).
+mod heap {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    pub struct Counting;
+    pub static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+    // SAFETY: forwards to the system allocator unchanged; only counts the sizes.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+            LIVE.fetch_add(l.size(), Ordering::Relaxed);
+            // SAFETY: the caller's contract for `alloc` is passed on as is.
+            unsafe { System.alloc(l) }
+        }
+        unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+            LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+            // SAFETY: `p` came from `System.alloc` with layout `l` (above).
+            unsafe { System.dealloc(p, l) }
+        }
+    }
+
+    pub fn live() -> usize {
+        LIVE.load(Ordering::Relaxed)
+    }
+}
+
+#[global_allocator]
+static ALLOC: heap::Counting = heap::Counting;
+
+/// The NAT agents at fleet scale on a fake clock (issue 12's cost curves, simulated half): N nodes,
+/// each behind its own NAT (N/10 symmetric), one STUN/TURN server, candidates exchanged as the etcd watch
+/// does, every peer checked (eager). Prints simulated time to full reachability, datagrams per node
+/// (until then, and per second after), heap per peer (the agents' state plus the simulation's queues,
+/// divided by N x (N-1)) and the wall time the simulation took.
+/// `EVIO_SIM_SCALE="100 300 1000" cargo test --release -p evio-nat --test sim bench_sim_scale -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn bench_sim_scale() {
+    let sizes: Vec<usize> = std::env::var("EVIO_SIM_SCALE")
+        .unwrap_or_else(|_| "50".into())
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    println!(
+        "| N | all pairs reachable after (simulated) | datagrams per node until then | per node per s after | heap per peer | wall time |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for n in sizes {
+        let wall = std::time::Instant::now();
+        let mut sim = Sim::new(7);
+        sim.add_turn("203.0.113.1:3478");
+        let heap0 = heap::live();
+        for i in 0..n {
+            let kind = if i < n / 10 {
+                NatType::Symmetric
+            } else {
+                NatType::Easy
+            };
+            let nat = sim.add_nat(kind, &format!("198.18.{}.{}", i / 250, i % 250 + 1));
+            sim.add_node(
+                &format!("10.0.{}.{}:51820", i / 250, i % 250 + 2),
+                Some(nat),
+                true,
+            );
+        }
+        let reachable =
+            |sim: &Sim| (0..n).all(|i| (0..n).all(|j| i == j || sim.path(i, j).is_some()));
+        let limit = secs(120);
+        let t0 = sim.elapsed();
+        while !reachable(&sim) && sim.elapsed() - t0 < limit {
+            sim.run_for(secs(1));
+        }
+        let took = sim.elapsed() - t0;
+        let ok = reachable(&sim);
+        let until = sim.datagrams;
+        let heap = heap::live().saturating_sub(heap0);
+        sim.run_for(secs(30));
+        let per_s = (sim.datagrams - until) as f64 / n as f64 / 30.0;
+        println!(
+            "| {n} | {}{} | {:.0} | {:.1} | {:.1} KiB | {:.1} s |",
+            format_args!("{:.0} s", took.as_secs_f64()),
+            if ok { "" } else { " (not all)" },
+            until as f64 / n as f64,
+            per_s,
+            heap as f64 / (n * (n - 1)) as f64 / 1024.0,
+            wall.elapsed().as_secs_f64(),
+        );
+    }
+}
