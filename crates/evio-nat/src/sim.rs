@@ -446,6 +446,9 @@ pub struct Sim {
     rng: StdRng,
     /// Exchange candidates automatically when a node publishes them (the etcd watch).
     pub auto_introduce: bool,
+    /// Run the agents' timers on this tick instead of at their exact deadlines ([`Sim::set_timer_tick`]).
+    timer_tick: Option<Duration>,
+    next_tick: Instant,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -474,7 +477,17 @@ impl Sim {
             seq: 0,
             rng: StdRng::seed_from_u64(seed),
             auto_introduce: true,
+            timer_tick: None,
+            next_tick: now,
         }
+    }
+
+    /// Runs the agents' timers every `tick` (eviod's timer thread: 100 ms) rather than at their exact
+    /// deadlines: what a large simulation needs, since finding the next exact deadline asks every agent
+    /// about every pair at every step.
+    pub fn set_timer_tick(&mut self, tick: Duration) {
+        self.timer_tick = Some(tick);
+        self.next_tick = self.now + tick;
     }
 
     /// Adds the STUN/TURN server at `addr`.
@@ -747,11 +760,21 @@ impl Sim {
         let (mut last_timer_at, mut spins) = (None, 0u32);
         loop {
             let next_pkt = self.queue.peek().map(|Reverse((t, _, _))| *t);
-            let next_timer = self
-                .nodes
-                .iter()
-                .filter_map(|n| n.agent.poll_timeout())
-                .min();
+            // Exact timers ask every agent for its next deadline at every step (O(nodes x pairs));
+            // with a tick, the agents' timers run at most once per tick, as eviod's timer thread does.
+            let next_timer = match self.timer_tick {
+                Some(tick) => {
+                    while self.next_tick <= self.now {
+                        self.next_tick += tick;
+                    }
+                    Some(self.next_tick)
+                }
+                None => self
+                    .nodes
+                    .iter()
+                    .filter_map(|n| n.agent.poll_timeout())
+                    .min(),
+            };
             let next = [next_pkt, next_timer].into_iter().flatten().min();
             let Some(next) = next.filter(|t| *t <= end) else {
                 self.now = end;
