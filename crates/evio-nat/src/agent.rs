@@ -105,7 +105,7 @@ impl Default for Timers {
     fn default() -> Self {
         Timers {
             keepalive: Duration::from_secs(4),
-            recheck_ok: Duration::from_secs(15),
+            recheck_ok: Duration::from_secs(60),
             recheck_failed: Duration::from_secs(2),
             recheck_max: Duration::from_secs(20),
             stun_refresh: Duration::from_secs(20),
@@ -1098,13 +1098,28 @@ impl Agent {
         else {
             return;
         };
-        let Some(p) = self
-            .peers
-            .get_mut(&sender)
-            .and_then(|p| p.pairs.iter_mut().find(|p| p.id == id))
-        else {
+        let (keepalive, recheck) = (self.cfg.timers.keepalive, self.cfg.timers.recheck_ok);
+        let Some(peer) = self.peers.get_mut(&sender) else {
             return;
         };
+        let selected = peer.selected == Some(id);
+        let Some(p) = peer.pairs.iter_mut().find(|p| p.id == id) else {
+            return;
+        };
+        // A working pair the peer checks needs no check of ours until the next interval: its check and
+        // our answer keep both NATs' mappings open and show the pair alive, so one exchange per interval
+        // does the work of two (idle traffic per peer halves). If the peer stops checking, ours resumes
+        // after the interval and finds out.
+        let interval = if selected { keepalive } else { recheck };
+        if p.state == PairState::Succeeded
+            && p.inflight.is_none()
+            && p.last_ok
+                .is_some_and(|t| now.saturating_duration_since(t) < 2 * interval)
+        {
+            p.last_ok = Some(now);
+            p.next_check = p.next_check.max(now + interval);
+            return;
+        }
         // Triggered check, unless this pair answered us recently: two peers must not keep triggering each
         // other's checks (each success is fresh when the other side's request arrives, which ends it).
         let fresh = p
