@@ -509,11 +509,11 @@ impl Agent {
     /// Permissions are batched and refreshed by the TURN client; nothing is sent to the peers.
     pub fn permit(&mut self, candidates: &[Candidate], now: Instant) {
         let Some(t) = &mut self.turn else { return };
-        for c in candidates {
-            if !(c.kind == CandidateKind::Host && is_private(c.addr.ip())) {
-                t.want_permission(c.addr.ip(), now);
-            }
-        }
+        let public = candidates
+            .iter()
+            .filter(|c| !(c.kind == CandidateKind::Host && is_private(c.addr.ip())))
+            .map(|c| c.addr.ip());
+        t.want_permissions(public, now);
     }
 
     /// Adds a peer or updates its candidates (from its NodeRecord). `key` from [`check_key`].

@@ -196,11 +196,19 @@ impl TurnClient {
 
     /// Keeps a permission for `ip` installed (refreshed while the allocation lives).
     pub fn want_permission(&mut self, ip: IpAddr, now: Instant) {
-        self.perms.entry(ip).or_insert(Perm {
-            installed: false,
-            pending: false,
-            refresh_at: None,
-        });
+        self.want_permissions([ip], now);
+    }
+
+    /// Keeps permissions for every address of `ips` installed: one pass over the table for all of them
+    /// (a lazy node permits every resting peer's addresses on each control-plane update).
+    pub fn want_permissions(&mut self, ips: impl IntoIterator<Item = IpAddr>, now: Instant) {
+        for ip in ips {
+            self.perms.entry(ip).or_insert(Perm {
+                installed: false,
+                pending: false,
+                refresh_at: None,
+            });
+        }
         self.pump(now);
     }
 

@@ -797,3 +797,140 @@ fn bench_sim_scale() {
         );
     }
 }
+
+/// A fleet of lazy peers in simulation (issue 12's 1,000 and 5,000 nodes): every node knows every other
+/// node's key and candidates, as eviod does from etcd, but checks only the peers it wants: the three
+/// control-plane nodes (pinned on both sides, as docs/overlay.md says: they check every node) and
+/// `EVIO_SIM_LAZY_WANTS` (default 5) others at random, as if a packet wanted them. The wanted side learns of the caller from its first check (`CheckFromUnknown`) and adds
+/// it, as eviod does. Every node keeps TURN permissions for the others' public candidates (eviod's
+/// `Agent::permit` for resting peers), so symmetric-NAT nodes can be woken through their relay.
+/// Reported: simulated time until every wanted pair has paths both ways, datagrams per node until then and
+/// per node per second in steady state, heap per node (agents, permissions and the simulated TURN server's
+/// state together) and wall time.
+///
+/// `EVIO_SIM_LAZY_SCALE="1000 5000" cargo test --release -p evio-nat --test sim bench_sim_lazy_fleet -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn bench_sim_lazy_fleet() {
+    use rand::{Rng, SeedableRng};
+    use std::collections::{HashMap, HashSet};
+    let sizes: Vec<usize> = std::env::var("EVIO_SIM_LAZY_SCALE")
+        .unwrap_or_else(|_| "200".into())
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    let wants: usize = std::env::var("EVIO_SIM_LAZY_WANTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    println!(
+        "| N | wanted pairs | peers up per node | all wanted pairs reachable after (simulated) | datagrams per node until then | per node per s after | per peer up per s | heap per node | wall time |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for n in sizes {
+        let wall = std::time::Instant::now();
+        let heap0 = heap::live();
+        let mut sim = Sim::new(7);
+        sim.auto_introduce = false;
+        sim.set_timer_tick(Duration::from_millis(100));
+        sim.add_turn("203.0.113.1:3478");
+        for i in 0..n {
+            let kind = if i < n / 10 {
+                NatType::Symmetric
+            } else {
+                NatType::Easy
+            };
+            let nat = sim.add_nat(
+                kind,
+                &format!("198.{}.{}.{}", 18 + i / 62500, i / 250 % 250, i % 250 + 1),
+            );
+            sim.add_node(
+                &format!("10.{}.{}.{}:51820", i / 62500, i / 250 % 250, i % 250 + 2),
+                Some(nat),
+                true,
+            );
+        }
+        // Candidates gathered (host, server-reflexive, relayed) and published.
+        sim.run_for(secs(2));
+        let cands: Vec<_> = (0..n)
+            .map(|i| sim.nodes[i].agent.local_candidates())
+            .collect();
+        let keys: Vec<_> = (0..n).map(|i| sim.nodes[i].key).collect();
+        let index: HashMap<_, _> = keys.iter().enumerate().map(|(i, k)| (*k, i)).collect();
+        let public: Vec<_> = cands
+            .iter()
+            .flat_map(|c| c.iter().filter(|c| c.kind != CandidateKind::Host).cloned())
+            .collect();
+        let now = sim.now;
+        for i in 0..n {
+            sim.nodes[i].agent.permit(&public, now);
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let mut wanted = HashSet::new();
+        // Pinned on both sides (docs/overlay.md): every node and the control plane know each other.
+        let mut pinned = HashSet::new();
+        for i in 0..n {
+            for j in (0..3.min(n)).filter(|&j| j != i) {
+                pinned.insert((i, j));
+                pinned.insert((j, i));
+            }
+            for j in (0..wants).map(|_| rng.random_range(0..n)) {
+                if j != i && !pinned.contains(&(i, j)) {
+                    wanted.insert((i, j));
+                }
+            }
+        }
+        let mut known: HashSet<(usize, usize)> = HashSet::new();
+        let d0 = sim.datagrams;
+        let t0 = sim.elapsed();
+        for &(i, j) in pinned.iter().chain(&wanted) {
+            if known.insert((i, j)) {
+                let k = Sim::pair_key(&keys[i], &keys[j]);
+                sim.set_peer(i, keys[j], k, cands[j].clone());
+            }
+        }
+        wanted.extend(pinned.iter().copied());
+        let reachable = |sim: &Sim| {
+            wanted
+                .iter()
+                .all(|&(i, j)| sim.path(i, j).is_some() && sim.path(j, i).is_some())
+        };
+        let limit = secs(120);
+        while sim.elapsed() - t0 < limit {
+            sim.run_for(Duration::from_millis(100));
+            // The woken side adds the caller (its key is known from etcd).
+            for j in 0..n {
+                for (_, k) in std::mem::take(&mut sim.nodes[j].unknown_checks) {
+                    let Some(&i) = index.get(&k) else { continue };
+                    if known.insert((j, i)) {
+                        sim.set_peer(j, k, Sim::pair_key(&keys[j], &k), cands[i].clone());
+                    }
+                }
+            }
+            if reachable(&sim) {
+                break;
+            }
+        }
+        let took = sim.elapsed() - t0;
+        let ok = reachable(&sim);
+        let until = sim.datagrams - d0;
+        let heap = heap::live().saturating_sub(heap0);
+        sim.run_for(secs(20));
+        let d1 = sim.datagrams;
+        sim.run_for(secs(20));
+        let per_s = (sim.datagrams - d1) as f64 / n as f64 / 20.0;
+        println!(
+            "| {n} | {} | {:.1} | {:.1} s{} | {:.0} | {:.1} | {:.2} | {:.0} KiB | {:.1} s |",
+            wanted.len(),
+            known.len() as f64 / n as f64,
+            took.as_secs_f64(),
+            if ok { "" } else { " (not all)" },
+            until as f64 / n as f64,
+            per_s,
+            per_s * n as f64 / known.len() as f64,
+            heap as f64 / n as f64 / 1024.0,
+            wall.elapsed().as_secs_f64(),
+        );
+        assert!(ok, "not every wanted pair reachable after {took:?}");
+    }
+}
