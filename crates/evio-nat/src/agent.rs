@@ -34,6 +34,9 @@ use crate::txn::{Pending, Schedule, Step};
 /// Longest re-check interval of a failed pair while the peer has a direct path.
 const RECHECK_IDLE_MAX: Duration = Duration::from_secs(60);
 
+/// How long relayed pairs wait for direct pairs to be checked first when a peer is added.
+pub const RELAY_HEADSTART: Duration = Duration::from_millis(200);
+
 /// A pair that succeeded this recently is not re-checked when the peer's check arrives on it.
 const TRIGGER_FRESH: Duration = Duration::from_secs(2);
 
@@ -585,10 +588,12 @@ impl Agent {
         }
         let kind = self.classify_remote(&peer, from);
         tracing::debug!(%from, ?base, ?kind, "peer-reflexive candidate");
+        // Checks through our relay need only a permission (Send indications); a channel is bound when
+        // the pair is selected (`reselect`), not for every address a peer's checks came from.
         if base == Base::Relay
             && let Some(t) = &mut self.turn
         {
-            t.want_channel(from, now);
+            t.want_permission(from.ip(), now);
         }
         let id = self.add_pair(peer, base, from, kind, now);
         if let Some(p) = self
@@ -596,7 +601,9 @@ impl Agent {
             .get_mut(&peer)
             .and_then(|p| p.pairs.iter_mut().find(|p| p.id == id))
         {
+            // An address the peer just used: checked at once, relayed or not.
             p.learned = true;
+            p.next_check = now;
         }
         self.reindex();
         // A new address of the peer on this base: maybe its NAT rebound. Probe the selected pair at once
@@ -1204,10 +1211,20 @@ impl Agent {
         let old = peer.selected;
         peer.selected = new;
         let path = new.and_then(|id| peer.pair(id)).map(Pair::path);
-        // Keepalives on the new selected pair; the old one falls back to the slower schedule.
+        // Keepalives on the new selected pair; the old one falls back to the slower schedule. With a
+        // direct path, relayed pairs not checked yet are alternatives: checked on the slow schedule (or
+        // at once if the path fails), not now.
+        let direct = path.is_some_and(|p| p.kind == PathKind::Direct);
+        let recheck = self.cfg.timers.recheck_ok;
         for p in &mut peer.pairs {
             if Some(p.id) == new && p.inflight.is_none() {
                 p.next_check = p.next_check.min(now + keepalive);
+            } else if direct
+                && p.kind() == PathKind::Relay
+                && p.state == PairState::Waiting
+                && p.inflight.is_none()
+            {
+                p.next_check = p.next_check.max(now + recheck);
             }
         }
         tracing::info!(peer = %hex(&key[..4]), ?path, had = old.is_some(), "path changed");
@@ -1292,7 +1309,22 @@ impl Agent {
     ) -> u64 {
         let id = self.next_pair;
         self.next_pair += 1;
+        let recheck = self.cfg.timers.recheck_ok;
         if let Some(peer) = self.peers.get_mut(&key) {
+            let relayed = base == Base::Relay || kind == CandidateKind::Relayed;
+            let has_direct = peer
+                .selected_pair()
+                .is_some_and(|p| p.kind() == PathKind::Direct);
+            // Direct pairs first (ICE checks relayed candidates last): a relayed pair waits
+            // RELAY_HEADSTART, and is only an alternative once a direct path works. With every pair
+            // checked at once, a fleet's checks all went through the one TURN server, N x N of them,
+            // and flooded it (issue 12: coturn's socket dropped thousands of datagrams a second at 100
+            // nodes, the relayed peers' own allocations among them).
+            let next_check = match (relayed, has_direct) {
+                (false, _) => now,
+                (true, false) => now + RELAY_HEADSTART,
+                (true, true) => now + recheck,
+            };
             peer.pairs.push(Pair {
                 id,
                 base,
@@ -1300,7 +1332,7 @@ impl Agent {
                 remote_kind: kind,
                 state: PairState::Waiting,
                 inflight: None,
-                next_check: now,
+                next_check,
                 fails: 0,
                 rtt: None,
                 last_ok: None,

@@ -88,8 +88,18 @@ fn two_easy_nats_go_direct() {
         p.remote.ip(),
         "198.18.1.2".parse::<std::net::IpAddr>().unwrap()
     );
-    // Relay pairs worked too: direct was chosen over them.
+    // Relayed pairs wait while the direct path works (no load on the relay at start)...
     sim.run_for(secs(3));
+    let pairs = sim.nodes[a].agent.pairs(&sim.nodes[b].key);
+    assert!(
+        pairs
+            .iter()
+            .filter(|p| p.base == Base::Relay)
+            .all(|p| p.state == PairState::Waiting),
+        "{pairs:#?}"
+    );
+    // ...and are checked as alternatives on the slow schedule: they work too, direct stays chosen.
+    sim.run_for(secs(61));
     let pairs = sim.nodes[a].agent.pairs(&sim.nodes[b].key);
     assert!(
         pairs
@@ -97,6 +107,7 @@ fn two_easy_nats_go_direct() {
             .any(|p| p.base == Base::Relay && p.state == PairState::Succeeded),
         "{pairs:#?}"
     );
+    assert_eq!(sim.path(a, b).map(|p| p.kind), Some(PathKind::Direct));
     assert_tunnel(&mut sim, a, b);
     // Stays direct, with keepalives, for a minute (longer than the NAT timeout).
     sim.run_for(secs(60));
@@ -899,11 +910,11 @@ fn bench_sim_lazy_fleet() {
         while sim.elapsed() - t0 < limit {
             sim.run_for(Duration::from_millis(100));
             // The woken side adds the caller (its key is known from etcd).
-            for j in 0..n {
+            for (j, kj) in keys.iter().enumerate() {
                 for (_, k) in std::mem::take(&mut sim.nodes[j].unknown_checks) {
                     let Some(&i) = index.get(&k) else { continue };
                     if known.insert((j, i)) {
-                        sim.set_peer(j, k, Sim::pair_key(&keys[j], &k), cands[i].clone());
+                        sim.set_peer(j, k, Sim::pair_key(kj, &k), cands[i].clone());
                     }
                 }
             }

@@ -34,6 +34,7 @@ use evio_trust::{
     CaKey, CaPublic, CertRecord, JoinRequest, MAX_CERT_LIFETIME_SECS, MAX_REQUEST_LEN, NodeCert,
     Refusal, RefusalRecord, RenewRequest, TokenRecord, TrustError, unix_now,
 };
+use futures_util::stream::{self, StreamExt};
 use ipnet::Ipv4Net;
 use tracing::{info, warn};
 
@@ -42,6 +43,8 @@ use crate::cni_config::{EtcdArgs, runtime};
 
 /// Most requests of each kind read in one pass (more are handled in the next pass, at once).
 pub const MAX_PENDING: i64 = 64;
+/// Requests handled at once in a pass.
+const CONCURRENT_REQUESTS: usize = 16;
 /// How long a refusal stays in etcd (seconds).
 pub const REFUSAL_TTL: i64 = 120;
 
@@ -124,30 +127,35 @@ impl Signer {
     }
 
     /// One pass over the pending requests; returns the revision to watch from and whether more are pending.
+    /// Requests of different nodes are independent (claims are etcd transactions, the ledger has a file
+    /// per node), so up to [`CONCURRENT_REQUESTS`] are handled at once: a join costs several etcd round
+    /// trips, and a hundred hosts joining together must not wait for each other's in turn.
     pub async fn pass(&self, store: &Store) -> Result<(i64, bool)> {
         let mut c = store.client();
         let opts = || GetOptions::new().with_prefix().with_limit(MAX_PENDING);
         let joins = c.get(keys::JOIN, Some(opts())).await?;
         let rev = joins.header().map(|h| h.revision()).unwrap_or(0);
-        let mut more = joins.more();
-        for kv in joins.kvs() {
-            let (Ok(key), value) = (kv.key_str(), kv.value()) else {
-                continue;
-            };
-            let node = key.strip_prefix(keys::JOIN).unwrap_or_default().to_string();
-            self.handle(store, true, key, &node, value).await?;
-        }
         let renews = c.get(keys::RENEW, Some(opts())).await?;
-        more |= renews.more();
-        for kv in renews.kvs() {
-            let (Ok(key), value) = (kv.key_str(), kv.value()) else {
-                continue;
-            };
-            let node = key
-                .strip_prefix(keys::RENEW)
-                .unwrap_or_default()
-                .to_string();
-            self.handle(store, false, key, &node, value).await?;
+        let more = joins.more() || renews.more();
+        // Joins first, then renewals (as one at a time did): a node's join and renewal never run at once.
+        for (join, prefix, kvs) in [
+            (true, keys::JOIN, joins.kvs()),
+            (false, keys::RENEW, renews.kvs()),
+        ] {
+            let requests = kvs.iter().filter_map(|kv| {
+                let key = kv.key_str().ok()?;
+                Some((
+                    key,
+                    key.strip_prefix(prefix).unwrap_or_default(),
+                    kv.value(),
+                ))
+            });
+            let results: Vec<Result<()>> = stream::iter(requests)
+                .map(|(key, node, value)| self.handle(store, join, key, node, value))
+                .buffer_unordered(CONCURRENT_REQUESTS)
+                .collect()
+                .await;
+            results.into_iter().collect::<Result<()>>()?;
         }
         Ok((rev, more))
     }

@@ -181,6 +181,10 @@ pub struct CaMode {
 /// How often revocations are read from etcd (CA mode): a revoked node leaves every host within this and a
 /// reconcile.
 const REVOCATION_POLL: Duration = Duration::from_secs(2);
+/// Watch events are reconciled at most this often (and the control loop ticks at this period).
+const RECONCILE_EVERY: Duration = Duration::from_millis(250);
+/// The peer cache (for a start while etcd is unreachable) is written at most this often.
+const SAVE_EVERY: Duration = Duration::from_secs(2);
 /// How often peers' certificates are checked against the clock even when nothing changed (CA mode).
 const EXPIRY_CHECK: Duration = Duration::from_secs(5);
 /// How long after a failed renewal the next one is tried.
@@ -557,7 +561,9 @@ impl Control {
         self.poll_revocations(store).await;
         self.reconcile();
         self.save_cache();
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut tick = tokio::time::interval(RECONCILE_EVERY);
+        let (mut last_reconcile, mut pending_reconcile) = (Instant::now(), false);
+        let (mut last_save, mut pending_save) = (Instant::now(), false);
         let mut last_addr_check = Instant::now();
         let mut last_revocations = Instant::now();
         let mut last_expiry_check = Instant::now();
@@ -571,10 +577,29 @@ impl Control {
                     while let Some(ev) = watch.try_next() {
                         self.cluster.apply(ev, Instant::now());
                     }
-                    self.reconcile();
-                    self.save_cache();
+                    // A burst of events (a fleet starting: registrations, claims, certificates, each
+                    // sent to every watcher) is applied at once but reconciled at most every
+                    // RECONCILE_EVERY: the rest waits for the tick, so a node's work per second stays
+                    // bounded however many nodes change.
+                    if last_reconcile.elapsed() >= RECONCILE_EVERY {
+                        self.reconcile();
+                        last_reconcile = Instant::now();
+                    } else {
+                        pending_reconcile = true;
+                    }
+                    pending_save = true;
                 }
                 _ = tick.tick() => {
+                    if pending_reconcile {
+                        pending_reconcile = false;
+                        self.reconcile();
+                        last_reconcile = Instant::now();
+                    }
+                    if pending_save && last_save.elapsed() >= SAVE_EVERY {
+                        pending_save = false;
+                        self.save_cache();
+                        last_save = Instant::now();
+                    }
                     // Expire peers past their grace period, and republish our record when it changed (pod
                     // subnet claimed after start, host addresses changed).
                     if self.cluster.has_pending_downs() && self.cluster.expire(Instant::now()) {
@@ -616,6 +641,9 @@ impl Control {
                     }
                     paths.tick(store, reg.lease_id(), &self.shared).await;
                     if self.shared.stopping() {
+                        if pending_save {
+                            self.save_cache();
+                        }
                         let _ = reg.revoke().await;
                         return Ok(());
                     }
