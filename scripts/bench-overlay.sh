@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Overlay benchmark: one TCP stream between two host network namespaces joined by a veth, over
-#   underlay (bare veth path), evio (eviod, host VIP to VIP), wireguard-go (Debian), boringtun-cli,
-# interleaved (every round runs each system once), medians reported. Also p50 RTT (ping) and eviod RSS
-# with 1 and 50 peers. Needs root; removes everything it made on exit.
+#   underlay (bare veth path), evio (eviod, host VIP to VIP), wireguard-go (Debian 12), boringtun-cli,
+#   and the newest peers from Debian 13 (wireguard-go 0.0.20231211 with offloads and batching, Nebula
+#   1.9.3), interleaved (every round runs each system once), medians reported. Also p50 RTT (ping) and
+#   eviod RSS with 1 and 50 peers. Needs root; removes everything it made on exit.
 #
 # Usage: scripts/bench-overlay.sh [ROUNDS] [SECONDS]
 #   EVIOD=path (default target/release/eviod), BORINGTUN=path (default: boringtun-cli on PATH or
 #   /tmp/evio-bench-boringtun/bin/boringtun-cli; install with
-#   `cargo install boringtun-cli --root /tmp/evio-bench-boringtun`), SYSTEMS="underlay evio evio-pod wggo boringtun" (evio-pod: pod to pod
-#   over evio, pods on a bridge, subnets claimed with EVIOCTL=path cni-config).
+#   `cargo install boringtun-cli --root /tmp/evio-bench-boringtun`),
+#   SYSTEMS="underlay evio evio-pod wggo boringtun wggo13 nebula13" (evio-pod: pod to pod over evio, pods
+#   on a bridge, subnets claimed with EVIOCTL=path cni-config), STREAMS=1 (parallel TCP streams),
+#   PEERS_CACHE=dir (default target/bench-peers: Debian 13's wireguard-go and nebula are downloaded there
+#   with apt-get download against a trixie source list and unpacked; nothing is installed).
 set -euo pipefail
 ROUNDS=${1:-5}
 SECS=${2:-5}
@@ -17,13 +21,34 @@ EVIOD=${EVIOD:-$ROOT/target/release/eviod}
 BORINGTUN=${BORINGTUN:-$(command -v boringtun-cli || echo /tmp/evio-bench-boringtun/bin/boringtun-cli)}
 EVIOCTL=${EVIOCTL:-$ROOT/target/release/evioctl}
 [[ -x $EVIOCTL ]] || EVIOCTL=$ROOT/target/debug/evioctl
-SYSTEMS=${SYSTEMS:-"underlay evio evio-pod wggo boringtun"}
+SYSTEMS=${SYSTEMS:-"underlay evio evio-pod wggo boringtun wggo13 nebula13"}
+STREAMS=${STREAMS:-1}
+PEERS_CACHE=${PEERS_CACHE:-$ROOT/target/bench-peers}
+
+# The newest peers (TESTBED.md): Debian 13's packages, fetched once into the cache, never installed.
+fetch_trixie() {
+  [[ -x $PEERS_CACHE/usr/bin/wireguard-go && -x $PEERS_CACHE/usr/bin/nebula ]] && return
+  local t; t=$(mktemp -d); mkdir -p $t/lists/partial $t/archives/partial "$PEERS_CACHE"
+  echo "deb http://deb.debian.org/debian trixie main" > $t/sources.list
+  local o="-o Dir::Etc::sourcelist=$t/sources.list -o Dir::Etc::sourceparts=- -o Dir::State::Lists=$t/lists -o Dir::Cache::Archives=$t/archives"
+  apt-get $o -qq update && (cd $t && apt-get $o -qq download wireguard-go nebula)
+  for d in $t/*.deb; do dpkg-deb -x $d "$PEERS_CACHE"; done
+  rm -rf $t
+}
+if [[ " $SYSTEMS " == *" wggo13 "* || " $SYSTEMS " == *" nebula13 "* ]]; then fetch_trixie; fi
+WGGO13=$PEERS_CACHE/usr/bin/wireguard-go NEBULA=$PEERS_CACHE/usr/bin/nebula NEBULA_CERT=$PEERS_CACHE/usr/bin/nebula-cert
+# Debian 12's tools for the peers and the load (installed if missing; nothing else on the machine changes).
+missing=""
+for t in wg:wireguard-tools wireguard-go:wireguard-go iperf3:iperf3; do
+  command -v ${t%%:*} >/dev/null || missing="$missing ${t#*:}"
+done
+if [[ -n $missing ]]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null; fi
 export WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1
 S=$(( $$ % 100000 ))
 H1=evb1-$S H2=evb2-$S P1=evp1-$S P2=evp2-$S
 # wireguard-go and boringtun keep their control sockets in /var/run/wireguard, shared by all namespaces:
 # every instance needs its own interface name.
-WG1=wga$S WG2=wgb$S BT1=bta$S BT2=btb$S
+WG1=wga$S WG2=wgb$S BT1=bta$S BT2=btb$S W31=w3a$S W32=w3b$S NB1=nba$S NB2=nbb$S
 D=$(mktemp -d /tmp/evio-bench.XXXXXX)
 
 cleanup() {
@@ -32,7 +57,7 @@ cleanup() {
     for p in $(ip netns pids $ns 2>/dev/null); do kill -9 $p 2>/dev/null || true; done
     ip netns del $ns 2>/dev/null || true
   done
-  rm -f /var/run/wireguard/{$WG1,$WG2,$BT1,$BT2}.sock
+  rm -f /var/run/wireguard/{$WG1,$WG2,$BT1,$BT2,$W31,$W32}.sock
   if [[ -n "${KEEP:-}" ]]; then echo "kept $D"; else rm -rf "$D"; fi
 }
 trap cleanup EXIT
@@ -72,8 +97,15 @@ if [[ " $SYSTEMS " == *" boringtun "* ]]; then
   in1 "$BORINGTUN" -f --disable-drop-privileges $BT1 > $D/bt1.log 2>&1 &
   in2 "$BORINGTUN" -f --disable-drop-privileges $BT2 > $D/bt2.log 2>&1 &
 fi
-for pair in "$WG1 $WG2" "$BT1 $BT2"; do
+if [[ " $SYSTEMS " == *" wggo13 "* ]]; then
+  in1 "$WGGO13" -f $W31 > $D/w31.log 2>&1 &
+  in2 "$WGGO13" -f $W32 > $D/w32.log 2>&1 &
+fi
+for pair in "$WG1 $WG2" "$BT1 $BT2" "$W31 $W32"; do
   set -- $pair
+  [[ $1 == $WG1 && " $SYSTEMS " != *" wggo "* ]] && continue
+  [[ $1 == $BT1 && " $SYSTEMS " != *" boringtun "* ]] && continue
+  [[ $1 == $W31 && " $SYSTEMS " != *" wggo13 "* ]] && continue
   for i in $(seq 100); do ip -n $H1 link show $1 >/dev/null 2>&1 && ip -n $H2 link show $2 >/dev/null 2>&1 && break; sleep 0.1; done
 done
 setup_wg() { # dev1 dev2 net port type
@@ -85,6 +117,33 @@ setup_wg() { # dev1 dev2 net port type
 }
 if [[ " $SYSTEMS " == *" wggo "* ]]; then setup_wg $WG1 $WG2 10.97.0 51821 wg; fi
 if [[ " $SYSTEMS " == *" boringtun "* ]]; then setup_wg $BT1 $BT2 10.96.0 51822 bt; fi
+if [[ " $SYSTEMS " == *" wggo13 "* ]]; then
+  wg genkey > $D/w3.k1; wg genkey > $D/w3.k2; wg pubkey < $D/w3.k1 > $D/w3.p1; wg pubkey < $D/w3.k2 > $D/w3.p2
+  setup_wg $W31 $W32 10.94.0 51823 w3
+fi
+# Nebula 1.9.3: a CA, one certificate per host, a static host map to the other host, any traffic allowed.
+if [[ " $SYSTEMS " == *" nebula13 "* ]]; then
+  mkdir -p $D/nebula
+  "$NEBULA_CERT" ca -name bench -out-crt $D/nebula/ca.crt -out-key $D/nebula/ca.key
+  for i in 1 2; do
+    "$NEBULA_CERT" sign -ca-crt $D/nebula/ca.crt -ca-key $D/nebula/ca.key -name h$i -ip 10.95.0.$i/24 \
+      -out-crt $D/nebula/h$i.crt -out-key $D/nebula/h$i.key
+    other=$((3 - i)); dev=$([[ $i == 1 ]] && echo $NB1 || echo $NB2)
+    cat > $D/nebula/h$i.yml <<EOF2
+pki: {ca: $D/nebula/ca.crt, cert: $D/nebula/h$i.crt, key: $D/nebula/h$i.key}
+static_host_map: {"10.95.0.$other": ["10.98.0.$other:4242"]}
+lighthouse: {am_lighthouse: false}
+listen: {host: 0.0.0.0, port: 4242}
+punchy: {punch: false}
+tun: {dev: $dev, mtu: 1420}
+logging: {level: warning}
+firewall:
+  outbound: [{port: any, proto: any, host: any}]
+  inbound: [{port: any, proto: any, host: any}]
+EOF2
+    ip netns exec evb$i-$S "$NEBULA" -config $D/nebula/h$i.yml > $D/nebula$i.log 2>&1 &
+  done
+fi
 
 # evio VIPs (from the agents' status)
 vip() { python3 -c 'import json,socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]+"/eviod.sock"); s.sendall(b"status\n"); print(json.loads(s.makefile().read())["address"])' "$1"; }
@@ -97,7 +156,7 @@ for i in 1 2; do
   mkdir -p $D/cni$i/net.d $D/cni$i/bin
   ip netns exec evb$i-$S "$EVIOCTL" cni-config --net-conf $D/net-conf.json --node-name bench-$i \
     --etcd-endpoints $ETCD --cni-conf-dir $D/cni$i/net.d --cni-bin-dir $D/cni$i/bin \
-    --plugin-binary "$EVIOCTL" > $D/cni$i.json 2> $D/cni$i.err
+    --plugin-binary "$(dirname "$EVIOCTL")/evio-cni" > $D/cni$i.json 2> $D/cni$i.err
   gw=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["gateway"])' $D/cni$i.json)
   sub=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["subnet"])' $D/cni$i.json)
   pip=${gw%.1}.10
@@ -110,8 +169,8 @@ for i in 1 2; do
   ip netns exec $h sysctl -qw net.ipv4.ip_forward=1
   eval POD$i=$pip
 done
-declare -A DST=([underlay]=10.98.0.2 [evio]=$V2 [evio-pod]=$POD2 [wggo]=10.97.0.2 [boringtun]=10.96.0.2)
-declare -A SRC=([underlay]=$H1 [evio]=$H1 [evio-pod]=$P1 [wggo]=$H1 [boringtun]=$H1)
+declare -A DST=([underlay]=10.98.0.2 [evio]=$V2 [evio-pod]=$POD2 [wggo]=10.97.0.2 [boringtun]=10.96.0.2 [wggo13]=10.94.0.2 [nebula13]=10.95.0.2)
+declare -A SRC=([underlay]=$H1 [evio]=$H1 [evio-pod]=$P1 [wggo]=$H1 [boringtun]=$H1 [wggo13]=$H1 [nebula13]=$H1)
 for sys in $SYSTEMS; do
   for i in $(seq 100); do ip netns exec ${SRC[$sys]} ping -c1 -W1 ${DST[$sys]} >/dev/null 2>&1 && break; sleep 0.2; done
 done
@@ -134,7 +193,7 @@ echo "system round gbps busy_cores rtt_p50_ms" > $D/results
 for r in $(seq $ROUNDS); do
   for sys in $SYSTEMS; do
     c0=$(cpu $H1 $H2 $P1 $P2)
-    out=$(ip netns exec ${SRC[$sys]} /usr/bin/time -f "%U %S" iperf3 -c ${DST[$sys]} -t $SECS -J 2>$D/time) || { echo "$sys: iperf3 failed: $out" >&2; tail -5 $D/eviod*.log >&2; continue; }
+    out=$(ip netns exec ${SRC[$sys]} /usr/bin/time -f "%U %S" iperf3 -c ${DST[$sys]} -t $SECS -P $STREAMS -J 2>$D/time) || { echo "$sys: iperf3 failed: $out" >&2; tail -5 $D/eviod*.log >&2; continue; }
     c1=$(cpu $H1 $H2 $P1 $P2)
     gbps=$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9)')
     busy=$(python3 -c "u,s=open('$D/time').read().split()[-2:]; print(($c1-$c0+float(u)+float(s))/$SECS)")
