@@ -24,8 +24,11 @@ use crate::state::Shared;
 const MIN_SLOT: usize = 2048;
 /// Packets per batch.
 const BATCH: usize = 128;
-/// Timer tick period.
+/// Timer tick period (NAT traversal's check retransmissions are 100 ms apart).
 const TICK: Duration = Duration::from_millis(100);
+/// The tunnel core's timers (WireGuard's are seconds apart; boringtun's own device ticks every 250 ms):
+/// a pass over every peer, so not on every tick.
+const TUNNEL_TICK: Duration = Duration::from_millis(250);
 
 pub fn start(
     shared: Arc<Shared>,
@@ -285,11 +288,15 @@ fn write_tun(shared: &Shared, tun: &mut Tun, pkts: &mut PacketBatch) {
 fn timers(shared: &Shared, mut udp: UdpBatch) {
     let mut out = SendBatch::new(64, 64 * 256);
     let mut last_sweep = Instant::now();
+    let mut last_tunnel_tick = Instant::now();
     while !shared.stopping() {
         std::thread::sleep(TICK);
         let events: Vec<Event> = {
             let n = shared.node();
-            n.tick(Instant::now());
+            if last_tunnel_tick.elapsed() >= TUNNEL_TICK {
+                last_tunnel_tick = Instant::now();
+                n.tick(last_tunnel_tick);
+            }
             std::iter::from_fn(|| n.poll_event()).collect()
         };
         let wanted: Vec<_> = events
