@@ -367,6 +367,7 @@ impl Signer {
             Err(e) => return refusal_or_retry(e),
         };
         let mut subnets = Vec::new();
+        let had_subnet = self.plan.is_some() && store.subnet_of(&req.node).await?.is_some();
         if let Some(plan) = &self.plan {
             match store.claim_subnet(plan, &req.node).await {
                 Ok(s) => subnets.push(s.subnet),
@@ -378,14 +379,24 @@ impl Signer {
                 }
             }
         }
-        // Spend the token last, just before issuing (re-read: the operator may have deleted it meanwhile).
-        let mut record = match TokenRecord::load(&self.ca_dir, &req.token_id) {
+        // Spend the token last, just before issuing (re-read: the operator may have deleted it meanwhile,
+        // or another join handled at the same time spent a single-use token). Nothing between the re-read
+        // and the save awaits, so joins handled concurrently cannot both spend the last use; a join
+        // refused here gives back the claims it made.
+        let usable = TokenRecord::load(&self.ca_dir, &req.token_id)
+            .and_then(|r| r.check_usable(now).map(|()| r));
+        let mut record = match usable {
             Ok(r) => r,
-            Err(e) => return refuse(e),
+            Err(e) => {
+                if !had_subnet && self.plan.is_some() {
+                    store.release_subnet(&req.node).await?;
+                }
+                if !had_address {
+                    store.release_address(&req.node).await?;
+                }
+                return refuse(e);
+            }
         };
-        if let Err(e) = record.check_usable(now) {
-            return refuse(e);
-        }
         record.uses += 1;
         record.save(&self.ca_dir)?;
         Ok(Verdict::Issue(

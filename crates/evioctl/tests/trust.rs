@@ -797,3 +797,65 @@ fn one_signer_per_ca_directory() {
     };
     assert!(!status.success());
 }
+
+/// The signer handles requests concurrently: many hosts joining at once with one reusable token all get
+/// certificates with distinct addresses and subnets, and several hosts racing for one single-use token
+/// leave exactly one certificate and no claim for the losers.
+#[test]
+fn concurrent_joins_get_distinct_grants_and_a_single_use_token_is_spent_once() {
+    let etcd = Etcd::start();
+    let ca = Ca::new();
+    let _signer = Signer::start(&ca, &etcd, &["--pod-cidr", "10.244.0.0/16"]);
+    let r = rt();
+    let s = store(&r, &etcd);
+
+    let reusable = JoinToken::decode(&ca.token(&etcd.endpoint(), &["--reusable"])).unwrap();
+    let nodes: Vec<String> = (0..24).map(|i| format!("many-{i}")).collect();
+    let certs: Vec<NodeCert> = r.block_on(async {
+        let joins = nodes.iter().enumerate().map(|(i, n)| {
+            let (s, t) = (&s, &reusable);
+            async move {
+                join(s, t, n, &public_key_of(&[100 + i as u8; 32]), T)
+                    .await
+                    .map(|(c, _)| c)
+            }
+        });
+        futures_util::future::join_all(joins)
+            .await
+            .into_iter()
+            .map(|r| r.expect("join"))
+            .collect()
+    });
+    let addrs: std::collections::HashSet<_> = certs.iter().map(|c| c.address).collect();
+    let subnets: std::collections::HashSet<_> =
+        certs.iter().map(|c| c.pod_subnets.clone()).collect();
+    assert_eq!((addrs.len(), subnets.len()), (24, 24), "{certs:#?}");
+    for c in &certs {
+        let held = r
+            .block_on(s.address_of(&c.node))
+            .unwrap()
+            .map(|a| a.address);
+        assert_eq!(held, Some(c.address));
+    }
+
+    let single = JoinToken::decode(&ca.token(&etcd.endpoint(), &[])).unwrap();
+    let racers: Vec<String> = (0..6).map(|i| format!("race-{i}")).collect();
+    let results: Vec<bool> = r.block_on(async {
+        let joins = racers.iter().enumerate().map(|(i, n)| {
+            let (s, t) = (&s, &single);
+            async move {
+                join(s, t, n, &public_key_of(&[200 + i as u8; 32]), T)
+                    .await
+                    .is_ok()
+            }
+        });
+        futures_util::future::join_all(joins).await
+    });
+    assert_eq!(results.iter().filter(|ok| **ok).count(), 1, "{results:?}");
+    for (n, ok) in racers.iter().zip(&results) {
+        let address = r.block_on(s.address_of(n)).unwrap();
+        let subnet = r.block_on(s.subnet_of(n)).unwrap();
+        assert_eq!(address.is_some(), *ok, "{n}: address claim {address:?}");
+        assert_eq!(subnet.is_some(), *ok, "{n}: subnet claim {subnet:?}");
+    }
+}
