@@ -562,3 +562,94 @@ fn nat_kinds_and_a_relayed_path() {
     assert!(local, "evioctl ui --etcd-netns: no topology on loopback");
     eprintln!("relay ui test took {:?}", t0.elapsed());
 }
+
+/// Lazy peers on the page: agents with `--lazy-peers` that never exchanged a packet show idle edges (API
+/// and DOM); a ping between two of them turns their edge direct while the others stay idle.
+#[test]
+fn lazy_peers_are_idle_edges_until_traffic_wakes_them() {
+    evio_testbed::require_root();
+    let mut c = Cluster::new(3);
+    for h in &mut c.hosts {
+        h.extra = ["--lazy-peers", "--peer-idle-timeout", "60"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    }
+    c.start_all();
+    assert!(
+        wait_until(Duration::from_secs(20), || c
+            .hosts
+            .iter()
+            .all(|h| h.peer_names().len() == 2)),
+        "peers not known: {}",
+        c.logs()
+    );
+    let _ui = Killed(
+        c.underlay
+            .command(common::evioctl().to_str().unwrap())
+            .args(["ui", "--etcd-endpoints", &c.etcd_url()])
+            .args(["--listen", &format!("{ETCD_IP}:{PORT}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start evioctl ui"),
+    );
+    let kinds = |t: &Value| -> Vec<(String, String, String)> {
+        let mut v: Vec<_> = t["edges"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|e| {
+                let s = |k: &str| e[k].as_str().unwrap_or_default().to_string();
+                (s("a"), s("b"), s("kind"))
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let idle = |a: &str, b: &str| (a.to_string(), b.to_string(), "idle".to_string());
+    let mut last = Value::Null;
+    let all_idle = wait_until(Duration::from_secs(15), || {
+        last = topology(&c.underlay).unwrap_or_default();
+        kinds(&last)
+            == vec![
+                idle("host-1", "host-2"),
+                idle("host-1", "host-3"),
+                idle("host-2", "host-3"),
+            ]
+    });
+    assert!(all_idle, "edges not all idle: {last:#}\n{}", c.logs());
+    // Resting peers (the agents' own status says so, and no handshake happened), not merely quiet paths.
+    for h in &c.hosts {
+        let st = h.status().unwrap();
+        for p in st["peers"].as_array().unwrap() {
+            assert_eq!(p["path"], "idle", "{}: {st:#}", h.name);
+        }
+        assert_eq!(h.metric("evio_handshakes_total"), 0, "{}", h.name);
+    }
+    let profile = tempfile::tempdir().unwrap();
+    let dom = dump_until(&c.underlay, profile.path(), |d| {
+        d.matches("class=\"edge k-idle").count() == 3
+    });
+    assert_eq!(dom.matches("class=\"edge k-idle").count(), 3, "{dom}");
+
+    // Traffic wakes one pair: its edge turns direct, the others stay idle.
+    let vip2 = c.hosts[1].vip();
+    assert!(c.hosts[0].ping_until(&vip2, Duration::from_secs(5)));
+    let woke = wait_until(Duration::from_secs(10), || {
+        last = topology(&c.underlay).unwrap_or_default();
+        kinds(&last)
+            == vec![
+                ("host-1".into(), "host-2".into(), "direct".into()),
+                idle("host-1", "host-3"),
+                idle("host-2", "host-3"),
+            ]
+    });
+    assert!(woke, "the woken pair is not direct: {last:#}\n{}", c.logs());
+    let dom = dump_until(&c.underlay, profile.path(), |d| {
+        d.matches("class=\"edge k-direct").count() == 1
+    });
+    assert_eq!(dom.matches("class=\"edge k-idle").count(), 2, "{dom}");
+}
