@@ -7,7 +7,7 @@ packages=(
   etcd-server etcd-client openvswitch-switch containernetworking-plugins coturn
   iproute2 nftables iptables iputils-ping ethtool conntrack socat tcpdump iperf3 curl
   podman runc busybox-static containerd protobuf-compiler binutils ca-certificates python3
-  chromium
+  chromium chromium-driver
 )
 
 missing=()

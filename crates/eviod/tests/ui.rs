@@ -1,6 +1,7 @@
 //! `evioctl ui` against a real lab: etcd and three agents in network namespaces, the UI server in the
 //! underlay namespace, and headless Chromium loading the page inside that namespace (which has no default
-//! route, so the browser cannot reach anything else). Needs root, `chromium` and `curl` (scripts/deps.sh),
+//! route, so the browser cannot reach anything else). Needs root, `chromium`, `chromedriver` (Debian's
+//! `chromium-driver`) and `curl` (scripts/deps.sh),
 //! and `cargo build -p evioctl --bins` first.
 
 mod common;
@@ -118,6 +119,95 @@ fn node_tag<'a>(dom: &'a str, name: &str) -> Option<&'a str> {
     let start = dom[..i].rfind('<')?;
     let end = i + dom[i..].find('>')?;
     Some(&dom[start..=end])
+}
+
+/// One page kept open in headless Chromium through ChromeDriver's WebDriver HTTP API (Debian's
+/// `chromium-driver`, driven with curl inside `ns`): what the page shows later, without reloading it.
+struct LivePage<'a> {
+    /// No other Chromium of this test binary runs meanwhile (see `CHROMIUM`).
+    _one: std::sync::MutexGuard<'static, ()>,
+    ns: &'a Netns,
+    driver: Killed,
+    url: String,
+    session: String,
+}
+
+impl<'a> LivePage<'a> {
+    fn open(ns: &'a Netns, profile: &std::path::Path) -> LivePage<'a> {
+        let one = CHROMIUM.lock().unwrap_or_else(|e| e.into_inner());
+        let port = 19515;
+        let driver = Killed(
+            ns.command("chromedriver")
+                .arg(format!("--port={port}"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start chromedriver (Debian's chromium-driver)"),
+        );
+        let url = format!("http://127.0.0.1:{port}");
+        let mut page = LivePage {
+            _one: one,
+            ns,
+            driver,
+            url,
+            session: String::new(),
+        };
+        assert!(
+            wait_until(Duration::from_secs(10), || page
+                .call("GET", "/status", None)
+                .is_some_and(|v| v["value"]["ready"] == true)),
+            "chromedriver not ready"
+        );
+        let caps = serde_json::json!({"capabilities": {"alwaysMatch": {"goog:chromeOptions": {
+            "binary": "/usr/bin/chromium",
+            "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                     "--disable-component-update", "--disable-sync", "--no-first-run",
+                     "--disable-dev-shm-usage", format!("--user-data-dir={}", profile.display())]
+        }}}});
+        let v = page
+            .call("POST", "/session", Some(&caps))
+            .expect("WebDriver session");
+        page.session = v["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {v}"))
+            .to_string();
+        let nav = serde_json::json!({ "url": format!("{}/", base()) });
+        let path = format!("/session/{}/url", page.session);
+        page.call("POST", &path, Some(&nav)).expect("navigate");
+        page
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Option<Value> {
+        let url = format!("{}{path}", self.url);
+        let mut args = vec!["curl", "-sS", "--max-time", "30", "-X", method, &url];
+        let data = body.map(|b| b.to_string());
+        if let Some(d) = &data {
+            args.extend(["-H", "Content-Type: application/json", "-d", d]);
+        }
+        let out = self.ns.exec(&args);
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// The page's DOM now (the same page, never reloaded).
+    fn dom(&self) -> String {
+        let script = serde_json::json!({
+            "script": "return document.documentElement.outerHTML", "args": []
+        });
+        let path = format!("/session/{}/execute/sync", self.session);
+        self.call("POST", &path, Some(&script))
+            .and_then(|v| v["value"].as_str().map(String::from))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for LivePage<'_> {
+    fn drop(&mut self) {
+        if !self.session.is_empty() {
+            let _ = self.call("DELETE", &format!("/session/{}", self.session), None);
+        }
+        let _ = self.driver.0.kill();
+    }
 }
 
 #[test]
@@ -280,9 +370,29 @@ fn topology_page_shows_nodes_paths_and_a_dead_agent() {
             .spawn()
             .unwrap(),
     );
+    // The same page, loaded once and kept open: it must follow the change by itself (live updates).
+    let live_profile = tempfile::tempdir().unwrap();
+    let live = LivePage::open(&c.underlay, live_profile.path());
+    assert!(
+        wait_until(Duration::from_secs(15), || node_tag(&live.dom(), "host-3")
+            .is_some_and(|t| t.contains("data-up=\"true\""))),
+        "the live page never showed host-3 up: {}",
+        live.dom()
+    );
     std::thread::sleep(Duration::from_millis(300));
     let killed_at = Instant::now();
     c.hosts[2].kill9();
+    let live_down = wait_until(Duration::from_secs(5), || {
+        node_tag(&live.dom(), "host-3").is_some_and(|t| t.contains("data-up=\"false\""))
+    });
+    let live_took = killed_at.elapsed();
+    assert!(
+        live_down,
+        "the open page did not show host-3 down within 5 s of kill -9: {}",
+        live.dom()
+    );
+    eprintln!("host-3 down in the open page {live_took:?} after kill -9");
+    drop(live);
     let down = wait_until(Duration::from_secs(5), || {
         topology(&c.underlay).is_some_and(|t| node(&t, "host-3").is_some_and(|n| n["up"] == false))
     });
