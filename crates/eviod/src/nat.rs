@@ -28,7 +28,6 @@
 //! and applied under a third lock ([`pump`], [`sync_paths`]) so they reach the core in order.
 
 use std::collections::{HashMap, HashSet};
-use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -665,8 +664,8 @@ impl Nat {
         }
     }
 
-    /// Appends the NAT traversal metrics (Prometheus text).
-    pub fn metrics(&self, s: &mut String) {
+    /// Adds the NAT traversal metrics.
+    pub fn metrics(&self, m: &mut crate::metrics::Exposition) {
         let (cands, relayed) = {
             let g = self.lock();
             (
@@ -706,28 +705,27 @@ impl Nat {
                 &self.peers_idled,
             ),
         ] {
-            let _ = writeln!(
-                s,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                v.load(Ordering::Relaxed)
-            );
+            m.counter(name, help, v.load(Ordering::Relaxed));
         }
-        let _ = writeln!(
-            s,
-            "# HELP evio_candidates Local candidates by kind.\n# TYPE evio_candidates gauge"
+        m.gauges(
+            "evio_candidates",
+            "Local candidates by kind.",
+            "kind",
+            [
+                CandidateKind::Host,
+                CandidateKind::ServerReflexive,
+                CandidateKind::Relayed,
+            ]
+            .into_iter()
+            .map(|k| {
+                let n = cands.iter().filter(|c| c.kind == k).count();
+                (k.as_str().to_string(), n as i64)
+            }),
         );
-        for k in [
-            CandidateKind::Host,
-            CandidateKind::ServerReflexive,
-            CandidateKind::Relayed,
-        ] {
-            let n = cands.iter().filter(|c| c.kind == k).count();
-            let _ = writeln!(s, "evio_candidates{{kind=\"{}\"}} {n}", k.as_str());
-        }
-        let _ = writeln!(
-            s,
-            "# HELP evio_turn_allocated Whether a TURN allocation exists.\n# TYPE evio_turn_allocated gauge\nevio_turn_allocated {}",
-            relayed as u8
+        m.gauge(
+            "evio_turn_allocated",
+            "Whether a TURN allocation exists.",
+            relayed as i64,
         );
     }
 }

@@ -127,43 +127,41 @@ impl Shared {
 
     /// Prometheus text exposition of the agent's metrics.
     pub fn metrics(&self) -> String {
-        use std::fmt::Write;
         let c = &self.counters;
         let (peers, drops, handshakes) = {
             let n = self.node();
             (n.peers(), n.drops(), n.handshakes_total())
         };
         let meta = self.meta.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let mut s = String::new();
         let up = peers
             .iter()
             .filter(|p| p.path != evio_tunnel::PathKind::Connecting)
             .count();
-        let _ = writeln!(
-            s,
-            "# HELP evio_build_info The agent's version (always 1).\n# TYPE evio_build_info gauge\nevio_build_info{{version=\"{}\"}} 1",
-            env!("CARGO_PKG_VERSION")
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut m = crate::metrics::Exposition::default();
+        m.info(
+            "evio_build_info",
+            "The agent's version.",
+            vec![("version", env!("CARGO_PKG_VERSION").to_string())],
         );
-        let _ = writeln!(
-            s,
-            "# HELP evio_peers Peers known from the control plane.\n# TYPE evio_peers gauge\nevio_peers {}",
-            peers.len()
+        m.gauge(
+            "evio_peers",
+            "Peers known from the control plane.",
+            peers.len() as i64,
         );
-        let _ = writeln!(
-            s,
-            "# HELP evio_peers_connected Peers with a session.\n# TYPE evio_peers_connected gauge\nevio_peers_connected {up}"
+        m.gauge("evio_peers_connected", "Peers with a session.", up as i64);
+        m.counter("evio_handshakes_total", "Completed handshakes.", handshakes);
+        m.counters(
+            "evio_drops_total",
+            "Dropped packets and datagrams by reason.",
+            "reason",
+            drops.iter().map(|(r, n)| (r.as_str().to_string(), n)),
         );
-        let _ = writeln!(
-            s,
-            "# HELP evio_handshakes_total Completed handshakes.\n# TYPE evio_handshakes_total counter\nevio_handshakes_total {handshakes}"
-        );
-        let _ = writeln!(
-            s,
-            "# HELP evio_drops_total Dropped packets and datagrams by reason.\n# TYPE evio_drops_total counter"
-        );
-        for (r, n) in drops.iter() {
-            let _ = writeln!(s, "evio_drops_total{{reason=\"{}\"}} {n}", r.as_str());
-        }
+        let name = |p: &PeerStatus| {
+            meta.get(&p.public_key)
+                .map(|m| m.node.clone())
+                .unwrap_or_else(|| p.name.clone())
+        };
         type PeerCounter = (&'static str, &'static str, fn(&PeerStatus) -> u64);
         let per_peer: [PeerCounter; 3] = [
             (
@@ -183,16 +181,14 @@ impl Shared {
             ),
         ];
         for (metric, help, value) in per_peer {
-            let _ = writeln!(s, "# HELP {metric} {help}\n# TYPE {metric} counter");
-            for p in &peers {
-                let name = meta
-                    .get(&p.public_key)
-                    .map(|m| m.node.as_str())
-                    .unwrap_or(&p.name);
-                let _ = writeln!(s, "{metric}{{peer=\"{name}\"}} {}", value(p));
-            }
+            m.counters(
+                metric,
+                help,
+                "peer",
+                peers.iter().map(|p| (name(p), value(p))),
+            );
         }
-        for (name, help, v) in [
+        for (metric, help, v) in [
             (
                 "evio_tun_rx_packets_total",
                 "Packets read from the TUN device.",
@@ -219,29 +215,25 @@ impl Shared {
                 &c.etcd_errors,
             ),
         ] {
-            let _ = writeln!(
-                s,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                v.load(Ordering::Relaxed)
-            );
+            m.counter(metric, help, load(v));
         }
-        let _ = writeln!(
-            s,
-            "# HELP evio_etcd_connected Whether the control plane reaches etcd.\n# TYPE evio_etcd_connected gauge\nevio_etcd_connected {}",
-            c.etcd_connected.load(Ordering::Relaxed) as u8
+        m.gauge(
+            "evio_etcd_connected",
+            "Whether the control plane reaches etcd.",
+            c.etcd_connected.load(Ordering::Relaxed) as i64,
         );
-        let _ = writeln!(
-            s,
-            "# HELP evio_registrations_rejected Registrations in etcd not accepted as peers (see the log for why).\n# TYPE evio_registrations_rejected gauge\nevio_registrations_rejected {}",
-            c.registrations_rejected.load(Ordering::Relaxed)
+        m.gauge(
+            "evio_registrations_rejected",
+            "Registrations in etcd not accepted as peers (see the log for why).",
+            load(&c.registrations_rejected) as i64,
         );
-        let _ = writeln!(
-            s,
-            "# HELP evio_name_taken Whether this node's name is registered with another public key (registration refused).\n# TYPE evio_name_taken gauge\nevio_name_taken {}",
-            c.name_taken.load(Ordering::Relaxed) as u8
+        m.gauge(
+            "evio_name_taken",
+            "Whether this node's name is registered with another public key (registration refused).",
+            c.name_taken.load(Ordering::Relaxed) as i64,
         );
-        self.nat.metrics(&mut s);
-        s
+        self.nat.metrics(&mut m);
+        m.encode()
     }
 }
 
