@@ -210,6 +210,21 @@ impl Drop for LivePage<'_> {
     }
 }
 
+/// `evioctl ui` for the cluster's etcd, in its underlay namespace on `PORT`.
+fn start_ui(c: &Cluster) -> Killed {
+    Killed(
+        c.underlay
+            .command(common::evioctl().to_str().unwrap())
+            .args(["ui", "--etcd-endpoints", &c.etcd_url()])
+            .args(["--listen", &format!("{ETCD_IP}:{PORT}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start evioctl ui"),
+    )
+}
+
 #[test]
 fn topology_page_shows_nodes_paths_and_a_dead_agent() {
     evio_testbed::require_root();
@@ -275,17 +290,7 @@ fn topology_page_shows_nodes_paths_and_a_dead_agent() {
     }
     assert!(metrics.ends_with("# EOF\n"), "{metrics}");
 
-    let ui = Killed(
-        c.underlay
-            .command(common::evioctl().to_str().unwrap())
-            .args(["ui", "--etcd-endpoints", &c.etcd_url()])
-            .args(["--listen", &format!("{ETCD_IP}:{PORT}")])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start evioctl ui"),
-    );
+    let ui = start_ui(&c);
 
     // The API: three live nodes with their VIPs and versions, and the three paths, all direct.
     let mut last = Value::Null;
@@ -698,17 +703,7 @@ fn lazy_peers_are_idle_edges_until_traffic_wakes_them() {
         "peers not known: {}",
         c.logs()
     );
-    let _ui = Killed(
-        c.underlay
-            .command(common::evioctl().to_str().unwrap())
-            .args(["ui", "--etcd-endpoints", &c.etcd_url()])
-            .args(["--listen", &format!("{ETCD_IP}:{PORT}")])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start evioctl ui"),
-    );
+    let _ui = start_ui(&c);
     let kinds = |t: &Value| -> Vec<(String, String, String)> {
         let mut v: Vec<_> = t["edges"]
             .as_array()
