@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use evio_store::etcd_client::{
-    Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+    Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, WatchOptions, WatchStream,
 };
 use evio_store::{Store, StoreError, SubnetPlan, keys, parse_cidr};
 use evio_trust::{
@@ -467,15 +467,27 @@ async fn wait_for_requests(store: &Store, rev: i64) -> Result<()> {
     let mut renews = c.watch(keys::RENEW, Some(opts())).await?;
     let next = async {
         tokio::select! {
-            r = joins.message() => r,
-            r = renews.message() => r,
+            r = changed(&mut joins) => r,
+            r = changed(&mut renews) => r,
         }
     };
     match tokio::time::timeout(Duration::from_secs(30), next).await {
         Err(_) => Ok(()),
-        Ok(r) => {
-            r?;
-            Ok(())
+        Ok(r) => r,
+    }
+}
+
+/// Returns when the watch reports a change (or ends, is cancelled or compacted: the caller re-reads).
+/// The first message of every watch only says it was created: returning on it made an idle signer a
+/// busy loop of reads and new watches (issue 12: 1,300 of each a second against etcd at 100 nodes).
+async fn changed(w: &mut WatchStream) -> Result<()> {
+    loop {
+        match w.message().await? {
+            None => return Ok(()),
+            Some(r) if r.canceled() || r.compact_revision() > 0 || !r.events().is_empty() => {
+                return Ok(());
+            }
+            Some(_) => {}
         }
     }
 }

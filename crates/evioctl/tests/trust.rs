@@ -798,6 +798,41 @@ fn one_signer_per_ca_directory() {
     assert!(!status.success());
 }
 
+/// CPU time (user + system) of a process, from /proc.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name (which may hold spaces) start after its closing parenthesis.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name and state.
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions; _SC_CLK_TCK is a valid name.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+/// A signer with nothing to do waits on its watches: no reads, no new watches, (almost) no CPU. Its first
+/// wait returned on the watch's "created" message and it spun, re-reading etcd a thousand times a second.
+#[test]
+fn an_idle_signer_does_not_spin() {
+    let etcd = Etcd::start();
+    let ca = Ca::new();
+    let signer = Signer::start(&ca, &etcd, &[]);
+    let r = rt();
+    let s = store(&r, &etcd);
+    // Once it answered a join it is connected and idle.
+    let token = JoinToken::decode(&ca.token(&etcd.endpoint(), &[])).unwrap();
+    r.block_on(join(&s, &token, "node-i", &public_key_of(&[4; 32]), T))
+        .unwrap();
+    let before = cpu_time(signer.0.id());
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_time(signer.0.id()) - before;
+    assert!(
+        used < Duration::from_millis(300),
+        "an idle signer used {used:?} of CPU in 3 s"
+    );
+}
+
 /// The signer handles requests concurrently: many hosts joining at once with one reusable token all get
 /// certificates with distinct addresses and subnets, and several hosts racing for one single-use token
 /// leave exactly one certificate and no claim for the losers.
