@@ -16,7 +16,7 @@
 //!   moves to a strictly better class; the selected pair is checked every [`Timers::keepalive`], a failed
 //!   selected pair makes the agent fall back to the next best and re-check everything at once.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -285,6 +285,18 @@ struct Peer {
     selected: Option<u64>,
     /// Checks received recently, to refuse copies.
     replay: ReplayCache,
+    /// When its earliest pair is due, as indexed in `Agent::deadlines`.
+    deadline: Option<Instant>,
+}
+
+impl Peer {
+    /// When the earliest pair is due: its retransmission if a check is in flight, else its next check.
+    fn next_due(&self) -> Option<Instant> {
+        self.pairs
+            .iter()
+            .map(|p| p.inflight.as_ref().map_or(p.next_check, |(_, x)| x.next))
+            .min()
+    }
 }
 
 /// Recently accepted checks of one peer (see [`REPLAY_CACHE`]).
@@ -383,6 +395,13 @@ pub struct Agent {
     clock: (Instant, Duration),
     /// Unknown check senders reported in the current second, and when that second began.
     unknown: (Instant, Vec<PeerKey>),
+    /// Every peer's deadline (`Peer::deadline`), earliest first: the next timeout is the first entry and a
+    /// timeout visits only the peers due. (A pass over every pair of every peer after every datagram
+    /// was the NAT agent's largest cost at 100 nodes.)
+    deadlines: BTreeSet<(Instant, PeerKey)>,
+    /// Peers whose pairs changed since their deadline was indexed; `settle` re-indexes them before any
+    /// public method returns.
+    dirty: HashSet<PeerKey>,
 }
 
 impl Agent {
@@ -421,6 +440,8 @@ impl Agent {
             path_changes: 0,
             clock: (now, unix_time),
             unknown: (now, Vec::new()),
+            deadlines: BTreeSet::new(),
+            dirty: HashSet::new(),
         };
         a.handle_timeout(now);
         a
@@ -533,6 +554,7 @@ impl Agent {
             pairs: Vec::new(),
             selected: None,
             replay: ReplayCache::default(),
+            deadline: None,
         });
         entry.key = key;
         entry.remote = candidates
@@ -558,6 +580,8 @@ impl Agent {
         }
         self.reselect(peer, now);
         self.reindex();
+        self.dirty.insert(peer);
+        self.settle();
     }
 
     /// Tells the agent that an authenticated tunnel datagram of `peer` arrived from `from`: call it after
@@ -577,6 +601,7 @@ impl Agent {
             let _ = self.learn(*peer, base, addr, now);
         }
         self.peer_timers(*peer, now);
+        self.settle();
     }
 
     /// Adds a pair for an address of `peer` seen on `base`, and probes the selected pair. `None`: the peer
@@ -586,6 +611,7 @@ impl Agent {
             tracing::debug!(%from, ?base, "peer-reflexive candidate not learned: too many already");
             return None;
         }
+        self.dirty.insert(peer);
         let kind = self.classify_remote(&peer, from);
         tracing::debug!(%from, ?base, ?kind, "peer-reflexive candidate");
         // Checks through our relay need only a permission (Send indications); a channel is bound when
@@ -622,7 +648,10 @@ impl Agent {
 
     /// Forgets a peer.
     pub fn remove_peer(&mut self, peer: &PeerKey) {
-        self.peers.remove(peer);
+        if let Some(d) = self.peers.remove(peer).and_then(|p| p.deadline) {
+            self.deadlines.remove(&(d, *peer));
+        }
+        self.dirty.remove(peer);
         self.checks.retain(|_, (p, _)| p != peer);
         self.reindex();
     }
@@ -711,12 +740,36 @@ impl Agent {
         if let Some(x) = self.turn.as_ref().and_then(TurnClient::poll_timeout) {
             min(x);
         }
-        for peer in self.peers.values() {
-            for p in &peer.pairs {
-                min(p.inflight.as_ref().map_or(p.next_check, |(_, x)| x.next));
-            }
+        debug_assert!(self.dirty.is_empty(), "a public method returned unsettled");
+        debug_assert!(
+            self.peers.iter().all(|(k, p)| p.deadline == p.next_due()
+                && p.deadline.is_none_or(|d| self.deadlines.contains(&(d, *k)))),
+            "a peer's deadline is not indexed"
+        );
+        if let Some((d, _)) = self.deadlines.first() {
+            min(*d);
         }
         t
+    }
+
+    /// Re-indexes the deadlines of the peers marked dirty.
+    fn settle(&mut self) {
+        for key in std::mem::take(&mut self.dirty) {
+            let Some(peer) = self.peers.get_mut(&key) else {
+                continue;
+            };
+            let due = peer.next_due();
+            if peer.deadline == due {
+                continue;
+            }
+            if let Some(old) = peer.deadline {
+                self.deadlines.remove(&(old, key));
+            }
+            if let Some(d) = due {
+                self.deadlines.insert((d, key));
+            }
+            peer.deadline = due;
+        }
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -756,14 +809,20 @@ impl Agent {
             t.handle_timeout(now);
         }
         self.drain_turn(now);
-        // Checks.
-        let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
-        for key in keys {
+        // Checks: the peers due.
+        let due: Vec<PeerKey> = self
+            .deadlines
+            .range(..=(now, [u8::MAX; 32]))
+            .map(|(_, k)| *k)
+            .collect();
+        for key in due {
             self.peer_timers(key, now);
         }
+        self.settle();
     }
 
     fn peer_timers(&mut self, key: PeerKey, now: Instant) {
+        self.dirty.insert(key);
         let Some(peer) = self.peers.get_mut(&key) else {
             return;
         };
@@ -816,6 +875,7 @@ impl Agent {
     /// the last keepalive interval, move to it now rather than after the full give-up (3.1 s). This is
     /// what heals a NAT rebinding quickly: the peer's checks from its new mapping already made that pair.
     fn fail_over_early(&mut self, key: PeerKey, now: Instant) {
+        self.dirty.insert(key);
         let fresh = self.cfg.timers.keepalive;
         let Some(peer) = self.peers.get_mut(&key) else {
             return;
@@ -861,6 +921,7 @@ impl Agent {
 
     /// Marks a pair failed; returns true if it was the selected one.
     fn on_check_failed(&mut self, key: PeerKey, id: u64, now: Instant) -> bool {
+        self.dirty.insert(key);
         let t = self.cfg.timers;
         let Some(peer) = self.peers.get_mut(&key) else {
             return false;
@@ -919,6 +980,7 @@ impl Agent {
     }
 
     fn start_check(&mut self, key: PeerKey, id: u64, now: Instant) {
+        self.dirty.insert(key);
         let local = self.cfg.local_key;
         let unix_ms = self.unix_ms(now);
         let Some(peer) = self.peers.get_mut(&key) else {
@@ -960,6 +1022,12 @@ impl Agent {
 
     /// Handles a datagram received on the shared socket from `from`.
     pub fn handle_input<'a>(&mut self, from: SocketAddr, buf: &'a [u8], now: Instant) -> Input<'a> {
+        let r = self.input(from, buf, now);
+        self.settle();
+        r
+    }
+
+    fn input<'a>(&mut self, from: SocketAddr, buf: &'a [u8], now: Instant) -> Input<'a> {
         let kind = demux::classify(buf);
         match kind {
             Kind::WireGuard => {
@@ -1071,6 +1139,7 @@ impl Agent {
             }
             return;
         }
+        self.dirty.insert(sender);
         let Some(peer) = self.peers.get_mut(&sender) else {
             return;
         };
@@ -1142,6 +1211,7 @@ impl Agent {
         let Some(&(key, id)) = self.checks.get(&msg.tid) else {
             return;
         };
+        self.dirty.insert(key);
         let Some(peer) = self.peers.get_mut(&key) else {
             return;
         };
@@ -1187,6 +1257,7 @@ impl Agent {
 
     /// Chooses the best succeeded pair; moves only to a strictly better class (no flapping).
     fn reselect(&mut self, key: PeerKey, now: Instant) {
+        self.dirty.insert(key);
         let keepalive = self.cfg.timers.keepalive;
         let Some(peer) = self.peers.get_mut(&key) else {
             return;
@@ -1313,6 +1384,7 @@ impl Agent {
         let id = self.next_pair;
         self.next_pair += 1;
         let recheck = self.cfg.timers.recheck_ok;
+        self.dirty.insert(key);
         if let Some(peer) = self.peers.get_mut(&key) {
             let relayed = base == Base::Relay || kind == CandidateKind::Relayed;
             let has_direct = peer
@@ -1379,6 +1451,7 @@ impl Agent {
                 TurnEvent::Lost { .. } => {
                     let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
                     for k in keys {
+                        self.dirty.insert(k);
                         let Some(peer) = self.peers.get_mut(&k) else {
                             continue;
                         };
