@@ -447,6 +447,13 @@ impl Agent {
         a
     }
 
+    /// True once every STUN server told us our mapping and the TURN allocation (if any) exists: the
+    /// candidates a first registration should carry.
+    pub fn gathered(&self) -> bool {
+        self.stun.iter().all(|s| s.mapped.is_some())
+            && self.turn.as_ref().is_none_or(|t| t.relayed().is_some())
+    }
+
     /// Our candidates now: host, server-reflexive (STUN or TURN mapped), relayed.
     pub fn local_candidates(&self) -> Vec<Candidate> {
         let mut v: Vec<Candidate> = self

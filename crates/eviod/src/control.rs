@@ -181,6 +181,9 @@ pub struct CaMode {
 /// How often revocations are read from etcd (CA mode): a revoked node leaves every host within this and a
 /// reconcile.
 const REVOCATION_POLL: Duration = Duration::from_secs(2);
+/// How long a registration waits for NAT traversal's candidates (STUN mapping, relay) before going out
+/// without them (they follow in an update).
+const GATHER_WAIT: Duration = Duration::from_secs(1);
 /// Watch events are reconciled at most this often (and the control loop ticks at this period).
 const RECONCILE_EVERY: Duration = Duration::from_millis(250);
 /// The peer cache (for a start while etcd is unreachable) is written at most this often.
@@ -530,6 +533,14 @@ impl Control {
                 .await?
                 .map(|c| c.subnet);
             self.cluster.set_pod_subnet(s);
+        }
+        // The first registration waits (at most GATHER_WAIT) for the STUN mapping and the relay: every
+        // update of our record goes to every watcher in the fleet, and a record registered before
+        // gathering was updated twice more within a few milliseconds (issue 12).
+        let _ = self.own_record(); // gives the agent our host addresses
+        let gather_until = Instant::now() + GATHER_WAIT;
+        while !self.shared.nat.gathered() && Instant::now() < gather_until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let mut published_candidates = self.shared.nat.candidates_version();
         let record = self.own_record();

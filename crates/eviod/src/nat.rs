@@ -410,6 +410,12 @@ impl Nat {
         (v, self.lock().candidates.clone())
     }
 
+    /// True once the candidates published here are all the agent gathers (its STUN mappings and its relay).
+    pub fn gathered(&self) -> bool {
+        let g = self.lock();
+        g.agent.gathered() && g.candidates == g.agent.local_candidates()
+    }
+
     pub fn candidates_version(&self) -> u64 {
         self.version.load(Ordering::Acquire)
     }
