@@ -44,7 +44,7 @@ use crate::cni_config::{EtcdArgs, runtime};
 /// Most requests of each kind read in one pass (more are handled in the next pass, at once).
 pub const MAX_PENDING: i64 = 64;
 /// Requests handled at once in a pass.
-const CONCURRENT_REQUESTS: usize = 16;
+const CONCURRENT_REQUESTS: usize = 64;
 /// How long a refusal stays in etcd (seconds).
 pub const REFUSAL_TTL: i64 = 120;
 
