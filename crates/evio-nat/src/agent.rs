@@ -1208,8 +1208,21 @@ impl Agent {
         let fresh = p
             .last_ok
             .is_some_and(|t| now.saturating_duration_since(t) < TRIGGER_FRESH);
-        if p.inflight.is_none() && (p.state != PairState::Succeeded || !fresh) {
-            p.next_check = now;
+        if p.state != PairState::Succeeded || !fresh {
+            match &mut p.inflight {
+                None => p.next_check = now,
+                // Our own check of this pair is under way, maybe lost before the path opened (the peer's
+                // permission on its relay, its NAT's mapping): the peer's check just came through it, so
+                // resend ours now rather than at its backed-off time (RFC 8445 7.3.1.4). At 100 nodes
+                // this was the tail of the relayed paths: seconds of retransmission backoff.
+                // Only for a pair not working yet whose check went unanswered at least twice (a first
+                // send merely crossing the peer's check is not repeated; a working pair's keepalives
+                // may cross the peer's).
+                Some((_, pend)) if p.state != PairState::Succeeded && pend.sends() >= 2 => {
+                    pend.next = pend.next.min(now)
+                }
+                Some(_) => {}
+            }
             self.peer_timers(sender, now);
         }
     }
@@ -1699,6 +1712,35 @@ mod tests {
         // The real source may retransmit its check: answered again.
         a.handle_input(real, &check, t0 + Duration::from_secs(1));
         assert_eq!(sent_to(&transmits(&mut a), real).0, 1);
+    }
+
+    /// A check from the peer on a pair whose own check went unanswered twice makes us resend at once
+    /// (the path just opened), not at the backed-off time; one merely crossing our first send does not.
+    #[test]
+    fn a_peer_check_hurries_our_unanswered_check_of_that_pair() {
+        let t0 = Instant::now();
+        let host = sa("10.0.0.2:51820");
+        let ms = |n| t0 + Duration::from_millis(n);
+        // Our first check is in flight: the peer's check crosses it.
+        let mut a = agent_with_peer(t0);
+        a.handle_timeout(t0);
+        assert_eq!(sent_to(&transmits(&mut a), host), (0, 1));
+        a.handle_input(host, &check_at(t0, ms(10), 1), ms(10));
+        assert_eq!(
+            sent_to(&transmits(&mut a), host),
+            (1, 0),
+            "answered, not resent"
+        );
+        // Unanswered twice (t0 and the resend at 100 ms; the next is due at 300 ms).
+        a.handle_timeout(ms(100));
+        assert_eq!(sent_to(&transmits(&mut a), host), (0, 1));
+        a.handle_input(host, &check_at(t0, ms(150), 2), ms(150));
+        assert_eq!(
+            sent_to(&transmits(&mut a), host),
+            (1, 1),
+            "answered and resent at once"
+        );
+        assert!(a.poll_timeout().is_some_and(|t| t > ms(150)));
     }
 
     /// A check stamped outside the acceptance window (either way), or without a timestamp (check format
