@@ -56,6 +56,8 @@ struct Request {
     key: String,
     node: String,
     value: Vec<u8>,
+    /// The revision the request was written at.
+    written: i64,
 }
 
 /// What the requests being served share.
@@ -65,6 +67,9 @@ struct Serving {
     busy: HashSet<String>,
     /// Nodes whose last request failed, and when to try again.
     failed: HashMap<String, Instant>,
+    /// The revision of each node's request last handled: a read taken before its deletion still shows it,
+    /// and it must not be handled (a certificate issued) twice.
+    handled: HashMap<String, i64>,
 }
 /// How long a refusal stays in etcd (seconds).
 pub const REFUSAL_TTL: i64 = 120;
@@ -187,6 +192,7 @@ impl Signer {
                     key: key.to_string(),
                     node: key.strip_prefix(prefix).unwrap_or_default().to_string(),
                     value: kv.value().to_vec(),
+                    written: kv.mod_revision(),
                 });
             }
         }
@@ -216,10 +222,19 @@ impl Signer {
             };
             let now = Instant::now();
             let mut retry_soon = false;
+            {
+                // Forget what was handled once the read no longer shows it (deleted): bounded by the
+                // requests pending.
+                let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+                st.handled
+                    .retain(|n, _| requests.iter().any(|r| &r.node == n));
+            }
             for r in requests {
                 {
                     let st = state.lock().unwrap_or_else(|e| e.into_inner());
-                    if st.busy.contains(&r.node) {
+                    if st.busy.contains(&r.node)
+                        || st.handled.get(&r.node).is_some_and(|w| *w >= r.written)
+                    {
                         continue;
                     }
                     if st.failed.get(&r.node).is_some_and(|t| *t > now) {
@@ -246,6 +261,7 @@ impl Signer {
                     match res {
                         Ok(()) => {
                             st.failed.remove(&r.node);
+                            st.handled.insert(r.node, r.written);
                         }
                         Err(e) => {
                             warn!(node = %r.node, "handling a request: {e:#}; retrying");

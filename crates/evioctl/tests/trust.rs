@@ -872,6 +872,26 @@ fn concurrent_joins_get_distinct_grants_and_a_single_use_token_is_spent_once() {
             .map(|a| a.address);
         assert_eq!(held, Some(c.address));
     }
+    // Each request handled once: a read taken before a request's deletion must not issue it again (a
+    // second certificate, with another serial than the one the node took, and a second use of the token).
+    std::thread::sleep(Duration::from_millis(500));
+    for c in &certs {
+        let rec: Value = r.block_on(async {
+            let mut cl = s.client();
+            let v = cl.get(evio_store::keys::cert(&c.node), None).await.unwrap();
+            serde_json::from_slice(v.kvs()[0].value()).unwrap()
+        });
+        let issued =
+            evio_trust::NodeCert::verify_ignoring_time(rec["cert"].as_str().unwrap(), &ca.public())
+                .unwrap();
+        assert_eq!(issued.serial, c.serial, "{}: issued again", c.node);
+    }
+    let uses = ca
+        .tokens()
+        .iter()
+        .find(|t| t["id"] == reusable.id.as_str())
+        .map(|t| t["uses"].as_u64());
+    assert_eq!(uses, Some(Some(24)), "the reusable token's uses");
 
     let single = JoinToken::decode(&ca.token(&etcd.endpoint(), &[])).unwrap();
     let racers: Vec<String> = (0..6).map(|i| format!("race-{i}")).collect();
