@@ -291,8 +291,8 @@ impl Signer {
             };
             let ok = match &mut watches {
                 Some((joins, renews)) => tokio::select! {
-                    r = changed(joins) => r.is_ok(),
-                    r = changed(renews) => r.is_ok(),
+                    r = changed(joins) => r.unwrap_or(false),
+                    r = changed(renews) => r.unwrap_or(false),
                     _ = finished.notified() => true,
                     _ = tokio::time::sleep(wait) => true,
                 },
@@ -631,16 +631,16 @@ async fn open_watches(store: &Store, rev: i64) -> Result<(WatchStream, WatchStre
     Ok((joins, renews))
 }
 
-/// Returns when the watch reports a change (or ends, is cancelled or compacted: the caller re-reads).
-/// The first message of every watch only says it was created: returning on it made an idle signer a
-/// busy loop of reads and new watches (issue 12: 1,300 of each a second against etcd at 100 nodes).
-async fn changed(w: &mut WatchStream) -> Result<()> {
+/// Returns when the watch reports a change: true, or false when it ended, was cancelled or compacted (the
+/// caller opens a new one). The first message of every watch only says it was created: returning on it
+/// made an idle signer a busy loop of reads and new watches (issue 12: 1,300 of each a second against
+/// etcd at 100 nodes).
+async fn changed(w: &mut WatchStream) -> Result<bool> {
     loop {
         match w.message().await? {
-            None => return Ok(()),
-            Some(r) if r.canceled() || r.compact_revision() > 0 || !r.events().is_empty() => {
-                return Ok(());
-            }
+            None => return Ok(false),
+            Some(r) if r.canceled() || r.compact_revision() > 0 => return Ok(false),
+            Some(r) if !r.events().is_empty() => return Ok(true),
             Some(_) => {}
         }
     }
