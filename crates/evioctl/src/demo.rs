@@ -503,6 +503,23 @@ fn neighbour_budget(args: &Args) -> Result<()> {
         return Ok(());
     };
     let need = neighbour_entries(args);
+    // Entries of namespaces just deleted (a previous run) stay counted until the kernel's garbage
+    // collector drops them, within about 30 s: wait for them rather than refuse a run that fits.
+    let mut now = now;
+    if now.entries + need > limit && need <= limit {
+        eprintln!(
+            "  waiting for the kernel to drop stale neighbour entries ({} in use, {need} needed of {limit}) ...",
+            now.entries
+        );
+        let until = Instant::now() + Duration::from_secs(45);
+        while now.entries + need > limit && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(500));
+            match evio_lab::arp_table_stats() {
+                Some(s) => now = s,
+                None => break,
+            }
+        }
+    }
     if now.entries + need > limit {
         bail!(
             "this cluster needs about {need} neighbour (ARP) entries and the machine's table, shared by all \
