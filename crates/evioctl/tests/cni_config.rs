@@ -120,16 +120,19 @@ fn store(etcd: &Etcd) -> (tokio::runtime::Runtime, Store) {
 fn assert_consistent(r: &tokio::runtime::Runtime, s: &Store) -> Vec<SubnetClaim> {
     r.block_on(async {
         let mut c = s.client();
-        let list = |p: &'static str| {
+        // Both at one revision: a killed claimer's last request may reach etcd after the process died
+        // (it was in the socket) and commit between two reads, which would look like a half claim.
+        let list = |p: &'static str, rev: i64| {
             let mut c = c.clone();
             async move {
-                c.get(p, Some(GetOptions::new().with_prefix()))
+                c.get(p, Some(GetOptions::new().with_prefix().with_revision(rev)))
                     .await
                     .unwrap()
             }
         };
-        let by_node = list(keys::SUBNETS_BY_NODE).await;
-        let by_subnet = list(keys::SUBNETS_BY_SUBNET).await;
+        let by_node = list(keys::SUBNETS_BY_NODE, 0).await;
+        let rev = by_node.header().unwrap().revision();
+        let by_subnet = list(keys::SUBNETS_BY_SUBNET, rev).await;
         let _ = &mut c;
         let mut a: HashMap<String, String> = HashMap::new();
         for kv in by_node.kvs() {

@@ -100,15 +100,28 @@ pub fn ask(name: &str, exe: Option<&Path>, search: &[PathBuf]) -> Result<PluginV
 /// Runs `exe` with `CNI_COMMAND=VERSION` (CNI spec: stdin holds a config's `cniVersion`) and parses its
 /// `supportedVersions`.
 fn version_of(exe: &Path) -> Result<Vec<String>> {
-    let mut child = Command::new(exe)
-        .env_clear()
-        .env("CNI_COMMAND", "VERSION")
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot run it")?;
+    let spawn = || {
+        Command::new(exe)
+            .env_clear()
+            .env("CNI_COMMAND", "VERSION")
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+    };
+    // "Text file busy": a binary just written (being installed, or its writer's descriptor still held
+    // by a process forked meanwhile) cannot be executed for a moment. Retried, as libcni does.
+    let mut tries = 0;
+    let mut child = loop {
+        match spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 10 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20 * tries));
+            }
+            r => break r.context("cannot run it")?,
+        }
+    };
     if let Some(mut stdin) = child.stdin.take() {
         // A plugin that does not read stdin closes the pipe: not an error.
         let _ = stdin.write_all(format!(r#"{{"cniVersion":"{DEFAULT_MAX}"}}"#).as_bytes());
