@@ -360,6 +360,39 @@ fn matrix_direct_relay_lan_then_flush_and_turn_loss() {
         "agents did not come up:\n{}",
         m.logs()
     );
+    // The first registration of the symmetric-NAT host already carries its STUN mapping and its relay:
+    // it waits for them (up to 1 s) instead of registering bare and updating every watcher twice more.
+    let ep = m.lab.etcd_endpoint().unwrap();
+    let key = evio_store::keys::node("sym");
+    let etcdctl = |args: &[&str]| {
+        let mut a = vec!["etcdctl", "--endpoints", ep.as_str(), "get", key.as_str()];
+        a.extend_from_slice(args);
+        m.lab.internet_exec(&a).unwrap()
+    };
+    let mut created = None;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let meta: serde_json::Value =
+                serde_json::from_str(&etcdctl(&["-w", "json"])).unwrap_or_default();
+            created = meta["kvs"][0]["create_revision"].as_i64();
+            created.is_some()
+        }),
+        "sym never registered:\n{}",
+        m.logs()
+    );
+    let created = created.unwrap();
+    let first = etcdctl(&["--print-value-only", &format!("--rev={created}")]);
+    let rec: serde_json::Value = serde_json::from_str(first.trim()).unwrap();
+    let kinds: Vec<&str> = rec["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["kind"].as_str())
+        .collect();
+    assert!(
+        kinds.contains(&"srflx") && kinds.contains(&"relay"),
+        "first registration without the STUN mapping or the relay: {first}"
+    );
     let vips = m.vips();
     // Time to first packet, every ordered pair.
     let first = m.first_packet_times(&vips, t0);
