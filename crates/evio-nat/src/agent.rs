@@ -1641,11 +1641,8 @@ mod tests {
         assert_eq!((p.kind, p.remote), (PathKind::Direct, remote));
     }
 
-    /// A STUN server that answers with MAPPED-ADDRESS only: the address is plain, not XOR-encoded (it
-    /// used to be XOR-decoded into a wrong server-reflexive candidate).
-    #[test]
-    fn stun_server_mapped_address_is_plain() {
-        let t0 = Instant::now();
+    /// An agent whose STUN server (198.18.0.1:3478) answered with a plain MAPPED-ADDRESS of 198.18.1.1.
+    fn agent_mapped(t0: Instant) -> Agent {
         let server = sa("198.18.0.1:3478");
         let mut a = agent(vec![server], t0);
         let req = transmits(&mut a)
@@ -1658,6 +1655,15 @@ mod tests {
             .fingerprint()
             .unwrap();
         a.handle_input(server, &resp, t0);
+        a
+    }
+
+    /// A STUN server that answers with MAPPED-ADDRESS only: the address is plain, not XOR-encoded (it
+    /// used to be XOR-decoded into a wrong server-reflexive candidate).
+    #[test]
+    fn stun_server_mapped_address_is_plain() {
+        let t0 = Instant::now();
+        let a = agent_mapped(t0);
         assert!(
             a.local_candidates().contains(&Candidate::new(
                 CandidateKind::ServerReflexive,
@@ -1674,20 +1680,9 @@ mod tests {
     #[test]
     fn private_addresses_of_other_sites_are_checked_after_the_public_ones() {
         let t0 = Instant::now();
-        let server = sa("198.18.0.1:3478");
         for (their_public, at_once) in [("198.18.1.1:40000", true), ("198.18.1.2:40000", false)] {
-            let mut a = agent(vec![server], t0);
-            let req = transmits(&mut a)
-                .into_iter()
-                .find(|t| t.dst == server)
-                .expect("a Binding request");
-            let tid = Message::decode(&req.payload).unwrap().tid;
             // Our public address: 198.18.1.1.
-            let resp = Builder::new(Class::Success, method::BINDING, tid)
-                .attr(attr::MAPPED_ADDRESS, &[0, 1, 0xCA, 0x6C, 198, 18, 1, 1])
-                .fingerprint()
-                .unwrap();
-            a.handle_input(server, &resp, t0);
+            let mut a = agent_mapped(t0);
             let (lan, public) = (sa("192.168.7.2:51820"), sa(their_public));
             a.set_peer(
                 PEER,
