@@ -31,6 +31,7 @@ test: deps lint
 	cargo test --workspace --no-fail-fast -- --test-threads=4
 	# the tunnel core's simulation runs boringtun on a fake clock: a feature never enabled in a workspace build
 	cargo test -p evio-tunnel --features mock-time --test sim
+	cargo test -p evio-overlay --features mock-time --test sim
 	# the agents' suites again in CA mode (every agent joins with a token; peers need certificates); the
 	# test of a VIP asked for with --address does not apply there (the signer assigns VIPs)
 	EVIO_TEST_CA=1 cargo test -p eviod --test overlay --test resilience -- --skip a_vip_held_by_another_node_is_refused

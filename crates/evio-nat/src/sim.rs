@@ -1,11 +1,12 @@
 //! A simulated network for the agent: a fake clock, hosts with [`Agent`]s, NATs (endpoint-independent
 //! port-preserving or symmetric, both with port-restricted filtering and idle timeouts, like Linux
 //! `masquerade` / `masquerade random`), a STUN/TURN server model, latency and packet loss. Used by the unit
-//! tests; public so the tunnel's tests can reuse it.
+//! tests and the simulation tests.
 //!
 //! The TURN server model follows RFC 8656 closely enough to exercise the client (401 + realm/nonce,
 //! long-term MESSAGE-INTEGRITY, 437 on a second Allocate, permissions by IP, channels, Send/Data
-//! indications, ChannelData), but it is a test model: the integration tests run the real coturn.
+//! indications, ChannelData), but it is a test model: the integration tests run the real coturn. The NAT and
+//! TURN models are public: `evio-overlay`'s simulation routes whole overlay nodes through them.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -49,7 +50,19 @@ pub struct Nat {
 }
 
 impl Nat {
-    fn outbound(
+    /// A NAT of `kind` with public address `ip` and a 30 s mapping timeout.
+    pub fn new(kind: NatType, ip: IpAddr) -> Nat {
+        Nat {
+            kind,
+            public_ip: ip,
+            timeout: Duration::from_secs(30),
+            out: HashMap::new(),
+            ports: HashMap::new(),
+        }
+    }
+
+    /// Translates a datagram from inside (`src`) to `dst`: its public source.
+    pub fn outbound(
         &mut self,
         src: SocketAddr,
         dst: SocketAddr,
@@ -94,7 +107,9 @@ impl Nat {
         SocketAddr::new(self.public_ip, port)
     }
 
-    fn inbound(&mut self, src: SocketAddr, port: u16, now: Instant) -> Option<SocketAddr> {
+    /// Where a datagram from `src` to the public `port` goes inside, if the mapping exists and lets `src`
+    /// in (port-restricted filtering).
+    pub fn inbound(&mut self, src: SocketAddr, port: u16, now: Instant) -> Option<SocketAddr> {
         self.expire(now);
         let m = self.ports.get_mut(&port)?;
         if !m.contacted.contains(&src) {
@@ -184,11 +199,30 @@ impl TurnModel {
         self.by_relayed.clear();
     }
 
-    fn owns(&self, dst: SocketAddr) -> bool {
+    /// A server at `addr` whose long-term credentials are `evio` / `secret` (realm `evio`).
+    pub fn new(addr: SocketAddr) -> TurnModel {
+        TurnModel {
+            addr,
+            user: "evio".into(),
+            password: "secret".into(),
+            realm: "evio".into(),
+            up: true,
+            nonce: "n0".into(),
+            allocs: HashMap::new(),
+            by_relayed: HashMap::new(),
+            next_port: 50000,
+            relayed_datagrams: 0,
+            allocate_mismatches: 0,
+        }
+    }
+
+    /// True if a datagram to `dst` is the server's (its own address or a relayed address).
+    pub fn owns(&self, dst: SocketAddr) -> bool {
         dst == self.addr || self.by_relayed.contains_key(&dst)
     }
 
-    fn handle(
+    /// Handles a datagram from `src` to `dst` (which the server owns); returns the datagrams it sends.
+    pub fn handle(
         &mut self,
         src: SocketAddr,
         dst: SocketAddr,
@@ -492,30 +526,12 @@ impl Sim {
 
     /// Adds the STUN/TURN server at `addr`.
     pub fn add_turn(&mut self, addr: &str) {
-        self.turn = Some(TurnModel {
-            addr: addr.parse().expect("addr"),
-            user: "evio".into(),
-            password: "secret".into(),
-            realm: "evio".into(),
-            up: true,
-            nonce: "n0".into(),
-            allocs: HashMap::new(),
-            by_relayed: HashMap::new(),
-            next_port: 50000,
-            relayed_datagrams: 0,
-            allocate_mismatches: 0,
-        });
+        self.turn = Some(TurnModel::new(addr.parse().expect("addr")));
     }
 
     /// Adds a NAT with public address `ip`; returns its index.
     pub fn add_nat(&mut self, kind: NatType, ip: &str) -> usize {
-        self.nats.push(Nat {
-            kind,
-            public_ip: ip.parse().expect("ip"),
-            timeout: Duration::from_secs(30),
-            out: HashMap::new(),
-            ports: HashMap::new(),
-        });
+        self.nats.push(Nat::new(kind, ip.parse().expect("ip")));
         self.nats.len() - 1
     }
 

@@ -1,9 +1,9 @@
 //! [`RelaySlots`]: small numbers standing for peer addresses behind our TURN allocation.
 //!
-//! eviod gives a peer reached through its relay the stand-in endpoint `[100::1]:SLOT` in the tunnel core
-//! (see `crates/eviod/src/nat.rs`); the slot names the peer's address as the relay sees it. The table is
+//! The overlay node (`evio-overlay`) gives a peer reached through its relay the stand-in endpoint
+//! `[100::1]:SLOT` in the tunnel core; the slot names the peer's address as the relay sees it. The table is
 //! bounded and a slot is never re-pointed while it may be in use: a slot is made only for an address the
-//! caller vouches for (in eviod: a relay pair of an authenticated peer, [`crate::Agent::relay_peer`]), and
+//! caller vouches for (in the overlay node: a relay pair of an authenticated peer, [`crate::Agent::relay_peer`]), and
 //! is given to another address only after it has been idle for [`SLOT_IDLE`] and the caller says it is no
 //! longer live.
 

@@ -343,9 +343,9 @@ impl Control {
             .map(|a| SocketAddr::new(a.addr, port))
             .collect();
         self.shared
-            .nat
+            .overlay
             .set_host_addresses(&addrs.iter().map(|a| a.addr).collect::<Vec<_>>());
-        r.candidates = crate::nat::to_records(&self.shared.nat.candidates().1);
+        r.candidates = crate::nat::to_records(&self.shared.overlay.candidates().1);
         r.listen_port = port;
         r.certificate = self.ca_mode.as_ref().map(|m| m.signed.clone());
         r.updated = unix_now();
@@ -389,7 +389,7 @@ impl Control {
                 }
             }
             for p in &desired.peers {
-                // Endpoints are NAT traversal's to choose (crate::nat): the core gets none of its own.
+                // Endpoints are NAT traversal's to choose (the overlay node's): the core gets none of its own.
                 let cfg = PeerConfig {
                     name: p.name.clone(),
                     public_key: p.grant.public_key,
@@ -402,9 +402,9 @@ impl Control {
                 node.upsert_peer(now, cfg);
             }
         }
-        if self.shared.nat.lazy() {
+        if self.shared.overlay.lazy() {
             let pinned = &self.cfg.peers.pinned;
-            self.shared.nat.set_pinned(
+            self.shared.overlay.set_pinned(
                 desired
                     .peers
                     .iter()
@@ -413,13 +413,12 @@ impl Control {
                     .collect(),
             );
         }
-        let nat_peers: Vec<([u8; 32], Vec<evio_nat::Candidate>)> = desired
+        let nat_peers: Vec<([u8; 32], Vec<evio_overlay::Candidate>)> = desired
             .peers
             .iter()
             .map(|p| (p.grant.public_key, crate::nat::from_record(&p.record)))
             .collect();
-        self.shared.nat.set_peers(&nat_peers);
-        crate::nat::sync_paths(&self.shared);
+        self.shared.overlay.set_peers(&nat_peers, Instant::now());
         {
             let mut meta = self.shared.meta.lock().unwrap_or_else(|e| e.into_inner());
             meta.clear();
@@ -539,10 +538,10 @@ impl Control {
         // gathering was updated twice more within a few milliseconds (issue 12).
         let _ = self.own_record(); // gives the agent our host addresses
         let gather_until = Instant::now() + GATHER_WAIT;
-        while !self.shared.nat.gathered() && Instant::now() < gather_until {
+        while !self.shared.overlay.gathered() && Instant::now() < gather_until {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let mut published_candidates = self.shared.nat.candidates_version();
+        let mut published_candidates = self.shared.overlay.candidates_version();
         let record = self.own_record();
         let reg = match store
             .register(record.clone(), Duration::from_secs(self.cfg.lease_ttl))
@@ -632,11 +631,11 @@ impl Control {
                     let check = renewed
                         || self.published.as_ref().map(|p| p.pod_subnet) != Some(self.pod_subnet())
                         || last_addr_check.elapsed() >= Duration::from_secs(10)
-                        || self.shared.nat.candidates_version() != published_candidates;
+                        || self.shared.overlay.candidates_version() != published_candidates;
                     if check {
                         last_addr_check = Instant::now();
                         self.refresh_protected();
-                        let version = self.shared.nat.candidates_version();
+                        let version = self.shared.overlay.candidates_version();
                         if let Some(r) = self.own_record_changed() {
                             match reg.update(r.clone()).await {
                                 Ok(()) => {

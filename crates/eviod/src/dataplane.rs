@@ -1,5 +1,5 @@
-//! The data plane threads: TUN -> encrypt -> UDP, UDP -> decrypt -> TUN, and the protocol timers. They share
-//! the tunnel core by reference: a packet takes only its peer's lock inside the core (and the table's read
+//! The data plane threads: TUN -> encrypt -> UDP, UDP -> decrypt -> TUN, and the overlay node's timers: the
+//! I/O around `evio-overlay`'s sans-IO node. They share it by reference: a packet takes only its peer's lock inside the core (and the table's read
 //! lock for the lookup), so sealing and opening run at the same time, and status, metrics and the control
 //! plane never make a packet wait for more than one peer's critical section. Control-plane work never
 //! runs on these threads.
@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use evio_io::{GRO_BUF, PacketBatch, RecvBatch, SendBatch, Tun, UdpBatch, wait_readable};
-use evio_tunnel::{Event, Inbound, Outbound};
+use evio_overlay::{Received, Transmit};
 
 use crate::state::Shared;
 
@@ -24,11 +24,12 @@ use crate::state::Shared;
 const MIN_SLOT: usize = 2048;
 /// Packets per batch.
 const BATCH: usize = 128;
-/// Timer tick period (NAT traversal's check retransmissions are 100 ms apart).
-const TICK: Duration = Duration::from_millis(100);
-/// The tunnel core's timers (WireGuard's are seconds apart; boringtun's own device ticks every 250 ms):
-/// a pass over every peer, so not on every tick.
-const TUNNEL_TICK: Duration = Duration::from_millis(250);
+/// The longest the timer thread sleeps: the control plane and the receive path can make NAT traversal's
+/// next deadline earlier than the one it went to sleep for (new peers, answered checks).
+const MAX_SLEEP: Duration = Duration::from_millis(100);
+/// The shortest: deadlines closer than this run together (a wakeup costs more than 10 ms of lateness
+/// here: checks are paced at 50 ms and retransmitted at 100 ms and more).
+const MIN_SLEEP: Duration = Duration::from_millis(10);
 
 pub fn start(
     shared: Arc<Shared>,
@@ -85,17 +86,19 @@ pub(crate) fn flush(shared: &Shared, udp: &mut UdpBatch, out: &mut SendBatch) {
     out.clear();
 }
 
-/// Queues the core's pending control datagrams (handshakes, cookies, queued packets).
+/// Queues the overlay node's pending datagrams (checks, STUN/TURN, handshakes, cookies, queued packets).
 fn drain_transmits(shared: &Shared, udp: &mut UdpBatch, out: &mut SendBatch) {
-    loop {
-        let t = shared.node().poll_transmit();
-        let Some(t) = t else { break };
-        if out.remaining() == 0 || out.remaining_bytes() < t.data.len() + crate::nat::CHANNEL_HEADER
-        {
-            flush(shared, udp, out);
-        }
-        shared.nat.push(out, t.to, &t.data);
+    while let Some(t) = shared.overlay.poll_transmit() {
+        push(shared, udp, out, &t);
     }
+}
+
+/// Queues one transmit, flushing first if the batch is full.
+fn push(shared: &Shared, udp: &mut UdpBatch, out: &mut SendBatch, t: &Transmit) {
+    if out.remaining() == 0 || out.remaining_bytes() < t.len() {
+        flush(shared, udp, out);
+    }
+    out.push_with(t.dst.addr(), t.len(), |buf| t.encode(buf));
 }
 
 fn tun_to_udp(shared: &Shared, mut tun: Tun, mut udp: UdpBatch, slot: usize) {
@@ -133,69 +136,23 @@ fn tun_to_udp(shared: &Shared, mut tun: Tun, mut udp: UdpBatch, slot: usize) {
                 if out.remaining() == 0 || out.remaining_bytes() < slot {
                     flush(shared, &mut udp, &mut out);
                 }
-                let node = shared.node();
-                let Some(to) = node.endpoint_for(p) else {
-                    // No route or no endpoint: let the core count the drop.
-                    let _ = node.encapsulate(now, p, &mut scratch);
-                    continue;
-                };
-                if crate::nat::is_relay(&to) || crate::nat::is_provisional(&to) {
-                    send_relayed(shared, now, p, to, slot, &mut out, &mut scratch);
-                    continue;
+                let ov = &shared.overlay;
+                match ov.dst_for(p) {
+                    Some(dst) => {
+                        out.push_with(dst.addr(), slot, |buf| ov.encapsulate(now, p, dst, buf));
+                    }
+                    // No path yet (queued), a relay channel not bound yet, or no route (counted).
+                    None => {
+                        if let Some(t) = ov.encapsulate_slow(now, p, &mut scratch) {
+                            push(shared, &mut udp, &mut out, &t);
+                        }
+                    }
                 }
-                out.push_with(to, slot, |buf| match node.encapsulate(now, p, buf) {
-                    Outbound::Send { len, .. } => Some(len),
-                    _ => None,
-                });
             }
             flush(shared, &mut udp, &mut out);
         }
         drain_transmits(shared, &mut udp, &mut out);
         flush(shared, &mut udp, &mut out);
-    }
-}
-
-/// Encrypts `p` for a peer reached through our TURN allocation: ChannelData framing written in front of
-/// the ciphertext in the batch buffer (no copy, no allocation); a Send indication before a channel exists.
-fn send_relayed(
-    shared: &Shared,
-    now: Instant,
-    p: &[u8],
-    to: std::net::SocketAddr,
-    slot: usize,
-    out: &mut SendBatch,
-    scratch: &mut [u8],
-) {
-    use crate::nat::{CHANNEL_HEADER, RelayRoute, channel_header};
-    match shared.nat.relay_route(&to) {
-        Some(RelayRoute::Channel { server, channel }) => {
-            let node = shared.node();
-            let n = out.push_with(server, slot, |buf| {
-                match node.encapsulate(now, p, &mut buf[CHANNEL_HEADER..]) {
-                    Outbound::Send { len, .. } => {
-                        // A ciphertext over 65535 bytes (TUN MTU near 64 KiB) cannot be framed: dropped.
-                        channel_header(buf, channel, len).ok()?;
-                        Some(len + CHANNEL_HEADER)
-                    }
-                    _ => None,
-                }
-            });
-            if let Some(n) = n {
-                shared.nat.count_relay_tx(n);
-            }
-        }
-        Some(RelayRoute::Indication { remote }) => {
-            let r = shared.node().encapsulate(now, p, scratch);
-            if let Outbound::Send { len, .. } = r
-                && let Some(t) = shared.nat.wrap(remote, &scratch[..len])
-            {
-                out.push(t.dst, &t.payload);
-            }
-        }
-        None => {
-            // No allocation right now: let the core count the drop as it would without an endpoint.
-            let _ = shared.node().encapsulate(now, p, scratch);
-        }
     }
 }
 
@@ -224,42 +181,23 @@ fn udp_to_tun(shared: &Shared, mut tun: Tun, mut udp: UdpBatch, slot: usize) {
             .fetch_add(recv.len() as u64, Ordering::Relaxed);
         let now = Instant::now();
         let mut control = false;
-        let mut nat = false;
         for (from, data) in recv.iter() {
             if pkts.remaining() == 0 {
                 write_tun(shared, &mut tun, &mut pkts);
             }
-            let (from, data) = if crate::nat::needs_nat(data) {
-                match shared.nat.input(from, data, now) {
-                    crate::nat::Rx::Tunnel { from, payload } => (from, payload),
-                    crate::nat::Rx::Handled => {
-                        nat = true;
-                        continue;
-                    }
-                    // Neither: the core counts it as malformed.
-                    crate::nat::Rx::Unknown => (from, data),
-                }
-            } else {
-                (from, data)
-            };
-            let node = shared.node();
-            pkts.push_with(|slot| match node.decapsulate(now, from, data, slot) {
-                Inbound::WriteTun { len, .. } => Some(len),
-                Inbound::Done => {
+            let ov = &shared.overlay;
+            pkts.push_with(|slot| match ov.decapsulate(now, from, data, slot) {
+                Received::Packet { len } => Some(len),
+                Received::Control => {
                     control = true;
                     None
                 }
-                Inbound::Dropped(_) => None,
+                Received::Dropped => None,
             });
         }
         write_tun(shared, &mut tun, &mut pkts);
-        // Authenticated datagrams from an address that is not their peer's endpoint (a NAT rebound):
-        // NAT traversal checks the new address at once instead of at its next check.
-        if crate::nat::new_sources(shared, now) {
-            nat = true;
-        }
-        if nat {
-            crate::nat::pump(shared, &mut udp, &mut out);
+        // Authenticated datagrams from new sources (a NAT rebound) and NAT traversal's input.
+        if shared.overlay.process(now) {
             control = true;
         }
         if control {
@@ -285,55 +223,16 @@ fn write_tun(shared: &Shared, tun: &mut Tun, pkts: &mut PacketBatch) {
     pkts.clear();
 }
 
+/// The overlay node's timers, at the deadlines it asks for (see [`MAX_SLEEP`] and [`MIN_SLEEP`]).
 fn timers(shared: &Shared, mut udp: UdpBatch) {
     let mut out = SendBatch::new(64, 64 * 256);
-    let mut last_sweep = Instant::now();
-    let mut last_tunnel_tick = Instant::now();
     while !shared.stopping() {
-        std::thread::sleep(TICK);
-        let events: Vec<Event> = {
-            let n = shared.node();
-            if last_tunnel_tick.elapsed() >= TUNNEL_TICK {
-                last_tunnel_tick = Instant::now();
-                n.tick(last_tunnel_tick);
-            }
-            std::iter::from_fn(|| n.poll_event()).collect()
-        };
-        let wanted: Vec<_> = events
-            .iter()
-            .filter_map(|e| match e {
-                Event::Wanted { peer } => Some(*peer),
-                _ => None,
-            })
-            .collect();
-        let sweep = (last_sweep.elapsed() >= Duration::from_secs(1)).then(|| {
-            last_sweep = Instant::now();
-            shared.nat.idle_timeout
-        });
-        crate::nat::lazy_peers(shared, &wanted, sweep);
-        crate::nat::pump(shared, &mut udp, &mut out);
+        let now = Instant::now();
+        shared.overlay.handle_timeout(now);
         drain_transmits(shared, &mut udp, &mut out);
         flush(shared, &mut udp, &mut out);
-        for e in events {
-            log_event(shared, &e);
-        }
-    }
-}
-
-fn log_event(shared: &Shared, e: &Event) {
-    let peer_name = |id| shared.node().peer_name(id).unwrap_or_default();
-    match e {
-        Event::HandshakeCompleted { peer, endpoint } => {
-            tracing::debug!(peer = %peer_name(*peer), %endpoint, "handshake completed");
-        }
-        Event::EndpointChanged { peer, endpoint } => {
-            tracing::info!(peer = %peer_name(*peer), %endpoint, "peer endpoint changed");
-        }
-        Event::SessionExpired { peer } => {
-            tracing::info!(peer = %peer_name(*peer), "session expired");
-        }
-        Event::Wanted { peer } => {
-            tracing::debug!(peer = %peer_name(*peer), "packets wait for a path");
-        }
+        let next = shared.overlay.poll_timeout();
+        let wait = next.saturating_duration_since(Instant::now());
+        std::thread::sleep(wait.clamp(MIN_SLEEP, MAX_SLEEP));
     }
 }

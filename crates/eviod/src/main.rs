@@ -31,8 +31,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use evio_overlay::{self as overlay, OverlayNode};
 use evio_store::{Store, StoreError};
-use evio_tunnel::{Node, NodeConfig};
 
 use crate::config::{Args, Config};
 use crate::control::{Cache, Control};
@@ -206,16 +206,6 @@ fn run(mut cfg: Config) -> Result<()> {
         tracing::warn!("socket buffer sizes: {e}");
     }
     let port = udp.local_addr()?.port();
-    let mut nat = nat::Nat::new(
-        secret.clone(),
-        psk,
-        port,
-        &host.iter().map(|a| a.addr).collect::<Vec<_>>(),
-        stun.clone(),
-        turn.clone(),
-        cfg.peers.lazy,
-    );
-    nat.idle_timeout = cfg.peers.idle_timeout;
     if cfg.peers.lazy {
         tracing::info!(pinned = ?cfg.peers.pinned, idle_timeout = ?cfg.peers.idle_timeout, "lazy peers");
     }
@@ -225,20 +215,32 @@ fn run(mut cfg: Config) -> Result<()> {
         gro_segments = udp.gro_segments(),
         "UDP socket"
     );
-    let node = Node::new(NodeConfig {
-        private_key: secret,
-        preshared_key: psk,
-        persistent_keepalive: Some(25),
-    });
+    let overlay = OverlayNode::new(
+        overlay::Config {
+            private_key: secret,
+            preshared_key: psk,
+            persistent_keepalive: Some(25),
+            port,
+            hosts: host.iter().map(|a| a.addr).collect(),
+            stun: stun.clone(),
+            turn: turn.clone(),
+            lazy: cfg.peers.lazy,
+            idle_timeout: cfg.peers.idle_timeout,
+            unix_time: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default(),
+            seed: rand::random(),
+        },
+        std::time::Instant::now(),
+    );
     let shared = Arc::new(Shared::new(
-        node,
+        overlay,
         SelfInfo {
             node: cfg.node_name.clone(),
             address: Some(address),
             pod_subnet: cache.as_ref().and_then(|c| c.pod_subnet),
             public_key: keys::encode(&public_key),
         },
-        nat,
     ));
     let threads = dataplane::start(shared.clone(), tun, udp, mtu)?;
     ctl::serve(shared.clone(), &cfg.state_dir)?;

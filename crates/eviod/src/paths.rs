@@ -117,7 +117,7 @@ impl Publisher {
             .iter()
             .map(|(k, m)| (m.node.clone(), *k))
             .collect();
-        let nat = shared.nat.view();
+        let nat = shared.overlay.view();
         let mut peers = Vec::with_capacity(status.peers.len().min(PathSummary::MAX_PEERS));
         let mut seen = HashMap::new();
         for p in status.peers.into_iter().take(PathSummary::MAX_PEERS) {

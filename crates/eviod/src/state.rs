@@ -6,6 +6,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use evio_overlay::OverlayNode;
 use evio_tunnel::{Node, PeerStatus};
 use ipnet::Ipv4Net;
 
@@ -42,16 +43,15 @@ pub struct Counters {
     pub name_taken: AtomicBool,
 }
 
-/// Locks: the tunnel core has none around it (it takes one peer's lock at a time inside, see
-/// `evio_tunnel`'s node docs), so status and metrics never wait for, nor stall, forwarding. `me` and
-/// `meta` are the control plane's and status's only (never taken on the packet path).
+/// Locks: the overlay node has none around it (inside, the tunnel core takes one peer's lock at a time
+/// and NAT traversal its own; see `evio_overlay`), so status and metrics never wait for, nor stall,
+/// forwarding. `me` and `meta` are the control plane's and status's only (never taken on the packet path).
 pub struct Shared {
-    pub node: Node,
+    /// The overlay node: sessions, NAT traversal, relay framing (sans-IO; the threads here do its I/O).
+    pub overlay: OverlayNode,
     pub me: Mutex<SelfInfo>,
     pub meta: Mutex<HashMap<[u8; 32], PeerMeta>>,
     pub counters: Counters,
-    /// NAT traversal (candidates, checks, path selection, TURN relay).
-    pub nat: crate::nat::Nat,
     pub stop: AtomicBool,
     /// A monotonic instant and the wall clock at the same moment, to turn instants into Unix time.
     epoch: (Instant, SystemTime),
@@ -61,10 +61,9 @@ pub struct Shared {
 pub use evio_api::{PeerStatus as PeerJson, Status as StatusJson};
 
 impl Shared {
-    pub fn new(node: Node, me: SelfInfo, nat: crate::nat::Nat) -> Shared {
+    pub fn new(overlay: OverlayNode, me: SelfInfo) -> Shared {
         Shared {
-            nat,
-            node,
+            overlay,
             me: Mutex::new(me),
             meta: Mutex::new(HashMap::new()),
             counters: Counters::default(),
@@ -76,7 +75,7 @@ impl Shared {
     /// The tunnel core (shared by reference: no lock around it).
     #[inline]
     pub fn node(&self) -> &Node {
-        &self.node
+        self.overlay.tunnel()
     }
 
     pub fn stopping(&self) -> bool {
@@ -98,7 +97,7 @@ impl Shared {
         let me = self.me.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let peers: Vec<PeerStatus> = self.node().peers();
         let meta = self.meta.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let nat = self.nat.view();
+        let nat = self.overlay.view();
         let mut out: Vec<PeerJson> = peers
             .iter()
             .map(|p| {
@@ -232,14 +231,14 @@ impl Shared {
             "Whether this node's name is registered with another public key (registration refused).",
             c.name_taken.load(Ordering::Relaxed) as i64,
         );
-        self.nat.metrics(&mut m);
+        crate::nat::metrics(&self.overlay, &mut m);
         m.encode()
     }
 }
 
 /// A peer's path for status: the tunnel core's (`connecting` until a session exists), and `connecting`
 /// also while NAT traversal has no working path to it.
-fn path_of(p: &PeerStatus, nat: &crate::nat::NatView) -> &'static str {
+fn path_of(p: &PeerStatus, nat: &evio_overlay::NatView) -> &'static str {
     if nat.idle(&p.public_key) {
         return "idle";
     }

@@ -61,7 +61,10 @@ impl Agent {
         .args(["--turn-user", &turn.user, "--turn-password-file"])
         .arg(&turn.password_file)
         .args(&self.extra)
-        .env("EVIO_LOG", "info,eviod=debug,evio_nat=debug")
+        .env(
+            "EVIO_LOG",
+            "info,eviod=debug,evio_nat=debug,evio_overlay=debug",
+        )
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log);
