@@ -164,7 +164,6 @@ impl World {
                                 .parse()
                                 .unwrap(),
                         ],
-                        candidates: Vec::new(),
                     };
                     self.hosts[a].node.tunnel().upsert_peer(self.now, cfg);
                 }

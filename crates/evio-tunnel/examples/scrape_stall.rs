@@ -169,24 +169,24 @@ fn main() {
         "192.0.2.2:51820".parse().unwrap(),
     );
     let now = Instant::now();
-    a.upsert_peer(
+    let id = a.upsert_peer(
         now,
         PeerConfig {
             name: "b".into(),
             public_key: b.public_key(),
             allowed: vec!["10.10.0.2/32".parse().unwrap()],
-            candidates: vec![ba],
         },
     );
-    b.upsert_peer(
+    a.set_path(id, ba, evio_tunnel::PathKind::Direct);
+    let id = b.upsert_peer(
         now,
         PeerConfig {
             name: "a".into(),
             public_key: a.public_key(),
             allowed: vec!["10.10.0.1/32".parse().unwrap()],
-            candidates: vec![aa],
         },
     );
+    b.set_path(id, aa, evio_tunnel::PathKind::Direct);
     settle(&a, &b, aa, ba);
     // A session both ways: a packet from b, then settle again.
     let mut buf = vec![0u8; 2048];
@@ -195,24 +195,24 @@ fn main() {
     // A third node, c, with a session to a (a opens what c seals).
     let c = node(3);
     let ca: SocketAddr = "192.0.2.3:51820".parse().unwrap();
-    a.upsert_peer(
+    let id = a.upsert_peer(
         now,
         PeerConfig {
             name: "c".into(),
             public_key: c.public_key(),
             allowed: vec!["10.10.0.3/32".parse().unwrap()],
-            candidates: vec![ca],
         },
     );
-    c.upsert_peer(
+    a.set_path(id, ca, evio_tunnel::PathKind::Direct);
+    let id = c.upsert_peer(
         now,
         PeerConfig {
             name: "a".into(),
             public_key: a.public_key(),
             allowed: vec!["10.10.0.1/32".parse().unwrap()],
-            candidates: vec![aa],
         },
     );
+    c.set_path(id, aa, evio_tunnel::PathKind::Direct);
     settle(&a, &c, aa, ca);
     let _ = c.encapsulate(now, &packet_from([10, 10, 0, 3], [10, 10, 0, 1]), &mut buf);
     settle(&a, &c, aa, ca);
@@ -222,7 +222,7 @@ fn main() {
             k[1..5].copy_from_slice(&i.to_le_bytes());
             k
         });
-        a.upsert_peer(
+        let id = a.upsert_peer(
             now,
             PeerConfig {
                 name: format!("fake-{i}"),
@@ -232,8 +232,12 @@ fn main() {
                         .parse()
                         .unwrap(),
                 ],
-                candidates: vec![format!("198.51.100.{}:51820", i % 250 + 1).parse().unwrap()],
             },
+        );
+        a.set_path(
+            id,
+            format!("198.51.100.{}:51820", i % 250 + 1).parse().unwrap(),
+            evio_tunnel::PathKind::Direct,
         );
     }
     while a.poll_transmit().is_some() {}

@@ -21,7 +21,7 @@
 //! crypto of its own). This crate adds what a multi-peer node needs around it: cryptokey routing (longest
 //! prefix match over each peer's VIP and pod subnet, [`RouteTable`]), the inbound filter (a decrypted packet
 //! is accepted only if its inner source lies in the sending peer's prefixes), drop counters by reason, and
-//! the endpoint model used by NAT traversal (candidate endpoints, current endpoint, [`PathKind`]).
+//! the endpoint NAT traversal chose for each peer ([`Node::set_path`], [`PathKind`]), reporting authenticated datagrams from other sources ([`Node::poll_source`]) instead of roaming.
 //!
 //! Time: the core takes `now` for its own bookkeeping; boringtun's timers read the monotonic clock
 //! themselves. With the `mock-time` feature boringtun reads `mock_instant`'s clock instead, which the

@@ -180,7 +180,7 @@ impl DropCounters {
 pub enum Event {
     /// A session was established (either side initiated).
     HandshakeCompleted { peer: PeerId, endpoint: SocketAddr },
-    /// The peer's current endpoint changed (roaming, or the next candidate is tried).
+    /// The peer's endpoint changed (NAT traversal chose another path: [`Node::set_path`]).
     EndpointChanged { peer: PeerId, endpoint: SocketAddr },
     /// The session expired (no new keys within the protocol's limits): back to `connecting`.
     SessionExpired { peer: PeerId },
@@ -240,8 +240,6 @@ pub struct PeerConfig {
     pub public_key: [u8; 32],
     /// Prefixes the peer owns: its VIP/32 and its pod subnet. Outbound routing and the inbound filter.
     pub allowed: Vec<IpNet>,
-    /// Candidate endpoints, best first.
-    pub candidates: Vec<SocketAddr>,
 }
 
 /// A snapshot of one peer, for status and metrics.
@@ -251,7 +249,6 @@ pub struct PeerStatus {
     pub name: String,
     pub public_key: [u8; 32],
     pub allowed: Vec<IpNet>,
-    pub candidates: Vec<SocketAddr>,
     pub endpoint: Option<SocketAddr>,
     pub path: PathKind,
     pub last_handshake: Option<Instant>,
@@ -269,14 +266,17 @@ const SOURCE_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// What changes with every packet or timer of a peer: behind the peer's own mutex.
 struct PeerState {
     tunn: Tunn,
+    /// Where datagrams go: set by NAT traversal only ([`Node::set_path`]; a relayed datagram's source is
+    /// the relay, so an authenticated source is reported, never adopted).
     endpoint: Option<SocketAddr>,
-    candidate_idx: usize,
+    /// What status shows: `connecting` until a session exists and a path is chosen, then `kind`.
     path: PathKind,
+    /// The kind of the path NAT traversal chose.
+    kind: Option<PathKind>,
+    /// A session exists (a handshake completed and it has not expired).
+    established: bool,
     last_handshake: Option<Instant>,
     last_nudge: Option<Instant>,
-    /// Set once NAT traversal chose the path ([`Node::set_path`]): from then on only it moves the
-    /// endpoint (no roaming, no candidate rotation), since a relayed datagram's source is the relay.
-    managed: Option<PathKind>,
     /// The last source reported by [`Node::poll_source`], and when.
     reported: Option<(SocketAddr, Instant)>,
     /// Packets wait for a path ([`Event::Wanted`] was reported).
@@ -320,7 +320,6 @@ impl Entry {
             name: self.cfg.name.clone(),
             public_key: self.cfg.public_key,
             allowed: self.cfg.allowed.clone(),
-            candidates: self.cfg.candidates.clone(),
             endpoint,
             path,
             last_handshake,
@@ -492,8 +491,8 @@ impl Node {
         }
     }
 
-    /// Adds a peer, or updates the one with the same public key (its session is kept). A new peer starts
-    /// a handshake at once on its first candidate.
+    /// Adds a peer, or updates the one with the same public key (its session is kept). A new peer has no
+    /// endpoint: nothing is sent to it until NAT traversal sets its path ([`Node::set_path`]).
     pub fn upsert_peer(&self, _now: Instant, cfg: PeerConfig) -> PeerId {
         let mut next = self.writer();
         let cur = self.snapshot();
@@ -502,18 +501,7 @@ impl Node {
             if *e.cfg == cfg {
                 return id;
             }
-            let candidates_changed = e.cfg.candidates != cfg.candidates;
             let routes_changed = e.cfg.allowed != cfg.allowed;
-            if candidates_changed {
-                let mut s = e.peer.lock();
-                if s.path == PathKind::Connecting && s.managed.is_none() {
-                    s.candidate_idx = 0;
-                    s.endpoint = cfg.candidates.first().copied();
-                }
-                if s.endpoint.is_none() {
-                    s.endpoint = cfg.candidates.first().copied();
-                }
-            }
             let mut t = (*cur).clone();
             let peer = e.peer.clone();
             t.peers.insert(
@@ -538,19 +526,16 @@ impl Node {
             id,
             None,
         );
-        // One side starts at once (the larger key), so that both do not race with crossing initiations
-        // (an initiation received drops the one in flight); the other starts on its first packet.
-        let start = self.public_key.as_bytes() > &cfg.public_key;
         let peer = Arc::new(Peer {
             id,
             state: Mutex::new(PeerState {
                 tunn,
-                endpoint: cfg.candidates.first().copied(),
-                candidate_idx: 0,
+                endpoint: None,
                 path: PathKind::Connecting,
+                kind: None,
+                established: false,
                 last_handshake: None,
                 last_nudge: None,
-                managed: None,
                 reported: None,
                 wanted: false,
             }),
@@ -571,10 +556,6 @@ impl Node {
         );
         t.rebuild_routes();
         self.publish(t);
-        drop(next);
-        if start {
-            self.initiate(&peer, false);
-        }
         id
     }
 
@@ -611,8 +592,8 @@ impl Node {
         true
     }
 
-    /// Sets the path chosen by NAT traversal: where to send and how it is reached. From then on the peer's
-    /// endpoint changes only through this call.
+    /// Sets the path chosen by NAT traversal: where to send and how it is reached. The peer's endpoint
+    /// changes only through this call.
     pub fn set_path(&self, id: PeerId, endpoint: SocketAddr, kind: PathKind) {
         let t = self.snapshot();
         let Some(e) = t.peers.get(&id) else {
@@ -626,17 +607,18 @@ impl Node {
                     .push(Event::EndpointChanged { peer: id, endpoint });
             }
             s.endpoint = Some(endpoint);
-            s.managed = Some(kind);
+            s.kind = Some(kind);
             // The path shows `kind` while a session exists; `connecting` until the first handshake
             // completes.
-            if s.path != PathKind::Connecting {
+            if s.established {
                 s.path = kind;
             }
             // A peer without a session gets a handshake at once on its new endpoint: from the side with
-            // the larger key, as in `upsert_peer`, or from the side with packets waiting (a lazy peer's
-            // first packet: the other side has nothing to send).
+            // the larger key (so that both do not race with crossing initiations: an initiation received
+            // drops the one in flight), or from the side with packets waiting (a lazy peer's first
+            // packet: the other side has nothing to send).
             let start = changed
-                && s.path == PathKind::Connecting
+                && !s.established
                 && (s.wanted || self.public_key.as_bytes() > &e.cfg.public_key);
             (start, s.wanted)
         };
@@ -664,11 +646,11 @@ impl Node {
         let mut s = e.peer.lock();
         s.tunn = tunn;
         s.endpoint = None;
-        s.managed = None;
+        s.kind = None;
+        s.established = false;
         s.path = PathKind::Connecting;
         s.wanted = false;
         s.reported = None;
-        s.candidate_idx = 0;
     }
 
     /// The public key of peer `id` (e.g. to tell NAT traversal which peer a datagram authenticated).
@@ -886,18 +868,8 @@ impl Node {
                 if handshake {
                     p.handshakes.fetch_add(1, Ordering::Relaxed);
                     s.last_handshake = Some(now);
-                    if let Some(kind) = s.managed {
-                        s.path = kind;
-                    } else {
-                        s.path = PathKind::Direct;
-                        if s.endpoint != Some(from) {
-                            s.endpoint = Some(from);
-                            self.events.push(Event::EndpointChanged {
-                                peer: id,
-                                endpoint: from,
-                            });
-                        }
-                    }
+                    s.established = true;
+                    s.path = s.kind.unwrap_or(PathKind::Connecting);
                     self.events.push(Event::HandshakeCompleted {
                         peer: id,
                         endpoint: from,
@@ -935,7 +907,7 @@ impl Node {
     fn nudge(&self, t: &Table, now: Instant, from: SocketAddr) {
         for e in t.peers.values() {
             let mut s = e.peer.lock();
-            if s.endpoint != Some(from) && !e.cfg.candidates.contains(&from) {
+            if s.endpoint != Some(from) {
                 continue;
             }
             if s.last_nudge
@@ -944,10 +916,7 @@ impl Node {
                 return;
             }
             s.last_nudge = Some(now);
-            if s.endpoint.is_none() {
-                s.endpoint = Some(from);
-            }
-            let to = s.endpoint.unwrap_or(from);
+            let to = from;
             SCRATCH.with_borrow_mut(|buf| {
                 if let TunnResult::WriteToNetwork(b) =
                     s.tunn.format_handshake_initiation(buf, false)
@@ -995,14 +964,6 @@ impl Node {
         }
         p.rx_bytes.fetch_add(len as u64, Ordering::Relaxed);
         p.rx_packets.fetch_add(1, Ordering::Relaxed);
-        // Roaming: an authenticated packet tells where the peer is now (not for relayed paths).
-        if s.managed.is_none() && s.path == PathKind::Direct && s.endpoint != Some(from) {
-            s.endpoint = Some(from);
-            self.events.push(Event::EndpointChanged {
-                peer: p.id,
-                endpoint: from,
-            });
-        }
         self.note_source(p, s, from, now);
         Inbound::WriteTun { len, peer: p.id }
     }
@@ -1012,8 +973,8 @@ impl Node {
         Inbound::Dropped(r)
     }
 
-    /// Runs the protocol timers of every peer (call every 100-250 ms): handshake retries (moving to the
-    /// next candidate endpoint while connecting), rekeys, keepalives, expiry. Takes one peer's lock at a
+    /// Runs the protocol timers of every peer (call every 100-250 ms): handshake retries, rekeys,
+    /// keepalives, expiry. Takes one peer's lock at a
     /// time.
     pub fn tick(&self, now: Instant) {
         {
@@ -1033,23 +994,6 @@ impl Node {
                 let mut s = p.lock();
                 match s.tunn.update_timers(buf) {
                     TunnResult::WriteToNetwork(b) => {
-                        let candidates = &e.cfg.candidates;
-                        if is_handshake(b)
-                            && s.managed.is_none()
-                            && s.path == PathKind::Connecting
-                            && candidates.len() > 1
-                        {
-                            // A retry: the previous candidate did not answer, try the next one.
-                            s.candidate_idx = (s.candidate_idx + 1) % candidates.len();
-                            let ep = candidates[s.candidate_idx];
-                            if s.endpoint != Some(ep) {
-                                s.endpoint = Some(ep);
-                                self.events.push(Event::EndpointChanged {
-                                    peer: p.id,
-                                    endpoint: ep,
-                                });
-                            }
-                        }
                         if let Some(to) = s.endpoint {
                             self.transmits.push(Transmit {
                                 to,
@@ -1057,9 +1001,8 @@ impl Node {
                             });
                         }
                     }
-                    TunnResult::Err(WireGuardError::ConnectionExpired)
-                        if s.path != PathKind::Connecting =>
-                    {
+                    TunnResult::Err(WireGuardError::ConnectionExpired) if s.established => {
+                        s.established = false;
                         s.path = PathKind::Connecting;
                         self.events.push(Event::SessionExpired { peer: p.id });
                     }

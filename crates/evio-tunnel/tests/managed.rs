@@ -1,4 +1,4 @@
-//! Paths chosen by NAT traversal (`Node::set_path`) on peers handed over without candidates, as eviod
+//! Paths chosen by NAT traversal (`Node::set_path`) on peers handed over without endpoints, as eviod
 //! does: the first `set_path` starts the handshake (larger key), the path reads `connecting` until a
 //! session exists and then the chosen kind, and the endpoint stays where NAT traversal put it.
 
@@ -49,12 +49,11 @@ fn set_path_starts_the_session_and_owns_the_endpoint() {
                 .parse()
                 .unwrap(),
         ],
-        candidates: Vec::new(),
     };
     let now = Instant::now();
     let ib = a.upsert_peer(now, cfg(&b, "b", b_vip));
     let ia = b.upsert_peer(now, cfg(&a, "a", a_vip));
-    // No candidates: nothing to send yet, no endpoint.
+    // No path yet: nothing to send, no endpoint.
     assert!(a.poll_transmit().is_none() && b.poll_transmit().is_none());
     assert_eq!(a.peer(ib).unwrap().endpoint, None);
 

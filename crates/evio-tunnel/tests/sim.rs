@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::{Sim, ipv4};
@@ -68,36 +67,6 @@ fn handshake_retried_under_loss() {
 }
 
 #[test]
-fn handshake_retry_moves_to_the_next_candidate() {
-    let mut sim = Sim::mesh(2, None);
-    sim.wire.clear();
-    // Node 0 knows two candidates for node 1; the first is dead.
-    let dead: SocketAddr = "198.51.100.1:9".parse().unwrap();
-    let mut cfg = sim.peer_cfg(1);
-    cfg.candidates = vec![dead, sim.nodes[1].addr];
-    let pk = cfg.public_key;
-    sim.nodes[0].node.remove_peer(&pk);
-    let now = sim.now();
-    let id = sim.nodes[0].node.upsert_peer(now, cfg);
-    // Node 1 does not initiate (it has no traffic, and its initial handshake was lost).
-    sim.flush_transmits();
-    sim.run();
-    assert_eq!(sim.nodes[0].node.peer(id).unwrap().endpoint, Some(dead));
-    sim.advance(Duration::from_secs(12), STEP);
-    let st = sim.nodes[0].node.peer(id).unwrap();
-    assert_eq!(st.path, PathKind::Direct, "{st:?}");
-    assert_eq!(st.endpoint, Some(sim.nodes[1].addr));
-    let evs: Vec<Event> = std::iter::from_fn(|| sim.nodes[0].node.poll_event()).collect();
-    assert!(
-        evs.contains(&Event::EndpointChanged {
-            peer: id,
-            endpoint: sim.nodes[1].addr
-        }),
-        "{evs:?}"
-    );
-}
-
-#[test]
 fn session_expires_when_the_peer_is_gone_and_recovers_when_it_returns() {
     let mut sim = Sim::mesh(2, None);
     sim.run();
@@ -137,9 +106,7 @@ fn restarted_peer_reconnects() {
         persistent_keepalive: None,
     });
     sim.advance(S, STEP);
-    let cfg = sim.peer_cfg(0);
-    let now = sim.now();
-    sim.nodes[1].node.upsert_peer(now, cfg);
+    sim.add_peer(1, 0);
     sim.flush_transmits();
     sim.run();
     let p = ipv4([10, 10, 0, 1], [10, 10, 0, 2], b"hi again");

@@ -394,7 +394,6 @@ impl Control {
                     name: p.name.clone(),
                     public_key: p.grant.public_key,
                     allowed: p.allowed(),
-                    candidates: Vec::new(),
                 };
                 if node.peer_id(&cfg.public_key).is_none() {
                     tracing::info!(peer = %cfg.name, allowed = ?cfg.allowed, "peer added");

@@ -6,7 +6,9 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use evio_tunnel::{Inbound, Node, NodeConfig, Outbound, PeerConfig, PeerId, StaticSecret};
+use evio_tunnel::{
+    Inbound, Node, NodeConfig, Outbound, PathKind, PeerConfig, PeerId, StaticSecret,
+};
 
 pub struct SimNode {
     pub node: Node,
@@ -81,14 +83,23 @@ impl Sim {
         for i in 0..n {
             for j in 0..n {
                 if i != j {
-                    let cfg = sim.peer_cfg(j);
-                    let now = sim.now();
-                    sim.nodes[i].node.upsert_peer(now, cfg);
+                    sim.add_peer(i, j);
                 }
             }
         }
         sim.flush_transmits();
         sim
+    }
+
+    /// Node `i` learns node `j` and reaches it directly at its address (what NAT traversal would choose
+    /// here): the larger key starts a handshake. Returns `j`'s id at `i`.
+    pub fn add_peer(&mut self, i: usize, j: usize) -> PeerId {
+        let (cfg, addr) = (self.peer_cfg(j), self.nodes[j].addr);
+        let now = self.now();
+        let node = &self.nodes[i].node;
+        let id = node.upsert_peer(now, cfg);
+        node.set_path(id, addr, PathKind::Direct);
+        id
     }
 
     pub fn peer_cfg(&self, j: usize) -> PeerConfig {
@@ -100,7 +111,6 @@ impl Sim {
                 format!("10.10.0.{}/32", j + 1).parse().unwrap(),
                 format!("10.244.{}.0/24", j + 1).parse().unwrap(),
             ],
-            candidates: vec![n.addr],
         }
     }
 

@@ -12,7 +12,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use evio_tunnel::{
-    Inbound, MIN_BUFFER, Node, NodeConfig, Outbound, PeerConfig, PeerId, StaticSecret, packet_addrs,
+    Inbound, MIN_BUFFER, Node, NodeConfig, Outbound, PathKind, PeerConfig, PeerId, StaticSecret,
+    packet_addrs,
 };
 
 const A_ADDR: &str = "192.0.2.1:51820";
@@ -24,7 +25,7 @@ fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
-fn peer_cfg(node: &Node, n: u8, addr: &str) -> PeerConfig {
+fn peer_cfg(node: &Node, n: u8) -> PeerConfig {
     PeerConfig {
         name: format!("n{n}"),
         public_key: node.public_key(),
@@ -33,7 +34,6 @@ fn peer_cfg(node: &Node, n: u8, addr: &str) -> PeerConfig {
             format!("10.244.{n}.0/24").parse().unwrap(),
             format!("fd00:{n}::/64").parse().unwrap(),
         ],
-        candidates: vec![sa(addr)],
     }
 }
 
@@ -86,8 +86,10 @@ impl Pair {
         };
         let (a, b) = (node(1), node(2));
         let now = Instant::now();
-        a.upsert_peer(now, peer_cfg(&b, 2, B_ADDR));
-        let a_in_b = b.upsert_peer(now, peer_cfg(&a, 1, A_ADDR));
+        let b_in_a = a.upsert_peer(now, peer_cfg(&b, 2));
+        a.set_path(b_in_a, sa(B_ADDR), PathKind::Direct);
+        let a_in_b = b.upsert_peer(now, peer_cfg(&a, 1));
+        b.set_path(a_in_b, sa(A_ADDR), PathKind::Direct);
         let mut p = Pair {
             a,
             b,
