@@ -6,7 +6,8 @@
 //!   endpoint as its source (a slot: bounded, made only for addresses the agent checks through the relay,
 //!   i.e. of authenticated peers, never re-pointed while a path or the tunnel core may use it). A relayed
 //!   datagram from any other address gets a provisional endpoint (a ring of [`PENDING`]) so that the tunnel
-//!   can authenticate it: nothing is ever sent there.
+//!   can authenticate it: nothing is sent there but the answer to an authenticated handshake initiation
+//!   (through our allocation, [`OverlayNode::process`]'s caller drains it).
 //! - Path selection is the agent's: each `PathChanged` event becomes `Node::set_path` in the tunnel core.
 //! - NAT rebinding: when the tunnel core authenticates a datagram of a peer from an address that is not
 //!   the peer's endpoint, [`OverlayNode::process`] tells the agent (`tunnel_from`): it checks the new
@@ -635,7 +636,7 @@ impl OverlayNode {
     /// A datagram of the tunnel core for endpoint `to`, typed (`None`: nowhere to send it now).
     fn typed(&self, to: SocketAddr, data: &[u8]) -> Option<Transmit> {
         if is_provisional(&to) {
-            return None;
+            return self.answer_through_relay(to, data);
         }
         if !is_relay(&to) {
             return Some(Transmit {
@@ -663,6 +664,30 @@ impl OverlayNode {
             .relay_tx_bytes
             .fetch_add(t.len() as u64, Ordering::Relaxed);
         Some(t)
+    }
+
+    /// The answer to a handshake initiation that came through our relay from an address without a slot
+    /// yet (a provisional endpoint): sent back through our allocation to that address, so that the
+    /// initiator does not wait 5 s for its retry. Only handshake responses: the tunnel core sends one only
+    /// for an initiation it authenticated (a known peer's key, MAC1), it is smaller than the initiation,
+    /// and the relay already has a permission for the address (it relayed the initiation). Anything else
+    /// to a provisional endpoint is dropped.
+    fn answer_through_relay(&self, to: SocketAddr, data: &[u8]) -> Option<Transmit> {
+        const HANDSHAKE_RESPONSE: u8 = 2;
+        if data.first() != Some(&HANDSHAKE_RESPONSE) {
+            return None;
+        }
+        let mut g = self.lock();
+        let remote = *g.pending.get(to.port() as usize)?;
+        let t = g.agent.turn_wrap(remote, data)?;
+        drop(g);
+        self.counters
+            .relay_tx_bytes
+            .fetch_add(t.payload.len() as u64, Ordering::Relaxed);
+        Some(Transmit {
+            dst: Dst::Direct(t.dst),
+            payload: t.payload,
+        })
     }
 
     /// Handles a datagram received from `from`: an inner packet is decrypted into `out` (at least the
@@ -724,6 +749,12 @@ impl OverlayNode {
     /// atomic load or two when there is nothing.
     pub fn process(&self, now: Instant) -> bool {
         let mut any = false;
+        // Sessions completed in this batch (a peer's handshake before our path to it is chosen).
+        let mut events = false;
+        while let Some(e) = self.tunnel.poll_event() {
+            self.tunnel_event(&e, now);
+            events = true;
+        }
         while let Some((id, from)) = self.tunnel.poll_source() {
             let Some(key) = self.tunnel.peer_key(id) else {
                 continue;
@@ -740,7 +771,7 @@ impl OverlayNode {
             self.pump(now);
             return true;
         }
-        false
+        events
     }
 
     // ---- timers ----
@@ -788,6 +819,7 @@ impl OverlayNode {
         match e {
             E::HandshakeCompleted { peer, endpoint } => {
                 tracing::debug!(peer = %self.name(*peer), %endpoint, "handshake completed");
+                self.adopt_handshake_source(*peer, *endpoint);
             }
             E::EndpointChanged { peer, endpoint } => {
                 tracing::info!(peer = %self.name(*peer), %endpoint, "peer endpoint changed");
@@ -804,6 +836,31 @@ impl OverlayNode {
                 }
             }
         }
+    }
+
+    /// A session with `peer` exists (it initiated, we answered) but NAT traversal has not chosen a path to
+    /// it yet: the handshake's source, where our answer went, is a proven return path; it becomes the
+    /// peer's endpoint until the agent chooses (its `PathChanged` then replaces it), so that our replies
+    /// do not wait for our own checks. Never a provisional endpoint (a ring entry may be reused).
+    fn adopt_handshake_source(&self, peer: PeerId, endpoint: SocketAddr) {
+        if is_provisional(&endpoint) {
+            return;
+        }
+        let Some(key) = self.tunnel.peer_key(peer) else {
+            return;
+        };
+        let g = self.lock();
+        let chosen = g.peers.get(&key).and_then(|e| e.path).is_some();
+        if chosen || self.tunnel.peer(peer).is_none_or(|p| p.endpoint.is_some()) {
+            return;
+        }
+        let kind = if is_relay(&endpoint) {
+            evio_tunnel::PathKind::Relay
+        } else {
+            evio_tunnel::PathKind::Direct
+        };
+        tracing::debug!(peer = %self.name(peer), %endpoint, "path from the peer's handshake, until ours is chosen");
+        self.tunnel.set_path(peer, endpoint, kind);
     }
 
     /// Runs NAT traversal: its due timers, its datagrams into the queue, its path changes into the tunnel

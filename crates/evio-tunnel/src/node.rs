@@ -740,6 +740,13 @@ impl Node {
             return Outbound::Dropped(DropReason::NoRoute);
         };
         let mut s = p.lock();
+        if s.endpoint.is_none() && s.established {
+            // A session but nowhere to send (the peer's handshake reached us before any path was set):
+            // boringtun would encrypt, not queue.
+            drop(s);
+            self.drops.add(DropReason::NoEndpoint);
+            return Outbound::Dropped(DropReason::NoEndpoint);
+        }
         let Some(to) = s.endpoint else {
             // No path yet (a lazy peer, or NAT traversal still checking): boringtun queues the packet
             // (bounded) and starts a handshake that has nowhere to go; `set_path` sends a fresh one.
