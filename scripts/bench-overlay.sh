@@ -10,7 +10,9 @@
 #   /tmp/evio-bench-boringtun/bin/boringtun-cli; install with
 #   `cargo install boringtun-cli --root /tmp/evio-bench-boringtun`),
 #   SYSTEMS="underlay evio evio-pod wggo boringtun wggo13 nebula13" (evio-pod: pod to pod over evio, pods
-#   on a bridge, subnets claimed with EVIOCTL=path cni-config), STREAMS=1 (parallel TCP streams),
+#   on a bridge, subnets claimed with EVIOCTL=path cni-config; evio-relay, not in the default list: a
+#   second pair of agents, on their own etcd, that nftables lets meet only through a real coturn on H1's
+#   underlay address: the relayed path), STREAMS=1 (parallel TCP streams),
 #   PEERS_CACHE=dir (default target/bench-peers: Debian 13's wireguard-go and nebula are downloaded there
 #   with apt-get download against a trixie source list and unpacked; nothing is installed).
 set -euo pipefail
@@ -84,6 +86,38 @@ for i in 1 2; do
   ip netns exec $ns "$EVIOD" --node-name bench-$i --etcd-endpoints $ETCD --state-dir $D/evio$i \
     --listen-port 51820 > $D/eviod$i.log 2>&1 &
 done
+# evio-relay: a second pair of agents (own etcd, port, TUN and overlay range) whose datagrams may go only
+# to or through coturn: nftables drops anything their port sends elsewhere (the other agent's underlay
+# address, or its address inside the first evio tunnel), so the only path left is the TURN relay.
+if [[ " $SYSTEMS " == *" evio-relay "* ]]; then
+  mkdir -m 700 $D/etcd-r
+  in1 etcd --name r --data-dir $D/etcd-r --listen-client-urls http://10.98.0.1:2479 \
+    --advertise-client-urls http://10.98.0.1:2479 --listen-peer-urls http://127.0.0.1:2480 \
+    --initial-advertise-peer-urls http://127.0.0.1:2480 --initial-cluster r=http://127.0.0.1:2480 \
+    --log-level warn > $D/etcd-r.log 2>&1 &
+  (umask 077; printf secret > $D/turn-password
+   printf '%s\n' listening-ip=10.98.0.1 relay-ip=10.98.0.1 listening-port=3478 realm=evio lt-cred-mech \
+     user=evio:secret fingerprint no-tls no-dtls no-cli no-software-attribute min-port=49152 \
+     max-port=65535 allowed-peer-ip=10.98.0.0-10.98.0.255 log-file=stdout simple-log > $D/turnserver.conf)
+  in1 turnserver -c $D/turnserver.conf > $D/turnserver.log 2>&1 &
+  for i in 1 2; do
+    ip netns exec evb$i-$S nft -f - <<EOF2
+table inet evbench {
+  chain out { type filter hook output priority 0;
+    udp sport 51830 ip daddr != 10.98.0.1 drop
+    udp sport 51830 udp dport 51830 drop
+  }
+}
+EOF2
+  done
+  until in1 curl -sf http://10.98.0.1:2479/health | grep -q true; do sleep 0.05; done
+  for i in 1 2; do
+    ip netns exec evb$i-$S "$EVIOD" --node-name relay-$i --etcd-endpoints http://10.98.0.1:2479 \
+      --state-dir $D/evior$i --listen-port 51830 --interface evior0 --overlay-cidr 10.12.0.0/16 \
+      --stun 10.98.0.1:3478 --turn 10.98.0.1:3478 --turn-user evio --turn-password-file $D/turn-password \
+      > $D/eviorelay$i.log 2>&1 &
+  done
+fi
 # wireguard-go and boringtun-cli (same keys layout, own ports and addresses)
 for t in wg bt; do
   wg genkey > $D/$t.k1; wg genkey > $D/$t.k2
@@ -149,6 +183,11 @@ fi
 vip() { python3 -c 'import json,socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]+"/eviod.sock"); s.sendall(b"status\n"); print(json.loads(s.makefile().read())["address"])' "$1"; }
 for i in $(seq 100); do [[ -S $D/evio1/eviod.sock && -S $D/evio2/eviod.sock ]] && break; sleep 0.1; done
 V2=$(vip $D/evio2)
+VR2=""
+if [[ " $SYSTEMS " == *" evio-relay "* ]]; then
+  for i in $(seq 100); do [[ -S $D/evior1/eviod.sock && -S $D/evior2/eviod.sock ]] && break; sleep 0.1; done
+  VR2=$(vip $D/evior2)
+fi
 
 # Pods (evio-pod): subnets claimed with `evioctl cni-config`, one pod netns per host on a bridge.
 echo '{"podCIDR":"10.244.0.0/16","nodeBits":8}' > $D/net-conf.json
@@ -169,11 +208,17 @@ for i in 1 2; do
   ip netns exec $h sysctl -qw net.ipv4.ip_forward=1
   eval POD$i=$pip
 done
-declare -A DST=([underlay]=10.98.0.2 [evio]=$V2 [evio-pod]=$POD2 [wggo]=10.97.0.2 [boringtun]=10.96.0.2 [wggo13]=10.94.0.2 [nebula13]=10.95.0.2)
-declare -A SRC=([underlay]=$H1 [evio]=$H1 [evio-pod]=$P1 [wggo]=$H1 [boringtun]=$H1 [wggo13]=$H1 [nebula13]=$H1)
+declare -A DST=([underlay]=10.98.0.2 [evio]=$V2 [evio-relay]=$VR2 [evio-pod]=$POD2 [wggo]=10.97.0.2 [boringtun]=10.96.0.2 [wggo13]=10.94.0.2 [nebula13]=10.95.0.2)
+declare -A SRC=([underlay]=$H1 [evio]=$H1 [evio-relay]=$H1 [evio-pod]=$P1 [wggo]=$H1 [boringtun]=$H1 [wggo13]=$H1 [nebula13]=$H1)
 for sys in $SYSTEMS; do
   for i in $(seq 100); do ip netns exec ${SRC[$sys]} ping -c1 -W1 ${DST[$sys]} >/dev/null 2>&1 && break; sleep 0.2; done
 done
+if [[ " $SYSTEMS " == *" evio-relay "* ]]; then
+  # The relayed pair must really be relayed (and the first pair direct).
+  path() { python3 -c 'import json,socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]+"/eviod.sock"); s.sendall(b"status\n"); print(" ".join(p["path"] for p in json.loads(s.makefile().read())["peers"]))' "$1"; }
+  echo "paths: evio $(path $D/evio1), evio-relay $(path $D/evior1)"
+  [[ $(path $D/evior1) == relay ]] || { echo "evio-relay is not relayed" >&2; exit 1; }
+fi
 in2 iperf3 -s -D >/dev/null 2>&1
 ip netns exec $P2 iperf3 -s -D >/dev/null 2>&1
 
@@ -203,13 +248,20 @@ for r in $(seq $ROUNDS); do
 done
 
 # eviod memory: 1 peer, then 50 (49 more registrations with fresh keys and unreachable endpoints).
-pid1=$(for p in $(ip netns pids $H1); do [[ "$(cat /proc/$p/comm 2>/dev/null)" == eviod ]] && echo $p; done || true)
+pid1=$(pgrep -f -- "--node-name bench-1 " | head -1)
 rss() { awk '/VmRSS/ {print $2}' /proc/$pid1/status; }
 RSS1=$(rss)
 echo "eviod pid $pid1 rss ${RSS1} kB (1 peer)"
 LEASE=$(in1 etcdctl --endpoints $ETCD lease grant 120 | awk '{print $2}')
 for n in $(seq 3 51); do
   pk=$(wg genkey | wg pubkey)
+  # The claims a registration needs to be accepted (docs/store.md): its VIP and its pod subnet.
+  va="{\"node\":\"fake-$n\",\"address\":\"10.10.200.$n\"}"
+  vs="{\"node\":\"fake-$n\",\"subnet\":\"10.250.$n.0/24\"}"
+  for kv in "addresses/by-address/10.10.200.$n:$va" "addresses/by-node/fake-$n:$va" \
+            "subnets/by-subnet/10.250.$n.0-24:$vs" "subnets/by-node/fake-$n:$vs"; do
+    in1 etcdctl --endpoints $ETCD put "/evio/v1/${kv%%:*}" "${kv#*:}" > /dev/null
+  done
   in1 etcdctl --endpoints $ETCD put /evio/v1/nodes/fake-$n \
     "{\"node\":\"fake-$n\",\"publicKey\":\"$pk\",\"address\":\"10.10.200.$n\",\"podSubnet\":\"10.250.$n.0/24\",\"endpoints\":[\"192.0.2.$n:51820\"]}" \
     --lease=$LEASE > /dev/null

@@ -47,6 +47,9 @@ pub struct Nat {
     pub timeout: Duration,
     out: HashMap<(SocketAddr, Option<SocketAddr>), u16>,
     ports: HashMap<u16, Mapping>,
+    /// Mappings are expired at most once a simulated second (a pass over all of them), so up to a
+    /// second late: what keeps a NAT with thousands of mappings from costing a pass per datagram.
+    next_expiry: Option<Instant>,
 }
 
 impl Nat {
@@ -58,6 +61,7 @@ impl Nat {
             timeout: Duration::from_secs(30),
             out: HashMap::new(),
             ports: HashMap::new(),
+            next_expiry: None,
         }
     }
 
@@ -120,16 +124,17 @@ impl Nat {
     }
 
     fn expire(&mut self, now: Instant) {
+        if self.next_expiry.is_some_and(|t| now < t) {
+            return;
+        }
+        self.next_expiry = Some(now + Duration::from_secs(1));
         let timeout = self.timeout;
-        let dead: Vec<u16> = self
-            .ports
-            .iter()
-            .filter(|(_, m)| now.duration_since(m.last) > timeout)
-            .map(|(p, _)| *p)
-            .collect();
-        for p in dead {
-            self.ports.remove(&p);
-            self.out.retain(|_, v| *v != p);
+        let before = self.ports.len();
+        self.ports
+            .retain(|_, m| now.duration_since(m.last) <= timeout);
+        if self.ports.len() != before {
+            let ports = &self.ports;
+            self.out.retain(|_, v| ports.contains_key(v));
         }
     }
 
@@ -137,6 +142,7 @@ impl Nat {
     pub fn flush(&mut self) {
         self.out.clear();
         self.ports.clear();
+        self.next_expiry = None;
     }
 }
 
@@ -482,6 +488,10 @@ pub struct Sim {
     pub auto_introduce: bool,
     /// Run the agents' timers on this tick instead of at their exact deadlines ([`Sim::set_timer_tick`]).
     timer_tick: Option<Duration>,
+    /// Nodes by (socket address, NAT) and NATs by public address: routing a datagram is a lookup, not a
+    /// pass over every node (what made large simulations grow faster than N²).
+    by_addr: HashMap<(SocketAddr, Option<usize>), usize>,
+    nat_by_ip: HashMap<IpAddr, usize>,
     next_tick: Instant,
 }
 
@@ -513,6 +523,8 @@ impl Sim {
             auto_introduce: true,
             timer_tick: None,
             next_tick: now,
+            by_addr: HashMap::new(),
+            nat_by_ip: HashMap::new(),
         }
     }
 
@@ -531,7 +543,9 @@ impl Sim {
 
     /// Adds a NAT with public address `ip`; returns its index.
     pub fn add_nat(&mut self, kind: NatType, ip: &str) -> usize {
-        self.nats.push(Nat::new(kind, ip.parse().expect("ip")));
+        let ip: IpAddr = ip.parse().expect("ip");
+        self.nats.push(Nat::new(kind, ip));
+        self.nat_by_ip.entry(ip).or_insert(self.nats.len() - 1);
         self.nats.len() - 1
     }
 
@@ -573,6 +587,7 @@ impl Sim {
             published: Vec::new(),
         });
         let i = self.nodes.len() - 1;
+        self.by_addr.entry((addr, nat)).or_insert(i);
         self.flush_node(i);
         i
     }
@@ -694,7 +709,7 @@ impl Sim {
     }
 
     fn node_by_addr(&self, a: SocketAddr, nat: Option<usize>) -> Option<usize> {
-        self.nodes.iter().position(|n| n.addr == a && n.nat == nat)
+        self.by_addr.get(&(a, nat)).copied()
     }
 
     fn route(&mut self, p: Packet, hop: Hop) {
@@ -729,7 +744,7 @@ impl Sim {
                     }
                     return;
                 }
-                if let Some(n) = self.nats.iter().position(|n| n.public_ip == p.dst.ip()) {
+                if let Some(&n) = self.nat_by_ip.get(&p.dst.ip()) {
                     match self.nats[n].inbound(p.src, p.dst.port(), now) {
                         Some(internal) => match self.node_by_addr(internal, Some(n)) {
                             Some(j) => self.deliver(j, Packet { dst: internal, ..p }),
