@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The README's main command runs this after building: the evio demo (`make demo`).
-# Arguments are passed on to `evioctl demo`; with make, use DEMO_ARGS, e.g.
+# Arguments are passed on to `evio-demo`; with make, use DEMO_ARGS, e.g.
 #   make demo DEMO_ARGS="--nodes 4 --symmetric-nat 2 --check"
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin=./target/release/evioctl
+bin=./target/release/evio-demo
 if [ ! -x "$bin" ]; then
   echo "demo: $bin is missing; build it first: cargo build --release --workspace --bins" >&2
   exit 1
@@ -14,4 +14,4 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 # shellcheck disable=SC2086 # DEMO_ARGS is a list of words on purpose
-exec "$bin" demo "$@" ${DEMO_ARGS:-}
+exec "$bin" "$@" ${DEMO_ARGS:-}

@@ -35,6 +35,9 @@ pub const fn overlay_mtu(underlay: u32) -> u32 {
 /// The pod MTU a generated config gets when it names none: [`overlay_mtu`] of [`DEFAULT_UNDERLAY_MTU`].
 pub const DEFAULT_MTU: u32 = overlay_mtu(DEFAULT_UNDERLAY_MTU);
 
+/// The file `evioctl cni-config` writes into the CNI configuration directory (read back by the demo).
+pub const CONFLIST: &str = "10-evio.conflist";
+
 /// Which bridge backend the config asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BridgeKind {

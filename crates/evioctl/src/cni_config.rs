@@ -20,7 +20,7 @@ use serde_json::{Map, Value, json};
 mod version;
 
 /// The conflist file this command owns.
-pub const CONFLIST: &str = "10-evio.conflist";
+pub use evio_cni_types::config::CONFLIST;
 /// The plugin's binary name (the conflist's `"type": "evio-cni"`).
 pub const PLUGIN: &str = "evio-cni";
 /// Pod MTU when the net-conf names none: the tunnel's inner MTU on a 1500-byte underlay (one rule, in

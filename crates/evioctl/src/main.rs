@@ -3,7 +3,6 @@
 mod ca;
 mod ca_serve;
 mod cni_config;
-mod demo;
 mod nodes;
 mod release;
 mod revoke;
@@ -30,8 +29,6 @@ enum Cmd {
     Release(release::Args),
     /// Show the local agent's overlay state and peers.
     Status(status::Args),
-    /// Build a whole edge cluster on this machine in network namespaces.
-    Demo(demo::Args),
     /// The cluster CA: `ca init` creates it, `ca serve` signs node certificates.
     Ca(ca::Args),
     /// Join tokens: create, list, delete.
@@ -49,7 +46,6 @@ fn main() {
         Cmd::Nodes(a) => nodes::run(a),
         Cmd::Release(a) => release::run(a),
         Cmd::Status(a) => status::run(a),
-        Cmd::Demo(a) => demo::run(a),
         Cmd::Ca(a) => ca::run(a),
         Cmd::Token(a) => token::run(a),
         Cmd::Revoke(a) => revoke::run(a),

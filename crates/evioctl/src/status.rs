@@ -29,12 +29,6 @@ fn query(args: &Args) -> Result<Status> {
     query_dir(&args.state_dir)
 }
 
-/// What `evioctl status --json --state-dir DIR` prints, as a JSON value (the demo asks its agents
-/// in-process, many at once, with this same code).
-pub fn query_json(state_dir: &std::path::Path) -> Result<serde_json::Value> {
-    Ok(serde_json::to_value(query_dir(state_dir)?)?)
-}
-
 fn query_dir(state_dir: &std::path::Path) -> Result<Status> {
     Ok(evio_api::query_status(state_dir, Duration::from_secs(5))?)
 }

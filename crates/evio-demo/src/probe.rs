@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use super::signals;
+use crate::signals;
 
 /// One source: a namespace and the addresses it probes.
 pub struct Source {

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::cluster::{Cluster, LISTEN_PORT, status};
-use super::{probe, signals};
+use crate::cluster::{Cluster, LISTEN_PORT, status};
+use crate::{probe, signals};
 
 /// Every node's status (`evioctl status --json`, asked in-process and in parallel), by node index; an
 /// agent that does not answer gives the reason.

@@ -1,4 +1,5 @@
-//! `evioctl demo`: a whole edge cluster on this machine, in network namespaces, in one command.
+//! `evio-demo`: a whole edge cluster on this machine, in network namespaces, in one command (`make demo`).
+//! Its own binary, so that the operator CLI that goes into the image (`evioctl`) does not link the lab.
 //!
 //! Built with `evio-lab`: an "internet" namespace with a real etcd and a real coturn (STUN + TURN), N sites
 //! each behind its own NAT (the last M symmetric, the others port-preserving "easy" NATs) with one host
@@ -8,11 +9,11 @@
 //! pods, each a network namespace plugged in by running the conflist's plugin chain through the CNI
 //! protocol (environment variables and the network config on stdin), as containerd would.
 //!
-//! Then it shows the nodes, every node's path to every peer (`evioctl status --json`), a connectivity
+//! Then it shows the nodes, every node's path to every peer (`evioctl status --json`'s document, asked for in-process), a connectivity
 //! matrix (real pings: host VIP to host VIP, pod to pods) and a short iperf3 sample over a direct and a
 //! relayed path. Without `--check` it stays up until SIGINT/SIGTERM; with `--check` it exits 0 only if
 //! every probe got through. Either way, and on an error or a signal at any moment, it tears everything
-//! down (see `demo/cluster.rs`).
+//! down (see `cluster.rs`).
 //!
 //! Dependencies: `libc` for `sigaction`, `prctl(PR_SET_PDEATHSIG)` and `kill` (nothing more is needed
 //! than three calls, so no signal crate); `tempfile` for the self-removing temp dir; `evio-lab` for the
@@ -39,7 +40,12 @@ pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
 /// Exit status after SIGINT/SIGTERM (128 + SIGINT, as shells report it).
 const EXIT_INTERRUPTED: i32 = 130;
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "evio-demo",
+    version,
+    about = "Build a whole evio edge cluster on this machine in network namespaces"
+)]
 pub struct Args {
     /// Number of edge hosts, each at its own site behind its own NAT.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(0..=200))]
@@ -123,7 +129,7 @@ pub fn run(args: Args) -> Result<()> {
     let code = match &outcome {
         Ok(code) => *code,
         Err(e) => {
-            eprintln!("evioctl demo: {e:#}");
+            eprintln!("evio-demo: {e:#}");
             if signals::interrupted() {
                 EXIT_INTERRUPTED
             } else {
@@ -563,11 +569,11 @@ fn preflight() -> Result<Bins> {
     let me = std::env::current_exe().context("cannot find this executable")?;
     let dir = me.parent().context("executable has no directory")?;
     let bins = Bins {
-        evioctl: me.clone(),
+        evioctl: dir.join("evioctl"),
         eviod: dir.join("eviod"),
         evio_cni: dir.join("evio-cni"),
     };
-    for b in [&bins.eviod, &bins.evio_cni] {
+    for b in [&bins.evioctl, &bins.eviod, &bins.evio_cni] {
         if !b.is_file() {
             missing.push(format!(
                 "{} (build it: cargo build --release --workspace --bins)",
@@ -582,4 +588,12 @@ fn preflight() -> Result<Bins> {
         );
     }
     Ok(bins)
+}
+
+fn main() {
+    use clap::Parser;
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("evio-demo: {e:#}");
+        std::process::exit(1);
+    }
 }

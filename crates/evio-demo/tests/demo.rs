@@ -1,4 +1,4 @@
-//! `evioctl demo` end to end (root): the real binaries, etcd, coturn, NATs in network namespaces.
+//! `evio-demo` end to end (root): the real binaries, etcd, coturn, NATs in network namespaces.
 //!
 //! Every run gets its own TMPDIR, so "nothing left behind" is checked exactly: no namespace with the
 //! demo's prefix (derived from its pid), no process whose command line mentions the run's TMPDIR (eviod's
@@ -11,10 +11,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-fn evioctl() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_BIN_EXE_evioctl"));
+fn evio_demo() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_BIN_EXE_evio-demo"));
     let dir = p.parent().unwrap();
-    for b in ["eviod", "evio-cni"] {
+    for b in ["evioctl", "eviod", "evio-cni"] {
         assert!(
             dir.join(b).is_file(),
             "{}/{b} missing: build the workspace binaries first (cargo build --workspace --bins)",
@@ -36,7 +36,7 @@ struct Demo {
 impl Demo {
     fn start(args: &[&str]) -> Demo {
         let tmp = tempfile::Builder::new()
-            .prefix("evioctl-demo-test")
+            .prefix("evio-demo-test")
             .tempdir()
             .unwrap();
         Demo::start_in(Arc::new(tmp), args)
@@ -44,21 +44,20 @@ impl Demo {
 
     /// A demo with TMPDIR `tmp`.
     fn start_in(tmp: Arc<tempfile::TempDir>, args: &[&str]) -> Demo {
-        Demo::spawn(&evioctl(), tmp, args)
+        Demo::spawn(&evio_demo(), tmp, args)
     }
 
-    /// `exe demo ARGS` with TMPDIR `tmp`.
+    /// `exe ARGS` with TMPDIR `tmp`.
     fn spawn(exe: &Path, tmp: Arc<tempfile::TempDir>, args: &[&str]) -> Demo {
         evio_testbed::require_root();
         let mut child = Command::new(exe)
-            .arg("demo")
             .args(args)
             .env("TMPDIR", tmp.path())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("start evioctl demo");
+            .expect("start evio-demo");
         let out = Arc::new(Mutex::new(String::new()));
         let drained = Arc::new(AtomicUsize::new(0));
         for mut r in [
@@ -453,20 +452,19 @@ fn killed_demo_is_cleaned_up_by_the_next_one() {
 }
 
 /// An error half way (here: an agent that exits at once, injected by placing a failing `eviod` next to a
-/// copy of evioctl and the real evio-cni): the demo reports it, exits 1 and leaves nothing behind.
+/// copy of evio-demo and the real evioctl and evio-cni): the demo reports it, exits 1 and leaves nothing
+/// behind.
 #[test]
 fn error_half_way_leaves_nothing() {
-    let real = evioctl();
+    let real = evio_demo();
     let bins = tempfile::Builder::new()
-        .prefix("evioctl-demo-bins")
+        .prefix("evio-demo-bins")
         .tempdir()
         .unwrap();
-    std::fs::copy(&real, bins.path().join("evioctl")).unwrap();
-    std::fs::copy(
-        real.parent().unwrap().join("evio-cni"),
-        bins.path().join("evio-cni"),
-    )
-    .unwrap();
+    std::fs::copy(&real, bins.path().join("evio-demo")).unwrap();
+    for b in ["evioctl", "evio-cni"] {
+        std::fs::copy(real.parent().unwrap().join(b), bins.path().join(b)).unwrap();
+    }
     let fake = bins.path().join("eviod");
     std::fs::write(
         &fake,
@@ -477,12 +475,12 @@ fn error_half_way_leaves_nothing() {
     std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
     let tmp = Arc::new(
         tempfile::Builder::new()
-            .prefix("evioctl-demo-test")
+            .prefix("evio-demo-test")
             .tempdir()
             .unwrap(),
     );
     let mut d = Demo::spawn(
-        &bins.path().join("evioctl"),
+        &bins.path().join("evio-demo"),
         tmp,
         &["--nodes", "2", "--symmetric-nat", "1", "--check"],
     );
@@ -502,8 +500,8 @@ fn error_half_way_leaves_nothing() {
 fn missing_packages_are_named() {
     evio_testbed::require_root();
     let tmp = tempfile::tempdir().unwrap();
-    let out = Command::new(evioctl())
-        .args(["demo", "--check"])
+    let out = Command::new(evio_demo())
+        .args(["--check"])
         .env("PATH", tmp.path().join("empty"))
         .env("TMPDIR", tmp.path())
         .output()
@@ -606,8 +604,8 @@ fn cluster_beyond_the_neighbour_table_is_refused_up_front() {
     let tmp = tempfile::tempdir().unwrap();
     let t = Instant::now();
     // 200 nodes with 4 pods each: 200 x (6 + 8) = 2800 entries, more than any default table holds.
-    let out = Command::new(evioctl())
-        .args(["demo", "--nodes", "200", "--pods-per-node", "4", "--check"])
+    let out = Command::new(evio_demo())
+        .args(["--nodes", "200", "--pods-per-node", "4", "--check"])
         .env("TMPDIR", tmp.path())
         .output()
         .unwrap();

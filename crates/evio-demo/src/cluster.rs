@@ -13,8 +13,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use evio_lab::{Host, Lab, NatKind, netns_command};
 use serde_json::Value;
 
-use super::cni;
-use super::signals;
+use crate::cni;
+use crate::signals;
 
 /// The UDP port of every agent (each in its own namespace).
 pub const LISTEN_PORT: u16 = 51820;
@@ -76,7 +76,7 @@ impl Node {
     }
     /// CNI_PATH: evio-cni as installed by `cni-config`, host-local and portmap from the distribution.
     pub fn cni_path(&self) -> String {
-        format!("{}:{}", self.bin_dir().display(), super::REFERENCE_PLUGINS)
+        format!("{}:{}", self.bin_dir().display(), crate::REFERENCE_PLUGINS)
     }
 
     /// True if the agent process has exited (or was never started).
@@ -580,7 +580,7 @@ fn cni_config_one(n: &Node, bins: &Bins, etcd: &str) -> Result<Value> {
 }
 
 fn add_pods_one(n: &Node, pods: Vec<(String, String)>) -> Result<Vec<Pod>> {
-    let path = n.net_d().join(crate::cni_config::CONFLIST);
+    let path = n.net_d().join(evio_cni_types::config::CONFLIST);
     let conflist: Value = serde_json::from_slice(
         &std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?,
     )
@@ -618,7 +618,9 @@ fn add_pods_one(n: &Node, pods: Vec<(String, String)>) -> Result<Vec<Pod>> {
 /// What `evioctl status --json --state-dir DIR` prints (the same code, asked in-process), or why the
 /// agent did not answer.
 pub fn status(state_dir: &Path) -> Result<Value, String> {
-    crate::status::query_json(state_dir).map_err(|e| format!("{e:#}"))
+    evio_api::query_status(state_dir, std::time::Duration::from_secs(5))
+        .map_err(|e| format!("{e:#}"))
+        .and_then(|s| serde_json::to_value(s).map_err(|e| e.to_string()))
 }
 
 /// Makes `c`'s process die with the demo (PR_SET_PDEATHSIG), so a demo killed with SIGKILL leaves no
