@@ -47,5 +47,5 @@ pub use batch::PacketBatch;
 pub use gro::Coalescer;
 pub use gso::{SplitError, split, split_from};
 pub use tun::{Tun, TunOptions, TunStats, wait_readable};
-pub use udp::{GRO_BUF, RecvBatch, SendBatch, UdpBatch, UdpStats};
+pub use udp::{GRO_BUF, RecvBatch, SendBatch, UdpBatch, UdpStats, bind_dual_stack};
 pub use vnet::VirtioNetHdr;

@@ -378,6 +378,17 @@ fn set_udp_segment(h: &mut libc::msghdr, buf: &mut Cmsg, seg: u16) {
 /// Messages per `sendmmsg` call.
 pub const MMSG_BATCH: usize = 64;
 
+/// A UDP socket on `[::]:port` that takes IPv4 too (`IPV6_V6ONLY` off, whatever the system default):
+/// one socket, one port for both underlay families (IPv4 peers appear as IPv4 addresses through
+/// [`UdpBatch`]). Fails where the kernel has no IPv6; callers then bind `0.0.0.0:port`.
+pub fn bind_dual_stack(port: u16) -> io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_only_v6(false)?;
+    s.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
+    Ok(s.into())
+}
+
 /// A source address as the peer would name it: IPv4-mapped IPv6 (from a dual-stack socket) as IPv4.
 fn unmap(a: SocketAddr) -> SocketAddr {
     match a {

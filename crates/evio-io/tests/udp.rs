@@ -129,6 +129,26 @@ fn dual_stack_sockets() {
     run(false, Family::DualStack);
 }
 
+/// eviod's socket: one port, both families, whatever `net.ipv6.bindv6only` says.
+#[test]
+fn a_dual_stack_socket_takes_both_families() {
+    let mut u = UdpBatch::new(evio_io::bind_dual_stack(0).unwrap()).unwrap();
+    let port = u.local_addr().unwrap().port();
+    let v4 = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let v6 = UdpSocket::bind("[::1]:0").unwrap();
+    v4.send_to(b"four", ("127.0.0.1", port)).unwrap();
+    v6.send_to(b"six", ("::1", port)).unwrap();
+    let mut got = recv_all(&mut u, 2);
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            (v4.local_addr().unwrap(), b"four".to_vec()),
+            (v6.local_addr().unwrap(), b"six".to_vec())
+        ]
+    );
+}
+
 #[test]
 fn ipv6_sockets() {
     run(true, Family::V6);

@@ -25,6 +25,15 @@
 //! `/32` route per link. Nothing has a default route, and nothing on the internet routes to private
 //! ranges. [`Lab::renumber_wan`] gives a NAT a new public address (router route included).
 //!
+//! IPv6 (issue 15), with [`LabBuilder::ipv6`]: the internet is also `2001:db8::/32` (documentation
+//! space), the services also listen on `2001:db8::1` (the router's loopback), public host `j` has
+//! `2001:db8:2::(j+1)`, and a site added with [`LabBuilder::site_with_ipv6`] gives its hosts public IPv6
+//! addresses, `2001:db8:100:i::(k+2)/64`, routed (no NAT, as ISPs hand out IPv6) through the NAT
+//! namespace, whose IPv6 firewall is stateful like a home router's (nothing new comes in from `wan`; what
+//! the hosts sent out is answered), while its IPv4 stays behind the NAT. Every link's two ends carry fixed
+//! link-local addresses (`fe80::1` the router's side, `fe80::2` the other) used as next hops, and every
+//! lab namespace turns duplicate address detection off, so addresses work at once.
+//!
 //! Nothing is ever created in the root namespace: every link is created with `ip -n NS` directly in its
 //! namespace, nft rules are applied with `ip netns exec NS`, sysctls by a thread that entered the
 //! namespace. Dropping the [`Lab`] kills its processes, kills anything else still running in its
@@ -38,7 +47,7 @@
 
 use std::fmt;
 use std::io::{self, Read};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -52,6 +61,8 @@ pub const SERVICES_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const INTERNET_PREFIX: u8 = 15;
 /// The internet's address block.
 pub const INTERNET_NET: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 0);
+/// The router's IPv6 address (with [`LabBuilder::ipv6`]): the services listen here too.
+pub const SERVICES_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 /// etcd client port on [`SERVICES_IP`].
 pub const ETCD_PORT: u16 = 2379;
 /// STUN/TURN port on [`SERVICES_IP`].
@@ -328,6 +339,8 @@ pub struct Host {
     pub ns: String,
     /// Its address on `eth0` (private for hosts behind a NAT).
     pub ip: Ipv4Addr,
+    /// Its public IPv6 address on `eth0`, if its site or the lab has IPv6.
+    pub ip6: Option<Ipv6Addr>,
     /// The site it belongs to (`None` for a public host).
     pub site: Option<usize>,
 }
@@ -493,8 +506,10 @@ pub struct LabBuilder {
     etcd: bool,
     turn: bool,
     stale_nonce: Option<u32>,
-    sites: Vec<(NatKind, usize)>,
+    /// Per site: NAT kind, hosts, whether the hosts have IPv6.
+    sites: Vec<(NatKind, usize, bool)>,
     public_hosts: usize,
+    ipv6: bool,
 }
 
 impl LabBuilder {
@@ -518,7 +533,22 @@ impl LabBuilder {
 
     /// Adds a site behind a NAT of `kind` with `hosts` hosts.
     pub fn site(mut self, kind: NatKind, hosts: usize) -> Self {
-        self.sites.push((kind, hosts));
+        self.sites.push((kind, hosts, false));
+        self
+    }
+
+    /// Adds a site whose IPv4 is behind a NAT of `kind` and whose `hosts` hosts also have public IPv6
+    /// addresses behind a stateful firewall (see the module docs). Implies [`LabBuilder::ipv6`].
+    pub fn site_with_ipv6(mut self, kind: NatKind, hosts: usize) -> Self {
+        self.sites.push((kind, hosts, true));
+        self.ipv6 = true;
+        self
+    }
+
+    /// An IPv6 internet beside the IPv4 one: the services listen on [`SERVICES_IP6`] too and public
+    /// hosts get IPv6 addresses.
+    pub fn ipv6(mut self, on: bool) -> Self {
+        self.ipv6 = on;
         self
     }
 
@@ -559,6 +589,7 @@ impl LabBuilder {
             sites: Vec::new(),
             public: Vec::new(),
             prefix: self.prefix.clone(),
+            ipv6: self.ipv6,
             dir,
         };
         let t0 = Instant::now();
@@ -570,18 +601,34 @@ impl LabBuilder {
             &["addr", "add", &format!("{SERVICES_IP}/32"), "dev", "lo"],
         )?;
         sysctl_write(&inet, "net/ipv4/ip_forward", "1")?;
+        if self.ipv6 {
+            ip(
+                &inet,
+                &["addr", "add", &format!("{SERVICES_IP6}/128"), "dev", "lo"],
+            )?;
+            sysctl_write(&inet, "net/ipv6/conf/all/forwarding", "1")?;
+        }
 
-        for (i, &(kind, nhosts)) in self.sites.iter().enumerate() {
-            lab.add_site(i, kind, nhosts)?;
+        for (i, &(kind, nhosts, v6)) in self.sites.iter().enumerate() {
+            lab.add_site(i, kind, nhosts, v6)?;
         }
         for j in 0..self.public_hosts {
             let ns = format!("{}-pub{j}", self.prefix);
             lab.add_netns(&ns)?;
             let addr = Ipv4Addr::new(198, 18, 2, (j + 1) as u8);
-            lab.uplink(&ns, "eth0", &format!("p{j}"), addr)?;
+            let peer = format!("p{j}");
+            lab.uplink(&ns, "eth0", &peer, addr)?;
+            let ip6 = if self.ipv6 {
+                let a = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, (j + 1) as u16);
+                lab.uplink6(&ns, "eth0", &peer, a)?;
+                Some(a)
+            } else {
+                None
+            };
             lab.public.push(Host {
                 ns,
                 ip: addr,
+                ip6,
                 site: None,
             });
         }
@@ -606,6 +653,7 @@ pub struct Lab {
     sites: Vec<Site>,
     public: Vec<Host>,
     prefix: String,
+    ipv6: bool,
     dir: tempfile::TempDir,
 }
 
@@ -619,6 +667,7 @@ impl Lab {
             stale_nonce: None,
             sites: Vec::new(),
             public_hosts: 0,
+            ipv6: false,
         }
     }
 
@@ -626,6 +675,45 @@ impl Lab {
         run(Command::new("ip").args(["netns", "add", ns]))?;
         self.namespaces.push(ns.to_string());
         ip(ns, &["link", "set", "lo", "up"])?;
+        if self.ipv6 {
+            // The namespace's own settings: IPv6 addresses usable at once (no duplicate detection).
+            for k in ["all", "default"] {
+                sysctl_write(ns, &format!("net/ipv6/conf/{k}/accept_dad"), "0")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// IPv6 on a link made by [`Lab::uplink`]: fixed link-local next hops on both ends, `addr/128` on
+    /// `ifname` in `ns` with the IPv6 internet routed via the router, and the router's `/128` route back.
+    fn uplink6(&self, ns: &str, ifname: &str, peer: &str, addr: Ipv6Addr) -> Result<()> {
+        ip(
+            &self.internet,
+            &["-6", "addr", "add", "fe80::1/64", "dev", peer, "nodad"],
+        )?;
+        ip(
+            ns,
+            &["-6", "addr", "add", "fe80::2/64", "dev", ifname, "nodad"],
+        )?;
+        let a = format!("{addr}/128");
+        ip(ns, &["-6", "addr", "add", &a, "dev", ifname, "nodad"])?;
+        ip(
+            ns,
+            &[
+                "-6",
+                "route",
+                "add",
+                "2001:db8::/32",
+                "via",
+                "fe80::1",
+                "dev",
+                ifname,
+            ],
+        )?;
+        ip(
+            &self.internet,
+            &["-6", "route", "add", &a, "via", "fe80::2", "dev", peer],
+        )?;
         Ok(())
     }
 
@@ -690,18 +778,35 @@ impl Lab {
         Ok(())
     }
 
-    fn add_site(&mut self, i: usize, kind: NatKind, nhosts: usize) -> Result<()> {
+    fn add_site(&mut self, i: usize, kind: NatKind, nhosts: usize, v6: bool) -> Result<()> {
         let nat = format!("{}-nat{i}", self.prefix);
         self.add_netns(&nat)?;
         let wan_ip = Ipv4Addr::new(198, 18, 1, (i + 1) as u8);
         let lan_ip = Ipv4Addr::new(192, 168, (i + 1) as u8, 1);
         self.uplink(&nat, "wan", &format!("n{i}"), wan_ip)?;
+        // The site's IPv6 prefix, routed to the NAT namespace (no NAT for IPv6).
+        let lan6 = |k: u16| Ipv6Addr::new(0x2001, 0xdb8, 0x100, i as u16, 0, 0, 0, k);
+        if v6 {
+            let wan6 = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, (i + 1) as u16);
+            let peer = format!("n{i}");
+            self.uplink6(&nat, "wan", &peer, wan6)?;
+            let net = format!("{}/64", lan6(0));
+            ip(
+                &self.internet,
+                &["-6", "route", "add", &net, "via", "fe80::2", "dev", &peer],
+            )?;
+            sysctl_write(&nat, "net/ipv6/conf/all/forwarding", "1")?;
+        }
         ip(&nat, &["link", "add", "lan", "type", "bridge"])?;
         ip(
             &nat,
             &["addr", "add", &format!("{lan_ip}/24"), "dev", "lan"],
         )?;
         ip(&nat, &["link", "set", "lan", "up"])?;
+        if v6 {
+            let a = format!("{}/64", lan6(1));
+            ip(&nat, &["-6", "addr", "add", &a, "dev", "lan", "nodad"])?;
+        }
         sysctl_write(&nat, "net/ipv4/ip_forward", "1")?;
         // Where br_netfilter is loaded, bridged LAN frames would go through the NAT's forward chain (policy
         // drop); a real site switch doesn't do that. Absent module: no such sysctl and nothing to turn off.
@@ -722,6 +827,19 @@ impl Lab {
              \x20   iifname \"wan\" ct state established,related accept; iifname \"wan\" drop; }}\n\
              }}\n"
         );
+        // IPv6: routed, behind a stateful firewall (what the hosts sent out is answered, nothing new
+        // comes in: hole punching works, unsolicited traffic does not).
+        let ruleset = if v6 {
+            format!(
+                "{ruleset}table ip6 fw6 {{\n\
+                 \x20 chain forward {{ type filter hook forward priority filter; policy drop;\n\
+                 \x20   ct state established,related accept; meta l4proto ipv6-icmp accept;\n\
+                 \x20   iifname \"lan\" oifname \"wan\" accept; }}\n\
+                 }}\n"
+            )
+        } else {
+            ruleset
+        };
         let file = self.dir.path().join(format!("nat{i}.nft"));
         std::fs::write(&file, ruleset)?;
         netns_exec(&nat, &["nft", "-f", &file.to_string_lossy()])?;
@@ -744,9 +862,20 @@ impl Lab {
                 &ns,
                 &["route", "add", "default", "via", &lan_ip.to_string()],
             )?;
+            let ip6 = if v6 {
+                let a = lan6((k + 2) as u16);
+                let net = format!("{a}/64");
+                ip(&ns, &["-6", "addr", "add", &net, "dev", "eth0", "nodad"])?;
+                let gw = lan6(1).to_string();
+                ip(&ns, &["-6", "route", "add", "default", "via", &gw])?;
+                Some(a)
+            } else {
+                None
+            };
             hosts.push(Host {
                 ns,
                 ip: addr,
+                ip6,
                 site: Some(i),
             });
         }
@@ -766,7 +895,10 @@ impl Lab {
         std::fs::create_dir(&data)?;
         std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700))?;
         let log = std::fs::File::create(self.dir.path().join("etcd.log"))?;
-        let c = format!("http://{SERVICES_IP}:{ETCD_PORT}");
+        let mut c = format!("http://{SERVICES_IP}:{ETCD_PORT}");
+        if self.ipv6 {
+            c = format!("{c},http://[{SERVICES_IP6}]:{ETCD_PORT}");
+        }
         let p = "http://127.0.0.1:2380";
         let child = netns_command(&self.internet, "etcd")
             .args(etcd_args("lab", &data, &c, p))
@@ -780,7 +912,7 @@ impl Lab {
             })?;
         self.etcd = Some(EtcdServer { child: Some(child) });
         let inet = self.internet.clone();
-        let url = format!("{c}/health");
+        let url = format!("http://{SERVICES_IP}:{ETCD_PORT}/health");
         let ok = wait_until(Duration::from_secs(20), || {
             netns_exec(&inet, &["curl", "-sf", "--max-time", "1", &url])
                 .map(|o| o.contains("true"))
@@ -809,6 +941,12 @@ impl Lab {
              pidfile={}\nlog-file=stdout\nsimple-log\n",
             pid.display()
         );
+        // Also on the IPv6 internet (the relayed addresses stay IPv4: `relay-ip`).
+        let text = if self.ipv6 {
+            format!("{text}listening-ip={SERVICES_IP6}\n")
+        } else {
+            text
+        };
         let text = match stale_nonce {
             Some(s) => format!("{text}stale-nonce={s}\n"),
             None => text,
@@ -875,6 +1013,11 @@ impl Lab {
         self.etcd
             .as_ref()
             .map(|_| format!("http://{SERVICES_IP}:{ETCD_PORT}"))
+    }
+
+    /// etcd's client URL over IPv6 (with [`LabBuilder::ipv6`]).
+    pub fn etcd_endpoint6(&self) -> Option<String> {
+        (self.ipv6 && self.etcd.is_some()).then(|| format!("http://[{SERVICES_IP6}]:{ETCD_PORT}"))
     }
 
     pub fn turn(&self) -> Option<&TurnServer> {

@@ -1378,7 +1378,9 @@ impl Agent {
         if self.find_pair(&key, Base::Socket, c.addr).is_none() {
             self.add_pair(key, Base::Socket, c.addr, c.kind, now);
         }
-        let relay_ok = !(c.kind == CandidateKind::Host && is_private(c.addr.ip()));
+        // Through our relay: not to a private host address, and only to IPv4 (the allocation's family).
+        let relay_ok =
+            !(c.kind == CandidateKind::Host && is_private(c.addr.ip())) && c.addr.is_ipv4();
         let missing = self.find_pair(&key, Base::Relay, c.addr).is_none();
         if relay_ok && let Some(t) = &mut self.turn {
             // A permission is enough to check the pair (Send indications); a channel is bound only once

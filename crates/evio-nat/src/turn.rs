@@ -201,8 +201,11 @@ impl TurnClient {
 
     /// Keeps permissions for every address of `ips` installed: one pass over the table for all of them
     /// (a lazy node permits every resting peer's addresses on each control-plane update).
+    /// IPv6 addresses are skipped: our allocation is IPv4 (we send no REQUESTED-ADDRESS-FAMILY, RFC 8656
+    /// §7.2), and a server refuses a permission of the other family (443); an IPv6 peer is reached
+    /// directly or not through this relay.
     pub fn want_permissions(&mut self, ips: impl IntoIterator<Item = IpAddr>, now: Instant) {
-        for ip in ips {
+        for ip in ips.into_iter().filter(IpAddr::is_ipv4) {
             self.perms.entry(ip).or_insert(Perm {
                 installed: false,
                 pending: false,
@@ -960,6 +963,30 @@ mod tests {
     /// unsigned 437 to an Allocate. Before, an unsigned 437 to a CreatePermission made the client drop
     /// its allocation.
     #[test]
+    fn ipv6_peers_get_no_permission_on_the_ipv4_allocation() {
+        let t0 = Instant::now();
+        let mut c = allocated(t0);
+        c.want_permissions(["2001:db8::5".parse().unwrap()], t0);
+        assert!(
+            sent(&mut c).is_empty(),
+            "a CreatePermission for an IPv6 peer"
+        );
+        assert!(!c.perms.contains_key(&"2001:db8::5".parse().unwrap()));
+        c.want_permissions(
+            [
+                "2001:db8::6".parse().unwrap(),
+                "198.18.2.1".parse().unwrap(),
+            ],
+            t0,
+        );
+        assert_eq!(
+            sent(&mut c).len(),
+            1,
+            "one CreatePermission, for the IPv4 peer"
+        );
+    }
+
+    #[test]
     fn unsigned_errors_to_signed_requests_are_discarded() {
         let t0 = Instant::now();
         let mut c = allocated(t0);
@@ -1110,7 +1137,7 @@ mod tests {
         let t0 = Instant::now();
         let (mut c, req) = challenged(t0);
         for i in 0..100u32 {
-            c.want_permission(IpAddr::V6((0x2001_0db8_u128 << 96 | i as u128).into()), t0);
+            c.want_permission(IpAddr::V4(std::net::Ipv4Addr::from(0xc612_0000 | i)), t0);
         }
         assert!(sent(&mut c).is_empty(), "nothing before the allocation");
         answer(&mut c, &req, None, Sig::Key, allocation, t0);

@@ -632,7 +632,16 @@ impl Cluster {
                         .overlapping(&Ipv4Net::new(v4, 32).expect("valid /32"))
                         .is_none()
             }
-            IpAddr::V6(_) => false,
+            // The overlay and pods are IPv4: an IPv6 underlay address cannot lie inside them. Only
+            // addresses a datagram can be sent to without an interface (no link-local: it needs a
+            // scope), and no loopback, multicast or unspecified address.
+            IpAddr::V6(v6) => {
+                !(v6.is_loopback()
+                    || v6.is_multicast()
+                    || v6.is_unspecified()
+                    || v6.is_unicast_link_local()
+                    || v6.to_ipv4_mapped().is_some())
+            }
         };
         let mut peers: Vec<DesiredPeer> = accepted
             .into_iter()
@@ -1539,6 +1548,10 @@ mod tests {
             "10.10.0.9:51820".parse().unwrap(),
             "10.244.2.5:51820".parse().unwrap(),
             "[2001:db8::1]:51820".parse().unwrap(),
+            "[fe80::1]:51820".parse().unwrap(),
+            "[ff02::1]:51820".parse().unwrap(),
+            "[::1]:51820".parse().unwrap(),
+            "[::ffff:10.10.0.9]:51820".parse().unwrap(),
         ];
         r.candidates = (0..100)
             .map(|i| Candidate {
@@ -1555,7 +1568,15 @@ mod tests {
         c.apply(StoreEvent::NodeUpdated(r), Instant::now());
         let d = c.desired(Instant::now());
         let p = &d.peers[0].record;
-        assert_eq!(p.endpoints, vec!["192.0.2.1:51820".parse().unwrap()]);
+        // A global IPv6 address is an underlay address like any other (issue 15); link-local, multicast,
+        // loopback and IPv4-mapped ones are not.
+        assert_eq!(
+            p.endpoints,
+            vec![
+                "192.0.2.1:51820".parse().unwrap(),
+                "[2001:db8::1]:51820".parse().unwrap()
+            ]
+        );
         assert_eq!(p.candidates.len(), MAX_CANDIDATES);
         assert!(
             p.candidates

@@ -199,8 +199,15 @@ fn run(mut cfg: Config) -> Result<()> {
         "TUN device"
     );
     netcfg::configure_tun(&cfg.interface, address, cfg.overlay_cidr)?;
-    let sock = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, cfg.listen_port))
-        .with_context(|| format!("cannot bind UDP port {}", cfg.listen_port))?;
+    // One socket for both underlay families (issue 15); IPv4 only where the kernel has no IPv6.
+    let sock = match evio_io::bind_dual_stack(cfg.listen_port) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::info!("no IPv6 socket ({e}): the underlay is IPv4 only");
+            std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, cfg.listen_port))
+                .with_context(|| format!("cannot bind UDP port {}", cfg.listen_port))?
+        }
+    };
     let udp = evio_io::UdpBatch::new(sock)?;
     if let Err(e) = udp.set_buffer_sizes(8 << 20) {
         tracing::warn!("socket buffer sizes: {e}");

@@ -11,15 +11,16 @@ use evio_overlay::{Candidate, CandidateKind, OverlayNode, TurnConfig};
 
 use crate::config::NatConfig;
 
-/// Resolves `HOST:PORT` to an IPv4 socket address (the tunnel socket is IPv4).
+/// Resolves `HOST:PORT` to a socket address: IPv4 if it has one, else IPv6 (the tunnel socket is
+/// dual-stack; our TURN allocation is IPv4 either way).
 pub fn resolve(s: &str) -> Result<SocketAddr> {
     let addrs: Vec<SocketAddr> = s
         .to_socket_addrs()
         .with_context(|| format!("cannot resolve {s:?} (want HOST:PORT)"))?
         .collect();
-    match addrs.iter().find(|a| a.is_ipv4()) {
+    match addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()) {
         Some(a) => Ok(*a),
-        None => bail!("{s:?} has no IPv4 address"),
+        None => bail!("{s:?} has no address"),
     }
 }
 
@@ -123,12 +124,12 @@ pub fn to_records(c: &[Candidate]) -> Vec<evio_store::Candidate> {
 }
 
 /// A peer's candidates from its NodeRecord: its candidates, and its endpoints as host candidates (records
-/// of agents that publish no candidates). IPv4 only (the tunnel socket is IPv4).
+/// of agents that publish no candidates). Both families: the tunnel socket is dual-stack (the control
+/// plane has already dropped addresses that cannot be used, `cluster.rs`).
 pub fn from_record(r: &evio_store::NodeRecord) -> Vec<Candidate> {
     let mut v: Vec<Candidate> = Vec::new();
     let mut add = |c: Candidate| {
-        if c.addr.is_ipv4()
-            && !c.addr.ip().is_unspecified()
+        if !c.addr.ip().is_unspecified()
             && c.addr.port() != 0
             && !v.iter().any(|x| x.addr == c.addr)
         {
@@ -175,21 +176,24 @@ mod tests {
             3,
             "peer-reflexive candidates are not published"
         );
-        // Endpoints of older records count as host candidates; duplicates and IPv6 are dropped.
+        // Endpoints of older records count as host candidates; duplicates and unspecified addresses are
+        // dropped; IPv6 ones are kept (a dual-stack socket reaches them).
         r.endpoints = vec![
             "192.168.1.2:51820".parse().unwrap(),
             "10.0.0.5:51820".parse().unwrap(),
             "[2001:db8::1]:1".parse().unwrap(),
+            "[::]:1".parse().unwrap(),
+            "0.0.0.0:1".parse().unwrap(),
         ];
         let back = from_record(&r);
         let want: Vec<Candidate> = ours
             .iter()
             .filter(|c| c.kind != CandidateKind::PeerReflexive)
             .copied()
-            .chain([Candidate::new(
-                CandidateKind::Host,
-                "10.0.0.5:51820".parse().unwrap(),
-            )])
+            .chain([
+                Candidate::new(CandidateKind::Host, "10.0.0.5:51820".parse().unwrap()),
+                Candidate::new(CandidateKind::Host, "[2001:db8::1]:1".parse().unwrap()),
+            ])
             .collect();
         assert_eq!(back, want);
     }

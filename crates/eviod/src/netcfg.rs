@@ -50,8 +50,8 @@ pub struct HostAddr {
     pub addr: IpAddr,
 }
 
-/// IPv4 addresses of interfaces that are up, except loopback and `skip_if`, and except addresses inside
-/// `skip_nets` (overlay CIDR, own pod subnet).
+/// IPv4 and IPv6 addresses of interfaces that are up, except loopback and `skip_if`, IPv6 link-local
+/// addresses, and addresses inside `skip_nets` (overlay CIDR, own pod subnet).
 pub fn host_addresses(skip_if: &str, skip_nets: &[IpNet]) -> Vec<HostAddr> {
     let mut v = Vec::new();
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
@@ -65,10 +65,22 @@ pub fn host_addresses(skip_if: &str, skip_nets: &[IpNet]) -> Vec<HostAddr> {
         {
             continue;
         }
-        let Some(sa) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()) else {
+        let Some(s) = a.address.as_ref() else {
             continue;
         };
-        let ip = IpAddr::V4(sa.ip());
+        let ip = if let Some(v4) = s.as_sockaddr_in() {
+            IpAddr::V4(v4.ip())
+        } else if let Some(v6) = s.as_sockaddr_in6() {
+            // IPv6 underlay addresses (issue 15): global and unique-local ones; link-local ones need an
+            // interface scope that a peer cannot name, so they are no candidates.
+            let ip = v6.ip();
+            if ip.is_unicast_link_local() || ip.is_multicast() || ip.is_loopback() {
+                continue;
+            }
+            IpAddr::V6(ip)
+        } else {
+            continue;
+        };
         if skip_nets.iter().any(|n| n.contains(&ip)) || ip.is_unspecified() {
             continue;
         }

@@ -30,6 +30,8 @@ struct Agent {
     child: Option<Child>,
     /// Extra eviod flags (e.g. `--lazy-peers`).
     extra: Vec<String>,
+    /// etcd's URL and the STUN/TURN server's address to use instead of the lab's IPv4 ones.
+    services: Option<(String, String)>,
 }
 
 impl Agent {
@@ -41,12 +43,16 @@ impl Agent {
             .open(&self.log)
             .unwrap();
         let _ = std::fs::remove_file(self.state_dir.join("eviod.sock"));
+        let (etcd, server) = self
+            .services
+            .clone()
+            .unwrap_or_else(|| (lab.etcd_endpoint().unwrap(), turn.addr.to_string()));
         let mut c = self.host.command(&eviod());
         c.args([
             "--node-name",
             &self.name,
             "--etcd-endpoints",
-            &lab.etcd_endpoint().unwrap(),
+            &etcd,
             "--state-dir",
         ])
         .arg(&self.state_dir)
@@ -54,9 +60,9 @@ impl Agent {
             "--listen-port",
             "51820",
             "--stun",
-            &turn.addr.to_string(),
+            &server,
             "--turn",
-            &turn.addr.to_string(),
+            &server,
         ])
         .args(["--turn-user", &turn.user, "--turn-password-file"])
         .arg(&turn.password_file)
@@ -188,6 +194,7 @@ impl Matrix {
                 log: dir.path().join(format!("{name}.log")),
                 child: None,
                 extra: Vec::new(),
+                services: None,
             })
             .collect();
         Matrix {
@@ -665,6 +672,7 @@ fn relay_fallback_back_to_direct_and_public_address_change() {
         log: dir.path().join(format!("{name}.log")),
         child: None,
         extra: Vec::new(),
+        services: None,
     })
     .collect();
     for a in &mut agents {
@@ -871,6 +879,7 @@ fn bench_connectivity_time_and_relay_throughput() {
         log: dir.path().join(format!("{name}.log")),
         child: None,
         extra: Vec::new(),
+        services: None,
     })
     .collect();
     for a in &mut agents {
@@ -962,6 +971,7 @@ fn nat_rebinding_heals_within_a_second() {
         log: dir.path().join(format!("{name}.log")),
         child: None,
         extra: Vec::new(),
+        services: None,
     })
     .collect();
     for a in &mut agents {
@@ -1234,6 +1244,7 @@ fn bench_scale_cost_per_node() {
                         } else {
                             Vec::new()
                         },
+                        services: None,
                         name,
                     }
                 })
@@ -1290,6 +1301,100 @@ fn bench_scale_cost_per_node() {
                 per(&|b, a| (a.underlay_bytes - b.underlay_bytes) as f64 / w),
                 (etcd1.saturating_sub(etcd0)) as f64 / w,
             );
+        }
+    }
+}
+
+/// Issue 15: an IPv6 underlay. Two sites whose IPv4 sits behind symmetric NATs (only the relay crosses
+/// them) but whose hosts have public IPv6 behind stateful firewalls, and a site with IPv4 only, behind a
+/// symmetric NAT too. The two dual-stack hosts get a direct path over IPv6 (hole punching through both
+/// firewalls) instead of the relay; each reaches the IPv4-only host through the relay. One of them reaches
+/// etcd and the STUN/TURN server over IPv6 only (its relayed address is IPv4 all the same). VIPs answer
+/// both ways on every path.
+#[test]
+fn ipv6_gives_a_direct_path_where_ipv4_needs_the_relay() {
+    let lab = Lab::builder(&unique_prefix("e6"))
+        .etcd(true)
+        .turn(true)
+        .site_with_ipv6(NatKind::Symmetric, 1)
+        .site_with_ipv6(NatKind::Symmetric, 1)
+        .site(NatKind::Symmetric, 1)
+        .build()
+        .expect("lab");
+    let dir = tempfile::Builder::new()
+        .prefix("eviod-ipv6")
+        .tempdir()
+        .unwrap();
+    let over_v6 = (
+        lab.etcd_endpoint6().unwrap(),
+        format!("[{}]:{}", evio_lab::SERVICES_IP6, evio_lab::TURN_PORT),
+    );
+    let mut agents: Vec<Agent> = [
+        ("dual-a", lab.site_host(0, 0).clone(), None),
+        ("dual-b", lab.site_host(1, 0).clone(), Some(over_v6)),
+        ("v4only", lab.site_host(2, 0).clone(), None),
+    ]
+    .into_iter()
+    .map(|(name, host, services)| Agent {
+        name: name.to_string(),
+        host,
+        state_dir: dir.path().join(name),
+        log: dir.path().join(format!("{name}.log")),
+        child: None,
+        extra: Vec::new(),
+        services,
+    })
+    .collect();
+    for a in &mut agents {
+        a.start(&lab);
+    }
+    let logs = |agents: &[Agent]| -> String {
+        agents
+            .iter()
+            .map(|a| {
+                format!(
+                    "=== {} ===\n{}\n--- status ---\n{}\n",
+                    a.name,
+                    tail(&a.log_text(), 60),
+                    a.status().map(|v| v.to_string()).unwrap_or_default()
+                )
+            })
+            .collect()
+    };
+    let want = |a: &str, b: &str| {
+        if a.starts_with("dual") && b.starts_with("dual") {
+            "direct"
+        } else {
+            "relay"
+        }
+    };
+    let settled = wait_until(Duration::from_secs(30), || {
+        agents.iter().all(|a| {
+            agents.iter().filter(|b| b.name != a.name).all(|b| {
+                a.path_to(&b.name)
+                    .is_some_and(|(p, _)| p == want(&a.name, &b.name))
+            })
+        })
+    });
+    assert!(settled, "paths not as expected\n{}", logs(&agents));
+    // The direct path is IPv6, between the hosts' own public addresses.
+    for (a, b) in [(0, 1), (1, 0)] {
+        let (_, endpoint) = agents[a].path_to(&agents[b].name).unwrap();
+        let theirs = agents[b].host.ip6.unwrap();
+        assert_eq!(endpoint, format!("[{theirs}]:51820"), "{}", logs(&agents));
+    }
+    let vips: Vec<String> = agents.iter().map(|a| a.vip().unwrap()).collect();
+    for (i, a) in agents.iter().enumerate() {
+        for (j, vip) in vips.iter().enumerate() {
+            if i != j {
+                assert!(
+                    wait_until(Duration::from_secs(5), || a.ping(vip)),
+                    "{} -> {} ({vip})\n{}",
+                    a.name,
+                    agents[j].name,
+                    logs(&agents)
+                );
+            }
         }
     }
 }
