@@ -337,7 +337,7 @@ pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 pub struct Host {
     /// The namespace name.
     pub ns: String,
-    /// Its address on `eth0` (private for hosts behind a NAT).
+    /// Its address on `eth0` (private for hosts behind a NAT; unspecified for an IPv6-only host).
     pub ip: Ipv4Addr,
     /// Its public IPv6 address on `eth0`, if its site or the lab has IPv6.
     pub ip6: Option<Ipv6Addr>,
@@ -509,6 +509,7 @@ pub struct LabBuilder {
     /// Per site: NAT kind, hosts, whether the hosts have IPv6.
     sites: Vec<(NatKind, usize, bool)>,
     public_hosts: usize,
+    public_hosts_v6: usize,
     ipv6: bool,
 }
 
@@ -545,6 +546,14 @@ impl LabBuilder {
         self
     }
 
+    /// Adds `n` public hosts with IPv6 only (no IPv4 address at all: `Host::ip` is unspecified), at
+    /// `2001:db8:3::(j+1)`. Implies [`LabBuilder::ipv6`].
+    pub fn public_hosts_ipv6_only(mut self, n: usize) -> Self {
+        self.public_hosts_v6 = n;
+        self.ipv6 = true;
+        self
+    }
+
     /// An IPv6 internet beside the IPv4 one: the services listen on [`SERVICES_IP6`] too and public
     /// hosts get IPv6 addresses.
     pub fn ipv6(mut self, on: bool) -> Self {
@@ -560,7 +569,10 @@ impl LabBuilder {
 
     /// Builds the topology. On error the part already built is torn down before returning.
     pub fn build(self) -> Result<Lab> {
-        if self.sites.len() > 250 || self.public_hosts > 250 || self.sites.iter().any(|s| s.1 > 250)
+        if self.sites.len() > 250
+            || self.public_hosts > 250
+            || self.public_hosts_v6 > 250
+            || self.sites.iter().any(|s| s.1 > 250)
         {
             return Err(LabError::Setup(
                 "at most 250 sites, 250 hosts a site and 250 public hosts".into(),
@@ -632,6 +644,27 @@ impl LabBuilder {
                 site: None,
             });
         }
+        for j in 0..self.public_hosts_v6 {
+            let ns = format!("{}-six{j}", self.prefix);
+            lab.add_netns(&ns)?;
+            let peer = format!("q{j}");
+            ip(
+                &ns,
+                &[
+                    "link", "add", "eth0", "type", "veth", "peer", "name", &peer, "netns", &inet,
+                ],
+            )?;
+            ip(&inet, &["link", "set", &peer, "up"])?;
+            ip(&ns, &["link", "set", "eth0", "up"])?;
+            let a = Ipv6Addr::new(0x2001, 0xdb8, 3, 0, 0, 0, 0, (j + 1) as u16);
+            lab.uplink6(&ns, "eth0", &peer, a)?;
+            lab.public.push(Host {
+                ns,
+                ip: Ipv4Addr::UNSPECIFIED,
+                ip6: Some(a),
+                site: None,
+            });
+        }
         if self.etcd {
             lab.start_etcd()?;
         }
@@ -667,6 +700,7 @@ impl Lab {
             stale_nonce: None,
             sites: Vec::new(),
             public_hosts: 0,
+            public_hosts_v6: 0,
             ipv6: false,
         }
     }

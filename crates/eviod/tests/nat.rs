@@ -1398,3 +1398,79 @@ fn ipv6_gives_a_direct_path_where_ipv4_needs_the_relay() {
         }
     }
 }
+
+/// Issue 15: an underlay without IPv4. Two public hosts with IPv6 addresses only reach etcd and the
+/// STUN/TURN server over IPv6, get a direct IPv6 path to each other and carry their (IPv4) VIPs.
+#[test]
+fn an_ipv6_only_underlay_carries_the_overlay() {
+    let lab = Lab::builder(&unique_prefix("o6"))
+        .etcd(true)
+        .turn(true)
+        .public_hosts_ipv6_only(2)
+        .build()
+        .expect("lab");
+    let dir = tempfile::Builder::new()
+        .prefix("eviod-ipv6-only")
+        .tempdir()
+        .unwrap();
+    let services = (
+        lab.etcd_endpoint6().unwrap(),
+        format!("[{}]:{}", evio_lab::SERVICES_IP6, evio_lab::TURN_PORT),
+    );
+    let mut agents: Vec<Agent> = ["six-a", "six-b"]
+        .into_iter()
+        .zip(lab.public_hosts().iter().cloned())
+        .map(|(name, host)| Agent {
+            name: name.to_string(),
+            host,
+            state_dir: dir.path().join(name),
+            log: dir.path().join(format!("{name}.log")),
+            child: None,
+            extra: Vec::new(),
+            services: Some(services.clone()),
+        })
+        .collect();
+    for a in &mut agents {
+        assert!(
+            a.host
+                .exec(&["ip", "-4", "addr", "show"])
+                .unwrap()
+                .lines()
+                .all(|l| !l.contains("inet ") || l.contains("127.0.0.1"))
+        );
+        a.start(&lab);
+    }
+    let logs = |agents: &[Agent]| -> String {
+        agents
+            .iter()
+            .map(|a| format!("=== {} ===\n{}\n", a.name, tail(&a.log_text(), 60)))
+            .collect()
+    };
+    let direct = wait_until(Duration::from_secs(30), || {
+        agents[0]
+            .path_to("six-b")
+            .is_some_and(|(p, _)| p == "direct")
+            && agents[1]
+                .path_to("six-a")
+                .is_some_and(|(p, _)| p == "direct")
+    });
+    assert!(direct, "no direct path\n{}", logs(&agents));
+    let (_, endpoint) = agents[0].path_to("six-b").unwrap();
+    assert_eq!(
+        endpoint,
+        format!("[{}]:51820", agents[1].host.ip6.unwrap()),
+        "{}",
+        logs(&agents)
+    );
+    let vips: Vec<String> = agents.iter().map(|a| a.vip().unwrap()).collect();
+    assert!(
+        wait_until(Duration::from_secs(5), || agents[0].ping(&vips[1])),
+        "{}",
+        logs(&agents)
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || agents[1].ping(&vips[0])),
+        "{}",
+        logs(&agents)
+    );
+}
