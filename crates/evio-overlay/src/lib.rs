@@ -1,5 +1,5 @@
 //! evio's overlay node, sans-IO: one [`OverlayNode`] owns the per-peer WireGuard-protocol sessions
-//! (`evio-tunnel`'s `Node`), NAT traversal (`evio-nat`'s `Agent`: candidates, checks, path selection, the
+//! (`evio-tunnel`'s `Node`), NAT traversal (`evio-traversal`'s `Agent`: candidates, checks, path selection, the
 //! TURN client) and the relay framing between them. It touches no socket, device, thread or clock:
 //!
 //! - inputs, each with `now`: packets read from the TUN device ([`OverlayNode::dst_for`] and
@@ -27,7 +27,7 @@
 mod node;
 mod relay;
 
-pub use evio_nat::{Candidate, CandidateKind, Path, PathKind, PeerKey, TurnConfig};
+pub use evio_traversal::{Candidate, CandidateKind, Path, PathKind, PeerKey, TurnConfig};
 pub use evio_tunnel;
 pub use node::{Config, Counters, NatView, OverlayNode, Received};
 pub use relay::{CHANNEL_HEADER, Dst, Transmit};

@@ -23,8 +23,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use evio_nat::demux::{self, Kind};
-use evio_nat::{
+use evio_traversal::demux::{self, Kind};
+use evio_traversal::{
     Agent, AgentConfig, Base, Candidate, CandidateKind, Event, Input, Path, PathKind, PeerKey,
     RelaySlots, Source, Timers, TurnConfig, check_key,
 };
@@ -610,7 +610,7 @@ impl OverlayNode {
         };
         if let Dst::Relay { channel, .. } = dst {
             // A ciphertext over 65,535 bytes (a TUN MTU near 64 KiB) cannot be framed: dropped.
-            evio_nat::demux::channel_header(buf, channel, len).ok()?;
+            evio_traversal::demux::channel_header(buf, channel, len).ok()?;
             self.counters
                 .relay_tx_bytes
                 .fetch_add((len + h) as u64, Ordering::Relaxed);

@@ -2,7 +2,7 @@
 
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
 
-pub use evio_nat::demux::CHANNEL_HEADER;
+pub use evio_traversal::demux::CHANNEL_HEADER;
 
 /// Where a datagram goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -56,7 +56,7 @@ impl Transmit {
         let n = self.len();
         let buf = buf.get_mut(..n)?;
         if let Dst::Relay { channel, .. } = self.dst {
-            evio_nat::demux::channel_header(buf, channel, self.payload.len()).ok()?;
+            evio_traversal::demux::channel_header(buf, channel, self.payload.len()).ok()?;
         }
         buf[self.dst.header_len()..].copy_from_slice(&self.payload);
         Some(n)
@@ -115,7 +115,7 @@ mod tests {
         let n = t.encode(&mut buf).unwrap();
         assert_eq!(n, 10);
         assert_eq!(
-            evio_nat::demux::channel_data(&buf[..n]),
+            evio_traversal::demux::channel_data(&buf[..n]),
             Some((0x4001, &b"\x04\0\0\0ab"[..]))
         );
         let d = Transmit {

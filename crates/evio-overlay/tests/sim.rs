@@ -1,6 +1,6 @@
 //! Whole overlay nodes on a fake clock: WireGuard-protocol sessions (boringtun's timers on `mock_instant`),
 //! NAT traversal and the relay framing, routed through simulated NATs and a TURN server model
-//! (`evio_nat::sim`). `cargo test -p evio-overlay --features mock-time --test sim`.
+//! (`evio_traversal::sim`). `cargo test -p evio-overlay --features mock-time --test sim`.
 #![cfg(feature = "mock-time")]
 
 use std::cmp::Reverse;
@@ -8,9 +8,9 @@ use std::collections::{BinaryHeap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use evio_nat::sim::{Nat, NatType, TurnModel};
 use evio_overlay::evio_tunnel::{PeerConfig, PublicKey, StaticSecret};
 use evio_overlay::{Config, Dst, OverlayNode, PathKind, Received, TurnConfig};
+use evio_traversal::sim::{Nat, NatType, TurnModel};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 

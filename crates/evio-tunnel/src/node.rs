@@ -1031,7 +1031,7 @@ impl Node {
 
     /// Next `(peer, source)`: an authenticated datagram of `peer` arrived from `source`, which is not the
     /// peer's endpoint (its NAT rebound, or it sends over another path): for NAT traversal
-    /// (`evio-nat`'s `tunnel_from`). Reported once per new source, again every second while it lasts.
+    /// (`evio-traversal`'s `tunnel_from`). Reported once per new source, again every second while it lasts.
     #[inline]
     pub fn poll_source(&self) -> Option<(PeerId, SocketAddr)> {
         self.sources.pop()

@@ -4,7 +4,7 @@
 //! plane never make a packet wait for more than one peer's critical section. Control-plane work never
 //! runs on these threads.
 //!
-//! Packet I/O is `evio-io`: TUN reads come as TSO super-packets cut into MTU-sized packets, TUN writes
+//! Packet I/O is `evio-fastio`: TUN reads come as TSO super-packets cut into MTU-sized packets, TUN writes
 //! coalesce TCP segments back into super-packets, UDP goes out in GSO runs and comes in with GRO and
 //! `recvmmsg`. Every buffer is allocated once per thread.
 
@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use evio_io::{GRO_BUF, PacketBatch, RecvBatch, SendBatch, Tun, UdpBatch, wait_readable};
+use evio_fastio::{GRO_BUF, PacketBatch, RecvBatch, SendBatch, Tun, UdpBatch, wait_readable};
 use evio_overlay::{Received, Transmit};
 
 use crate::state::Shared;

@@ -8,7 +8,7 @@
 //!
 //! Dependencies: `evio-tunnel` (the sans-IO protocol core over boringtun), `evio-store` (etcd), `clap`,
 //! `tokio` (only for the etcd client), `tracing`, `serde_json`, `base64` (key files in `wg` format),
-//! `nix` (getifaddrs), `evio-netlink` (TUN address and routes), `evio-io` (TUN with offloads, batched UDP with GSO/GRO).
+//! `nix` (getifaddrs), `evio-netlink` (TUN address and routes), `evio-fastio` (TUN with offloads, batched UDP with GSO/GRO).
 
 mod cluster;
 mod config;
@@ -191,7 +191,7 @@ fn run(mut cfg: Config) -> Result<()> {
             .saturating_sub(evio_tunnel::OVERHEAD as u32)
             .max(1280)
     });
-    let tun = evio_io::Tun::create(&cfg.interface, mtu, true)
+    let tun = evio_fastio::Tun::create(&cfg.interface, mtu, true)
         .with_context(|| format!("cannot create TUN device {}", cfg.interface))?;
     tracing::info!(
         offloads = tun.offload_flags(),
@@ -200,7 +200,7 @@ fn run(mut cfg: Config) -> Result<()> {
     );
     netcfg::configure_tun(&cfg.interface, address, cfg.overlay_cidr)?;
     // One socket for both underlay families (issue 15); IPv4 only where the kernel has no IPv6.
-    let sock = match evio_io::bind_dual_stack(cfg.listen_port) {
+    let sock = match evio_fastio::bind_dual_stack(cfg.listen_port) {
         Ok(s) => s,
         Err(e) => {
             tracing::info!("no IPv6 socket ({e}): the underlay is IPv4 only");
@@ -208,7 +208,7 @@ fn run(mut cfg: Config) -> Result<()> {
                 .with_context(|| format!("cannot bind UDP port {}", cfg.listen_port))?
         }
     };
-    let udp = evio_io::UdpBatch::new(sock)?;
+    let udp = evio_fastio::UdpBatch::new(sock)?;
     if let Err(e) = udp.set_buffer_sizes(8 << 20) {
         tracing::warn!("socket buffer sizes: {e}");
     }

@@ -69,7 +69,7 @@ impl Agent {
         .args(&self.extra)
         .env(
             "EVIO_LOG",
-            "info,eviod=debug,evio_nat=debug,evio_overlay=debug",
+            "info,eviod=debug,evio_traversal=debug,evio_overlay=debug",
         )
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())

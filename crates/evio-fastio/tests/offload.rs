@@ -1,9 +1,9 @@
 //! Segmentation (userspace TSO/USO) and coalescing (userspace GRO) on hand-built packets, checked
 //! with an independent, naive checksum implementation.
 
-use evio_io::gro::{Coalescer, Unit};
-use evio_io::vnet::{self, VNET_HDR_LEN, VirtioNetHdr};
-use evio_io::{PacketBatch, SplitError, split};
+use evio_fastio::gro::{Coalescer, Unit};
+use evio_fastio::vnet::{self, VNET_HDR_LEN, VirtioNetHdr};
+use evio_fastio::{PacketBatch, SplitError, split};
 
 // ---------- independent reference helpers ----------
 
@@ -330,7 +330,7 @@ fn split_from_delivers_in_pieces() {
     let mut small = PacketBatch::new(4, 1500);
     small.push(&[0]);
     loop {
-        let (n, total) = evio_io::split_from(&hdr, &big, &mut small, next).unwrap();
+        let (n, total) = evio_fastio::split_from(&hdr, &big, &mut small, next).unwrap();
         assert_eq!(total, 21);
         pieces.extend(small.iter().filter(|p| p.len() > 1).map(|p| p.to_vec()));
         small.clear();
@@ -346,7 +346,7 @@ fn split_from_delivers_in_pieces() {
     let mut full = PacketBatch::new(1, 1500);
     full.push(&[0]);
     assert_eq!(
-        evio_io::split_from(&hdr, &big, &mut full, 0),
+        evio_fastio::split_from(&hdr, &big, &mut full, 0),
         Err(SplitError::NoRoom)
     );
 }

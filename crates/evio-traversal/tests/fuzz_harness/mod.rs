@@ -6,9 +6,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use evio_nat::demux::{self, Kind};
-use evio_nat::stun::{self, Builder, Class, Message, TransactionId, attr, method};
-use evio_nat::{Agent, AgentConfig, Candidate, CandidateKind, Source, Timers, TurnConfig};
+use evio_traversal::demux::{self, Kind};
+use evio_traversal::stun::{self, Builder, Class, Message, TransactionId, attr, method};
+use evio_traversal::{Agent, AgentConfig, Candidate, CandidateKind, Source, Timers, TurnConfig};
 
 /// Every attribute type the codec knows, plus an unknown one.
 const ATTRS: [u16; 16] = [
@@ -386,7 +386,7 @@ impl AgentRun {
                 let buf = Builder::new(Class::Request, method::BINDING, tid)
                     .attr(attr::USERNAME, user.as_bytes())
                     .attr(0x7777, r.chunk())
-                    .attr(evio_nat::agent::CHECK_TIME, &ts.to_be_bytes())
+                    .attr(evio_traversal::agent::CHECK_TIME, &ts.to_be_bytes())
                     .integrity(&CHECK_KEY)
                     .fingerprint();
                 let Ok(buf) = buf else {
@@ -505,7 +505,7 @@ impl AgentRun {
 #[derive(Debug, Default)]
 pub struct Reached {
     pub allocated: bool,
-    pub path: Option<evio_nat::PathKind>,
+    pub path: Option<evio_traversal::PathKind>,
 }
 
 /// The agent (and its TURN client) fed a script of operations decoded from `data`: datagrams from the
@@ -522,7 +522,7 @@ pub fn agent(data: &[u8]) -> Reached {
             break;
         }
         reached.allocated |= run.agent.turn().is_some_and(|t| t.relayed().is_some());
-        assert!(run.agent.learned_pairs(&PEER_KEY) <= evio_nat::MAX_LEARNED_PAIRS);
+        assert!(run.agent.learned_pairs(&PEER_KEY) <= evio_traversal::MAX_LEARNED_PAIRS);
         if let Some(p) = run.agent.path(&PEER_KEY) {
             reached.path = Some(p.kind);
         }

@@ -1,5 +1,5 @@
 //! The sans-IO client and agent over real UDP sockets in lab namespaces, against a real coturn.
-//! Run as root: `cargo test -p evio-nat --test coturn -- --nocapture` (prints the measured times).
+//! Run as root: `cargo test -p evio-traversal --test coturn -- --nocapture` (prints the measured times).
 
 mod common;
 
@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::{Node, drive, path_kind, tunnel_works};
 use evio_lab::{Lab, NatKind, unique_prefix};
-use evio_nat::{CandidateKind, PathKind, TurnClient, TurnConfig, TurnEvent};
+use evio_traversal::{CandidateKind, PathKind, TurnClient, TurnConfig, TurnEvent};
 #[test]
 fn stun_binding_behind_easy_nat_returns_the_nat_address() {
     let lab = Lab::builder(&unique_prefix("nt"))
@@ -75,7 +75,7 @@ fn turn_relays_between_symmetric_nat_host_and_public_host() {
         }
         let mut rbuf = [0u8; 2048];
         if let Ok((n, from)) = a.recv_from(&mut rbuf)
-            && let evio_nat::turn::TurnInput::Data { peer, payload } =
+            && let evio_traversal::turn::TurnInput::Data { peer, payload } =
                 c.handle_input(from, &rbuf[..n], Instant::now())
         {
             data_in.push((peer, payload.to_vec()));
@@ -110,7 +110,7 @@ fn turn_relays_between_symmetric_nat_host_and_public_host() {
     let tx = c
         .wrap(p_addr, b"via send indication")
         .expect("permission installed");
-    assert!(evio_nat::stun::is_stun(&tx.payload));
+    assert!(evio_traversal::stun::is_stun(&tx.payload));
     a.send_to(&tx.payload, tx.dst).unwrap();
     p.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let (n, from) = p.recv_from(&mut buf).expect("relayed datagram");
@@ -135,7 +135,7 @@ fn turn_relays_between_symmetric_nat_host_and_public_host() {
     let channel_time = t1.elapsed();
     let tx = c.wrap(p_addr, b"via channel").unwrap();
     assert_eq!(
-        evio_nat::demux::channel_data(&tx.payload),
+        evio_traversal::demux::channel_data(&tx.payload),
         Some((ch, &b"via channel"[..]))
     );
     a.send_to(&tx.payload, tx.dst).unwrap();
@@ -398,7 +398,7 @@ fn turn_stale_nonce_is_renewed() {
 /// socket gets past the leftover allocation by itself.
 #[test]
 fn coturn_signs_what_the_client_requires() {
-    use evio_nat::stun::{self, Builder, Class, Message, TransactionId, attr, method};
+    use evio_traversal::stun::{self, Builder, Class, Message, TransactionId, attr, method};
     let lab = Lab::builder(&unique_prefix("nt"))
         .turn(true)
         .public_hosts(1)

@@ -10,9 +10,11 @@ use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 
-use evio_io::gro::Coalescer;
-use evio_io::vnet::{F_NEEDS_CSUM, GSO_TCPV4, VirtioNetHdr};
-use evio_io::{GRO_BUF, PacketBatch, RecvBatch, SendBatch, Tun, UdpBatch, split, wait_readable};
+use evio_fastio::gro::Coalescer;
+use evio_fastio::vnet::{F_NEEDS_CSUM, GSO_TCPV4, VirtioNetHdr};
+use evio_fastio::{
+    GRO_BUF, PacketBatch, RecvBatch, SendBatch, Tun, UdpBatch, split, wait_readable,
+};
 
 struct Counting;
 
@@ -113,7 +115,7 @@ fn segment_and_coalesce_do_not_allocate() {
     };
     let mut batch = PacketBatch::new(128, 2048);
     let mut c = Coalescer::new();
-    let mut hdrbuf = [0u8; evio_io::gro::MAX_HEADER];
+    let mut hdrbuf = [0u8; evio_fastio::gro::MAX_HEADER];
     let mut round = |batch: &mut PacketBatch, c: &mut Coalescer| {
         batch.clear();
         split(&hdr, &sp, batch).unwrap();

@@ -1,6 +1,6 @@
 //! The fuzz targets' properties on stable, in CI: the committed seeds (`fuzz/seeds/`), inputs that once
 //! crashed, and a few thousand pseudo-random and mutated inputs (fixed seed) through the same harness the
-//! fuzz targets run (`tests/fuzz_harness`). `cargo test -p evio-nat --test never_panics`; the long search
+//! fuzz targets run (`tests/fuzz_harness`). `cargo test -p evio-traversal --test never_panics`; the long search
 //! is `cargo +nightly fuzz run stun_decode` / `nat_agent` (docs/fuzz.md).
 
 mod fuzz_harness;
@@ -70,14 +70,14 @@ fn agent_seeds_reach_allocation_and_paths() {
     );
     assert_eq!(
         agent(&s[1]).path,
-        Some(evio_nat::PathKind::Direct),
+        Some(evio_traversal::PathKind::Direct),
         "seed 1 checks a direct pair"
     );
     assert!(agent(&s[2]).allocated);
 }
 
 /// Writes the seeds above into `fuzz/seeds/` (run by hand after changing them:
-/// `cargo test -p evio-nat --test never_panics -- --ignored write_seeds`).
+/// `cargo test -p evio-traversal --test never_panics -- --ignored write_seeds`).
 #[test]
 #[ignore]
 fn write_seeds() {

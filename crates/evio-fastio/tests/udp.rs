@@ -8,7 +8,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use evio_io::{GRO_BUF, RecvBatch, SendBatch, UdpBatch, wait_readable};
+use evio_fastio::{GRO_BUF, RecvBatch, SendBatch, UdpBatch, wait_readable};
 
 fn datagram(tag: u32, len: usize) -> Vec<u8> {
     let mut d: Vec<u8> = (0..len).map(|i| (i as u32 * 7 + tag) as u8).collect();
@@ -132,7 +132,7 @@ fn dual_stack_sockets() {
 /// eviod's socket: one port, both families, whatever `net.ipv6.bindv6only` says.
 #[test]
 fn a_dual_stack_socket_takes_both_families() {
-    let mut u = UdpBatch::new(evio_io::bind_dual_stack(0).unwrap()).unwrap();
+    let mut u = UdpBatch::new(evio_fastio::bind_dual_stack(0).unwrap()).unwrap();
     let port = u.local_addr().unwrap().port();
     let v4 = UdpSocket::bind("127.0.0.1:0").unwrap();
     let v6 = UdpSocket::bind("[::1]:0").unwrap();

@@ -2,7 +2,7 @@
 //! to TURN allocation, to a direct path between two easy NATs, to a relayed path between two symmetric
 //! NATs, and the time to heal after a conntrack flush of a symmetric NAT. Medians over N runs.
 //!
-//! Run as root: `cargo run -p evio-nat --example nat_bench -- 5`
+//! Run as root: `cargo run -p evio-traversal --example nat_bench -- 5`
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::{Node, drive, path_kind, tunnel_works};
 use evio_lab::{Lab, NatKind, unique_prefix};
-use evio_nat::PathKind;
+use evio_traversal::PathKind;
 
 fn median(v: &mut [Duration]) -> Duration {
     v.sort();
@@ -31,7 +31,9 @@ fn blast(nodes: &mut [Node], a: usize, b: usize, n: usize, size: usize) -> (f64,
     payload[..4].copy_from_slice(&[4, 0, 0, 0]);
     let mut frame = Vec::with_capacity(size + 4);
     match route.channel {
-        Some(ch) => evio_nat::demux::encode_channel_data(ch, &payload, &mut frame).expect("fits"),
+        Some(ch) => {
+            evio_traversal::demux::encode_channel_data(ch, &payload, &mut frame).expect("fits")
+        }
         None => frame.extend_from_slice(&payload),
     }
     // `written_off`: datagrams presumed lost, so the in-flight window does not stall on them.

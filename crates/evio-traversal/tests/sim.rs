@@ -1,10 +1,10 @@
 //! The traversal logic in a simulated network with a fake clock: modelled NATs (easy, symmetric), a
-//! STUN/TURN server model, packet loss. `cargo test -p evio-nat --test sim` (no root needed).
+//! STUN/TURN server model, packet loss. `cargo test -p evio-traversal --test sim` (no root needed).
 
 use std::time::Duration;
 
-use evio_nat::sim::{NatType, Sim};
-use evio_nat::{Base, CandidateKind, PairState, PathKind, Source};
+use evio_traversal::sim::{NatType, Sim};
+use evio_traversal::{Base, CandidateKind, PairState, PathKind, Source};
 
 const WG: &[u8] = &[0xAB, 0xCD, 0xEF, 0x01, 0x23];
 
@@ -23,7 +23,7 @@ fn until_paths(
     let t0 = sim.elapsed();
     while sim.elapsed() - t0 < limit {
         sim.run_for(Duration::from_millis(50));
-        let ok = |p: Option<evio_nat::Path>| p.is_some_and(|p| p.kind == kind);
+        let ok = |p: Option<evio_traversal::Path>| p.is_some_and(|p| p.kind == kind);
         if ok(sim.path(a, b)) && ok(sim.path(b, a)) {
             return Some(sim.elapsed() - t0);
         }
@@ -422,12 +422,15 @@ fn garbage_input_is_harmless() {
     sim.run_for(secs(2));
     // Collect real datagrams a receives (checks, responses, TURN answers) to mutate.
     let key_a = sim.nodes[a].key;
-    let check = evio_nat::stun::Builder::new(
-        evio_nat::stun::Class::Request,
-        evio_nat::stun::method::BINDING,
-        evio_nat::stun::TransactionId([3; 12]),
+    let check = evio_traversal::stun::Builder::new(
+        evio_traversal::stun::Class::Request,
+        evio_traversal::stun::method::BINDING,
+        evio_traversal::stun::TransactionId([3; 12]),
     )
-    .attr(evio_nat::stun::attr::USERNAME, b"00".repeat(32).as_slice())
+    .attr(
+        evio_traversal::stun::attr::USERNAME,
+        b"00".repeat(32).as_slice(),
+    )
     .integrity(&[0u8; 32])
     .fingerprint()
     .unwrap();
@@ -600,8 +603,8 @@ fn steady_state_traffic_is_small_in_a_mixed_world() {
 /// the table, re-pointing live endpoints.
 #[test]
 fn relay_flood_leaves_the_slot_table_bounded() {
-    use evio_nat::stun::{Builder, Class, TransactionId, attr, method};
-    use evio_nat::{Input, RelaySlots, demux};
+    use evio_traversal::stun::{Builder, Class, TransactionId, attr, method};
+    use evio_traversal::{Input, RelaySlots, demux};
     let mut sim = world(21);
     let na = sim.add_nat(NatType::Symmetric, "198.18.1.1");
     let nb = sim.add_nat(NatType::Easy, "198.18.1.2");
@@ -749,7 +752,7 @@ static ALLOC: heap::Counting = heap::Counting;
 /// does, every peer checked (eager), the agents' timers on eviod's 100 ms tick. Prints simulated time to full reachability, datagrams per node
 /// (until then, and per second in steady state: over 20 s, from 20 s after), heap per peer (the agents' state plus the simulation's queues,
 /// divided by N x (N-1)) and the wall time the simulation took.
-/// `EVIO_SIM_SCALE="100 300 1000" cargo test --release -p evio-nat --test sim bench_sim_scale -- --ignored --nocapture`
+/// `EVIO_SIM_SCALE="100 300 1000" cargo test --release -p evio-traversal --test sim bench_sim_scale -- --ignored --nocapture`
 #[test]
 #[ignore]
 fn bench_sim_scale() {
@@ -819,7 +822,7 @@ fn bench_sim_scale() {
 /// per node per second in steady state, heap per node (agents, permissions and the simulated TURN server's
 /// state together) and wall time.
 ///
-/// `EVIO_SIM_LAZY_SCALE="1000 5000" cargo test --release -p evio-nat --test sim bench_sim_lazy_fleet -- --ignored --nocapture`
+/// `EVIO_SIM_LAZY_SCALE="1000 5000" cargo test --release -p evio-traversal --test sim bench_sim_lazy_fleet -- --ignored --nocapture`
 #[test]
 #[ignore]
 fn bench_sim_lazy_fleet() {

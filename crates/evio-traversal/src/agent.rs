@@ -80,7 +80,7 @@ pub fn check_key(
 ) -> [u8; 32] {
     let mut m =
         <Hmac<Sha256> as Mac>::new_from_slice(shared_secret).expect("hmac takes any key length");
-    m.update(b"evio-nat check key v1");
+    m.update(b"evio-traversal check key v1");
     let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
     m.update(lo);
     m.update(hi);

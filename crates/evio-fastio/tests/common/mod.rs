@@ -12,7 +12,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use evio_io::{
+use evio_fastio::{
     PacketBatch, RecvBatch, SendBatch, Tun, TunStats, UdpBatch, UdpStats, wait_readable,
 };
 use evio_testbed::Netns;
@@ -190,7 +190,7 @@ pub fn forward(
     let mut from_tun = PacketBatch::new(slots, 2048);
     let mut to_tun = PacketBatch::new(slots, 2048);
     let mut sb = SendBatch::new(slots, slots * 2048);
-    let mut rb = RecvBatch::new(32, evio_io::GRO_BUF);
+    let mut rb = RecvBatch::new(32, evio_fastio::GRO_BUF);
     let fds = [tun.as_raw_fd(), udp.as_raw_fd()];
     while !stop.load(Ordering::Relaxed) {
         let ready = wait_readable(&fds, 50).expect("poll");

@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use common::enter_netns;
-use evio_io::{PacketBatch, Tun, TunOptions, wait_readable};
+use evio_fastio::{PacketBatch, Tun, TunOptions, wait_readable};
 use evio_testbed::{Netns, run};
 
 /// Runs `f` on a thread inside `ns` (TUNs and sockets made there belong to that namespace).

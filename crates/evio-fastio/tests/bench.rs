@@ -2,7 +2,7 @@
 //! `common` (no crypto) with offloads on and off, against the bare underlay veth, interleaved
 //! rounds, medians. Run with:
 //!
-//! `cargo test --release -p evio-io --test bench -- --ignored --nocapture`
+//! `cargo test --release -p evio-fastio --test bench -- --ignored --nocapture`
 //!
 //! Env: `EVIO_BENCH_ROUNDS` (default 3), `EVIO_BENCH_SECS` (default 5), `EVIO_BENCH_ONLY` (comma
 //! separated config indices, e.g. `1,3`), `EVIO_BENCH_GSO_MAX` (sets the TUNs' `gso_max_size`).

@@ -1,11 +1,11 @@
-//! Two network namespaces, each with a real TUN from evio-io and a forwarder thread that moves
+//! Two network namespaces, each with a real TUN from evio-fastio and a forwarder thread that moves
 //! packets between its TUN and a real UDP socket (no crypto) with the batch APIs; a real kernel TCP
 //! connection crosses and must arrive byte-exact. Needs root.
 
 mod common;
 
 use common::{Topology, transfer};
-use evio_io::udp::UdpStats;
+use evio_fastio::udp::UdpStats;
 
 const MB: usize = 1 << 20;
 
@@ -105,7 +105,7 @@ fn small_batches_deliver_super_packets_in_pieces() {
 /// which the forwarder segments; the receiving kernel checks every UDP checksum.
 #[test]
 fn udp_gso_application_traffic_is_segmented() {
-    use evio_io::{GRO_BUF, RecvBatch, SendBatch, UdpBatch, wait_readable};
+    use evio_fastio::{GRO_BUF, RecvBatch, SendBatch, UdpBatch, wait_readable};
     use std::net::{SocketAddr, UdpSocket};
     use std::os::fd::AsRawFd;
     use std::time::{Duration, Instant};
