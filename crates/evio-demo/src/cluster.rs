@@ -449,8 +449,7 @@ impl Cluster {
             .filter_map(|n| n.agent.take().map(|c| (n.name.clone(), c)))
             .collect();
         for (_, c) in &agents {
-            // SAFETY: a signal to our own child process; no memory is involved.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            evio_lab::kill(c.id() as i32, evio_lab::Signal::SIGTERM);
         }
         let end = Instant::now() + Duration::from_secs(10);
         for (name, c) in &mut agents {
@@ -531,8 +530,7 @@ fn kill_netns_pids(ns: &str) {
     if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
         for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
             if let Ok(pid) = pid.parse::<i32>() {
-                // SAFETY: kill with a pid the kernel reported inside a namespace this demo created.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+                evio_lab::kill(pid, evio_lab::Signal::SIGKILL);
             }
         }
     }
@@ -630,13 +628,7 @@ fn die_with_parent(c: &mut Command) {
     // async-signal-safe; it touches no memory of the parent.
     unsafe {
         c.pre_exec(|| {
-            libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            );
+            let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
             Ok(())
         });
     }

@@ -80,8 +80,7 @@ pub fn remove_stale() -> Vec<String> {
                     done.push(format!("removed {}", d.display()));
                 }
             }
-            // SAFETY: kill with a pid the kernel reported inside a namespace of a dead demo.
-            unsafe { libc::kill(p, libc::SIGKILL) };
+            evio_lab::kill(p, evio_lab::Signal::SIGKILL);
         }
         if Command::new("ip")
             .args(["netns", "del", name])

@@ -15,9 +15,9 @@
 //! every probe got through. Either way, and on an error or a signal at any moment, it tears everything
 //! down (see `cluster.rs`).
 //!
-//! Dependencies: `libc` for `sigaction`, `prctl(PR_SET_PDEATHSIG)` and `kill` (nothing more is needed
-//! than three calls, so no signal crate); `tempfile` for the self-removing temp dir; `evio-lab` for the
-//! topology, shared with the NAT tests.
+//! Dependencies: `nix` (already in the workspace) for `sigaction`, `prctl(PR_SET_PDEATHSIG)`, `kill` and
+//! `geteuid` without raw calls; `libc` only for the probe's raw ICMP socket (`probe.rs`); `tempfile` for
+//! the self-removing temp dir; `evio-lab` for the topology, shared with the NAT tests.
 
 mod cluster;
 mod cni;
@@ -539,8 +539,7 @@ fn neighbour_budget(args: &Args) -> Result<()> {
 
 /// Checks everything the demo needs before creating anything, with the package to install if missing.
 fn preflight() -> Result<Bins> {
-    // SAFETY: geteuid has no preconditions and touches no memory.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         bail!("the demo creates network namespaces: run it as root (sudo)");
     }
     let mut missing = Vec::new();

@@ -5,23 +5,22 @@ use std::sync::atomic::{AtomicI32, Ordering};
 
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
 
-extern "C" fn on_signal(sig: libc::c_int) {
+extern "C" fn on_signal(sig: i32) {
     SIGNAL.store(sig, Ordering::SeqCst);
 }
 
 /// Installs the handler for SIGINT and SIGTERM. Call before anything is created.
 pub fn install() {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: `on_signal` only stores into an atomic, which is async-signal-safe; sigaction with a
-        // zeroed, then filled, struct is the documented way to install a handler. SA_RESTART keeps
-        // blocking reads of child output from failing with EINTR.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_signal as *const () as usize;
-            sa.sa_flags = libc::SA_RESTART;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaction(sig, &sa, std::ptr::null_mut());
-        }
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    // SA_RESTART keeps blocking reads of child output from failing with EINTR.
+    let sa = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: `on_signal` only stores into an atomic, which is async-signal-safe.
+        let _ = unsafe { sigaction(sig, &sa) };
     }
 }
 

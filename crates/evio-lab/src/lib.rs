@@ -41,7 +41,7 @@
 //! fails half way drops the partial lab, so it cleans up as well; a panic while a `Lab` is alive unwinds
 //! through the same `Drop`.
 //!
-//! Dependencies: only `libc` (for `setns`/`kill`), `tempfile`, `thiserror`, `tracing`; the lab drives the
+//! Dependencies: only `nix` (for `setns`/`kill`, no `unsafe`), `tempfile`, `thiserror`, `tracing`; the lab drives the
 //! real tools (`ip`, `nft`, `conntrack`, `etcd`, `turnserver`) as an operator would, so what the tests
 //! exercise is exactly what the recipes in TESTBED.md describe.
 
@@ -53,6 +53,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+
+pub use nix::sys::signal::Signal;
 
 /// The router's address in the internet namespace (on its loopback), where the services listen and the
 /// next hop of every site and public host.
@@ -165,12 +167,9 @@ pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
     let file = std::fs::File::open(&path)?;
     std::thread::scope(|s| {
         s.spawn(|| {
-            use std::os::fd::AsRawFd;
-            // SAFETY: setns on a valid open namespace fd; it only changes this (new, scoped) thread's netns.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            if rc != 0 {
-                return Err(LabError::Io(io::Error::last_os_error()));
-            }
+            // Only this (new, scoped) thread's namespace changes.
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| LabError::Io(io::Error::from(e)))?;
             Ok(f())
         })
         .join()
@@ -198,16 +197,21 @@ fn kill_netns_pids(ns: &str) {
     if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
         for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
             if let Ok(pid) = pid.parse::<i32>() {
-                // SAFETY: kill with a pid the kernel reported inside our own namespace; no memory is touched.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+                kill(pid, Signal::SIGKILL);
             }
         }
     }
 }
 
+/// Sends `sig` to `pid`, ignoring errors (the process may be gone already).
+pub fn kill(pid: i32, sig: Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+}
+
 /// Removes the namespaces of a lab named `prefix` whose process died without running `Drop` (SIGKILL):
 /// kills what runs in them and deletes them. Only names the lab itself would make are touched
-/// (`<prefix>-inet`, `<prefix>-natN`, `<prefix>-sNhK`, `<prefix>-pubN`). Returns the names removed.
+/// (`<prefix>-inet`, `<prefix>-natN`, `<prefix>-sNhK`, `<prefix>-pubN`, `<prefix>-sixN`). Returns the names
+/// removed.
 pub fn remove_leftovers(prefix: &str) -> Result<Vec<String>> {
     let list = run(Command::new("ip").args(["netns", "list"]))?;
     let ours = |rest: &str| -> bool {
@@ -215,6 +219,7 @@ pub fn remove_leftovers(prefix: &str) -> Result<Vec<String>> {
         rest == "inet"
             || rest.strip_prefix("nat").is_some_and(digits)
             || rest.strip_prefix("pub").is_some_and(digits)
+            || rest.strip_prefix("six").is_some_and(digits)
             || rest
                 .strip_prefix('s')
                 .and_then(|r| r.split_once('h'))

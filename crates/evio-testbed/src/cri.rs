@@ -332,8 +332,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     fn stop_daemon(&mut self) {
         self.channel = None;
         if let Some(mut c) = self.child.take() {
-            // SAFETY: SIGTERM to our own child (nsenter execs containerd); it is waited for below.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            crate::kill(c.id() as i32, crate::Signal::SIGTERM);
             let start = Instant::now();
             while start.elapsed() < Duration::from_secs(5) {
                 if let Ok(Some(_)) = c.try_wait() {

@@ -19,12 +19,17 @@ use std::time::{Duration, Instant};
 
 /// Panics with a clear message unless the test runs as root (the suite needs namespaces).
 pub fn require_root() {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
+    assert!(
+        nix::unistd::geteuid().is_root(),
         "these tests create network namespaces and must run as root"
     );
+}
+
+pub use nix::sys::signal::Signal;
+
+/// Sends `sig` to `pid`, ignoring errors (the process may be gone already).
+pub fn kill(pid: i32, sig: Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
 }
 
 /// A name unique to this process and call: `prefix`, then the pid (6 hex digits: Linux pids fit in 22
@@ -162,8 +167,7 @@ impl Drop for Netns {
         {
             for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
                 if let Ok(pid) = pid.parse::<i32>() {
-                    // SAFETY: kill with a pid read from the kernel; at worst the process is already gone.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    kill(pid, Signal::SIGKILL);
                 }
             }
         }
@@ -348,18 +352,17 @@ impl Etcd {
 
     /// Freezes the server (SIGSTOP): connections hang, as with a partitioned etcd.
     pub fn freeze(&self) {
-        self.signal(libc::SIGSTOP);
+        self.signal(Signal::SIGSTOP);
     }
 
     /// Resumes a frozen server (SIGCONT).
     pub fn thaw(&self) {
-        self.signal(libc::SIGCONT);
+        self.signal(Signal::SIGCONT);
     }
 
-    fn signal(&self, sig: i32) {
+    fn signal(&self, sig: Signal) {
         for pid in self.pids() {
-            // SAFETY: kill with the pid of our own child (or its exec'd etcd); no memory is touched.
-            unsafe { libc::kill(pid, sig) };
+            kill(pid, sig);
         }
     }
 

@@ -215,17 +215,16 @@ impl Ovs {
     /// Freezes ovs-vswitchd (SIGSTOP): ovsdb-server answers, but nothing is applied, as with a hung
     /// switch. [`Ovs::thaw_vswitchd`] (or drop) resumes it.
     pub fn freeze_vswitchd(&self) {
-        self.signal("ovs-vswitchd", libc::SIGSTOP);
+        self.signal("ovs-vswitchd", crate::Signal::SIGSTOP);
     }
 
     pub fn thaw_vswitchd(&self) {
-        self.signal("ovs-vswitchd", libc::SIGCONT);
+        self.signal("ovs-vswitchd", crate::Signal::SIGCONT);
     }
 
-    fn signal(&self, daemon: &str, sig: i32) {
+    fn signal(&self, daemon: &str, sig: crate::Signal) {
         if let Some(pid) = self.pid(daemon).filter(|p| running(*p)) {
-            // SAFETY: signalling the daemon this fixture started (pid from its own pidfile).
-            unsafe { libc::kill(pid, sig) };
+            crate::kill(pid, sig);
         }
     }
 
@@ -253,8 +252,7 @@ impl Ovs {
             std::thread::sleep(Duration::from_millis(10));
         }
         if running(pid) {
-            // SAFETY: signalling the daemon this fixture started (pid from its own pidfile).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            crate::kill(pid, crate::Signal::SIGKILL);
         }
     }
 }

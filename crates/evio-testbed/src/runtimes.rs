@@ -184,8 +184,7 @@ pub(crate) fn pids_with_arg(needle: &str) -> Vec<i32> {
 pub(crate) fn kill_all(pids: &[i32]) {
     for &pid in pids {
         if pid > 1 && pid != std::process::id() as i32 {
-            // SAFETY: kill with pids read from our own cgroup or our own runtime's shims; no memory touched.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            crate::kill(pid, crate::Signal::SIGKILL);
         }
     }
 }
@@ -368,8 +367,7 @@ impl Drop for Containerd {
         kill_all(&cgroup_pids(&self.namespace));
         kill_all(&pids_with_arg(&self.socket().display().to_string()));
         if let Some(mut c) = self.child.take() {
-            // SAFETY: SIGTERM to our own child; it is waited for below.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            crate::kill(c.id() as i32, crate::Signal::SIGTERM);
             let start = Instant::now();
             while start.elapsed() < Duration::from_secs(3) {
                 if let Ok(Some(_)) = c.try_wait() {
