@@ -1,4 +1,4 @@
-//! The demo cluster: the evio-lab topology plus, per host, the config gen, the agent and the pods. Every
+//! The demo cluster: the lab topology (`evio_testbed::lab`) plus, per host, the config gen, the agent and the pods. Every
 //! resource is recorded the moment it exists, and [`Cluster::teardown`] (also run on `Drop`) removes them
 //! in reverse order: agents (SIGTERM, then SIGKILL), processes in pod namespaces, pod namespaces, the lab
 //! (etcd, coturn, its namespaces and temp dir), the demo's temp dir. Teardown is idempotent.
@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use evio_lab::{Host, Lab, NatKind, netns_command};
+use evio_testbed::lab::{Host, Lab, NatKind, netns_command};
 use serde_json::Value;
 
 use crate::cni;
@@ -335,7 +335,7 @@ impl Cluster {
                 return Ok(());
             }
             // Only on the host: pods route through it (a Kubernetes node has this on).
-            evio_lab::sysctl_write(&n.host.ns, "net/ipv4/ip_forward", "1")
+            evio_testbed::lab::sysctl_write(&n.host.ns, "net/ipv4/ip_forward", "1")
                 .map_err(|e| anyhow!("{e}"))?;
             let log = std::fs::File::create(n.agent_log())?;
             let mut c = netns_command(&n.host.ns, &bins.eviod.to_string_lossy());
@@ -418,11 +418,13 @@ impl Cluster {
                     return Ok(());
                 }
                 let ns = format!("{}-e{}p{p}", self.prefix, i + 1);
-                evio_lab::run(Command::new("ip").args(["netns", "add", &ns]))
+                evio_testbed::lab::run(Command::new("ip").args(["netns", "add", &ns]))
                     .map_err(|e| anyhow!("{e}"))?;
                 self.pod_namespaces.push(ns.clone());
-                evio_lab::run(Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"]))
-                    .map_err(|e| anyhow!("{e}"))?;
+                evio_testbed::lab::run(
+                    Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"]),
+                )
+                .map_err(|e| anyhow!("{e}"))?;
                 v.push((format!("pod{p}"), ns));
             }
             plan.push(v);
@@ -449,7 +451,7 @@ impl Cluster {
             .filter_map(|n| n.agent.take().map(|c| (n.name.clone(), c)))
             .collect();
         for (_, c) in &agents {
-            evio_lab::kill(c.id() as i32, evio_lab::Signal::SIGTERM);
+            evio_testbed::lab::kill(c.id() as i32, evio_testbed::lab::Signal::SIGTERM);
         }
         let end = Instant::now() + Duration::from_secs(10);
         for (name, c) in &mut agents {
@@ -471,7 +473,7 @@ impl Cluster {
             kill_netns_pids(ns);
         }
         for ns in self.pod_namespaces.drain(..).rev() {
-            if let Err(e) = evio_lab::run(Command::new("ip").args(["netns", "del", &ns])) {
+            if let Err(e) = evio_testbed::lab::run(Command::new("ip").args(["netns", "del", &ns])) {
                 problems.push(format!("cannot delete namespace {ns}: {e}"));
             }
         }
@@ -530,7 +532,7 @@ fn kill_netns_pids(ns: &str) {
     if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
         for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
             if let Ok(pid) = pid.parse::<i32>() {
-                evio_lab::kill(pid, evio_lab::Signal::SIGKILL);
+                evio_testbed::lab::kill(pid, evio_testbed::lab::Signal::SIGKILL);
             }
         }
     }

@@ -80,7 +80,7 @@ pub fn remove_stale() -> Vec<String> {
                     done.push(format!("removed {}", d.display()));
                 }
             }
-            evio_lab::kill(p, evio_lab::Signal::SIGKILL);
+            evio_testbed::lab::kill(p, evio_testbed::lab::Signal::SIGKILL);
         }
         if Command::new("ip")
             .args(["netns", "del", name])

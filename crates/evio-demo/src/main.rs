@@ -1,7 +1,7 @@
 //! `evio-demo`: a whole edge cluster on this machine, in network namespaces, in one command (`make demo`).
 //! Its own binary, so that the operator CLI that goes into the image (`evioctl`) does not link the lab.
 //!
-//! Built with `evio-lab`: an "internet" namespace with a real etcd and a real coturn (STUN + TURN), N sites
+//! Built with the lab of `evio-testbed` (`evio_testbed::lab`): an "internet" namespace with a real etcd and a real coturn (STUN + TURN), N sites
 //! each behind its own NAT (the last M symmetric, the others port-preserving "easy" NATs) with one host
 //! each. On every host, as on a real node: `evioctl cni-config` (a real process: claims the node's pod
 //! subnet in etcd, writes the conflist and installs evio-cni into a per-host temp dir), `eviod` (a real
@@ -17,7 +17,7 @@
 //!
 //! Dependencies: `nix` (already in the workspace) for `sigaction`, `prctl(PR_SET_PDEATHSIG)`, `kill` and
 //! `geteuid` without raw calls; `libc` only for the probe's raw ICMP socket (`probe.rs`); `tempfile` for
-//! the self-removing temp dir; `evio-lab` for the topology, shared with the NAT tests.
+//! the self-removing temp dir; `evio-testbed` for the lab topology, shared with the NAT tests.
 
 mod cluster;
 mod cni;
@@ -123,7 +123,7 @@ pub fn run(args: Args) -> Result<()> {
     for line in leftovers::remove_stale() {
         println!("cleaning up after a demo that was killed: {line}");
     }
-    let prefix = evio_lab::unique_prefix(leftovers::BASE);
+    let prefix = evio_testbed::lab::unique_prefix(leftovers::BASE);
     let mut cluster = Cluster::new(&prefix)?;
     let outcome = demo(&args, &bins, &mut cluster);
     let code = match &outcome {
@@ -179,7 +179,7 @@ fn demo(args: &Args, bins: &Bins, c: &mut Cluster) -> Result<i32> {
         "evio demo: {sites} edge hosts each behind its own NAT ({m} symmetric){public_text}, {k} pods each; namespaces {}-*",
         c.prefix
     );
-    let arp_before = evio_lab::arp_table_stats();
+    let arp_before = evio_testbed::lab::arp_table_stats();
     macro_rules! stop_if_interrupted {
         () => {
             if signals::interrupted() {
@@ -331,8 +331,8 @@ fn demo(args: &Args, bins: &Bins, c: &mut Cluster) -> Result<i32> {
             )
         }
     );
-    if let (Some(a), Some(b)) = (arp_before, evio_lab::arp_table_stats()) {
-        let limit = evio_lab::arp_table_limit()
+    if let (Some(a), Some(b)) = (arp_before, evio_testbed::lab::arp_table_stats()) {
+        let limit = evio_testbed::lab::arp_table_limit()
             .map(|l| format!(" of {l}"))
             .unwrap_or_default();
         let full = b.table_fulls.saturating_sub(a.table_fulls);
@@ -504,8 +504,10 @@ fn neighbour_entries(args: &Args) -> u64 {
 /// that needs more than what is free would lose packets (`neighbor table overflow`), so it is refused
 /// before anything is created, with what to do. The demo never changes the limit itself.
 fn neighbour_budget(args: &Args) -> Result<()> {
-    let (Some(limit), Some(now)) = (evio_lab::arp_table_limit(), evio_lab::arp_table_stats())
-    else {
+    let (Some(limit), Some(now)) = (
+        evio_testbed::lab::arp_table_limit(),
+        evio_testbed::lab::arp_table_stats(),
+    ) else {
         return Ok(());
     };
     let need = neighbour_entries(args);
@@ -520,7 +522,7 @@ fn neighbour_budget(args: &Args) -> Result<()> {
         let until = Instant::now() + Duration::from_secs(45);
         while now.entries + need > limit && Instant::now() < until {
             std::thread::sleep(Duration::from_millis(500));
-            match evio_lab::arp_table_stats() {
+            match evio_testbed::lab::arp_table_stats() {
                 Some(s) => now = s,
                 None => break,
             }

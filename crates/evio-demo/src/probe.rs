@@ -41,7 +41,7 @@ pub fn run(sources: &[Source], end: Instant) -> Vec<Result<Vec<Option<f64>>, Str
 }
 
 fn open_socket(ns: &str) -> Result<OwnedFd, String> {
-    evio_lab::in_netns(ns, || {
+    evio_testbed::lab::in_netns(ns, || {
         // SAFETY: socket(2) with constant arguments; the fd is owned by the OwnedFd at once.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
         if fd < 0 {

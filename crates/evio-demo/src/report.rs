@@ -161,7 +161,7 @@ pub fn public_mappings(c: &Cluster, i: usize) -> Result<Vec<String>, String> {
     let Some(nat) = &n.nat else {
         return Ok(Vec::new());
     };
-    let out = evio_lab::netns_exec(&nat.ns, &["conntrack", "-L", "-p", "udp"])
+    let out = evio_testbed::lab::netns_exec(&nat.ns, &["conntrack", "-L", "-p", "udp"])
         .map_err(|e| format!("conntrack in {}: {e}", nat.ns))?;
     let host = n.host.ip.to_string();
     let port = LISTEN_PORT.to_string();

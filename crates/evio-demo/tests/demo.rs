@@ -91,7 +91,7 @@ impl Demo {
         self.out.lock().unwrap().clone()
     }
 
-    /// The namespace prefix of this demo (`evio_lab::unique_prefix("evdemo")` in the demo process).
+    /// The namespace prefix of this demo (`evio_testbed::lab::unique_prefix("evdemo")` in the demo process).
     fn prefix(&self) -> String {
         format!("evdemo{:x}x", self.child.id())
     }

@@ -1,4 +1,7 @@
-//! Test fixtures shared by the workspace's integration tests.
+//! evio's one fixture crate, shared by the workspace's integration tests and the demo: throw-away network
+//! namespaces and a real etcd (here), the CNI sandbox (`cni`), OVS (`ovs`), containerd and podman
+//! (`runtimes`), the CRI client as kubelet drives it (`cri`, feature `cri`), and the lab topologies (`lab`:
+//! an internet, NATed sites, public hosts, etcd and coturn; once the crate `evio-lab`).
 //!
 //! Everything here creates real things (network namespaces, an etcd server) with unique names and removes
 //! them on `Drop`, so a failing test still cleans up. Tests must run as root; [`require_root`] fails loudly
@@ -7,6 +10,7 @@
 pub mod cni;
 #[cfg(feature = "cri")]
 pub mod cri;
+pub mod lab;
 pub mod ovs;
 pub mod runtimes;
 
@@ -25,12 +29,7 @@ pub fn require_root() {
     );
 }
 
-pub use nix::sys::signal::Signal;
-
-/// Sends `sig` to `pid`, ignoring errors (the process may be gone already).
-pub fn kill(pid: i32, sig: Signal) {
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
-}
+pub use lab::{Signal, kill};
 
 /// A name unique to this process and call: `prefix`, then the pid (6 hex digits: Linux pids fit in 22
 /// bits) and a per-process counter (4 hex digits), both fixed width so two (pid, counter) pairs never
@@ -85,7 +84,7 @@ impl Netns {
     /// Runs `f` on a new thread that entered this namespace (sockets it opens stay here), returning its
     /// result.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        evio_lab::in_netns(&self.name, f)
+        crate::lab::in_netns(&self.name, f)
             .unwrap_or_else(|e| panic!("cannot enter netns {}: {e}", self.name))
     }
 
@@ -262,7 +261,7 @@ impl Etcd {
             }
             None => Command::new("etcd"),
         };
-        cmd.args(evio_lab::etcd_args(
+        cmd.args(crate::lab::etcd_args(
             "t",
             &self.dir.path().join("data"),
             &c,
@@ -404,7 +403,7 @@ impl Drop for Etcd {
 }
 
 /// Polls `f` until it returns true or `limit` passes; returns whether it did.
-pub use evio_lab::wait_until;
+pub use crate::lab::wait_until;
 
 /// The directory holding the workspace's built binaries (`target/debug` or `target/release`), found from the
 /// test executable's own path (`target/<profile>/deps/test-xxxx`).

@@ -293,7 +293,7 @@ impl Drop for Ovs {
 
 /// Runs `f` on a new thread that entered network namespace `ns` (namespaces are per thread).
 pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    evio_lab::in_netns(ns, f).unwrap_or_else(|e| panic!("cannot enter netns {ns}: {e}"))
+    crate::lab::in_netns(ns, f).unwrap_or_else(|e| panic!("cannot enter netns {ns}: {e}"))
 }
 
 /// Sends `bytes` bytes of a known pattern over TCP from netns `client` to `server_ip` in netns `server`

@@ -10,7 +10,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Node, drive, path_kind, tunnel_works};
-use evio_lab::{Lab, NatKind, unique_prefix};
+use evio_testbed::lab::{Lab, NatKind, unique_prefix};
 use evio_traversal::PathKind;
 
 fn median(v: &mut [Duration]) -> Duration {

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::{Node, drive, path_kind, tunnel_works};
-use evio_lab::{Lab, NatKind, unique_prefix};
+use evio_testbed::lab::{Lab, NatKind, unique_prefix};
 use evio_traversal::{CandidateKind, PathKind, TurnClient, TurnConfig, TurnEvent};
 #[test]
 fn stun_binding_behind_easy_nat_returns_the_nat_address() {

@@ -1,4 +1,4 @@
-//! NAT traversal end to end: real eviod processes in evio-lab hosts behind nftables NATs, a real etcd and
+//! NAT traversal end to end: real eviod processes in lab hosts (`evio_testbed::lab`) behind nftables NATs, a real etcd and
 //! a real coturn (STUN and TURN) on the lab's "internet". Run as root:
 //! `cargo test -p eviod --test nat -- --nocapture` (prints the measured times).
 //!
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::Pod;
-use evio_lab::{Host, Lab, NatKind, unique_prefix, wait_until};
+use evio_testbed::lab::{Host, Lab, NatKind, unique_prefix, wait_until};
 
 /// The agent under test: this build's, or `EVIO_TEST_EVIOD` (to compare another build on the same lab).
 fn eviod() -> String {
@@ -508,7 +508,7 @@ fn matrix_direct_relay_lan_then_flush_and_turn_loss() {
     );
     let (_, ep) = m.agent("easy-b").path_to("sym").unwrap();
     assert!(
-        ep.starts_with(&evio_lab::SERVICES_IP.to_string()),
+        ep.starts_with(&evio_testbed::lab::SERVICES_IP.to_string()),
         "relayed path not via the TURN server: {ep}"
     );
     let metrics = m.agent("sym").metrics();
@@ -627,7 +627,7 @@ fn block_between(lab: &Lab, site: usize, other: std::net::Ipv4Addr) {
     );
     let file = lab.dir().join(format!("block{site}.nft"));
     std::fs::write(&file, rules).unwrap();
-    evio_lab::netns_exec(
+    evio_testbed::lab::netns_exec(
         &lab.site(site).nat_ns,
         &["nft", "-f", file.to_str().unwrap()],
     )
@@ -635,7 +635,7 @@ fn block_between(lab: &Lab, site: usize, other: std::net::Ipv4Addr) {
 }
 
 fn unblock(lab: &Lab, site: usize) {
-    evio_lab::netns_exec(
+    evio_testbed::lab::netns_exec(
         &lab.site(site).nat_ns,
         &["nft", "delete", "table", "ip", "evioblock"],
     )
@@ -1327,7 +1327,11 @@ fn ipv6_gives_a_direct_path_where_ipv4_needs_the_relay() {
         .unwrap();
     let over_v6 = (
         lab.etcd_endpoint6().unwrap(),
-        format!("[{}]:{}", evio_lab::SERVICES_IP6, evio_lab::TURN_PORT),
+        format!(
+            "[{}]:{}",
+            evio_testbed::lab::SERVICES_IP6,
+            evio_testbed::lab::TURN_PORT
+        ),
     );
     let mut agents: Vec<Agent> = [
         ("dual-a", lab.site_host(0, 0).clone(), None),
@@ -1415,7 +1419,11 @@ fn an_ipv6_only_underlay_carries_the_overlay() {
         .unwrap();
     let services = (
         lab.etcd_endpoint6().unwrap(),
-        format!("[{}]:{}", evio_lab::SERVICES_IP6, evio_lab::TURN_PORT),
+        format!(
+            "[{}]:{}",
+            evio_testbed::lab::SERVICES_IP6,
+            evio_testbed::lab::TURN_PORT
+        ),
     );
     let mut agents: Vec<Agent> = ["six-a", "six-b"]
         .into_iter()

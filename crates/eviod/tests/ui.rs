@@ -461,13 +461,13 @@ fn topology_page_shows_nodes_paths_and_a_dead_agent() {
 }
 
 /// Drops all traffic between two NATs' public addresses (in `site`'s NAT), as a firewall between them would.
-fn block_between(lab: &evio_lab::Lab, site: usize, other: std::net::Ipv4Addr) {
+fn block_between(lab: &evio_testbed::lab::Lab, site: usize, other: std::net::Ipv4Addr) {
     let rules = format!(
         "table ip evioblock {{\n  chain blk {{\n    type filter hook forward priority -10;\n    ip daddr {other} drop\n    ip saddr {other} drop\n  }}\n}}\n"
     );
     let file = lab.dir().join(format!("block{site}.nft"));
     std::fs::write(&file, rules).unwrap();
-    evio_lab::netns_exec(
+    evio_testbed::lab::netns_exec(
         &lab.site(site).nat_ns,
         &["nft", "-f", file.to_str().unwrap()],
     )
@@ -478,7 +478,7 @@ fn block_between(lab: &evio_lab::Lab, site: usize, other: std::net::Ipv4Addr) {
 /// NAT kinds and public mappings, and the sites' path turns from direct to relay when a firewall blocks it.
 #[test]
 fn nat_kinds_and_a_relayed_path() {
-    use evio_lab::{Lab, NatKind, unique_prefix, wait_until};
+    use evio_testbed::lab::{Lab, NatKind, unique_prefix, wait_until};
     evio_testbed::require_root();
     let t0 = Instant::now();
     let lab = Lab::builder(&unique_prefix("eui"))
@@ -548,7 +548,7 @@ fn nat_kinds_and_a_relayed_path() {
         .to_string();
     let url = format!("http://{ip}:{PORT}");
     let _ui = Killed(
-        evio_lab::netns_command(lab.internet_ns(), common::evioctl().to_str().unwrap())
+        evio_testbed::lab::netns_command(lab.internet_ns(), common::evioctl().to_str().unwrap())
             .args([
                 "ui",
                 "--etcd-endpoints",
@@ -563,7 +563,7 @@ fn nat_kinds_and_a_relayed_path() {
             .unwrap(),
     );
     let inet = |args: &[&str]| -> std::process::Output {
-        evio_lab::netns_command(lab.internet_ns(), args[0])
+        evio_testbed::lab::netns_command(lab.internet_ns(), args[0])
             .args(&args[1..])
             .output()
             .unwrap()

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use evio_lab::{Host, Lab};
+use evio_testbed::lab::{Host, Lab};
 use evio_traversal::{
     Agent, AgentConfig, Candidate, CandidateKind, Event, Input, PathKind, PeerKey, Source, Timers,
     TurnConfig, check_key,

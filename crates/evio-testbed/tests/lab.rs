@@ -1,10 +1,10 @@
 //! Tests of the lab itself: NAT behaviours as built, reachability, teardown (also after errors and panics).
-//! Run as root: `cargo test -p evio-lab`.
+//! Run as root: `cargo test -p evio-testbed --test lab`.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use evio_lab::{Lab, NatKind, SERVICES_IP, unique_prefix};
+use evio_testbed::lab::{Lab, NatKind, SERVICES_IP, unique_prefix};
 
 fn netns_list() -> String {
     String::from_utf8_lossy(
@@ -120,10 +120,11 @@ fn easy_nat_preserves_ports_symmetric_nat_does_not() {
         "mappings survived the flush: {ct:?}"
     );
     sym.set_udp_timeout(2).unwrap();
-    let v = evio_lab::sysctl_read(&sym.nat_ns, "net/netfilter/nf_conntrack_udp_timeout").unwrap();
+    let v = evio_testbed::lab::sysctl_read(&sym.nat_ns, "net/netfilter/nf_conntrack_udp_timeout")
+        .unwrap();
     assert_eq!(v, "2");
     assert_eq!(
-        evio_lab::sysctl_read(&sym.nat_ns, "net/ipv4/ip_forward").unwrap(),
+        evio_testbed::lab::sysctl_read(&sym.nat_ns, "net/ipv4/ip_forward").unwrap(),
         "1"
     );
     // The root namespace's values are untouched (ours are per namespace).
@@ -264,7 +265,8 @@ fn failed_build_and_panic_clean_up() {
     // A build that fails half way (the second NAT's name is taken) removes what it made.
     let prefix = unique_prefix("lb");
     let blocker = format!("{prefix}-nat1");
-    evio_lab::run(std::process::Command::new("ip").args(["netns", "add", &blocker])).unwrap();
+    evio_testbed::lab::run(std::process::Command::new("ip").args(["netns", "add", &blocker]))
+        .unwrap();
     let r = Lab::builder(&prefix)
         .site(NatKind::EasyNat, 1)
         .site(NatKind::EasyNat, 1)
@@ -275,7 +277,8 @@ fn failed_build_and_panic_clean_up() {
         .filter(|l| l.starts_with(&prefix))
         .map(str::to_string)
         .collect();
-    evio_lab::run(std::process::Command::new("ip").args(["netns", "del", &blocker])).unwrap();
+    evio_testbed::lab::run(std::process::Command::new("ip").args(["netns", "del", &blocker]))
+        .unwrap();
     assert_eq!(left.len(), 1, "left behind: {left:?}");
 
     // A panic while the lab is alive unwinds through its Drop.
@@ -313,14 +316,16 @@ fn leftovers_of_a_killed_lab_are_removed() {
     std::mem::forget(lab);
     // A namespace that merely shares the prefix is not ours and stays.
     let other = format!("{prefix}-mine");
-    evio_lab::run(std::process::Command::new("ip").args(["netns", "add", &other])).unwrap();
-    let mut removed = evio_lab::remove_leftovers(&prefix).unwrap();
+    evio_testbed::lab::run(std::process::Command::new("ip").args(["netns", "add", &other]))
+        .unwrap();
+    let mut removed = evio_testbed::lab::remove_leftovers(&prefix).unwrap();
     removed.sort();
     let mut want = names.clone();
     want.sort();
     assert_eq!(removed, want);
     assert!(exists(&other));
-    evio_lab::run(std::process::Command::new("ip").args(["netns", "del", &other])).unwrap();
+    evio_testbed::lab::run(std::process::Command::new("ip").args(["netns", "del", &other]))
+        .unwrap();
     assert!(names.iter().all(|n| !exists(n)));
     // The forgotten value's temp dir (processes in the lab were killed with its namespaces).
     std::fs::remove_dir_all(dir).unwrap();
@@ -329,9 +334,9 @@ fn leftovers_of_a_killed_lab_are_removed() {
 #[test]
 fn tools_are_found() {
     for t in ["ip", "nft", "turnserver", "etcd", "conntrack"] {
-        assert!(evio_lab::find_tool(t).is_some(), "{t} missing");
+        assert!(evio_testbed::lab::find_tool(t).is_some(), "{t} missing");
     }
-    assert!(evio_lab::find_tool("no-such-tool-evio").is_none());
+    assert!(evio_testbed::lab::find_tool("no-such-tool-evio").is_none());
 }
 
 /// The lab at scale (the bug of issue 12: every NAT's WAN on one shared L2 segment made each NAT keep an
@@ -359,7 +364,7 @@ fn forty_sites_keep_neighbour_tables_small_and_reach_the_services() {
         "{SITES} sites, {PUBLIC} public hosts built in {:?}",
         t.elapsed()
     );
-    let before = evio_lab::arp_table_stats();
+    let before = evio_testbed::lab::arp_table_stats();
     let server = lab
         .in_internet(|| UdpSocket::bind((SERVICES_IP, 7100)).unwrap())
         .unwrap();
@@ -410,7 +415,7 @@ fn forty_sites_keep_neighbour_tables_small_and_reach_the_services() {
     // Neighbour tables: a NAT holds its host and the router; the router one entry per link at most.
     let mut max_nat = 0;
     for site in lab.sites() {
-        let n = evio_lab::neighbours(&site.nat_ns).unwrap();
+        let n = evio_testbed::lab::neighbours(&site.nat_ns).unwrap();
         assert!(
             n.len() <= 1 + site.hosts.len(),
             "{}: {} neighbour entries: {n:#?}",
@@ -419,20 +424,20 @@ fn forty_sites_keep_neighbour_tables_small_and_reach_the_services() {
         );
         max_nat = max_nat.max(n.len());
     }
-    let router = evio_lab::neighbours(lab.internet_ns()).unwrap();
+    let router = evio_testbed::lab::neighbours(lab.internet_ns()).unwrap();
     assert!(
         router.len() <= SITES + PUBLIC,
         "router: {} neighbour entries",
         router.len()
     );
     for h in &hosts {
-        let n = evio_lab::neighbours(&h.ns).unwrap();
+        let n = evio_testbed::lab::neighbours(&h.ns).unwrap();
         assert!(n.len() <= 1, "{}: {n:?}", h.ns);
     }
     println!(
         "neighbour entries: at most {max_nat} per NAT, {} in the router; machine-wide before/after: {before:?} / {:?}",
         router.len(),
-        evio_lab::arp_table_stats()
+        evio_testbed::lab::arp_table_stats()
     );
 }
 
@@ -461,7 +466,7 @@ fn renumbered_wan_is_routed() {
     let seen = observed_at(
         &other,
         &echo,
-        &[SocketAddr::from((evio_lab::SERVICES_IP, 7200))],
+        &[SocketAddr::from((evio_testbed::lab::SERVICES_IP, 7200))],
     );
     assert_eq!(seen[0].ip(), std::net::IpAddr::V4(lab.site(1).wan_ip));
 }

@@ -1,4 +1,5 @@
-//! Lab topologies in network namespaces, shared by evio's NAT tests and `evio-demo`.
+//! Lab topologies in network namespaces, shared by evio's NAT tests and `evio-demo` (once the crate
+//! `evio-lab`; now a module of the one fixture crate).
 //!
 //! A [`Lab`] is an "internet" namespace that is a router (and hosts the services: optionally a real
 //! `etcd` and a real coturn `turnserver` as STUN and TURN server with long-term credentials), N sites each
