@@ -6,7 +6,8 @@
 #   eviod RSS with 1 and 50 peers. Needs root; removes everything it made on exit.
 #
 # Usage: scripts/bench-overlay.sh [ROUNDS] [SECONDS]
-#   EVIOD=path (default target/release/eviod), BORINGTUN=path (default: boringtun-cli on PATH or
+#   EVIOD=path (default target/release/eviod), EVIOD_ARGS="..." (extra flags of the evio pair, e.g.
+#   "--tun-queues 2"), BORINGTUN=path (default: boringtun-cli on PATH or
 #   /tmp/evio-bench-boringtun/bin/boringtun-cli; install with
 #   `cargo install boringtun-cli --root /tmp/evio-bench-boringtun`),
 #   SYSTEMS="underlay evio evio-pod wggo boringtun wggo13 nebula13" (evio-pod: pod to pod over evio, pods
@@ -84,7 +85,7 @@ ETCD=http://10.98.0.1:2379
 for i in 1 2; do
   ns=evb$i-$S
   ip netns exec $ns "$EVIOD" --node-name bench-$i --etcd-endpoints $ETCD --state-dir $D/evio$i \
-    --listen-port 51820 > $D/eviod$i.log 2>&1 &
+    --listen-port 51820 ${EVIOD_ARGS:-} > $D/eviod$i.log 2>&1 &
 done
 # evio-relay: a second pair of agents (own etcd, port, TUN and overlay range) whose datagrams may go only
 # to or through coturn: nftables drops anything their port sends elsewhere (the other agent's underlay

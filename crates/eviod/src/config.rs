@@ -62,6 +62,10 @@ pub struct Args {
     /// TUN MTU (default: underlay MTU minus 80).
     #[arg(long)]
     pub mtu: Option<u32>,
+    /// TUN queues, each read and sealed by its own thread (default 1; at most 16). Flows are spread over
+    /// the queues by a hash of their addresses and ports; one flow stays on one queue.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub tun_queues: Option<u16>,
     /// STUN server (HOST:PORT), for NAT traversal; repeat the flag for several.
     #[arg(long)]
     #[serde(default)]
@@ -142,6 +146,7 @@ pub struct Config {
     pub interface: String,
     pub listen_port: u16,
     pub mtu: Option<u32>,
+    pub tun_queues: u16,
     pub nat: NatConfig,
     pub peers: PeersConfig,
     pub psk_file: Option<PathBuf>,
@@ -183,6 +188,7 @@ impl Args {
                 interface,
                 listen_port,
                 mtu,
+                tun_queues,
                 turn,
                 turn_user,
                 turn_password_file,
@@ -267,6 +273,10 @@ impl Args {
             interface,
             listen_port: self.listen_port.unwrap_or(DEFAULT_PORT),
             mtu: self.mtu,
+            tun_queues: match self.tun_queues.unwrap_or(1) {
+                n @ 1..=16 => n,
+                n => bail!("tun-queues {n}: want 1 to 16"),
+            },
             nat: NatConfig {
                 stun: self.stun,
                 turn: self.turn,

@@ -31,17 +31,31 @@ const MAX_SLEEP: Duration = Duration::from_millis(100);
 /// here: checks are paced at 50 ms and retransmitted at 100 ms and more).
 const MIN_SLEEP: Duration = Duration::from_millis(10);
 
+/// Starts the threads: one reading and sealing per TUN queue (`queues`; the device was opened with
+/// `multi_queue` when more than one), one receiving and opening (it writes each flow's packets through the
+/// flow's queue: see [`flow_queue`]), one for the timers.
 pub fn start(
     shared: Arc<Shared>,
     tun: Tun,
     udp: UdpBatch,
     mtu: u32,
+    queues: u16,
 ) -> io::Result<Vec<JoinHandle<()>>> {
     let slot = MIN_SLOT.max(mtu as usize + 256);
     let mut hs = Vec::new();
-    let tun_w = tun.try_clone()?;
+    let mut writers = vec![tun.try_clone()?];
     let udp_rx = udp.try_clone()?;
     let udp_timers = udp.try_clone()?;
+    for q in 1..queues {
+        let t = tun.clone_queue()?;
+        writers.push(t.try_clone()?);
+        let (u, s) = (udp.try_clone()?, shared.clone());
+        hs.push(
+            std::thread::Builder::new()
+                .name(format!("evio-tun-rx{q}"))
+                .spawn(move || tun_to_udp(&s, t, u, slot))?,
+        );
+    }
     {
         let s = shared.clone();
         hs.push(
@@ -55,7 +69,7 @@ pub fn start(
         hs.push(
             std::thread::Builder::new()
                 .name("evio-udp-rx".into())
-                .spawn(move || udp_to_tun(&s, tun_w, udp_rx, slot))?,
+                .spawn(move || udp_to_tun(&s, writers, udp_rx, slot))?,
         );
     }
     {
@@ -156,10 +170,52 @@ fn tun_to_udp(shared: &Shared, mut tun: Tun, mut udp: UdpBatch, slot: usize) {
     }
 }
 
-fn udp_to_tun(shared: &Shared, mut tun: Tun, mut udp: UdpBatch, slot: usize) {
+/// The TUN queue a packet is written through when there are `n` (a symmetric hash of its addresses and, for
+/// TCP and UDP, ports: both directions of a flow agree). The TUN driver sends a flow out on the queue its
+/// packets were last written to (`tun_automq`), so this is also the queue, and the sealing thread, that
+/// reads the flow's outgoing packets: written all through one queue, every flow was read by one thread.
+fn flow_queue(p: &[u8], n: usize) -> usize {
+    if n <= 1 {
+        return 0;
+    }
+    let (proto, a, b, l4): (u8, &[u8], &[u8], usize) = match p.first().map(|v| v >> 4) {
+        Some(4) if p.len() >= 20 => {
+            let ihl = usize::from(p[0] & 0x0f) * 4;
+            // Only the first fragment has ports; later ones hash on addresses alone.
+            let frag = u16::from_be_bytes([p[6], p[7]]) & 0x1fff != 0;
+            let l4 = if frag { usize::MAX } else { ihl };
+            (p[9], &p[12..16], &p[16..20], l4)
+        }
+        Some(6) if p.len() >= 40 => (p[6], &p[8..24], &p[24..40], 40),
+        _ => return 0,
+    };
+    let ports = match proto {
+        6 | 17 if p.len() >= l4.saturating_add(4) => Some((&p[l4..l4 + 2], &p[l4 + 2..l4 + 4])),
+        _ => None,
+    };
+    let fnv = |parts: &[&[u8]]| {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in parts.iter().flat_map(|p| p.iter()) {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h
+    };
+    let (sa, sb) = match ports {
+        Some((pa, pb)) => (fnv(&[a, pa]), fnv(&[b, pb])),
+        None => (fnv(&[a]), fnv(&[b])),
+    };
+    let (lo, hi) = (sa.min(sb), sa.max(sb));
+    let h = fnv(&[&lo.to_le_bytes(), &hi.to_le_bytes(), &[proto]]);
+    (h % n as u64) as usize
+}
+
+fn udp_to_tun(shared: &Shared, mut tuns: Vec<Tun>, mut udp: UdpBatch, slot: usize) {
     let fd = udp.as_raw_fd();
+    let n = tuns.len();
     let mut recv = RecvBatch::new(32, GRO_BUF);
-    let mut pkts = PacketBatch::new(BATCH, slot);
+    // One batch per queue: a packet decrypted into the first batch's spare slot stays there when its flow's
+    // queue is the first, and is copied into its queue's batch otherwise (only with several queues).
+    let mut pkts: Vec<PacketBatch> = (0..n).map(|_| PacketBatch::new(BATCH, slot)).collect();
     let mut out = SendBatch::new(16, 16 * 256);
     while !shared.stopping() {
         match udp.recv_batch(&mut recv) {
@@ -182,20 +238,31 @@ fn udp_to_tun(shared: &Shared, mut tun: Tun, mut udp: UdpBatch, slot: usize) {
         let now = Instant::now();
         let mut control = false;
         for (from, data) in recv.iter() {
-            if pkts.remaining() == 0 {
-                write_tun(shared, &mut tun, &mut pkts);
+            if pkts[0].remaining() == 0 {
+                write_tun(shared, &mut tuns[0], &mut pkts[0]);
             }
-            let ov = &shared.overlay;
-            pkts.push_with(|slot| match ov.decapsulate(now, from, data, slot) {
-                Received::Packet { len } => Some(len),
-                Received::Control => {
-                    control = true;
-                    None
-                }
-                Received::Dropped => None,
-            });
+            let (first, others) = pkts.split_first_mut().expect("one batch at least");
+            let Some(out) = first.spare_slot() else {
+                continue;
+            };
+            match shared.overlay.decapsulate(now, from, data, out) {
+                Received::Packet { len } => match flow_queue(&out[..len], n) {
+                    0 => first.commit(len),
+                    q => {
+                        let b = &mut others[q - 1];
+                        if b.remaining() == 0 {
+                            write_tun(shared, &mut tuns[q], b);
+                        }
+                        b.push(&out[..len]);
+                    }
+                },
+                Received::Control => control = true,
+                Received::Dropped => {}
+            }
         }
-        write_tun(shared, &mut tun, &mut pkts);
+        for (t, b) in tuns.iter_mut().zip(pkts.iter_mut()) {
+            write_tun(shared, t, b);
+        }
         // Authenticated datagrams from new sources (a NAT rebound) and NAT traversal's input.
         if shared.overlay.process(now) {
             control = true;
@@ -234,5 +301,38 @@ fn timers(shared: &Shared, mut udp: UdpBatch) {
         let next = shared.overlay.poll_timeout();
         let wait = next.saturating_duration_since(Instant::now());
         std::thread::sleep(wait.clamp(MIN_SLEEP, MAX_SLEEP));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::flow_queue;
+
+    fn tcp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+        let mut p = vec![0u8; 40];
+        p[0] = 0x45;
+        p[9] = 6;
+        p[12..16].copy_from_slice(&src);
+        p[16..20].copy_from_slice(&dst);
+        p[20..22].copy_from_slice(&sport.to_be_bytes());
+        p[22..24].copy_from_slice(&dport.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn both_directions_of_a_flow_share_a_queue_and_flows_spread() {
+        let mut used = [0usize; 4];
+        for port in 40000..40064u16 {
+            let a = tcp4([10, 10, 0, 1], [10, 10, 0, 2], port, 5201);
+            let b = tcp4([10, 10, 0, 2], [10, 10, 0, 1], 5201, port);
+            let q = flow_queue(&a, 4);
+            assert_eq!(q, flow_queue(&b, 4), "port {port}");
+            used[q] += 1;
+        }
+        assert!(used.iter().all(|&n| n >= 4), "{used:?}");
+        assert_eq!(flow_queue(&tcp4([1, 2, 3, 4], [5, 6, 7, 8], 1, 2), 1), 0);
+        // Not IP, or cut: queue 0.
+        assert_eq!(flow_queue(&[0x45, 0, 0], 4), 0);
+        assert_eq!(flow_queue(&[], 4), 0);
     }
 }

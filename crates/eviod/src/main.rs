@@ -191,7 +191,9 @@ fn run(mut cfg: Config) -> Result<()> {
             .saturating_sub(evio_tunnel::OVERHEAD as u32)
             .max(1280)
     });
-    let tun = evio_fastio::Tun::create(&cfg.interface, mtu, true)
+    let mut tun_opts = evio_fastio::TunOptions::new(&cfg.interface, mtu);
+    tun_opts.multi_queue = cfg.tun_queues > 1;
+    let tun = evio_fastio::Tun::with_options(tun_opts)
         .with_context(|| format!("cannot create TUN device {}", cfg.interface))?;
     tracing::info!(
         offloads = tun.offload_flags(),
@@ -249,14 +251,14 @@ fn run(mut cfg: Config) -> Result<()> {
             public_key: keys::encode(&public_key),
         },
     ));
-    let threads = dataplane::start(shared.clone(), tun, udp, mtu)?;
+    let threads = dataplane::start(shared.clone(), tun, udp, mtu, cfg.tun_queues)?;
     ctl::serve(shared.clone(), &cfg.state_dir)?;
     if let Some(addr) = cfg.metrics_addr {
         let local = metrics::serve(shared.clone(), addr)
             .with_context(|| format!("cannot serve metrics on {addr}"))?;
         tracing::info!(%local, "metrics");
     }
-    tracing::info!(interface = %cfg.interface, mtu, port = cfg.listen_port, "data plane up");
+    tracing::info!(interface = %cfg.interface, mtu, port = cfg.listen_port, queues = cfg.tun_queues, "data plane up");
 
     // Never routed into the tunnel, whatever etcd says.
     let mut servers = control::etcd_addresses(&cfg.etcd.endpoints);
