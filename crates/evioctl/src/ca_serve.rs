@@ -23,7 +23,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -646,7 +645,7 @@ async fn changed(w: &mut WatchStream) -> Result<bool> {
     }
 }
 
-fn lock(dir: &std::path::Path) -> Result<std::fs::File> {
+fn lock(dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
     use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join("serve.lock");
     let f = std::fs::OpenOptions::new()
@@ -656,14 +655,12 @@ fn lock(dir: &std::path::Path) -> Result<std::fs::File> {
         .mode(0o600)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        bail!(
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| {
+        anyhow::anyhow!(
             "another `evioctl ca serve` runs with the CA directory {} (one signer per CA)",
             dir.display()
-        );
-    }
-    Ok(f)
+        )
+    })
 }
 
 pub fn run(args: Args) -> Result<()> {

@@ -43,18 +43,15 @@ pub struct Args {
 
 /// Moves this thread (the only one: call before starting the runtime) into the named network namespace.
 fn enter_netns(name: &str) -> Result<()> {
-    use std::os::fd::AsRawFd;
     anyhow::ensure!(
         !name.is_empty() && !name.contains('/') && name != "." && name != "..",
         "invalid namespace name {name:?}"
     );
     let f = std::fs::File::open(format!("/run/netns/{name}"))
         .with_context(|| format!("opening network namespace {name}"))?;
-    // SAFETY: setns(2) on a descriptor we own; it changes only this thread's namespace.
-    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .context(format!("entering network namespace {name}"));
-    }
+    // Changes only this thread's namespace.
+    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("entering network namespace {name}"))?;
     Ok(())
 }
 

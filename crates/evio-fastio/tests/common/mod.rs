@@ -23,9 +23,9 @@ pub const UDP_PORT: u16 = 51820;
 /// Moves the calling thread into network namespace `name` (per-thread for network namespaces).
 pub fn enter_netns(name: &str) {
     let f = File::open(format!("/run/netns/{name}")).expect("open netns");
-    // SAFETY: setns with an open namespace fd; affects only this thread's network namespace.
-    let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(r, 0, "setns {name}: {}", io::Error::last_os_error());
+    // Affects only this thread's network namespace.
+    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+        .unwrap_or_else(|e| panic!("setns {name}: {e}"));
 }
 
 #[derive(Debug, Clone, Copy, Default)]
