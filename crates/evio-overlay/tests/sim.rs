@@ -247,6 +247,11 @@ impl World {
 
     fn route(&mut self, d: Datagram, hop: Hop) {
         let now = self.now;
+        // A firewall or dead link between public addresses (applied on every hop: public hosts reach
+        // each other without crossing the internet hop).
+        if (self.block)(&d) {
+            return;
+        }
         match hop {
             Hop::FromHost(i) => {
                 let nat = self.hosts[i].nat;
@@ -265,9 +270,6 @@ impl World {
                 }
             }
             Hop::Internet => {
-                if (self.block)(&d) {
-                    return;
-                }
                 if self.turn.owns(d.dst) {
                     for out in self.turn.handle(d.src, d.dst, &d.payload, now) {
                         self.enqueue(
@@ -554,4 +556,39 @@ fn a_lazy_peers_first_packet_is_delivered_within_a_second() {
     let got = got.expect("the first packet was lost");
     eprintln!("a lazy peer's first packet arrived after {got:?}");
     assert!(got <= S, "delivered after {got:?}");
+}
+
+#[test]
+fn a_session_the_peer_started_carries_our_replies_before_our_own_path_is_chosen() {
+    // Two public hosts (no relay) whose connectivity checks are all lost, so neither agent selects a path; host 0's
+    // path is then set by hand (as its agent would), so only host 0 has one when it starts the session.
+    let mut w = World::new(false);
+    w.add_host_with("198.18.9.1:51820", None, false);
+    w.add_host_with("198.18.9.2:51820", None, false);
+    let hosts: [SocketAddr; 2] = [
+        "198.18.9.1:51820".parse().unwrap(),
+        "198.18.9.2:51820".parse().unwrap(),
+    ];
+    // STUN (a first byte of 0 or 1 and the magic cookie) between the hosts is dropped; WireGuard is not.
+    w.block = Box::new(move |d| {
+        hosts.contains(&d.src)
+            && hosts.contains(&d.dst)
+            && d.payload.get(4..8) == Some(&[0x21, 0x12, 0xa4, 0x42][..])
+    });
+    w.run_for(3 * S);
+    assert!(w.path(0, 1).is_none() && w.path(1, 0).is_none());
+    let id = w.hosts[0].node.tunnel().peer_id(&w.hosts[1].key).unwrap();
+    w.hosts[0]
+        .node
+        .tunnel()
+        .set_path(id, hosts[1], evio_overlay::evio_tunnel::PathKind::Direct);
+    // Host 0 starts the session; host 1 answers through it: the handshake's source is its endpoint
+    // while its agent has chosen nothing (the test fails without that rule: the reply has nowhere to go).
+    assert!(w.ping_until_received(0, 1, b"ping", S).is_some());
+    let t = w.ping_until_received(1, 0, b"pong", S);
+    assert!(t.is_some(), "host 1's reply was lost");
+    assert!(
+        w.path(1, 0).is_none(),
+        "host 1's agent chose a path after all"
+    );
 }
