@@ -242,18 +242,18 @@ fn udp_to_tun(shared: &Shared, mut tuns: Vec<Tun>, mut udp: UdpBatch, slot: usiz
                 write_tun(shared, &mut tuns[0], &mut pkts[0]);
             }
             let (first, others) = pkts.split_first_mut().expect("one batch at least");
-            let Some(out) = first.spare_slot() else {
+            let Some(buf) = first.spare_slot() else {
                 continue;
             };
-            match shared.overlay.decapsulate(now, from, data, out) {
-                Received::Packet { len } => match flow_queue(&out[..len], n) {
+            match shared.overlay.decapsulate(now, from, data, buf) {
+                Received::Packet { len } => match flow_queue(&buf[..len], n) {
                     0 => first.commit(len),
                     q => {
                         let b = &mut others[q - 1];
                         if b.remaining() == 0 {
                             write_tun(shared, &mut tuns[q], b);
                         }
-                        b.push(&out[..len]);
+                        b.push(&buf[..len]);
                     }
                 },
                 Received::Control => control = true,
