@@ -35,6 +35,19 @@ struct Agent {
 }
 
 impl Agent {
+    /// An agent named `name` on `host`, its state and log under `dir`, not started.
+    fn new(name: &str, host: Host, dir: &std::path::Path) -> Agent {
+        Agent {
+            name: name.to_string(),
+            host,
+            state_dir: dir.join(name),
+            log: dir.join(format!("{name}.log")),
+            child: None,
+            extra: Vec::new(),
+            services: None,
+        }
+    }
+
     fn start(&mut self, lab: &Lab) {
         let turn = lab.turn().expect("turn");
         let log = std::fs::OpenOptions::new()
@@ -187,15 +200,7 @@ impl Matrix {
         ];
         let agents = hosts
             .into_iter()
-            .map(|(name, host)| Agent {
-                name: name.to_string(),
-                host,
-                state_dir: dir.path().join(name),
-                log: dir.path().join(format!("{name}.log")),
-                child: None,
-                extra: Vec::new(),
-                services: None,
-            })
+            .map(|(name, host)| Agent::new(name, host, dir.path()))
             .collect();
         Matrix {
             agents,
@@ -665,15 +670,7 @@ fn relay_fallback_back_to_direct_and_public_address_change() {
         ("p", lab.public_hosts()[0].clone()),
     ]
     .into_iter()
-    .map(|(name, host)| Agent {
-        name: name.into(),
-        host,
-        state_dir: dir.path().join(name),
-        log: dir.path().join(format!("{name}.log")),
-        child: None,
-        extra: Vec::new(),
-        services: None,
-    })
+    .map(|(name, host)| Agent::new(name, host, dir.path()))
     .collect();
     for a in &mut agents {
         a.start(&lab);
@@ -872,15 +869,7 @@ fn bench_connectivity_time_and_relay_throughput() {
         ("b", lab.site_host(1, 0).clone()),
     ]
     .into_iter()
-    .map(|(name, host)| Agent {
-        name: name.into(),
-        host,
-        state_dir: dir.path().join(name),
-        log: dir.path().join(format!("{name}.log")),
-        child: None,
-        extra: Vec::new(),
-        services: None,
-    })
+    .map(|(name, host)| Agent::new(name, host, dir.path()))
     .collect();
     for a in &mut agents {
         a.start(&lab);
@@ -964,15 +953,7 @@ fn nat_rebinding_heals_within_a_second() {
         ("s", lab.site_host(2, 0).clone()),
     ]
     .into_iter()
-    .map(|(name, host)| Agent {
-        name: name.into(),
-        host,
-        state_dir: dir.path().join(name),
-        log: dir.path().join(format!("{name}.log")),
-        child: None,
-        extra: Vec::new(),
-        services: None,
-    })
+    .map(|(name, host)| Agent::new(name, host, dir.path()))
     .collect();
     for a in &mut agents {
         a.start(&lab);
@@ -1233,20 +1214,12 @@ fn bench_scale_cost_per_node() {
                 .unwrap();
             let mut agents: Vec<Agent> = (0..n)
                 .map(|i| {
-                    let name = format!("n{i}");
-                    Agent {
-                        host: lab.site_host(i, 0).clone(),
-                        state_dir: dir.path().join(&name),
-                        log: dir.path().join(format!("{name}.log")),
-                        child: None,
-                        extra: if lazy {
-                            vec!["--lazy-peers".into()]
-                        } else {
-                            Vec::new()
-                        },
-                        services: None,
-                        name,
+                    let mut a =
+                        Agent::new(&format!("n{i}"), lab.site_host(i, 0).clone(), dir.path());
+                    if lazy {
+                        a.extra = vec!["--lazy-peers".into()];
                     }
+                    a
                 })
                 .collect();
             let t0 = Instant::now();
@@ -1339,14 +1312,10 @@ fn ipv6_gives_a_direct_path_where_ipv4_needs_the_relay() {
         ("v4only", lab.site_host(2, 0).clone(), None),
     ]
     .into_iter()
-    .map(|(name, host, services)| Agent {
-        name: name.to_string(),
-        host,
-        state_dir: dir.path().join(name),
-        log: dir.path().join(format!("{name}.log")),
-        child: None,
-        extra: Vec::new(),
-        services,
+    .map(|(name, host, services)| {
+        let mut a = Agent::new(name, host, dir.path());
+        a.services = services;
+        a
     })
     .collect();
     for a in &mut agents {
@@ -1428,14 +1397,10 @@ fn an_ipv6_only_underlay_carries_the_overlay() {
     let mut agents: Vec<Agent> = ["six-a", "six-b"]
         .into_iter()
         .zip(lab.public_hosts().iter().cloned())
-        .map(|(name, host)| Agent {
-            name: name.to_string(),
-            host,
-            state_dir: dir.path().join(name),
-            log: dir.path().join(format!("{name}.log")),
-            child: None,
-            extra: Vec::new(),
-            services: Some(services.clone()),
+        .map(|(name, host)| {
+            let mut a = Agent::new(name, host, dir.path());
+            a.services = Some(services.clone());
+            a
         })
         .collect();
     for a in &mut agents {
