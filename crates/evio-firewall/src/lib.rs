@@ -26,12 +26,13 @@
 //!   without state, CHECK).
 //! - nfnetlink batches (`nfnl`): the per-pod fast path, adding or removing set elements in one message
 //!   batch on a netlink socket, well under a millisecond where an `nft` run costs 3-20 ms (process start
-//!   and its own netlink cache; docs/bench/cni.md). Its `unsafe` is confined to the socket calls of
-//!   `nfnl::Nfnl` (socket, bind, send, recv), each with its `SAFETY` note; message encoding is safe code.
+//!   and its own netlink cache; docs/bench/cni.md). The socket is `netlink-sys`'s (no `unsafe` here);
+//!   the message encoding is this crate's, safe code.
 //! - the marker-file cache (`marker`): tells ADD whether the table already holds every no-masquerade CIDR
 //!   it needs, so the fast path can be taken; a wrong or missing marker only costs one `nft` run.
 //!
-//! Dependencies: `serde_json` reads `nft -j` listings; `ipnet` for CIDRs; `libc` for the netlink socket.
+//! Dependencies: `serde_json` reads `nft -j` listings; `ipnet` for CIDRs; `netlink-sys` for the netlink
+//! socket (already in the workspace through `evio-netlink`); `libc` for errno and flag constants.
 
 mod marker;
 mod nfnl;

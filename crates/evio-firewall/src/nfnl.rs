@@ -6,9 +6,7 @@
 
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-const NETLINK_NETFILTER: i32 = 12;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 16;
 const NFNL_MSG_BATCH_END: u16 = 17;
@@ -84,44 +82,20 @@ pub struct Elem<'a> {
 type Answer = (u16, u32, i32, Vec<u8>);
 
 pub struct Nfnl {
-    fd: OwnedFd,
+    sock: netlink_sys::Socket,
     seq: u32,
 }
 
 impl Nfnl {
     pub fn open() -> io::Result<Nfnl> {
-        // SAFETY: plain socket(2) call; a non-negative result is a new fd we own.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                NETLINK_NETFILTER,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: sockaddr_nl is plain old data; all-zero means "kernel assigns the port id".
-        let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        sa.nl_family = libc::AF_NETLINK as u16;
-        // SAFETY: valid fd and a sockaddr_nl of the size passed.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&sa as *const libc::sockaddr_nl).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as u32,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let mut sock = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_NETFILTER)?;
+        // The kernel assigns the port id.
+        sock.bind_auto()?;
         let seq = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or(1);
-        Ok(Nfnl { fd, seq })
+        Ok(Nfnl { sock, seq })
     }
 
     fn msg(
@@ -148,40 +122,24 @@ impl Nfnl {
     }
 
     fn send(&self, buf: &[u8]) -> io::Result<()> {
-        // SAFETY: valid fd and buffer of the given length.
-        let n = unsafe { libc::send(self.fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        self.sock.send(buf, 0).map(|_| ())
     }
 
     /// Reads every queued answer (the kernel handles a request inside send, so they are all there):
     /// `(type, seq, errno or 0, payload)`.
     fn drain(&self, block_first: bool) -> io::Result<Vec<Answer>> {
         let mut out = Vec::new();
-        let mut buf = vec![0u8; 65536];
+        let mut buf: Vec<u8> = Vec::with_capacity(65536);
         let mut first = block_first;
         loop {
             let flags = if first { 0 } else { libc::MSG_DONTWAIT };
             first = false;
-            // SAFETY: valid fd and writable buffer of the given length.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    flags,
-                )
+            buf.clear();
+            let n = match self.sock.recv(&mut buf, flags) {
+                Ok(n) => n.min(buf.len()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(out),
+                Err(e) => return Err(e),
             };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::WouldBlock {
-                    return Ok(out);
-                }
-                return Err(e);
-            }
-            let n = n as usize;
             let mut off = 0;
             while off + 16 <= n {
                 let len =
