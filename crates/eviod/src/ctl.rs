@@ -40,7 +40,9 @@ pub fn serve(shared: Arc<Shared>, state_dir: &Path) -> anyhow::Result<()> {
                     "" | evio_api::STATUS_COMMAND => {
                         serde_json::to_string(&shared.status()).unwrap_or_default()
                     }
-                    "metrics" => serde_json::to_string(&shared.metrics()).unwrap_or_default(),
+                    "metrics" => {
+                        serde_json::to_string(&crate::metrics::render(&shared)).unwrap_or_default()
+                    }
                     other => serde_json::json!({ "error": format!("unknown command {other:?}") })
                         .to_string(),
                 };

@@ -17,6 +17,11 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use evio_overlay::CandidateKind;
+use evio_tunnel::PeerStatus;
+
 use crate::state::Shared;
 
 /// The OpenMetrics text format `prometheus-client` writes.
@@ -105,7 +110,7 @@ pub fn serve(shared: Arc<Shared>, addr: SocketAddr) -> anyhow::Result<SocketAddr
             let n = c.read(&mut req).unwrap_or(0);
             let head = String::from_utf8_lossy(&req[..n]);
             let (status, ctype, body) = if head.starts_with("GET /metrics") || head.starts_with("GET / ") {
-                ("200 OK", CONTENT_TYPE, shared.metrics())
+                ("200 OK", CONTENT_TYPE, render(&shared))
             } else if head.starts_with("GET /status") {
                 ("200 OK", "application/json", serde_json::to_string(&shared.status()).unwrap_or_default())
             } else {
@@ -119,6 +124,181 @@ pub fn serve(shared: Arc<Shared>, addr: SocketAddr) -> anyhow::Result<SocketAddr
         }
     })?;
     Ok(local)
+}
+
+/// Prometheus text exposition of the agent's metrics (the control socket's `metrics` and `GET /metrics`).
+pub fn render(shared: &Shared) -> String {
+    let c = &shared.counters;
+    let (peers, drops, handshakes) = {
+        let n = shared.node();
+        (n.peers(), n.drops(), n.handshakes_total())
+    };
+    let meta = shared
+        .meta
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let up = peers
+        .iter()
+        .filter(|p| p.path != evio_tunnel::PathKind::Connecting)
+        .count();
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let mut m = Exposition::default();
+    m.info(
+        "evio_build_info",
+        "The agent's version.",
+        vec![("version", env!("CARGO_PKG_VERSION").to_string())],
+    );
+    m.gauge(
+        "evio_peers",
+        "Peers known from the control plane.",
+        peers.len() as i64,
+    );
+    m.gauge("evio_peers_connected", "Peers with a session.", up as i64);
+    m.counter("evio_handshakes_total", "Completed handshakes.", handshakes);
+    m.counters(
+        "evio_drops_total",
+        "Dropped packets and datagrams by reason.",
+        "reason",
+        drops.iter().map(|(r, n)| (r.as_str().to_string(), n)),
+    );
+    let name = |p: &PeerStatus| {
+        meta.get(&p.public_key)
+            .map(|m| m.node.clone())
+            .unwrap_or_else(|| p.name.clone())
+    };
+    type PeerCounter = (&'static str, &'static str, fn(&PeerStatus) -> u64);
+    let per_peer: [PeerCounter; 3] = [
+        (
+            "evio_peer_rx_bytes_total",
+            "Inner bytes received from a peer.",
+            |p| p.rx_bytes,
+        ),
+        (
+            "evio_peer_tx_bytes_total",
+            "Inner bytes sent to a peer.",
+            |p| p.tx_bytes,
+        ),
+        (
+            "evio_peer_handshakes_total",
+            "Completed handshakes with a peer.",
+            |p| p.handshakes,
+        ),
+    ];
+    for (metric, help, value) in per_peer {
+        m.counters(
+            metric,
+            help,
+            "peer",
+            peers.iter().map(|p| (name(p), value(p))),
+        );
+    }
+    for (metric, help, v) in [
+        (
+            "evio_tun_rx_packets_total",
+            "Packets read from the TUN device.",
+            &c.tun_rx_packets,
+        ),
+        (
+            "evio_tun_tx_packets_total",
+            "Packets written to the TUN device.",
+            &c.tun_tx_packets,
+        ),
+        (
+            "evio_udp_rx_datagrams_total",
+            "Datagrams received.",
+            &c.udp_rx_datagrams,
+        ),
+        (
+            "evio_udp_tx_datagrams_total",
+            "Datagrams sent.",
+            &c.udp_tx_datagrams,
+        ),
+        (
+            "evio_etcd_errors_total",
+            "Failed etcd operations.",
+            &c.etcd_errors,
+        ),
+    ] {
+        m.counter(metric, help, load(v));
+    }
+    m.gauge(
+        "evio_etcd_connected",
+        "Whether the control plane reaches etcd.",
+        c.etcd_connected.load(Ordering::Relaxed) as i64,
+    );
+    m.gauge(
+        "evio_registrations_rejected",
+        "Registrations in etcd not accepted as peers (see the log for why).",
+        load(&c.registrations_rejected) as i64,
+    );
+    m.gauge(
+        "evio_name_taken",
+        "Whether this node's name is registered with another public key (registration refused).",
+        c.name_taken.load(Ordering::Relaxed) as i64,
+    );
+    nat(&shared.overlay, &mut m);
+    m.encode()
+}
+
+/// Adds the NAT traversal metrics.
+fn nat(node: &evio_overlay::OverlayNode, m: &mut Exposition) {
+    let (cands, relayed) = (node.candidates().1, node.relay_allocated());
+    let c = node.counters();
+    for (name, help, v) in [
+        (
+            "evio_path_changes_total",
+            "Path changes chosen by NAT traversal (direct, relay, none).",
+            &c.path_changes,
+        ),
+        (
+            "evio_relay_tx_bytes_total",
+            "Bytes sent through our TURN allocation (framing included).",
+            &c.relay_tx_bytes,
+        ),
+        (
+            "evio_relay_rx_bytes_total",
+            "Bytes received through our TURN allocation (framing included).",
+            &c.relay_rx_bytes,
+        ),
+        (
+            "evio_nat_stun_rx_datagrams_total",
+            "STUN/TURN datagrams handled by NAT traversal.",
+            &c.checks_rx,
+        ),
+        (
+            "evio_lazy_peers_woken_total",
+            "Lazy peers taken up (a packet to them, or a check from them).",
+            &c.peers_woken,
+        ),
+        (
+            "evio_lazy_peers_idled_total",
+            "Lazy peers put to rest after the idle timeout.",
+            &c.peers_idled,
+        ),
+    ] {
+        m.counter(name, help, v.load(Ordering::Relaxed));
+    }
+    m.gauges(
+        "evio_candidates",
+        "Local candidates by kind.",
+        "kind",
+        [
+            CandidateKind::Host,
+            CandidateKind::ServerReflexive,
+            CandidateKind::Relayed,
+        ]
+        .into_iter()
+        .map(|k| {
+            let n = cands.iter().filter(|c| c.kind == k).count();
+            (k.as_str().to_string(), n as i64)
+        }),
+    );
+    m.gauge(
+        "evio_turn_allocated",
+        "Whether a TURN allocation exists.",
+        relayed as i64,
+    );
 }
 
 #[cfg(test)]

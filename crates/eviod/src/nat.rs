@@ -1,13 +1,12 @@
 //! NAT traversal settings and records in eviod. NAT traversal itself (candidates, checks, path
 //! selection, the TURN relay and its framing) lives in `evio-overlay`'s node, beside the tunnel core; this
-//! module turns the command line into its settings, its candidates into the node record and back, and its
-//! counters into metrics.
+//! module turns the command line into its settings and its candidates into the node record and back (its
+//! counters become metrics in `metrics.rs`).
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::Ordering;
 
 use anyhow::{Context, Result, bail};
-use evio_overlay::{Candidate, CandidateKind, OverlayNode, TurnConfig};
+use evio_overlay::{Candidate, CandidateKind, TurnConfig};
 
 use crate::config::NatConfig;
 
@@ -46,66 +45,6 @@ pub fn agent_settings(cfg: &NatConfig) -> Result<(Vec<SocketAddr>, Option<TurnCo
         _ => None,
     };
     Ok((stun, turn))
-}
-
-/// Adds the NAT traversal metrics.
-pub fn metrics(node: &OverlayNode, m: &mut crate::metrics::Exposition) {
-    let (cands, relayed) = (node.candidates().1, node.relay_allocated());
-    let c = node.counters();
-    for (name, help, v) in [
-        (
-            "evio_path_changes_total",
-            "Path changes chosen by NAT traversal (direct, relay, none).",
-            &c.path_changes,
-        ),
-        (
-            "evio_relay_tx_bytes_total",
-            "Bytes sent through our TURN allocation (framing included).",
-            &c.relay_tx_bytes,
-        ),
-        (
-            "evio_relay_rx_bytes_total",
-            "Bytes received through our TURN allocation (framing included).",
-            &c.relay_rx_bytes,
-        ),
-        (
-            "evio_nat_stun_rx_datagrams_total",
-            "STUN/TURN datagrams handled by NAT traversal.",
-            &c.checks_rx,
-        ),
-        (
-            "evio_lazy_peers_woken_total",
-            "Lazy peers taken up (a packet to them, or a check from them).",
-            &c.peers_woken,
-        ),
-        (
-            "evio_lazy_peers_idled_total",
-            "Lazy peers put to rest after the idle timeout.",
-            &c.peers_idled,
-        ),
-    ] {
-        m.counter(name, help, v.load(Ordering::Relaxed));
-    }
-    m.gauges(
-        "evio_candidates",
-        "Local candidates by kind.",
-        "kind",
-        [
-            CandidateKind::Host,
-            CandidateKind::ServerReflexive,
-            CandidateKind::Relayed,
-        ]
-        .into_iter()
-        .map(|k| {
-            let n = cands.iter().filter(|c| c.kind == k).count();
-            (k.as_str().to_string(), n as i64)
-        }),
-    );
-    m.gauge(
-        "evio_turn_allocated",
-        "Whether a TURN allocation exists.",
-        relayed as i64,
-    );
 }
 
 /// Our candidates as published in the NodeRecord (peer-reflexive ones are learned, never published).
