@@ -322,6 +322,21 @@ impl Matrix {
     }
 }
 
+/// Every agent's last log lines and status, for assertion messages.
+fn logs(agents: &[Agent]) -> String {
+    agents
+        .iter()
+        .map(|a| {
+            format!(
+                "=== {} ===\n{}\n--- status ---\n{}\n",
+                a.name,
+                tail(&a.log_text(), 60),
+                a.status().map(|v| v.to_string()).unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
 fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
@@ -675,19 +690,6 @@ fn relay_fallback_back_to_direct_and_public_address_change() {
     for a in &mut agents {
         a.start(&lab);
     }
-    let logs = |agents: &[Agent]| -> String {
-        agents
-            .iter()
-            .map(|a| {
-                format!(
-                    "=== {} ===\n{}\n{}\n",
-                    a.name,
-                    tail(&a.log_text(), 50),
-                    a.status().map(|s| s.to_string()).unwrap_or_default()
-                )
-            })
-            .collect()
-    };
     let path = |x: usize, y: &str| agents[x].path_to(y).map(|p| p.0).unwrap_or_default();
     assert!(
         wait_until(Duration::from_secs(30), || path(0, "b") == "direct"
@@ -958,19 +960,6 @@ fn nat_rebinding_heals_within_a_second() {
     for a in &mut agents {
         a.start(&lab);
     }
-    let logs = |agents: &[Agent]| -> String {
-        agents
-            .iter()
-            .map(|a| {
-                format!(
-                    "=== {} ===\n{}\n{}\n",
-                    a.name,
-                    tail(&a.log_text(), 60),
-                    a.status().map(|s| s.to_string()).unwrap_or_default()
-                )
-            })
-            .collect()
-    };
     let path = |x: usize, y: &str| agents[x].path_to(y).map(|p| p.0).unwrap_or_default();
     assert!(
         wait_until(Duration::from_secs(40), || path(0, "b") == "direct"
@@ -1321,19 +1310,6 @@ fn ipv6_gives_a_direct_path_where_ipv4_needs_the_relay() {
     for a in &mut agents {
         a.start(&lab);
     }
-    let logs = |agents: &[Agent]| -> String {
-        agents
-            .iter()
-            .map(|a| {
-                format!(
-                    "=== {} ===\n{}\n--- status ---\n{}\n",
-                    a.name,
-                    tail(&a.log_text(), 60),
-                    a.status().map(|v| v.to_string()).unwrap_or_default()
-                )
-            })
-            .collect()
-    };
     let want = |a: &str, b: &str| {
         if a.starts_with("dual") && b.starts_with("dual") {
             "direct"
@@ -1413,12 +1389,6 @@ fn an_ipv6_only_underlay_carries_the_overlay() {
         );
         a.start(&lab);
     }
-    let logs = |agents: &[Agent]| -> String {
-        agents
-            .iter()
-            .map(|a| format!("=== {} ===\n{}\n", a.name, tail(&a.log_text(), 60)))
-            .collect()
-    };
     let direct = wait_until(Duration::from_secs(30), || {
         agents[0]
             .path_to("six-b")
