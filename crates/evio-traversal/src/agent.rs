@@ -29,7 +29,7 @@ use crate::candidate::{Candidate, CandidateKind, is_private};
 use crate::demux::{self, Kind};
 use crate::stun::{Builder, Class, Message, TransactionId, attr, method};
 use crate::turn::{TurnClient, TurnConfig, TurnEvent, TurnInput};
-use crate::txn::{Pending, Schedule, Step};
+use crate::txn::{Pending, Schedule, Step, smooth};
 
 /// Longest re-check interval of a failed pair while the peer has a direct path.
 const RECHECK_IDLE_MAX: Duration = Duration::from_secs(60);
@@ -240,6 +240,8 @@ struct Pair {
     next_check: Instant,
     fails: u32,
     rtt: Option<Duration>,
+    /// Smoothed round trip of this pair's checks: their retransmission timeout ([`Schedule::check`]).
+    srtt: Option<Duration>,
     /// When the last check of this pair succeeded.
     last_ok: Option<Instant>,
     /// Learned from traffic (peer-reflexive), not from the peer's published candidates.
@@ -405,6 +407,9 @@ pub struct Agent {
     /// Peers whose pairs changed since their deadline was indexed; `settle` re-indexes them before any
     /// public method returns.
     dirty: HashSet<PeerKey>,
+    /// Smoothed round trip of all checks: the first checks of new pairs are timed by it (on a loaded
+    /// machine every path is slow).
+    srtt: Option<Duration>,
 }
 
 impl Agent {
@@ -445,6 +450,7 @@ impl Agent {
             unknown: (now, Vec::new()),
             deadlines: BTreeSet::new(),
             dirty: HashSet::new(),
+            srtt: None,
         };
         a.handle_timeout(now);
         a
@@ -846,7 +852,8 @@ impl Agent {
                 Some((_, pend)) => match pend.on_timer(now) {
                     Step::Wait => {}
                     Step::Resend => {
-                        // The selected pair has not answered 3 sends (300 ms): suspect it.
+                        // The selected pair has not answered 3 sends (300 ms on a quick path, 3 x its
+                        // timeout on a slow one): suspect it.
                         suspect |= Some(p.id) == selected && pend.sends() == 3;
                         resend.push((p.base, p.remote, pend.bytes.clone()))
                     }
@@ -1007,10 +1014,8 @@ impl Agent {
         }
         let tid = TransactionId(self.rng.random());
         let bytes = encode_check(tid, &local, unix_ms, &check_key);
-        p.inflight = Some((
-            tid,
-            Pending::new(bytes.clone(), p.remote, now, Schedule::CHECK),
-        ));
+        let schedule = Schedule::check(p.srtt.or(self.srtt));
+        p.inflight = Some((tid, Pending::new(bytes.clone(), p.remote, now, schedule)));
         let (base, remote) = (p.base, p.remote);
         self.checks.insert(tid, (key, id));
         self.send_check_bytes(base, remote, bytes);
@@ -1256,7 +1261,12 @@ impl Agent {
         let Some((_, pend)) = p.inflight.take() else {
             return;
         };
-        p.rtt = Some(now.saturating_duration_since(pend.first_sent));
+        // From the first send: an answer to a resend counts as slow (Karn's ambiguity resolved
+        // towards longer timeouts, which is what a loaded path needs).
+        let rtt = now.saturating_duration_since(pend.first_sent);
+        p.rtt = Some(rtt);
+        p.srtt = Some(smooth(p.srtt, rtt));
+        self.srtt = Some(smooth(self.srtt, rtt));
         p.state = PairState::Succeeded;
         p.fails = 0;
         p.last_ok = Some(now);
@@ -1455,6 +1465,7 @@ impl Agent {
                 next_check,
                 fails: 0,
                 rtt: None,
+                srtt: None,
                 last_ok: None,
                 learned: false,
                 later,
