@@ -1117,7 +1117,11 @@ impl Agent {
                         .iter_mut()
                         .find(|s| s.inflight.as_ref().is_some_and(|(t, _)| *t == msg.tid))
                 {
-                    s.inflight = None;
+                    if let Some((_, pend)) = s.inflight.take() {
+                        // The server's round trip says how loaded the way out is, before any check.
+                        let rtt = now.saturating_duration_since(pend.first_sent);
+                        self.srtt = Some(smooth(self.srtt, rtt));
+                    }
                     s.next = now + self.cfg.timers.stun_refresh;
                     if msg.class == Class::Success
                         && let Some(m) = msg
@@ -1656,6 +1660,11 @@ mod tests {
 
     /// An agent whose STUN server (198.18.0.1:3478) answered with a plain MAPPED-ADDRESS of 198.18.1.1.
     fn agent_mapped(t0: Instant) -> Agent {
+        agent_mapped_after(t0, Duration::ZERO)
+    }
+
+    /// The same, the answer received `rtt` after the request.
+    fn agent_mapped_after(t0: Instant, rtt: Duration) -> Agent {
         let server = sa("198.18.0.1:3478");
         let mut a = agent(vec![server], t0);
         let req = transmits(&mut a)
@@ -1667,7 +1676,7 @@ mod tests {
             .attr(attr::MAPPED_ADDRESS, &[0, 1, 0xCA, 0x6C, 198, 18, 1, 1])
             .fingerprint()
             .unwrap();
-        a.handle_input(server, &resp, t0);
+        a.handle_input(server, &resp, t0 + rtt);
         a
     }
 
@@ -1715,6 +1724,28 @@ mod tests {
                 assert_eq!(sent_to(&transmits(&mut a), lan), (0, 1), "checked later");
             }
         }
+    }
+
+    /// On a loaded machine (the STUN server answered in 1 s) a new pair's first check is not resent after
+    /// 100 ms: its timeout follows the round trips seen so far (1 s, the longest).
+    #[test]
+    fn first_checks_are_timed_by_the_round_trips_seen() {
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_secs(1);
+        let mut a = agent_mapped_after(t0, Duration::from_secs(1));
+        let public = sa("198.18.1.2:40000");
+        a.set_peer(
+            PEER,
+            KEY,
+            vec![Candidate::new(CandidateKind::ServerReflexive, public)],
+            t1,
+        );
+        a.handle_timeout(t1);
+        assert_eq!(sent_to(&transmits(&mut a), public), (0, 1));
+        a.handle_timeout(t1 + Duration::from_millis(900));
+        assert_eq!(sent_to(&transmits(&mut a), public), (0, 0), "resent early");
+        a.handle_timeout(t1 + Duration::from_secs(1));
+        assert_eq!(sent_to(&transmits(&mut a), public), (0, 1), "resent after 1 s");
     }
 
     /// An agent with PEER (one host candidate) and no traffic yet.
