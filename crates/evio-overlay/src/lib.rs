@@ -7,9 +7,11 @@
 //!   received ([`OverlayNode::decapsulate`], then [`OverlayNode::process`] once per batch), timeouts
 //!   ([`OverlayNode::handle_timeout`] at [`OverlayNode::poll_timeout`]), and the control plane's peers
 //!   ([`OverlayNode::tunnel`] for sessions and routes, [`OverlayNode::set_peers`] for candidates);
-//! - outputs: the datagram or packet written into the caller's buffer, and typed [`Transmit`]s
+//! - outputs: the datagram or packet written into the caller's buffer, typed [`Transmit`]s
 //!   ([`OverlayNode::poll_transmit`]) whose destination is [`Dst::Direct`] (send as is) or [`Dst::Relay`]
-//!   (prepend a ChannelData header and send to the TURN server).
+//!   (prepend a ChannelData header and send to the TURN server), [`NodeEvent`]s
+//!   ([`OverlayNode::poll_event`]: paths chosen, sessions, lazy peers woken and put to rest) and the next
+//!   timeout.
 //!
 //! eviod is the I/O around it (threads, the TUN device, the UDP socket, etcd); the simulation test
 //! (`tests/sim.rs`, feature `mock-time`) drives the same node on a fake clock through simulated NATs and a
@@ -29,5 +31,5 @@ mod relay;
 
 pub use evio_traversal::{Candidate, CandidateKind, Path, PathKind, PeerKey, TurnConfig};
 pub use evio_tunnel;
-pub use node::{Config, Counters, NatView, OverlayNode, Received};
+pub use node::{Config, Counters, EVENTS_MAX, NatView, NodeEvent, OverlayNode, Received};
 pub use relay::{CHANNEL_HEADER, Dst, Transmit};

@@ -75,6 +75,28 @@ pub enum Received {
     Dropped,
 }
 
+/// Events kept for [`OverlayNode::poll_event`] at most (a caller that never drains them loses the oldest,
+/// counted in [`Counters::events_dropped`]).
+pub const EVENTS_MAX: usize = 4096;
+
+/// What happened in the node, for the I/O layer to log or act on ([`OverlayNode::poll_event`]). Peers are
+/// named by key; the tunnel core's stand-in endpoints never appear.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// Our candidates changed ([`OverlayNode::candidates`] has them, with a new version: publish).
+    LocalCandidates(Vec<Candidate>),
+    /// NAT traversal chose a path to `peer`; `None`: no working path, every pair is re-checked.
+    PathChanged { peer: PeerKey, path: Option<Path> },
+    /// A WireGuard session with `peer` was established.
+    HandshakeCompleted { peer: PeerKey },
+    /// The session with `peer` expired (no new handshake in time: the peer is silent or unreachable).
+    SessionExpired { peer: PeerKey },
+    /// A lazy peer was taken up, by a packet to it (`by_packet`) or by its connectivity check.
+    PeerWoken { peer: PeerKey, by_packet: bool },
+    /// A lazy peer moved no packet for the idle timeout and was put to rest.
+    PeerIdled { peer: PeerKey },
+}
+
 /// Counters of NAT traversal and the relay (metrics).
 #[derive(Default)]
 pub struct Counters {
@@ -90,6 +112,8 @@ pub struct Counters {
     pub peers_woken: AtomicU64,
     /// Lazy peers put to rest.
     pub peers_idled: AtomicU64,
+    /// Events dropped because nobody drained them ([`EVENTS_MAX`]).
+    pub events_dropped: AtomicU64,
 }
 
 /// What status shows of NAT traversal ([`OverlayNode::view`]).
@@ -236,6 +260,7 @@ pub struct OverlayNode {
     /// The agent's datagrams waiting for [`OverlayNode::poll_transmit`], and whether there are any.
     out: Mutex<VecDeque<Transmit>>,
     has_out: AtomicBool,
+    events: Mutex<VecDeque<NodeEvent>>,
     /// NAT input was handled since the last [`OverlayNode::process`].
     work: AtomicBool,
     secret: StaticSecret,
@@ -297,6 +322,7 @@ impl OverlayNode {
             }),
             out: Mutex::new(VecDeque::new()),
             has_out: AtomicBool::new(false),
+            events: Mutex::new(VecDeque::new()),
             work: AtomicBool::new(false),
             secret: cfg.private_key,
             public,
@@ -330,6 +356,24 @@ impl OverlayNode {
 
     fn clock(&self) -> MutexGuard<'_, Clock> {
         self.clock.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn emit(&self, e: NodeEvent) {
+        let mut q = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        if q.len() >= EVENTS_MAX {
+            q.pop_front();
+            self.counters.events_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        q.push_back(e);
+    }
+
+    /// The next event (see [`NodeEvent`]); drain them after [`OverlayNode::handle_timeout`] (events of the
+    /// receive path wait until then).
+    pub fn poll_event(&self) -> Option<NodeEvent> {
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front()
     }
 
     // ---- control plane ----
@@ -555,9 +599,9 @@ impl OverlayNode {
             .fetch_add(idle.len() as u64, Ordering::Relaxed);
         for k in idle {
             if let Some(id) = self.tunnel.peer_id(&k) {
-                tracing::info!(peer = %self.name(id), "lazy peer idle");
                 self.tunnel.set_idle(id);
             }
+            self.emit(NodeEvent::PeerIdled { peer: k });
         }
     }
 
@@ -816,23 +860,30 @@ impl OverlayNode {
 
     fn tunnel_event(&self, e: &evio_tunnel::Event, now: Instant) {
         use evio_tunnel::Event as E;
+        let key = |id: &PeerId| self.tunnel.peer_key(*id);
         match e {
             E::HandshakeCompleted { peer, endpoint } => {
-                tracing::debug!(peer = %self.name(*peer), %endpoint, "handshake completed");
                 self.adopt_handshake_source(*peer, *endpoint);
+                if let Some(k) = key(peer) {
+                    self.emit(NodeEvent::HandshakeCompleted { peer: k });
+                }
             }
-            E::EndpointChanged { peer, endpoint } => {
-                tracing::info!(peer = %self.name(*peer), %endpoint, "peer endpoint changed");
-            }
+            // Only ever the path this node set (the core no longer roams).
+            E::EndpointChanged { .. } => {}
             E::SessionExpired { peer } => {
-                tracing::info!(peer = %self.name(*peer), "session expired");
+                if let Some(k) = key(peer) {
+                    self.emit(NodeEvent::SessionExpired { peer: k });
+                }
             }
             E::Wanted { peer } => {
                 tracing::debug!(peer = %self.name(*peer), "packets wait for a path");
-                if let Some(k) = self.tunnel.peer_key(*peer)
+                if let Some(k) = key(peer)
                     && self.wake(&k, now)
                 {
-                    tracing::info!(peer = %self.name(*peer), "lazy peer woken by a packet");
+                    self.emit(NodeEvent::PeerWoken {
+                        peer: k,
+                        by_packet: true,
+                    });
                 }
             }
         }
@@ -868,6 +919,7 @@ impl OverlayNode {
     fn pump(&self, now: Instant) {
         let mut unknown = Vec::new();
         let mut tx = Vec::new();
+        let mut events = Vec::new();
         {
             let mut g = self.lock();
             if g.agent.poll_timeout().is_some_and(|t| t <= now) {
@@ -885,28 +937,23 @@ impl OverlayNode {
             while let Some(e) = g.agent.poll_event() {
                 match e {
                     Event::LocalCandidates(c) => {
-                        tracing::info!(candidates = ?c.iter().map(|c| c.to_string()).collect::<Vec<_>>(), "local candidates");
-                        g.candidates = c;
+                        g.candidates = c.clone();
                         self.version.fetch_add(1, Ordering::AcqRel);
+                        events.push(NodeEvent::LocalCandidates(c));
                     }
                     Event::PathChanged { peer, path } => {
                         self.counters.path_changes.fetch_add(1, Ordering::Relaxed);
                         if let Some(e) = g.peers.get_mut(&peer) {
                             e.path = path;
                         }
+                        events.push(NodeEvent::PathChanged { peer, path });
                         let Some(id) = self.tunnel.peer_id(&peer) else {
                             continue;
                         };
-                        match path {
-                            Some(p) => {
-                                if let Some((ep, kind)) = g.target(&p, now) {
-                                    tracing::info!(peer = %self.name(id), endpoint = %p.remote, ?kind, "path selected");
-                                    self.tunnel.set_path(id, ep, kind);
-                                }
-                            }
-                            None => {
-                                tracing::info!(peer = %self.name(id), "no working path; re-checking")
-                            }
+                        if let Some(p) = path
+                            && let Some((ep, kind)) = g.target(&p, now)
+                        {
+                            self.tunnel.set_path(id, ep, kind);
                         }
                     }
                     Event::CheckFromUnknown(k) => {
@@ -923,11 +970,16 @@ impl OverlayNode {
             // Under the queue's lock, as the reset in `poll_transmit`: a flag never hides a datagram.
             self.has_out.store(true, Ordering::Release);
         }
+        for e in events {
+            self.emit(e);
+        }
         // Lazy peers checking us: take them up, so that their next check is answered.
         for k in unknown {
             if self.wake(&k, now) {
-                let name = self.tunnel.peer_id(&k).map(|id| self.name(id));
-                tracing::info!(peer = %name.unwrap_or_default(), "lazy peer woken by its check");
+                self.emit(NodeEvent::PeerWoken {
+                    peer: k,
+                    by_packet: false,
+                });
             }
         }
     }
@@ -961,5 +1013,39 @@ mod tests {
     #[test]
     fn the_node_is_shared_between_threads() {
         assert_send_sync::<OverlayNode>();
+    }
+
+    #[test]
+    fn undrained_events_are_bounded() {
+        let now = Instant::now();
+        let node = OverlayNode::new(
+            Config {
+                private_key: StaticSecret::from([7; 32]),
+                preshared_key: None,
+                persistent_keepalive: None,
+                port: 51820,
+                hosts: vec![],
+                stun: vec![],
+                turn: None,
+                lazy: true,
+                idle_timeout: Duration::from_secs(60),
+                unix_time: Duration::from_secs(1_790_000_000),
+                seed: 1,
+            },
+            now,
+        );
+        for i in 0..EVENTS_MAX + 10 {
+            node.emit(NodeEvent::PeerIdled {
+                peer: [(i % 256) as u8; 32],
+            });
+        }
+        let kept: Vec<NodeEvent> = std::iter::from_fn(|| node.poll_event()).collect();
+        assert_eq!(kept.len(), EVENTS_MAX);
+        assert_eq!(
+            kept[0],
+            NodeEvent::PeerIdled { peer: [10; 32] },
+            "the oldest go"
+        );
+        assert_eq!(node.counters().events_dropped.load(Ordering::Relaxed), 10);
     }
 }

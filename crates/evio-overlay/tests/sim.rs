@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use evio_overlay::evio_tunnel::{PeerConfig, PublicKey, StaticSecret};
-use evio_overlay::{Config, Dst, OverlayNode, PathKind, Received, TurnConfig};
+use evio_overlay::{Config, Dst, NodeEvent, OverlayNode, PathKind, Received, TurnConfig};
 use evio_traversal::sim::{Nat, NatType, TurnModel};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -373,6 +373,11 @@ impl World {
     }
 
     /// Packets host `j` received from host `i` whose payload is `payload`, and when.
+    /// Host `i`'s node events so far (drained).
+    fn events(&self, i: usize) -> Vec<NodeEvent> {
+        std::iter::from_fn(|| self.hosts[i].node.poll_event()).collect()
+    }
+
     fn received(&self, j: usize, payload: &[u8]) -> Option<Duration> {
         self.hosts[j]
             .inbox
@@ -458,6 +463,26 @@ fn easy_nats_get_a_direct_path() {
     w.run_for(5 * S);
     assert_eq!(w.path(0, 1).map(|p| p.kind), Some(PathKind::Direct));
     assert!(w.ping_until_received(0, 1, b"direct", S).is_some());
+    // What happened is told as events, peers by key (what eviod logs).
+    let peer = w.hosts[1].key;
+    let events = w.events(0);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, NodeEvent::LocalCandidates(c) if !c.is_empty())),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(
+            |e| matches!(e, NodeEvent::PathChanged { peer: p, path: Some(x) }
+            if *p == peer && x.kind == PathKind::Direct)
+        ),
+        "{events:?}"
+    );
+    assert!(
+        events.contains(&NodeEvent::HandshakeCompleted { peer }),
+        "{events:?}"
+    );
     let p = ipv4(w.hosts[0].vip, w.hosts[1].vip, b"x");
     assert_eq!(
         w.hosts[0].node.dst_for(&p),
@@ -556,6 +581,13 @@ fn a_lazy_peers_first_packet_is_delivered_within_a_second() {
     let got = got.expect("the first packet was lost");
     eprintln!("a lazy peer's first packet arrived after {got:?}");
     assert!(got <= S, "delivered after {got:?}");
+    // Host 0 woke host 1 for its packet; host 1 woke host 0 for its check.
+    let (k0, k1) = (w.hosts[0].key, w.hosts[1].key);
+    let woken = |events: Vec<NodeEvent>, peer, by_packet| {
+        events.contains(&NodeEvent::PeerWoken { peer, by_packet })
+    };
+    assert!(woken(w.events(0), k1, true));
+    assert!(woken(w.events(1), k0, false));
 }
 
 #[test]

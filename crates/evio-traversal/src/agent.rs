@@ -1745,7 +1745,11 @@ mod tests {
         a.handle_timeout(t1 + Duration::from_millis(900));
         assert_eq!(sent_to(&transmits(&mut a), public), (0, 0), "resent early");
         a.handle_timeout(t1 + Duration::from_secs(1));
-        assert_eq!(sent_to(&transmits(&mut a), public), (0, 1), "resent after 1 s");
+        assert_eq!(
+            sent_to(&transmits(&mut a), public),
+            (0, 1),
+            "resent after 1 s"
+        );
     }
 
     /// An agent with PEER (one host candidate) and no traffic yet.

@@ -976,12 +976,18 @@ fn slow_paths_are_kept_and_checks_not_resent_early() {
         &sim.nodes[a].path_events
     );
     let sent = sim.datagrams - sent_before;
-    assert!(sent < 600, "{sent} datagrams in 60 s for one idle pair of peers");
+    assert!(
+        sent < 600,
+        "{sent} datagrams in 60 s for one idle pair of peers"
+    );
     // And it carries: a datagram each way arrives (a relayed one-way trip is 4 hops here).
     for (x, y) in [(a, b), (b, a)] {
         let before = sim.nodes[y].tunnel_rx.len();
         assert!(sim.send_tunnel(x, y, WG), "node {x} has no path to {y}");
         sim.run_for(secs(2));
-        assert!(sim.nodes[y].tunnel_rx.len() > before, "datagram {x}->{y} lost");
+        assert!(
+            sim.nodes[y].tunnel_rx.len() > before,
+            "datagram {x}->{y} lost"
+        );
     }
 }

@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use evio_fastio::{GRO_BUF, PacketBatch, RecvBatch, SendBatch, Tun, UdpBatch, wait_readable};
-use evio_overlay::{Received, Transmit};
+use evio_overlay::{NodeEvent, OverlayNode, PeerKey, Received, Transmit};
 
 use crate::state::Shared;
 
@@ -296,11 +296,50 @@ fn timers(shared: &Shared, mut udp: UdpBatch) {
     while !shared.stopping() {
         let now = Instant::now();
         shared.overlay.handle_timeout(now);
+        while let Some(e) = shared.overlay.poll_event() {
+            log_event(&shared.overlay, &e);
+        }
         drain_transmits(shared, &mut udp, &mut out);
         flush(shared, &mut udp, &mut out);
         let next = shared.overlay.poll_timeout();
         let wait = next.saturating_duration_since(Instant::now());
         std::thread::sleep(wait.clamp(MIN_SLEEP, MAX_SLEEP));
+    }
+}
+
+/// The overlay node's events, in the agent's log (peers by name).
+fn log_event(node: &OverlayNode, e: &NodeEvent) {
+    let name = |k: &PeerKey| {
+        let t = node.tunnel();
+        t.peer_id(k)
+            .and_then(|id| t.peer_name(id))
+            .unwrap_or_default()
+    };
+    match e {
+        NodeEvent::LocalCandidates(c) => {
+            let c: Vec<String> = c.iter().map(|c| c.to_string()).collect();
+            tracing::info!(candidates = ?c, "local candidates");
+        }
+        NodeEvent::PathChanged {
+            peer,
+            path: Some(p),
+        } => {
+            tracing::info!(peer = %name(peer), endpoint = %p.remote, kind = ?p.kind, base = ?p.base, "path selected")
+        }
+        NodeEvent::PathChanged { peer, path: None } => {
+            tracing::info!(peer = %name(peer), "no working path; re-checking")
+        }
+        NodeEvent::HandshakeCompleted { peer } => {
+            tracing::debug!(peer = %name(peer), "handshake completed")
+        }
+        NodeEvent::SessionExpired { peer } => {
+            tracing::info!(peer = %name(peer), "session expired")
+        }
+        NodeEvent::PeerWoken { peer, by_packet } => {
+            let by = if *by_packet { "a packet" } else { "its check" };
+            tracing::info!(peer = %name(peer), "lazy peer woken by {by}")
+        }
+        NodeEvent::PeerIdled { peer } => tracing::info!(peer = %name(peer), "lazy peer idle"),
     }
 }
 

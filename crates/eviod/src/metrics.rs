@@ -276,6 +276,11 @@ fn nat(node: &evio_overlay::OverlayNode, m: &mut Exposition) {
             "Lazy peers put to rest after the idle timeout.",
             &c.peers_idled,
         ),
+        (
+            "evio_overlay_events_dropped_total",
+            "Overlay node events (paths, sessions, lazy peers) dropped undrained: never expected.",
+            &c.events_dropped,
+        ),
     ] {
         m.counter(name, help, v.load(Ordering::Relaxed));
     }
