@@ -23,7 +23,10 @@ mod watch;
 pub use error::StoreError;
 /// The etcd client crate, re-exported for callers that need raw access ([`Store::client`]).
 pub use etcd_client;
-pub use plan::{NodeSubnet, PlanError, SubnetPlan, host_range, node_bits_from_json, parse_cidr};
+pub use plan::{
+    NodeSubnet, PlanError, SubnetPlan, SubnetPlan6, gateway6, host_range, node_bits_from_json,
+    parse_cidr,
+};
 pub use records::{
     AddressClaim, Candidate, CandidateKind, NodeRecord, PathEntry, PathSummary, SubnetClaim,
     unix_now,

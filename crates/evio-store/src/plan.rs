@@ -1,8 +1,8 @@
 //! Pure subnet arithmetic: a pool CIDR cut into `2^nodeBits` equal node subnets.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 /// Why a subnet plan (pool CIDR + nodeBits) was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -24,7 +24,23 @@ pub enum PlanError {
     },
     #[error("{subnet} has fewer than 2 host bits: no room for a gateway and a pod")]
     SubnetTooSmall { subnet: Ipv4Net },
+    #[error("{0:?} is not an IPv6 CIDR (expected e.g. fd00:10:244::/56)")]
+    NotCidr6(String),
+    #[error("{given} is not a network address: host bits are set (did you mean {network}?)")]
+    HostBitsSet6 { given: String, network: Ipv6Net },
+    #[error(
+        "{pool} with nodeBits {node_bits} gives node subnets of prefix /{prefix}: at most /{MAX_PREFIX6} \
+         leaves room for pods (use a larger IPv6 pool)"
+    )]
+    TooFewHostBits6 {
+        pool: Ipv6Net,
+        node_bits: u8,
+        prefix: u32,
+    },
 }
+
+/// The longest IPv6 node subnet prefix (at least 8 host bits: a gateway and 250-odd pods, like a /24).
+pub const MAX_PREFIX6: u32 = 120;
 
 /// Parses an IPv4 CIDR strictly: a network address (no host bits set) with a prefix length.
 pub fn parse_cidr(s: &str) -> Result<Ipv4Net, PlanError> {
@@ -192,6 +208,77 @@ impl SubnetPlan {
     }
 }
 
+/// The IPv6 half of a dual-stack plan: the IPv6 pool cut with the same `nodeBits`, node `i`'s IPv6
+/// subnet being the `i`-th. So a node's IPv4 subnet claim is its IPv6 claim too: one claim per node, one
+/// certificate entry, nothing that could disagree between the families (and no second etcd write).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubnetPlan6 {
+    pool: Ipv6Net,
+    node_bits: u8,
+}
+
+impl SubnetPlan6 {
+    pub fn new(pool: Ipv6Net, node_bits: u8) -> Result<SubnetPlan6, PlanError> {
+        if pool.trunc() != pool {
+            return Err(PlanError::HostBitsSet6 {
+                given: pool.to_string(),
+                network: pool.trunc(),
+            });
+        }
+        let prefix = u32::from(pool.prefix_len()) + u32::from(node_bits);
+        if prefix > MAX_PREFIX6 {
+            return Err(PlanError::TooFewHostBits6 {
+                pool,
+                node_bits,
+                prefix,
+            });
+        }
+        Ok(SubnetPlan6 { pool, node_bits })
+    }
+
+    /// Parses the IPv6 pool's text strictly (a network address with a prefix length) and checks the plan.
+    pub fn parse(pool: &str, node_bits: u8) -> Result<SubnetPlan6, PlanError> {
+        let t = pool.trim();
+        let net: Ipv6Net = t
+            .contains('/')
+            .then(|| t.parse().ok())
+            .flatten()
+            .ok_or_else(|| PlanError::NotCidr6(pool.to_string()))?;
+        SubnetPlan6::new(net, node_bits)
+    }
+
+    pub fn pool(&self) -> Ipv6Net {
+        self.pool
+    }
+
+    pub fn node_prefix(&self) -> u8 {
+        self.pool.prefix_len() + self.node_bits
+    }
+
+    /// The `index`-th node subnet, or None past the end (`2^nodeBits` subnets).
+    pub fn subnet(&self, index: u64) -> Option<Ipv6Net> {
+        if index >= 1u64 << self.node_bits {
+            return None;
+        }
+        let shift = 128 - u32::from(self.node_prefix());
+        let base = u128::from(self.pool.network()) + (u128::from(index) << shift);
+        Ipv6Net::new(Ipv6Addr::from(base), self.node_prefix()).ok()
+    }
+
+    /// The IPv6 subnet paired with node subnet `subnet4` of `plan4` (same index), if it is one of its.
+    pub fn paired(&self, plan4: &SubnetPlan, subnet4: &Ipv4Net) -> Option<Ipv6Net> {
+        if plan4.node_bits() != self.node_bits {
+            return None;
+        }
+        self.subnet(plan4.index_of(subnet4)?)
+    }
+}
+
+/// The bridge's IPv6 gateway in a node's IPv6 subnet: its first address after the network (`::1`).
+pub fn gateway6(subnet: &Ipv6Net) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(subnet.network()) + 1)
+}
+
 /// The usable host addresses of a pool (for host overlay VIPs): all but the network and broadcast
 /// addresses, except for /31 and /32 where every address is usable. Returns (first, last) as u32.
 pub fn host_range(pool: &Ipv4Net) -> (u32, u32) {
@@ -281,5 +368,44 @@ mod tests {
             host_range(&"10.10.0.0/31".parse().unwrap()),
             (0x0a0a_0000, 0x0a0a_0001)
         );
+    }
+
+    #[test]
+    fn the_ipv6_plan_pairs_each_ipv4_subnet_with_one_ipv6_subnet() {
+        let plan4 = SubnetPlan::parse("10.244.0.0/16", 8).unwrap();
+        let plan6 = SubnetPlan6::parse("fd00:10:244::/48", 8).unwrap();
+        assert_eq!(plan6.node_prefix(), 56);
+        let s4: Ipv4Net = "10.244.7.0/24".parse().unwrap();
+        assert_eq!(
+            plan6.paired(&plan4, &s4),
+            Some("fd00:10:244:700::/56".parse().unwrap())
+        );
+        assert_eq!(plan6.subnet(255), Some("fd00:10:244:ff00::/56".parse().unwrap()));
+        assert_eq!(plan6.subnet(256), None);
+        // Distinct IPv4 subnets, distinct IPv6 ones.
+        let all: std::collections::HashSet<Ipv6Net> = plan4
+            .iter()
+            .map(|s| plan6.paired(&plan4, &s.subnet).unwrap())
+            .collect();
+        assert_eq!(all.len(), 256);
+        // Not a node subnet of the plan, or another nodeBits: no pair.
+        assert_eq!(plan6.paired(&plan4, &"10.244.7.0/25".parse().unwrap()), None);
+        assert_eq!(plan6.paired(&plan4, &"10.245.7.0/24".parse().unwrap()), None);
+        let other = SubnetPlan::parse("10.244.0.0/16", 6).unwrap();
+        assert_eq!(plan6.paired(&other, &"10.244.4.0/22".parse().unwrap()), None);
+        assert_eq!(gateway6(&"fd00:10:244:700::/56".parse().unwrap()).to_string(), "fd00:10:244:700::1");
+    }
+
+    #[test]
+    fn bad_ipv6_plans_are_refused() {
+        for (pool, bits, what) in [
+            ("10.244.0.0/16", 8, "not an IPv6 CIDR"),
+            ("fd00::", 8, "not an IPv6 CIDR"),
+            ("fd00::1/48", 8, "host bits"),
+            ("fd00::/116", 8, "at most /120"),
+        ] {
+            let e = SubnetPlan6::parse(pool, bits).unwrap_err().to_string();
+            assert!(e.contains(what), "{pool}: {e}");
+        }
     }
 }

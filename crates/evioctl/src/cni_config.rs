@@ -14,7 +14,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use evio_cni_types::config::{ConfList, PluginKeys};
 use evio_cni_types::version::LATEST;
-use evio_store::{EtcdOptions, NodeSubnet, Store, SubnetPlan, node_bits_from_json, parse_cidr};
+use evio_store::{
+    EtcdOptions, NodeSubnet, Store, SubnetPlan, SubnetPlan6, gateway6, node_bits_from_json,
+    parse_cidr,
+};
 use serde_json::{Map, Value, json};
 
 mod version;
@@ -128,6 +131,9 @@ pub struct NetConf {
     /// this one if every plugin of the chain speaks it, else the newest they all speak up to 1.0.0.
     pub cni_version: Option<String>,
     pub plan: SubnetPlan,
+    /// Dual-stack pods: the IPv6 pool (`podCIDR6`), cut with the same nodeBits; a node's IPv6 subnet is
+    /// the one paired with its IPv4 claim ([`SubnetPlan6::paired`]).
+    pub plan6: Option<SubnetPlan6>,
     pub data_store: Option<Vec<String>>,
     /// The evio-cni plugin keys copied into the conflist: [`PluginKeys`] serialised (checked by the plugin's
     /// parser).
@@ -157,6 +163,15 @@ impl NetConf {
             None => 8,
         };
         let plan = SubnetPlan::new(pool, bits).map_err(|e| anyhow!("{e}"))?;
+        let plan6 = match o.get("podCIDR6") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => {
+                Some(SubnetPlan6::parse(s, bits).map_err(|e| anyhow!("podCIDR6: {e}"))?)
+            }
+            Some(other) => {
+                bail!("podCIDR6 must be a string like \"fd00:10:244::/48\", not {other}")
+            }
+        };
         let name = match o.get("name") {
             None => "evio".to_string(),
             Some(Value::String(s)) if valid_net_name(s) => s.clone(),
@@ -214,6 +229,7 @@ impl NetConf {
             name,
             cni_version,
             plan,
+            plan6,
             data_store,
             plugin,
             ipam_extra,
@@ -234,27 +250,44 @@ impl NetConf {
         plugin.insert("type".into(), json!(PLUGIN));
         plugin.extend(self.plugin.clone());
         plugin.entry("mtu").or_insert(json!(DEFAULT_MTU));
-        // Pod to pod traffic across nodes stays unmasqueraded: the plugin exempts podCIDR from ipMasq.
+        // Pod to pod traffic across nodes stays unmasqueraded: the plugin exempts podCIDR from ipMasq
+        // (and the IPv6 pool, as one of the clusterCIDRs).
         plugin.insert("podCIDR".into(), json!(self.plan.pool().to_string()));
+        let subnet6 = self
+            .plan6
+            .and_then(|p| Some((p.pool(), p.paired(&self.plan, &subnet.subnet)?)));
+        if let Some((pool6, _)) = subnet6 {
+            let mut cidrs = match plugin.get("clusterCIDRs") {
+                Some(Value::Array(a)) => a.clone(),
+                _ => Vec::new(),
+            };
+            cidrs.push(json!(pool6.to_string()));
+            plugin.insert("clusterCIDRs".into(), Value::Array(cidrs));
+        }
         let mut ipam = Map::new();
         ipam.insert("type".into(), json!("host-local"));
-        ipam.insert(
-            "ranges".into(),
-            json!([[{
-                "subnet": subnet.subnet.to_string(),
-                "rangeStart": subnet.range_start.to_string(),
-                "rangeEnd": subnet.range_end.to_string(),
-                "gateway": subnet.gateway.to_string(),
-            }]]),
-        );
+        let mut ranges = vec![json!([{
+            "subnet": subnet.subnet.to_string(),
+            "rangeStart": subnet.range_start.to_string(),
+            "rangeEnd": subnet.range_end.to_string(),
+            "gateway": subnet.gateway.to_string(),
+        }])];
+        if let Some((_, s6)) = subnet6 {
+            ranges.push(json!([{
+                "subnet": s6.to_string(),
+                "gateway": gateway6(&s6).to_string(),
+            }]));
+        }
+        ipam.insert("ranges".into(), Value::Array(ranges));
         // Without a default route through the bridge, pods still need the pod CIDR through it.
         if self.plugin.get("isDefaultGateway") == Some(&Value::Bool(false))
             && !self.ipam_extra.contains_key("routes")
         {
-            ipam.insert(
-                "routes".into(),
-                json!([{ "dst": self.plan.pool().to_string() }]),
-            );
+            let mut routes = vec![json!({ "dst": self.plan.pool().to_string() })];
+            if let Some((pool6, _)) = subnet6 {
+                routes.push(json!({ "dst": pool6.to_string() }));
+            }
+            ipam.insert("routes".into(), Value::Array(routes));
         }
         ipam.extend(self.ipam_extra.clone());
         plugin.insert("ipam".into(), Value::Object(ipam));
@@ -457,6 +490,31 @@ fn remove_stale(dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dual_stack_net_conf_gives_both_ranges() {
+        let c = NetConf::parse(
+            r#"{"podCIDR":"10.244.0.0/16","podCIDR6":"fd00:10:244::/48","nodeBits":8,
+                "clusterCIDRs":["10.96.0.0/12"]}"#,
+        )
+        .unwrap();
+        let l = c.conflist(&c.plan.subnet(7).unwrap(), "1.0.0");
+        let p = &l["plugins"][0];
+        assert_eq!(p["ipam"]["ranges"][0][0]["subnet"], "10.244.7.0/24");
+        assert_eq!(p["ipam"]["ranges"][1][0]["subnet"], "fd00:10:244:700::/56");
+        assert_eq!(p["ipam"]["ranges"][1][0]["gateway"], "fd00:10:244:700::1");
+        // Pod to pod over IPv6 is not masqueraded either.
+        assert_eq!(p["clusterCIDRs"], json!(["10.96.0.0/12", "fd00:10:244::/48"]));
+        check_conflist(&l).unwrap();
+        for (conf, what) in [
+            (r#"{"podCIDR":"10.244.0.0/16","podCIDR6":"10.0.0.0/8"}"#, "podCIDR6"),
+            (r#"{"podCIDR":"10.244.0.0/16","podCIDR6":"fd00::/116"}"#, "at most /120"),
+            (r#"{"podCIDR":"10.244.0.0/16","podCIDR6":48}"#, "podCIDR6 must be a string"),
+        ] {
+            let e = format!("{:#}", NetConf::parse(conf).unwrap_err());
+            assert!(e.contains(what), "{conf}: {e}");
+        }
+    }
 
     #[test]
     fn net_conf_parsing() {

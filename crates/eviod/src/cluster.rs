@@ -33,7 +33,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use evio_store::{AddressClaim, NodeRecord, Snapshot, StoreEvent, SubnetClaim};
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use evio_trust::{CaPublic, NodeCert, Revocation};
 
@@ -77,6 +77,11 @@ pub struct HostFacts {
     pub overlay: Ipv4Net,
     /// `--pod-cidr`, when given.
     pub pod_cidr: Option<Ipv4Net>,
+    /// `--pod-cidr6` (dual-stack pods), when given: a peer's IPv6 pod subnet is the one paired with its
+    /// granted IPv4 subnet (`evio_store::SubnetPlan6::paired`).
+    pub pod_cidr6: Option<Ipv6Net>,
+    /// IPv6 networks never routed into the tunnel (the host's and the servers'), as `protected`.
+    pub protected6: Vec<Ipv6Net>,
     /// Networks never routed into the tunnel: the host's underlay networks (connected and loopback) and the
     /// etcd, STUN and TURN servers (as /32).
     pub protected: Vec<Ipv4Net>,
@@ -88,6 +93,8 @@ pub struct Grant {
     pub public_key: [u8; 32],
     pub address: Ipv4Addr,
     pub pod_subnet: Option<Ipv4Net>,
+    /// Paired with `pod_subnet` in `--pod-cidr6` (never from the record).
+    pub pod_subnet6: Option<Ipv6Net>,
 }
 
 impl Grant {
@@ -126,6 +133,10 @@ pub enum Rejection {
         "{0} overlaps {1}, which is never routed into the tunnel (underlay, etcd, STUN or TURN)"
     )]
     Protected(Ipv4Net, Ipv4Net),
+    #[error(
+        "its IPv6 pod subnet {0} overlaps {1}, which is never routed into the tunnel (check --pod-cidr6)"
+    )]
+    Subnet6Protected(Ipv6Net, Ipv6Net),
     #[error("{prefix} overlaps the grant of {holder}, which is older")]
     Overlaps { prefix: Ipv4Net, holder: String },
     #[error("pod subnet {prefix} covers an endpoint of {holder}, which is older")]
@@ -151,9 +162,11 @@ pub struct DesiredPeer {
 }
 
 impl DesiredPeer {
-    /// The prefixes as the tunnel core takes them.
+    /// The prefixes as the tunnel core takes them (IPv6 pod subnet included).
     pub fn allowed(&self) -> Vec<IpNet> {
-        self.grant.prefixes().into_iter().map(IpNet::V4).collect()
+        let mut v: Vec<IpNet> = self.grant.prefixes().into_iter().map(IpNet::V4).collect();
+        v.extend(self.grant.pod_subnet6.map(IpNet::V6));
+        v
     }
 }
 
@@ -278,8 +291,9 @@ impl Cluster {
     }
 
     /// Replaces the protected networks (the host's addresses changed).
-    pub fn set_protected(&mut self, protected: Vec<Ipv4Net>) {
+    pub fn set_protected(&mut self, protected: Vec<Ipv4Net>, protected6: Vec<Ipv6Net>) {
         self.facts.protected = protected;
+        self.facts.protected6 = protected6;
     }
 
     /// Our pod subnet, as our subnet claim says.
@@ -501,10 +515,15 @@ impl Cluster {
                 Some(s)
             }
         };
+        let pod_subnet6 = match (pod_subnet, f.pod_cidr, f.pod_cidr6) {
+            (Some(s), Some(pool), Some(pool6)) => paired6(pool, s, pool6, &f.protected6)?,
+            _ => None,
+        };
         Ok(Grant {
             public_key,
             address,
             pod_subnet,
+            pod_subnet6,
         })
     }
 
@@ -664,6 +683,7 @@ impl Cluster {
             .flat_map(|p| p.grant.prefixes())
             .filter(|n| !self.facts.overlay.contains(n))
             .map(IpNet::V4)
+            .chain(peers.iter().filter_map(|p| p.grant.pod_subnet6.map(IpNet::V6)))
             .collect();
         rejected.sort_by(|a, b| a.0.cmp(&b.0));
         for (name, why) in &rejected {
@@ -750,6 +770,36 @@ fn overlap(a: &Ipv4Net, b: &Ipv4Net) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
 
+/// The IPv6 pod subnet paired with granted IPv4 subnet `s` (the same index in `pool6` cut with the nodeBits
+/// `s` has in `pool`); `None` if `s` is not one of `pool`'s node subnets or the pair would be too small.
+/// Refused if it overlaps a protected IPv6 network (a misconfigured `--pod-cidr6`).
+fn paired6(
+    pool: Ipv4Net,
+    s: Ipv4Net,
+    pool6: Ipv6Net,
+    protected6: &[Ipv6Net],
+) -> Result<Option<Ipv6Net>, Rejection> {
+    let Some(bits) = s.prefix_len().checked_sub(pool.prefix_len()) else {
+        return Ok(None);
+    };
+    let (Ok(plan), Ok(plan6)) = (
+        evio_store::SubnetPlan::new(pool, bits),
+        evio_store::SubnetPlan6::new(pool6, bits),
+    ) else {
+        return Ok(None);
+    };
+    let Some(s6) = plan6.paired(&plan, &s) else {
+        return Ok(None);
+    };
+    if let Some(p) = protected6
+        .iter()
+        .find(|p| p.contains(&s6.network()) || s6.contains(&p.network()))
+    {
+        return Err(Rejection::Subnet6Protected(s6, *p));
+    }
+    Ok(Some(s6))
+}
+
 fn check_protected(protected: &[Ipv4Net], n: Ipv4Net) -> Result<(), Rejection> {
     match protected.iter().find(|p| overlap(p, &n)) {
         Some(p) => Err(Rejection::Protected(n, *p)),
@@ -777,7 +827,9 @@ mod tests {
             address: "10.10.0.1".parse().unwrap(),
             overlay: net("10.10.0.0/16"),
             pod_cidr: Some(net("10.244.0.0/16")),
+            pod_cidr6: None,
             protected: vec![net("192.168.1.0/24"), net("192.168.9.9/32")],
+            protected6: vec![],
         }
     }
 
@@ -862,6 +914,38 @@ mod tests {
         let mut r = record(name, k);
         r.certificate = cert;
         c.apply(StoreEvent::NodeUp(r), Instant::now());
+    }
+
+    #[test]
+    fn dual_stack_peers_get_the_ipv6_subnet_paired_with_their_grant() {
+        let six = |s: &str| s.parse::<Ipv6Net>().unwrap();
+        let mut c = Cluster::new(
+            HostFacts {
+                pod_cidr6: Some(six("fd00:10:244::/48")),
+                protected6: vec![six("fd00:10:244:900::1/128"), six("2001:db8::/64")],
+                ..facts()
+            },
+            Some(net("10.244.1.0/24")),
+        );
+        add(&mut c, "a", 2, "10.10.0.2", Some("10.244.2.0/24"), 1);
+        // A peer whose pair holds a protected address (a --pod-cidr6 overlapping the host's) is refused.
+        add(&mut c, "b", 3, "10.10.0.3", Some("10.244.9.0/24"), 2);
+        let d = c.desired(Instant::now());
+        assert_eq!(names(&d), ["a"]);
+        let a = &d.peers[0];
+        assert_eq!(a.grant.pod_subnet6, Some(six("fd00:10:244:200::/56")));
+        assert!(a.allowed().contains(&IpNet::V6(six("fd00:10:244:200::/56"))));
+        assert!(d.routes.contains(&IpNet::V6(six("fd00:10:244:200::/56"))));
+        assert!(matches!(
+            d.rejected.as_slice(),
+            [(n, Rejection::Subnet6Protected(..))] if n == "b"
+        ));
+        // Without --pod-cidr6: IPv4 only, as before.
+        let mut c = cluster();
+        add(&mut c, "a", 2, "10.10.0.2", Some("10.244.2.0/24"), 1);
+        let d = c.desired(Instant::now());
+        assert_eq!(d.peers[0].grant.pod_subnet6, None);
+        assert!(d.routes.iter().all(|r| matches!(r, IpNet::V4(_))));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 
 #[derive(Parser, Debug, Default, Deserialize, Clone)]
@@ -50,6 +50,11 @@ pub struct Args {
     /// networks or the etcd/STUN/TURN servers (docs/security.md).
     #[arg(long)]
     pub pod_cidr: Option<Ipv4Net>,
+    /// Dual-stack pods: the cluster's IPv6 pod CIDR (the net-conf's `podCIDR6`, e.g. fd00:10:244::/48),
+    /// cut with the same nodeBits as --pod-cidr: a peer's IPv6 pod subnet is the one paired with its
+    /// granted IPv4 subnet (never one the peer names), routed into the tunnel beside it. Needs --pod-cidr.
+    #[arg(long)]
+    pub pod_cidr6: Option<Ipv6Net>,
     /// Ask for this VIP instead of any free one (refused if another node holds it).
     #[arg(long)]
     pub address: Option<Ipv4Addr>,
@@ -150,6 +155,7 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub overlay_cidr: Ipv4Net,
     pub pod_cidr: Option<Ipv4Net>,
+    pub pod_cidr6: Option<Ipv6Net>,
     pub address: Option<Ipv4Addr>,
     pub interface: String,
     pub listen_port: u16,
@@ -192,6 +198,7 @@ impl Args {
                 state_dir,
                 overlay_cidr,
                 pod_cidr,
+                pod_cidr6,
                 address,
                 interface,
                 listen_port,
@@ -236,6 +243,15 @@ impl Args {
         {
             bail!("--pod-cidr {p} overlaps --overlay-cidr {overlay_cidr}");
         }
+        let pod_cidr6 = self.pod_cidr6.map(|p| p.trunc());
+        if let Some(p) = pod_cidr6 {
+            if pod_cidr.is_none() {
+                bail!("--pod-cidr6 {p} needs --pod-cidr (the IPv6 subnets pair with the IPv4 ones)");
+            }
+            if p.prefix_len() > 112 || p.addr().is_loopback() || p.addr().is_multicast() {
+                bail!("--pod-cidr6 {p} is not a usable pod pool (a unicast /112 or larger)");
+            }
+        }
         if let Some(a) = self.address
             && !overlay_cidr.contains(&a)
         {
@@ -277,6 +293,7 @@ impl Args {
             state_dir,
             overlay_cidr,
             pod_cidr,
+            pod_cidr6,
             address: self.address,
             interface,
             listen_port: self.listen_port.unwrap_or(DEFAULT_PORT),

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use evio_store::{AddressClaim, NodeRecord, Store, StoreError, SubnetClaim, unix_now};
 use evio_tunnel::PeerConfig;
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::{Cluster, Desired, HostFacts};
@@ -228,7 +228,9 @@ impl Control {
             address,
             overlay: cfg.overlay_cidr,
             pod_cidr: cfg.pod_cidr,
+            pod_cidr6: cfg.pod_cidr6,
             protected: protected_networks(&cfg, pod_subnet, &servers),
+            protected6: protected_networks6(&cfg, &servers),
         };
         let work = spawn_blocking_work(
             Box::new(KernelRoutes {
@@ -468,9 +470,11 @@ impl Control {
     /// Recomputes the protected networks (the host's addresses may have changed).
     fn refresh_protected(&mut self) {
         let p = protected_networks(&self.cfg, self.pod_subnet(), &self.servers);
-        if p != self.cluster.facts().protected {
-            tracing::info!(protected = ?p, "networks never routed into the tunnel");
-            self.cluster.set_protected(p);
+        let p6 = protected_networks6(&self.cfg, &self.servers);
+        let f = self.cluster.facts();
+        if p != f.protected || p6 != f.protected6 {
+            tracing::info!(protected = ?p, protected6 = ?p6, "networks never routed into the tunnel");
+            self.cluster.set_protected(p, p6);
             self.reconcile();
         }
     }
@@ -683,6 +687,30 @@ fn protected_networks(cfg: &Config, own_pod: Option<Ipv4Net>, servers: &[IpAddr]
     for s in servers {
         if let IpAddr::V4(a) = s {
             v.push(Ipv4Net::new(*a, 32).expect("valid /32"));
+        }
+    }
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// The IPv6 networks never routed into the tunnel (only IPv6 pod subnets are, with `--pod-cidr6`): the
+/// host's own (a network overlapping `--pod-cidr6` protected by its address alone) and the servers'.
+fn protected_networks6(cfg: &Config, servers: &[IpAddr]) -> Vec<Ipv6Net> {
+    let Some(pool6) = cfg.pod_cidr6 else {
+        return Vec::new();
+    };
+    let mut v = Vec::new();
+    for n in netcfg::host_networks6(&cfg.interface) {
+        v.push(Ipv6Net::new(n.addr(), 128).expect("valid /128"));
+        let net = n.trunc();
+        if !(net.contains(&pool6.network()) || pool6.contains(&net.network())) {
+            v.push(net);
+        }
+    }
+    for s in servers {
+        if let IpAddr::V6(a) = s {
+            v.push(Ipv6Net::new(*a, 128).expect("valid /128"));
         }
     }
     v.sort();

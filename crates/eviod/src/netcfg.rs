@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::{Context, Result, anyhow};
 use evio_netlink::{Netlink, RouteSpec};
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 fn link_index(nl: &mut Netlink, dev: &str) -> Result<u32> {
     Ok(nl
@@ -117,6 +117,36 @@ pub fn host_networks(skip_if: &str) -> Vec<Ipv4Net> {
             .and_then(|s| s.as_sockaddr_in())
             .map_or(32, |m| u32::from(m.ip()).count_ones() as u8);
         if let Ok(n) = Ipv4Net::new(ip, len) {
+            v.push(n);
+        }
+    }
+    v
+}
+
+/// The same for IPv6 (link-local addresses included: they are the host's too).
+pub fn host_networks6(skip_if: &str) -> Vec<Ipv6Net> {
+    let mut v = Vec::new();
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return v;
+    };
+    for a in addrs {
+        if !a.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP) || a.interface_name == skip_if {
+            continue;
+        }
+        let Some(ip) = a
+            .address
+            .as_ref()
+            .and_then(|s| s.as_sockaddr_in6())
+            .map(|s| s.ip())
+        else {
+            continue;
+        };
+        let len = a
+            .netmask
+            .as_ref()
+            .and_then(|s| s.as_sockaddr_in6())
+            .map_or(128, |m| u128::from(m.ip()).count_ones() as u8);
+        if let Ok(n) = Ipv6Net::new(ip, len) {
             v.push(n);
         }
     }
