@@ -380,7 +380,10 @@ mod tests {
             plan6.paired(&plan4, &s4),
             Some("fd00:10:244:700::/56".parse().unwrap())
         );
-        assert_eq!(plan6.subnet(255), Some("fd00:10:244:ff00::/56".parse().unwrap()));
+        assert_eq!(
+            plan6.subnet(255),
+            Some("fd00:10:244:ff00::/56".parse().unwrap())
+        );
         assert_eq!(plan6.subnet(256), None);
         // Distinct IPv4 subnets, distinct IPv6 ones.
         let all: std::collections::HashSet<Ipv6Net> = plan4
@@ -389,11 +392,23 @@ mod tests {
             .collect();
         assert_eq!(all.len(), 256);
         // Not a node subnet of the plan, or another nodeBits: no pair.
-        assert_eq!(plan6.paired(&plan4, &"10.244.7.0/25".parse().unwrap()), None);
-        assert_eq!(plan6.paired(&plan4, &"10.245.7.0/24".parse().unwrap()), None);
+        assert_eq!(
+            plan6.paired(&plan4, &"10.244.7.0/25".parse().unwrap()),
+            None
+        );
+        assert_eq!(
+            plan6.paired(&plan4, &"10.245.7.0/24".parse().unwrap()),
+            None
+        );
         let other = SubnetPlan::parse("10.244.0.0/16", 6).unwrap();
-        assert_eq!(plan6.paired(&other, &"10.244.4.0/22".parse().unwrap()), None);
-        assert_eq!(gateway6(&"fd00:10:244:700::/56".parse().unwrap()).to_string(), "fd00:10:244:700::1");
+        assert_eq!(
+            plan6.paired(&other, &"10.244.4.0/22".parse().unwrap()),
+            None
+        );
+        assert_eq!(
+            gateway6(&"fd00:10:244:700::/56".parse().unwrap()).to_string(),
+            "fd00:10:244:700::1"
+        );
     }
 
     #[test]

@@ -504,12 +504,24 @@ mod tests {
         assert_eq!(p["ipam"]["ranges"][1][0]["subnet"], "fd00:10:244:700::/56");
         assert_eq!(p["ipam"]["ranges"][1][0]["gateway"], "fd00:10:244:700::1");
         // Pod to pod over IPv6 is not masqueraded either.
-        assert_eq!(p["clusterCIDRs"], json!(["10.96.0.0/12", "fd00:10:244::/48"]));
+        assert_eq!(
+            p["clusterCIDRs"],
+            json!(["10.96.0.0/12", "fd00:10:244::/48"])
+        );
         check_conflist(&l).unwrap();
         for (conf, what) in [
-            (r#"{"podCIDR":"10.244.0.0/16","podCIDR6":"10.0.0.0/8"}"#, "podCIDR6"),
-            (r#"{"podCIDR":"10.244.0.0/16","podCIDR6":"fd00::/116"}"#, "at most /120"),
-            (r#"{"podCIDR":"10.244.0.0/16","podCIDR6":48}"#, "podCIDR6 must be a string"),
+            (
+                r#"{"podCIDR":"10.244.0.0/16","podCIDR6":"10.0.0.0/8"}"#,
+                "podCIDR6",
+            ),
+            (
+                r#"{"podCIDR":"10.244.0.0/16","podCIDR6":"fd00::/116"}"#,
+                "at most /120",
+            ),
+            (
+                r#"{"podCIDR":"10.244.0.0/16","podCIDR6":48}"#,
+                "podCIDR6 must be a string",
+            ),
         ] {
             let e = format!("{:#}", NetConf::parse(conf).unwrap_err());
             assert!(e.contains(what), "{conf}: {e}");

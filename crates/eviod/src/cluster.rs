@@ -683,7 +683,11 @@ impl Cluster {
             .flat_map(|p| p.grant.prefixes())
             .filter(|n| !self.facts.overlay.contains(n))
             .map(IpNet::V4)
-            .chain(peers.iter().filter_map(|p| p.grant.pod_subnet6.map(IpNet::V6)))
+            .chain(
+                peers
+                    .iter()
+                    .filter_map(|p| p.grant.pod_subnet6.map(IpNet::V6)),
+            )
             .collect();
         rejected.sort_by(|a, b| a.0.cmp(&b.0));
         for (name, why) in &rejected {
@@ -934,7 +938,10 @@ mod tests {
         assert_eq!(names(&d), ["a"]);
         let a = &d.peers[0];
         assert_eq!(a.grant.pod_subnet6, Some(six("fd00:10:244:200::/56")));
-        assert!(a.allowed().contains(&IpNet::V6(six("fd00:10:244:200::/56"))));
+        assert!(
+            a.allowed()
+                .contains(&IpNet::V6(six("fd00:10:244:200::/56")))
+        );
         assert!(d.routes.contains(&IpNet::V6(six("fd00:10:244:200::/56"))));
         assert!(matches!(
             d.rejected.as_slice(),

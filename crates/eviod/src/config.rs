@@ -246,7 +246,9 @@ impl Args {
         let pod_cidr6 = self.pod_cidr6.map(|p| p.trunc());
         if let Some(p) = pod_cidr6 {
             if pod_cidr.is_none() {
-                bail!("--pod-cidr6 {p} needs --pod-cidr (the IPv6 subnets pair with the IPv4 ones)");
+                bail!(
+                    "--pod-cidr6 {p} needs --pod-cidr (the IPv6 subnets pair with the IPv4 ones)"
+                );
             }
             if p.prefix_len() > 112 || p.addr().is_loopback() || p.addr().is_multicast() {
                 bail!("--pod-cidr6 {p} is not a usable pod pool (a unicast /112 or larger)");

@@ -452,6 +452,87 @@ fn pods_reach_each_other_encrypted_with_real_addresses() {
 /// and at least two of host-1's sealing threads read a MiB or more from the TUN (per-thread `rchar`; with
 /// every write through one queue, one thread read all: 46.6 MB against under 1 KB for the three others).
 /// The other host keeps one queue: both ends interoperate.
+/// Dual-stack pods (issue 15): the net-conf's `podCIDR6` gives each node the IPv6 subnet paired with its
+/// IPv4 claim (`evioctl cni-config` writes both host-local ranges), the real evio-cni gives pods both
+/// addresses, and eviod (`--pod-cidr6`) routes and allows the peer's paired IPv6 subnet: pods on different
+/// hosts reach each other over both families, through the tunnel (the hosts have no other route to the
+/// other's IPv6 pod subnet than the one into evio0; without `--pod-cidr6` there is none and this fails).
+#[test]
+fn dual_stack_pods_reach_each_other_over_both_families() {
+    const POOL6: &str = "fd00:10:244::/48";
+    let mut c = Cluster::new(2);
+    let etcd = c.etcd_url();
+    let dir = c.dir.path().to_path_buf();
+    let mut subnets = Vec::new();
+    for h in &mut c.hosts {
+        let d = dir.join(format!("{}-cni", h.name));
+        let net = common::cni_config_with(
+            h.ns.name(),
+            &h.name,
+            &etcd,
+            &d,
+            serde_json::json!({ "podCIDR6": POOL6 }),
+        );
+        subnets.push(net["subnet"].as_str().unwrap().to_string());
+        h.extra = ["--pod-cidr", "10.244.0.0/16", "--pod-cidr6", POOL6]
+            .map(String::from)
+            .to_vec();
+    }
+    c.start_all();
+    assert!(
+        c.wait_mesh(Duration::from_secs(20)),
+        "no mesh:\n{}",
+        c.logs()
+    );
+    let plan4 = evio_store::SubnetPlan::parse("10.244.0.0/16", 8).unwrap();
+    let plan6 = evio_store::SubnetPlan6::parse(POOL6, 8).unwrap();
+    let mut pods = Vec::new();
+    for (i, h) in c.hosts.iter().enumerate() {
+        let (pod, ips) =
+            common::add_pod_with_ips(h.ns.name(), &dir.join(format!("{}-cni", h.name)));
+        let s4: ipnet::Ipv4Net = subnets[i].parse().unwrap();
+        let s6 = plan6.paired(&plan4, &s4).unwrap();
+        let v6 = ips
+            .iter()
+            .find_map(|a| a.parse::<std::net::Ipv6Addr>().ok())
+            .unwrap_or_else(|| panic!("no IPv6 address for the pod on {}: {ips:?}", h.name));
+        assert!(s6.contains(&v6), "{v6} not in {s6}");
+        pods.push((pod, v6.to_string(), s6));
+    }
+    // Each host routes the other's IPv6 pod subnet into the tunnel.
+    for (i, h) in c.hosts.iter().enumerate() {
+        let other = pods[1 - i].2.to_string();
+        let ok = evio_testbed::wait_until(Duration::from_secs(10), || {
+            String::from_utf8_lossy(
+                &h.ns
+                    .exec(&["ip", "-6", "route", "show", "dev", "evio0"])
+                    .stdout,
+            )
+            .contains(&other)
+        });
+        assert!(ok, "{} has no IPv6 route to {other}:\n{}", h.name, c.logs());
+    }
+    for (a, b) in [(0, 1), (1, 0)] {
+        let (pa, pb) = (&pods[a].0, &pods[b]);
+        assert!(
+            pa.ping_until(&pb.0.ip, Duration::from_secs(10)),
+            "IPv4 pod {a} -> pod {b} ({}) failed",
+            pb.0.ip
+        );
+        let ok = evio_testbed::wait_until(Duration::from_secs(10), || {
+            pa.exec(&["ping", "-6", "-c", "1", "-W", "1", &pb.1])
+                .status
+                .success()
+        });
+        assert!(
+            ok,
+            "IPv6 pod {a} -> pod {b} ({}) failed:\n{}",
+            pb.1,
+            c.logs()
+        );
+    }
+}
+
 #[test]
 fn several_tun_queues_seal_flows_in_parallel() {
     let mut c = Cluster::new(2);

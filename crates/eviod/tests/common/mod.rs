@@ -471,10 +471,21 @@ pub fn plugin_binary() -> PathBuf {
 /// Runs `evioctl cni-config` in network namespace `ns` for node `node` against `etcd`, with everything
 /// (net-conf, conflist, plugin, plugin state, IPAM data, log) under `d`; returns its JSON line.
 pub fn cni_config_in(ns: &str, node: &str, etcd: &str, d: &std::path::Path) -> serde_json::Value {
+    cni_config_with(ns, node, etcd, d, serde_json::json!({}))
+}
+
+/// [`cni_config_in`] with `extra` net-conf keys (e.g. `podCIDR6`).
+pub fn cni_config_with(
+    ns: &str,
+    node: &str,
+    etcd: &str,
+    d: &std::path::Path,
+    extra: serde_json::Value,
+) -> serde_json::Value {
     std::fs::create_dir_all(d.join("net.d")).unwrap();
     std::fs::create_dir_all(d.join("bin")).unwrap();
     let conf = d.join("net-conf.json");
-    let net_conf = serde_json::json!({
+    let mut net_conf = serde_json::json!({
         "podCIDR": "10.244.0.0/16",
         "nodeBits": 8,
         "stateDir": d.join("state"),
@@ -482,6 +493,9 @@ pub fn cni_config_in(ns: &str, node: &str, etcd: &str, d: &std::path::Path) -> s
         "logLevel": "debug",
         "ipam": {"dataDir": d.join("ipam")},
     });
+    for (k, v) in extra.as_object().unwrap() {
+        net_conf[k] = v.clone();
+    }
     std::fs::write(&conf, net_conf.to_string()).unwrap();
     let plugin = plugin_binary();
     let out = Command::new("ip")
@@ -510,6 +524,11 @@ pub fn cni_config_in(ns: &str, node: &str, etcd: &str, d: &std::path::Path) -> s
 /// Plugs a new pod in from network namespace `ns` with the real `evio-cni` (ADD with the first plugin of
 /// the conflist `cni_config_in` wrote under `d`, host-local IPAM); returns it with its address.
 pub fn add_pod_in(ns: &str, d: &std::path::Path) -> Pod {
+    add_pod_with_ips(ns, d).0
+}
+
+/// [`add_pod_in`], also returning every address the plugin's result lists (without prefix lengths).
+pub fn add_pod_with_ips(ns: &str, d: &std::path::Path) -> (Pod, Vec<String>) {
     let list: serde_json::Value =
         serde_json::from_slice(&std::fs::read(d.join("net.d").join("10-evio.conflist")).unwrap())
             .unwrap();
@@ -557,7 +576,25 @@ pub fn add_pod_in(ns: &str, d: &std::path::Path) -> Pod {
         std::fs::read_to_string(d.join("plugin.log")).unwrap_or_default()
     );
     let res: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let addr = res["ips"][0]["address"].as_str().unwrap();
-    let ip = addr.split('/').next().unwrap().to_string();
-    Pod { ns: pod, ip }
+    let ips: Vec<String> = res["ips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            i["address"]
+                .as_str()
+                .unwrap()
+                .split('/')
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    (
+        Pod {
+            ns: pod,
+            ip: ips[0].clone(),
+        },
+        ips,
+    )
 }
