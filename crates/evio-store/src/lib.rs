@@ -25,7 +25,7 @@ pub use error::StoreError;
 pub use etcd_client;
 pub use plan::{
     NodeSubnet, PlanError, SubnetPlan, SubnetPlan6, gateway6, host_range, node_bits_from_json,
-    parse_cidr,
+    paired_address6, parse_cidr,
 };
 pub use records::{
     AddressClaim, Candidate, CandidateKind, NodeRecord, PathEntry, PathSummary, SubnetClaim,

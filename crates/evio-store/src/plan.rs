@@ -274,6 +274,21 @@ impl SubnetPlan6 {
     }
 }
 
+/// A host's IPv6 VIP in a dual-stack host overlay: at the same offset in `overlay6` as its IPv4 VIP `addr`
+/// in `overlay` (so the IPv4 address claim, or the certificate's address, is the IPv6 one too). `None` if
+/// `addr` is outside `overlay` or its offset does not fit in `overlay6`.
+pub fn paired_address6(overlay: Ipv4Net, addr: Ipv4Addr, overlay6: Ipv6Net) -> Option<Ipv6Addr> {
+    if !overlay.contains(&addr) {
+        return None;
+    }
+    let offset = u128::from(u32::from(addr) - u32::from(overlay.network()));
+    let host_bits = 128 - u32::from(overlay6.prefix_len());
+    if host_bits < 128 && offset >> host_bits != 0 {
+        return None;
+    }
+    Some(Ipv6Addr::from(u128::from(overlay6.network()) + offset))
+}
+
 /// The bridge's IPv6 gateway in a node's IPv6 subnet: its first address after the network (`::1`).
 pub fn gateway6(subnet: &Ipv6Net) -> Ipv6Addr {
     Ipv6Addr::from(u128::from(subnet.network()) + 1)
@@ -408,6 +423,25 @@ mod tests {
         assert_eq!(
             gateway6(&"fd00:10:244:700::/56".parse().unwrap()).to_string(),
             "fd00:10:244:700::1"
+        );
+    }
+
+    #[test]
+    fn ipv6_vips_sit_at_the_ipv4_vips_offset() {
+        let o4: Ipv4Net = "10.10.0.0/16".parse().unwrap();
+        let o6: Ipv6Net = "fd00:10:10::/64".parse().unwrap();
+        let a = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        assert_eq!(
+            paired_address6(o4, a("10.10.1.48"), o6),
+            Some("fd00:10:10::130".parse().unwrap())
+        );
+        assert_eq!(paired_address6(o4, a("10.11.0.1"), o6), None);
+        // An IPv6 overlay too small for the IPv4 one's offsets.
+        let small: Ipv6Net = "fd00:10:10::/120".parse().unwrap();
+        assert_eq!(paired_address6(o4, a("10.10.1.48"), small), None);
+        assert_eq!(
+            paired_address6(o4, a("10.10.0.48"), small),
+            Some("fd00:10:10::30".parse().unwrap())
         );
     }
 

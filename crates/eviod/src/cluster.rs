@@ -80,6 +80,9 @@ pub struct HostFacts {
     /// `--pod-cidr6` (dual-stack pods), when given: a peer's IPv6 pod subnet is the one paired with its
     /// granted IPv4 subnet (`evio_store::SubnetPlan6::paired`).
     pub pod_cidr6: Option<Ipv6Net>,
+    /// `--overlay-cidr6` (a dual-stack host overlay), when given: a peer's IPv6 VIP is at its IPv4 VIP's
+    /// offset in it (`evio_store::paired_address6`).
+    pub overlay6: Option<Ipv6Net>,
     /// IPv6 networks never routed into the tunnel (the host's and the servers'), as `protected`.
     pub protected6: Vec<Ipv6Net>,
     /// Networks never routed into the tunnel: the host's underlay networks (connected and loopback) and the
@@ -95,6 +98,8 @@ pub struct Grant {
     pub pod_subnet: Option<Ipv4Net>,
     /// Paired with `pod_subnet` in `--pod-cidr6` (never from the record).
     pub pod_subnet6: Option<Ipv6Net>,
+    /// Paired with `address` in `--overlay-cidr6` (never from the record).
+    pub address6: Option<std::net::Ipv6Addr>,
 }
 
 impl Grant {
@@ -134,7 +139,8 @@ pub enum Rejection {
     )]
     Protected(Ipv4Net, Ipv4Net),
     #[error(
-        "its IPv6 pod subnet {0} overlaps {1}, which is never routed into the tunnel (check --pod-cidr6)"
+        "its IPv6 prefix {0} overlaps {1}, which is never routed into the tunnel (check --pod-cidr6 and \
+         --overlay-cidr6)"
     )]
     Subnet6Protected(Ipv6Net, Ipv6Net),
     #[error("{prefix} overlaps the grant of {holder}, which is older")]
@@ -165,6 +171,11 @@ impl DesiredPeer {
     /// The prefixes as the tunnel core takes them (IPv6 pod subnet included).
     pub fn allowed(&self) -> Vec<IpNet> {
         let mut v: Vec<IpNet> = self.grant.prefixes().into_iter().map(IpNet::V4).collect();
+        v.extend(
+            self.grant
+                .address6
+                .map(|a| IpNet::V6(Ipv6Net::new(a, 128).expect("valid /128"))),
+        );
         v.extend(self.grant.pod_subnet6.map(IpNet::V6));
         v
     }
@@ -519,11 +530,28 @@ impl Cluster {
             (Some(s), Some(pool), Some(pool6)) => paired6(pool, s, pool6, &f.protected6)?,
             _ => None,
         };
+        let address6 = match f.overlay6 {
+            Some(o6) => {
+                let a6 = evio_store::paired_address6(f.overlay, address, o6)
+                    .ok_or(Rejection::AddressOutsideOverlay(address, f.overlay))?;
+                let n = Ipv6Net::new(a6, 128).expect("valid /128");
+                if let Some(p) = f
+                    .protected6
+                    .iter()
+                    .find(|p| p.contains(&n.network()) || n.contains(&p.network()))
+                {
+                    return Err(Rejection::Subnet6Protected(n, *p));
+                }
+                Some(a6)
+            }
+            None => None,
+        };
         Ok(Grant {
             public_key,
             address,
             pod_subnet,
             pod_subnet6,
+            address6,
         })
     }
 
@@ -651,15 +679,17 @@ impl Cluster {
                         .overlapping(&Ipv4Net::new(v4, 32).expect("valid /32"))
                         .is_none()
             }
-            // The overlay and pods are IPv4: an IPv6 underlay address cannot lie inside them. Only
-            // addresses a datagram can be sent to without an interface (no link-local: it needs a
-            // scope), and no loopback, multicast or unspecified address.
+            // Only addresses a datagram can be sent to without an interface (no link-local: it needs a
+            // scope), no loopback, multicast or unspecified address, and none inside the IPv6 pod CIDR
+            // (that traffic would go into the tunnel itself).
             IpAddr::V6(v6) => {
                 !(v6.is_loopback()
                     || v6.is_multicast()
                     || v6.is_unspecified()
                     || v6.is_unicast_link_local()
-                    || v6.to_ipv4_mapped().is_some())
+                    || v6.to_ipv4_mapped().is_some()
+                    || self.facts.pod_cidr6.is_some_and(|p| p.contains(&v6))
+                    || self.facts.overlay6.is_some_and(|o| o.contains(&v6)))
             }
         };
         let mut peers: Vec<DesiredPeer> = accepted
@@ -832,6 +862,7 @@ mod tests {
             overlay: net("10.10.0.0/16"),
             pod_cidr: Some(net("10.244.0.0/16")),
             pod_cidr6: None,
+            overlay6: None,
             protected: vec![net("192.168.1.0/24"), net("192.168.9.9/32")],
             protected6: vec![],
         }
@@ -926,6 +957,7 @@ mod tests {
         let mut c = Cluster::new(
             HostFacts {
                 pod_cidr6: Some(six("fd00:10:244::/48")),
+                overlay6: Some(six("fd00:10:10::/64")),
                 protected6: vec![six("fd00:10:244:900::1/128"), six("2001:db8::/64")],
                 ..facts()
             },
@@ -943,6 +975,11 @@ mod tests {
                 .contains(&IpNet::V6(six("fd00:10:244:200::/56")))
         );
         assert!(d.routes.contains(&IpNet::V6(six("fd00:10:244:200::/56"))));
+        // Its IPv6 VIP: the IPv4 VIP's offset (10.10.0.2) in the IPv6 overlay, allowed, not routed (the
+        // overlay's connected route through the device covers it).
+        assert_eq!(a.grant.address6, Some("fd00:10:10::2".parse().unwrap()));
+        assert!(a.allowed().contains(&IpNet::V6(six("fd00:10:10::2/128"))));
+        assert!(!d.routes.contains(&IpNet::V6(six("fd00:10:10::2/128"))));
         assert!(matches!(
             d.rejected.as_slice(),
             [(n, Rejection::Subnet6Protected(..))] if n == "b"

@@ -50,6 +50,10 @@ pub struct Args {
     /// networks or the etcd/STUN/TURN servers (docs/security.md).
     #[arg(long)]
     pub pod_cidr: Option<Ipv4Net>,
+    /// A dual-stack host overlay: its IPv6 range (e.g. fd00:10:10::/64). A node's IPv6 VIP is at the same
+    /// offset in it as its IPv4 VIP in --overlay-cidr (the same claim or certificate grants both).
+    #[arg(long)]
+    pub overlay_cidr6: Option<Ipv6Net>,
     /// Dual-stack pods: the cluster's IPv6 pod CIDR (the net-conf's `podCIDR6`, e.g. fd00:10:244::/48),
     /// cut with the same nodeBits as --pod-cidr: a peer's IPv6 pod subnet is the one paired with its
     /// granted IPv4 subnet (never one the peer names), routed into the tunnel beside it. Needs --pod-cidr.
@@ -156,6 +160,7 @@ pub struct Config {
     pub overlay_cidr: Ipv4Net,
     pub pod_cidr: Option<Ipv4Net>,
     pub pod_cidr6: Option<Ipv6Net>,
+    pub overlay_cidr6: Option<Ipv6Net>,
     pub address: Option<Ipv4Addr>,
     pub interface: String,
     pub listen_port: u16,
@@ -168,6 +173,16 @@ pub struct Config {
     pub lease_ttl: u64,
     /// A join token to adopt into the state directory at start (see `trust`).
     pub join_token: Option<String>,
+}
+
+impl Config {
+    /// The overlay's own networks (host VIPs of both families, IPv6 pods): never underlay addresses.
+    pub fn overlay_networks(&self) -> Vec<ipnet::IpNet> {
+        let mut v = vec![ipnet::IpNet::V4(self.overlay_cidr)];
+        v.extend(self.overlay_cidr6.map(ipnet::IpNet::V6));
+        v.extend(self.pod_cidr6.map(ipnet::IpNet::V6));
+        v
+    }
 }
 
 pub const DEFAULT_PORT: u16 = 51820;
@@ -199,6 +214,7 @@ impl Args {
                 overlay_cidr,
                 pod_cidr,
                 pod_cidr6,
+                overlay_cidr6,
                 address,
                 interface,
                 listen_port,
@@ -254,6 +270,24 @@ impl Args {
                 bail!("--pod-cidr6 {p} is not a usable pod pool (a unicast /112 or larger)");
             }
         }
+        let overlay_cidr6 = self.overlay_cidr6.map(|p| p.trunc());
+        if let Some(o6) = overlay_cidr6 {
+            let bits6 = 128 - u32::from(o6.prefix_len());
+            if bits6 < 32 - u32::from(overlay_cidr.prefix_len()) {
+                bail!(
+                    "--overlay-cidr6 {o6} is smaller than --overlay-cidr {overlay_cidr} (every IPv4 VIP's \
+                     offset must fit)"
+                );
+            }
+            if o6.addr().is_loopback() || o6.addr().is_multicast() {
+                bail!("--overlay-cidr6 {o6} is not a unicast range");
+            }
+            if let Some(p) = pod_cidr6
+                && (p.contains(&o6.network()) || o6.contains(&p.network()))
+            {
+                bail!("--pod-cidr6 {p} overlaps --overlay-cidr6 {o6}");
+            }
+        }
         if let Some(a) = self.address
             && !overlay_cidr.contains(&a)
         {
@@ -296,6 +330,7 @@ impl Args {
             overlay_cidr,
             pod_cidr,
             pod_cidr6,
+            overlay_cidr6,
             address: self.address,
             interface,
             listen_port: self.listen_port.unwrap_or(DEFAULT_PORT),

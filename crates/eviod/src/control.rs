@@ -229,6 +229,7 @@ impl Control {
             overlay: cfg.overlay_cidr,
             pod_cidr: cfg.pod_cidr,
             pod_cidr6: cfg.pod_cidr6,
+            overlay6: cfg.overlay_cidr6,
             protected: protected_networks(&cfg, pod_subnet, &servers),
             protected6: protected_networks6(&cfg, &servers),
         };
@@ -330,7 +331,7 @@ impl Control {
 
     /// This node's record as it should be published now.
     pub fn own_record(&self) -> NodeRecord {
-        let mut skip: Vec<IpNet> = vec![IpNet::V4(self.cfg.overlay_cidr)];
+        let mut skip: Vec<IpNet> = self.cfg.overlay_networks();
         if let Some(s) = self.pod_subnet() {
             skip.push(IpNet::V4(s));
         }
@@ -697,14 +698,21 @@ fn protected_networks(cfg: &Config, own_pod: Option<Ipv4Net>, servers: &[IpAddr]
 /// The IPv6 networks never routed into the tunnel (only IPv6 pod subnets are, with `--pod-cidr6`): the
 /// host's own (a network overlapping `--pod-cidr6` protected by its address alone) and the servers'.
 fn protected_networks6(cfg: &Config, servers: &[IpAddr]) -> Vec<Ipv6Net> {
-    let Some(pool6) = cfg.pod_cidr6 else {
+    let ours: Vec<Ipv6Net> = [cfg.pod_cidr6, cfg.overlay_cidr6]
+        .into_iter()
+        .flatten()
+        .collect();
+    if ours.is_empty() {
         return Vec::new();
-    };
+    }
     let mut v = Vec::new();
     for n in netcfg::host_networks6(&cfg.interface) {
         v.push(Ipv6Net::new(n.addr(), 128).expect("valid /128"));
         let net = n.trunc();
-        if !(net.contains(&pool6.network()) || pool6.contains(&net.network())) {
+        if !ours
+            .iter()
+            .any(|o| net.contains(&o.network()) || o.contains(&net.network()))
+        {
             v.push(net);
         }
     }

@@ -185,7 +185,7 @@ fn run(mut cfg: Config) -> Result<()> {
     tracing::info!(node = %cfg.node_name, %address, public_key = %keys::encode(&public_key), "overlay address");
 
     // The data plane.
-    let host = netcfg::host_addresses(&cfg.interface, &[ipnet::IpNet::V4(cfg.overlay_cidr)]);
+    let host = netcfg::host_addresses(&cfg.interface, &cfg.overlay_networks());
     let mtu = cfg.mtu.unwrap_or_else(|| {
         netcfg::underlay_mtu(&host)
             .saturating_sub(evio_tunnel::OVERHEAD as u32)
@@ -201,6 +201,12 @@ fn run(mut cfg: Config) -> Result<()> {
         "TUN device"
     );
     netcfg::configure_tun(&cfg.interface, address, cfg.overlay_cidr)?;
+    if let Some(o6) = cfg.overlay_cidr6 {
+        let a6 = evio_store::paired_address6(cfg.overlay_cidr, address, o6)
+            .ok_or_else(|| anyhow::anyhow!("no IPv6 VIP for {address} in {o6}"))?;
+        netcfg::configure_tun6(&cfg.interface, a6, o6)?;
+        tracing::info!(address6 = %a6, "overlay IPv6 address");
+    }
     // One socket for both underlay families (issue 15); IPv4 only where the kernel has no IPv6.
     let sock = match evio_fastio::bind_dual_stack(cfg.listen_port) {
         Ok(s) => s,

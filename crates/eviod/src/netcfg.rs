@@ -25,6 +25,16 @@ pub fn configure_tun(dev: &str, vip: Ipv4Addr, overlay: Ipv4Net) -> Result<()> {
     Ok(())
 }
 
+/// The same for a dual-stack overlay's IPv6 VIP.
+pub fn configure_tun6(dev: &str, vip: std::net::Ipv6Addr, overlay6: Ipv6Net) -> Result<()> {
+    let mut nl = Netlink::new()?;
+    let index = link_index(&mut nl, dev)?;
+    let addr = IpNet::V6(Ipv6Net::new(vip, overlay6.prefix_len())?);
+    nl.add_address(index, &addr)
+        .with_context(|| format!("address {addr} on {dev}"))?;
+    Ok(())
+}
+
 /// Routes `net` through the TUN device (no error if the route is there already).
 pub fn add_route(dev: &str, net: &IpNet) -> Result<()> {
     let mut nl = Netlink::new()?;

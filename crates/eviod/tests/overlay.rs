@@ -452,14 +452,17 @@ fn pods_reach_each_other_encrypted_with_real_addresses() {
 /// and at least two of host-1's sealing threads read a MiB or more from the TUN (per-thread `rchar`; with
 /// every write through one queue, one thread read all: 46.6 MB against under 1 KB for the three others).
 /// The other host keeps one queue: both ends interoperate.
-/// Dual-stack pods (issue 15): the net-conf's `podCIDR6` gives each node the IPv6 subnet paired with its
-/// IPv4 claim (`evioctl cni-config` writes both host-local ranges), the real evio-cni gives pods both
-/// addresses, and eviod (`--pod-cidr6`) routes and allows the peer's paired IPv6 subnet: pods on different
-/// hosts reach each other over both families, through the tunnel (the hosts have no other route to the
-/// other's IPv6 pod subnet than the one into evio0; without `--pod-cidr6` there is none and this fails).
+/// Dual-stack pods and host VIPs (issue 15): the net-conf's `podCIDR6` gives each node the IPv6 subnet
+/// paired with its IPv4 claim (`evioctl cni-config` writes both host-local ranges), the real evio-cni
+/// gives pods both addresses, and eviod (`--pod-cidr6`) routes and allows the peer's paired IPv6 subnet:
+/// pods on different hosts reach each other over both families, through the tunnel (the hosts have no
+/// other route to the other's IPv6 pod subnet than the one into evio0; without `--pod-cidr6` there is
+/// none and this fails). With `--overlay-cidr6` every host also has an IPv6 VIP, at its IPv4 VIP's
+/// offset, and the hosts reach each other's.
 #[test]
 fn dual_stack_pods_reach_each_other_over_both_families() {
     const POOL6: &str = "fd00:10:244::/48";
+    const OVERLAY6: &str = "fd00:10:10::/64";
     let mut c = Cluster::new(2);
     let etcd = c.etcd_url();
     let dir = c.dir.path().to_path_buf();
@@ -474,9 +477,16 @@ fn dual_stack_pods_reach_each_other_over_both_families() {
             serde_json::json!({ "podCIDR6": POOL6 }),
         );
         subnets.push(net["subnet"].as_str().unwrap().to_string());
-        h.extra = ["--pod-cidr", "10.244.0.0/16", "--pod-cidr6", POOL6]
-            .map(String::from)
-            .to_vec();
+        h.extra = [
+            "--pod-cidr",
+            "10.244.0.0/16",
+            "--pod-cidr6",
+            POOL6,
+            "--overlay-cidr6",
+            OVERLAY6,
+        ]
+        .map(String::from)
+        .to_vec();
     }
     c.start_all();
     assert!(
@@ -511,6 +521,43 @@ fn dual_stack_pods_reach_each_other_over_both_families() {
             .contains(&other)
         });
         assert!(ok, "{} has no IPv6 route to {other}:\n{}", h.name, c.logs());
+    }
+    // Host IPv6 VIPs (from each host's status: its IPv4 VIP, at the same offset).
+    let vip6: Vec<String> = c
+        .hosts
+        .iter()
+        .map(|h| {
+            let v4 = h.status().unwrap()["address"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            let a6 = evio_store::paired_address6(
+                "10.10.0.0/16".parse().unwrap(),
+                v4,
+                OVERLAY6.parse().unwrap(),
+            )
+            .unwrap()
+            .to_string();
+            let shown =
+                h.ns.exec(&["ip", "-6", "addr", "show", "dev", "evio0"])
+                    .stdout;
+            assert!(
+                String::from_utf8_lossy(&shown).contains(&a6),
+                "{a6} not on evio0"
+            );
+            a6
+        })
+        .collect();
+    for (a, b) in [(0, 1), (1, 0)] {
+        let ok = evio_testbed::wait_until(Duration::from_secs(10), || {
+            c.hosts[a]
+                .ns
+                .exec(&["ping", "-6", "-c", "1", "-W", "1", &vip6[b]])
+                .status
+                .success()
+        });
+        assert!(ok, "host {a} -> host {b}'s IPv6 VIP {} failed", vip6[b]);
     }
     for (a, b) in [(0, 1), (1, 0)] {
         let (pa, pb) = (&pods[a].0, &pods[b]);
