@@ -420,6 +420,38 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_ranges_are_checked() {
+        let c = resolve_with(&[
+            "--pod-cidr",
+            "10.244.0.0/16",
+            "--pod-cidr6",
+            "fd00:10:244::/48",
+            "--overlay-cidr6",
+            "fd00:10:10::/64",
+        ])
+        .unwrap();
+        assert_eq!(c.overlay_networks().len(), 3);
+        for (args, what) in [
+            (&["--pod-cidr6", "fd00:10:244::/48"][..], "needs --pod-cidr"),
+            (&["--overlay-cidr6", "fd00:10:10::/120"][..], "smaller than"),
+            (
+                &[
+                    "--pod-cidr",
+                    "10.244.0.0/16",
+                    "--pod-cidr6",
+                    "fd00::/16",
+                    "--overlay-cidr6",
+                    "fd00:10:10::/64",
+                ][..],
+                "overlaps",
+            ),
+        ] {
+            let e = resolve_with(args).unwrap_err().to_string();
+            assert!(e.contains(what), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
     fn address_must_be_in_the_overlay() {
         let e = resolve_with(&["--address", "10.11.0.1"]).unwrap_err();
         assert!(e.to_string().contains("not inside"));
