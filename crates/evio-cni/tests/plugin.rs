@@ -638,6 +638,30 @@ fn dual_stack() {
     sb.assert_clean();
 }
 
+/// The rollback and bad-input checks on the dual-stack path (issue 15): every ADD step failing in turn
+/// leaves no veth, reservation (of either family), masquerade entry (pods4 or pods6) or state; a bad IPv6
+/// range creates nothing; and a real dual-stack ADD still works afterwards.
+#[test]
+fn dual_stack_rollback_and_bad_input() {
+    let mut sb = sandbox(json!({"ipMasq": true}));
+    let ranges = json!([[{"subnet": "10.244.3.0/24"}], [{"subnet": "fd00:3::/64"}]]);
+    sb.extra["ipam"] = json!({"type": "host-local", "dataDir": sb.ipam_dir(), "ranges": ranges});
+    let pod = sb.pod();
+    let netns = pod.path().display().to_string();
+    sb.fail_add_after_each_step(&pod, || sb.assert_clean());
+    let mut bad = sb.conf("1.1.0");
+    bad["ipam"]["ranges"][1][0]["subnet"] = json!("fd00:3::/129");
+    let out = sb.run("ADD", &sb.cid(), &netns, "eth0", &bad, &[]);
+    assert!(!out.ok, "{out:?}");
+    sb.assert_clean();
+    let cid = sb.cid();
+    let r = sb.add(&pod, &cid, "1.1.0");
+    assert_eq!(r["ips"].as_array().unwrap().len(), 2, "{r}");
+    assert_eq!(sb.nft_pod_entries().len(), 2);
+    sb.del(&netns, &cid, "1.1.0");
+    sb.assert_clean();
+}
+
 #[test]
 fn status_and_gc_errors() {
     let sb = sandbox(json!({}));
