@@ -24,8 +24,8 @@ pub use error::StoreError;
 /// The etcd client crate, re-exported for callers that need raw access ([`Store::client`]).
 pub use etcd_client;
 pub use plan::{
-    NodeSubnet, PlanError, SubnetPlan, SubnetPlan6, gateway6, host_range, node_bits_from_json,
-    paired_address6, parse_cidr,
+    MAX_PREFIX6, NodeSubnet, PlanError, SubnetPlan, SubnetPlan6, gateway6, host_range,
+    node_bits_from_json, paired_address6, parse_cidr,
 };
 pub use records::{
     AddressClaim, Candidate, CandidateKind, NodeRecord, PathEntry, PathSummary, SubnetClaim,

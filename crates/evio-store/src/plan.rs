@@ -208,9 +208,11 @@ impl SubnetPlan {
     }
 }
 
-/// The IPv6 half of a dual-stack plan: the IPv6 pool cut with the same `nodeBits`, node `i`'s IPv6
-/// subnet being the `i`-th. So a node's IPv4 subnet claim is its IPv6 claim too: one claim per node, one
-/// certificate entry, nothing that could disagree between the families (and no second etcd write).
+/// The IPv6 half of a dual-stack plan: the IPv6 pool cut into `2^node_bits` node subnets (its own node
+/// prefix length, e.g. /64s), node `i`'s IPv6 subnet being the `i`-th: the one at the index of its IPv4
+/// subnet. So a node's IPv4 subnet claim is its IPv6 claim too: one claim per node, one certificate
+/// entry, nothing that could disagree between the families (and no second etcd write). The IPv6 pool
+/// needs at least as many subnets as the IPv4 one ([`SubnetPlan6::holds`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SubnetPlan6 {
     pool: Ipv6Net,
@@ -265,11 +267,14 @@ impl SubnetPlan6 {
         Ipv6Net::new(Ipv6Addr::from(base), self.node_prefix()).ok()
     }
 
-    /// The IPv6 subnet paired with node subnet `subnet4` of `plan4` (same index), if it is one of its.
+    /// True if every node subnet of `plan4` has its pair here.
+    pub fn holds(&self, plan4: &SubnetPlan) -> bool {
+        self.node_bits >= plan4.node_bits()
+    }
+
+    /// The IPv6 subnet paired with node subnet `subnet4` of `plan4` (same index), if it is one of its and
+    /// the index fits.
     pub fn paired(&self, plan4: &SubnetPlan, subnet4: &Ipv4Net) -> Option<Ipv6Net> {
-        if plan4.node_bits() != self.node_bits {
-            return None;
-        }
         self.subnet(plan4.index_of(subnet4)?)
     }
 }
@@ -415,11 +420,15 @@ mod tests {
             plan6.paired(&plan4, &"10.245.7.0/24".parse().unwrap()),
             None
         );
-        let other = SubnetPlan::parse("10.244.0.0/16", 6).unwrap();
+        // Its own node prefix: /64s out of a /48 (16 bits: holds the 8 of the IPv4 plan).
+        let p64 = SubnetPlan6::parse("fd00:10:244::/48", 16).unwrap();
+        assert!(p64.holds(&plan4) && !SubnetPlan6::parse("fd00::/48", 4).unwrap().holds(&plan4));
         assert_eq!(
-            plan6.paired(&other, &"10.244.4.0/22".parse().unwrap()),
-            None
+            p64.paired(&plan4, &s4),
+            Some("fd00:10:244:7::/64".parse().unwrap())
         );
+        let small = SubnetPlan6::parse("fd00:10:244::/48", 2).unwrap();
+        assert_eq!(small.paired(&plan4, &s4), None, "index 7 of 4 subnets");
         assert_eq!(
             gateway6(&"fd00:10:244:700::/56".parse().unwrap()).to_string(),
             "fd00:10:244:700::1"

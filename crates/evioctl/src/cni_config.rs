@@ -131,7 +131,7 @@ pub struct NetConf {
     /// this one if every plugin of the chain speaks it, else the newest they all speak up to 1.0.0.
     pub cni_version: Option<String>,
     pub plan: SubnetPlan,
-    /// Dual-stack pods: the IPv6 pool (`podCIDR6`), cut with the same nodeBits; a node's IPv6 subnet is
+    /// Dual-stack pods: the IPv6 pool of `podCIDRs` with its node prefix length; a node's IPv6 subnet is
     /// the one paired with its IPv4 claim ([`SubnetPlan6::paired`]).
     pub plan6: Option<SubnetPlan6>,
     pub data_store: Option<Vec<String>>,
@@ -140,6 +140,104 @@ pub struct NetConf {
     pub plugin: Map<String, Value>,
     /// Extra host-local keys (e.g. `dataDir`), from the net-conf's optional `ipam` object.
     pub ipam_extra: Map<String, Value>,
+}
+
+/// The pod pools: `podCIDR` and `nodeBits` (the original Evio keys), and/or `podCIDRs` (dual-stack: one
+/// IPv4 and one IPv6 pool, each a CIDR string or `{"cidr": ..., "nodePrefixLength": N}`). The IPv4 pool
+/// is required (claims are IPv4 subnets; a node's IPv6 subnet is the one at its IPv4 subnet's index); the
+/// IPv6 pool's node prefix defaults to as many subnets as the IPv4 pool has, and must give at least as
+/// many.
+fn pod_plans(o: &Map<String, Value>) -> Result<(SubnetPlan, Option<SubnetPlan6>)> {
+    type Pool = Option<(String, Option<u8>)>;
+    let mut v4: Pool = match o.get("podCIDR") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some((s.clone(), None)),
+        Some(other) => bail!("podCIDR must be a string like \"10.244.0.0/16\", not {other}"),
+    };
+    let mut v6: Pool = None;
+    match o.get("podCIDRs") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(list)) => {
+            for e in list {
+                let (cidr, npl) = match e {
+                    Value::String(s) => (s.clone(), None),
+                    Value::Object(m) => {
+                        let cidr = m.get("cidr").and_then(Value::as_str).ok_or_else(|| {
+                            anyhow!("podCIDRs: an entry {e} has no \"cidr\" string")
+                        })?;
+                        let npl = match m.get("nodePrefixLength") {
+                            None => None,
+                            Some(n) => Some(n.as_u64().filter(|n| *n <= 128).ok_or_else(|| {
+                                anyhow!("podCIDRs: nodePrefixLength {n} is not a prefix length")
+                            })? as u8),
+                        };
+                        (cidr.to_string(), npl)
+                    }
+                    other => bail!("podCIDRs entries are CIDR strings or objects, not {other}"),
+                };
+                let is_v6 = cidr.contains(':');
+                let slot = if is_v6 { &mut v6 } else { &mut v4 };
+                match slot {
+                    Some((given, _)) if is_v6 || given.trim() != cidr.trim() => bail!(
+                        "podCIDRs: at most one IPv4 and one IPv6 pool (podCIDR, if also given, is the \
+                         IPv4 one)"
+                    ),
+                    _ => *slot = Some((cidr, npl)),
+                }
+            }
+        }
+        Some(other) => bail!(
+            "podCIDRs must be a list like [\"10.244.0.0/16\", \"fd00:10:244::/48\"], not {other}"
+        ),
+    }
+    let Some((cidr, npl4)) = v4 else {
+        bail!(
+            "the net-conf has no podCIDR, an IPv4 pod pool (e.g. \"podCIDR\": \"10.244.0.0/16\"; \
+             dual-stack: \"podCIDRs\": [\"10.244.0.0/16\", \"fd00:10:244::/48\"])"
+        )
+    };
+    let pool = parse_cidr(&cidr).map_err(|e| anyhow!("podCIDR: {e}"))?;
+    let bits_key = match o.get("nodeBits") {
+        Some(v) => Some(node_bits_from_json(v).map_err(|e| anyhow!("{e}"))?),
+        None => None,
+    };
+    let bits = match npl4 {
+        Some(n) => {
+            let from_prefix = n
+                .checked_sub(pool.prefix_len())
+                .ok_or_else(|| anyhow!("podCIDRs: nodePrefixLength /{n} is shorter than {pool}"))?;
+            if bits_key.is_some_and(|b| b != from_prefix) {
+                bail!("nodeBits and the IPv4 nodePrefixLength disagree");
+            }
+            from_prefix
+        }
+        None => bits_key.unwrap_or(8),
+    };
+    let plan = SubnetPlan::new(pool, bits).map_err(|e| anyhow!("{e}"))?;
+    let Some((cidr6, npl6)) = v6 else {
+        return Ok((plan, None));
+    };
+    let pool6 = SubnetPlan6::parse(&cidr6, 0)
+        .map_err(|e| anyhow!("podCIDRs: {e}"))?
+        .pool();
+    let bits6 = match npl6 {
+        Some(n) => n
+            .checked_sub(pool6.prefix_len())
+            .ok_or_else(|| anyhow!("podCIDRs: nodePrefixLength /{n} is shorter than {pool6}"))?,
+        None => bits,
+    };
+    let plan6 = SubnetPlan6::new(pool6, bits6).map_err(|e| anyhow!("podCIDRs: {e}"))?;
+    if !plan6.holds(&plan) {
+        bail!(
+            "podCIDRs: {} cut into /{} has fewer node subnets than {} cut into /{} (every node's IPv4 \
+             subnet needs its IPv6 pair)",
+            plan6.pool(),
+            plan6.node_prefix(),
+            plan.pool(),
+            plan.node_prefix()
+        );
+    }
+    Ok((plan, Some(plan6)))
 }
 
 /// The versions evio-cni speaks.
@@ -152,26 +250,7 @@ impl NetConf {
         let Value::Object(o) = v else {
             bail!("the net-conf must be a JSON object")
         };
-        let cidr = match o.get("podCIDR") {
-            Some(Value::String(s)) => s.clone(),
-            Some(other) => bail!("podCIDR must be a string like \"10.244.0.0/16\", not {other}"),
-            None => bail!("the net-conf has no podCIDR (e.g. \"podCIDR\": \"10.244.0.0/16\")"),
-        };
-        let pool = parse_cidr(&cidr).map_err(|e| anyhow!("podCIDR: {e}"))?;
-        let bits = match o.get("nodeBits") {
-            Some(v) => node_bits_from_json(v).map_err(|e| anyhow!("{e}"))?,
-            None => 8,
-        };
-        let plan = SubnetPlan::new(pool, bits).map_err(|e| anyhow!("{e}"))?;
-        let plan6 = match o.get("podCIDR6") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => {
-                Some(SubnetPlan6::parse(s, bits).map_err(|e| anyhow!("podCIDR6: {e}"))?)
-            }
-            Some(other) => {
-                bail!("podCIDR6 must be a string like \"fd00:10:244::/48\", not {other}")
-            }
-        };
+        let (plan, plan6) = pod_plans(&o)?;
         let name = match o.get("name") {
             None => "evio".to_string(),
             Some(Value::String(s)) if valid_net_name(s) => s.clone(),
@@ -494,7 +573,7 @@ mod tests {
     #[test]
     fn dual_stack_net_conf_gives_both_ranges() {
         let c = NetConf::parse(
-            r#"{"podCIDR":"10.244.0.0/16","podCIDR6":"fd00:10:244::/48","nodeBits":8,
+            r#"{"podCIDRs":["10.244.0.0/16","fd00:10:244::/48"],"nodeBits":8,
                 "clusterCIDRs":["10.96.0.0/12"]}"#,
         )
         .unwrap();
@@ -509,19 +588,40 @@ mod tests {
             json!(["10.96.0.0/12", "fd00:10:244::/48"])
         );
         check_conflist(&l).unwrap();
+        // Each pool with its node prefix length: /24s and /64s.
+        let c = NetConf::parse(
+            r#"{"podCIDRs":[{"cidr":"10.244.0.0/16","nodePrefixLength":24},
+                            {"cidr":"fd00:10:244::/48","nodePrefixLength":64}]}"#,
+        )
+        .unwrap();
+        let l = c.conflist(&c.plan.subnet(7).unwrap(), "1.0.0");
+        assert_eq!(
+            l["plugins"][0]["ipam"]["ranges"][1][0]["subnet"],
+            "fd00:10:244:7::/64"
+        );
         for (conf, what) in [
+            (r#"{"podCIDRs":["fd00:10:244::/48"]}"#, "no podCIDR"),
             (
-                r#"{"podCIDR":"10.244.0.0/16","podCIDR6":"10.0.0.0/8"}"#,
-                "podCIDR6",
+                r#"{"podCIDRs":["10.244.0.0/16","10.245.0.0/16"]}"#,
+                "at most one IPv4",
             ),
             (
-                r#"{"podCIDR":"10.244.0.0/16","podCIDR6":"fd00::/116"}"#,
+                r#"{"podCIDR":"10.244.0.0/16","podCIDRs":["fd00::/48","fd01::/48"]}"#,
+                "at most one",
+            ),
+            (
+                r#"{"podCIDRs":["10.244.0.0/16","fd00::/116"]}"#,
                 "at most /120",
             ),
             (
-                r#"{"podCIDR":"10.244.0.0/16","podCIDR6":48}"#,
-                "podCIDR6 must be a string",
+                r#"{"podCIDRs":["10.244.0.0/16",{"cidr":"fd00::/56","nodePrefixLength":60}]}"#,
+                "fewer node subnets",
             ),
+            (
+                r#"{"podCIDRs":[{"cidr":"10.244.0.0/16","nodePrefixLength":24}],"nodeBits":6}"#,
+                "disagree",
+            ),
+            (r#"{"podCIDRs":"10.244.0.0/16"}"#, "must be a list"),
         ] {
             let e = format!("{:#}", NetConf::parse(conf).unwrap_err());
             assert!(e.contains(what), "{conf}: {e}");

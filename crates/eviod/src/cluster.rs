@@ -77,10 +77,12 @@ pub struct HostFacts {
     pub overlay: Ipv4Net,
     /// `--pod-cidr`, when given.
     pub pod_cidr: Option<Ipv4Net>,
-    /// `--pod-cidr6` (dual-stack pods), when given: a peer's IPv6 pod subnet is the one paired with its
-    /// granted IPv4 subnet (`evio_store::SubnetPlan6::paired`).
+    /// The IPv6 `--pod-cidr` (dual-stack pods), when given: a peer's IPv6 pod subnet is the one paired
+    /// with its granted IPv4 subnet (`evio_store::SubnetPlan6::paired`).
     pub pod_cidr6: Option<Ipv6Net>,
-    /// `--overlay-cidr6` (a dual-stack host overlay), when given: a peer's IPv6 VIP is at its IPv4 VIP's
+    /// `--pod-node-prefix6`: the IPv6 node subnets' prefix (default: as many subnets as the IPv4 plan).
+    pub pod_node_prefix6: Option<u8>,
+    /// The IPv6 `--overlay-cidr` (a dual-stack host overlay), when given: a peer's IPv6 VIP is at its IPv4 VIP's
     /// offset in it (`evio_store::paired_address6`).
     pub overlay6: Option<Ipv6Net>,
     /// IPv6 networks never routed into the tunnel (the host's and the servers'), as `protected`.
@@ -96,9 +98,9 @@ pub struct Grant {
     pub public_key: [u8; 32],
     pub address: Ipv4Addr,
     pub pod_subnet: Option<Ipv4Net>,
-    /// Paired with `pod_subnet` in `--pod-cidr6` (never from the record).
+    /// Paired with `pod_subnet` in the IPv6 `--pod-cidr` (never from the record).
     pub pod_subnet6: Option<Ipv6Net>,
-    /// Paired with `address` in `--overlay-cidr6` (never from the record).
+    /// Paired with `address` in the IPv6 `--overlay-cidr` (never from the record).
     pub address6: Option<std::net::Ipv6Addr>,
 }
 
@@ -139,8 +141,8 @@ pub enum Rejection {
     )]
     Protected(Ipv4Net, Ipv4Net),
     #[error(
-        "its IPv6 prefix {0} overlaps {1}, which is never routed into the tunnel (check --pod-cidr6 and \
-         --overlay-cidr6)"
+        "its IPv6 prefix {0} overlaps {1}, which is never routed into the tunnel (check the IPv6 \
+         --pod-cidr and --overlay-cidr)"
     )]
     Subnet6Protected(Ipv6Net, Ipv6Net),
     #[error("{prefix} overlaps the grant of {holder}, which is older")]
@@ -527,7 +529,9 @@ impl Cluster {
             }
         };
         let pod_subnet6 = match (pod_subnet, f.pod_cidr, f.pod_cidr6) {
-            (Some(s), Some(pool), Some(pool6)) => paired6(pool, s, pool6, &f.protected6)?,
+            (Some(s), Some(pool), Some(pool6)) => {
+                paired6(pool, s, pool6, f.pod_node_prefix6, &f.protected6)?
+            }
             _ => None,
         };
         let address6 = match f.overlay6 {
@@ -804,21 +808,30 @@ fn overlap(a: &Ipv4Net, b: &Ipv4Net) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
 
-/// The IPv6 pod subnet paired with granted IPv4 subnet `s` (the same index in `pool6` cut with the nodeBits
-/// `s` has in `pool`); `None` if `s` is not one of `pool`'s node subnets or the pair would be too small.
-/// Refused if it overlaps a protected IPv6 network (a misconfigured `--pod-cidr6`).
+/// The IPv6 pod subnet paired with granted IPv4 subnet `s`: the one at `s`'s index (in `pool` cut with the
+/// node bits `s` has) in `pool6` cut into `node_prefix6` subnets (default: as many as `pool`'s). `None` if
+/// `s` is not one of `pool`'s node subnets or its index does not fit. Refused if it overlaps a protected
+/// IPv6 network (a misconfigured IPv6 `--pod-cidr`).
 fn paired6(
     pool: Ipv4Net,
     s: Ipv4Net,
     pool6: Ipv6Net,
+    node_prefix6: Option<u8>,
     protected6: &[Ipv6Net],
 ) -> Result<Option<Ipv6Net>, Rejection> {
     let Some(bits) = s.prefix_len().checked_sub(pool.prefix_len()) else {
         return Ok(None);
     };
+    let bits6 = match node_prefix6 {
+        Some(n) => match n.checked_sub(pool6.prefix_len()) {
+            Some(b) => b,
+            None => return Ok(None),
+        },
+        None => bits,
+    };
     let (Ok(plan), Ok(plan6)) = (
         evio_store::SubnetPlan::new(pool, bits),
-        evio_store::SubnetPlan6::new(pool6, bits),
+        evio_store::SubnetPlan6::new(pool6, bits6),
     ) else {
         return Ok(None);
     };
@@ -862,6 +875,7 @@ mod tests {
             overlay: net("10.10.0.0/16"),
             pod_cidr: Some(net("10.244.0.0/16")),
             pod_cidr6: None,
+            pod_node_prefix6: None,
             overlay6: None,
             protected: vec![net("192.168.1.0/24"), net("192.168.9.9/32")],
             protected6: vec![],
@@ -964,7 +978,7 @@ mod tests {
             Some(net("10.244.1.0/24")),
         );
         add(&mut c, "a", 2, "10.10.0.2", Some("10.244.2.0/24"), 1);
-        // A peer whose pair holds a protected address (a --pod-cidr6 overlapping the host's) is refused.
+        // A peer whose pair holds a protected address (an IPv6 --pod-cidr overlapping the host's) is refused.
         add(&mut c, "b", 3, "10.10.0.3", Some("10.244.9.0/24"), 2);
         let d = c.desired(Instant::now());
         assert_eq!(names(&d), ["a"]);
@@ -984,7 +998,22 @@ mod tests {
             d.rejected.as_slice(),
             [(n, Rejection::Subnet6Protected(..))] if n == "b"
         ));
-        // Without --pod-cidr6: IPv4 only, as before.
+        // IPv6 node subnets of their own prefix (/64s): the same index.
+        let mut c = Cluster::new(
+            HostFacts {
+                pod_cidr6: Some(six("fd00:10:244::/48")),
+                pod_node_prefix6: Some(64),
+                ..facts()
+            },
+            Some(net("10.244.1.0/24")),
+        );
+        add(&mut c, "a", 2, "10.10.0.2", Some("10.244.2.0/24"), 1);
+        let d = c.desired(Instant::now());
+        assert_eq!(
+            d.peers[0].grant.pod_subnet6,
+            Some(six("fd00:10:244:2::/64"))
+        );
+        // Without an IPv6 pod CIDR: IPv4 only, as before.
         let mut c = cluster();
         add(&mut c, "a", 2, "10.10.0.2", Some("10.244.2.0/24"), 1);
         let d = c.desired(Instant::now());

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 
 #[derive(Parser, Debug, Default, Deserialize, Clone)]
@@ -42,23 +42,24 @@ pub struct Args {
     /// Directory for the key, the control socket and cached state (one per agent).
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
-    /// The host overlay network; the VIP is claimed in it (default 10.10.0.0/16).
+    /// The host overlay network; the VIP is claimed in it (default 10.10.0.0/16). Given twice, once per
+    /// family (`--overlay-cidr 10.10.0.0/16 --overlay-cidr fd00:10:10::/64`): a dual-stack host overlay,
+    /// where a node's IPv6 VIP sits at its IPv4 VIP's offset (one claim or certificate grants both).
     #[arg(long)]
-    pub overlay_cidr: Option<Ipv4Net>,
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub overlay_cidr: Vec<IpNet>,
     /// The cluster's pod CIDR (e.g. 10.244.0.0/16): a peer's pod subnet is routed only if inside it. Without
     /// it, pod subnets are still refused when shorter than /8 or overlapping the overlay, this host's
-    /// networks or the etcd/STUN/TURN servers (docs/security.md).
+    /// networks or the etcd/STUN/TURN servers (docs/security.md). Given twice, once per family (the
+    /// net-conf's `podCIDRs`): dual-stack pods, a peer's IPv6 subnet being the one at its granted IPv4
+    /// subnet's index in the IPv6 pool (never one the peer names).
     #[arg(long)]
-    pub pod_cidr: Option<Ipv4Net>,
-    /// A dual-stack host overlay: its IPv6 range (e.g. fd00:10:10::/64). A node's IPv6 VIP is at the same
-    /// offset in it as its IPv4 VIP in --overlay-cidr (the same claim or certificate grants both).
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub pod_cidr: Vec<IpNet>,
+    /// Dual-stack pods: the prefix length of the IPv6 node subnets (the net-conf's IPv6
+    /// `nodePrefixLength`; default: the IPv6 pod CIDR's plus the IPv4 node bits, as many subnets).
     #[arg(long)]
-    pub overlay_cidr6: Option<Ipv6Net>,
-    /// Dual-stack pods: the cluster's IPv6 pod CIDR (the net-conf's `podCIDR6`, e.g. fd00:10:244::/48),
-    /// cut with the same nodeBits as --pod-cidr: a peer's IPv6 pod subnet is the one paired with its
-    /// granted IPv4 subnet (never one the peer names), routed into the tunnel beside it. Needs --pod-cidr.
-    #[arg(long)]
-    pub pod_cidr6: Option<Ipv6Net>,
+    pub pod_node_prefix6: Option<u8>,
     /// Ask for this VIP instead of any free one (refused if another node holds it).
     #[arg(long)]
     pub address: Option<Ipv4Addr>,
@@ -160,6 +161,7 @@ pub struct Config {
     pub overlay_cidr: Ipv4Net,
     pub pod_cidr: Option<Ipv4Net>,
     pub pod_cidr6: Option<Ipv6Net>,
+    pub pod_node_prefix6: Option<u8>,
     pub overlay_cidr6: Option<Ipv6Net>,
     pub address: Option<Ipv4Addr>,
     pub interface: String,
@@ -183,6 +185,35 @@ impl Config {
         v.extend(self.pod_cidr6.map(ipnet::IpNet::V6));
         v
     }
+}
+
+/// At most one network per family from a flag given once or twice.
+fn per_family(flag: &str, nets: &[IpNet]) -> Result<(Option<Ipv4Net>, Option<Ipv6Net>)> {
+    let (mut v4, mut v6) = (None, None);
+    for n in nets {
+        match n {
+            IpNet::V4(n) if v4.is_none() => v4 = Some(*n),
+            IpNet::V6(n) if v6.is_none() => v6 = Some(*n),
+            _ => bail!("{flag} given twice for one family: at most one IPv4 and one IPv6 network"),
+        }
+    }
+    Ok((v4, v6))
+}
+
+/// A config file's network: one string or a list of them.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<IpNet>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(IpNet),
+        Many(Vec<IpNet>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(n) => vec![n],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 pub const DEFAULT_PORT: u16 = 51820;
@@ -211,10 +242,7 @@ impl Args {
                 etcd_cert,
                 etcd_key,
                 state_dir,
-                overlay_cidr,
-                pod_cidr,
-                pod_cidr6,
-                overlay_cidr6,
+                pod_node_prefix6,
                 address,
                 interface,
                 listen_port,
@@ -229,6 +257,12 @@ impl Args {
             );
             if self.stun.is_empty() {
                 self.stun = f.stun.clone();
+            }
+            if self.overlay_cidr.is_empty() {
+                self.overlay_cidr = f.overlay_cidr.clone();
+            }
+            if self.pod_cidr.is_empty() {
+                self.pod_cidr = f.pod_cidr.clone();
             }
             if self.pin_peer.is_empty() {
                 self.pin_peer = f.pin_peer.clone();
@@ -246,46 +280,55 @@ impl Args {
         let Some(state_dir) = self.state_dir else {
             bail!("--state-dir is required")
         };
-        let overlay_cidr = self
-            .overlay_cidr
+        let (overlay_cidr, overlay_cidr6) = per_family("--overlay-cidr", &self.overlay_cidr)?;
+        let overlay_cidr = overlay_cidr
             .unwrap_or_else(|| "10.10.0.0/16".parse().expect("valid"))
             .trunc();
         if overlay_cidr.prefix_len() > 30 {
             bail!("--overlay-cidr {overlay_cidr} is too small");
         }
-        let pod_cidr = self.pod_cidr.map(|p| p.trunc());
+        let (pod_cidr, pod_cidr6) = per_family("--pod-cidr", &self.pod_cidr)?;
+        let pod_cidr = pod_cidr.map(|p| p.trunc());
         if let Some(p) = pod_cidr
             && (p.contains(&overlay_cidr.network()) || overlay_cidr.contains(&p.network()))
         {
             bail!("--pod-cidr {p} overlaps --overlay-cidr {overlay_cidr}");
         }
-        let pod_cidr6 = self.pod_cidr6.map(|p| p.trunc());
+        let pod_cidr6 = pod_cidr6.map(|p| p.trunc());
         if let Some(p) = pod_cidr6 {
             if pod_cidr.is_none() {
                 bail!(
-                    "--pod-cidr6 {p} needs --pod-cidr (the IPv6 subnets pair with the IPv4 ones)"
+                    "--pod-cidr {p} needs an IPv4 --pod-cidr too (the IPv6 subnets pair with the IPv4 ones)"
                 );
             }
             if p.prefix_len() > 112 || p.addr().is_loopback() || p.addr().is_multicast() {
-                bail!("--pod-cidr6 {p} is not a usable pod pool (a unicast /112 or larger)");
+                bail!("--pod-cidr {p} is not a usable IPv6 pod pool (a unicast /112 or larger)");
+            }
+            if let Some(n) = self.pod_node_prefix6
+                && (n <= p.prefix_len() || u32::from(n) > evio_store::MAX_PREFIX6)
+            {
+                bail!(
+                    "--pod-node-prefix6 {n}: want more than /{} and at most /120",
+                    p.prefix_len()
+                );
             }
         }
-        let overlay_cidr6 = self.overlay_cidr6.map(|p| p.trunc());
+        let overlay_cidr6 = overlay_cidr6.map(|p| p.trunc());
         if let Some(o6) = overlay_cidr6 {
             let bits6 = 128 - u32::from(o6.prefix_len());
             if bits6 < 32 - u32::from(overlay_cidr.prefix_len()) {
                 bail!(
-                    "--overlay-cidr6 {o6} is smaller than --overlay-cidr {overlay_cidr} (every IPv4 VIP's \
+                    "--overlay-cidr {o6} is smaller than --overlay-cidr {overlay_cidr} (every IPv4 VIP's \
                      offset must fit)"
                 );
             }
             if o6.addr().is_loopback() || o6.addr().is_multicast() {
-                bail!("--overlay-cidr6 {o6} is not a unicast range");
+                bail!("--overlay-cidr {o6} is not a unicast range");
             }
             if let Some(p) = pod_cidr6
                 && (p.contains(&o6.network()) || o6.contains(&p.network()))
             {
-                bail!("--pod-cidr6 {p} overlaps --overlay-cidr6 {o6}");
+                bail!("--pod-cidr {p} overlaps --overlay-cidr {o6}");
             }
         }
         if let Some(a) = self.address
@@ -330,6 +373,7 @@ impl Args {
             overlay_cidr,
             pod_cidr,
             pod_cidr6,
+            pod_node_prefix6: self.pod_node_prefix6,
             overlay_cidr6,
             address: self.address,
             interface,
@@ -424,31 +468,67 @@ mod tests {
         let c = resolve_with(&[
             "--pod-cidr",
             "10.244.0.0/16",
-            "--pod-cidr6",
+            "--pod-cidr",
             "fd00:10:244::/48",
-            "--overlay-cidr6",
+            "--overlay-cidr",
             "fd00:10:10::/64",
         ])
         .unwrap();
+        assert_eq!(
+            c.overlay_cidr.to_string(),
+            "10.10.0.0/16",
+            "the IPv4 default stays"
+        );
+        assert_eq!(c.pod_cidr6, Some("fd00:10:244::/48".parse().unwrap()));
+        assert_eq!(c.overlay_cidr6, Some("fd00:10:10::/64".parse().unwrap()));
         assert_eq!(c.overlay_networks().len(), 3);
         for (args, what) in [
-            (&["--pod-cidr6", "fd00:10:244::/48"][..], "needs --pod-cidr"),
-            (&["--overlay-cidr6", "fd00:10:10::/120"][..], "smaller than"),
+            (&["--pod-cidr", "fd00:10:244::/48"][..], "needs an IPv4"),
+            (&["--overlay-cidr", "fd00:10:10::/120"][..], "smaller than"),
+            (
+                &[
+                    "--overlay-cidr",
+                    "10.10.0.0/16",
+                    "--overlay-cidr",
+                    "10.11.0.0/16",
+                ][..],
+                "twice",
+            ),
             (
                 &[
                     "--pod-cidr",
                     "10.244.0.0/16",
-                    "--pod-cidr6",
+                    "--pod-cidr",
                     "fd00::/16",
-                    "--overlay-cidr6",
+                    "--overlay-cidr",
                     "fd00:10:10::/64",
                 ][..],
                 "overlaps",
+            ),
+            (
+                &[
+                    "--pod-cidr",
+                    "10.244.0.0/16",
+                    "--pod-cidr",
+                    "fd00::/48",
+                    "--pod-node-prefix6",
+                    "48",
+                ][..],
+                "--pod-node-prefix6",
             ),
         ] {
             let e = resolve_with(args).unwrap_err().to_string();
             assert!(e.contains(what), "{args:?}: {e}");
         }
+    }
+
+    #[test]
+    fn a_config_file_gives_networks_as_one_string_or_a_list() {
+        let one: Args = serde_json::from_str(r#"{"overlay-cidr":"10.10.0.0/16"}"#).unwrap();
+        assert_eq!(one.overlay_cidr.len(), 1);
+        let two: Args =
+            serde_json::from_str(r#"{"pod-cidr":["10.244.0.0/16","fd00:10:244::/48"]}"#).unwrap();
+        assert_eq!(two.pod_cidr.len(), 2);
     }
 
     #[test]

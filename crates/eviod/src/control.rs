@@ -229,6 +229,7 @@ impl Control {
             overlay: cfg.overlay_cidr,
             pod_cidr: cfg.pod_cidr,
             pod_cidr6: cfg.pod_cidr6,
+            pod_node_prefix6: cfg.pod_node_prefix6,
             overlay6: cfg.overlay_cidr6,
             protected: protected_networks(&cfg, pod_subnet, &servers),
             protected6: protected_networks6(&cfg, &servers),
@@ -695,8 +696,8 @@ fn protected_networks(cfg: &Config, own_pod: Option<Ipv4Net>, servers: &[IpAddr]
     v
 }
 
-/// The IPv6 networks never routed into the tunnel (only IPv6 pod subnets are, with `--pod-cidr6`): the
-/// host's own (a network overlapping `--pod-cidr6` protected by its address alone) and the servers'.
+/// The IPv6 networks never routed into the tunnel (with IPv6 ranges, their pod subnets and VIPs are): the
+/// host's own (a network overlapping those ranges protected by its address alone) and the servers'.
 fn protected_networks6(cfg: &Config, servers: &[IpAddr]) -> Vec<Ipv6Net> {
     let ours: Vec<Ipv6Net> = [cfg.pod_cidr6, cfg.overlay_cidr6]
         .into_iter()

@@ -452,13 +452,14 @@ fn pods_reach_each_other_encrypted_with_real_addresses() {
 /// and at least two of host-1's sealing threads read a MiB or more from the TUN (per-thread `rchar`; with
 /// every write through one queue, one thread read all: 46.6 MB against under 1 KB for the three others).
 /// The other host keeps one queue: both ends interoperate.
-/// Dual-stack pods and host VIPs (issue 15): the net-conf's `podCIDR6` gives each node the IPv6 subnet
-/// paired with its IPv4 claim (`evioctl cni-config` writes both host-local ranges), the real evio-cni
-/// gives pods both addresses, and eviod (`--pod-cidr6`) routes and allows the peer's paired IPv6 subnet:
-/// pods on different hosts reach each other over both families, through the tunnel (the hosts have no
-/// other route to the other's IPv6 pod subnet than the one into evio0; without `--pod-cidr6` there is
-/// none and this fails). With `--overlay-cidr6` every host also has an IPv6 VIP, at its IPv4 VIP's
-/// offset, and the hosts reach each other's.
+/// Dual-stack pods and host VIPs (issue 15): the net-conf's `podCIDRs` (an IPv4 pool of /24s, an IPv6
+/// pool of /64s) gives each node the IPv6 subnet paired with its IPv4 claim (`evioctl cni-config` writes
+/// both host-local ranges), the real evio-cni gives pods both addresses, and eviod (`--pod-cidr` given
+/// for both families) routes and allows the peer's paired IPv6 subnet: pods on different hosts reach
+/// each other over both families, through the tunnel (the hosts have no other route to the other's IPv6
+/// pod subnet than the one into evio0; without the IPv6 `--pod-cidr` there is none and this fails). With
+/// an IPv6 `--overlay-cidr` too every host has an IPv6 VIP, at its IPv4 VIP's offset, and the hosts reach
+/// each other's.
 #[test]
 fn dual_stack_pods_reach_each_other_over_both_families() {
     const POOL6: &str = "fd00:10:244::/48";
@@ -474,15 +475,19 @@ fn dual_stack_pods_reach_each_other_over_both_families() {
             &h.name,
             &etcd,
             &d,
-            serde_json::json!({ "podCIDR6": POOL6 }),
+            serde_json::json!({
+                "podCIDRs": ["10.244.0.0/16", { "cidr": POOL6, "nodePrefixLength": 64 }],
+            }),
         );
         subnets.push(net["subnet"].as_str().unwrap().to_string());
         h.extra = [
             "--pod-cidr",
             "10.244.0.0/16",
-            "--pod-cidr6",
+            "--pod-cidr",
             POOL6,
-            "--overlay-cidr6",
+            "--pod-node-prefix6",
+            "64",
+            "--overlay-cidr",
             OVERLAY6,
         ]
         .map(String::from)
@@ -495,7 +500,7 @@ fn dual_stack_pods_reach_each_other_over_both_families() {
         c.logs()
     );
     let plan4 = evio_store::SubnetPlan::parse("10.244.0.0/16", 8).unwrap();
-    let plan6 = evio_store::SubnetPlan6::parse(POOL6, 8).unwrap();
+    let plan6 = evio_store::SubnetPlan6::parse(POOL6, 16).unwrap();
     let mut pods = Vec::new();
     for (i, h) in c.hosts.iter().enumerate() {
         let (pod, ips) =

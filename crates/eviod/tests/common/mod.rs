@@ -474,7 +474,7 @@ pub fn cni_config_in(ns: &str, node: &str, etcd: &str, d: &std::path::Path) -> s
     cni_config_with(ns, node, etcd, d, serde_json::json!({}))
 }
 
-/// [`cni_config_in`] with `extra` net-conf keys (e.g. `podCIDR6`).
+/// [`cni_config_in`] with `extra` net-conf keys (e.g. `podCIDRs`).
 pub fn cni_config_with(
     ns: &str,
     node: &str,
