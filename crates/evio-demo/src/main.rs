@@ -15,8 +15,9 @@
 //! every probe got through. Either way, and on an error or a signal at any moment, it tears everything
 //! down (see `cluster.rs`).
 //!
-//! Dependencies: `nix` (already in the workspace) for `sigaction`, `prctl(PR_SET_PDEATHSIG)`, `kill` and
-//! `geteuid` without raw calls; `libc` only for the probe's raw ICMP socket (`probe.rs`); `tempfile` for
+//! Dependencies: `nix` (already in the workspace) for `sigaction`, `prctl(PR_SET_PDEATHSIG)`, `kill`,
+//! `geteuid`, the probe's raw ICMP socket and poll (`probe.rs`), `getrusage` and `sysconf`, without raw
+//! calls; `tempfile` for
 //! the self-removing temp dir; `evio-testbed` for the lab topology, shared with the NAT tests.
 
 mod cluster;

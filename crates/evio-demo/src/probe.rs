@@ -5,8 +5,11 @@
 //! probe (one `ip netns exec … ping -c1 -W1` process per probe through a pool of 32 threads was most of
 //! a 55.8 s demo at 30 nodes; this matrix takes 3.1 s there, see docs/bench/demo.md).
 
-use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::socket::{MsgFlags, SockaddrIn, recv, sendto};
 use std::time::{Duration, Instant};
 
 use crate::signals;
@@ -41,30 +44,16 @@ pub fn run(sources: &[Source], end: Instant) -> Vec<Result<Vec<Option<f64>>, Str
 }
 
 fn open_socket(ns: &str) -> Result<OwnedFd, String> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockProtocol, SockType, socket};
+    // Every ICMP message reaching the namespace is copied to a raw socket; replies are picked out by
+    // type, identifier, sequence and source (`parse_reply`, `probe_source`).
     evio_testbed::lab::in_netns(ns, || {
-        // SAFETY: socket(2) with constant arguments; the fd is owned by the OwnedFd at once.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: fd is a new, valid descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // Only echo replies reach this socket (ICMP_FILTER: a bit set drops that type).
-        let mask: u32 = !(1u32 << 0);
-        // SAFETY: setsockopt on our fd with a pointer to a live u32 and its size.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_RAW,
-                1, // ICMP_FILTER
-                &mask as *const u32 as *const libc::c_void,
-                4,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(fd)
+        socket(
+            AddressFamily::Inet,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::Icmp,
+        )
     })
     .map_err(|e| e.to_string())?
     .map_err(|e| format!("raw ICMP socket in {ns}: {e}"))
@@ -135,29 +124,12 @@ fn probe_source(src: &Source, k: u16, end: Instant) -> Result<Vec<Option<f64>>, 
                     continue;
                 }
                 let pkt = echo_request(id, seq as u16);
-                let addr = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as libc::sa_family_t,
-                    sin_port: 0,
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from_ne_bytes(ip.octets()),
-                    },
-                    sin_zero: [0; 8],
-                };
+                let addr = SockaddrIn::from(SocketAddrV4::new(*ip, 0));
                 // The round trip counts from the latest request (an answer to an earlier one is late),
-                // from before the call: the reply may be back before sendto returns.
+                // from before the call: the reply may be back before sendto returns. A failure (no
+                // route, a full queue) is a probe that got no answer: it is retried.
                 sent_at[seq] = Some(Instant::now());
-                // SAFETY: sendto on our fd with a live buffer and a sockaddr_in of the stated size. A
-                // failure (no route, a full queue) is a probe that got no answer: it is retried.
-                unsafe {
-                    libc::sendto(
-                        fd.as_raw_fd(),
-                        pkt.as_ptr() as *const libc::c_void,
-                        pkt.len(),
-                        0,
-                        &addr as *const libc::sockaddr_in as *const libc::sockaddr,
-                        std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-                    )
-                };
+                let _ = sendto(fd.as_raw_fd(), &pkt, &addr, MsgFlags::empty());
             }
             next_round = now + RETRY;
         }
@@ -165,31 +137,17 @@ fn probe_source(src: &Source, k: u16, end: Instant) -> Result<Vec<Option<f64>>, 
             return Ok(rtt);
         }
         let wait = next_round.min(end).saturating_duration_since(now);
-        let mut pfd = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = wait.as_millis().clamp(1, 200) as libc::c_int;
-        // SAFETY: poll on one live pollfd.
-        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if rc <= 0 {
+        let ms = wait.as_millis().clamp(1, 200) as u16;
+        let mut pfd = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        if !matches!(poll(&mut pfd, PollTimeout::from(ms)), Ok(n) if n > 0) {
             continue;
         }
         loop {
-            // SAFETY: recv into a live buffer of the stated length, non-blocking.
-            let got = unsafe {
-                libc::recv(
-                    fd.as_raw_fd(),
-                    buf.as_mut_ptr() as *mut libc::c_void,
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
+            let got = match recv(fd.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+                Ok(n) if n > 0 => n,
+                _ => break,
             };
-            if got <= 0 {
-                break;
-            }
-            let Some((from, rid, seq)) = parse_reply(&buf[..got as usize]) else {
+            let Some((from, rid, seq)) = parse_reply(&buf[..got]) else {
                 continue;
             };
             let seq = usize::from(seq);

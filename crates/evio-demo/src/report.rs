@@ -543,8 +543,11 @@ fn cpu_secs(pid: u32) -> Option<f64> {
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100)
+        .max(1) as f64;
     Some(ticks as f64 / hz)
 }
 
@@ -571,13 +574,12 @@ pub fn cpu_line(c: &Cluster) -> String {
     }
     let total: f64 = agents.iter().sum();
     let max = agents.iter().copied().fold(0.0, f64::max);
-    // SAFETY: getrusage fills the zeroed struct we pass; no other memory is touched.
-    let me = unsafe {
-        let mut ru: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
-        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-        tv(ru.ru_utime) + tv(ru.ru_stime)
-    };
+    let me = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        .map(|ru| {
+            let tv = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+            tv(ru.user_time()) + tv(ru.system_time())
+        })
+        .unwrap_or(0.0);
     format!(
         "CPU so far: {} agents {total:.1} s (busiest {max:.2} s), coturn {:.1} s, etcd {:.1} s, this demo {me:.1} s",
         agents.len(),

@@ -11,6 +11,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
 fn evio_demo() -> PathBuf {
     let p = PathBuf::from(env!("CARGO_BIN_EXE_evio-demo"));
     let dir = p.parent().unwrap();
@@ -117,9 +120,8 @@ impl Demo {
         }
     }
 
-    fn signal(&self, sig: i32) {
-        // SAFETY: a signal to our own child process.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
+    fn signal(&self, sig: Signal) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), sig);
     }
 
     /// Asserts that nothing of this demo is left on the machine.
@@ -162,7 +164,7 @@ impl Drop for Demo {
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
             // A failed assertion while the demo runs: let it clean up, then make sure it is gone.
-            self.signal(libc::SIGTERM);
+            self.signal(Signal::SIGTERM);
             let end = Instant::now() + Duration::from_secs(20);
             while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < end {
                 std::thread::sleep(Duration::from_millis(50));
@@ -307,9 +309,9 @@ fn demo_check_public_hosts() {
 #[test]
 fn demo_interrupted_during_start_up_leaves_nothing() {
     for (at, sig) in [
-        ("internet with etcd", libc::SIGINT),
-        ("eviod on every host", libc::SIGINT),
-        ("pods through the CNI chain", libc::SIGTERM),
+        ("internet with etcd", Signal::SIGINT),
+        ("eviod on every host", Signal::SIGINT),
+        ("pods through the CNI chain", Signal::SIGTERM),
     ] {
         let mut d = Demo::start(&["--nodes", "3", "--symmetric-nat", "1"]);
         wait_for_output(&d, at, Duration::from_secs(60));
@@ -392,7 +394,7 @@ fn demo_stays_up_until_sigint() {
         "demo exited on its own:\n{}",
         d.output()
     );
-    d.signal(libc::SIGINT);
+    d.signal(Signal::SIGINT);
     assert_eq!(d.wait(Duration::from_secs(30)), Some(0), "{}", d.output());
     d.assert_nothing_left();
 }
@@ -414,7 +416,7 @@ fn killed_demo_is_cleaned_up_by_the_next_one() {
     let mut d = Demo::start(&public);
     // Once the agents run (the demo plugs pods in first, then starts them).
     wait_for_output(&d, "tunnels between every pair", Duration::from_secs(60));
-    d.signal(libc::SIGKILL);
+    d.signal(Signal::SIGKILL);
     assert_eq!(d.wait(Duration::from_secs(10)), None, "{}", d.output());
     let prefix = d.prefix();
     let left = || {
