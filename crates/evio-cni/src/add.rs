@@ -323,7 +323,7 @@ impl Add<'_> {
         let p = self
             .host
             .firewall()
-            .start_add(&conf.state_dir, &self.att.key, &pod_ips, &no_masq)
+            .start_add(&self.att.key, &pod_ips, &no_masq)
             .map_err(|e| io_err("IP masquerade", e))?;
         self.masq = Some(p);
         Ok(())

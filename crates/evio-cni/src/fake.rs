@@ -197,7 +197,6 @@ fn fw_err(e: String) -> evio_firewall::Error {
 impl Firewall for FakeFirewall {
     fn start_add(
         &self,
-        _cache_dir: &Path,
         key: &str,
         ips: &[IpAddr],
         _no_masq: &[IpNet],

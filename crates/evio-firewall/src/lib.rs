@@ -17,34 +17,37 @@
 //! needs neither the netns nor any state) and GC removes the entries of attachments no longer valid.
 //!
 //! The plugin uses this through the [`Firewall`] trait; [`Nftables`] is the one implementation. It talks to
-//! the kernel in two ways, each for what it does best, and keeps one cache:
+//! the kernel in two ways, and keeps no cache of its own:
 //!
-//! - `nft -f -` scripts (this module): declaring the table, sets and chain, and the fallback for every
-//!   change. One run is one atomic transaction, safe under concurrent plugin invocations (the kernel
-//!   serialises nftables transactions; table, sets and chain are declared idempotently and the chain's two
-//!   rules are flushed and re-added in the same transaction). `nft -j list` reads the entries (GC, DEL
-//!   without state, CHECK).
-//! - nfnetlink batches (`nfnl`): the per-pod fast path, adding or removing set elements in one message
-//!   batch on a netlink socket, well under a millisecond where an `nft` run costs 3-20 ms (process start
-//!   and its own netlink cache; docs/bench/cni.md). The socket is `netlink-sys`'s (no `unsafe` here);
-//!   the message encoding is this crate's, safe code.
-//! - the marker-file cache (`marker`): tells ADD whether the table already holds every no-masquerade CIDR
-//!   it needs, so the fast path can be taken; a wrong or missing marker only costs one `nft` run.
+//! - nfnetlink (`nfnl`), for everything a pod does: adding or removing its set elements in one message
+//!   batch, listing the elements with their comments (GC, DEL without state, CHECK), and reading the
+//!   no-masquerade sets to know whether they already hold every CIDR an ADD needs. Well under a
+//!   millisecond where an `nft` run costs 3-20 ms (process start and its own netlink cache;
+//!   docs/bench/cni.md). The socket is `netlink-sys`'s (no `unsafe` here); the message encoding is this
+//!   crate's, safe code.
+//! - one `nft -f -` script (this module) declaring the table, its sets (with the no-masquerade CIDRs) and
+//!   the chain with its two rules, run when the table or a CIDR is missing, and the fallback for every
+//!   change when netlink fails. One run is one atomic transaction, safe under concurrent plugin
+//!   invocations (the kernel serialises nftables transactions; table, sets and chain are declared
+//!   idempotently and the chain's two rules are flushed and re-added in the same transaction). Declaring
+//!   rules (expressions, interval sets with nft's auto-merge) through netlink too is not done: it would
+//!   make this crate an nft compiler.
 //!
-//! Dependencies: `serde_json` reads `nft -j` listings; `ipnet` for CIDRs; `netlink-sys` for the netlink
-//! socket (already in the workspace through `evio-netlink`); `libc` for errno and flag constants.
+//! (A marker-file cache, keyed by boot, netns and table handle, used to tell ADD whether the table held
+//! its CIDRs; the sets themselves now say so.)
+//!
+//! Dependencies: `ipnet` for CIDRs; `netlink-sys` for the netlink socket (already in the workspace through
+//! `evio-netlink`); `libc` for errno and flag constants.
 
-mod marker;
 mod nfnl;
 
 use std::collections::HashSet;
 use std::io::Write;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use ipnet::IpNet;
-use serde_json::Value;
 
 pub const TABLE: &str = "evio_cni";
 
@@ -57,8 +60,6 @@ pub enum Error {
     },
     #[error("nft failed: {0}")]
     Nft(String),
-    #[error("cannot read nft's listing: {0}")]
-    Decode(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -143,18 +144,13 @@ fn quote(comment: &str) -> String {
 /// done (the netlink fast path).
 pub struct Pending {
     child: Option<std::process::Child>,
-    /// After a successful full run: record the no-masquerade CIDRs now in the table (`cache_dir`, CIDRs).
-    marker: Option<(PathBuf, Vec<IpNet>)>,
 }
 
 impl Pending {
     /// A change already made (nothing to wait for): what the netlink fast path returns, and what a
     /// [`Firewall`] that is not nftables (a test double) hands back.
     pub fn done() -> Pending {
-        Pending {
-            child: None,
-            marker: None,
-        }
+        Pending { child: None }
     }
 
     /// True when the change was already made through netlink (no `nft` run).
@@ -174,12 +170,6 @@ impl Pending {
             return Err(Error::Nft(
                 String::from_utf8_lossy(&out.stderr).trim().to_string(),
             ));
-        }
-        if let Some((dir, cidrs)) = self.marker
-            && let Ok(mut nl) = nfnl::Nfnl::open()
-            && let Ok(Some(h)) = nl.table_handle(TABLE)
-        {
-            marker::record(&dir, h, &cidrs);
         }
         Ok(())
     }
@@ -203,10 +193,7 @@ fn spawn_script(script: &str) -> Result<Pending> {
             .write_all(script.as_bytes())
             .map_err(|e| Error::Nft(e.to_string()))?;
     }
-    Ok(Pending {
-        child: Some(child),
-        marker: None,
-    })
+    Ok(Pending { child: Some(child) })
 }
 
 /// Runs `nft -f -` with `script` as one transaction.
@@ -243,21 +230,15 @@ pub fn add(key: &str, ips: &[IpAddr], no_masq: &[IpNet]) -> Result<()> {
     run_script(&add_script(key, ips, no_masq))
 }
 
-/// Like [`add`], fast: when our table already holds every CIDR of `no_masq` (a marker in `cache_dir`
-/// says so for this incarnation of the table) the pod entries are changed with one nfnetlink batch (well
-/// under a millisecond); otherwise the full `nft` transaction starts and this returns while it runs.
-pub fn start_add(
-    cache_dir: &Path,
-    key: &str,
-    ips: &[IpAddr],
-    no_masq: &[IpNet],
-) -> Result<Pending> {
+/// Like [`add`], fast: when our table's no-masquerade sets already hold every CIDR of `no_masq` (read
+/// through netlink) the pod entries are changed with one nfnetlink batch (well under a millisecond);
+/// otherwise the full `nft` transaction starts and this returns while it runs.
+pub fn start_add(key: &str, ips: &[IpAddr], no_masq: &[IpNet]) -> Result<Pending> {
     let mut all: Vec<IpNet> = no_masq.iter().map(IpNet::trunc).collect();
     all.sort();
     all.dedup();
     if let Ok(mut nl) = nfnl::Nfnl::open()
-        && let Ok(Some(h)) = nl.table_handle(TABLE)
-        && marker::has(cache_dir, h, &all)
+        && holds_no_masq(&mut nl, &all)
     {
         use nfnl::{Elem, Op};
         // Usually the address is new: one exclusive add. If a stale element holds it (a leak, another key),
@@ -293,15 +274,77 @@ pub fn start_add(
             Err(_) => false,
         };
         if done {
-            return Ok(Pending {
-                child: None,
-                marker: None,
-            });
+            return Ok(Pending::done());
         }
     }
-    let mut p = spawn_script(&add_script(key, ips, &all))?;
-    p.marker = Some((cache_dir.to_path_buf(), all));
-    Ok(p)
+    spawn_script(&add_script(key, ips, &all))
+}
+
+/// True if the no-masquerade sets of our table (and so the table) exist and every CIDR of `cidrs` lies
+/// inside one of their intervals (nft merges overlapping ones).
+fn holds_no_masq(nl: &mut nfnl::Nfnl, cidrs: &[IpNet]) -> bool {
+    for (set, v6) in [("nomasq4", false), ("nomasq6", true)] {
+        let need: Vec<(u128, u128)> = cidrs
+            .iter()
+            .filter(|c| matches!(c, IpNet::V6(_)) == v6)
+            .map(|c| (addr_bits(&c.network()), addr_bits(&c.broadcast())))
+            .collect();
+        if need.is_empty() && v6 {
+            continue;
+        }
+        // The IPv4 set is read even when no IPv4 CIDR is needed: its absence means no table.
+        let Ok(Some(elems)) = nl.set_elements(TABLE, set) else {
+            return false;
+        };
+        let ivs = intervals(&elems, if v6 { 128 } else { 32 });
+        if !need
+            .iter()
+            .all(|(lo, hi)| ivs.iter().any(|(s, last)| s <= lo && hi <= last))
+        {
+            return false;
+        }
+    }
+    true
+}
+
+fn addr_bits(ip: &IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(a) => u128::from(u32::from(*a)),
+        IpAddr::V6(a) => u128::from(*a),
+    }
+}
+
+/// The intervals `[first, last]` of an interval set's elements as the kernel lists them: a start element,
+/// and an end element (flag `INTERVAL_END`) at the first address after the interval; an interval reaching
+/// the top of the address space (`ff00::/8`, `255.255.255.255/32`) has no end element.
+fn intervals(elems: &[nfnl::Listed], width: u32) -> Vec<(u128, u128)> {
+    let mut keyed: Vec<(u128, bool)> = elems
+        .iter()
+        .filter(|e| e.key.len() * 8 == width as usize)
+        .map(|e| {
+            let k = e.key.iter().fold(0u128, |a, b| (a << 8) | u128::from(*b));
+            (k, e.flags & nfnl::ELEM_INTERVAL_END != 0)
+        })
+        .collect();
+    keyed.sort();
+    let mut out = Vec::new();
+    let mut open: Option<u128> = None;
+    for (k, end) in keyed {
+        match (end, open) {
+            (false, None) => open = Some(k),
+            (true, Some(s)) if k > s => {
+                out.push((s, k - 1));
+                open = None;
+            }
+            // An end without a start (nft's leading 0 end marker), or a start after a start: keep the
+            // first start.
+            _ => {}
+        }
+    }
+    if let Some(s) = open {
+        out.push((s, u128::MAX >> (128 - width)));
+    }
+    out
 }
 
 /// nfnetlink operations that remove the elements of `ips` whether they exist or not: an add, then a delete
@@ -358,70 +401,22 @@ pub fn remove(ips: &[IpAddr]) -> Result<()> {
     run_script(&remove_script(ips))
 }
 
-/// Every pod entry: address and key (comment).
+/// Every pod entry: address and key (comment), read through netlink.
 pub fn list() -> Result<Vec<(IpAddr, String)>> {
-    let path = nft_path();
-    let out = Command::new(&path)
-        .args(["-j", "list", "table", "inet", TABLE])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| Error::Spawn {
-            path: path.display().to_string(),
-            source: e,
-        })?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        if err.contains("No such file or directory") {
-            return Ok(Vec::new());
-        }
-        return Err(Error::Nft(err.trim().to_string()));
-    }
-    parse_listing(&out.stdout)
-}
-
-/// Reads the pod entries out of `nft -j list table inet evio_cni`.
-pub fn parse_listing(json: &[u8]) -> Result<Vec<(IpAddr, String)>> {
-    let v: Value = serde_json::from_slice(json).map_err(|e| Error::Decode(e.to_string()))?;
+    let mut nl = nfnl::Nfnl::open().map_err(|e| Error::Nft(format!("netlink: {e}")))?;
     let mut out = Vec::new();
-    let items = v
-        .get("nftables")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    for item in items {
-        let Some(set) = item.get("set") else { continue };
-        let name = set.get("name").and_then(Value::as_str).unwrap_or("");
-        if name != "pods4" && name != "pods6" {
-            continue;
-        }
-        for e in set
-            .get("elem")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default()
-        {
-            let (val, comment) = match &e {
-                Value::String(s) => (s.clone(), String::new()),
-                Value::Object(o) => {
-                    let inner = o.get("elem").unwrap_or(&e);
-                    (
-                        inner
-                            .get("val")
-                            .and_then(Value::as_str)
-                            .unwrap_or("")
-                            .to_string(),
-                        inner
-                            .get("comment")
-                            .and_then(Value::as_str)
-                            .unwrap_or("")
-                            .to_string(),
-                    )
-                }
+    for set in ["pods4", "pods6"] {
+        let elems = nl
+            .set_elements(TABLE, set)
+            .map_err(|e| Error::Nft(format!("listing {set}: {e}")))?
+            .unwrap_or_default();
+        for e in elems {
+            let ip = match e.key.len() {
+                4 => IpAddr::from(<[u8; 4]>::try_from(e.key.as_slice()).expect("4 bytes")),
+                16 => IpAddr::from(<[u8; 16]>::try_from(e.key.as_slice()).expect("16 bytes")),
                 _ => continue,
             };
-            if let Ok(ip) = val.parse::<IpAddr>() {
-                out.push((ip, comment));
-            }
+            out.push((ip, e.comment.unwrap_or_default()));
         }
     }
     Ok(out)
@@ -454,13 +449,7 @@ pub fn gc(network: &str, valid_keys: &HashSet<String>) -> Result<usize> {
 /// be run against a recording double. [`Nftables`] is the implementation.
 pub trait Firewall: Send + Sync {
     /// Starts adding the entries of attachment `key` (see [`start_add`]).
-    fn start_add(
-        &self,
-        cache_dir: &Path,
-        key: &str,
-        ips: &[IpAddr],
-        no_masq: &[IpNet],
-    ) -> Result<Pending>;
+    fn start_add(&self, key: &str, ips: &[IpAddr], no_masq: &[IpNet]) -> Result<Pending>;
     /// Removes the entries of `ips`, present or not (see [`remove`]).
     fn remove(&self, ips: &[IpAddr]) -> Result<()>;
     /// Removes every entry tagged `key` (see [`remove_key`]).
@@ -476,14 +465,8 @@ pub trait Firewall: Send + Sync {
 pub struct Nftables;
 
 impl Firewall for Nftables {
-    fn start_add(
-        &self,
-        cache_dir: &Path,
-        key: &str,
-        ips: &[IpAddr],
-        no_masq: &[IpNet],
-    ) -> Result<Pending> {
-        start_add(cache_dir, key, ips, no_masq)
+    fn start_add(&self, key: &str, ips: &[IpAddr], no_masq: &[IpNet]) -> Result<Pending> {
+        start_add(key, ips, no_masq)
     }
     fn remove(&self, ips: &[IpAddr]) -> Result<()> {
         remove(ips)
@@ -531,18 +514,38 @@ mod tests {
     }
 
     #[test]
-    fn listing() {
-        let j = br#"{"nftables":[{"metainfo":{}},{"set":{"family":"inet","name":"pods4","table":"evio_cni",
-            "type":"ipv4_addr","elem":[{"elem":{"val":"10.0.0.5","comment":"evio n a eth0"}},"10.0.0.6"]}},
-            {"set":{"name":"nomasq4","elem":[{"prefix":{"addr":"10.0.0.0","len":24}}]}}]}"#;
-        let l = parse_listing(j).unwrap();
+    fn interval_sets_are_read_as_nft_wrote_them() {
+        let e = |k: [u8; 4], end: bool| nfnl::Listed {
+            key: k.to_vec(),
+            flags: if end { nfnl::ELEM_INTERVAL_END } else { 0 },
+            comment: None,
+        };
+        // nft's leading end marker at 0, 10.0.0.0/8, 224.0.0.0/4 and 255.255.255.255/32 (no end: the top),
+        // in the kernel's (descending) order.
+        let elems = [
+            e([255, 255, 255, 255], false),
+            e([240, 0, 0, 0], true),
+            e([224, 0, 0, 0], false),
+            e([11, 0, 0, 0], true),
+            e([10, 0, 0, 0], false),
+            e([0, 0, 0, 0], true),
+        ];
+        let ivs = intervals(&elems, 32);
+        let b = |a: [u8; 4]| u128::from(u32::from_be_bytes(a));
         assert_eq!(
-            l,
+            ivs,
             vec![
-                ("10.0.0.5".parse().unwrap(), "evio n a eth0".into()),
-                ("10.0.0.6".parse().unwrap(), String::new())
+                (b([10, 0, 0, 0]), b([10, 255, 255, 255])),
+                (b([224, 0, 0, 0]), b([239, 255, 255, 255])),
+                (b([255, 255, 255, 255]), b([255, 255, 255, 255])),
             ]
         );
-        assert!(parse_listing(b"x").is_err());
+        // IPv6: ff00::/8 reaches the top of the space.
+        let top = nfnl::Listed {
+            key: vec![0xff; 1].into_iter().chain([0u8; 15]).collect(),
+            flags: 0,
+            comment: None,
+        };
+        assert_eq!(intervals(&[top], 128), vec![(0xffu128 << 120, u128::MAX)]);
     }
 }

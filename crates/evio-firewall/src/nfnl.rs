@@ -1,6 +1,5 @@
-//! A minimal nftables netlink (nfnetlink) client for the per-pod fast path: one batch adding or removing
-//! elements of `pods4`/`pods6`, and reading the table's handle. Everything else (creating the table, sets,
-//! chain and rules; listing) goes through the `nft` binary. Messages follow
+//! A minimal nftables netlink (nfnetlink) client: one batch adding or removing elements of
+//! `pods4`/`pods6`, and listing a set's elements (keys, interval flags, comments). Creating the table, sets, chain and rules goes through the `nft` binary. Messages follow
 //! `include/uapi/linux/netfilter/nf_tables.h`; element comments use libnftnl's user-data TLV so `nft`
 //! shows them.
 
@@ -10,13 +9,14 @@ use std::net::IpAddr;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 16;
 const NFNL_MSG_BATCH_END: u16 = 17;
-const NFT_MSG_GETTABLE: u16 = 1;
-const NFT_MSG_NEWTABLE: u16 = 0;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
+const NFT_MSG_GETSETELEM: u16 = 13;
+const NLM_F_DUMP: u16 = 0x300;
+const NFTA_SET_ELEM_FLAGS: u16 = 3;
+/// NFT_SET_ELEM_INTERVAL_END: the element ends an interval (its key is the first address after it).
+pub const ELEM_INTERVAL_END: u32 = 1;
 const NFPROTO_INET: u8 = 1;
-const NFTA_TABLE_NAME: u16 = 1;
-const NFTA_TABLE_HANDLE: u16 = 4;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
@@ -76,6 +76,83 @@ pub struct Elem<'a> {
     pub set: &'a str,
     pub ip: IpAddr,
     pub comment: Option<&'a str>,
+}
+
+/// One element as the kernel lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listed {
+    pub key: Vec<u8>,
+    pub flags: u32,
+    pub comment: Option<String>,
+}
+
+/// The attributes of `buf` (type without the nested flag, value).
+fn attributes(buf: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off + 4 <= buf.len() {
+        let len = u16::from_ne_bytes([buf[off], buf[off + 1]]) as usize;
+        let ty = u16::from_ne_bytes([buf[off + 2], buf[off + 3]]) & !NLA_F_NESTED;
+        if len < 4 || off + len > buf.len() {
+            break;
+        }
+        out.push((ty, &buf[off + 4..off + len]));
+        off += (len + 3) & !3;
+    }
+    out
+}
+
+/// The elements of one NEWSETELEM message's payload (after the nfgenmsg header).
+fn parse_elements(payload: &[u8]) -> Vec<Listed> {
+    let mut out = Vec::new();
+    for (ty, list) in attributes(payload.get(4..).unwrap_or_default()) {
+        if ty != NFTA_SET_ELEM_LIST_ELEMENTS {
+            continue;
+        }
+        for (ty, elem) in attributes(list) {
+            if ty != NFTA_LIST_ELEM {
+                continue;
+            }
+            let mut e = Listed {
+                key: Vec::new(),
+                flags: 0,
+                comment: None,
+            };
+            for (ty, v) in attributes(elem) {
+                match ty {
+                    NFTA_SET_ELEM_KEY => {
+                        if let Some((_, k)) = attributes(v)
+                            .into_iter()
+                            .find(|(t, _)| *t == NFTA_DATA_VALUE)
+                        {
+                            e.key = k.to_vec();
+                        }
+                    }
+                    NFTA_SET_ELEM_FLAGS if v.len() >= 4 => {
+                        e.flags = u32::from_be_bytes([v[0], v[1], v[2], v[3]]);
+                    }
+                    NFTA_SET_ELEM_USERDATA => e.comment = udata_comment(v),
+                    _ => {}
+                }
+            }
+            out.push(e);
+        }
+    }
+    out
+}
+
+/// The comment of libnftnl's user-data TLVs (type, length, value), without its NUL.
+fn udata_comment(mut ud: &[u8]) -> Option<String> {
+    while ud.len() >= 2 {
+        let (ty, len) = (ud[0], usize::from(ud[1]));
+        let v = ud.get(2..2 + len)?;
+        if ty == UDATA_SET_ELEM_COMMENT {
+            let v = v.strip_suffix(&[0]).unwrap_or(v);
+            return Some(String::from_utf8_lossy(v).into_owned());
+        }
+        ud = &ud[2 + len..];
+    }
+    None
 }
 
 /// One answer: message type, sequence number, errno (0 for none) and payload.
@@ -160,49 +237,36 @@ impl Nfnl {
         }
     }
 
-    /// The handle of table `inet <name>` (new for every creation of the table), or None.
-    pub fn table_handle(&mut self, name: &str) -> io::Result<Option<u64>> {
+    /// Every element of set `set` in table `inet <table>`; `None` if the table or set does not exist.
+    pub fn set_elements(&mut self, table: &str, set: &str) -> io::Result<Option<Vec<Listed>>> {
+        let mut attrs = attr(NFTA_SET_ELEM_LIST_TABLE, &cstr(table));
+        attrs.extend(attr(NFTA_SET_ELEM_LIST_SET, &cstr(set)));
         let (seq, m) = self.msg(
-            (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE,
-            NLM_F_REQUEST | NLM_F_ACK,
+            (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM,
+            NLM_F_REQUEST | NLM_F_DUMP,
             NFPROTO_INET,
             0,
-            &attr(NFTA_TABLE_NAME, &cstr(name)),
+            &attrs,
         );
         self.send(&m)?;
-        let mut handle = None;
-        for (ty, s, err, payload) in self.drain(true)? {
-            if s != seq {
-                continue;
-            }
-            if ty == NLMSG_ERROR && err != 0 {
-                if err == libc::ENOENT {
-                    return Ok(None);
+        let mut out = Vec::new();
+        // A dump ends with NLMSG_DONE (or an error); its parts come as the previous ones are read.
+        loop {
+            for (ty, s, err, payload) in self.drain(true)? {
+                if s != seq {
+                    continue;
                 }
-                return Err(io::Error::from_raw_os_error(err));
-            }
-            if ty == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE && payload.len() > 4 {
-                let mut off = 4; // nfgenmsg
-                while off + 4 <= payload.len() {
-                    let alen = u16::from_ne_bytes([payload[off], payload[off + 1]]) as usize;
-                    let aty =
-                        u16::from_ne_bytes([payload[off + 2], payload[off + 3]]) & !NLA_F_NESTED;
-                    if alen < 4 || off + alen > payload.len() {
-                        break;
+                match ty {
+                    NLMSG_ERROR if err == libc::ENOENT => return Ok(None),
+                    NLMSG_ERROR if err != 0 => return Err(io::Error::from_raw_os_error(err)),
+                    NLMSG_DONE => return Ok(Some(out)),
+                    t if t == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM => {
+                        out.extend(parse_elements(&payload))
                     }
-                    if aty == NFTA_TABLE_HANDLE && alen == 12 {
-                        handle = Some(u64::from_be_bytes(
-                            payload[off + 4..off + 12].try_into().unwrap_or_default(),
-                        ));
-                    }
-                    off += (alen + 3) & !3;
+                    _ => {}
                 }
-            }
-            if ty == NLMSG_DONE {
-                break;
             }
         }
-        Ok(handle)
     }
 
     fn setelem(&mut self, table: &str, e: &Elem<'_>, op: Op) -> Vec<u8> {
@@ -286,6 +350,36 @@ impl Nfnl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listed_elements_are_parsed_with_flags_and_comments() {
+        let mut ud = vec![UDATA_SET_ELEM_COMMENT, 6];
+        ud.extend_from_slice(b"evio a\0");
+        ud[1] = 7;
+        let mut elem = nested(NFTA_SET_ELEM_KEY, &attr(NFTA_DATA_VALUE, &[10, 244, 3, 2]));
+        elem.extend(attr(NFTA_SET_ELEM_FLAGS, &ELEM_INTERVAL_END.to_be_bytes()));
+        elem.extend(attr(NFTA_SET_ELEM_USERDATA, &ud));
+        let mut payload = vec![NFPROTO_INET, 0, 0, 0];
+        payload.extend(attr(NFTA_SET_ELEM_LIST_TABLE, &cstr("t")));
+        payload.extend(nested(
+            NFTA_SET_ELEM_LIST_ELEMENTS,
+            &nested(NFTA_LIST_ELEM, &elem),
+        ));
+        assert_eq!(
+            parse_elements(&payload),
+            vec![Listed {
+                key: vec![10, 244, 3, 2],
+                flags: ELEM_INTERVAL_END,
+                comment: Some("evio a".into()),
+            }]
+        );
+        // Truncated or odd user data: no comment, no panic.
+        assert_eq!(udata_comment(&[0, 9, b'x']), None);
+        assert_eq!(
+            udata_comment(&[5, 1, b'x', 0, 2, b'o', b'k']),
+            Some("ok".into())
+        );
+    }
 
     #[test]
     fn attributes_are_padded() {

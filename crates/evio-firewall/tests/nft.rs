@@ -82,30 +82,21 @@ fn removal_without_table_and_concurrent_adds() {
 #[test]
 fn fast_path_after_the_first_full_run() {
     let ns = Netns::new("fw");
-    let cache = tempfile::tempdir().unwrap();
     let sub: Vec<ipnet::IpNet> = vec![
         "10.8.0.0/24".parse().unwrap(),
         "10.0.0.0/8".parse().unwrap(),
     ];
     ns.run(|| {
         let k = |i: u32| evio_firewall::attachment_key("n", &format!("c{i}"), "eth0");
-        // First: full nft run (creates the table), which records the marker.
-        evio_firewall::start_add(cache.path(), &k(1), &[ip("10.8.0.2")], &sub)
-            .unwrap()
-            .wait()
-            .unwrap();
-        assert_eq!(
-            std::fs::read_dir(cache.path()).unwrap().count(),
-            1,
-            "marker written"
-        );
+        // First: no table yet, so the full nft run (creates the table with the CIDRs).
+        let p = evio_firewall::start_add(&k(1), &[ip("10.8.0.2")], &sub).unwrap();
+        assert!(!p.is_done(), "no table: the full run");
+        p.wait().unwrap();
         // Then netlink batches: comment visible to nft, re-add with another key takes the address over.
-        let p =
-            evio_firewall::start_add(cache.path(), &k(2), &[ip("10.8.0.3"), ip("fd08::3")], &sub)
-                .unwrap();
+        let p = evio_firewall::start_add(&k(2), &[ip("10.8.0.3"), ip("fd08::3")], &sub).unwrap();
         assert!(p.is_done(), "netlink fast path");
         p.wait().unwrap();
-        evio_firewall::start_add(cache.path(), &k(3), &[ip("10.8.0.3")], &sub)
+        evio_firewall::start_add(&k(3), &[ip("10.8.0.3")], &sub)
             .unwrap()
             .wait()
             .unwrap();
@@ -121,29 +112,33 @@ fn fast_path_after_the_first_full_run() {
         );
         evio_firewall::remove(&[ip("10.8.0.3"), ip("fd08::3"), ip("10.8.0.99")]).unwrap();
         assert_eq!(evio_firewall::list().unwrap(), vec![(ip("10.8.0.2"), k(1))]);
-        // A CIDR not recorded yet forces a full run, which adds it.
-        let more = vec!["10.9.0.0/24".parse().unwrap()];
-        evio_firewall::start_add(cache.path(), &k(4), &[ip("10.9.0.2")], &more)
-            .unwrap()
-            .wait()
-            .unwrap();
+        // A CIDR inside one the set holds (10.0.0.0/8): the fast path. One it does not: a full run,
+        // which adds it.
+        let inside = vec!["10.99.0.0/24".parse().unwrap()];
+        let p = evio_firewall::start_add(&k(6), &[ip("10.99.0.2")], &inside).unwrap();
+        assert!(p.is_done(), "covered by 10.0.0.0/8");
+        let more = vec!["192.168.9.0/24".parse().unwrap()];
+        let p = evio_firewall::start_add(&k(4), &[ip("192.168.9.2")], &more).unwrap();
+        assert!(!p.is_done(), "a CIDR the table lacks: the full run");
+        p.wait().unwrap();
+        let p = evio_firewall::start_add(&k(7), &[ip("192.168.9.3")], &more).unwrap();
+        assert!(p.is_done(), "now held");
     });
     let set = ns.exec_ok(&["nft", "list", "set", "inet", "evio_cni", "nomasq4"]);
     assert!(set.contains("10.0.0.0/8"), "{set}");
-    // The table recreated by someone else: the old marker no longer matches, the full run restores it.
+    // The table deleted by someone else: the next ADD sees its sets gone and the full run restores it.
     ns.exec_ok(&["nft", "delete", "table", "inet", "evio_cni"]);
     ns.run(|| {
         evio_firewall::remove(&[ip("10.8.0.2")]).unwrap(); // no table: nothing to do
-        evio_firewall::start_add(cache.path(), "evio n c5 eth0", &[ip("10.8.0.5")], &sub)
-            .unwrap()
-            .wait()
-            .unwrap();
+        assert_eq!(
+            evio_firewall::list().unwrap(),
+            vec![],
+            "no table: nothing listed"
+        );
+        let p = evio_firewall::start_add("evio n c5 eth0", &[ip("10.8.0.5")], &sub).unwrap();
+        assert!(!p.is_done());
+        p.wait().unwrap();
     });
-    assert_eq!(
-        std::fs::read_dir(cache.path()).unwrap().count(),
-        1,
-        "the old table's marker was removed"
-    );
     let rules = ns.exec_ok(&["nft", "list", "table", "inet", "evio_cni"]);
     assert!(
         rules.contains("masquerade") && rules.contains("10.0.0.0/8") && rules.contains("10.8.0.5"),
