@@ -25,11 +25,10 @@ pub const STEPS: &[Step] = &[
     Step::Bridge,
     Step::Attach,
     Step::Gateway,
-    Step::MasqStart,
+    Step::Masq,
     Step::Address,
     Step::Routes,
     Step::Announce,
-    Step::Masq,
     Step::State,
 ];
 
@@ -43,13 +42,11 @@ pub enum Step {
     Bridge,
     Attach,
     Gateway,
-    /// The masquerade change starts (an `nft` run proceeds while the pod is configured).
-    MasqStart,
+    /// The masquerade entries (one nfnetlink transaction).
+    Masq,
     Address,
     Routes,
     Announce,
-    /// The masquerade change is done.
-    Masq,
     State,
 }
 
@@ -66,7 +63,7 @@ impl Step {
             Step::Routes => "routes",
             Step::Masq => "masq",
             Step::State => "state",
-            Step::IpamStart | Step::MasqStart | Step::Announce => return None,
+            Step::IpamStart | Step::Announce => return None,
         })
     }
 }
@@ -169,7 +166,6 @@ struct Add<'a> {
     host_mac: Option<String>,
     ips: Vec<IpConfig>,
     routes: Vec<Route>,
-    masq: Option<evio_firewall::Pending>,
     undo: Vec<Undo>,
 }
 
@@ -200,7 +196,6 @@ pub fn add(env: &Env, conf: &NetConf, host: &dyn Host) -> Result<Output, CniErro
         host_mac: None,
         ips: Vec::new(),
         routes: Vec::new(),
-        masq: None,
         undo: Vec::new(),
     };
     for step in STEPS {
@@ -260,7 +255,6 @@ impl Add<'_> {
                 }
             }
             Step::Gateway => self.gateways()?,
-            Step::MasqStart => self.start_masquerade()?,
             Step::Address => {
                 for ip in &self.ips {
                     self.links.add_pod_address(&ip.address)?;
@@ -272,11 +266,7 @@ impl Add<'_> {
                     self.links.announce();
                 }
             }
-            Step::Masq => {
-                if let Some(p) = self.masq.take() {
-                    p.wait().map_err(|e| io_err("IP masquerade", e))?;
-                }
-            }
+            Step::Masq => self.masquerade()?,
             Step::State => self.save_state()?,
         }
         Ok(())
@@ -310,8 +300,8 @@ impl Add<'_> {
         Ok(())
     }
 
-    /// Starts the masquerade change (one nfnetlink batch, or an `nft` run that proceeds meanwhile).
-    fn start_masquerade(&mut self) -> Result<(), CniError> {
+    /// Masquerades the pod's traffic leaving the cluster (one nfnetlink transaction).
+    fn masquerade(&mut self) -> Result<(), CniError> {
         let conf = self.conf;
         if !conf.ip_masq {
             return Ok(());
@@ -320,13 +310,10 @@ impl Add<'_> {
         let mut no_masq: Vec<IpNet> = self.ips.iter().map(|i| i.address.trunc()).collect();
         no_masq.extend(conf.no_masq.iter().copied());
         self.undo.push(Undo::Masq(pod_ips.clone()));
-        let p = self
-            .host
+        self.host
             .firewall()
-            .start_add(&self.att.key, &pod_ips, &no_masq)
-            .map_err(|e| io_err("IP masquerade", e))?;
-        self.masq = Some(p);
-        Ok(())
+            .add(&self.att.key, &pod_ips, &no_masq)
+            .map_err(|e| io_err("IP masquerade", e))
     }
 
     /// IPAM's routes plus the default route(s) via the gateway when we are the default gateway.
@@ -381,9 +368,6 @@ impl Add<'_> {
     fn roll_back(&mut self) {
         if let Some(r) = self.running.take() {
             let _ = self.ipam.finish(r, "ADD");
-        }
-        if let Some(p) = self.masq.take() {
-            let _ = p.wait();
         }
         let (env, conf) = (self.env, self.conf);
         while let Some(u) = self.undo.pop() {

@@ -13,7 +13,7 @@ use evio_cni_types::config::NetConf;
 use evio_cni_types::env::Env;
 use evio_cni_types::result::Route;
 use evio_cni_types::{CniError, ErrorCode};
-use evio_firewall::{Firewall, Pending};
+use evio_firewall::Firewall;
 use ipnet::IpNet;
 
 use crate::host::{Host, HostLinks, Ipam, PodLinks, Running};
@@ -195,20 +195,14 @@ fn fw_err(e: String) -> evio_firewall::Error {
 }
 
 impl Firewall for FakeFirewall {
-    fn start_add(
-        &self,
-        key: &str,
-        ips: &[IpAddr],
-        _no_masq: &[IpNet],
-    ) -> evio_firewall::Result<Pending> {
+    fn add(&self, key: &str, ips: &[IpAddr], _no_masq: &[IpNet]) -> evio_firewall::Result<()> {
         self.0
             .call(format!("fw.add {key}"), |i| {
                 for ip in ips {
                     i.world.masq.insert(*ip, key.to_string());
                 }
             })
-            .map_err(fw_err)?;
-        Ok(Pending::done())
+            .map_err(fw_err)
     }
     fn remove(&self, ips: &[IpAddr]) -> evio_firewall::Result<()> {
         self.0

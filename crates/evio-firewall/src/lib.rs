@@ -16,36 +16,28 @@
 //! so DEL removes exactly its own entries (by address when it knows them, else by listing the key, which
 //! needs neither the netns nor any state) and GC removes the entries of attachments no longer valid.
 //!
-//! The plugin uses this through the [`Firewall`] trait; [`Nftables`] is the one implementation. It talks to
-//! the kernel in two ways, and keeps no cache of its own:
-//!
-//! - nfnetlink (`nfnl`), for everything a pod does: adding or removing its set elements in one message
-//!   batch, listing the elements with their comments (GC, DEL without state, CHECK), and reading the
-//!   no-masquerade sets to know whether they already hold every CIDR an ADD needs. Well under a
-//!   millisecond where an `nft` run costs 3-20 ms (process start and its own netlink cache;
-//!   docs/bench/cni.md). The socket is `netlink-sys`'s (no `unsafe` here); the message encoding is this
-//!   crate's, safe code.
-//! - one `nft -f -` script (this module) declaring the table, its sets (with the no-masquerade CIDRs) and
-//!   the chain with its two rules, run when the table or a CIDR is missing, and the fallback for every
-//!   change when netlink fails. One run is one atomic transaction, safe under concurrent plugin
-//!   invocations (the kernel serialises nftables transactions; table, sets and chain are declared
-//!   idempotently and the chain's two rules are flushed and re-added in the same transaction). Declaring
-//!   rules (expressions, interval sets with nft's auto-merge) through netlink too is not done: it would
-//!   make this crate an nft compiler.
-//!
-//! (A marker-file cache, keyed by boot, netns and table handle, used to tell ADD whether the table held
-//! its CIDRs; the sets themselves now say so.)
+//! The plugin uses this through the [`Firewall`] trait; [`Nftables`] is the one implementation, and it
+//! talks to the kernel one way: nfnetlink (`nfnl`), on a `netlink-sys` socket (no `unsafe` here; the
+//! message encoding is this crate's, safe code). An ADD first reads the no-masquerade sets: when they
+//! already hold every CIDR it needs (the usual case, the pod CIDR being the same for every pod of a node),
+//! its pod elements are added in one batch; otherwise one transaction declares the table, the four sets,
+//! the chain with its two rules (flushed and re-added, so a damaged chain is repaired) and merges the
+//! missing CIDRs into the interval sets (as nft's `auto-merge` would: overlapping or adjacent intervals
+//! become one; the kernel refuses overlaps), with the pod elements. DEL is one batch (add + delete of each
+//! element, so a missing one is fine); GC, DEL without state and CHECK list the pod sets with their
+//! comments. Every change is one atomic transaction, safe under concurrent plugin invocations (the kernel
+//! serialises them; a merge that raced with another is recomputed and retried). Each takes well under a
+//! millisecond where an `nft` run costs 3-20 ms (process start and its own netlink cache;
+//! docs/bench/cni.md). The `nft` binary is not used (tests and operators read the table with it).
 //!
 //! Dependencies: `ipnet` for CIDRs; `netlink-sys` for the netlink socket (already in the workspace through
-//! `evio-netlink`); `libc` for errno and flag constants.
+//! `evio-netlink`); `libc` for errno constants.
 
 mod nfnl;
 
 use std::collections::HashSet;
-use std::io::Write;
+use std::io;
 use std::net::IpAddr;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 
 use ipnet::IpNet;
 
@@ -53,13 +45,12 @@ pub const TABLE: &str = "evio_cni";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot run nft ({path}): {source}")]
-    Spawn {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("nft failed: {0}")]
+    #[error("nftables: {0}")]
     Nft(String),
+}
+
+fn nft_err(what: &str, e: io::Error) -> Error {
+    Error::Nft(format!("{what}: {e}"))
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -98,186 +89,198 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
     h
 }
 
-/// The `nft` binary: the usual sbin locations first (plugins often run with a short PATH), then PATH.
-fn nft_path() -> PathBuf {
-    for p in ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"] {
-        if std::path::Path::new(p).exists() {
-            return PathBuf::from(p);
-        }
-    }
-    PathBuf::from("nft")
+use nfnl::{Change, Elem, Op, SetSpec};
+
+const POD_SETS: [SetSpec<'static>; 2] = [
+    SetSpec {
+        name: "pods4",
+        v6: false,
+        interval: false,
+        id: 1,
+    },
+    SetSpec {
+        name: "pods6",
+        v6: true,
+        interval: false,
+        id: 2,
+    },
+];
+const NO_MASQ_SETS: [SetSpec<'static>; 2] = [
+    SetSpec {
+        name: "nomasq4",
+        v6: false,
+        interval: true,
+        id: 3,
+    },
+    SetSpec {
+        name: "nomasq6",
+        v6: true,
+        interval: true,
+        id: 4,
+    },
+];
+const CHAIN: &str = "postrouting";
+const RULE_COMMENT: &str = "evio-cni: pods leaving the cluster";
+/// Never masqueraded, whatever the configuration: multicast and broadcast.
+const ALWAYS_NO_MASQ: [&str; 3] = ["224.0.0.0/4", "255.255.255.255/32", "ff00::/8"];
+/// Attempts of a declaring transaction that raced with another's merge.
+const ATTEMPTS: usize = 5;
+
+fn pod_set(ip: &IpAddr) -> &'static str {
+    if ip.is_ipv4() { "pods4" } else { "pods6" }
 }
 
-fn set_names(ip: &IpAddr) -> (&'static str, &'static str) {
-    if ip.is_ipv4() {
-        ("pods4", "nomasq4")
-    } else {
-        ("pods6", "nomasq6")
-    }
+fn open() -> Result<nfnl::Nfnl> {
+    nfnl::Nfnl::open().map_err(|e| nft_err("netlink socket", e))
 }
 
-fn skeleton() -> String {
-    format!(
-        "add table inet {TABLE}\n\
-         add set inet {TABLE} pods4 {{ type ipv4_addr; }}\n\
-         add set inet {TABLE} pods6 {{ type ipv6_addr; }}\n\
-         add set inet {TABLE} nomasq4 {{ type ipv4_addr; flags interval; auto-merge; }}\n\
-         add set inet {TABLE} nomasq6 {{ type ipv6_addr; flags interval; auto-merge; }}\n\
-         add element inet {TABLE} nomasq4 {{ 224.0.0.0/4, 255.255.255.255/32 }}\n\
-         add element inet {TABLE} nomasq6 {{ ff00::/8 }}\n\
-         add chain inet {TABLE} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}\n\
-         flush chain inet {TABLE} postrouting\n\
-         add rule inet {TABLE} postrouting ip saddr @pods4 ip daddr != @nomasq4 masquerade comment \"evio-cni: pods leaving the cluster\"\n\
-         add rule inet {TABLE} postrouting ip6 saddr @pods6 ip6 daddr != @nomasq6 masquerade comment \"evio-cni: pods leaving the cluster\"\n"
-    )
-}
-
-fn quote(comment: &str) -> String {
-    // Keys are built from checked names (no quotes or control characters); strip anything odd anyway.
-    comment
-        .chars()
-        .filter(|c| !c.is_control() && *c != '"' && *c != '\\')
-        .collect()
-}
-
-/// A masquerade change in progress (an `nft` run, so the caller can do other work meanwhile), or already
-/// done (the netlink fast path).
-pub struct Pending {
-    child: Option<std::process::Child>,
-}
-
-impl Pending {
-    /// A change already made (nothing to wait for): what the netlink fast path returns, and what a
-    /// [`Firewall`] that is not nftables (a test double) hands back.
-    pub fn done() -> Pending {
-        Pending { child: None }
-    }
-
-    /// True when the change was already made through netlink (no `nft` run).
-    pub fn is_done(&self) -> bool {
-        self.child.is_none()
-    }
-
-    /// Waits for the transaction; its error text when it failed.
-    pub fn wait(self) -> Result<()> {
-        let Some(child) = self.child else {
-            return Ok(());
-        };
-        let out = child
-            .wait_with_output()
-            .map_err(|e| Error::Nft(e.to_string()))?;
-        if !out.status.success() {
-            return Err(Error::Nft(
-                String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// Starts `nft -f -` with `script` as one transaction.
-fn spawn_script(script: &str) -> Result<Pending> {
-    let path = nft_path();
-    let mut child = Command::new(&path)
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| Error::Spawn {
-            path: path.display().to_string(),
-            source: e,
-        })?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .map_err(|e| Error::Nft(e.to_string()))?;
-    }
-    Ok(Pending { child: Some(child) })
-}
-
-/// Runs `nft -f -` with `script` as one transaction.
-fn run_script(script: &str) -> Result<()> {
-    spawn_script(script)?.wait()
-}
-
-/// The script that adds masquerade entries for `ips` of attachment `key`, with `no_masq` destinations.
-pub fn add_script(key: &str, ips: &[IpAddr], no_masq: &[IpNet]) -> String {
-    let mut s = skeleton();
-    for n in no_masq {
-        let (_, nm) = set_names(&n.addr());
-        s.push_str(&format!(
-            "add element inet {TABLE} {nm} {{ {} }}\n",
-            n.trunc()
-        ));
-    }
+/// The element changes that make `ips` ours (`key`) whatever was there: add, delete, add with the comment
+/// (replaces a stale element of the same address, a leak or another key's, atomically).
+fn replace_ops<'a>(key: &'a str, ips: &[IpAddr]) -> Vec<(Elem<'a>, Op)> {
+    let mut ops = Vec::with_capacity(3 * ips.len());
     for ip in ips {
-        let (pods, _) = set_names(ip);
-        // add + delete + add: replaces a stale element for the same address (with another key) atomically.
-        s.push_str(&format!("add element inet {TABLE} {pods} {{ {ip} }}\n"));
-        s.push_str(&format!("delete element inet {TABLE} {pods} {{ {ip} }}\n"));
-        s.push_str(&format!(
-            "add element inet {TABLE} {pods} {{ {ip} comment \"{}\" }}\n",
-            quote(key)
-        ));
+        let e = |comment| Elem {
+            set: pod_set(ip),
+            ip: *ip,
+            comment,
+        };
+        ops.push((e(None), Op::Add));
+        ops.push((e(None), Op::Delete));
+        ops.push((e(Some(key)), Op::Add));
     }
-    s
+    ops
 }
 
 /// Masquerades traffic from `ips` (one attachment, `key`) to anything outside `no_masq`, multicast and
-/// broadcast. One `nft` run.
+/// broadcast: one nfnetlink batch when the sets already hold every CIDR of `no_masq`, else one transaction
+/// declaring the table and merging the CIDRs in (see the module docs).
 pub fn add(key: &str, ips: &[IpAddr], no_masq: &[IpNet]) -> Result<()> {
-    run_script(&add_script(key, ips, no_masq))
-}
-
-/// Like [`add`], fast: when our table's no-masquerade sets already hold every CIDR of `no_masq` (read
-/// through netlink) the pod entries are changed with one nfnetlink batch (well under a millisecond);
-/// otherwise the full `nft` transaction starts and this returns while it runs.
-pub fn start_add(key: &str, ips: &[IpAddr], no_masq: &[IpNet]) -> Result<Pending> {
     let mut all: Vec<IpNet> = no_masq.iter().map(IpNet::trunc).collect();
     all.sort();
     all.dedup();
-    if let Ok(mut nl) = nfnl::Nfnl::open()
-        && holds_no_masq(&mut nl, &all)
-    {
-        use nfnl::{Elem, Op};
-        // Usually the address is new: one exclusive add. If a stale element holds it (a leak, another key),
-        // replace it: add + delete + add in one batch.
+    let mut nl = open()?;
+    if holds_no_masq(&mut nl, &all) {
+        // Usually the address is new: one exclusive add. If a stale element holds it, replace it.
         let excl: Vec<_> = ips
             .iter()
             .map(|ip| {
-                (
-                    Elem {
-                        set: set_names(ip).0,
-                        ip: *ip,
-                        comment: Some(key),
-                    },
-                    Op::AddExcl,
-                )
+                let e = Elem {
+                    set: pod_set(ip),
+                    ip: *ip,
+                    comment: Some(key),
+                };
+                (e, Op::AddExcl)
             })
             .collect();
-        let done = match nl.batch(TABLE, &excl) {
-            Ok(()) => true,
+        match nl.batch(TABLE, &excl) {
+            Ok(()) => return Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                // An element of that address exists (a stale entry): replace it with ours.
-                let mut ops = remove_ops(ips);
-                ops.extend(ips.iter().map(|ip| {
-                    let elem = Elem {
-                        set: set_names(ip).0,
-                        ip: *ip,
-                        comment: Some(key),
-                    };
-                    (elem, Op::Add)
-                }));
-                nl.batch(TABLE, &ops).is_ok()
+                if nl.batch(TABLE, &replace_ops(key, ips)).is_ok() {
+                    return Ok(());
+                }
             }
-            Err(_) => false,
-        };
-        if done {
-            return Ok(Pending::done());
+            // The table went away meanwhile: declare it below.
+            Err(_) => {}
         }
     }
-    spawn_script(&add_script(key, ips, &all))
+    declare(&mut nl, &all, &replace_ops(key, ips))
+}
+
+/// One transaction: the table, its sets, the chain and its two rules, `no_masq` (and the multicast and
+/// broadcast ranges) merged into the no-masquerade sets, then `pod_ops`. Retried when another plugin's
+/// change of the sets raced with ours.
+fn declare(nl: &mut nfnl::Nfnl, no_masq: &[IpNet], pod_ops: &[(Elem<'_>, Op)]) -> Result<()> {
+    let mut required: Vec<IpNet> = no_masq.to_vec();
+    required.extend(
+        ALWAYS_NO_MASQ
+            .iter()
+            .map(|s| s.parse::<IpNet>().expect("valid CIDR")),
+    );
+    let mut last = None;
+    for _ in 0..ATTEMPTS {
+        let mut changes = vec![Change::Table];
+        changes.extend(
+            POD_SETS
+                .iter()
+                .chain(&NO_MASQ_SETS)
+                .map(|s| Change::Set(*s)),
+        );
+        changes.push(Change::NatPostrouting(CHAIN));
+        changes.push(Change::FlushChain(CHAIN));
+        for (pods, no_masq) in POD_SETS.iter().zip(&NO_MASQ_SETS) {
+            changes.push(Change::MasqRule {
+                chain: CHAIN,
+                pods: *pods,
+                no_masq: *no_masq,
+                comment: RULE_COMMENT,
+            });
+        }
+        for set in &NO_MASQ_SETS {
+            let width = if set.v6 { 128 } else { 32 };
+            let have = match nl.set_elements(TABLE, set.name) {
+                Ok(Some(elems)) => intervals(&elems, width),
+                Ok(None) => Vec::new(),
+                Err(e) => return Err(nft_err(&format!("listing {}", set.name), e)),
+            };
+            let mut want = have.clone();
+            want.extend(
+                required
+                    .iter()
+                    .filter(|c| matches!(c, IpNet::V6(_)) == set.v6)
+                    .map(|c| (addr_bits(&c.network()), addr_bits(&c.broadcast()))),
+            );
+            let want = merge(want);
+            for (iv, op) in have
+                .iter()
+                .filter(|iv| !want.contains(iv))
+                .map(|iv| (iv, Op::Delete))
+                .chain(
+                    want.iter()
+                        .filter(|iv| !have.contains(iv))
+                        .map(|iv| (iv, Op::Add)),
+                )
+            {
+                for (key, end) in interval_keys(*iv, width) {
+                    changes.push(Change::IntervalKey {
+                        set: set.name,
+                        key,
+                        end,
+                        op,
+                    });
+                }
+            }
+        }
+        changes.extend(pod_ops.iter().map(|(e, op)| {
+            Change::Elem(
+                Elem {
+                    set: e.set,
+                    ip: e.ip,
+                    comment: e.comment,
+                },
+                *op,
+            )
+        }));
+        match nl.apply(TABLE, &changes) {
+            Ok(()) => return Ok(()),
+            // Another transaction changed the intervals between our read and our write: read again.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EEXIST)
+                        | Some(libc::ENOENT)
+                        | Some(libc::ENOTEMPTY)
+                        | Some(libc::EBUSY)
+                ) =>
+            {
+                last = Some(e)
+            }
+            Err(e) => return Err(nft_err("declaring the table", e)),
+        }
+    }
+    Err(nft_err(
+        "declaring the table (raced with other changes)",
+        last.unwrap_or_else(|| io::Error::other("no attempt")),
+    ))
 }
 
 /// True if the no-masquerade sets of our table (and so the table) exist and every CIDR of `cidrs` lies
@@ -326,7 +329,8 @@ fn intervals(elems: &[nfnl::Listed], width: u32) -> Vec<(u128, u128)> {
             (k, e.flags & nfnl::ELEM_INTERVAL_END != 0)
         })
         .collect();
-    keyed.sort();
+    // At one key, an interval's end before the next one's start (adjacent intervals not merged).
+    keyed.sort_by_key(|(k, end)| (*k, !*end));
     let mut out = Vec::new();
     let mut open: Option<u128> = None;
     for (k, end) in keyed {
@@ -336,8 +340,8 @@ fn intervals(elems: &[nfnl::Listed], width: u32) -> Vec<(u128, u128)> {
                 out.push((s, k - 1));
                 open = None;
             }
-            // An end without a start (nft's leading 0 end marker), or a start after a start: keep the
-            // first start.
+            // An end without a start (nft's leading end marker at 0), or a start after a start: keep
+            // the first start.
             _ => {}
         }
     }
@@ -347,14 +351,38 @@ fn intervals(elems: &[nfnl::Listed], width: u32) -> Vec<(u128, u128)> {
     out
 }
 
+/// `ivs` sorted, overlapping and adjacent intervals merged (nft's `auto-merge`).
+fn merge(mut ivs: Vec<(u128, u128)>) -> Vec<(u128, u128)> {
+    ivs.sort();
+    let mut out: Vec<(u128, u128)> = Vec::with_capacity(ivs.len());
+    for (s, e) in ivs {
+        match out.last_mut() {
+            Some(last) if s <= last.1.saturating_add(1) => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// The elements of interval `[first, last]` in a set of `width`-bit keys: its start, and its end (the
+/// first key after it) unless it reaches the top.
+fn interval_keys((first, last): (u128, u128), width: u32) -> Vec<(Vec<u8>, bool)> {
+    let bytes = |k: u128| k.to_be_bytes()[16 - (width as usize / 8)..].to_vec();
+    let mut v = vec![(bytes(first), false)];
+    if last < u128::MAX >> (128 - width) {
+        v.push((bytes(last + 1), true));
+    }
+    v
+}
+
 /// nfnetlink operations that remove the elements of `ips` whether they exist or not: an add, then a delete
 /// of each.
-fn remove_ops(ips: &[IpAddr]) -> Vec<(nfnl::Elem<'static>, nfnl::Op)> {
+fn remove_ops(ips: &[IpAddr]) -> Vec<(Elem<'static>, Op)> {
     let mut ops = Vec::with_capacity(2 * ips.len());
     for ip in ips {
-        for op in [nfnl::Op::Add, nfnl::Op::Delete] {
-            let elem = nfnl::Elem {
-                set: set_names(ip).0,
+        for op in [Op::Add, Op::Delete] {
+            let elem = Elem {
+                set: pod_set(ip),
                 ip: *ip,
                 comment: None,
             };
@@ -364,51 +392,34 @@ fn remove_ops(ips: &[IpAddr]) -> Vec<(nfnl::Elem<'static>, nfnl::Op)> {
     ops
 }
 
-fn remove_script(ips: &[IpAddr]) -> String {
-    // Declaring the table and sets first makes the removal succeed when they (or the elements) are gone.
-    let mut s = format!(
-        "add table inet {TABLE}\n\
-         add set inet {TABLE} pods4 {{ type ipv4_addr; }}\n\
-         add set inet {TABLE} pods6 {{ type ipv6_addr; }}\n"
-    );
-    for ip in ips {
-        let (pods, _) = set_names(ip);
-        s.push_str(&format!("add element inet {TABLE} {pods} {{ {ip} }}\n"));
-        s.push_str(&format!("delete element inet {TABLE} {pods} {{ {ip} }}\n"));
-    }
-    s
-}
-
-/// Removes the entries for `ips` (whatever their state: missing entries are fine). One `nft` run.
+/// Removes the entries for `ips` (whatever their state: missing entries, sets or table are fine). One
+/// nfnetlink batch.
 pub fn remove(ips: &[IpAddr]) -> Result<()> {
     if ips.is_empty() {
         return Ok(());
     }
-    // Fast path: one nfnetlink batch (add + delete of each element, so a missing one is fine); a missing
-    // table or set (ENOENT) means there is nothing to remove.
-    if let Ok(mut nl) = nfnl::Nfnl::open() {
-        match nl.batch(TABLE, &remove_ops(ips)) {
-            Ok(()) => {
-                // Closing the socket waits for the kernel to destroy the deleted elements (an RCU grace
-                // period): let a helper thread do that so the caller goes on at once.
-                std::thread::spawn(move || drop(nl));
-                return Ok(());
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
-            Err(_) => {}
+    let mut nl = open()?;
+    match nl.batch(TABLE, &remove_ops(ips)) {
+        Ok(()) => {
+            // Closing the socket waits for the kernel to destroy the deleted elements (an RCU grace
+            // period): let a helper thread do that so the caller goes on at once.
+            std::thread::spawn(move || drop(nl));
+            Ok(())
         }
+        // No table or set: nothing to remove.
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(nft_err("removing pod entries", e)),
     }
-    run_script(&remove_script(ips))
 }
 
-/// Every pod entry: address and key (comment), read through netlink.
+/// Every pod entry: address and key (comment).
 pub fn list() -> Result<Vec<(IpAddr, String)>> {
-    let mut nl = nfnl::Nfnl::open().map_err(|e| Error::Nft(format!("netlink: {e}")))?;
+    let mut nl = open()?;
     let mut out = Vec::new();
     for set in ["pods4", "pods6"] {
         let elems = nl
             .set_elements(TABLE, set)
-            .map_err(|e| Error::Nft(format!("listing {set}: {e}")))?
+            .map_err(|e| nft_err(&format!("listing {set}"), e))?
             .unwrap_or_default();
         for e in elems {
             let ip = match e.key.len() {
@@ -448,8 +459,8 @@ pub fn gc(network: &str, valid_keys: &HashSet<String>) -> Result<usize> {
 /// The masquerade entries of CNI attachments: the one interface the plugin uses, so the plugin's verbs can
 /// be run against a recording double. [`Nftables`] is the implementation.
 pub trait Firewall: Send + Sync {
-    /// Starts adding the entries of attachment `key` (see [`start_add`]).
-    fn start_add(&self, key: &str, ips: &[IpAddr], no_masq: &[IpNet]) -> Result<Pending>;
+    /// Adds the entries of attachment `key` (see [`add`]).
+    fn add(&self, key: &str, ips: &[IpAddr], no_masq: &[IpNet]) -> Result<()>;
     /// Removes the entries of `ips`, present or not (see [`remove`]).
     fn remove(&self, ips: &[IpAddr]) -> Result<()>;
     /// Removes every entry tagged `key` (see [`remove_key`]).
@@ -465,8 +476,8 @@ pub trait Firewall: Send + Sync {
 pub struct Nftables;
 
 impl Firewall for Nftables {
-    fn start_add(&self, key: &str, ips: &[IpAddr], no_masq: &[IpNet]) -> Result<Pending> {
-        start_add(key, ips, no_masq)
+    fn add(&self, key: &str, ips: &[IpAddr], no_masq: &[IpNet]) -> Result<()> {
+        add(key, ips, no_masq)
     }
     fn remove(&self, ips: &[IpAddr]) -> Result<()> {
         remove(ips)
@@ -498,19 +509,8 @@ mod tests {
         assert!(k.starts_with(&network_prefix(&"n".repeat(100))) && k.len() <= 127);
     }
 
-    #[test]
-    fn scripts() {
-        let s = add_script(
-            "evio n c eth0",
-            &["10.1.0.5".parse().unwrap()],
-            &["10.1.0.7/24".parse().unwrap()],
-        );
-        assert!(s.contains("add element inet evio_cni nomasq4 { 10.1.0.0/24 }"));
-        assert!(
-            s.contains("add element inet evio_cni pods4 { 10.1.0.5 comment \"evio n c eth0\" }")
-        );
-        let s = remove_script(&["fd00::5".parse().unwrap()]);
-        assert!(s.contains("delete element inet evio_cni pods6 { fd00::5 }"));
+    fn b(a: [u8; 4]) -> u128 {
+        u128::from(u32::from_be_bytes(a))
     }
 
     #[test]
@@ -530,10 +530,8 @@ mod tests {
             e([10, 0, 0, 0], false),
             e([0, 0, 0, 0], true),
         ];
-        let ivs = intervals(&elems, 32);
-        let b = |a: [u8; 4]| u128::from(u32::from_be_bytes(a));
         assert_eq!(
-            ivs,
+            intervals(&elems, 32),
             vec![
                 (b([10, 0, 0, 0]), b([10, 255, 255, 255])),
                 (b([224, 0, 0, 0]), b([239, 255, 255, 255])),
@@ -542,10 +540,51 @@ mod tests {
         );
         // IPv6: ff00::/8 reaches the top of the space.
         let top = nfnl::Listed {
-            key: vec![0xff; 1].into_iter().chain([0u8; 15]).collect(),
+            key: [0xff].into_iter().chain([0u8; 15]).collect(),
             flags: 0,
             comment: None,
         };
         assert_eq!(intervals(&[top], 128), vec![(0xffu128 << 120, u128::MAX)]);
+        // Adjacent intervals (two concurrent adds): the end of one and the start of the next share a key.
+        let adjacent = [
+            e([10, 0, 2, 0], true),
+            e([10, 0, 1, 0], false),
+            e([10, 0, 1, 0], true),
+            e([10, 0, 0, 0], false),
+        ];
+        assert_eq!(
+            intervals(&adjacent, 32),
+            vec![
+                (b([10, 0, 0, 0]), b([10, 0, 0, 255])),
+                (b([10, 0, 1, 0]), b([10, 0, 1, 255]))
+            ]
+        );
+    }
+
+    #[test]
+    fn intervals_merge_as_auto_merge_does_and_become_elements() {
+        let m = merge(vec![
+            (b([10, 244, 3, 0]), b([10, 244, 3, 255])),
+            (b([10, 0, 0, 0]), b([10, 255, 255, 255])),
+            (b([11, 0, 0, 0]), b([11, 0, 0, 255])),
+            (b([192, 168, 0, 0]), b([192, 168, 0, 255])),
+        ]);
+        assert_eq!(
+            m,
+            vec![
+                (b([10, 0, 0, 0]), b([11, 0, 0, 255])),
+                (b([192, 168, 0, 0]), b([192, 168, 0, 255])),
+            ]
+        );
+        assert_eq!(
+            interval_keys(m[0], 32),
+            vec![(vec![10, 0, 0, 0], false), (vec![11, 0, 1, 0], true)]
+        );
+        // The top of the space has no end element.
+        assert_eq!(
+            interval_keys((b([255, 255, 255, 255]), b([255, 255, 255, 255])), 32),
+            vec![(vec![255; 4], false)]
+        );
+        assert_eq!(interval_keys((0xffu128 << 120, u128::MAX), 128).len(), 1);
     }
 }

@@ -11,6 +11,61 @@ const NFNL_MSG_BATCH_BEGIN: u16 = 16;
 const NFNL_MSG_BATCH_END: u16 = 17;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
+const NFT_MSG_NEWTABLE: u16 = 0;
+const NFT_MSG_NEWCHAIN: u16 = 3;
+const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_DELRULE: u16 = 8;
+const NFT_MSG_NEWSET: u16 = 9;
+const NFTA_TABLE_NAME: u16 = 1;
+const NFTA_CHAIN_TABLE: u16 = 1;
+const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_CHAIN_HOOK: u16 = 4;
+const NFTA_CHAIN_POLICY: u16 = 5;
+const NFTA_CHAIN_TYPE: u16 = 7;
+const NFTA_HOOK_HOOKNUM: u16 = 1;
+const NFTA_HOOK_PRIORITY: u16 = 2;
+const NFTA_RULE_TABLE: u16 = 1;
+const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_EXPRESSIONS: u16 = 4;
+const NFTA_RULE_USERDATA: u16 = 7;
+const NFTA_EXPR_NAME: u16 = 1;
+const NFTA_EXPR_DATA: u16 = 2;
+const NFTA_SET_TABLE: u16 = 1;
+const NFTA_SET_NAME: u16 = 2;
+const NFTA_SET_FLAGS: u16 = 3;
+const NFTA_SET_KEY_TYPE: u16 = 4;
+const NFTA_SET_KEY_LEN: u16 = 5;
+const NFTA_SET_ID: u16 = 10;
+const NFTA_SET_USERDATA: u16 = 13;
+const NFT_SET_INTERVAL: u32 = 0x4;
+const NFTA_META_DREG: u16 = 1;
+const NFTA_META_KEY: u16 = 2;
+const NFT_META_NFPROTO: u32 = 15;
+const NFTA_CMP_SREG: u16 = 1;
+const NFTA_CMP_OP: u16 = 2;
+const NFTA_CMP_DATA: u16 = 3;
+const NFTA_PAYLOAD_DREG: u16 = 1;
+const NFTA_PAYLOAD_BASE: u16 = 2;
+const NFTA_PAYLOAD_OFFSET: u16 = 3;
+const NFTA_PAYLOAD_LEN: u16 = 4;
+const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
+const NFTA_LOOKUP_SET: u16 = 1;
+const NFTA_LOOKUP_SREG: u16 = 2;
+const NFTA_LOOKUP_SET_ID: u16 = 4;
+const NFTA_LOOKUP_FLAGS: u16 = 5;
+const NFT_LOOKUP_F_INV: u32 = 1;
+const NFT_REG_1: u32 = 1;
+const NF_INET_POST_ROUTING: u32 = 4;
+/// `priority srcnat`.
+const NF_IP_PRI_NAT_SRC: u32 = 100;
+const NF_ACCEPT: u32 = 1;
+/// nft's datatype ids of the set keys (`ipv4_addr`, `ipv6_addr`).
+const TYPE_IPADDR: u32 = 7;
+const TYPE_IP6ADDR: u32 = 8;
+/// libnftnl: NFTNL_UDATA_SET_MERGE_ELEMENTS (nft shows `auto-merge`), NFTNL_UDATA_RULE_COMMENT.
+const UDATA_SET_MERGE_ELEMENTS: u8 = 2;
+const UDATA_RULE_COMMENT: u8 = 0;
+const NLM_F_APPEND: u16 = 0x800;
 const NFT_MSG_GETSETELEM: u16 = 13;
 const NLM_F_DUMP: u16 = 0x300;
 const NFTA_SET_ELEM_FLAGS: u16 = 3;
@@ -76,6 +131,57 @@ pub struct Elem<'a> {
     pub set: &'a str,
     pub ip: IpAddr,
     pub comment: Option<&'a str>,
+}
+
+fn be32(v: u32) -> [u8; 4] {
+    v.to_be_bytes()
+}
+
+/// One expression of a rule: `NFTA_LIST_ELEM { NFTA_EXPR_NAME, NFTA_EXPR_DATA { attrs } }`.
+fn expr(name: &str, data: &[u8]) -> Vec<u8> {
+    let mut e = attr(NFTA_EXPR_NAME, &cstr(name));
+    if !data.is_empty() {
+        e.extend(nested(NFTA_EXPR_DATA, data));
+    }
+    nested(NFTA_LIST_ELEM, &e)
+}
+
+/// What a set is for (its key type, whether it holds intervals).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SetSpec<'a> {
+    pub name: &'a str,
+    pub v6: bool,
+    pub interval: bool,
+    /// Distinguishes the sets created in one batch (`NFTA_SET_ID`).
+    pub id: u32,
+}
+
+/// A change of one batch (see [`Nfnl::apply`]); every change is acknowledged.
+pub enum Change<'a> {
+    /// `add table inet <name>` (no error if it exists).
+    Table,
+    /// `add set` (no error if it exists with these properties).
+    Set(SetSpec<'a>),
+    /// `add chain ... { type nat hook postrouting priority srcnat; policy accept; }`.
+    NatPostrouting(&'a str),
+    /// `flush chain`.
+    FlushChain(&'a str),
+    /// `add rule <chain> ip[6] saddr @pods ip[6] daddr != @no_masq masquerade comment "<comment>"`.
+    MasqRule {
+        chain: &'a str,
+        pods: SetSpec<'a>,
+        no_masq: SetSpec<'a>,
+        comment: &'a str,
+    },
+    /// An element of a plain set.
+    Elem(Elem<'a>, Op),
+    /// One element of an interval set: `key`, flagged as an interval's end (the first key after it) or not.
+    IntervalKey {
+        set: &'a str,
+        key: Vec<u8>,
+        end: bool,
+        op: Op,
+    },
 }
 
 /// One element as the kernel lists it.
@@ -270,15 +376,30 @@ impl Nfnl {
     }
 
     fn setelem(&mut self, table: &str, e: &Elem<'_>, op: Op) -> Vec<u8> {
-        let mut elem = nested(NFTA_SET_ELEM_KEY, &attr(NFTA_DATA_VALUE, &ip_bytes(&e.ip)));
-        if let Some(c) = e.comment {
+        self.setelem_raw(table, e.set, &ip_bytes(&e.ip), 0, e.comment, op)
+    }
+
+    fn setelem_raw(
+        &mut self,
+        table: &str,
+        set: &str,
+        key: &[u8],
+        flags: u32,
+        comment: Option<&str>,
+        op: Op,
+    ) -> Vec<u8> {
+        let mut elem = nested(NFTA_SET_ELEM_KEY, &attr(NFTA_DATA_VALUE, key));
+        if flags != 0 {
+            elem.extend(attr(NFTA_SET_ELEM_FLAGS, &be32(flags)));
+        }
+        if let Some(c) = comment {
             let c = cstr(c);
             let mut ud = vec![UDATA_SET_ELEM_COMMENT, c.len().min(255) as u8];
             ud.extend_from_slice(&c[..c.len().min(255)]);
             elem.extend(attr(NFTA_SET_ELEM_USERDATA, &ud));
         }
         let mut attrs = attr(NFTA_SET_ELEM_LIST_TABLE, &cstr(table));
-        attrs.extend(attr(NFTA_SET_ELEM_LIST_SET, &cstr(e.set)));
+        attrs.extend(attr(NFTA_SET_ELEM_LIST_SET, &cstr(set)));
         attrs.extend(nested(
             NFTA_SET_ELEM_LIST_ELEMENTS,
             &nested(NFTA_LIST_ELEM, &elem),
@@ -301,10 +422,153 @@ impl Nfnl {
         .1
     }
 
-    /// One atomic transaction applying `ops` in order. The first kernel error aborts the whole batch and is
-    /// returned. (A batch that deletes elements makes the kernel defer their destruction past an RCU grace
-    /// period, which closing this socket then waits for: milliseconds; adding alone does not.)
+    /// The message of one change.
+    fn change(&mut self, table: &str, c: &Change<'_>) -> Vec<u8> {
+        let req = NLM_F_REQUEST | NLM_F_ACK;
+        let sub = |m: u16| (NFNL_SUBSYS_NFTABLES << 8) | m;
+        match c {
+            Change::Table => {
+                let a = attr(NFTA_TABLE_NAME, &cstr(table));
+                self.msg(
+                    sub(NFT_MSG_NEWTABLE),
+                    req | NLM_F_CREATE,
+                    NFPROTO_INET,
+                    0,
+                    &a,
+                )
+                .1
+            }
+            Change::Set(s) => {
+                let mut a = attr(NFTA_SET_TABLE, &cstr(table));
+                a.extend(attr(NFTA_SET_NAME, &cstr(s.name)));
+                if s.interval {
+                    a.extend(attr(NFTA_SET_FLAGS, &be32(NFT_SET_INTERVAL)));
+                }
+                let (ty, len) = if s.v6 {
+                    (TYPE_IP6ADDR, 16)
+                } else {
+                    (TYPE_IPADDR, 4)
+                };
+                a.extend(attr(NFTA_SET_KEY_TYPE, &be32(ty)));
+                a.extend(attr(NFTA_SET_KEY_LEN, &be32(len)));
+                a.extend(attr(NFTA_SET_ID, &be32(s.id)));
+                if s.interval {
+                    let mut ud = vec![UDATA_SET_MERGE_ELEMENTS, 4];
+                    ud.extend_from_slice(&1u32.to_ne_bytes());
+                    a.extend(attr(NFTA_SET_USERDATA, &ud));
+                }
+                self.msg(sub(NFT_MSG_NEWSET), req | NLM_F_CREATE, NFPROTO_INET, 0, &a)
+                    .1
+            }
+            Change::NatPostrouting(chain) => {
+                let mut a = attr(NFTA_CHAIN_TABLE, &cstr(table));
+                a.extend(attr(NFTA_CHAIN_NAME, &cstr(chain)));
+                let mut hook = attr(NFTA_HOOK_HOOKNUM, &be32(NF_INET_POST_ROUTING));
+                hook.extend(attr(NFTA_HOOK_PRIORITY, &be32(NF_IP_PRI_NAT_SRC)));
+                a.extend(nested(NFTA_CHAIN_HOOK, &hook));
+                a.extend(attr(NFTA_CHAIN_POLICY, &be32(NF_ACCEPT)));
+                a.extend(attr(NFTA_CHAIN_TYPE, &cstr("nat")));
+                self.msg(
+                    sub(NFT_MSG_NEWCHAIN),
+                    req | NLM_F_CREATE,
+                    NFPROTO_INET,
+                    0,
+                    &a,
+                )
+                .1
+            }
+            Change::FlushChain(chain) => {
+                let mut a = attr(NFTA_RULE_TABLE, &cstr(table));
+                a.extend(attr(NFTA_RULE_CHAIN, &cstr(chain)));
+                self.msg(sub(NFT_MSG_DELRULE), req, NFPROTO_INET, 0, &a).1
+            }
+            Change::MasqRule {
+                chain,
+                pods,
+                no_masq,
+                comment,
+            } => {
+                let (proto, saddr, daddr, len) = if pods.v6 {
+                    (10u8, 8, 24, 16)
+                } else {
+                    (2u8, 12, 16, 4)
+                };
+                let mut e = expr("meta", &{
+                    let mut d = attr(NFTA_META_DREG, &be32(NFT_REG_1));
+                    d.extend(attr(NFTA_META_KEY, &be32(NFT_META_NFPROTO)));
+                    d
+                });
+                e.extend(expr("cmp", &{
+                    let mut d = attr(NFTA_CMP_SREG, &be32(NFT_REG_1));
+                    d.extend(attr(NFTA_CMP_OP, &be32(0)));
+                    d.extend(nested(NFTA_CMP_DATA, &attr(NFTA_DATA_VALUE, &[proto])));
+                    d
+                }));
+                for (offset, set, inv) in [(saddr, pods, false), (daddr, no_masq, true)] {
+                    e.extend(expr("payload", &{
+                        let mut d = attr(NFTA_PAYLOAD_DREG, &be32(NFT_REG_1));
+                        d.extend(attr(NFTA_PAYLOAD_BASE, &be32(NFT_PAYLOAD_NETWORK_HEADER)));
+                        d.extend(attr(NFTA_PAYLOAD_OFFSET, &be32(offset)));
+                        d.extend(attr(NFTA_PAYLOAD_LEN, &be32(len)));
+                        d
+                    }));
+                    e.extend(expr("lookup", &{
+                        let mut d = attr(NFTA_LOOKUP_SET, &cstr(set.name));
+                        d.extend(attr(NFTA_LOOKUP_SREG, &be32(NFT_REG_1)));
+                        d.extend(attr(NFTA_LOOKUP_SET_ID, &be32(set.id)));
+                        if inv {
+                            d.extend(attr(NFTA_LOOKUP_FLAGS, &be32(NFT_LOOKUP_F_INV)));
+                        }
+                        d
+                    }));
+                }
+                e.extend(expr("masq", &[]));
+                let mut a = attr(NFTA_RULE_TABLE, &cstr(table));
+                a.extend(attr(NFTA_RULE_CHAIN, &cstr(chain)));
+                a.extend(nested(NFTA_RULE_EXPRESSIONS, &e));
+                let c = cstr(comment);
+                let mut ud = vec![UDATA_RULE_COMMENT, c.len().min(255) as u8];
+                ud.extend_from_slice(&c[..c.len().min(255)]);
+                a.extend(attr(NFTA_RULE_USERDATA, &ud));
+                self.msg(
+                    sub(NFT_MSG_NEWRULE),
+                    req | NLM_F_CREATE | NLM_F_APPEND,
+                    NFPROTO_INET,
+                    0,
+                    &a,
+                )
+                .1
+            }
+            Change::Elem(e, op) => self.setelem(table, e, *op),
+            Change::IntervalKey { set, key, end, op } => {
+                let flags = if *end { ELEM_INTERVAL_END } else { 0 };
+                self.setelem_raw(table, set, key, flags, None, *op)
+            }
+        }
+    }
+
+    /// One atomic transaction of element changes (see [`Nfnl::apply`]).
     pub fn batch(&mut self, table: &str, ops: &[(Elem<'_>, Op)]) -> io::Result<()> {
+        let changes: Vec<Change<'_>> = ops
+            .iter()
+            .map(|(e, op)| {
+                Change::Elem(
+                    Elem {
+                        set: e.set,
+                        ip: e.ip,
+                        comment: e.comment,
+                    },
+                    *op,
+                )
+            })
+            .collect();
+        self.apply(table, &changes)
+    }
+
+    /// One atomic transaction applying `changes` in order. The first kernel error aborts the whole batch
+    /// and is returned. (A batch that deletes elements makes the kernel defer their destruction past an
+    /// RCU grace period, which closing this socket then waits for: milliseconds; adding alone does not.)
+    pub fn apply(&mut self, table: &str, changes: &[Change<'_>]) -> io::Result<()> {
         let mut buf = self
             .msg(
                 NFNL_MSG_BATCH_BEGIN,
@@ -314,8 +578,8 @@ impl Nfnl {
                 &[],
             )
             .1;
-        for (e, op) in ops {
-            buf.extend(self.setelem(table, e, *op));
+        for c in changes {
+            buf.extend(self.change(table, c));
         }
         buf.extend(
             self.msg(
@@ -337,10 +601,10 @@ impl Nfnl {
                 acked += 1;
             }
         }
-        if acked < ops.len() {
+        if acked < changes.len() {
             return Err(io::Error::other(format!(
                 "nftables acknowledged {acked} of {} changes",
-                ops.len()
+                changes.len()
             )));
         }
         Ok(())

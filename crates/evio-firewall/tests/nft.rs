@@ -79,8 +79,11 @@ fn removal_without_table_and_concurrent_adds() {
     );
 }
 
+/// The table as nft sees it after netlink declared it: the two rules, the sets with their types and
+/// `auto-merge`, CIDRs merged as nft would (overlapping and adjacent ones become one), concurrent adds of
+/// different CIDRs (their merges race and are retried), and a table deleted by someone else declared again.
 #[test]
-fn fast_path_after_the_first_full_run() {
+fn the_table_is_declared_and_cidrs_merged() {
     let ns = Netns::new("fw");
     let sub: Vec<ipnet::IpNet> = vec![
         "10.8.0.0/24".parse().unwrap(),
@@ -88,18 +91,10 @@ fn fast_path_after_the_first_full_run() {
     ];
     ns.run(|| {
         let k = |i: u32| evio_firewall::attachment_key("n", &format!("c{i}"), "eth0");
-        // First: no table yet, so the full nft run (creates the table with the CIDRs).
-        let p = evio_firewall::start_add(&k(1), &[ip("10.8.0.2")], &sub).unwrap();
-        assert!(!p.is_done(), "no table: the full run");
-        p.wait().unwrap();
-        // Then netlink batches: comment visible to nft, re-add with another key takes the address over.
-        let p = evio_firewall::start_add(&k(2), &[ip("10.8.0.3"), ip("fd08::3")], &sub).unwrap();
-        assert!(p.is_done(), "netlink fast path");
-        p.wait().unwrap();
-        evio_firewall::start_add(&k(3), &[ip("10.8.0.3")], &sub)
-            .unwrap()
-            .wait()
-            .unwrap();
+        evio_firewall::add(&k(1), &[ip("10.8.0.2")], &sub).unwrap();
+        // Comments visible to nft, a re-add with another key takes the address over.
+        evio_firewall::add(&k(2), &[ip("10.8.0.3"), ip("fd08::3")], &sub).unwrap();
+        evio_firewall::add(&k(3), &[ip("10.8.0.3")], &sub).unwrap();
         let mut l = evio_firewall::list().unwrap();
         l.sort();
         assert_eq!(
@@ -112,21 +107,47 @@ fn fast_path_after_the_first_full_run() {
         );
         evio_firewall::remove(&[ip("10.8.0.3"), ip("fd08::3"), ip("10.8.0.99")]).unwrap();
         assert_eq!(evio_firewall::list().unwrap(), vec![(ip("10.8.0.2"), k(1))]);
-        // A CIDR inside one the set holds (10.0.0.0/8): the fast path. One it does not: a full run,
-        // which adds it.
-        let inside = vec!["10.99.0.0/24".parse().unwrap()];
-        let p = evio_firewall::start_add(&k(6), &[ip("10.99.0.2")], &inside).unwrap();
-        assert!(p.is_done(), "covered by 10.0.0.0/8");
-        let more = vec!["192.168.9.0/24".parse().unwrap()];
-        let p = evio_firewall::start_add(&k(4), &[ip("192.168.9.2")], &more).unwrap();
-        assert!(!p.is_done(), "a CIDR the table lacks: the full run");
-        p.wait().unwrap();
-        let p = evio_firewall::start_add(&k(7), &[ip("192.168.9.3")], &more).unwrap();
-        assert!(p.is_done(), "now held");
+        // Adjacent to 10.0.0.0/8: merged into one interval; an IPv6 pool too.
+        let more: Vec<ipnet::IpNet> = vec![
+            "11.0.0.0/24".parse().unwrap(),
+            "fd00:10:244::/48".parse().unwrap(),
+        ];
+        evio_firewall::add(&k(4), &[ip("11.0.0.2")], &more).unwrap();
+        // Concurrent adds, each with its own CIDR.
+        std::thread::scope(|s| {
+            for i in 0..8u32 {
+                s.spawn(move || {
+                    let cidr = format!("192.168.{i}.0/24").parse().unwrap();
+                    let a = ip(&format!("192.168.{i}.2"));
+                    evio_firewall::add(&k(10 + i), &[a], &[cidr]).unwrap();
+                });
+            }
+        });
+        assert_eq!(evio_firewall::list().unwrap().len(), 10);
+        // Their intervals may sit side by side unmerged (each add read the set before the others wrote);
+        // a CIDR covering all of them merges them into one.
+        let all = ["192.168.0.0/21".parse().unwrap()];
+        evio_firewall::add(&k(20), &[ip("192.168.7.9")], &all).unwrap();
     });
-    let set = ns.exec_ok(&["nft", "list", "set", "inet", "evio_cni", "nomasq4"]);
-    assert!(set.contains("10.0.0.0/8"), "{set}");
-    // The table deleted by someone else: the next ADD sees its sets gone and the full run restores it.
+    let table = ns.exec_ok(&["nft", "list", "table", "inet", "evio_cni"]);
+    for want in [
+        "type ipv4_addr",
+        "type ipv6_addr",
+        "auto-merge",
+        "10.0.0.0-11.0.0.255",
+        "192.168.0.0/21",
+        "224.0.0.0/4",
+        "255.255.255.255",
+        "ff00::/8",
+        "fd00:10:244::/48",
+        "ip saddr @pods4 ip daddr != @nomasq4 masquerade",
+        "ip6 saddr @pods6 ip6 daddr != @nomasq6 masquerade",
+        "type nat hook postrouting priority srcnat; policy accept;",
+        "evio-cni: pods leaving the cluster",
+    ] {
+        assert!(table.contains(want), "no {want:?} in\n{table}");
+    }
+    // The table deleted by someone else: the next ADD declares it again.
     ns.exec_ok(&["nft", "delete", "table", "inet", "evio_cni"]);
     ns.run(|| {
         evio_firewall::remove(&[ip("10.8.0.2")]).unwrap(); // no table: nothing to do
@@ -135,9 +156,7 @@ fn fast_path_after_the_first_full_run() {
             vec![],
             "no table: nothing listed"
         );
-        let p = evio_firewall::start_add("evio n c5 eth0", &[ip("10.8.0.5")], &sub).unwrap();
-        assert!(!p.is_done());
-        p.wait().unwrap();
+        evio_firewall::add("evio n c5 eth0", &[ip("10.8.0.5")], &sub).unwrap();
     });
     let rules = ns.exec_ok(&["nft", "list", "table", "inet", "evio_cni"]);
     assert!(
