@@ -18,7 +18,8 @@
 //! Dependencies: no maintained synchronous OVSDB client crate exists for Rust, and the plugin needs only
 //! `transact` with `wait`, so `ovsdb` here is a ~200-line client on `serde_json` (the de-facto JSON crate,
 //! whose `StreamDeserializer` parses the unframed message stream) over std's `UnixStream`/`TcpStream`.
-//! `libc` gives `if_nametoindex`, `getrandom` and the SIOCSIFFLAGS ioctl to set the device up.
+//! The device's index and link state go through `evio-netlink`; `getrandom` (in the lockfile through
+//! `rand`) makes MACs.
 
 mod ovsdb;
 mod vsctl;
@@ -755,11 +756,7 @@ fn next_cfg(select_result: &Value) -> Option<i64> {
 /// A random locally administered unicast MAC, `xx:xx:xx:xx:xx:xx`.
 fn random_mac() -> Result<String, String> {
     let mut b = [0u8; 6];
-    // SAFETY: getrandom writes at most b.len() bytes into the valid, writable buffer `b`.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-    if n != b.len() as isize {
-        return Err(format!("getrandom: {}", std::io::Error::last_os_error()));
-    }
+    getrandom::fill(&mut b).map_err(|e| format!("getrandom: {e}"))?;
     b[0] = (b[0] & 0xfe) | 0x02;
     Ok(b.iter()
         .map(|x| format!("{x:02x}"))

@@ -158,9 +158,7 @@ impl Host for Real {
 
 fn random_veth_name() -> String {
     let mut b = [0u8; 4];
-    // SAFETY: getrandom writes at most b.len() bytes into the valid buffer `b`.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-    if n != b.len() as isize {
+    if getrandom::fill(&mut b).is_err() {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();

@@ -12,7 +12,7 @@
 //! binary does not read the variable.
 //!
 //! Dependencies: the workspace's evio crates; `tracing`/`tracing-subscriber` (fmt only) for the log file;
-//! `serde_json` for the protocol; `libc` for `getrandom`.
+//! `serde_json` for the protocol; `getrandom` (in the lockfile through `rand`) for veth names.
 
 mod add;
 mod check;

@@ -1,8 +1,10 @@
 //! Entering network namespaces on a helper thread.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::Path;
+
+use nix::sched::{CloneFlags, setns};
+use nix::sys::statfs::{NSFS_MAGIC, PROC_SUPER_MAGIC, fstatfs};
 
 use crate::{Error, Result};
 
@@ -13,16 +15,13 @@ pub fn open(path: &Path) -> Result<File> {
 
 /// Moves the calling thread into the namespace `ns`.
 fn enter(ns: &File, what: &Path) -> Result<()> {
-    // SAFETY: setns takes a valid open fd (kept alive by `ns`) and a namespace type; it only changes the
-    // calling thread's namespace, and callers only use it on threads they spawned for that purpose.
-    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-    if rc != 0 {
-        return Err(Error::io(
+    // Only the calling thread changes namespace; callers only use it on threads they spawned for that.
+    setns(ns, CloneFlags::CLONE_NEWNET).map_err(|e| {
+        Error::io(
             format!("enter netns {}", what.display()),
-            std::io::Error::last_os_error(),
-        ));
-    }
-    Ok(())
+            std::io::Error::from(e),
+        )
+    })
 }
 
 /// Runs `f` on a new thread inside the network namespace at `path` and returns its result. Sockets that
@@ -49,11 +48,8 @@ pub fn exists(path: &Path) -> bool {
     let Ok(f) = File::open(path) else {
         return false;
     };
-    // SAFETY: fstatfs on a valid fd with a zeroed out-parameter of the right type.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `f` is open for the duration of the call and `st` is a valid, writable statfs.
-    let rc = unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) };
-    const NSFS_MAGIC: i64 = 0x6e736673;
-    const PROC_SUPER_MAGIC: i64 = 0x9fa0;
-    rc == 0 && (st.f_type as i64 == NSFS_MAGIC || st.f_type as i64 == PROC_SUPER_MAGIC)
+    fstatfs(&f).is_ok_and(|st| {
+        let t = st.filesystem_type();
+        t == NSFS_MAGIC || t == PROC_SUPER_MAGIC
+    })
 }
