@@ -102,9 +102,9 @@ pub fn host_addresses(skip_if: &str, skip_nets: &[IpNet]) -> Vec<HostAddr> {
     v
 }
 
-/// IPv4 addresses with their prefix length, of every interface that is up except `skip_if` (loopback
-/// included): the host's own networks.
-pub fn host_networks(skip_if: &str) -> Vec<Ipv4Net> {
+/// Addresses of both families with their prefix lengths, of every interface that is up except `skip_if`
+/// (loopback and IPv6 link-local included): the host's own networks.
+fn interface_networks(skip_if: &str) -> Vec<IpNet> {
     let mut v = Vec::new();
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
         return v;
@@ -113,54 +113,51 @@ pub fn host_networks(skip_if: &str) -> Vec<Ipv4Net> {
         if !a.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP) || a.interface_name == skip_if {
             continue;
         }
-        let Some(ip) = a
-            .address
-            .as_ref()
-            .and_then(|s| s.as_sockaddr_in())
-            .map(|s| s.ip())
-        else {
+        let Some(addr) = a.address.as_ref() else {
             continue;
         };
-        let len = a
-            .netmask
-            .as_ref()
-            .and_then(|s| s.as_sockaddr_in())
-            .map_or(32, |m| u32::from(m.ip()).count_ones() as u8);
-        if let Ok(n) = Ipv4Net::new(ip, len) {
+        // Without a netmask, the address alone.
+        let mask = a.netmask.as_ref();
+        let net = if let Some(ip) = addr.as_sockaddr_in() {
+            let len = mask
+                .and_then(|m| m.as_sockaddr_in())
+                .map_or(32, |m| u32::from(m.ip()).count_ones() as u8);
+            Ipv4Net::new(ip.ip(), len).map(IpNet::V4)
+        } else if let Some(ip) = addr.as_sockaddr_in6() {
+            let len = mask
+                .and_then(|m| m.as_sockaddr_in6())
+                .map_or(128, |m| u128::from(m.ip()).count_ones() as u8);
+            Ipv6Net::new(ip.ip(), len).map(IpNet::V6)
+        } else {
+            continue;
+        };
+        if let Ok(n) = net {
             v.push(n);
         }
     }
     v
 }
 
-/// The same for IPv6 (link-local addresses included: they are the host's too).
+/// The host's IPv4 networks (see [`interface_networks`]).
+pub fn host_networks(skip_if: &str) -> Vec<Ipv4Net> {
+    interface_networks(skip_if)
+        .into_iter()
+        .filter_map(|n| match n {
+            IpNet::V4(n) => Some(n),
+            IpNet::V6(_) => None,
+        })
+        .collect()
+}
+
+/// The host's IPv6 networks (see [`interface_networks`]).
 pub fn host_networks6(skip_if: &str) -> Vec<Ipv6Net> {
-    let mut v = Vec::new();
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
-        return v;
-    };
-    for a in addrs {
-        if !a.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP) || a.interface_name == skip_if {
-            continue;
-        }
-        let Some(ip) = a
-            .address
-            .as_ref()
-            .and_then(|s| s.as_sockaddr_in6())
-            .map(|s| s.ip())
-        else {
-            continue;
-        };
-        let len = a
-            .netmask
-            .as_ref()
-            .and_then(|s| s.as_sockaddr_in6())
-            .map_or(128, |m| u128::from(m.ip()).count_ones() as u8);
-        if let Ok(n) = Ipv6Net::new(ip, len) {
-            v.push(n);
-        }
-    }
-    v
+    interface_networks(skip_if)
+        .into_iter()
+        .filter_map(|n| match n {
+            IpNet::V6(n) => Some(n),
+            IpNet::V4(_) => None,
+        })
+        .collect()
 }
 
 /// MTU of interface `name` (from sysfs).
