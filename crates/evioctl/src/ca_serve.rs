@@ -39,8 +39,8 @@ use evio_trust::{
 use ipnet::Ipv4Net;
 use tracing::{info, warn};
 
-use crate::ca::parse_duration;
 use crate::cni_config::{EtcdArgs, runtime};
+use crate::duration::parse_duration;
 
 /// Most requests of each kind read at once (more are read when a slot is free).
 pub const MAX_PENDING: i64 = 64;

@@ -3,6 +3,7 @@
 mod ca;
 mod ca_serve;
 mod cni_config;
+mod duration;
 mod nodes;
 mod release;
 mod revoke;

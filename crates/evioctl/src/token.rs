@@ -8,7 +8,7 @@ use evio_store::EtcdOptions;
 use evio_trust::{CaPublic, JoinToken, TokenRecord, unix_now};
 use serde_json::json;
 
-use crate::ca::parse_duration;
+use crate::duration::parse_duration;
 use crate::nodes::format_utc;
 
 #[derive(clap::Args)]
