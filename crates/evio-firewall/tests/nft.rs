@@ -164,3 +164,58 @@ fn the_table_is_declared_and_cidrs_merged() {
         "{rules}"
     );
 }
+
+/// A table made by `nft` (as evio's earlier versions and an operator would write it) is taken over: the
+/// sets are declared again without error, the CIDRs merged, the rules replaced by ours (not doubled).
+#[test]
+fn a_table_made_by_nft_is_taken_over() {
+    let ns = Netns::new("fw");
+    let script = "add table inet evio_cni\n\
+         add set inet evio_cni pods4 { type ipv4_addr; }\n\
+         add set inet evio_cni pods6 { type ipv6_addr; }\n\
+         add set inet evio_cni nomasq4 { type ipv4_addr; flags interval; auto-merge; }\n\
+         add set inet evio_cni nomasq6 { type ipv6_addr; flags interval; auto-merge; }\n\
+         add element inet evio_cni nomasq4 { 224.0.0.0/4, 255.255.255.255/32, 10.244.0.0/16 }\n\
+         add element inet evio_cni nomasq6 { ff00::/8 }\n\
+         add chain inet evio_cni postrouting { type nat hook postrouting priority srcnat; policy accept; }\n\
+         add rule inet evio_cni postrouting ip saddr @pods4 ip daddr != @nomasq4 masquerade\n\
+         add rule inet evio_cni postrouting ip6 saddr @pods6 ip6 daddr != @nomasq6 masquerade\n\
+         add element inet evio_cni pods4 { 10.244.3.9 comment \"evio n old eth0\" }\n";
+    let path = ns.path().display().to_string();
+    let mut nft = std::process::Command::new("nsenter")
+        .args([&format!("--net={path}"), "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    nft.stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(nft.wait().unwrap().success());
+    ns.run(|| {
+        // A CIDR the table lacks: the whole declaration runs over nft's table.
+        let k = evio_firewall::attachment_key("n", "c1", "eth0");
+        let cidrs = [
+            "10.244.0.0/16".parse().unwrap(),
+            "10.96.0.0/12".parse().unwrap(),
+        ];
+        evio_firewall::add(&k, &[ip("10.244.3.2")], &cidrs).unwrap();
+        let mut l = evio_firewall::list().unwrap();
+        l.sort();
+        assert_eq!(
+            l,
+            vec![
+                (ip("10.244.3.2"), k),
+                (ip("10.244.3.9"), "evio n old eth0".into())
+            ]
+        );
+    });
+    let table = ns.exec_ok(&["nft", "list", "table", "inet", "evio_cni"]);
+    assert_eq!(table.matches("masquerade").count(), 2, "{table}");
+    assert!(
+        table.contains("10.96.0.0/12") && table.contains("10.244.0.0/16"),
+        "{table}"
+    );
+}
