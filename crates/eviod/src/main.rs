@@ -200,11 +200,11 @@ fn run(mut cfg: Config) -> Result<()> {
         vnet_hdr = tun.has_vnet_hdr(),
         "TUN device"
     );
-    netcfg::configure_tun(&cfg.interface, address, cfg.overlay_cidr)?;
+    netcfg::configure_tun(&cfg.interface, address.into(), cfg.overlay_cidr.into())?;
     if let Some(o6) = cfg.overlay_cidr6 {
         let a6 = evio_store::paired_address6(cfg.overlay_cidr, address, o6)
             .ok_or_else(|| anyhow::anyhow!("no IPv6 VIP for {address} in {o6}"))?;
-        netcfg::configure_tun6(&cfg.interface, a6, o6)?;
+        netcfg::configure_tun(&cfg.interface, a6.into(), o6.into())?;
         tracing::info!(address6 = %a6, "overlay IPv6 address");
     }
     // One socket for both underlay families (issue 15); IPv4 only where the kernel has no IPv6.

@@ -1,7 +1,7 @@
 //! Interface address and routes of the TUN device (through `evio-netlink`: rtnetlink, no subprocess), and
 //! the host's own addresses.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use anyhow::{Context, Result, anyhow};
 use evio_netlink::{Netlink, RouteSpec};
@@ -14,22 +14,12 @@ fn link_index(nl: &mut Netlink, dev: &str) -> Result<u32> {
         .index)
 }
 
-/// Gives the TUN device its address (VIP with the overlay's prefix: the overlay CIDR becomes a connected
-/// route through it). MTU and link state are set when the device is created.
-pub fn configure_tun(dev: &str, vip: Ipv4Addr, overlay: Ipv4Net) -> Result<()> {
+/// Gives the TUN device a VIP with the overlay's prefix (`vip` inside `overlay`: the overlay CIDR becomes
+/// a connected route through it), once per family. MTU and link state are set when the device is created.
+pub fn configure_tun(dev: &str, vip: IpAddr, overlay: IpNet) -> Result<()> {
     let mut nl = Netlink::new()?;
     let index = link_index(&mut nl, dev)?;
-    let addr = IpNet::V4(Ipv4Net::new(vip, overlay.prefix_len())?);
-    nl.add_address(index, &addr)
-        .with_context(|| format!("address {addr} on {dev}"))?;
-    Ok(())
-}
-
-/// The same for a dual-stack overlay's IPv6 VIP.
-pub fn configure_tun6(dev: &str, vip: std::net::Ipv6Addr, overlay6: Ipv6Net) -> Result<()> {
-    let mut nl = Netlink::new()?;
-    let index = link_index(&mut nl, dev)?;
-    let addr = IpNet::V6(Ipv6Net::new(vip, overlay6.prefix_len())?);
+    let addr = IpNet::new(vip, overlay.prefix_len())?;
     nl.add_address(index, &addr)
         .with_context(|| format!("address {addr} on {dev}"))?;
     Ok(())
