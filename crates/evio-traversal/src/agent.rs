@@ -925,15 +925,7 @@ impl Agent {
         }
         let path = peer.pair(alt).map(Pair::path);
         tracing::info!(peer = %hex(&key[..4]), ?path, "selected path does not answer, moved to a fresh one");
-        if let Some(p) = path
-            && p.base == Base::Relay
-            && let Some(t) = &mut self.turn
-        {
-            t.want_channel(p.remote, now);
-        }
-        self.path_changes += 1;
-        self.events
-            .push_back(Event::PathChanged { peer: key, path });
+        self.path_selected(key, path, now);
     }
 
     /// Marks a pair failed; returns true if it was the selected one.
@@ -1332,7 +1324,12 @@ impl Agent {
             }
         }
         tracing::info!(peer = %hex(&key[..4]), ?path, had = old.is_some(), "path changed");
-        // Datagrams via our relay need a channel (cheaper framing than Send indications).
+        self.path_selected(key, path, now);
+    }
+
+    /// A new selected path of `key` (by reselection or early fail-over): counted and reported; a path
+    /// through our relay gets a channel (cheaper framing than Send indications).
+    fn path_selected(&mut self, key: PeerKey, path: Option<Path>, now: Instant) {
         if let Some(p) = path
             && p.base == Base::Relay
             && let Some(t) = &mut self.turn
