@@ -580,12 +580,37 @@ pub fn cpu_line(c: &Cluster) -> String {
             tv(ru.user_time()) + tv(ru.system_time())
         })
         .unwrap_or(0.0);
+    let turn = match turn_datagrams(c) {
+        Some((received, dropped)) => {
+            format!(" (its socket: {received} datagrams received, {dropped} dropped: buffer full)")
+        }
+        None => String::new(),
+    };
     format!(
-        "CPU so far: {} agents {total:.1} s (busiest {max:.2} s), coturn {:.1} s, etcd {:.1} s, this demo {me:.1} s",
+        "CPU so far: {} agents {total:.1} s (busiest {max:.2} s), coturn {:.1} s{turn}, etcd {:.1} s, this demo {me:.1} s",
         agents.len(),
         by_name.get("turnserver").copied().unwrap_or(0.0),
         by_name.get("etcd").copied().unwrap_or(0.0),
     )
+}
+
+/// UDP datagrams received and dropped for a full receive buffer in the internet namespace, where coturn
+/// is the only UDP listener: how hard the one TURN server was pushed (issue 12).
+fn turn_datagrams(c: &Cluster) -> Option<(u64, u64)> {
+    let snmp = c.lab().internet_exec(&["cat", "/proc/net/snmp"]).ok()?;
+    udp_counters(&snmp)
+}
+
+/// `InDatagrams` and `RcvbufErrors` of the `Udp:` lines of `/proc/net/snmp`.
+fn udp_counters(snmp: &str) -> Option<(u64, u64)> {
+    let mut lines = snmp.lines().filter(|l| l.starts_with("Udp: "));
+    let names: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let values: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let get = |name: &str| -> Option<u64> {
+        let i = names.iter().position(|n| *n == name)?;
+        values.get(i)?.parse().ok()
+    };
+    Some((get("InDatagrams")?, get("RcvbufErrors")?))
 }
 
 /// The warnings and errors of all agents' logs, alike lines merged (timestamps dropped, numbers and
@@ -617,4 +642,20 @@ pub fn agent_log_digest(c: &Cluster, top: usize) -> Vec<(usize, usize, String)> 
     v.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.2.cmp(&b.2)));
     v.truncate(top);
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::udp_counters;
+
+    #[test]
+    fn udp_counters_are_read_by_name() {
+        let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\n\
+                    Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n\
+                    Udp: 337143 0 42368 314630 42368 0\n\
+                    UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n\
+                    UdpLite: 0 0 0 0 0 0\n";
+        assert_eq!(udp_counters(snmp), Some((337143, 42368)));
+        assert_eq!(udp_counters("Ip: Forwarding\nIp: 1\n"), None);
+    }
 }

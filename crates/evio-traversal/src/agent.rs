@@ -37,6 +37,15 @@ const RECHECK_IDLE_MAX: Duration = Duration::from_secs(60);
 /// How long relayed pairs wait for direct pairs to be checked first when a peer is added.
 pub const RELAY_HEADSTART: Duration = Duration::from_millis(200);
 
+/// How long a relay-to-relay pair (our relayed address to the peer's) waits when a peer is added, unless
+/// a path is up by then: about a check's give-up on an idle network. Every other relayed pair crosses the
+/// TURN server once and works wherever this one would (the peer's relay accepts any address of ours
+/// it has a permission for; our socket reaches the peer's relay as it reaches the server); a
+/// relay-to-relay check crosses it twice each way, and checked at once for every peer it was half of
+/// the server's load while a fleet started (issue 12). It stays the last resort: UDP allowed only to
+/// the TURN server's own port.
+pub const RELAY_TO_RELAY_HEADSTART: Duration = Duration::from_secs(3);
+
 /// A pair that succeeded this recently is not re-checked when the peer's check arrives on it.
 const TRIGGER_FRESH: Duration = Duration::from_secs(2);
 
@@ -258,6 +267,11 @@ impl Pair {
         } else {
             PathKind::Direct
         }
+    }
+
+    /// From our relayed address to the peer's (two crossings of the TURN server each way).
+    fn relay_to_relay(&self) -> bool {
+        self.base == Base::Relay && self.remote_kind == CandidateKind::Relayed
     }
 
     /// Preference class: LAN host 3, other direct 2, one relay 1, relay to relay 0.
@@ -1316,10 +1330,12 @@ impl Agent {
         // at once if the path fails), not now.
         let direct = path.is_some_and(|p| p.kind == PathKind::Direct);
         let recheck = self.cfg.timers.recheck_ok;
+        // Relay-to-relay pairs not checked yet are alternatives as soon as any path works.
         for p in &mut peer.pairs {
+            let spare = p.later && p.state == PairState::Waiting && p.inflight.is_none();
             if Some(p.id) == new && p.inflight.is_none() {
                 p.next_check = p.next_check.min(now + keepalive);
-            } else if direct && p.later && p.state == PairState::Waiting && p.inflight.is_none() {
+            } else if spare && (direct || (new.is_some() && p.relay_to_relay())) {
                 p.next_check = p.next_check.max(now + recheck);
             }
         }
@@ -1446,6 +1462,7 @@ impl Agent {
             let has_direct = peer
                 .selected_pair()
                 .is_some_and(|p| p.kind() == PathKind::Direct);
+            let relay_to_relay = base == Base::Relay && kind == CandidateKind::Relayed;
             // Direct pairs first (ICE checks relayed candidates last): a relayed pair waits
             // RELAY_HEADSTART, and is only an alternative once a direct path works. With every pair
             // checked at once, a fleet's checks all went through the one TURN server, N x N of them,
@@ -1453,8 +1470,10 @@ impl Agent {
             // nodes, the relayed peers' own allocations among them).
             let next_check = match (later, has_direct) {
                 (false, _) => now,
-                (true, false) => now + RELAY_HEADSTART,
                 (true, true) => now + recheck,
+                (true, false) if relay_to_relay && peer.selected.is_some() => now + recheck,
+                (true, false) if relay_to_relay => now + RELAY_TO_RELAY_HEADSTART,
+                (true, false) => now + RELAY_HEADSTART,
             };
             peer.pairs.push(Pair {
                 id,

@@ -187,6 +187,8 @@ pub struct TurnModel {
     pub relayed_datagrams: u64,
     /// Allocates answered 437 because the 5-tuple already had an allocation.
     pub allocate_mismatches: u64,
+    /// Datagrams from one relayed address to another (they cross the server twice).
+    pub relay_to_relay_datagrams: u64,
 }
 
 impl TurnModel {
@@ -219,6 +221,7 @@ impl TurnModel {
             next_port: 50000,
             relayed_datagrams: 0,
             allocate_mismatches: 0,
+            relay_to_relay_datagrams: 0,
         }
     }
 
@@ -260,6 +263,9 @@ impl TurnModel {
                 return vec![];
             }
             self.relayed_datagrams += 1;
+            if self.by_relayed.contains_key(&src) {
+                self.relay_to_relay_datagrams += 1;
+            }
             let payload = match a.channel_of(src, now) {
                 Some(n) => {
                     let mut out = Vec::new();

@@ -162,6 +162,17 @@ fn symmetric_to_symmetric_needs_the_relay_and_fails_without() {
     sim.introduce_all();
     until_paths(&mut sim, a, b, PathKind::Relay, secs(10)).expect("relay path");
     assert_tunnel(&mut sim, a, b);
+    // Through the relay once: our socket to the peer's relayed address works wherever relay to relay
+    // would, which crosses the server twice and is checked only if no path comes up.
+    sim.run_for(secs(10));
+    for (x, y) in [(a, b), (b, a)] {
+        let p = sim.path(x, y).unwrap();
+        assert!(
+            !(p.base == Base::Relay && p.remote_kind == CandidateKind::Relayed),
+            "{p:?}"
+        );
+    }
+    assert_eq!(sim.turn.as_ref().unwrap().relay_to_relay_datagrams, 0);
 
     // The same without TURN: no path at all.
     let mut sim = world(4);
