@@ -10,6 +10,7 @@
 //! OpenSSL needed in the image), `ipnet` (CIDR types used across the workspace), `tokio`, `serde_json`
 //! (values are JSON so operators can read them with `etcdctl get`), `thiserror`, `tracing`.
 
+mod claim;
 pub mod error;
 pub mod keys;
 pub mod plan;

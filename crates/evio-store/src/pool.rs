@@ -6,20 +6,18 @@
 //! `claim_subnet` and `claim_address` use (docs/store.md).
 
 use std::collections::HashSet;
-use std::fmt::Display;
 use std::net::Ipv4Addr;
 use std::ops::Range;
 
 use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse};
 use ipnet::Ipv4Net;
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 use tracing::{debug, warn};
 
+use crate::claim::Claim;
 use crate::error::StoreError;
 use crate::keys;
 use crate::plan::{SubnetPlan, host_range};
-use crate::records::{AddressClaim, SubnetClaim, unix_now};
+use crate::records::{AddressClaim, SubnetClaim};
 use crate::store::{Store, check_node, parse_kv, parse_or_warn};
 
 /// How many lost races a claim tolerates before giving up. Every lost race means another claim succeeded, so
@@ -28,119 +26,6 @@ const MAX_ATTEMPTS: u32 = 10_000;
 
 /// The most of the lowest free candidates a claimer that lost races chooses from (a power of two).
 const CONTENTION_WINDOW: usize = 64;
-
-/// The names of a claim's etcd operations, as errors report them.
-pub(crate) struct OpNames {
-    pub claim_read: &'static str,
-    pub claim: &'static str,
-    pub read: &'static str,
-    pub list: &'static str,
-    pub release_read: &'static str,
-    pub release: &'static str,
-}
-
-/// The operation names for claims of `$what` ("claim subnet", "release subnet (read)", ...).
-macro_rules! op_names {
-    ($what:literal) => {
-        OpNames {
-            claim_read: concat!("claim ", $what, " (read)"),
-            claim: concat!("claim ", $what),
-            read: concat!("read ", $what, " claim"),
-            list: concat!("list ", $what, " claims"),
-            release_read: concat!("release ", $what, " (read)"),
-            release: concat!("release ", $what),
-        }
-    };
-}
-
-/// A claim record and where it lives: the same JSON value under both index keys.
-pub(crate) trait Claim: Serialize + DeserializeOwned + Clone {
-    /// What is claimed (a subnet, an address).
-    type Item: Copy + PartialEq + Display;
-    /// Prefix of the keys indexed by item (`.../by-subnet/`, `.../by-address/`).
-    const BY_ITEM: &'static str;
-    /// Prefix of the keys indexed by node (`.../by-node/`).
-    const BY_NODE: &'static str;
-    const OPS: OpNames;
-    /// A new claim of `item` by `node`, made now.
-    fn new(node: &str, item: Self::Item) -> Self;
-    fn node(&self) -> &str;
-    fn item(&self) -> Self::Item;
-    /// The item as one key segment (no `/`).
-    fn segment(item: Self::Item) -> String;
-    /// Sort key of a listing (lowest item first).
-    fn order(&self) -> (u32, u8);
-
-    fn by_item(item: Self::Item) -> String {
-        format!("{}{}", Self::BY_ITEM, Self::segment(item))
-    }
-
-    fn by_node(node: &str) -> String {
-        format!("{}{node}", Self::BY_NODE)
-    }
-}
-
-impl Claim for SubnetClaim {
-    type Item = Ipv4Net;
-    const BY_ITEM: &'static str = keys::SUBNETS_BY_SUBNET;
-    const BY_NODE: &'static str = keys::SUBNETS_BY_NODE;
-    const OPS: OpNames = op_names!("subnet");
-
-    fn new(node: &str, subnet: Ipv4Net) -> Self {
-        SubnetClaim {
-            node: node.to_string(),
-            subnet,
-            since: unix_now(),
-        }
-    }
-
-    fn node(&self) -> &str {
-        &self.node
-    }
-
-    fn item(&self) -> Ipv4Net {
-        self.subnet
-    }
-
-    fn segment(subnet: Ipv4Net) -> String {
-        keys::subnet_segment(&subnet)
-    }
-
-    fn order(&self) -> (u32, u8) {
-        (u32::from(self.subnet.network()), self.subnet.prefix_len())
-    }
-}
-
-impl Claim for AddressClaim {
-    type Item = Ipv4Addr;
-    const BY_ITEM: &'static str = keys::ADDRESSES_BY_ADDRESS;
-    const BY_NODE: &'static str = keys::ADDRESSES_BY_NODE;
-    const OPS: OpNames = op_names!("address");
-
-    fn new(node: &str, address: Ipv4Addr) -> Self {
-        AddressClaim {
-            node: node.to_string(),
-            address,
-            since: unix_now(),
-        }
-    }
-
-    fn node(&self) -> &str {
-        &self.node
-    }
-
-    fn item(&self) -> Ipv4Addr {
-        self.address
-    }
-
-    fn segment(address: Ipv4Addr) -> String {
-        address.to_string()
-    }
-
-    fn order(&self) -> (u32, u8) {
-        (u32::from(self.address), 32)
-    }
-}
 
 /// What nodes claim one each: candidates `0..len()`, lowest first, and the errors that name them.
 pub(crate) trait Pool {
@@ -478,6 +363,66 @@ impl Read {
 }
 
 impl Store {
+    // ---------------------------------------------------------------- pod subnets
+
+    /// Claims a pod subnet for `node`: its existing claim if it has one, else the lowest free subnet of
+    /// `plan`, with one compare-and-swap transaction that creates both index keys or nothing. A claim the
+    /// node holds outside `plan` (the pool or nodeBits changed) is [`StoreError::OutsidePlan`].
+    pub async fn claim_subnet(
+        &self,
+        plan: &SubnetPlan,
+        node: &str,
+    ) -> Result<SubnetClaim, StoreError> {
+        self.claim(&Subnets(plan), node, None).await
+    }
+
+    /// The node's subnet claim, if any.
+    pub async fn subnet_of(&self, node: &str) -> Result<Option<SubnetClaim>, StoreError> {
+        self.claim_of(node).await
+    }
+
+    /// All subnet claims, lowest subnet first.
+    pub async fn subnet_claims(&self) -> Result<Vec<SubnetClaim>, StoreError> {
+        self.claims().await
+    }
+
+    /// Frees the node's subnet claim (both keys in one transaction). Returns the claim that was freed.
+    pub async fn release_subnet(&self, node: &str) -> Result<Option<SubnetClaim>, StoreError> {
+        self.release(node).await
+    }
+
+    // ---------------------------------------------------------------- host overlay addresses
+
+    /// Claims a host overlay address (VIP) in `pool` for `node`. Stable: a node that holds one gets it back.
+    /// With `requested`, the node gets exactly that address (moving its claim if it held another), or
+    /// [`StoreError::Conflict`] when another node holds it. Network and broadcast addresses are never handed
+    /// out. A claim the node holds outside `pool` (the overlay CIDR changed) is moved into it.
+    pub async fn claim_address(
+        &self,
+        pool: &Ipv4Net,
+        node: &str,
+        requested: Option<Ipv4Addr>,
+    ) -> Result<AddressClaim, StoreError> {
+        self.claim(&Addresses::new(pool), node, requested).await
+    }
+
+    /// The node's address claim, if any.
+    pub async fn address_of(&self, node: &str) -> Result<Option<AddressClaim>, StoreError> {
+        self.claim_of(node).await
+    }
+
+    /// All address claims, lowest address first.
+    pub async fn address_claims(&self) -> Result<Vec<AddressClaim>, StoreError> {
+        self.claims().await
+    }
+
+    /// Frees the node's address claim (both keys in one transaction). Returns the claim that was freed.
+    pub async fn release_address(&self, node: &str) -> Result<Option<AddressClaim>, StoreError> {
+        self.release(node).await
+    }
+
+    // ---------------------------------------------------------------- the algorithm
+
     /// Claims a candidate of `pool` for `node`: its existing claim if it has one, `requested` if given, else
     /// the lowest free candidate, with one compare-and-swap transaction that writes both index keys or nothing.
     pub(crate) async fn claim<P: Pool>(

@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -12,10 +11,9 @@ use etcd_client::{
 use ipnet::Ipv4Net;
 use tracing::warn;
 
+use crate::claim::Claim;
 use crate::error::StoreError;
 use crate::keys;
-use crate::plan::SubnetPlan;
-use crate::pool::{Addresses, Claim, Subnets};
 use crate::records::{AddressClaim, NodeRecord, SubnetClaim};
 
 /// How to reach etcd.
@@ -264,64 +262,6 @@ impl Store {
             .await?;
         let rev = r.header().map(|h| h.revision()).unwrap_or(0);
         Ok((rev, r.take_kvs()))
-    }
-
-    // ---------------------------------------------------------------- pod subnets
-
-    /// Claims a pod subnet for `node`: its existing claim if it has one, else the lowest free subnet of
-    /// `plan`, with one compare-and-swap transaction that creates both index keys or nothing. A claim the
-    /// node holds outside `plan` (the pool or nodeBits changed) is [`StoreError::OutsidePlan`].
-    pub async fn claim_subnet(
-        &self,
-        plan: &SubnetPlan,
-        node: &str,
-    ) -> Result<SubnetClaim, StoreError> {
-        self.claim(&Subnets(plan), node, None).await
-    }
-
-    /// The node's subnet claim, if any.
-    pub async fn subnet_of(&self, node: &str) -> Result<Option<SubnetClaim>, StoreError> {
-        self.claim_of(node).await
-    }
-
-    /// All subnet claims, lowest subnet first.
-    pub async fn subnet_claims(&self) -> Result<Vec<SubnetClaim>, StoreError> {
-        self.claims().await
-    }
-
-    /// Frees the node's subnet claim (both keys in one transaction). Returns the claim that was freed.
-    pub async fn release_subnet(&self, node: &str) -> Result<Option<SubnetClaim>, StoreError> {
-        self.release(node).await
-    }
-
-    // ---------------------------------------------------------------- host overlay addresses
-
-    /// Claims a host overlay address (VIP) in `pool` for `node`. Stable: a node that holds one gets it back.
-    /// With `requested`, the node gets exactly that address (moving its claim if it held another), or
-    /// [`StoreError::Conflict`] when another node holds it. Network and broadcast addresses are never handed
-    /// out. A claim the node holds outside `pool` (the overlay CIDR changed) is moved into it.
-    pub async fn claim_address(
-        &self,
-        pool: &Ipv4Net,
-        node: &str,
-        requested: Option<Ipv4Addr>,
-    ) -> Result<AddressClaim, StoreError> {
-        self.claim(&Addresses::new(pool), node, requested).await
-    }
-
-    /// The node's address claim, if any.
-    pub async fn address_of(&self, node: &str) -> Result<Option<AddressClaim>, StoreError> {
-        self.claim_of(node).await
-    }
-
-    /// All address claims, lowest address first.
-    pub async fn address_claims(&self) -> Result<Vec<AddressClaim>, StoreError> {
-        self.claims().await
-    }
-
-    /// Frees the node's address claim (both keys in one transaction). Returns the claim that was freed.
-    pub async fn release_address(&self, node: &str) -> Result<Option<AddressClaim>, StoreError> {
-        self.release(node).await
     }
 
     // ---------------------------------------------------------------- nodes
