@@ -23,6 +23,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use ipnet::IpNet;
+
 use evio_traversal::demux::{self, Kind};
 use evio_traversal::{
     Agent, AgentConfig, Base, Candidate, CandidateKind, Event, Input, Path, PathKind, PeerKey,
@@ -399,13 +401,16 @@ impl OverlayNode {
         self.lock().agent.turn().and_then(|t| t.relayed()).is_some()
     }
 
-    /// Local addresses changed.
-    pub fn set_host_addresses(&self, hosts: &[IpAddr]) {
+    /// Our host addresses, each with its prefix length (the network it is on): host candidates, and
+    /// which peers' private addresses are on our LAN.
+    pub fn set_host_addresses(&self, hosts: &[IpNet]) {
+        let networks = hosts.to_vec();
         let hosts: Vec<SocketAddr> = hosts
             .iter()
-            .map(|ip| SocketAddr::new(*ip, self.port))
+            .map(|n| SocketAddr::new(n.addr(), self.port))
             .collect();
         let mut g = self.lock();
+        g.agent.set_host_networks(networks);
         if g.agent
             .local_candidates()
             .iter()

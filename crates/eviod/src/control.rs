@@ -348,7 +348,7 @@ impl Control {
             .collect();
         self.shared
             .overlay
-            .set_host_addresses(&addrs.iter().map(|a| a.addr).collect::<Vec<_>>());
+            .set_host_addresses(&addrs.iter().map(|a| a.network).collect::<Vec<_>>());
         r.candidates = crate::nat::to_records(&self.shared.overlay.candidates().1);
         r.listen_port = port;
         r.certificate = self.ca_mode.as_ref().map(|m| m.signed.clone());

@@ -48,6 +48,28 @@ pub fn del_route(dev: &str, net: &IpNet) -> Result<()> {
 pub struct HostAddr {
     pub ifname: String,
     pub addr: IpAddr,
+    /// The address with its prefix length: the network it is on.
+    pub network: IpNet,
+}
+
+/// An interface address with the prefix length of its netmask (without a netmask, the address alone).
+fn network_of(a: &nix::ifaddrs::InterfaceAddress) -> Option<IpNet> {
+    let addr = a.address.as_ref()?;
+    let mask = a.netmask.as_ref();
+    let net = if let Some(ip) = addr.as_sockaddr_in() {
+        let len = mask
+            .and_then(|m| m.as_sockaddr_in())
+            .map_or(32, |m| u32::from(m.ip()).count_ones() as u8);
+        Ipv4Net::new(ip.ip(), len).map(IpNet::V4)
+    } else if let Some(ip) = addr.as_sockaddr_in6() {
+        let len = mask
+            .and_then(|m| m.as_sockaddr_in6())
+            .map_or(128, |m| u128::from(m.ip()).count_ones() as u8);
+        Ipv6Net::new(ip.ip(), len).map(IpNet::V6)
+    } else {
+        return None;
+    };
+    net.ok()
 }
 
 /// IPv4 and IPv6 addresses of interfaces that are up, except loopback and `skip_if`, IPv6 link-local
@@ -87,6 +109,7 @@ pub fn host_addresses(skip_if: &str, skip_nets: &[IpNet]) -> Vec<HostAddr> {
         v.push(HostAddr {
             ifname: a.interface_name.clone(),
             addr: ip,
+            network: network_of(&a).unwrap_or_else(|| IpNet::from(ip)),
         });
     }
     v
@@ -103,27 +126,7 @@ fn interface_networks(skip_if: &str) -> Vec<IpNet> {
         if !a.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP) || a.interface_name == skip_if {
             continue;
         }
-        let Some(addr) = a.address.as_ref() else {
-            continue;
-        };
-        // Without a netmask, the address alone.
-        let mask = a.netmask.as_ref();
-        let net = if let Some(ip) = addr.as_sockaddr_in() {
-            let len = mask
-                .and_then(|m| m.as_sockaddr_in())
-                .map_or(32, |m| u32::from(m.ip()).count_ones() as u8);
-            Ipv4Net::new(ip.ip(), len).map(IpNet::V4)
-        } else if let Some(ip) = addr.as_sockaddr_in6() {
-            let len = mask
-                .and_then(|m| m.as_sockaddr_in6())
-                .map_or(128, |m| u128::from(m.ip()).count_ones() as u8);
-            Ipv6Net::new(ip.ip(), len).map(IpNet::V6)
-        } else {
-            continue;
-        };
-        if let Ok(n) = net {
-            v.push(n);
-        }
+        v.extend(network_of(&a));
     }
     v
 }
