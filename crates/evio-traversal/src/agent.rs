@@ -38,14 +38,18 @@ const RECHECK_IDLE_MAX: Duration = Duration::from_secs(60);
 /// How long relayed pairs wait for direct pairs to be checked first when a peer is added.
 pub const RELAY_HEADSTART: Duration = Duration::from_millis(200);
 
-/// How long a relay-to-relay pair (our relayed address to the peer's) waits when a peer is added, unless
-/// a path is up by then: about a check's give-up on an idle network. Every other relayed pair crosses the
-/// TURN server once and works wherever this one would (the peer's relay accepts any address of ours
-/// it has a permission for; our socket reaches the peer's relay as it reaches the server), while a
-/// relay-to-relay check crosses it twice each way: checked with the others, at 100 nodes, they were
-/// 15% of what the server received while the fleet started (issue 12). It stays the last resort: for
-/// a host allowed to send UDP only to the TURN server's own port.
-pub const RELAY_TO_RELAY_HEADSTART: Duration = Duration::from_secs(3);
+/// How long the last-resort pairs of a new peer wait, unless a path is up by then (then they are only
+/// alternatives, on the slow schedule): about a check's give-up on an idle network. They are
+/// - relay to relay (our relayed address to the peer's): every other relayed pair crosses the TURN
+///   server once and works wherever this one would (the peer's relay accepts any address of ours it has
+///   a permission for; our socket reaches the peer's relay as it reaches the server), while a
+///   relay-to-relay check crosses it twice each way: checked with the others, at 100 nodes, they were
+///   15% of what the server received while the fleet started (issue 12). Needed by a host allowed to
+///   send UDP only to the TURN server's own port;
+/// - a peer's private address that is not on our LAN (another site's, reachable only over a private WAN
+///   between sites): checked 200 ms after the direct pairs, they were still a third of a node's checks
+///   at a 100-node start, where direct paths took seconds.
+pub const LAST_RESORT_HEADSTART: Duration = Duration::from_secs(3);
 
 /// A pair that succeeded this recently is not re-checked when the peer's check arrives on it.
 const TRIGGER_FRESH: Duration = Duration::from_secs(2);
@@ -256,9 +260,21 @@ struct Pair {
     last_ok: Option<Instant>,
     /// Learned from traffic (peer-reflexive), not from the peer's published candidates.
     learned: bool,
-    /// Checked after the direct pairs (`RELAY_HEADSTART`), and only as an alternative once a direct path
-    /// works: a relayed pair, or a private host address of a peer at another site.
-    later: bool,
+    /// When it is first checked.
+    order: Order,
+}
+
+/// When a new pair is first checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Order {
+    /// At once: a direct pair (a public address, or a private one on our LAN).
+    First,
+    /// After the direct pairs ([`RELAY_HEADSTART`]), and only as an alternative once a direct path works:
+    /// a pair through one relay.
+    Later,
+    /// Only if no path is up [`LAST_RESORT_HEADSTART`] after the peer was added, else as an alternative:
+    /// relay to relay, or a private address not on our LAN.
+    LastResort,
 }
 
 impl Pair {
@@ -268,11 +284,6 @@ impl Pair {
         } else {
             PathKind::Direct
         }
-    }
-
-    /// From our relayed address to the peer's (two crossings of the TURN server each way).
-    fn relay_to_relay(&self) -> bool {
-        self.base == Base::Relay && self.remote_kind == CandidateKind::Relayed
     }
 
     /// Preference class: LAN host 3, other direct 2, one relay 1, relay to relay 0.
@@ -620,6 +631,7 @@ impl Agent {
         for c in remote {
             self.add_pairs_for(peer, c, now);
         }
+        self.promote_lan_pairs(peer, now);
         self.reselect(peer, now);
         self.reindex();
         self.dirty.insert(peer);
@@ -1342,12 +1354,13 @@ impl Agent {
         // at once if the path fails), not now.
         let direct = path.is_some_and(|p| p.kind == PathKind::Direct);
         let recheck = self.cfg.timers.recheck_ok;
-        // Relay-to-relay pairs not checked yet are alternatives as soon as any path works.
+        // Last-resort pairs not checked yet are alternatives as soon as any path works.
         for p in &mut peer.pairs {
-            let spare = p.later && p.state == PairState::Waiting && p.inflight.is_none();
+            let spare =
+                p.order != Order::First && p.state == PairState::Waiting && p.inflight.is_none();
             if Some(p.id) == new && p.inflight.is_none() {
                 p.next_check = p.next_check.min(now + keepalive);
-            } else if spare && (direct || (new.is_some() && p.relay_to_relay())) {
+            } else if spare && (direct || (new.is_some() && p.order == Order::LastResort)) {
                 p.next_check = p.next_check.max(now + recheck);
             }
         }
@@ -1433,6 +1446,33 @@ impl Agent {
         }
     }
 
+    /// The peer's private addresses waiting as a last resort that its candidates now show on our LAN (its
+    /// public address, published after its private one, is ours) are checked now.
+    fn promote_lan_pairs(&mut self, key: PeerKey, now: Instant) {
+        let ours: Vec<IpAddr> = self
+            .local_candidates()
+            .iter()
+            .filter(|c| c.kind == CandidateKind::ServerReflexive)
+            .map(|c| c.addr.ip())
+            .collect();
+        let Some(peer) = self.peers.get_mut(&key) else {
+            return;
+        };
+        for p in &mut peer.pairs {
+            if p.order == Order::LastResort
+                && p.base == Base::Socket
+                && p.remote_kind == CandidateKind::Host
+                && p.state == PairState::Waiting
+                && p.inflight.is_none()
+                && on_our_lan(&self.host_networks, &ours, &peer.remote, p.remote.ip())
+            {
+                p.order = Order::First;
+                p.next_check = now;
+                self.dirty.insert(key);
+            }
+        }
+    }
+
     fn add_pair(
         &mut self,
         key: PeerKey,
@@ -1453,42 +1493,32 @@ impl Agent {
             .collect();
         if let Some(peer) = self.peers.get_mut(&key) {
             let relayed = base == Base::Relay || kind == CandidateKind::Relayed;
-            // A private address of a peer is on our LAN when it is in one of our networks, or when the
-            // peer is behind our NAT (one of its public, server-reflexive, addresses is ours). Anywhere
-            // else it is another LAN's address, which ours can rarely reach (a private WAN between
-            // sites can; such a pair is still checked, after the others). Checked at once, 99 peers'
-            // unreachable host addresses were five sends each at the start of every node, and when
-            // the peers' public addresses were not known yet (records published before gathering) a
-            // third of a node's checks at a 100-node start still went to them.
-            let on_our_lan = || {
-                let theirs = peer
-                    .remote
-                    .iter()
-                    .filter(|c| c.kind == CandidateKind::ServerReflexive)
-                    .map(|c| c.addr.ip());
-                self.host_networks.iter().any(|n| n.contains(&remote.ip()))
-                    || theirs.into_iter().any(|ip| ours.contains(&ip))
+            let elsewhere = base == Base::Socket
+                && kind == CandidateKind::Host
+                && is_private(remote.ip())
+                && !on_our_lan(&self.host_networks, &ours, &peer.remote, remote.ip());
+            let relay_to_relay = base == Base::Relay && kind == CandidateKind::Relayed;
+            let order = if relay_to_relay || elsewhere {
+                Order::LastResort
+            } else if relayed {
+                Order::Later
+            } else {
+                Order::First
             };
-            let later = relayed
-                || (base == Base::Socket
-                    && kind == CandidateKind::Host
-                    && is_private(remote.ip())
-                    && !on_our_lan());
             let has_direct = peer
                 .selected_pair()
                 .is_some_and(|p| p.kind() == PathKind::Direct);
-            let relay_to_relay = base == Base::Relay && kind == CandidateKind::Relayed;
             // Direct pairs first (ICE checks relayed candidates last): a relayed pair waits
             // RELAY_HEADSTART, and is only an alternative once a direct path works. With every pair
             // checked at once, a fleet's checks all went through the one TURN server, N x N of them,
             // and flooded it (issue 12: coturn's socket dropped thousands of datagrams a second at 100
             // nodes, the relayed peers' own allocations among them).
-            let next_check = match (later, has_direct) {
-                (false, _) => now,
-                (true, true) => now + recheck,
-                (true, false) if relay_to_relay && peer.selected.is_some() => now + recheck,
-                (true, false) if relay_to_relay => now + RELAY_TO_RELAY_HEADSTART,
-                (true, false) => now + RELAY_HEADSTART,
+            let next_check = match (order, has_direct) {
+                (Order::First, _) => now,
+                (_, true) => now + recheck,
+                (Order::LastResort, false) if peer.selected.is_some() => now + recheck,
+                (Order::LastResort, false) => now + LAST_RESORT_HEADSTART,
+                (Order::Later, false) => now + RELAY_HEADSTART,
             };
             peer.pairs.push(Pair {
                 id,
@@ -1503,7 +1533,7 @@ impl Agent {
                 srtt: None,
                 last_ok: None,
                 learned: false,
-                later,
+                order,
             });
         }
         id
@@ -1582,6 +1612,27 @@ impl Agent {
             self.events.push_back(Event::LocalCandidates(now));
         }
     }
+}
+
+/// Whether a peer's private address `ip` is on our LAN, as far as we can tell: it is in one of our
+/// networks, or the peer is behind our NAT (one of its public, server-reflexive, addresses is one of
+/// `ours`). Anywhere else it is another LAN's address, which ours can rarely reach (a private WAN between
+/// sites can). Before the public addresses are known (records are published before gathering ends) an
+/// address outside our networks counts as elsewhere, and as ours when our networks are not known (no
+/// host networks given).
+fn on_our_lan(networks: &[IpNet], ours: &[IpAddr], remote: &[Candidate], ip: IpAddr) -> bool {
+    if networks.iter().any(|n| n.contains(&ip)) {
+        return true;
+    }
+    let mut theirs = remote
+        .iter()
+        .filter(|c| c.kind == CandidateKind::ServerReflexive)
+        .map(|c| c.addr.ip())
+        .peekable();
+    if theirs.peek().is_none() || ours.is_empty() {
+        return networks.is_empty();
+    }
+    theirs.any(|ip| ours.contains(&ip))
 }
 
 /// A connectivity check (check format 2): a Binding request from `sender` stamped with its Unix time in
@@ -1755,35 +1806,67 @@ mod tests {
             assert_eq!(sent_to(&tx, lan), (0, at_once as usize), "{their_public}");
             if !at_once {
                 a.handle_timeout(t0 + RELAY_HEADSTART);
-                assert_eq!(sent_to(&transmits(&mut a), lan), (0, 1), "checked later");
+                assert_eq!(sent_to(&transmits(&mut a), lan), (0, 0), "{their_public}");
+                a.handle_timeout(t0 + LAST_RESORT_HEADSTART);
+                assert_eq!(sent_to(&transmits(&mut a), lan), (0, 1), "checked last");
             }
         }
     }
 
     /// A peer's private address is checked at once when it is in one of our networks, even before its
-    /// public address is known; when neither tells, it waits for the direct pairs (at a fleet's start,
-    /// records are published before their public addresses are gathered).
+    /// public address is known; outside them, before its public address tells, it is a last resort (at a
+    /// fleet's start, records are published before their public addresses are gathered) until the peer
+    /// turns out to be behind our NAT.
     #[test]
     fn private_addresses_on_our_networks_are_checked_at_once() {
         let t0 = Instant::now();
         let lan = sa("192.168.7.2:51820");
         for (networks, at_once) in [
-            (vec![], false),
+            // Our networks not given (no host networks known): the address may be ours.
+            (vec![], true),
             (vec!["192.168.8.1/24"], false),
             (vec!["192.168.7.9/24"], true),
         ] {
             let mut a = agent_mapped(t0);
             a.set_host_networks(networks.iter().map(|n| n.parse().unwrap()).collect());
-            a.set_peer(PEER, KEY, vec![Candidate::new(CandidateKind::Host, lan)], t0);
+            a.set_peer(
+                PEER,
+                KEY,
+                vec![Candidate::new(CandidateKind::Host, lan)],
+                t0,
+            );
             a.handle_timeout(t0);
             let first = sent_to(&transmits(&mut a), lan);
             assert_eq!(first, (0, at_once as usize), "{networks:?}");
             if !at_once {
-                a.handle_timeout(t0 + RELAY_HEADSTART);
-                let later = sent_to(&transmits(&mut a), lan);
-                assert_eq!(later, (0, 1), "{networks:?}: checked later");
+                a.handle_timeout(t0 + LAST_RESORT_HEADSTART);
+                let last = sent_to(&transmits(&mut a), lan);
+                assert_eq!(last, (0, 1), "{networks:?}: checked last");
             }
         }
+        // Waiting as a last resort until the peer's public address shows it behind our NAT.
+        let mut a = agent_mapped(t0);
+        a.set_peer(
+            PEER,
+            KEY,
+            vec![Candidate::new(CandidateKind::Host, lan)],
+            t0,
+        );
+        a.handle_timeout(t0);
+        assert_eq!(sent_to(&transmits(&mut a), lan), (0, 0));
+        let t1 = t0 + Duration::from_millis(500);
+        let ours = sa("198.18.1.1:40000");
+        let both = vec![
+            Candidate::new(CandidateKind::Host, lan),
+            Candidate::new(CandidateKind::ServerReflexive, ours),
+        ];
+        a.set_peer(PEER, KEY, both, t1);
+        a.handle_timeout(t1);
+        assert_eq!(
+            sent_to(&transmits(&mut a), lan),
+            (0, 1),
+            "on our LAN after all"
+        );
     }
 
     /// On a loaded machine (the STUN server answered in 1 s) a new pair's first check is not resent after
