@@ -1446,15 +1446,19 @@ impl Agent {
         }
     }
 
-    /// The peer's private addresses waiting as a last resort that its candidates now show on our LAN (its
-    /// public address, published after its private one, is ours) are checked now.
-    fn promote_lan_pairs(&mut self, key: PeerKey, now: Instant) {
-        let ours: Vec<IpAddr> = self
-            .local_candidates()
+    /// Our public addresses (of our server-reflexive candidates).
+    fn public_addresses(&self) -> Vec<IpAddr> {
+        self.local_candidates()
             .iter()
             .filter(|c| c.kind == CandidateKind::ServerReflexive)
             .map(|c| c.addr.ip())
-            .collect();
+            .collect()
+    }
+
+    /// The peer's private addresses waiting as a last resort that its candidates now show on our LAN (its
+    /// public address, published after its private one, is ours) are checked now.
+    fn promote_lan_pairs(&mut self, key: PeerKey, now: Instant) {
+        let ours = self.public_addresses();
         let Some(peer) = self.peers.get_mut(&key) else {
             return;
         };
@@ -1485,12 +1489,7 @@ impl Agent {
         self.next_pair += 1;
         let recheck = self.cfg.timers.recheck_ok;
         self.dirty.insert(key);
-        let ours: Vec<IpAddr> = self
-            .local_candidates()
-            .iter()
-            .filter(|c| c.kind == CandidateKind::ServerReflexive)
-            .map(|c| c.addr.ip())
-            .collect();
+        let ours = self.public_addresses();
         if let Some(peer) = self.peers.get_mut(&key) {
             let relayed = base == Base::Relay || kind == CandidateKind::Relayed;
             let elsewhere = base == Base::Socket
