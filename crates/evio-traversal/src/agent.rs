@@ -35,8 +35,13 @@ use crate::txn::{Pending, Schedule, Step, smooth};
 /// Longest re-check interval of a failed pair while the peer has a direct path.
 const RECHECK_IDLE_MAX: Duration = Duration::from_secs(60);
 
-/// How long relayed pairs wait for direct pairs to be checked first when a peer is added.
+/// How long relayed pairs wait for direct pairs to be checked first when a peer is added, at least: on a
+/// loaded network they wait twice the agent's smoothed round trip, up to [`MAX_RELAY_HEADSTART`] (see
+/// [`Agent::relay_headstart`]).
 pub const RELAY_HEADSTART: Duration = Duration::from_millis(200);
+
+/// The longest wait of relayed pairs for the direct ones (twice the agent's round trip, when that is long).
+pub const MAX_RELAY_HEADSTART: Duration = Duration::from_secs(2);
 
 /// How long the last-resort pairs of a new peer wait, unless a path is up by then (then they are only
 /// alternatives, on the slow schedule): about a check's give-up on an idle network. They are
@@ -318,6 +323,8 @@ struct Peer {
     replay: ReplayCache,
     /// When its earliest pair is due, as indexed in `Agent::deadlines`.
     deadline: Option<Instant>,
+    /// When it was added: relayed pairs wait for the direct ones from then, not from when they are learned.
+    added: Instant,
 }
 
 impl Peer {
@@ -608,6 +615,7 @@ impl Agent {
             selected: None,
             replay: ReplayCache::default(),
             deadline: None,
+            added: now,
         });
         entry.key = key;
         entry.remote = candidates
@@ -1228,9 +1236,20 @@ impl Agent {
             return;
         };
         let selected = peer.selected == Some(id);
+        let direct = peer
+            .selected_pair()
+            .is_some_and(|p| p.state == PairState::Succeeded && p.kind() == PathKind::Direct);
         let Some(p) = peer.pairs.iter_mut().find(|p| p.id == id) else {
             return;
         };
+        // A relayed pair of a peer we reach directly: answered (above), not checked back. The peer checks
+        // it because its own direct check has not come back yet, and will find the direct path through
+        // our checks of it; a check back would cross the TURN server twice more for a path neither side
+        // uses. At a 100-node start these checks back were most of what a host behind an easy NAT sent
+        // through the relay (issue 12).
+        if direct && p.kind() == PathKind::Relay && !selected {
+            return;
+        }
         // A working pair the peer checks needs no check of ours until the next interval: its check and
         // our answer keep both NATs' mappings open and show the pair alive, so one exchange per interval
         // does the work of two (idle traffic per peer halves). If the peer stops checking, ours resumes
@@ -1354,8 +1373,18 @@ impl Agent {
         // at once if the path fails), not now.
         let direct = path.is_some_and(|p| p.kind == PathKind::Direct);
         let recheck = self.cfg.timers.recheck_ok;
-        // Last-resort pairs not checked yet are alternatives as soon as any path works.
+        // Last-resort pairs not checked yet are alternatives as soon as any path works. So are relayed
+        // pairs whose first checks are still unanswered when a direct path is chosen: their resends
+        // stop (on a loaded relay a check is resent for up to 15 s; a late answer is ignored).
+        let mut cancelled = Vec::new();
         for p in &mut peer.pairs {
+            if direct
+                && p.order != Order::First
+                && p.state == PairState::Waiting
+                && let Some((tid, _)) = p.inflight.take()
+            {
+                cancelled.push(tid);
+            }
             let spare =
                 p.order != Order::First && p.state == PairState::Waiting && p.inflight.is_none();
             if Some(p.id) == new && p.inflight.is_none() {
@@ -1363,6 +1392,9 @@ impl Agent {
             } else if spare && (direct || (new.is_some() && p.order == Order::LastResort)) {
                 p.next_check = p.next_check.max(now + recheck);
             }
+        }
+        for tid in cancelled {
+            self.checks.remove(&tid);
         }
         tracing::info!(peer = %hex(&key[..4]), ?path, had = old.is_some(), "path changed");
         self.path_selected(key, path, now);
@@ -1455,6 +1487,18 @@ impl Agent {
             .collect()
     }
 
+    /// How long a new peer's relayed pairs wait for its direct pairs: twice our smoothed round trip (the
+    /// STUN server's answers and our checks), between [`RELAY_HEADSTART`] and [`MAX_RELAY_HEADSTART`].
+    /// On a quiet network that is 200 ms; on a loaded one a direct check takes seconds to come back, and
+    /// relayed checks sent 200 ms after it were sent for nearly every peer, the direct ones included: at
+    /// a 100-node start they were most of what reached the TURN server, whose queue then delayed its
+    /// answers by 1.5-6 s (the relayed peers' own allocations among them; issue 12).
+    fn relay_headstart(&self) -> Duration {
+        self.srtt
+            .map_or(RELAY_HEADSTART, |s| s * 2)
+            .clamp(RELAY_HEADSTART, MAX_RELAY_HEADSTART)
+    }
+
     /// The peer's private addresses waiting as a last resort that its candidates now show on our LAN (its
     /// public address, published after its private one, is ours) are checked now.
     fn promote_lan_pairs(&mut self, key: PeerKey, now: Instant) {
@@ -1490,6 +1534,7 @@ impl Agent {
         let recheck = self.cfg.timers.recheck_ok;
         self.dirty.insert(key);
         let ours = self.public_addresses();
+        let headstart = self.relay_headstart();
         if let Some(peer) = self.peers.get_mut(&key) {
             let relayed = base == Base::Relay || kind == CandidateKind::Relayed;
             let elsewhere = base == Base::Socket
@@ -1507,17 +1552,17 @@ impl Agent {
             let has_direct = peer
                 .selected_pair()
                 .is_some_and(|p| p.kind() == PathKind::Direct);
-            // Direct pairs first (ICE checks relayed candidates last): a relayed pair waits
-            // RELAY_HEADSTART, and is only an alternative once a direct path works. With every pair
-            // checked at once, a fleet's checks all went through the one TURN server, N x N of them,
-            // and flooded it (issue 12: coturn's socket dropped thousands of datagrams a second at 100
-            // nodes, the relayed peers' own allocations among them).
+            // Direct pairs first (ICE checks relayed candidates last): a relayed pair waits for them
+            // (`relay_headstart` from the peer's addition), and is only an alternative once a direct
+            // path works. With every pair checked at once, a fleet's checks all went through the one
+            // TURN server, N x N of them, and flooded it (issue 12: coturn's socket dropped thousands
+            // of datagrams a second at 100 nodes, the relayed peers' own allocations among them).
             let next_check = match (order, has_direct) {
                 (Order::First, _) => now,
                 (_, true) => now + recheck,
                 (Order::LastResort, false) if peer.selected.is_some() => now + recheck,
                 (Order::LastResort, false) => now + LAST_RESORT_HEADSTART,
-                (Order::Later, false) => now + RELAY_HEADSTART,
+                (Order::Later, false) => now.max(peer.added + headstart),
             };
             peer.pairs.push(Pair {
                 id,
@@ -1991,6 +2036,116 @@ mod tests {
             "answered and resent at once"
         );
         assert!(a.poll_timeout().is_some_and(|t| t > ms(150)));
+    }
+
+    /// Relayed pairs wait for the direct ones twice the agent's round trip on a loaded network (here the
+    /// STUN server answered in 1 s: 2 s), counted from the peer's addition: a relayed candidate the peer
+    /// publishes later is checked at once.
+    #[test]
+    fn relayed_pairs_wait_longer_on_a_loaded_network() {
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_secs(1);
+        let mut a = agent_mapped_after(t0, Duration::from_secs(1));
+        let (public, relay, later) = (
+            sa("198.18.1.2:40000"),
+            sa("198.18.0.1:50000"),
+            sa("198.18.0.1:50002"),
+        );
+        let mut candidates = vec![
+            Candidate::new(CandidateKind::ServerReflexive, public),
+            Candidate::new(CandidateKind::Relayed, relay),
+        ];
+        a.set_peer(PEER, KEY, candidates.clone(), t1);
+        a.handle_timeout(t1);
+        assert_eq!(sent_to(&transmits(&mut a), public), (0, 1));
+        a.handle_timeout(t1 + RELAY_HEADSTART);
+        assert_eq!(
+            sent_to(&transmits(&mut a), relay),
+            (0, 0),
+            "not after 200 ms"
+        );
+        a.handle_timeout(t1 + Duration::from_millis(1990));
+        assert_eq!(sent_to(&transmits(&mut a), relay), (0, 0));
+        a.handle_timeout(t1 + MAX_RELAY_HEADSTART);
+        assert_eq!(sent_to(&transmits(&mut a), relay), (0, 1), "after 2 s");
+        let t2 = t1 + Duration::from_secs(3);
+        candidates.push(Candidate::new(CandidateKind::Relayed, later));
+        a.set_peer(PEER, KEY, candidates, t2);
+        a.handle_timeout(t2);
+        assert_eq!(sent_to(&transmits(&mut a), later), (0, 1), "at once");
+        // A quiet network: 200 ms.
+        let mut b = agent_mapped(t0);
+        b.set_peer(
+            PEER,
+            KEY,
+            vec![
+                Candidate::new(CandidateKind::ServerReflexive, public),
+                Candidate::new(CandidateKind::Relayed, relay),
+            ],
+            t0,
+        );
+        b.handle_timeout(t0);
+        transmits(&mut b);
+        b.handle_timeout(t0 + RELAY_HEADSTART);
+        assert_eq!(sent_to(&transmits(&mut b), relay), (0, 1));
+    }
+
+    /// Once a peer is reached directly, its relayed pairs go quiet: our relayed check still unanswered is
+    /// not resent, and the peer's check of a relayed pair (its own direct check has not come back yet) is
+    /// answered but not checked back. Either crossed the TURN server for a path neither side uses.
+    #[test]
+    fn relayed_pairs_of_a_peer_reached_directly_go_quiet() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let (host, relay) = (sa("10.0.0.2:51820"), sa("198.18.0.1:50000"));
+        let mut a = agent(vec![], t0);
+        a.set_peer(
+            PEER,
+            KEY,
+            vec![
+                Candidate::new(CandidateKind::Host, host),
+                Candidate::new(CandidateKind::Relayed, relay),
+            ],
+            t0,
+        );
+        a.handle_timeout(t0);
+        let tx = transmits(&mut a);
+        assert_eq!(sent_to(&tx, relay), (0, 0), "relayed pairs wait");
+        let check = tx.iter().find(|t| t.dst == host).expect("a direct check");
+        let req = Message::decode(&check.payload).unwrap();
+        a.handle_timeout(ms(200));
+        assert_eq!(sent_to(&transmits(&mut a), relay), (0, 1), "then checked");
+        // The peer answers every direct check (keepalives included).
+        let answer = |tid| {
+            Builder::new(Class::Success, method::BINDING, tid)
+                .xor_addr(attr::XOR_MAPPED_ADDRESS, sa("10.0.0.1:51820"))
+                .integrity(&KEY)
+                .fingerprint()
+                .unwrap()
+        };
+        a.handle_input(host, &answer(req.tid), ms(210));
+        assert_eq!(a.path(&PEER).map(|p| p.kind), Some(PathKind::Direct));
+        let mut relayed = (0, 0);
+        for n in (250..10_000).step_by(50) {
+            a.handle_timeout(ms(n));
+            let tx = transmits(&mut a);
+            let (r, q) = sent_to(&tx, relay);
+            relayed = (relayed.0 + r, relayed.1 + q);
+            for t in tx.iter().filter(|t| t.dst == host) {
+                let m = Message::decode(&t.payload).unwrap();
+                if m.class == Class::Request {
+                    a.handle_input(host, &answer(m.tid), ms(n));
+                }
+            }
+        }
+        assert_eq!(relayed, (0, 0), "the relayed check is not resent");
+        a.handle_input(relay, &check_at(t0, ms(10_000), 1), ms(10_000));
+        a.handle_timeout(ms(10_000));
+        assert_eq!(
+            sent_to(&transmits(&mut a), relay),
+            (1, 0),
+            "answered, not checked back"
+        );
     }
 
     /// A check stamped outside the acceptance window (either way), or without a timestamp (check format
