@@ -171,20 +171,11 @@ fn run(mut cfg: Config) -> Result<()> {
         .enable_all()
         .build()?;
     let cache = Cache::load(&cfg.state_dir);
-    let (store, address, cert) = match &ca {
-        Some(ca) => {
-            let (s, c, signed) =
-                rt.block_on(certified_address(&cfg, ca, &secret_bytes, &public_key))?;
-            (s, c.address, Some((c, signed)))
-        }
-        None => {
-            let (s, a) = rt.block_on(claim_address(&cfg, &public_key, cache.as_ref()))?;
-            (s, a, None)
-        }
-    };
-    tracing::info!(node = %cfg.node_name, %address, public_key = %keys::encode(&public_key), "overlay address");
 
-    // The data plane.
+    // The data plane first, without an address yet: NAT traversal gathers our public mapping and relay
+    // while the VIP is claimed or the certificate is asked for (both wait for etcd and, in CA mode, the
+    // signer; at a 100-node start each took seconds, as did the TURN server's answers), so the first
+    // registration has them. No peer is added before the control plane runs.
     let host = netcfg::host_addresses(&cfg.interface, &cfg.overlay_networks());
     let mtu = cfg.mtu.unwrap_or_else(|| {
         netcfg::underlay_mtu(&host)
@@ -200,13 +191,6 @@ fn run(mut cfg: Config) -> Result<()> {
         vnet_hdr = tun.has_vnet_hdr(),
         "TUN device"
     );
-    netcfg::configure_tun(&cfg.interface, address.into(), cfg.overlay_cidr.into())?;
-    if let Some(o6) = cfg.overlay_cidr6 {
-        let a6 = evio_store::paired_address6(cfg.overlay_cidr, address, o6)
-            .ok_or_else(|| anyhow::anyhow!("no IPv6 VIP for {address} in {o6}"))?;
-        netcfg::configure_tun(&cfg.interface, a6.into(), o6.into())?;
-        tracing::info!(address6 = %a6, "overlay IPv6 address");
-    }
     // One socket for both underlay families (issue 15); IPv4 only where the kernel has no IPv6.
     let sock = match evio_fastio::bind_dual_stack(cfg.listen_port) {
         Ok(s) => s,
@@ -252,12 +236,34 @@ fn run(mut cfg: Config) -> Result<()> {
         overlay,
         SelfInfo {
             node: cfg.node_name.clone(),
-            address: Some(address),
+            address: None,
             pod_subnet: cache.as_ref().and_then(|c| c.pod_subnet),
             public_key: keys::encode(&public_key),
         },
     ));
     let threads = dataplane::start(shared.clone(), tun, udp, mtu, cfg.tun_queues)?;
+    // Should the claim or the join fail, the threads stop with the process (the TUN device goes with
+    // its file descriptors).
+    let (store, address, cert) = match &ca {
+        Some(ca) => {
+            let (s, c, signed) =
+                rt.block_on(certified_address(&cfg, ca, &secret_bytes, &public_key))?;
+            (s, c.address, Some((c, signed)))
+        }
+        None => {
+            let (s, a) = rt.block_on(claim_address(&cfg, &public_key, cache.as_ref()))?;
+            (s, a, None)
+        }
+    };
+    tracing::info!(node = %cfg.node_name, %address, public_key = %keys::encode(&public_key), "overlay address");
+    netcfg::configure_tun(&cfg.interface, address.into(), cfg.overlay_cidr.into())?;
+    if let Some(o6) = cfg.overlay_cidr6 {
+        let a6 = evio_store::paired_address6(cfg.overlay_cidr, address, o6)
+            .ok_or_else(|| anyhow::anyhow!("no IPv6 VIP for {address} in {o6}"))?;
+        netcfg::configure_tun(&cfg.interface, a6.into(), o6.into())?;
+        tracing::info!(address6 = %a6, "overlay IPv6 address");
+    }
+    shared.me.lock().unwrap_or_else(|e| e.into_inner()).address = Some(address);
     ctl::serve(shared.clone(), &cfg.state_dir)?;
     if let Some(addr) = cfg.metrics_addr {
         let local = metrics::serve(shared.clone(), addr)
