@@ -263,6 +263,22 @@ pub struct PeerStatus {
 /// different from the peer's endpoint (e.g. a peer that sends over another path than we do).
 const SOURCE_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 
+/// When the first handshake of a session we started on a new path is sent again if unanswered (once; then
+/// boringtun's own schedule, `REKEY_TIMEOUT` = 5 s). At a 100-node start on 2 cores, 15% of the relayed
+/// paths' first handshakes were lost in the TURN server's full queue and waited those 5 s: they were the
+/// last paths up (issue 12). Longer than a round trip through a loaded relay (1-2 s measured), so that a
+/// handshake merely slow is rarely replaced by a new one (which would make its answer useless).
+pub const FIRST_HANDSHAKE_RETRY: Duration = Duration::from_secs(2);
+
+/// The quick resend of a first handshake ([`FIRST_HANDSHAKE_RETRY`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Retry {
+    None,
+    /// Started by [`Node::set_path`]: the next tick sets the time.
+    Armed,
+    At(Instant),
+}
+
 /// What changes with every packet or timer of a peer: behind the peer's own mutex.
 struct PeerState {
     tunn: Tunn,
@@ -281,6 +297,7 @@ struct PeerState {
     reported: Option<(SocketAddr, Instant)>,
     /// Packets wait for a path ([`Event::Wanted`] was reported).
     wanted: bool,
+    retry: Retry,
 }
 
 struct Peer {
@@ -538,6 +555,7 @@ impl Node {
                 last_nudge: None,
                 reported: None,
                 wanted: false,
+                retry: Retry::None,
             }),
             handshakes: AtomicU64::new(0),
             rx_bytes: AtomicU64::new(0),
@@ -620,6 +638,9 @@ impl Node {
             let start = changed
                 && !s.established
                 && (s.wanted || self.public_key.as_bytes() > &e.cfg.public_key);
+            if start {
+                s.retry = Retry::Armed;
+            }
             (start, s.wanted)
         };
         if start.0 {
@@ -1015,6 +1036,24 @@ impl Node {
                     }
                     _ => {}
                 }
+                s.retry = match s.retry {
+                    _ if s.established => Retry::None,
+                    Retry::Armed => Retry::At(now + FIRST_HANDSHAKE_RETRY),
+                    Retry::At(t) if now >= t => {
+                        if let Some(to) = s.endpoint
+                            && let TunnResult::WriteToNetwork(b) =
+                                s.tunn.format_handshake_initiation(buf, true)
+                        {
+                            tracing::debug!(peer = %e.cfg.name, %to, "first handshake unanswered: sent again");
+                            self.transmits.push(Transmit {
+                                to,
+                                data: b.to_vec(),
+                            });
+                        }
+                        Retry::None
+                    }
+                    r => r,
+                };
             }
         });
     }

@@ -511,3 +511,39 @@ fn a_peer_without_a_path_queues_packets_wants_a_path_and_goes_idle() {
         assert!(events.contains(&Event::Wanted { peer: id }), "{events:?}");
     }
 }
+
+/// The first handshake of a new path, lost, is sent again after `FIRST_HANDSHAKE_RETRY` (2 s), not after
+/// boringtun's 5 s; one that is answered is not sent again.
+#[test]
+fn a_lost_first_handshake_is_sent_again_after_two_seconds() {
+    let initiations = |sim: &common::Sim| sim.captured.iter().filter(|(_, _, d)| d[0] == 1).count();
+    let step = Duration::from_millis(250);
+    // Answered: one initiation, nothing more.
+    let mut sim = Sim::mesh(2, None);
+    sim.run();
+    sim.advance(Duration::from_secs(3), step);
+    assert_eq!(initiations(&sim), 1);
+    // The first initiation lost.
+    let mut sim = Sim::mesh(2, None);
+    let mut lost = false;
+    sim.loss = Box::new(move |_, _, d| {
+        let first = d[0] == 1 && !lost;
+        lost |= first;
+        first
+    });
+    sim.run();
+    assert!(
+        sim.nodes
+            .iter()
+            .all(|n| n.node.peers()[0].last_handshake.is_none())
+    );
+    sim.advance(Duration::from_millis(1750), step);
+    assert_eq!(initiations(&sim), 1, "not before 2 s");
+    sim.advance(Duration::from_millis(500), step);
+    assert_eq!(initiations(&sim), 2);
+    for n in &sim.nodes {
+        assert!(n.node.peers()[0].last_handshake.is_some(), "{}", n.name);
+    }
+    sim.advance(Duration::from_secs(3), step);
+    assert_eq!(initiations(&sim), 2, "once");
+}
