@@ -1236,18 +1236,19 @@ impl Agent {
             return;
         };
         let selected = peer.selected == Some(id);
-        let direct = peer
+        let working = peer
             .selected_pair()
-            .is_some_and(|p| p.state == PairState::Succeeded && p.kind() == PathKind::Direct);
+            .filter(|p| p.state == PairState::Succeeded)
+            .map(Pair::rank);
         let Some(p) = peer.pairs.iter_mut().find(|p| p.id == id) else {
             return;
         };
-        // A relayed pair of a peer we reach directly: answered (above), not checked back. The peer checks
-        // it because its own direct check has not come back yet, and will find the direct path through
-        // our checks of it; a check back would cross the TURN server twice more for a path neither side
-        // uses. At a 100-node start these checks back were most of what a host behind an easy NAT sent
-        // through the relay (issue 12).
-        if direct && p.kind() == PathKind::Relay && !selected {
+        // A relayed pair no better than the path we use (direct, or another through one relay): answered
+        // (above), not checked back. The peer checks it because its own check of our path has not come
+        // back yet, and finds its path through our answers; a check back would cross the TURN server
+        // twice more for a path we would not move to. At a 100-node start these checks back were most of
+        // what a host behind an easy NAT sent through the relay (issue 12).
+        if p.kind() == PathKind::Relay && !selected && working.is_some_and(|r| r >= p.rank()) {
             return;
         }
         // A working pair the peer checks needs no check of ours until the next interval: its check and
@@ -1374,12 +1375,14 @@ impl Agent {
         let direct = path.is_some_and(|p| p.kind == PathKind::Direct);
         let recheck = self.cfg.timers.recheck_ok;
         // Last-resort pairs not checked yet are alternatives as soon as any path works. So are relayed
-        // pairs whose first checks are still unanswered when a direct path is chosen: their resends
+        // pairs no better than the chosen path whose first checks are still unanswered: their resends
         // stop (on a loaded relay a check is resent for up to 15 s; a late answer is ignored).
+        let new_rank = new.and_then(|id| peer.pair(id)).map(Pair::rank);
         let mut cancelled = Vec::new();
         for p in &mut peer.pairs {
-            if direct
-                && p.order != Order::First
+            if p.kind() == PathKind::Relay
+                && Some(p.id) != new
+                && new_rank.is_some_and(|r| r >= p.rank())
                 && p.state == PairState::Waiting
                 && let Some((tid, _)) = p.inflight.take()
             {
@@ -1389,7 +1392,11 @@ impl Agent {
                 p.order != Order::First && p.state == PairState::Waiting && p.inflight.is_none();
             if Some(p.id) == new && p.inflight.is_none() {
                 p.next_check = p.next_check.min(now + keepalive);
-            } else if spare && (direct || (new.is_some() && p.order == Order::LastResort)) {
+            } else if spare
+                && (direct
+                    || (new.is_some() && p.order == Order::LastResort)
+                    || (p.kind() == PathKind::Relay && new_rank.is_some_and(|r| r >= p.rank())))
+            {
                 p.next_check = p.next_check.max(now + recheck);
             }
         }
@@ -2143,6 +2150,59 @@ mod tests {
         a.handle_timeout(ms(10_000));
         assert_eq!(
             sent_to(&transmits(&mut a), relay),
+            (1, 0),
+            "answered, not checked back"
+        );
+    }
+
+    /// The same with a relayed path: the other relayed pairs (no better) go quiet once one works.
+    #[test]
+    fn other_relayed_pairs_go_quiet_once_one_works() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let (r1, r2) = (sa("198.18.0.1:50000"), sa("198.18.0.1:50002"));
+        let mut a = agent(vec![], t0);
+        a.set_peer(
+            PEER,
+            KEY,
+            vec![
+                Candidate::new(CandidateKind::Relayed, r1),
+                Candidate::new(CandidateKind::Relayed, r2),
+            ],
+            t0,
+        );
+        a.handle_timeout(ms(200));
+        let tx = transmits(&mut a);
+        assert_eq!((sent_to(&tx, r1), sent_to(&tx, r2)), ((0, 1), (0, 1)));
+        let req = tx.iter().find(|t| t.dst == r1).unwrap();
+        let req = Message::decode(&req.payload).unwrap();
+        let answer = |tid| {
+            Builder::new(Class::Success, method::BINDING, tid)
+                .xor_addr(attr::XOR_MAPPED_ADDRESS, sa("10.0.0.1:51820"))
+                .integrity(&KEY)
+                .fingerprint()
+                .unwrap()
+        };
+        a.handle_input(r1, &answer(req.tid), ms(210));
+        assert_eq!(a.path(&PEER).map(|p| p.remote), Some(r1));
+        let mut quiet = (0, 0);
+        for n in (250..3_000).step_by(50) {
+            a.handle_timeout(ms(n));
+            let tx = transmits(&mut a);
+            let (r, q) = sent_to(&tx, r2);
+            quiet = (quiet.0 + r, quiet.1 + q);
+            for t in tx.iter().filter(|t| t.dst == r1) {
+                let m = Message::decode(&t.payload).unwrap();
+                if m.class == Class::Request {
+                    a.handle_input(r1, &answer(m.tid), ms(n));
+                }
+            }
+        }
+        assert_eq!(quiet, (0, 0), "the other relayed check is not resent");
+        a.handle_input(r2, &check_at(t0, ms(3_000), 1), ms(3_000));
+        a.handle_timeout(ms(3_000));
+        assert_eq!(
+            sent_to(&transmits(&mut a), r2),
             (1, 0),
             "answered, not checked back"
         );
