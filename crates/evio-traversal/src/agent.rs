@@ -2097,6 +2097,49 @@ mod tests {
         assert_eq!(sent_to(&transmits(&mut b), relay), (0, 1));
     }
 
+    /// PEER's signed answer to our check `tid`.
+    fn answer(tid: TransactionId) -> Vec<u8> {
+        Builder::new(Class::Success, method::BINDING, tid)
+            .xor_addr(attr::XOR_MAPPED_ADDRESS, sa("10.0.0.1:51820"))
+            .integrity(&KEY)
+            .fingerprint()
+            .unwrap()
+    }
+
+    /// Runs the agent from `from` to `to` (ms after `t0`, 50 ms steps) while PEER answers every check
+    /// sent to `path`; returns what went to `quiet` meanwhile (responses, requests), then checks that
+    /// PEER's check arriving on `quiet` is answered but not checked back.
+    fn quiet_while_path_works(
+        a: &mut Agent,
+        t0: Instant,
+        (from, to): (u64, u64),
+        path: SocketAddr,
+        quiet: SocketAddr,
+    ) -> (usize, usize) {
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut sent = (0, 0);
+        for n in (from..to).step_by(50) {
+            a.handle_timeout(ms(n));
+            let tx = transmits(a);
+            let (r, q) = sent_to(&tx, quiet);
+            sent = (sent.0 + r, sent.1 + q);
+            for t in tx.iter().filter(|t| t.dst == path) {
+                let m = Message::decode(&t.payload).unwrap();
+                if m.class == Class::Request {
+                    a.handle_input(path, &answer(m.tid), ms(n));
+                }
+            }
+        }
+        a.handle_input(quiet, &check_at(t0, ms(to), 1), ms(to));
+        a.handle_timeout(ms(to));
+        assert_eq!(
+            sent_to(&transmits(a), quiet),
+            (1, 0),
+            "answered, not checked back"
+        );
+        sent
+    }
+
     /// Once a peer is reached directly, its relayed pairs go quiet: our relayed check still unanswered is
     /// not resent, and the peer's check of a relayed pair (its own direct check has not come back yet) is
     /// answered but not checked back. Either crossed the TURN server for a path neither side uses.
@@ -2122,44 +2165,16 @@ mod tests {
         let req = Message::decode(&check.payload).unwrap();
         a.handle_timeout(ms(200));
         assert_eq!(sent_to(&transmits(&mut a), relay), (0, 1), "then checked");
-        // The peer answers every direct check (keepalives included).
-        let answer = |tid| {
-            Builder::new(Class::Success, method::BINDING, tid)
-                .xor_addr(attr::XOR_MAPPED_ADDRESS, sa("10.0.0.1:51820"))
-                .integrity(&KEY)
-                .fingerprint()
-                .unwrap()
-        };
         a.handle_input(host, &answer(req.tid), ms(210));
         assert_eq!(a.path(&PEER).map(|p| p.kind), Some(PathKind::Direct));
-        let mut relayed = (0, 0);
-        for n in (250..10_000).step_by(50) {
-            a.handle_timeout(ms(n));
-            let tx = transmits(&mut a);
-            let (r, q) = sent_to(&tx, relay);
-            relayed = (relayed.0 + r, relayed.1 + q);
-            for t in tx.iter().filter(|t| t.dst == host) {
-                let m = Message::decode(&t.payload).unwrap();
-                if m.class == Class::Request {
-                    a.handle_input(host, &answer(m.tid), ms(n));
-                }
-            }
-        }
-        assert_eq!(relayed, (0, 0), "the relayed check is not resent");
-        a.handle_input(relay, &check_at(t0, ms(10_000), 1), ms(10_000));
-        a.handle_timeout(ms(10_000));
-        assert_eq!(
-            sent_to(&transmits(&mut a), relay),
-            (1, 0),
-            "answered, not checked back"
-        );
+        let sent = quiet_while_path_works(&mut a, t0, (250, 10_000), host, relay);
+        assert_eq!(sent, (0, 0), "the relayed check is not resent");
     }
 
     /// The same with a relayed path: the other relayed pairs (no better) go quiet once one works.
     #[test]
     fn other_relayed_pairs_go_quiet_once_one_works() {
         let t0 = Instant::now();
-        let ms = |n| t0 + Duration::from_millis(n);
         let (r1, r2) = (sa("198.18.0.1:50000"), sa("198.18.0.1:50002"));
         let mut a = agent(vec![], t0);
         a.set_peer(
@@ -2171,41 +2186,15 @@ mod tests {
             ],
             t0,
         );
-        a.handle_timeout(ms(200));
+        a.handle_timeout(t0 + RELAY_HEADSTART);
         let tx = transmits(&mut a);
         assert_eq!((sent_to(&tx, r1), sent_to(&tx, r2)), ((0, 1), (0, 1)));
         let req = tx.iter().find(|t| t.dst == r1).unwrap();
         let req = Message::decode(&req.payload).unwrap();
-        let answer = |tid| {
-            Builder::new(Class::Success, method::BINDING, tid)
-                .xor_addr(attr::XOR_MAPPED_ADDRESS, sa("10.0.0.1:51820"))
-                .integrity(&KEY)
-                .fingerprint()
-                .unwrap()
-        };
-        a.handle_input(r1, &answer(req.tid), ms(210));
+        a.handle_input(r1, &answer(req.tid), t0 + Duration::from_millis(210));
         assert_eq!(a.path(&PEER).map(|p| p.remote), Some(r1));
-        let mut quiet = (0, 0);
-        for n in (250..3_000).step_by(50) {
-            a.handle_timeout(ms(n));
-            let tx = transmits(&mut a);
-            let (r, q) = sent_to(&tx, r2);
-            quiet = (quiet.0 + r, quiet.1 + q);
-            for t in tx.iter().filter(|t| t.dst == r1) {
-                let m = Message::decode(&t.payload).unwrap();
-                if m.class == Class::Request {
-                    a.handle_input(r1, &answer(m.tid), ms(n));
-                }
-            }
-        }
-        assert_eq!(quiet, (0, 0), "the other relayed check is not resent");
-        a.handle_input(r2, &check_at(t0, ms(3_000), 1), ms(3_000));
-        a.handle_timeout(ms(3_000));
-        assert_eq!(
-            sent_to(&transmits(&mut a), r2),
-            (1, 0),
-            "answered, not checked back"
-        );
+        let sent = quiet_while_path_works(&mut a, t0, (250, 3_000), r1, r2);
+        assert_eq!(sent, (0, 0), "the other relayed check is not resent");
     }
 
     /// A check stamped outside the acceptance window (either way), or without a timestamp (check format
