@@ -352,6 +352,12 @@ impl Etcd {
     /// Freezes the server (SIGSTOP): connections hang, as with a partitioned etcd.
     pub fn freeze(&self) {
         self.signal(Signal::SIGSTOP);
+        // SIGSTOP stops each thread when it is next scheduled: on a loaded machine a request sent right
+        // after `kill` returned was once still answered (CI). Return only once every thread is stopped.
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end && !self.pids().iter().all(|p| all_threads_stopped(*p)) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Resumes a frozen server (SIGCONT).
@@ -393,6 +399,22 @@ impl Etcd {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
     }
+}
+
+/// True if every thread of `pid` is stopped (state `T` in `/proc/<pid>/task/<tid>/stat`).
+fn all_threads_stopped(pid: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, rest)| rest.trim_start().starts_with('T'))
+            })
+            .unwrap_or(true)
+    })
 }
 
 impl Drop for Etcd {
