@@ -1369,20 +1369,20 @@ impl Agent {
         let old = peer.selected;
         peer.selected = new;
         let path = new.and_then(|id| peer.pair(id)).map(Pair::path);
-        // Keepalives on the new selected pair; the old one falls back to the slower schedule. With a
-        // direct path, relayed pairs not checked yet are alternatives: checked on the slow schedule (or
-        // at once if the path fails), not now.
-        let direct = path.is_some_and(|p| p.kind == PathKind::Direct);
+        // Keepalives on the new selected pair; the old one falls back to the slower schedule. Pairs not
+        // checked yet that are alternatives wait for the slow schedule (or are checked at once if the
+        // path fails): last-resort pairs as soon as any path works, relayed pairs once the path is no
+        // worse than they are (a direct one, or another through one relay). Those whose first checks
+        // are still unanswered stop their resends too (on a loaded relay a check is resent for up to
+        // 15 s; a late answer is ignored).
         let recheck = self.cfg.timers.recheck_ok;
-        // Last-resort pairs not checked yet are alternatives as soon as any path works. So are relayed
-        // pairs no better than the chosen path whose first checks are still unanswered: their resends
-        // stop (on a loaded relay a check is resent for up to 15 s; a late answer is ignored).
         let new_rank = new.and_then(|id| peer.pair(id)).map(Pair::rank);
         let mut cancelled = Vec::new();
         for p in &mut peer.pairs {
-            if p.kind() == PathKind::Relay
+            let no_better = p.kind() == PathKind::Relay
                 && Some(p.id) != new
-                && new_rank.is_some_and(|r| r >= p.rank())
+                && new_rank.is_some_and(|r| r >= p.rank());
+            if no_better
                 && p.state == PairState::Waiting
                 && let Some((tid, _)) = p.inflight.take()
             {
@@ -1392,11 +1392,7 @@ impl Agent {
                 p.order != Order::First && p.state == PairState::Waiting && p.inflight.is_none();
             if Some(p.id) == new && p.inflight.is_none() {
                 p.next_check = p.next_check.min(now + keepalive);
-            } else if spare
-                && (direct
-                    || (new.is_some() && p.order == Order::LastResort)
-                    || (p.kind() == PathKind::Relay && new_rank.is_some_and(|r| r >= p.rank())))
-            {
+            } else if spare && (no_better || (new.is_some() && p.order == Order::LastResort)) {
                 p.next_check = p.next_check.max(now + recheck);
             }
         }
